@@ -1,0 +1,47 @@
+"""sparsify: declarative recipes that make large language models sparse.
+
+The public API for plugin authors and users:
+
+- ``hookimpl``: decorator for plugin hook implementations (see ``hookspecs``).
+- ``Method``, ``StageResult``, ``Params``: stage methods.
+- ``ModelSource``, ``LoadedModel``, ``DataSource``: sources.
+- ``Metric``, ``MetricValue``: evaluation metrics.
+- ``Layout``: sparse storage layouts.
+- ``RunContext``: what methods and metrics receive.
+- ``find_ffn_blocks``: the one way to find FFN blocks in a model.
+- ``load_output``: load any sparsify output folder back.
+"""
+from __future__ import annotations
+
+import pluggy
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("sparsify")
+
+from .context import RunContext  # noqa: E402
+from .errors import RecipeError, SparsifyError  # noqa: E402
+from .layout import Layout  # noqa: E402
+from .masks import MaskSet  # noqa: E402
+from .method import Method, Params, StageResult  # noqa: E402
+from .metric import Metric, MetricValue  # noqa: E402
+from .sources import DataSource, LoadedModel, ModelSource, TokenSplit  # noqa: E402
+
+
+def find_ffn_blocks(model):
+    """The FFN blocks of ``model`` (see ``sparsify_core.ffn``)."""
+    from .ffn import find_ffn_blocks as _find
+    return _find(model)
+
+
+def load_output(path, device="cpu"):
+    """Load a sparsify output folder back, modified modules included (see ``sparsify_core.output``)."""
+    from .output import load_output as _load
+    return _load(path, device=device)
+
+
+__all__ = [
+    "hookimpl", "RunContext", "RecipeError", "SparsifyError", "Layout", "MaskSet", "Method", "Params",
+    "StageResult", "Metric", "MetricValue", "DataSource", "LoadedModel", "ModelSource", "TokenSplit",
+    "find_ffn_blocks", "load_output", "__version__",
+]
