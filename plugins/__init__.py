@@ -1,0 +1,1 @@
+"""Built-in sparsify plugins (import name ``sparsify_plugins``)."""

@@ -1,0 +1,201 @@
+"""The ``sparsify`` command line: run, validate, schema, plugins, runs, show, compare.
+
+Errors reach users as one line and a non-zero exit status (2 for bad input,
+1 for a failed run, 130 for an interrupted one); ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import RecipeError, SparsifyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make large language models sparse with declarative recipes.")
+out = Console()
+err = Console(stderr=True)
+_state = {"registry": None, "debug": False}
+
+
+@app.callback()
+def _global(registry: Optional[str] = typer.Option(None, "--registry", envvar="SPARSIFY_REGISTRY",
+                                                    help="SQLAlchemy URL of the run registry [default: sqlite:///registry.db]"),
+            debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+    _state["registry"], _state["debug"] = registry, debug
+
+
+def _registry():
+    from .registry import Registry
+    return Registry(_state["registry"])
+
+
+@app.command()
+def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not needed with --resume)"),
+        set_: list[str] = typer.Option([], "--set", help="override a recipe value: stages.1.params.lr=3e-4"),
+        resume: Optional[str] = typer.Option(None, "--resume", help="continue run RUN_ID from its last completed stage"),
+        runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where run checkpoints live [default: ./runs]")):
+    """Validate a recipe, run its stages, evaluate, save the model and record the run."""
+    from .recipe import load_recipe
+    from .runner import Runner, default_runs_dir
+
+    reg = _registry()
+    if resume:
+        if recipe is not None or set_:
+            raise SparsifyError("--resume takes the recipe and overrides recorded with the run; give no RECIPE or --set")
+        prev = reg.get_run(resume)
+        loaded = load_recipe(prev.recipe_path or f"<run {prev.id}>", json.loads(prev.overrides or "[]"),
+                             text=prev.recipe_text)
+        resume = prev.id
+    else:
+        if recipe is None:
+            raise SparsifyError("give a RECIPE file, or --resume RUN_ID")
+        loaded = load_recipe(recipe, set_)
+    run_id = Runner(loaded, reg, resume_id=resume, runs_dir=runs_dir or default_runs_dir()).run()
+    err.print(f"run {run_id} finished; see `sparsify show {run_id}` and `sparsify compare {run_id}`", highlight=False)
+
+
+@app.command()
+def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help="override a recipe value")):
+    """Check a recipe (syntax, keys, types, methods, parameters) without loading anything."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    r = loaded.recipe
+    out.print(f"{recipe}: ok: {r.name}, model {r.model.source}, data {r.data.source}, "
+              f"{len(r.stages)} stages: " + ", ".join(f"{s.name} ({s.kind}/{s.method})" for s in r.stages),
+              highlight=False)
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout")):
+    """Print the JSON Schema of a recipe, with every installed method's parameters."""
+    from .recipe import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+@app.command()
+def plugins():
+    """List every method, source, metric and layout, with the distribution providing it."""
+    from .plugin_manager import catalog
+
+    cat = catalog()
+    table = Table(title="sparsify plugins")
+    for col in ("category", "name", "description", "provided by"):
+        table.add_column(col)
+    order = ["method", "model_source", "data_source", "metric", "layout"]
+    for e in sorted(cat.entries, key=lambda e: (order.index(e.category), e.key)):
+        table.add_row(e.category.replace("_", " "), e.key, e.cls.describe(), f"{e.distribution} ({e.plugin})")
+    out.print(table)
+    if not cat.layouts:
+        out.print("layouts: none installed", highlight=False)
+    for msg in cat.load_errors:
+        err.print(f"warning: {msg}", highlight=False)
+
+
+@app.command()
+def runs(limit: int = typer.Option(20, help="how many, newest first"),
+         recipe: Optional[str] = typer.Option(None, help="only runs of this recipe name"),
+         status: Optional[str] = typer.Option(None, help="running, finished, failed or interrupted")):
+    """List recorded runs."""
+    reg = _registry()
+    reg.reconcile()
+    table = Table()
+    for col in ("id", "recipe", "model", "status", "started", "reason"):
+        table.add_column(col)
+    for r in reg.find_runs(recipe_names=[recipe] if recipe else None, status=status, limit=limit):
+        table.add_row(r.id, r.recipe_name, r.model, r.status, str(r.started_at)[:19], (r.reason or "")[:60])
+    out.print(table)
+
+
+@app.command()
+def show(run_id: str, plot: Optional[Path] = typer.Option(None, "--plot", help="draw training curves to this PNG")):
+    """Show one run stage by stage, with its metrics."""
+    from .report import plot_curves, show_run
+
+    reg = _registry()
+    reg.reconcile()
+    rec = reg.get_run(run_id)
+    show_run(rec, out)
+    if plot:
+        plot_curves(rec, plot)
+        err.print(f"wrote {plot}", highlight=False)
+
+
+@app.command()
+def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique prefixes)"),
+            recipe: list[str] = typer.Option([], "--recipe", help="select runs of these recipe names"),
+            model: list[str] = typer.Option([], "--model", help="select runs of these models"),
+            fmt: str = typer.Option("table", "--format", help="table, json or csv"),
+            limit: int = typer.Option(10, help="at most this many runs when none are named"),
+            plot: Optional[Path] = typer.Option(None, "--plot", help="draw the sparsity / quality trade-off to this PNG")):
+    """Put runs side by side against their dense baselines."""
+    from .report import format_compare, plot_tradeoff
+
+    if fmt not in ("table", "json", "csv"):
+        raise SparsifyError(f"--format must be table, json or csv, got {fmt!r}")
+    reg = _registry()
+    reg.reconcile()
+    if run_ids:
+        records = [reg.get_run(r) for r in run_ids]
+    else:
+        records = reg.find_runs(recipe_names=recipe or None, models=model or None, limit=limit)
+    if not records:
+        raise SparsifyError("no runs match")
+    sys.stdout.write(format_compare(records, fmt).rstrip("\n") + "\n")
+    if plot:
+        plot_tradeoff(records, plot)
+        err.print(f"wrote {plot}", highlight=False)
+
+
+def main() -> None:
+    """Console entry point: one-line errors, meaningful exit codes."""
+    from .runner import RunInterrupted
+
+    debug = "--debug" in sys.argv or os.environ.get("SPARSIFY_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted", highlight=False)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RecipeError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(2)
+    except RunInterrupted as exc:
+        err.print(f"interrupted: {exc}; continue with `sparsify run --resume <run id>`", highlight=False, markup=False)
+        sys.exit(130)
+    except SparsifyError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - users get one line; --debug shows the rest
+        if debug:
+            raise
+        text = (str(exc).strip().splitlines() or [""])[0]
+        err.print(f"error: {type(exc).__name__}: {text} (run with --debug for the traceback)",
+                  highlight=False, markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

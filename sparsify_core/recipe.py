@@ -1,0 +1,425 @@
+"""Recipes: YAML -> validated ``Recipe``, with errors that name file, line and field.
+
+Everything here runs before any model or data is loaded. Parsing uses
+``yaml.safe_load`` (and ``yaml.compose`` with the safe loader for line
+numbers); nothing in a recipe is ever evaluated as code.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from .errors import RecipeError
+from .method import Params
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Which model to sparsify."""
+
+    source: str = Field("smollm2-135m", description="model source plugin (see `sparsify plugins`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="parameters of the model source")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return v
+
+
+class SplitSpec(_Strict):
+    """One named split: ``samples`` packed sequences drawn from a partition of the data source."""
+
+    samples: int = Field(gt=0, description="number of packed sequences")
+    partition: str | None = Field(None, description="source partition (default: 'eval' for eval, else 'train')")
+    offset: int = Field(0, ge=0, description="first sequence of the partition's stream to use")
+    seq_len: int | None = Field(None, gt=1, description="overrides data.seq_len for this split")
+
+
+class DataSpec(_Strict):
+    """Where text comes from and how it is cut into splits."""
+
+    source: str = "pydoc"
+    params: dict[str, Any] = Field(default_factory=dict)
+    seq_len: int = Field(256, gt=1)
+    splits: dict[str, SplitSpec] = Field(default_factory=lambda: {
+        "calibration": SplitSpec(samples=16), "train": SplitSpec(samples=64, offset=16),
+        "eval": SplitSpec(samples=16)})
+
+    @field_validator("splits")
+    @classmethod
+    def _has_eval(cls, v: dict[str, SplitSpec]) -> dict[str, SplitSpec]:
+        if not v:
+            raise ValueError("needs at least one split")
+        return v
+
+
+class StageSpec(_Strict):
+    """One step of the recipe: a method of a kind, with its parameters."""
+
+    kind: str
+    method: str
+    name: str | None = Field(None, description="unique name (default: the method name)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError("may hold only letters, digits, '_', '.', '-'")
+        if v == "dense":
+            raise ValueError("'dense' is reserved for the baseline")
+        return v
+
+
+class EvaluateSpec(_Strict):
+    """What to measure, and when. The dense model is always evaluated before the first stage."""
+
+    metrics: list[str] | Literal["all"] = "all"
+    after: list[str] | Literal["all", "last", "none"] = Field(
+        "last", description="stage names after which to evaluate, or all / last / none")
+    split: str = "eval"
+    batch_size: int = Field(4, gt=0)
+
+
+class OutputSpec(_Strict):
+    """Where the sparse model goes."""
+
+    dir: str = Field("outputs/{name}-{run_id}", description="folder; {name} and {run_id} are filled in")
+    save: bool = True
+
+
+class Recipe(_Strict):
+    """A sparsify recipe."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    seed: int = 0
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: list[StageSpec] = Field(default_factory=list)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _names(self) -> "Recipe":
+        seen: dict[str, int] = {}
+        for i, st in enumerate(self.stages):
+            if st.name is None:
+                base, n = st.method, 2
+                st.name = base
+                while st.name in seen:
+                    st.name, n = f"{base}-{n}", n + 1
+            elif st.name in seen:
+                raise ValueError(f"stages.{i}.name {st.name!r} is already used by stages.{seen[st.name]}")
+            seen[st.name] = i
+        return self
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe with its resolved plugins and validated parameters."""
+
+    recipe: Recipe
+    text: str
+    path: str
+    overrides: list[str]
+    stage_params: list[Params]
+    stage_methods: list[type]
+    model_params: Params
+    data_params: Params
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def effective_json(self) -> str:
+        """The recipe after overrides and defaults, as canonical JSON."""
+        return json.dumps(self.recipe.model_dump(mode="json"), sort_keys=True)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.effective_json.encode()).hexdigest()[:16]
+
+
+class _Lines:
+    """Maps a field path (('stages', 1, 'params', 'lr')) to its line in the YAML text."""
+
+    def __init__(self, text: str):
+        self._map: dict[tuple, tuple[int, int]] = {}  # path -> (key line, value line)
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            node = None
+        if node is not None:
+            self._walk(node, ())
+        self.overridden: set[tuple] = set()
+
+    def _walk(self, node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                self._map[p] = (k.start_mark.line + 1, v.start_mark.line + 1)
+                self._walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (i,)
+                self._map[p] = (v.start_mark.line + 1, v.start_mark.line + 1)
+                self._walk(v, p)
+
+    def line(self, path: tuple, *, key: bool = False) -> int | None:
+        path = tuple(path)
+        for n in range(len(path), 0, -1):
+            p = path[:n]
+            if any(p[:len(o)] == o for o in self.overridden):
+                return None
+            if p in self._map:
+                return self._map[p][0 if key else 1]
+        return 1 if self._map else None
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path) if path else "(top level)"
+
+
+def _closest(word: str, options) -> list[str]:
+    return difflib.get_close_matches(str(word), sorted(map(str, options)), n=2, cutoff=0.5)
+
+
+def _is_model(t) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _model_at(model: type[BaseModel], path: tuple):
+    """The pydantic model class a field path lands in (for 'did you mean' on unknown keys)."""
+    cur: Any = model
+    for part in path:
+        if _is_model(cur):
+            f = cur.model_fields.get(str(part))
+            if f is None:
+                return None
+            cur = f.annotation
+        elif typing.get_origin(cur) in (list, dict):
+            cur = typing.get_args(cur)[-1]
+        else:
+            return None
+        # Optional[X] / X | Y: keep the first pydantic model or container member.
+        if typing.get_origin(cur) not in (list, dict, None):
+            args = typing.get_args(cur)
+            cur = next((a for a in args if _is_model(a) or typing.get_origin(a) in (list, dict)), None)
+    return cur if _is_model(cur) else None
+
+
+def _pydantic_error(exc: ValidationError, model: type[BaseModel], prefix: tuple, lines: _Lines, file: str) -> RecipeError:
+    errs = exc.errors()
+    e = errs[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # Pydantic puts union/literal member names in the loc; drop what isn't a field path.
+    path = prefix + loc
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(model, loc[:-1])
+        options = list(owner.model_fields) if owner else []
+        return RecipeError(f"unknown key{more}; valid keys: {', '.join(options)}" if options else f"unknown key{more}",
+                           file=file, line=lines.line(path, key=True), field=_dotted(path),
+                           suggestions=_closest(loc[-1], options))
+    if e["type"] == "missing":
+        return RecipeError(f"required field is missing{more}", file=file, line=lines.line(path[:-1]),
+                           field=_dotted(path))
+    msg = e["msg"]
+    if e["type"] not in ("value_error", "assertion_error") and "input" in e and not isinstance(e["input"], (dict, list)):
+        msg += f", got {e['input']!r}"
+    msg = msg.removeprefix("Value error, ")
+    return RecipeError(msg + more, file=file, line=lines.line(path), field=_dotted(path))
+
+
+def _set_path(raw: dict, dotted: str, value: Any, spec: str) -> tuple:
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in dotted.split(".")]
+    cur: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = _dotted(parts[: i + 1])
+        if isinstance(cur, list):
+            if not isinstance(part, int) or not 0 <= part < len(cur):
+                raise RecipeError(f"no list item {part!r} (the list has {len(cur)} items)", file="--set",
+                                  field=where)
+        elif isinstance(cur, dict):
+            if not last and part not in cur:
+                cur[part] = {}
+        else:
+            raise RecipeError(f"{spec!r}: {_dotted(parts[:i])} is a value, not a mapping or list", file="--set",
+                              field=where)
+        if last:
+            cur[part] = value
+        else:
+            cur = cur[part]
+    return tuple(parts)
+
+
+def parse_override(spec: str) -> tuple[str, Any]:
+    """``'stages.1.params.lr=3e-4'`` -> (path, value); the value is read as YAML (safely)."""
+    if "=" not in spec:
+        raise RecipeError(f"{spec!r} must look like KEY.PATH=VALUE", file="--set")
+    key, _, value = spec.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"value of {key!r} is not valid YAML: {exc}", file="--set") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, text: str | None = None) -> LoadedRecipe:
+    """Read, override and validate a recipe, resolving every plugin it names.
+
+    Raises ``RecipeError`` (one line: file, line, field, message, suggestions)
+    on the first problem found. Loads no model and no data.
+    """
+    from .plugin_manager import catalog
+
+    file = str(path)
+    if text is None:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise RecipeError("no such file", file=file) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"cannot read: {exc}", file=file) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None) from None
+    if raw is None:
+        raise RecipeError("the recipe is empty", file=file)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a mapping of fields, got a {type(raw).__name__}", file=file, line=1)
+    lines = _Lines(text)
+    overrides = list(overrides or [])
+    for spec in overrides:
+        key, value = parse_override(spec)
+        lines.overridden.add(_set_path(raw, key, value, spec))
+
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise _pydantic_error(exc, Recipe, (), lines, file) from None
+
+    cat = catalog()
+
+    def plugin_params(table: dict, name: str, params: dict, path: tuple, what: str):
+        if name not in table:
+            raise RecipeError(f"unknown {what} {name!r}; installed: {', '.join(sorted(table)) or 'none'}",
+                              file=file, line=lines.line(path), field=_dotted(path),
+                              suggestions=_closest(name, table))
+        cls = table[name]
+        try:
+            return cls, cls.Params.model_validate(params)
+        except ValidationError as exc:
+            raise _pydantic_error(exc, cls.Params, path[:-1] + ("params",), lines, file) from None
+
+    _, model_params = plugin_params(cat.model_sources, recipe.model.source, recipe.model.params,
+                                    ("model", "source"), "model source")
+    _, data_params = plugin_params(cat.data_sources, recipe.data.source, recipe.data.params,
+                                   ("data", "source"), "data source")
+    methods, params = [], []
+    for i, st in enumerate(recipe.stages):
+        if st.kind not in cat.kinds:
+            raise RecipeError(f"unknown stage kind {st.kind!r}; installed kinds: {', '.join(cat.kinds)}",
+                              file=file, line=lines.line(("stages", i, "kind")), field=f"stages.{i}.kind",
+                              suggestions=_closest(st.kind, cat.kinds))
+        table = {n: cat.methods[(st.kind, n)] for n in cat.methods_of_kind(st.kind)}
+        elsewhere = [k for k, n in cat.methods if n == st.method and k != st.kind]
+        if st.method not in table and elsewhere:
+            raise RecipeError(f"method {st.method!r} is of kind {elsewhere[0]!r}, not {st.kind!r}", file=file,
+                              line=lines.line(("stages", i, "method")), field=f"stages.{i}.method")
+        cls, p = plugin_params(table, st.method, st.params, ("stages", i, "method"), f"{st.kind} method")
+        methods.append(cls)
+        params.append(p)
+
+    names = recipe.stage_names()
+    if isinstance(recipe.evaluate.after, list):
+        for j, n in enumerate(recipe.evaluate.after):
+            if n not in names:
+                raise RecipeError(f"no stage named {n!r}; stages: {', '.join(names) or 'none'}", file=file,
+                                  line=lines.line(("evaluate", "after", j)), field=f"evaluate.after.{j}",
+                                  suggestions=_closest(n, names))
+    if isinstance(recipe.evaluate.metrics, list):
+        for j, n in enumerate(recipe.evaluate.metrics):
+            if n not in cat.metrics:
+                raise RecipeError(f"unknown metric {n!r}; installed: {', '.join(sorted(cat.metrics))}", file=file,
+                                  line=lines.line(("evaluate", "metrics", j)), field=f"evaluate.metrics.{j}",
+                                  suggestions=_closest(n, cat.metrics))
+    if recipe.evaluate.split not in recipe.data.splits:
+        raise RecipeError(f"no data split {recipe.evaluate.split!r}; splits: {', '.join(recipe.data.splits)}",
+                          file=file, line=lines.line(("evaluate", "split")), field="evaluate.split",
+                          suggestions=_closest(recipe.evaluate.split, recipe.data.splits))
+    return LoadedRecipe(recipe=recipe, text=text, path=file, overrides=overrides, stage_params=params,
+                        stage_methods=methods, model_params=model_params, data_params=data_params, raw=raw)
+
+
+# --------------------------------------------------------------------------- JSON Schema
+
+
+def json_schema() -> dict:
+    """JSON Schema of a recipe, with every installed method's, source's params (for editors)."""
+    from .plugin_manager import catalog
+
+    cat = catalog()
+
+    def variant(title, fields):
+        return create_model(title, __config__=ConfigDict(extra="forbid"), **fields)
+
+    stage_variants = [
+        variant(f"{kind}.{name}".replace("-", "_"), {
+            "kind": (Literal[kind], ...), "method": (Literal[name], ...), "name": (str | None, None),
+            "params": (cls.Params, Field(default_factory=dict, description=cls.describe()))})
+        for (kind, name), cls in sorted(cat.methods.items())]
+    model_variants = [
+        variant(f"model.{name}".replace("-", "_"), {
+            "source": (Literal[name], ...), "params": (cls.Params, Field(default_factory=dict)),
+            "dtype": (Literal["float32", "bfloat16", "float16"], "float32"), "device": (str, "auto")})
+        for name, cls in sorted(cat.model_sources.items())]
+    data_variants = [
+        variant(f"data.{name}".replace("-", "_"), {
+            "source": (Literal[name], ...), "params": (cls.Params, Field(default_factory=dict)),
+            "seq_len": (int, 256), "splits": (dict[str, SplitSpec], None)})
+        for name, cls in sorted(cat.data_sources.items())]
+
+    def union(variants):
+        return typing.Union[tuple(variants)] if len(variants) > 1 else variants[0]
+
+    metric_names = Literal[tuple(sorted(cat.metrics))] if cat.metrics else str
+    fields = {
+        "name": (str, ...), "description": (str, ""), "seed": (int, 0),
+        "model": (union(model_variants), None), "data": (union(data_variants), None),
+        "stages": (list[union(stage_variants)], []),
+        "evaluate": (variant("Evaluate", {"metrics": (list[metric_names] | Literal["all"], "all"),
+                                          "after": (list[str] | Literal["all", "last", "none"], "last"),
+                                          "split": (str, "eval"), "batch_size": (int, 4)}), None),
+        "output": (OutputSpec, None),
+    }
+    schema = variant("Recipe", fields).model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "sparsify recipe"
+    return schema

@@ -1,0 +1,305 @@
+"""The engine: runs a validated recipe's stages on a model and records everything.
+
+Data flows one way: LoadedRecipe -> Runner -> each stage's method -> metrics ->
+registry. The runner knows no method by name; it calls plugins through the
+catalog and the lifecycle hooks.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import progress
+from .context import RunContext
+from .errors import SparsifyError
+from .masks import MaskSet
+from .method import StageResult
+from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
+from .plugin_manager import catalog, hooks
+from .recipe import LoadedRecipe
+from .sources import TokenSplit, pack_texts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM)."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SparsifyError(f"model.device is {spec!r} but CUDA is not available here")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def _peak_memory(device: torch.device):
+    """Measure the peak memory (MiB) of the enclosed work: CUDA allocator peak, or sampled process RSS."""
+    box = {"peak": 0.0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield box
+        box["peak"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    import psutil
+
+    proc, stop = psutil.Process(), threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            box["peak"] = max(box["peak"], proc.memory_info().rss / 2**20)
+            stop.wait(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield box
+    finally:
+        stop.set()
+        t.join()
+        box["peak"] = max(box["peak"], proc.memory_info().rss / 2**20)
+
+
+@contextmanager
+def _signals_as_interrupts():
+    """SIGTERM (and SIGHUP) end the run like Ctrl-C, so the registry learns why it stopped."""
+    def handler(signum, _frame):
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class Runner:
+    """Runs one recipe (fresh, or resuming ``resume_id``) against a registry."""
+
+    def __init__(self, loaded: LoadedRecipe, registry, *, resume_id: str | None = None,
+                 runs_dir: str | Path = "runs"):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.registry = registry
+        self.resume_id = resume_id
+        self.runs_dir = Path(runs_dir)
+        self.catalog = catalog()
+        self.hooks = hooks()
+
+    # -- setup -----------------------------------------------------------------
+
+    def _load_model(self, device, dtype):
+        src = self.catalog.model_sources[self.recipe.model.source]()
+        return src.load(self.loaded.model_params, device=device, dtype=dtype)
+
+    def _load_data(self, tokenizer) -> dict[str, TokenSplit]:
+        d = self.recipe.data
+        src = self.catalog.data_sources[d.source]()
+        progress.info(f"data: {d.source} -> " + ", ".join(f"{n} {s.samples}x{s.seq_len or d.seq_len}"
+                                                           for n, s in d.splits.items()))
+        texts = src.texts(self.loaded.data_params)
+        out = {}
+        for name, spec in d.splits.items():
+            part = spec.partition or ("eval" if name == "eval" else "train")
+            if part not in texts:
+                raise SparsifyError(f"data split {name!r} wants partition {part!r}; the {d.source!r} source "
+                                    f"has: {', '.join(sorted(texts))}")
+            try:
+                ids = pack_texts(tokenizer, texts[part], spec.seq_len or d.seq_len, spec.samples, offset=spec.offset)
+            except ValueError as exc:
+                raise SparsifyError(f"data split {name!r} (partition {part!r}): {exc}") from None
+            out[name] = TokenSplit(name, ids)
+        return out
+
+    def _metrics(self):
+        names = self.recipe.evaluate.metrics
+        table = self.catalog.metrics
+        return [table[n]() for n in (sorted(table) if names == "all" else names)]
+
+    def _evaluate_after(self, index: int) -> bool:
+        after = self.recipe.evaluate.after
+        n = len(self.recipe.stages)
+        if after == "none":
+            return False
+        if after == "all":
+            return True
+        if after == "last":
+            return index == n - 1
+        return self.recipe.stages[index].name in after
+
+    # -- the run ---------------------------------------------------------------
+
+    def run(self) -> str:
+        """Run (or resume) the recipe; returns the run id. Raises on failure after recording it."""
+        rec = self.recipe
+        if self.resume_id:
+            run = self.registry.get_run(self.resume_id)
+            if run.status == "finished":
+                raise SparsifyError(f"run {run.id} is already finished")
+            if run.status == "running":
+                raise SparsifyError(f"run {run.id} is still running (pid {run.pid} on {run.host})")
+            run_id, workdir = run.id, Path(run.workdir)
+            self.registry.resume_run(run_id)
+            dense_done = any(m.stage_idx == -1 and m.step is None for m in run.metrics)
+        else:
+            run_id = self.registry.create_run(
+                recipe_name=rec.name, recipe_hash=self.loaded.hash, recipe_text=self.loaded.text,
+                recipe_json=self.loaded.effective_json, overrides=self.loaded.overrides,
+                model=f"{rec.model.source}", data=f"{rec.data.source}", seed=rec.seed,
+                output_dir=None, workdir=None, recipe_path=self.loaded.path)
+            workdir = (self.runs_dir / run_id).resolve()
+            self.registry.set_run_paths(run_id, workdir=str(workdir),
+                                        output_dir=str(Path(rec.output.dir.format(name=rec.name, run_id=run_id)).resolve())
+                                        if rec.output.save else None)
+            dense_done = False
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.workdir = run_id, workdir
+        progress.info(f"run {run_id}: {rec.name} ({'resumed' if self.resume_id else 'new'})")
+        self.hooks.sparsify_run_started(run_id=run_id, recipe=rec, resumed=bool(self.resume_id))
+        self._current = None  # index of the stage under way, for failure records
+        try:
+            with _signals_as_interrupts():
+                self._execute(dense_done)
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            reason = str(exc) or "interrupted (Ctrl-C)"
+            self._end(self._current, "interrupted", reason)
+            raise RunInterrupted(reason) from None
+        except Exception as exc:
+            reason = _one_line(exc) if not isinstance(exc, SparsifyError) else str(exc)
+            current = self._current
+            where = f" in stage {rec.stages[current].name!r}" if current is not None else ""
+            self._end(current, "failed", reason)
+            raise SparsifyError(f"run {run_id} failed{where}: {reason}") from exc
+        self.registry.set_run_status(run_id, "finished")
+        self.hooks.sparsify_run_finished(run_id=run_id, status="finished", reason=None)
+        return run_id
+
+    def _end(self, stage_index, status: str, reason: str) -> None:
+        if stage_index is not None:
+            self.registry.finish_stage(self.run_id, stage_index, status, reason=reason)
+        self.registry.set_run_status(self.run_id, status, reason)
+        self.hooks.sparsify_run_finished(run_id=self.run_id, status=status, reason=reason)
+
+    def _log(self, stage: str, index: int):
+        def log(stage_name, step, values):
+            self.registry.log_metrics(self.run_id, stage_name, index, values, step=step)
+            self.hooks.sparsify_metrics_logged(run_id=self.run_id, stage=stage_name, step=step, metrics=values)
+        return log
+
+    def _execute(self, dense_done: bool):
+        rec = self.recipe
+        seed_everything(rec.seed)
+        device, dtype = resolve_device(rec.model.device), DTYPES[rec.model.dtype]
+        progress.info(f"model: {rec.model.source} on {device} ({rec.model.dtype})")
+        loaded = self._load_model(device, dtype)
+        data = self._load_data(loaded.tokenizer)
+        ctx = RunContext(run_id=self.run_id, model=loaded.model, tokenizer=loaded.tokenizer, task=loaded.task,
+                         data=data, device=device, dtype=dtype, seed=rec.seed, workdir=self.workdir,
+                         masks=MaskSet(), reference_loader=lambda: self._load_model(device, dtype).model)
+        metrics = self._metrics()
+        results: dict[int, StageResult] = {}
+        start = 0
+        ckpt = read_checkpoint(self.workdir) if self.resume_id else None
+        if ckpt is not None:
+            results = ckpt.results
+            for i in range(ckpt.completed):
+                st, method = rec.stages[i], self.loaded.stage_methods[i]()
+                ctx.stage_name, ctx.stage_index = st.name, i
+                method.rebuild(ctx, self.loaded.stage_params[i], results.get(i, StageResult()))
+            restore_weights(ckpt, ctx.model, ctx.masks)
+            start = ckpt.completed
+            progress.info(f"resuming after stage {start} of {len(rec.stages)} (checkpoint {ckpt.extra['path']})")
+        if not dense_done:
+            self._evaluate(ctx, metrics, "dense", -1, is_reference=True)
+
+        for i in range(start, len(rec.stages)):
+            st = rec.stages[i]
+            params = self.loaded.stage_params[i]
+            method = self.loaded.stage_methods[i]()
+            ctx.stage_name, ctx.stage_index = st.name, i
+            ctx.log_callback = self._log(st.name, i)
+            self.registry.start_stage(self.run_id, i, name=st.name, kind=st.kind, method=st.method,
+                                      params=params.model_dump(mode="json"))
+            self._current = i
+            self.hooks.sparsify_stage_started(run_id=self.run_id, index=i, stage=st)
+            progress.info(f"stage {i + 1}/{len(rec.stages)}: {st.name} ({st.kind}/{st.method})")
+            t0 = time.perf_counter()
+            with _peak_memory(device) as mem:
+                result = method.apply(ctx, params) or StageResult()
+                ctx.masks.apply(ctx.model)  # pruned weights stay zero whatever the stage did
+            seconds = time.perf_counter() - t0
+            results[i] = result
+            stage_metrics = dict(result.metrics, stage_seconds=seconds, peak_memory_mb=mem["peak"])
+            self.registry.log_metrics(self.run_id, st.name, i, stage_metrics)
+            write_checkpoint(self.workdir, ctx.model, ctx.masks, i + 1, results)
+            self.registry.finish_stage(self.run_id, i, "completed", duration_s=seconds, peak_memory_mb=mem["peak"])
+            self._current = None
+            self.hooks.sparsify_stage_finished(run_id=self.run_id, index=i, stage=st, status="completed",
+                                               metrics=stage_metrics)
+            if self._evaluate_after(i):
+                self._evaluate(ctx, metrics, st.name, i)
+        ctx.stage_name, ctx.stage_index = "output", len(rec.stages)
+        if rec.output.save:
+            self._save(ctx, results)
+
+    def _evaluate(self, ctx: RunContext, metrics, stage: str, index: int, *, is_reference: bool = False) -> None:
+        from .evaluation import evaluate
+
+        saved = ctx.stage_name
+        ctx.stage_name = stage
+        values = evaluate(ctx, metrics, ctx.split(self.recipe.evaluate.split),
+                          batch_size=self.recipe.evaluate.batch_size, is_reference=is_reference)
+        ctx.stage_name = saved
+        self.registry.log_metrics(self.run_id, stage, index, values)
+        summary = {v.name: v.value for v in values if v.layer is None}
+        self.hooks.sparsify_metrics_logged(run_id=self.run_id, stage=stage, step=None, metrics=summary)
+        progress.info(f"  eval after {stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+
+    def _save(self, ctx: RunContext, results: dict[int, StageResult]) -> None:
+        rec = self.recipe
+        folder = Path(rec.output.dir.format(name=rec.name, run_id=self.run_id))
+        stages = [{"index": i, "name": s.name, "kind": s.kind, "method": s.method,
+                   "params": self.loaded.stage_params[i].model_dump(mode="json")} for i, s in enumerate(rec.stages)]
+        manifest = {"sparsify": _version(), "run_id": self.run_id, "recipe": rec.name, "task": ctx.task,
+                    "seed": rec.seed, "model": rec.model.model_dump(mode="json"), "stages": stages}
+        with ctx.progress("save output"):
+            path = save_output(folder, ctx.model, ctx.tokenizer, ctx.masks, manifest, self.loaded.text, results)
+        self.registry.add_artifact(self.run_id, "output", str(path.resolve()))
+        progress.info(f"saved {path}")
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def default_runs_dir() -> Path:
+    """Where run work folders (checkpoints) live: ``SPARSIFY_RUNS_DIR`` or ./runs."""
+    return Path(os.environ.get("SPARSIFY_RUNS_DIR", "runs"))

@@ -1,0 +1,122 @@
+"""Recipe validation: every malformed recipe gives one line naming file, line and field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import RECIPES, TINY_RECIPE, sparsify, write
+
+from sparsify_core.errors import RecipeError
+from sparsify_core.recipe import json_schema, load_recipe
+
+
+def _error(tmp_path, text, overrides=None) -> RecipeError:
+    path = write(tmp_path / "r.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    err = info.value
+    assert "\n" not in str(err)
+    assert str(err).startswith(str(path))
+    return err
+
+
+def test_shipped_recipes_validate():
+    for path in sorted(RECIPES.glob("*.yaml")):
+        loaded = load_recipe(path)
+        assert loaded.recipe.name
+
+
+def test_defaults_and_stage_names(tmp_path):
+    loaded = load_recipe(write(tmp_path / "r.yaml", TINY_RECIPE))
+    assert loaded.recipe.stage_names() == ["relu", "magnitude"]
+    assert loaded.stage_params[1].sparsity == 0.5
+    assert len(loaded.hash) == 16
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    err = _error(tmp_path, "name: x\nstages:\n  - kind: prune\n   method: [\n")
+    assert err.line in (3, 4) and "invalid YAML" in str(err)
+
+
+def test_unknown_top_level_key_suggests(tmp_path):
+    err = _error(tmp_path, TINY_RECIPE.replace("stages:", "stagez:"))
+    assert err.field == "stagez" and err.line == 13
+    assert "stages" in err.suggestions
+
+
+def test_unknown_param_key_suggests(tmp_path):
+    err = _error(tmp_path, TINY_RECIPE.replace("params: {sparsity: 0.5}", "params: {sparsty: 0.5}"))
+    assert err.field == "stages.1.params.sparsty"
+    assert err.line == 18
+    assert err.suggestions == ["sparsity"]
+
+
+def test_wrong_type(tmp_path):
+    err = _error(tmp_path, TINY_RECIPE.replace("seed: 0", "seed: lots"))
+    assert err.field == "seed" and err.line == 2
+
+
+def test_bad_value(tmp_path):
+    err = _error(tmp_path, TINY_RECIPE.replace("sparsity: 0.5", "sparsity: 1.5"))
+    assert err.field == "stages.1.params.sparsity" and err.line == 18
+
+
+def test_unknown_method_and_kind(tmp_path):
+    err = _error(tmp_path, TINY_RECIPE.replace("method: magnitude", "method: magnitud"))
+    assert err.field == "stages.1.method" and err.line == 17 and err.suggestions == ["magnitude"]
+    err = _error(tmp_path, TINY_RECIPE.replace("kind: prune", "kind: prun"))
+    assert err.field == "stages.1.kind" and "prune" in err.suggestions
+    err = _error(tmp_path, TINY_RECIPE.replace("method: magnitude", "method: relu"))
+    assert "substitute_activation" in str(err)
+
+
+def test_unknown_sources_and_metrics(tmp_path):
+    err = _error(tmp_path, TINY_RECIPE.replace("source: tiny", "source: tinyy"))
+    assert err.field == "model.source" and err.suggestions[0] == "tiny"
+    err = _error(tmp_path, TINY_RECIPE.replace("params: {arch: llama,", "params: {archh: llama,"))
+    assert err.field == "model.params.archh" and err.suggestions == ["arch"]
+    err = _error(tmp_path, TINY_RECIPE.replace("  after: all", "  after: all\n  metrics: [perplexity, perplexty]"))
+    assert err.field == "evaluate.metrics.1" and err.suggestions == ["perplexity"]
+    err = _error(tmp_path, TINY_RECIPE.replace("  after: all", "  after: [relu, magnitud]"))
+    assert err.field == "evaluate.after.1" and err.suggestions == ["magnitude"]
+
+
+def test_duplicate_stage_names_and_missing_field(tmp_path):
+    text = TINY_RECIPE.replace("    method: relu", "    method: relu\n    name: a").replace(
+        "    method: magnitude", "    method: magnitude\n    name: a")
+    err = _error(tmp_path, text)
+    assert "already used" in str(err)
+    err = _error(tmp_path, TINY_RECIPE.replace("  - kind: prune\n", "  - \n"))
+    assert err.field == "stages.1.kind" and "missing" in str(err)
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path / "r.yaml", TINY_RECIPE)
+    loaded = load_recipe(path, ["stages.1.params.sparsity=0.75", "seed=3", "evaluate.batch_size=2"])
+    assert loaded.stage_params[1].sparsity == 0.75 and loaded.recipe.seed == 3
+    assert loaded.overrides == ["stages.1.params.sparsity=0.75", "seed=3", "evaluate.batch_size=2"]
+    with pytest.raises(RecipeError, match="no list item"):
+        load_recipe(path, ["stages.7.params.sparsity=0.5"])
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["stages.1.params.sparsity=2"])
+    assert info.value.field == "stages.1.params.sparsity" and info.value.line is None
+
+
+def test_schema_has_every_method():
+    schema = json.dumps(json_schema())
+    for name in ("relu", "magnitude", "sparsity", "tiny", "pydoc", "perplexity"):
+        assert name in schema
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    good = write(tmp_path / "good.yaml", TINY_RECIPE)
+    bad = write(tmp_path / "bad.yaml", TINY_RECIPE.replace("sparsity: 0.5", "sparsty: 0.5"))
+    ok = sparsify("validate", good)
+    assert ok.returncode == 0, ok.stderr
+    proc = sparsify("validate", bad)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.yaml:18" in lines[0] and "sparsity" in lines[0]
+    assert "Traceback" not in proc.stderr
+    proc = sparsify("validate", tmp_path / "missing.yaml")
+    assert proc.returncode == 2 and "no such file" in proc.stderr
