@@ -51,7 +51,7 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
         if recipe is not None or set_:
             raise SparsifyError("--resume takes the recipe and overrides recorded with the run; give no RECIPE or --set")
         prev = reg.get_run(resume)
-        loaded = load_recipe(prev.recipe_path or f"<run {prev.id}>", json.loads(prev.overrides or "[]"),
+        loaded = load_recipe(prev.recipe_path or f"<run {prev.id}>", list(prev.overrides or []),
                              text=prev.recipe_text)
         resume = prev.id
     else:

@@ -182,10 +182,12 @@ def load_output(path, device="cpu") -> LoadedOutput:
                      dtype=next(model.parameters()).dtype, seed=manifest.get("seed", 0), workdir=folder)
     cat = catalog()
     for st in manifest.get("stages", []):
+        if not st.get("rebuild", True):
+            continue
         cls = cat.methods.get((st["kind"], st["method"]))
         if cls is None:
             raise SparsifyError(f"{folder}: stage {st['name']!r} used {st['kind']}/{st['method']}, "
-                                "which no installed plugin provides")
+                                "which no installed plugin provides; install the plugin that provides it")
         ctx.stage_name, ctx.stage_index = st["name"], st["index"]
         cls().rebuild(ctx, cls.Params.model_validate(st["params"]), results.get(st["index"], StageResult()))
     missing, unexpected = model.load_state_dict(_weights(folder), strict=False)

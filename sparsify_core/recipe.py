@@ -232,7 +232,8 @@ def _model_at(model: type[BaseModel], path: tuple):
 
 
 def _pydantic_error(exc: ValidationError, model: type[BaseModel], prefix: tuple, lines: _Lines, file: str) -> RecipeError:
-    errs = exc.errors()
+    # A misspelt key shows up as an unknown key plus a missing one: report the unknown key.
+    errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     e = errs[0]
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # Pydantic puts union/literal member names in the loc; drop what isn't a field path.

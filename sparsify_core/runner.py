@@ -21,7 +21,7 @@ from . import progress
 from .context import RunContext
 from .errors import SparsifyError
 from .masks import MaskSet
-from .method import StageResult
+from .method import Method, StageResult
 from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
 from .plugin_manager import catalog, hooks
 from .recipe import LoadedRecipe
@@ -286,7 +286,10 @@ class Runner:
         rec = self.recipe
         folder = Path(rec.output.dir.format(name=rec.name, run_id=self.run_id))
         stages = [{"index": i, "name": s.name, "kind": s.kind, "method": s.method,
-                   "params": self.loaded.stage_params[i].model_dump(mode="json")} for i, s in enumerate(rec.stages)]
+                   "params": self.loaded.stage_params[i].model_dump(mode="json"),
+                   # Only stages that change the structure are needed to load the output back.
+                   "rebuild": self.loaded.stage_methods[i].rebuild is not Method.rebuild}
+                  for i, s in enumerate(rec.stages)]
         manifest = {"sparsify": _version(), "run_id": self.run_id, "recipe": rec.name, "task": ctx.task,
                     "seed": rec.seed, "model": rec.model.model_dump(mode="json"), "stages": stages}
         with ctx.progress("save output"):

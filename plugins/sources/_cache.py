@@ -15,7 +15,8 @@ COMPLETE = "sparsify-source.json"  # written last: a folder holding it is comple
 
 
 def cache_root(override: str | None = None) -> Path:
-    """The user cache folder: ``override``, else ``$SPARSIFY_CACHE``, ``$XDG_CACHE_HOME/sparsify``, ``~/.cache/sparsify``."""
+    """The user cache folder: ``override``, else ``$SPARSIFY_CACHE``, else ``$XDG_CACHE_HOME/sparsify``,
+    else ``~/.cache/sparsify``."""
     if override:
         return Path(override).expanduser()
     if os.environ.get("SPARSIFY_CACHE"):
@@ -54,6 +55,9 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         yield tmp
         try:

@@ -1,0 +1,101 @@
+"""Activation substitution (ProSparse step 1, METHODS.md section 1): swap each FFN's activation."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+from torch import nn
+
+from sparsify_core import Method, Params, StageResult
+from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import find_ffn_blocks
+
+# Config fields transformers architectures read the FFN activation from.
+CONFIG_ACTIVATION_FIELDS = ("hidden_act", "activation_function", "hidden_activation")
+
+
+class SubstituteParams(Params):
+    layers: list[int] | None = Field(
+        None, description="FFN layer indices (0-based) to change; default: all of them")
+
+    @field_validator("layers")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None and (not v or any(i < 0 for i in v)):
+            raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
+        return v
+
+
+def update_config_activation(config, value: str) -> list[str]:
+    """Set every FFN-activation field ``config`` has to ``value``; returns the fields set."""
+    changed = []
+    for field in CONFIG_ACTIVATION_FIELDS:
+        if isinstance(getattr(config, field, None), str):
+            setattr(config, field, value)
+            changed.append(field)
+    return changed
+
+
+class SubstituteActivation(Method):
+    """Base of activation substitutions: replace the activation of chosen FFN layers.
+
+    Subclasses set ``name`` and implement ``make_activation``; those whose
+    activation transformers knows by a config string set ``config_value`` so
+    that, when every layer is changed, the saved config alone rebuilds the
+    model with a plain ``from_pretrained``. ``rebuild`` redoes the swap on a
+    fresh model (activations have no weights, so nothing is recomputed).
+    """
+
+    kind = "substitute_activation"
+    Params = SubstituteParams
+    config_value: ClassVar[str | None] = None
+
+    def make_activation(self, params: SubstituteParams) -> nn.Module:
+        raise NotImplementedError
+
+    def _substitute(self, model: nn.Module, params: SubstituteParams) -> StageResult:
+        blocks = find_ffn_blocks(model)
+        wanted = sorted(set(params.layers)) if params.layers is not None else list(range(len(blocks)))
+        bad = [i for i in wanted if i >= len(blocks)]
+        if bad:
+            raise SparsifyError(f"layers {bad} out of range: the model has {len(blocks)} FFN layers "
+                                f"(0-{len(blocks) - 1})")
+        previous = sorted({type(blocks[i].activation).__name__ for i in wanted})
+        for i in wanted:
+            blocks[i].set_activation(self.make_activation(params))
+        config_fields: list[str] = []
+        config = getattr(model, "config", None)
+        if len(wanted) == len(blocks) and self.config_value is not None and config is not None:
+            config_fields = update_config_activation(config, self.config_value)
+        return StageResult(
+            metrics={"layers_replaced": float(len(wanted))},
+            info={"layers": [blocks[i].name for i in wanted], "replaced": previous,
+                  "config_fields_updated": config_fields})
+
+    def apply(self, ctx, params: SubstituteParams) -> StageResult:
+        result = self._substitute(ctx.model, params)
+        ctx.info(f"{self.name} in {len(result.info['layers'])} FFN layers (was {', '.join(result.info['replaced'])})")
+        return result
+
+    def rebuild(self, ctx, params: SubstituteParams, result: StageResult) -> None:
+        self._substitute(ctx.model, params)
+
+
+class ReLU(SubstituteActivation):
+    """Replace the FFN activation (SiLU, GELU...) with ReLU, so FFN activations become exactly sparse.
+
+    Only the activation changes: continue training to let the model adapt.
+    For a gated FFN ``x1 = relu(x W_gate^T) * (x W_up^T)``; for a plain one
+    ``x1 = relu(x W_fc1^T + b1)``. When every layer is replaced, the model
+    config's activation field(s) (``hidden_act`` / ``activation_function`` /
+    ``hidden_activation``) become ``"relu"``. Caveat: a few architectures read
+    that field elsewhere too (BERT's masked-LM head transform); a plain
+    ``from_pretrained`` of such a head model would change that as well, while
+    ``sparsify_core.load_output`` rebuilds exactly.
+    """
+
+    name = "relu"
+    config_value = "relu"
+
+    def make_activation(self, params):
+        return nn.ReLU()

@@ -1,0 +1,166 @@
+"""Sparsity and cost metrics: activation sparsity, weight sparsity, effective FFN FLOPs."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+
+from sparsify_core import Metric, MetricValue
+from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import FFNBlock, capture_intermediates, find_ffn_blocks, prunable_modules
+
+
+def _has_ffn_blocks(model) -> bool:
+    try:
+        return bool(find_ffn_blocks(model))
+    except SparsifyError:
+        return False
+
+
+class _NeuronActivity:
+    """Counts, per FFN block and neuron, the tokens where ``x1 != 0`` during forwards."""
+
+    def __init__(self, blocks: list[FFNBlock]):
+        self.blocks = blocks
+        self.active = {b.name: torch.zeros(b.d_ff, dtype=torch.int64) for b in blocks}
+        self.tokens = {b.name: 0 for b in blocks}
+        self._stack = ExitStack()
+        self._stack.enter_context(capture_intermediates(blocks, self._record))
+
+    def _record(self, block: FFNBlock, x1: torch.Tensor) -> None:
+        nz = (x1.detach() != 0).reshape(-1, x1.shape[-1])
+        self.active[block.name] += nz.sum(dim=0).cpu()
+        self.tokens[block.name] += nz.shape[0]
+
+    def active_fraction(self, block: FFNBlock) -> torch.Tensor:
+        """Per neuron, the fraction of tokens where it is non-zero (``[d_ff]`` float64)."""
+        return self.active[block.name].double() / max(self.tokens[block.name], 1)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def activation_sparsity(active: torch.Tensor, tokens: int) -> float:
+    """Fraction of zeros in ``x1`` averaged over tokens, from per-neuron non-zero counts.
+
+    Every token of a layer has the same ``d_ff`` entries, so the mean over
+    tokens of the per-token zero fraction is ``1 - sum(active) / (tokens * d_ff)``.
+    """
+    return 1.0 - float(active.sum()) / (tokens * active.numel())
+
+
+class ActivationSparsity(Metric):
+    """Fraction of exact zeros in the FFN intermediate activation x1 (per token, mean over tokens and layers).
+
+    The model value is the unweighted mean over FFN layers of each layer's
+    mean over tokens of the per-token zero fraction (ProSparse's definition);
+    per-layer values carry ``layer`` = the block's module path.
+    """
+
+    name = "activation_sparsity"
+    uses_forward = True
+
+    def applies_to(self, ctx):
+        return super().applies_to(ctx) and _has_ffn_blocks(ctx.model)
+
+    def start(self, ctx):
+        self._probe = _NeuronActivity(find_ffn_blocks(ctx.model))
+
+    def finish(self, ctx):
+        p = self._probe
+        per_layer = [MetricValue(self.name, activation_sparsity(p.active[b.name], p.tokens[b.name]), layer=b.name)
+                     for b in p.blocks]
+        mean = sum(v.value for v in per_layer) / len(per_layer)
+        return [MetricValue(self.name, mean), *per_layer]
+
+    def close(self):
+        probe = getattr(self, "_probe", None)
+        if probe is not None:
+            probe.close()
+            self._probe = None
+
+
+class WeightSparsity(Metric):
+    """Fraction of zero weights over every Linear/Conv1D inside the transformer layers.
+
+    These are the matrices pruning targets by default (``prunable_modules``:
+    attention and FFN projections; not embeddings, LM head or pooler). Also
+    one value per module (``layer`` = module path), for all of them.
+    """
+
+    name = "weight_sparsity"
+
+    def applies_to(self, ctx):
+        return super().applies_to(ctx) and _has_ffn_blocks(ctx.model)
+
+    def finish(self, ctx):
+        values, zeros, total = [], 0, 0
+        for name, module in prunable_modules(ctx.model):
+            w = module.weight.detach()
+            z = w.numel() - int(torch.count_nonzero(w))
+            values.append(MetricValue(self.name, z / w.numel(), layer=name))
+            zeros, total = zeros + z, total + w.numel()
+        return [MetricValue(self.name, zeros / total), *values]
+
+
+def ffn_flops_per_token(up_row_nnz: torch.Tensor, down_col_nnz: torch.Tensor, active_fraction: torch.Tensor,
+                        gate_nnz: float | None = None) -> float:
+    """Effective FLOPs (2 x multiply-adds) per token of one FFN, skipping zero neurons exactly.
+
+    Neuron ``j`` is active for a fraction ``f_j`` of tokens; where it is zero,
+    its row of ``W_up`` and its column of ``W_down`` are skipped (ProSparse's
+    exact acceleration); the gate (gated) or ``W_fc1`` (plain) is always
+    computed, since it decides which neurons are zero. With ``nnz`` counting
+    non-zero weights:
+
+    - gated: ``2 * (nnz(W_gate) + sum_j f_j * (nnz(W_up[j, :]) + nnz(W_down[:, j])))``
+    - plain: ``2 * (nnz(W_fc1) + sum_j f_j * nnz(W_fc2[:, j]))``, with ``up_row_nnz`` the rows of ``W_fc1``
+
+    (pass ``gate_nnz=None`` for plain). Biases and the activation itself are not counted.
+    """
+    f = active_fraction.double()
+    up, down = up_row_nnz.double(), down_col_nnz.double()
+    if gate_nnz is None:
+        return 2.0 * float(up.sum() + (f * down).sum())
+    return 2.0 * float(gate_nnz + (f * (up + down)).sum())
+
+
+class FFNFlops(Metric):
+    """Effective FFN FLOPs per token, given weight zeros and the measured activation zeros.
+
+    Per layer (``layer`` = block path) and summed over layers, by
+    ``ffn_flops_per_token``: a neuron's share of ``W_up``/``W_fc2`` work is
+    weighted by the fraction of eval tokens where it is non-zero, using its
+    own non-zero weights, so weight and activation sparsity combine exactly.
+    Also records ``ffn_flops_per_token_dense``: ``2 x`` all FFN weights, the
+    same model with no zeros at all.
+    """
+
+    name = "ffn_flops_per_token"
+    uses_forward = True
+
+    def applies_to(self, ctx):
+        return super().applies_to(ctx) and _has_ffn_blocks(ctx.model)
+
+    def start(self, ctx):
+        self._probe = _NeuronActivity(find_ffn_blocks(ctx.model))
+
+    def finish(self, ctx):
+        p = self._probe
+        per_layer, dense = [], 0.0
+        with torch.no_grad():
+            for b in p.blocks:
+                up, down = b.weight("up"), b.weight("down")
+                gate_nnz = float(torch.count_nonzero(b.weight("gate"))) if b.gate is not None else None
+                flops = ffn_flops_per_token((up != 0).sum(dim=1).cpu(), (down != 0).sum(dim=0).cpu(),
+                                            p.active_fraction(b), gate_nnz)
+                per_layer.append(MetricValue(self.name, flops, layer=b.name))
+                dense += 2.0 * sum(m.weight.numel() for m in b.projections().values())
+        total = sum(v.value for v in per_layer)
+        return [MetricValue(self.name, total), MetricValue(f"{self.name}_dense", dense), *per_layer]
+
+    def close(self):
+        probe = getattr(self, "_probe", None)
+        if probe is not None:
+            probe.close()
+            self._probe = None

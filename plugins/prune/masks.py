@@ -1,0 +1,89 @@
+"""Magnitude mask math, as pure functions on tensors (``True`` = keep).
+
+Exactness: ``k = round(sparsity * n)`` weights are pruned, never more or
+fewer, whatever the ties: all weights with ``|w|`` below the k-th smallest
+magnitude ``t`` are pruned, then as many weights with ``|w| == t`` as still
+needed, first ones first (tensor order, then flat index order), so results
+are deterministic.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a target ``sparsity`` prunes (rounded half up)."""
+    return min(numel, max(0, int(sparsity * numel + 0.5)))
+
+
+def _abs32(t: torch.Tensor) -> torch.Tensor:
+    # float32 holds every bf16/fp16/fp32 value exactly, so comparisons stay exact
+    return t.detach().abs().to(torch.float32)
+
+
+def _bits_to_float(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def _count_at_most(tensors: Sequence[torch.Tensor], threshold: float) -> int:
+    return sum(int((_abs32(t) <= threshold).sum()) for t in tensors)
+
+
+def kth_smallest_abs(tensors: Sequence[torch.Tensor], k: int) -> float:
+    """The k-th smallest ``|w|`` (1-based) over all ``tensors``, exactly.
+
+    One tensor: ``torch.kthvalue``. Several: a bisection over the float32 bit
+    patterns of ``|w|`` (monotonic for non-negative floats), at most 31
+    passes that each count ``|w| <= t`` tensor by tensor, so the extra memory
+    is one tensor's ``|w|`` in float32, never a concatenation of all weights.
+    """
+    n = sum(t.numel() for t in tensors)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} outside 1..{n}")
+    if len(tensors) == 1:
+        return float(_abs32(tensors[0]).flatten().kthvalue(k).values)
+    top = max(float(_abs32(t).max()) for t in tensors if t.numel())
+    lo, hi = 0, int(torch.tensor([top], dtype=torch.float32).view(torch.int32).item())
+    while lo < hi:  # smallest bit pattern b with count(|w| <= float(b)) >= k
+        mid = (lo + hi) // 2
+        if _count_at_most(tensors, _bits_to_float(mid)) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _bits_to_float(lo)
+
+
+def threshold_masks(tensors: Sequence[torch.Tensor], threshold: float, k: int) -> list[torch.Tensor]:
+    """Keep-masks pruning every ``|w| < threshold`` plus the first ties ``|w| == threshold``
+    until ``k`` weights are pruned in total (``threshold`` from ``kth_smallest_abs``)."""
+    masks, ties_left = [], k - sum(int((_abs32(t) < threshold).sum()) for t in tensors)
+    for t in tensors:
+        a = _abs32(t)
+        prune = a < threshold
+        if ties_left > 0:
+            eq = (a == threshold).flatten()
+            take = eq & (eq.cumsum(0) <= ties_left)
+            ties_left -= int(take.sum())
+            prune |= take.view_as(prune)
+        masks.append(~prune)
+    return masks
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask zeroing exactly ``round(sparsity * numel)`` smallest-magnitude entries of ``weight``."""
+    return global_magnitude_masks([weight], sparsity)[0]
+
+
+def global_threshold(weights: Sequence[torch.Tensor], sparsity: float) -> tuple[float, int]:
+    """``(threshold, k)``: the magnitude below which (with ties) ``k = round(sparsity * n)``
+    weights of all ``weights`` together are pruned. ``threshold`` is ``-1`` when ``k == 0``."""
+    k = prune_count(sum(w.numel() for w in weights), sparsity)
+    return (kth_smallest_abs(weights, k) if k else -1.0), k
+
+
+def global_magnitude_masks(weights: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Keep-masks pruning exactly ``round(sparsity * n)`` smallest ``|w|`` across all ``weights``."""
+    threshold, k = global_threshold(weights, sparsity)
+    return threshold_masks(weights, threshold, k)

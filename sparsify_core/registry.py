@@ -1,0 +1,858 @@
+"""The run registry: every run, its stages, metrics and artifacts, in one SQL database.
+
+This module is the one place that knows the registry schema. The engine
+records through ``Registry`` methods; ``show``/``compare``/``runs`` read
+``RunRecord`` objects back. Any SQLAlchemy URL works (a team can share one
+database server); the default is a SQLite file, ``registry.db`` in the working
+directory, or ``$SPARSIFY_REGISTRY``.
+
+SQLite is set up for several processes writing at once: WAL journal (readers
+never block the writer), a long busy timeout, and write transactions that
+start with ``BEGIN IMMEDIATE`` so they queue for the write lock at their start
+instead of failing when a reader upgrades to a writer mid-transaction.
+
+The schema carries a version; opening a registry applies the missing
+migrations in order, under the write lock, so concurrent openers of a fresh
+database migrate it once.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as _metadata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+import psutil
+from sqlalchemy import (
+    Column, Connection, Double, Engine, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+    UniqueConstraint, create_engine, event, inspect, insert, select, text, update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.schema import CreateColumn
+
+from .errors import SparsifyError
+
+RUN_STATUSES = ("running", "finished", "failed", "interrupted")
+STAGE_STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+TERMINAL_STATUSES = frozenset({"finished", "failed", "interrupted"})
+DEAD_PROCESS_REASON = "the process ended without reporting (killed?)"
+DENSE_STAGE, DENSE_INDEX = "dense", -1
+
+BUSY_TIMEOUT_S = 60
+_LOCK_RETRIES = 6  # on top of the busy timeout, for lock errors SQLite reports without waiting
+
+T = TypeVar("T")
+
+
+def default_url() -> str:
+    """``$SPARSIFY_REGISTRY`` if set, else ``sqlite:///registry.db`` (in the working directory)."""
+    return os.environ.get("SPARSIFY_REGISTRY") or "sqlite:///registry.db"
+
+
+# -- the schema, as it is at the latest version (used to build queries) -------------------------
+
+metadata = MetaData()
+
+schema_info = Table(
+    "schema_info", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("recipe_name", String(200), nullable=False),
+    Column("recipe_hash", String(64)),
+    Column("recipe_text", Text),
+    Column("recipe_json", Text),
+    Column("overrides", Text),  # JSON list of "key=value" strings
+    Column("model", String(500)),
+    Column("data", String(500)),
+    Column("seed", Integer),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("started_at", String(40), nullable=False),  # UTC ISO 8601
+    Column("ended_at", String(40)),
+    Column("versions", Text),  # JSON: python, torch, transformers, sparsify, platform
+    Column("git_commit", String(64)),
+    Column("host", String(255)),
+    Column("pid", Integer),
+    Column("output_dir", Text),
+    Column("workdir", Text),
+    # v2
+    Column("attempts", Integer, nullable=False, server_default=text("1")),
+    Column("sweep_id", String(64)),
+    Column("pid_started_at", Double),  # the process's start time: tells a live pid from a reused one
+    Column("recipe_path", Text),  # where the recipe file was (resolved), for resume and show
+)
+
+stages = Table(
+    "stages", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("kind", String(100)),
+    Column("method", String(100)),
+    Column("params", Text),  # JSON
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("started_at", String(40)),
+    Column("ended_at", String(40)),
+    Column("duration_s", Double),
+    Column("peak_memory_mb", Double),
+    UniqueConstraint("run_id", "idx", name="uq_stages_run_idx"),
+)
+
+metrics = Table(
+    "metrics", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(200), nullable=False),
+    Column("stage_idx", Integer, nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("value", Double),  # NULL stands for NaN (SQLite cannot store NaN)
+    Column("layer", String(500)),
+    Column("created_at", String(40), nullable=False),
+    # v2
+    Column("step", Integer),
+)
+
+artifacts = Table(
+    "artifacts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage_idx", Integer),
+    Column("kind", String(50), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("created_at", String(40), nullable=False),
+)
+
+
+# -- migrations: frozen history, never edited once released -----------------------------------
+# Each one takes the schema from version i-1 to i. They spell their tables out
+# instead of reusing the definitions above, which follow the latest version.
+
+def _migration_1(conn: Connection) -> None:
+    """The base tables: runs, stages, metrics, artifacts."""
+    m = MetaData()
+    Table("schema_info", m, Column("id", Integer, primary_key=True), Column("version", Integer, nullable=False))
+    Table("runs", m,
+          Column("id", String(64), primary_key=True), Column("recipe_name", String(200), nullable=False),
+          Column("recipe_hash", String(64)), Column("recipe_text", Text), Column("recipe_json", Text),
+          Column("overrides", Text), Column("model", String(500)), Column("data", String(500)),
+          Column("seed", Integer), Column("status", String(16), nullable=False), Column("reason", Text),
+          Column("started_at", String(40), nullable=False), Column("ended_at", String(40)),
+          Column("versions", Text), Column("git_commit", String(64)), Column("host", String(255)),
+          Column("pid", Integer), Column("output_dir", Text), Column("workdir", Text),
+          Index("ix_runs_started_at", "started_at"), Index("ix_runs_recipe_name", "recipe_name"),
+          Index("ix_runs_status", "status"))
+    Table("stages", m,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+          Column("idx", Integer, nullable=False), Column("name", String(200), nullable=False),
+          Column("kind", String(100)), Column("method", String(100)), Column("params", Text),
+          Column("status", String(16), nullable=False), Column("reason", Text),
+          Column("started_at", String(40)), Column("ended_at", String(40)),
+          Column("duration_s", Double), Column("peak_memory_mb", Double),
+          UniqueConstraint("run_id", "idx", name="uq_stages_run_idx"))
+    Table("metrics", m,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+          Column("stage", String(200), nullable=False), Column("stage_idx", Integer, nullable=False),
+          Column("name", String(200), nullable=False), Column("value", Double), Column("layer", String(500)),
+          Column("created_at", String(40), nullable=False),
+          Index("ix_metrics_run", "run_id", "stage_idx"))
+    Table("artifacts", m,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+          Column("stage_idx", Integer), Column("kind", String(50), nullable=False),
+          Column("path", Text, nullable=False), Column("created_at", String(40), nullable=False),
+          Index("ix_artifacts_run", "run_id"))
+    m.create_all(conn)
+
+
+def _migration_2(conn: Connection) -> None:
+    """Resumable runs (attempts, process start time, recipe path), sweeps, and training curves (metrics.step)."""
+    _add_column(conn, "runs", Column("attempts", Integer, nullable=False, server_default=text("1")))
+    _add_column(conn, "runs", Column("sweep_id", String(64)))
+    _add_column(conn, "runs", Column("pid_started_at", Double))
+    _add_column(conn, "runs", Column("recipe_path", Text))
+    _add_column(conn, "metrics", Column("step", Integer))
+    m = MetaData()
+    Index("ix_runs_sweep", Table("runs", m, Column("sweep_id", String(64))).c.sweep_id).create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _add_column(conn: Connection, table: str, column: Column) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` in the connection's SQL dialect."""
+    Table(table, MetaData(), column)
+    spec = CreateColumn(column).compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.quote(table)} ADD COLUMN {spec}")
+
+
+# -- engine and migration --------------------------------------------------------------------
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; for SQLite with WAL, busy timeout and ``BEGIN IMMEDIATE`` writes."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise SparsifyError(f"invalid registry URL {url!r}: {exc}") from None
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    memory = is_sqlite and parsed.database in (None, "", ":memory:")
+    kwargs: dict[str, Any] = {}
+    if is_sqlite:
+        kwargs["connect_args"] = {"timeout": BUSY_TIMEOUT_S}
+        if not memory and not parsed.database.startswith("file:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise SparsifyError(f"cannot open registry {_safe(url)}: {exc} (is its database driver installed?)") from None
+    if is_sqlite:
+        _configure_sqlite(engine, wal=not memory)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
+    # The SQLAlchemy recipe for pysqlite: stop the driver from managing
+    # transactions itself and emit our own BEGIN (IMMEDIATE for writes).
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            if wal and cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                _retry_locked(lambda: cur.execute("PRAGMA journal_mode = WAL"))
+            # With WAL, NORMAL never corrupts; a power cut may lose the last commits only.
+            cur.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sparsify_write") else "BEGIN")
+
+
+def _writer(engine: Engine) -> Engine:
+    """The engine whose transactions take the write lock at their start (SQLite)."""
+    return engine.execution_options(sparsify_write=True)
+
+
+def _is_locked(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return "database is locked" in text or "database is busy" in text or "database table is locked" in text
+
+
+def _retry_locked(fn: Callable[[], T]) -> T:
+    """Run ``fn``, retrying a few times with backoff when the database is locked."""
+    import sqlite3
+
+    for attempt in range(_LOCK_RETRIES):
+        try:
+            return fn()
+        except (OperationalError, sqlite3.OperationalError) as exc:
+            if not _is_locked(exc) or attempt == _LOCK_RETRIES - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt + secrets.randbelow(50) / 1000)
+    raise AssertionError("unreachable")
+
+
+def schema_version(conn: Connection) -> int:
+    """The schema version of the database behind ``conn`` (0 when it has no registry yet)."""
+    if not inspect(conn).has_table("schema_info"):
+        return 0
+    value = conn.execute(select(schema_info.c.version)).scalar()
+    return int(value or 0)
+
+
+def migrate(engine: Engine, target: int | None = None) -> int:
+    """Bring the registry behind ``engine`` to schema ``target`` (default: latest); returns the version.
+
+    A quick read decides whether there is anything to do; migrating happens in
+    one write transaction that re-reads the version under the write lock, so of
+    several processes opening a fresh database only the first migrates it.
+    """
+    target = SCHEMA_VERSION if target is None else target
+    url = _safe(engine.url)
+    def read_version() -> int:
+        with engine.connect() as conn:
+            return schema_version(conn)
+
+    current = _retry_locked(read_version)
+    _check_known(current, url)
+    if current >= target:
+        return current
+
+    def run(conn: Connection) -> int:
+        if conn.dialect.name == "postgresql":  # no BEGIN IMMEDIATE there: serialise on an advisory lock
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7316027)")
+        version = schema_version(conn)
+        _check_known(version, url)
+        for v in range(version + 1, target + 1):
+            MIGRATIONS[v - 1](conn)
+            if v == 1:
+                conn.execute(insert(schema_info).values(id=1, version=v))
+            else:
+                conn.execute(update(schema_info).values(version=v))
+        return max(version, target)
+
+    def attempt() -> int:
+        with _writer(engine).begin() as conn:
+            return run(conn)
+
+    return _retry_locked(attempt)
+
+
+def _check_known(version: int, url: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise SparsifyError(f"the registry {url} has schema version {version}, newer than this sparsify "
+                            f"knows ({SCHEMA_VERSION}): upgrade sparsify to use it")
+
+
+def _safe(url) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return str(url)
+
+
+# -- records -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricRecord:
+    """One recorded value: ``stage_idx`` -1 is the dense baseline; ``step`` is set on training curves."""
+
+    stage: str
+    stage_idx: int
+    name: str
+    value: float
+    layer: str | None = None
+    step: int | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A stage of a run, as far as it got."""
+
+    idx: int
+    name: str
+    kind: str | None
+    method: str | None
+    params: dict
+    status: str
+    reason: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_s: float | None = None
+    peak_memory_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A file a run produced (``output`` folder, ``checkpoint``, ``plot``...)."""
+
+    kind: str
+    path: str
+    stage_idx: int | None = None
+    created_at: datetime | None = None
+
+
+@dataclass
+class RunRecord:
+    """A run with everything recorded about it (``stages``, ``metrics`` and ``artifacts`` in order)."""
+
+    id: str
+    recipe_name: str
+    recipe_hash: str | None
+    recipe_text: str | None
+    recipe_json: str | None
+    overrides: list[str]
+    model: str | None
+    data: str | None
+    seed: int | None
+    status: str
+    reason: str | None
+    started_at: datetime
+    ended_at: datetime | None
+    versions: dict
+    git_commit: str | None
+    host: str | None
+    pid: int | None
+    output_dir: str | None
+    workdir: str | None
+    attempts: int
+    sweep_id: str | None
+    recipe_path: str | None = None
+    stages: list[StageRecord] = field(default_factory=list)
+    metrics: list[MetricRecord] = field(default_factory=list)
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+
+    @property
+    def recipe(self) -> dict:
+        """The effective recipe (after overrides) as a dict; empty when not recorded."""
+        try:
+            return json.loads(self.recipe_json) if self.recipe_json else {}
+        except ValueError:
+            return {}
+
+    @property
+    def duration_s(self) -> float | None:
+        """Wall time from start to end (to now while running)."""
+        end = self.ended_at or (_utcnow() if self.status == "running" else None)
+        return (end - self.started_at).total_seconds() if end else None
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+class Registry:
+    """The run registry at ``url`` (default: ``default_url()``), migrated to the latest schema on open."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or default_url()
+        self.engine = make_engine(self.url)
+        self._write_engine = _writer(self.engine)
+        try:
+            migrate(self.engine)
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise SparsifyError(f"cannot open registry {_safe(self.url)}: {exc.orig}") from None
+
+    def __repr__(self) -> str:
+        return f"Registry({_safe(self.url)!r})"
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    # -- transactions --
+
+    def _write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one write transaction, retried when the database stays locked."""
+        def attempt() -> T:
+            with self._write_engine.begin() as conn:
+                return fn(conn)
+        return _retry_locked(attempt)
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        def attempt() -> T:
+            with self.engine.connect() as conn:
+                return fn(conn)
+        return _retry_locked(attempt)
+
+    # -- runs: what the engine records --
+
+    def create_run(self, *, recipe_name: str, recipe_hash: str | None, recipe_text: str | None,
+                   recipe_json: str | Mapping | None, overrides: Sequence[str] | None, model: str | None,
+                   data: str | None, seed: int | None, output_dir: str | None, workdir: str | None,
+                   recipe_path: str | os.PathLike | None = None, sweep_id: str | None = None) -> str:
+        """Record a new run, ``running`` in this process; returns its id.
+
+        Also records the versions of python/torch/transformers/sparsify, the
+        git commit of the repository holding ``recipe_path`` (if any), and this
+        host and process.
+        """
+        now = _utcnow()
+        proc = _this_process()
+        row = dict(recipe_name=recipe_name, recipe_hash=recipe_hash, recipe_text=recipe_text,
+                   recipe_json=recipe_json if recipe_json is None or isinstance(recipe_json, str)
+                   else json.dumps(recipe_json, sort_keys=True, default=str),
+                   overrides=json.dumps(list(overrides or [])), model=model, data=data, seed=seed,
+                   status="running", started_at=_iso(now), versions=json.dumps(environment_versions()),
+                   git_commit=git_commit(recipe_path), output_dir=_str(output_dir), workdir=_str(workdir),
+                   attempts=1, sweep_id=sweep_id, recipe_path=_recipe_path(recipe_path), **proc)
+        for _ in range(5):
+            run_id = new_run_id(now)
+            try:
+                self._write(lambda conn: conn.execute(insert(runs).values(id=run_id, **row)))
+                return run_id
+            except IntegrityError:  # the same random suffix in the same minute: draw again
+                continue
+        raise SparsifyError(f"could not allocate a new run id in {_safe(self.url)}")
+
+    def set_run_paths(self, run_id: str, *, workdir: str | os.PathLike | None = None,
+                      output_dir: str | os.PathLike | None = None) -> None:
+        """Record the run's scratch folder and/or output folder (those given)."""
+        values = {k: str(v) for k, v in (("workdir", workdir), ("output_dir", output_dir)) if v is not None}
+        if values:
+            self._update_run(run_id, values)
+
+    def resume_run(self, run_id: str) -> None:
+        """Mark a stopped run ``running`` again in this process: attempts + 1, unfinished stages ``pending``."""
+        proc = _this_process()
+
+        def resume(conn: Connection) -> None:
+            res = conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status != "running")
+                               .values(status="running", reason=None, ended_at=None,
+                                       attempts=runs.c.attempts + 1, **proc))
+            if res.rowcount == 0:
+                row = conn.execute(select(runs.c.pid, runs.c.host).where(runs.c.id == run_id)).first()
+                if row is None:
+                    raise self._unknown(conn, run_id)
+                raise SparsifyError(f"run {run_id} is already running (pid {row.pid} on {row.host})")
+            conn.execute(update(stages)
+                         .where(stages.c.run_id == run_id, stages.c.status.in_(("running", "interrupted", "failed")))
+                         .values(status="pending", reason=None, ended_at=None))
+
+        self._write(resume)
+
+    def set_run_status(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """Set a run's status (``ended_at`` is set for terminal ones).
+
+        A run that ends ``failed``/``interrupted`` takes any stage still
+        ``running`` with it, so nothing stays ``running`` after its process.
+        """
+        _check_status(status, RUN_STATUSES, "run")
+        now = _iso(_utcnow())
+        ended = now if status in TERMINAL_STATUSES else None
+
+        def set_status(conn: Connection) -> None:
+            res = conn.execute(update(runs).where(runs.c.id == run_id)
+                               .values(status=status, reason=reason, ended_at=ended))
+            if res.rowcount == 0:
+                raise self._unknown(conn, run_id)
+            if status in ("failed", "interrupted"):
+                conn.execute(update(stages).where(stages.c.run_id == run_id, stages.c.status == "running")
+                             .values(status=status, reason=reason, ended_at=now))
+
+        self._write(set_status)
+
+    # -- stages --
+
+    def start_stage(self, run_id: str, idx: int, *, name: str, kind: str | None, method: str | None,
+                    params: Mapping | None) -> None:
+        """Record stage ``idx`` as ``running`` from now (re-starting it if it was recorded before)."""
+        values = dict(name=name, kind=kind, method=method, params=json.dumps(dict(params or {}), default=str),
+                      status="running", reason=None, started_at=_iso(_utcnow()), ended_at=None,
+                      duration_s=None, peak_memory_mb=None)
+
+        def start(conn: Connection) -> None:
+            res = conn.execute(update(stages).where(stages.c.run_id == run_id, stages.c.idx == idx).values(**values))
+            if res.rowcount == 0:
+                conn.execute(insert(stages).values(run_id=run_id, idx=idx, **values))
+
+        self._write(start)
+
+    def finish_stage(self, run_id: str, idx: int, status: str, *, duration_s: float | None = None,
+                     peak_memory_mb: float | None = None, reason: str | None = None) -> None:
+        """Record the end of stage ``idx`` (``completed``, ``failed`` or ``interrupted``)."""
+        _check_status(status, STAGE_STATUSES, "stage")
+        now = _utcnow()
+
+        def finish(conn: Connection) -> None:
+            started = conn.execute(select(stages.c.started_at)
+                                   .where(stages.c.run_id == run_id, stages.c.idx == idx)).first()
+            if started is None:
+                raise SparsifyError(f"run {run_id} has no stage {idx} to finish (start_stage first)")
+            seconds = duration_s
+            if seconds is None and started.started_at:
+                seconds = (now - _parse(started.started_at)).total_seconds()
+            conn.execute(update(stages).where(stages.c.run_id == run_id, stages.c.idx == idx)
+                         .values(status=status, reason=reason, ended_at=_iso(now), duration_s=seconds,
+                                 peak_memory_mb=peak_memory_mb))
+
+        self._write(finish)
+
+    # -- metrics and artifacts --
+
+    def log_metrics(self, run_id: str, stage: str, stage_idx: int,
+                    values: Mapping[str, float] | Iterable[Any], step: int | None = None) -> None:
+        """Record metric values of ``stage`` (``dense``/-1 for the baseline) in one transaction.
+
+        ``values`` is a dict name -> number, or a list of ``MetricValue``
+        (name, value, layer). ``step`` marks points of a training curve.
+        """
+        now = _iso(_utcnow())
+        if isinstance(values, Mapping):
+            items = [(name, value, None) for name, value in values.items()]
+        else:
+            items = [(v.name, v.value, getattr(v, "layer", None)) for v in values]
+        rows = [dict(run_id=run_id, stage=stage, stage_idx=stage_idx, step=None if step is None else int(step),
+                     name=str(name), value=_as_float(name, value), layer=None if layer is None else str(layer),
+                     created_at=now) for name, value, layer in items]
+        if rows:
+            self._write(lambda conn: conn.execute(insert(metrics), rows))
+
+    def add_artifact(self, run_id: str, kind: str, path: str | os.PathLike, stage_idx: int | None = None) -> None:
+        """Record a file or folder the run produced."""
+        self._write(lambda conn: conn.execute(insert(artifacts).values(
+            run_id=run_id, kind=kind, path=str(path), stage_idx=stage_idx, created_at=_iso(_utcnow()))))
+
+    # -- reading --
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run with id (or unique id prefix) ``run_id``, with stages, metrics and artifacts.
+
+        Reconciles first, so a run whose process died shows as ``interrupted``.
+        """
+        self.reconcile()
+
+        def get(conn: Connection) -> RunRecord:
+            full = self._resolve(conn, run_id)
+            row = conn.execute(select(runs).where(runs.c.id == full)).one()
+            return self._records(conn, [row], details=True)[0]
+
+        return self._read(get)
+
+    def find_runs(self, ids: Iterable[str] | None = None, recipe_names: Iterable[str] | None = None,
+                  models: Iterable[str] | None = None, status: str | Iterable[str] | None = None,
+                  limit: int | None = None, *, sweep_id: str | None = None, details: bool = True) -> list[RunRecord]:
+        """Runs matching all given filters, newest first (``ids`` may be unique prefixes).
+
+        ``details=False`` skips loading stages, metrics and artifacts (for listings).
+        Reconciles first, like ``get_run``.
+        """
+        self.reconcile()
+
+        def find(conn: Connection) -> list[RunRecord]:
+            query = select(runs)
+            if ids is not None:
+                query = query.where(runs.c.id.in_([self._resolve(conn, i) for i in ids]))
+            if recipe_names is not None:
+                query = query.where(runs.c.recipe_name.in_(list(recipe_names)))
+            if models is not None:
+                query = query.where(runs.c.model.in_(list(models)))
+            if status is not None:
+                wanted = [status] if isinstance(status, str) else list(status)
+                for s in wanted:
+                    _check_status(s, RUN_STATUSES, "run")
+                query = query.where(runs.c.status.in_(wanted))
+            if sweep_id is not None:
+                query = query.where(runs.c.sweep_id == sweep_id)
+            query = query.order_by(runs.c.started_at.desc(), runs.c.id.desc())
+            if limit is not None:
+                query = query.limit(limit)
+            return self._records(conn, conn.execute(query).all(), details=details)
+
+        return self._read(find)
+
+    def reconcile(self) -> list[str]:
+        """Mark ``interrupted`` the runs ``running`` on this host whose process has ended; returns their ids.
+
+        A process counts as ended when its pid is gone, a zombie, or now
+        belongs to a process started at another time (a reused pid). Runs on
+        other hosts cannot be checked from here and are left alone.
+        """
+        host = socket.gethostname()
+        rows = self._read(lambda conn: conn.execute(
+            select(runs.c.id, runs.c.pid, runs.c.pid_started_at, runs.c.attempts)
+            .where(runs.c.status == "running", runs.c.host == host)).all())
+        dead = [r for r in rows if r.pid is not None and not _process_alive(r.pid, r.pid_started_at)]
+        if not dead:
+            return []
+        now = _iso(_utcnow())
+
+        def mark(conn: Connection) -> list[str]:
+            marked = []
+            for r in dead:  # only if nobody resumed it in the meantime
+                res = conn.execute(update(runs).where(runs.c.id == r.id, runs.c.status == "running",
+                                                      runs.c.pid == r.pid, runs.c.attempts == r.attempts)
+                                   .values(status="interrupted", reason=DEAD_PROCESS_REASON, ended_at=now))
+                if res.rowcount:
+                    conn.execute(update(stages).where(stages.c.run_id == r.id, stages.c.status == "running")
+                                 .values(status="interrupted", reason=DEAD_PROCESS_REASON, ended_at=now))
+                    marked.append(r.id)
+            return marked
+
+        return self._write(mark)
+
+    # -- helpers --
+
+    def _update_run(self, run_id: str, values: dict) -> None:
+        def upd(conn: Connection) -> None:
+            if conn.execute(update(runs).where(runs.c.id == run_id).values(**values)).rowcount == 0:
+                raise self._unknown(conn, run_id)
+        self._write(upd)
+
+    def _resolve(self, conn: Connection, run_id: str) -> str:
+        """The full id of the run ``run_id`` names (exactly or as a unique prefix)."""
+        if not run_id:
+            raise SparsifyError("a run id (or a unique prefix of one) is needed")
+        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first():
+            return run_id
+        found = conn.execute(select(runs.c.id).where(runs.c.id.startswith(run_id, autoescape=True))
+                             .order_by(runs.c.id).limit(6)).scalars().all()
+        if len(found) == 1:
+            return found[0]
+        if found:
+            shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+            raise SparsifyError(f"run id {run_id!r} is ambiguous in {_safe(self.url)}: it starts {shown}")
+        raise self._unknown(conn, run_id)
+
+    def _unknown(self, conn: Connection, run_id: str) -> SparsifyError:
+        ids = conn.execute(select(runs.c.id)).scalars().all()
+        close = difflib.get_close_matches(run_id, ids, n=3, cutoff=0.6)
+        hint = " (did you mean " + " or ".join(repr(c) for c in close) + "?)" if close else ""
+        return SparsifyError(f"no run {run_id!r} in {_safe(self.url)}{hint}")
+
+    @staticmethod
+    def _records(conn: Connection, rows, *, details: bool) -> list[RunRecord]:
+        records = [_run_record(r) for r in rows]
+        if not details or not records:
+            return records
+        by_id = {r.id: r for r in records}
+        for chunk in _chunks(list(by_id), 500):  # stay under the bound-parameter limit
+            for s in conn.execute(select(stages).where(stages.c.run_id.in_(chunk)).order_by(stages.c.idx)):
+                by_id[s.run_id].stages.append(StageRecord(
+                    idx=s.idx, name=s.name, kind=s.kind, method=s.method, params=_loads(s.params, {}),
+                    status=s.status, reason=s.reason, started_at=_parse(s.started_at), ended_at=_parse(s.ended_at),
+                    duration_s=s.duration_s, peak_memory_mb=s.peak_memory_mb))
+            for m in conn.execute(select(metrics).where(metrics.c.run_id.in_(chunk)).order_by(metrics.c.id)):
+                by_id[m.run_id].metrics.append(MetricRecord(
+                    stage=m.stage, stage_idx=m.stage_idx, name=m.name,
+                    value=math.nan if m.value is None else float(m.value), layer=m.layer, step=m.step,
+                    created_at=_parse(m.created_at)))
+            for a in conn.execute(select(artifacts).where(artifacts.c.run_id.in_(chunk)).order_by(artifacts.c.id)):
+                by_id[a.run_id].artifacts.append(ArtifactRecord(kind=a.kind, path=a.path, stage_idx=a.stage_idx,
+                                                                created_at=_parse(a.created_at)))
+        return records
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A short run id, ``YYYYMMDD-HHMM-xxxxxx`` (UTC start time + 6 random hex digits)."""
+    now = now or _utcnow()
+    return f"{now:%Y%m%d-%H%M}-{secrets.token_hex(3)}"
+
+
+def environment_versions() -> dict[str, str | None]:
+    """Versions of the software a run's results depend on."""
+    from . import __version__
+
+    def version(dist: str) -> str | None:
+        try:
+            return _metadata.version(dist)
+        except _metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": version("torch"),
+            "transformers": version("transformers"), "sparsify": __version__, "platform": platform.platform()}
+
+
+def git_commit(recipe_path: str | os.PathLike | None) -> str | None:
+    """``git rev-parse HEAD`` in the recipe's folder; None when not in a repository (never raises)."""
+    if not recipe_path:
+        return None
+    try:
+        folder = Path(recipe_path).expanduser().resolve().parent
+        if not folder.is_dir():
+            return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                             timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    if out.returncode != 0 or not commit or any(c not in "0123456789abcdef" for c in commit):
+        return None
+    return commit
+
+
+def _recipe_path(recipe_path) -> str | None:
+    """The recipe file's resolved path; None for recipes that were not read from a file."""
+    if not recipe_path:
+        return None
+    path = Path(recipe_path).expanduser()
+    return str(path.resolve()) if path.is_file() else None
+
+
+def _this_process() -> dict:
+    try:
+        started = psutil.Process().create_time()
+    except psutil.Error:
+        started = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started_at": started}
+
+
+def _process_alive(pid: int, started_at: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # the same start time (to clock-tick rounding) means the same process, not a reused pid
+        return started_at is None or abs(proc.create_time() - started_at) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists, but we may not inspect it: assume it is alive
+        return True
+
+
+def _check_status(status: str, allowed: Sequence[str], what: str) -> None:
+    if status not in allowed:
+        raise SparsifyError(f"unknown {what} status {status!r} (one of {', '.join(allowed)})")
+
+
+def _as_float(name, value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SparsifyError(f"metric {name!r} has a value that is not a number: {value!r}") from None
+    return None if math.isnan(number) else number
+
+
+def _run_record(r) -> RunRecord:
+    return RunRecord(
+        id=r.id, recipe_name=r.recipe_name, recipe_hash=r.recipe_hash, recipe_text=r.recipe_text,
+        recipe_json=r.recipe_json, overrides=_loads(r.overrides, []), model=r.model, data=r.data, seed=r.seed,
+        status=r.status, reason=r.reason, started_at=_parse(r.started_at), ended_at=_parse(r.ended_at),
+        versions=_loads(r.versions, {}), git_commit=r.git_commit, host=r.host, pid=r.pid,
+        output_dir=r.output_dir, workdir=r.workdir, attempts=r.attempts or 1, sweep_id=r.sweep_id,
+        recipe_path=r.recipe_path)
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _parse(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _loads(text: str | None, default):
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def _str(value) -> str | None:
+    return None if value is None else str(value)
