@@ -20,8 +20,9 @@ from .errors import RecipeError, SparsifyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make large language models sparse with declarative recipes.")
-out = Console()
-err = Console(stderr=True)
+# Piped output is not squeezed to 80 columns: ids and numbers must stay whole.
+out = Console(width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, soft_wrap=True)
 _state = {"registry": None, "debug": False}
 
 
@@ -114,7 +115,7 @@ def runs(limit: int = typer.Option(20, help="how many, newest first"),
     reg.reconcile()
     table = Table()
     for col in ("id", "recipe", "model", "status", "started", "reason"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "reason")
     for r in reg.find_runs(recipe_names=[recipe] if recipe else None, status=status, limit=limit):
         table.add_row(r.id, r.recipe_name, r.model, r.status, str(r.started_at)[:19], (r.reason or "")[:60])
     out.print(table)
