@@ -33,6 +33,7 @@ class RunContext:
         masks: weight masks kept across stages (see ``MaskSet``).
         workdir: a scratch folder of this run (kept with its checkpoints).
         stage_name, stage_index: the stage being run (``dense`` / -1 outside stages).
+        resume_stage: when resuming, the index of the stage the run restarts in.
     """
 
     run_id: str
@@ -47,6 +48,7 @@ class RunContext:
     masks: MaskSet = field(default_factory=MaskSet)
     stage_name: str = "dense"
     stage_index: int = -1
+    resume_stage: int | None = None  # the stage a resumed run restarts in (mid-stage checkpoints apply)
     reference_loader: Callable[[], torch.nn.Module] | None = None
     log_callback: Callable[[str, int | None, dict[str, float]], None] | None = None
     _reference: torch.nn.Module | None = field(default=None, repr=False)

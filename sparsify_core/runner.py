@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as dist
 from . import progress
 from .context import RunContext
 from .errors import SparsifyError
@@ -159,29 +161,20 @@ class Runner:
     def run(self) -> str:
         """Run (or resume) the recipe; returns the run id. Raises on failure after recording it."""
         rec = self.recipe
-        if self.resume_id:
-            run = self.registry.get_run(self.resume_id)
-            if run.status == "finished":
-                raise SparsifyError(f"run {run.id} is already finished")
-            if run.status == "running":
-                raise SparsifyError(f"run {run.id} is still running (pid {run.pid} on {run.host})")
-            run_id, workdir = run.id, Path(run.workdir)
-            self.registry.resume_run(run_id)
-            dense_done = any(m.stage_idx == -1 and m.step is None for m in run.metrics)
-        else:
-            run_id = self.registry.create_run(
-                recipe_name=rec.name, recipe_hash=self.loaded.hash, recipe_text=self.loaded.text,
-                recipe_json=self.loaded.effective_json, overrides=self.loaded.overrides,
-                model=f"{rec.model.source}", data=f"{rec.data.source}", seed=rec.seed,
-                output_dir=None, workdir=None, recipe_path=self.loaded.path)
-            workdir = (self.runs_dir / run_id).resolve()
-            self.registry.set_run_paths(run_id, workdir=str(workdir),
-                                        output_dir=str(Path(rec.output.dir.format(name=rec.name, run_id=run_id)).resolve())
-                                        if rec.output.save else None)
-            dense_done = False
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.run_id, self.workdir = run_id, workdir
-        progress.info(f"run {run_id}: {rec.name} ({'resumed' if self.resume_id else 'new'})")
+        self.device = dist.init(resolve_device(rec.model.device))
+        if not dist.is_main():  # under torchrun only rank 0 records; the others follow its run id
+            self.registry, self.hooks = _Silent(), _Silent()
+        dense_done = False
+        if dist.is_main():
+            dense_done = self._open_run()
+        if dist.world_size() > 1:
+            self.run_id, self.workdir, dense_done = dist.broadcast(
+                (getattr(self, "run_id", None), getattr(self, "workdir", None), dense_done))
+        run_id = self.run_id
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            progress.info(f"run {run_id}: {rec.name} ({'resumed' if self.resume_id else 'new'})"
+                          + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
         self.hooks.sparsify_run_started(run_id=run_id, recipe=rec, resumed=bool(self.resume_id))
         self._current = None  # index of the stage under way, for failure records
         try:
@@ -199,7 +192,32 @@ class Runner:
             raise SparsifyError(f"run {run_id} failed{where}: {reason}") from exc
         self.registry.set_run_status(run_id, "finished")
         self.hooks.sparsify_run_finished(run_id=run_id, status="finished", reason=None)
+        dist.barrier()
         return run_id
+
+    def _open_run(self) -> bool:
+        """Create the run (or reopen it to resume) in the registry; True if its dense baseline is recorded."""
+        rec = self.recipe
+        if self.resume_id:
+            run = self.registry.get_run(self.resume_id)
+            if run.status == "finished":
+                raise SparsifyError(f"run {run.id} is already finished")
+            if run.status == "running":
+                raise SparsifyError(f"run {run.id} is still running (pid {run.pid} on {run.host})")
+            self.registry.resume_run(run.id)
+            self.run_id, self.workdir = run.id, Path(run.workdir)
+            return any(m.stage_idx == -1 and m.step is None for m in run.metrics)
+        else:
+            self.run_id = self.registry.create_run(
+                recipe_name=rec.name, recipe_hash=self.loaded.hash, recipe_text=self.loaded.text,
+                recipe_json=self.loaded.effective_json, overrides=self.loaded.overrides,
+                model=f"{rec.model.source}", data=f"{rec.data.source}", seed=rec.seed,
+                output_dir=None, workdir=None, recipe_path=self.loaded.path)
+            self.workdir = (self.runs_dir / self.run_id).resolve()
+            out = Path(rec.output.dir.format(name=rec.name, run_id=self.run_id)).resolve()
+            self.registry.set_run_paths(self.run_id, workdir=str(self.workdir),
+                                        output_dir=str(out) if rec.output.save else None)
+        return False
 
     def _end(self, stage_index, status: str, reason: str) -> None:
         if stage_index is not None:
@@ -216,7 +234,7 @@ class Runner:
     def _execute(self, dense_done: bool):
         rec = self.recipe
         seed_everything(rec.seed)
-        device, dtype = resolve_device(rec.model.device), DTYPES[rec.model.dtype]
+        device, dtype = self.device, DTYPES[rec.model.dtype]
         progress.info(f"model: {rec.model.source} on {device} ({rec.model.dtype})")
         loaded = self._load_model(device, dtype)
         data = self._load_data(loaded.tokenizer)
@@ -235,6 +253,7 @@ class Runner:
                 method.rebuild(ctx, self.loaded.stage_params[i], results.get(i, StageResult()))
             restore_weights(ckpt, ctx.model, ctx.masks)
             start = ckpt.completed
+            ctx.resume_stage = start
             progress.info(f"resuming after stage {start} of {len(rec.stages)} (checkpoint {ckpt.extra['path']})")
         if not dense_done:
             self._evaluate(ctx, metrics, "dense", -1, is_reference=True)
@@ -244,7 +263,7 @@ class Runner:
             params = self.loaded.stage_params[i]
             method = self.loaded.stage_methods[i]()
             ctx.stage_name, ctx.stage_index = st.name, i
-            ctx.log_callback = self._log(st.name, i)
+            ctx.log_callback = self._log(st.name, i) if dist.is_main() else None
             self.registry.start_stage(self.run_id, i, name=st.name, kind=st.kind, method=st.method,
                                       params=params.model_dump(mode="json"))
             self._current = i
@@ -258,7 +277,10 @@ class Runner:
             results[i] = result
             stage_metrics = dict(result.metrics, stage_seconds=seconds, peak_memory_mb=mem["peak"])
             self.registry.log_metrics(self.run_id, st.name, i, stage_metrics)
-            write_checkpoint(self.workdir, ctx.model, ctx.masks, i + 1, results)
+            if dist.is_main():
+                write_checkpoint(self.workdir, ctx.model, ctx.masks, i + 1, results)
+                shutil.rmtree(self.workdir / f"train-stage-{i}", ignore_errors=True)  # superseded
+            dist.barrier()
             self.registry.finish_stage(self.run_id, i, "completed", duration_s=seconds, peak_memory_mb=mem["peak"])
             self._current = None
             self.hooks.sparsify_stage_finished(run_id=self.run_id, index=i, stage=st, status="completed",
@@ -266,12 +288,16 @@ class Runner:
             if self._evaluate_after(i):
                 self._evaluate(ctx, metrics, st.name, i)
         ctx.stage_name, ctx.stage_index = "output", len(rec.stages)
-        if rec.output.save:
+        if rec.output.save and dist.is_main():
             self._save(ctx, results)
+        dist.barrier()
 
     def _evaluate(self, ctx: RunContext, metrics, stage: str, index: int, *, is_reference: bool = False) -> None:
         from .evaluation import evaluate
 
+        if not dist.is_main():  # rank 0 evaluates and records; the others wait for it
+            dist.barrier()
+            return
         saved = ctx.stage_name
         ctx.stage_name = stage
         values = evaluate(ctx, metrics, ctx.split(self.recipe.evaluate.split),
@@ -281,6 +307,7 @@ class Runner:
         summary = {v.name: v.value for v in values if v.layer is None}
         self.hooks.sparsify_metrics_logged(run_id=self.run_id, stage=stage, step=None, metrics=summary)
         progress.info(f"  eval after {stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+        dist.barrier()
 
     def _save(self, ctx: RunContext, results: dict[int, StageResult]) -> None:
         rec = self.recipe
@@ -296,6 +323,13 @@ class Runner:
             path = save_output(folder, ctx.model, ctx.tokenizer, ctx.masks, manifest, self.loaded.text, results)
         self.registry.add_artifact(self.run_id, "output", str(path.resolve()))
         progress.info(f"saved {path}")
+
+
+class _Silent:
+    """Stands in for the registry and hooks on ranks other than 0: records nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def _version() -> str:

@@ -1,14 +1,15 @@
-"""Activation-sparsity methods: activation substitution (``substitute_activation/relu``)."""
+"""Activation-sparsity methods: ``substitute_activation`` relu, fatrelu (ProSparse) and cats (baseline)."""
 from __future__ import annotations
 
 from sparsify_core import hookimpl
 
 from .substitute import ReLU, SubstituteActivation
+from .threshold import CATS, FATReLU
 
-__all__ = ["ReLU", "SubstituteActivation"]
+__all__ = ["CATS", "FATReLU", "ReLU", "SubstituteActivation"]
 
 
 @hookimpl
 def sparsify_methods():
     """Activation substitution methods."""
-    return [ReLU]
+    return [ReLU, FATReLU, CATS]

@@ -1,6 +1,7 @@
 """Activation substitution (ProSparse step 1, METHODS.md section 1): swap each FFN's activation."""
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 from pydantic import Field, field_validator
@@ -50,8 +51,9 @@ class SubstituteActivation(Method):
     Params = SubstituteParams
     config_value: ClassVar[str | None] = None
 
+    @abstractmethod
     def make_activation(self, params: SubstituteParams) -> nn.Module:
-        raise NotImplementedError
+        """The new activation module for one FFN layer."""
 
     def _substitute(self, model: nn.Module, params: SubstituteParams) -> StageResult:
         blocks = find_ffn_blocks(model)
