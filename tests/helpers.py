@@ -66,3 +66,36 @@ def plugin_env(tmp_path: Path) -> dict:
     (info / "entry_points.txt").write_text("[sparsify.plugins]\ntest-stages = sparsify_test_stages\n")
     path = os.pathsep.join([str(site), str(FIXTURE_PLUGINS), os.environ.get("PYTHONPATH", "")])
     return {"PYTHONPATH": path}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    """A tiny randomly initialised transformers model (llama, gpt2 or bert)."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, vocab_size=100))
+    if arch == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                              bos_token_id=0, eos_token_id=0, resid_pdrop=0, embd_pdrop=0,
+                                              attn_pdrop=0))
+    return T.BertModel(T.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, vocab_size=100, max_position_embeddings=64))
+
+
+def make_ctx(tmp_path, model, *, splits=None, samples=16, seq_len=16, reference=None, task="causal_lm"):
+    """A RunContext over random token splits (calibration/train/eval) for unit tests."""
+    import copy
+
+    import torch
+
+    from sparsify_core import RunContext, TokenSplit
+
+    gen = torch.Generator().manual_seed(0)
+    names = splits or ("calibration", "train", "eval")
+    data = {n: TokenSplit(n, torch.randint(0, 100, (samples, seq_len), generator=gen)) for n in names}
+    dense = reference if reference is not None else copy.deepcopy(model)
+    return RunContext(run_id="t", model=model, tokenizer=None, task=task, data=data, device=torch.device("cpu"),
+                      dtype=torch.float32, seed=0, workdir=tmp_path, reference_loader=lambda: dense)

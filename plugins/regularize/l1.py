@@ -57,8 +57,8 @@ class L1Callback(TrainCallback):
         if not terms:
             return None, info
         l1 = torch.stack(terms).sum()
-        info["l1"] = float(l1)
-        info["penalty"] = float(self.lam * l1)
+        info["l1"] = float(l1.detach())
+        info["penalty"] = float(self.lam * l1.detach())
         return (self.lam * l1 if self.lam > 0 else None), info
 
     def stop(self):

@@ -1,0 +1,133 @@
+"""Layouts: exact round trips and reference products, on small tensors."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from sparsify_plugins.layouts import BSR, CSR, NM, NMG
+from sparsify_plugins.layouts import formats as F
+from sparsify_plugins.layouts.weight import BSRParams, NMGParams, NMParams
+
+SHAPES = [(1, 1), (7, 13), (48, 64), (50, 30)]
+
+
+def sparse(shape, density=0.4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g).to(dtype)
+    return w * (torch.rand(shape, generator=g) < density)
+
+
+def check(layout, w, atol=1e-5):
+    assert torch.equal(layout.to_dense(), w)
+    x = torch.randn(2, 3, w.shape[1], dtype=w.dtype)
+    torch.testing.assert_close(layout.matmul(x), x @ w.T, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_csr_and_bsr_round_trip(shape):
+    w = sparse(shape)
+    check(CSR.from_dense(w), w)
+    check(BSR.from_dense(w), w)
+    check(BSR.from_dense(w, BSRParams(block=(4, 8))), w)
+
+
+def test_bsr_stores_only_non_empty_tiles():
+    w = torch.zeros(8, 8)
+    w[0, 0], w[5, 7] = 1.0, 2.0
+    layout = BSR.from_dense(w, BSRParams(block=(4, 4)))
+    assert layout.val.shape == (2, 4, 4) and layout.col.tolist() == [0, 1] and layout.crow.tolist() == [0, 1, 2]
+
+
+def test_empty_and_full_weights():
+    for w in (torch.zeros(5, 9), torch.randn(5, 9)):
+        check(CSR.from_dense(w), w)
+        check(BSR.from_dense(w, BSRParams(block=(2, 4))), w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_round_trip(shape, n, m):
+    w = sparse(shape, 0.9)
+    w = w * F.nm_mask(w, n, m)
+    layout = NM.from_dense(w, NMParams(n=n, m=m))
+    assert layout.idx.dtype == torch.uint8 and layout.val.shape[1] == -(-shape[1] // m) * n
+    check(layout, w)
+
+
+def test_nm_mask_keeps_n_largest():
+    w = torch.tensor([[1.0, -4.0, 3.0, 0.5, 0.0, 0.0, 2.0, 1.0]])
+    assert F.nm_mask(w, 2, 4).tolist() == [[False, True, True, False, False, False, True, True]]
+
+
+def test_nm_refuses_lossy_conversion():
+    with pytest.raises(ValueError, match="not 2:4 sparse: row 0, inputs 0..3"):
+        NM.from_dense(torch.ones(2, 8))
+
+
+def test_nmg_patterns_revolving_door():
+    for n, m in [(1, 4), (2, 4), (3, 6), (4, 8)]:
+        pats = F.nmg_patterns(n, m)
+        assert len(pats) == len(set(pats)) == F.combinations(m, n)
+        assert all(len(set(a) ^ set(b)) == 2 for a, b in zip(pats, pats[1:]))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n,m,g", [(2, 4, 1), (2, 4, 3), (1, 4, 2), (3, 6, 1)])
+def test_nmg_sparsifier_and_round_trip(shape, n, m, g):
+    w = torch.randn(shape)
+    val, row = F.nmg_from_dense(w, n, m, g, exact=False)
+    C = F.combinations(m, n)
+    assert val.shape[2:] == (C, g, n) and row.dtype == torch.int16
+    # every chunk and block uses every pattern exactly g times: each row appears once
+    assert torch.equal(row.long().flatten(2).sort(-1).values,
+                       torch.arange(C * g).expand(*row.shape[:2], C * g))
+    wg = F.nmg_to_dense(val, row, n, m, g, shape)
+    assert ((wg != 0).sum(1) <= n * -(-shape[1] // m)).all()
+    assert ((wg == 0) | (wg == w)).all()  # only prunes, never changes a value
+    check(NMG.from_dense(wg, NMGParams(n=n, m=m, g=g)), wg)
+
+
+def test_nmg_greedy_keeps_the_most_magnitude():
+    # one chunk (C*g = 6 rows) of one block: each row prefers a different pattern
+    pats = F.nmg_patterns(2, 4)
+    w = torch.full((6, 4), 0.1)
+    for r, p in enumerate(pats):
+        w[r, list(p)] = 5.0
+    val, row = F.nmg_from_dense(w, 2, 4, 1, exact=False)
+    assert torch.equal(F.nmg_to_dense(val, row, 2, 4, 1, w.shape), w * (w == 5.0))
+
+
+def test_nmg_exact_conversion_repairs_greedy_order():
+    # rows with one non-zero fit several patterns; an exact assignment exists and must be found
+    n, m, g = 2, 4, 1
+    pats = F.nmg_patterns(n, m)
+    w = torch.zeros(6, 4)
+    for r, p in enumerate(pats[:4]):
+        w[r, list(p)] = 1.0 + r
+    w[4, 1] = 9.0  # fits (0,1), (1,2) or (1,3): only (1,3) is free
+    w[5, 0] = 9.0  # fits (0,1), (0,2), (0,3): only (0,3) is free
+    layout = NMG.from_dense(w, NMGParams(n=n, m=m, g=g))
+    assert torch.equal(layout.to_dense(), w)
+
+
+def test_nmg_refuses_lossy_conversion():
+    with pytest.raises(ValueError, match="would drop"):
+        NMG.from_dense(torch.ones(6, 4), NMGParams(n=2, m=4, g=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_layouts_keep_dtype(dtype):
+    w = sparse((12, 16), 0.3, dtype=dtype)
+    w = w * F.nm_mask(w, 2, 4)
+    for layout in (CSR.from_dense(w), BSR.from_dense(w, BSRParams(block=(4, 4))), NM.from_dense(w)):
+        assert torch.equal(layout.to_dense(), w)
+        x = torch.randn(3, 16, dtype=dtype)
+        torch.testing.assert_close(layout.matmul(x), x @ w.T, atol=5e-2 if dtype == torch.bfloat16 else 1e-9,
+                                   rtol=5e-2 if dtype == torch.bfloat16 else 1e-9)
+
+
+def test_layouts_are_registered_plugins():
+    from sparsify_core.plugin_manager import catalog
+    assert {"csr", "bsr", "nm", "nmg"} <= set(catalog().layouts)
