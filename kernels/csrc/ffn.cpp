@@ -21,7 +21,7 @@ namespace {
 
 enum Act { RELU = 0, SILU = 1, GELU = 2, GELU_TANH = 3 };
 
-inline float activate(int act, float v, float threshold) {
+inline float activate_raw(int act, float v, float threshold) {
     switch (act) {
         case RELU: return v >= threshold ? v : 0.0f;  // FATReLU; threshold 0 is ReLU
         case SILU: return v / (1.0f + std::exp(-v));
@@ -31,6 +31,12 @@ inline float activate(int act, float v, float threshold) {
             return 0.5f * v * (1.0f + std::tanh(u));
         }
     }
+}
+
+// The activation, then CATS-style magnitude cut: values with |y| < cut become 0.
+inline float activate(int act, float v, float threshold, float cut) {
+    float y = activate_raw(act, v, threshold);
+    return std::fabs(y) >= cut ? y : 0.0f;
 }
 
 constexpr int kMaxTokens = 16;
@@ -51,6 +57,8 @@ int sp_num_threads() {
 // y[t] = sum_j x1[t, j] * W_out[:, j] + b_out over the listed neurons, with
 //   gated: x1[t, j] = act(W_in[j] . x[t] + b_in[j]) * (W_up[j] . x[t] + b_up[j])
 //   plain: x1[t, j] = act(W_in[j] . x[t] + b_in[j])          (w_up == nullptr)
+// act: 0 FATReLU with `threshold` (0: ReLU), 1 SiLU, 2 GELU, 3 GELU (tanh);
+// then |act| < cut is zeroed (CATS; cut 0 keeps every non-zero).
 // Neurons are the half-open ranges ranges[2i], ranges[2i+1]. Any bias may be
 // null. Rows have stride d; x and y are [T, d] contiguous; T <= 16.
 int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
@@ -58,7 +66,7 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
                       const float* w_up, const float* b_up,
                       const float* w_outT, const float* b_out,
                       const int64_t* ranges, int64_t n_ranges,
-                      int act, float threshold, float* y) {
+                      int act, float threshold, float cut, float* y) {
     if (T < 1 || T > kMaxTokens) return 1;
     std::vector<int64_t> prefix(n_ranges + 1, 0);
     for (int64_t r = 0; r < n_ranges; ++r) prefix[r + 1] = prefix[r] + (ranges[2 * r + 1] - ranges[2 * r]);
@@ -90,7 +98,7 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
                     bool any = false;
                     for (int64_t t = 0; t < T; ++t) {
                         float v = sp::dot(gi, x + t * d, d) + (b_in ? b_in[j] : 0.0f);
-                        g[t] = activate(act, v, threshold);
+                        g[t] = activate(act, v, threshold, cut);
                         any |= g[t] != 0.0f;
                     }
                     if (!any) continue;  // the whole point: skip this neuron's up and down rows
@@ -114,6 +122,48 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
         for (int64_t i = lo; i < hi; ++i) {
             float s = b_out ? b_out[i % d] : 0.0f;
             for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * n_out + i];
+            y[i] = s;
+        }
+    }
+    return 0;
+}
+
+// y[t] = b + sum_j x1[t, j] * WT[j]: a Linear whose input is sparse (the down
+// projection of a plain FFN); rows j where every token's x1 is zero are never
+// read. x1 is [T, n_in], WT is [n_in, n_out] (the weight transposed), y is
+// [T, n_out]; T <= 16.
+int sp_sparse_input_linear_f32(const float* x1, int64_t T, int64_t n_in, const float* wT, const float* b,
+                               int64_t n_out, float* y) {
+    if (T < 1 || T > kMaxTokens) return 1;
+    const int64_t n_chunks = (n_in + kChunk - 1) / kChunk;
+    int n_threads = 1;
+#ifdef _OPENMP
+    n_threads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n_chunks));
+#endif
+    std::vector<float> acc((size_t)n_threads * T * n_out, 0.0f);
+#pragma omp parallel num_threads(n_threads)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float* my = acc.data() + (size_t)tid * T * n_out;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t c = 0; c < n_chunks; ++c) {
+            for (int64_t j = c * kChunk; j < std::min(n_in, c * kChunk + kChunk); ++j) {
+                for (int64_t t = 0; t < T; ++t) {
+                    float v = x1[t * n_in + j];
+                    if (v != 0.0f) sp::axpy(my + t * n_out, v, wT + j * n_out, n_out);
+                }
+            }
+        }
+#pragma omp barrier
+        const int64_t total = T * n_out;
+        const int64_t per = (total + n_threads - 1) / n_threads;
+        const int64_t lo = std::min(total, tid * per), hi = std::min(total, lo + per);
+        for (int64_t i = lo; i < hi; ++i) {
+            float s = b ? b[i % n_out] : 0.0f;
+            for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * total + i];
             y[i] = s;
         }
     }

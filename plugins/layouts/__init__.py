@@ -1,21 +1,32 @@
 """Sparse layouts and the ``layout_convert`` stage methods.
 
 Weight layouts (``csr``, ``bsr``, ``nm``, ``nmg``) store a Linear's weight;
-the activation-sparse and mixture-of-experts FFN modules compute only the
-active neurons of an FFN block. Formats are pure functions (``formats``),
-layouts wrap them (``weight``), modules hold layouts and call the fast kernels
-of ``sparsify_kernels`` (``modules``).
+the activation-sparse FFN computes only the active neurons of an FFN block.
+Formats are pure functions (``formats``), layouts wrap them (``weight``),
+modules hold layouts and call the fast kernels of ``sparsify_kernels``
+(``modules``), stage methods swap modules in a model (``convert``), and
+``prune/nmg`` prunes into the n:m:g structure (``prune``).
 """
 from __future__ import annotations
 
 from sparsify_core import hookimpl
 
+from .convert import ActivationSparseFFNConvert, weight_methods
+from .modules import ActivationSparseFFN, SparseLinear, TransposedLinear
+from .prune import NMGPrune
 from .weight import BSR, CSR, NM, NMG, WEIGHT_LAYOUTS, StoredLayout
 
-__all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS"]
+__all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationSparseFFN", "SparseLinear",
+           "TransposedLinear", "ActivationSparseFFNConvert", "NMGPrune"]
 
 
 @hookimpl
 def sparsify_layouts():
     """Weight layouts: CSR, BSR, n:m, n:m:g."""
     return list(WEIGHT_LAYOUTS)
+
+
+@hookimpl
+def sparsify_methods():
+    """``layout_convert`` methods (activation-sparse FFN and one per weight layout) and ``prune/nmg``."""
+    return [ActivationSparseFFNConvert, *weight_methods(), NMGPrune]

@@ -109,7 +109,7 @@ class NMParams(Params):
 
 
 class NM(StoredLayout):
-    """n:m: at most n non-zeros in every m consecutive inputs; values plus uint8 positions."""
+    """n-of-m: at most n non-zeros in every m consecutive inputs; values plus uint8 positions."""
 
     name = "nm"
     names = ("val", "idx")
@@ -139,7 +139,7 @@ class NMGParams(NMParams):
 
 
 class NMG(StoredLayout):
-    """n:m:g (STen): n:m where every chunk of C(m,n)*g rows uses each pattern exactly g times."""
+    """Grouped n-of-m (STen): every chunk of C(m,n)*g rows uses each n-of-m pattern exactly g times."""
 
     name = "nmg"
     names = ("val", "row")

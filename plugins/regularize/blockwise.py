@@ -106,7 +106,7 @@ class BlockwiseL1(Method):
                     loss.backward()
                     opt.step()
                     ctx.masks.apply(ctx.model)
-                    stats = {"rel_err": float(err), "sparsity": float((x1 == 0).float().mean())}
+                    stats = {"rel_err": float(err.detach()), "sparsity": float((x1 == 0).float().mean())}
                     if step == 0:
                         zeros_before.append(stats["sparsity"])
                     bar.advance(1, layer=i, **stats)
