@@ -1,15 +1,15 @@
 """Build-on-first-use C++ kernels, loaded through ctypes.
 
 The C++ sources in ``csrc/`` have a plain C ABI and no Python or torch
-headers, so they compile in about a second with the system's ``g++`` (or
-``$CXX``) and need neither ninja nor a Python dev package. The shared library
-is cached under ``$SPARSIFY_CACHE`` (default ``~/.cache/sparsify``), keyed by
-the source, the flags and the CPU's instruction sets, so a machine builds it
-once. OpenMP is used when the compiler has it: the library then links
-``libgomp.so.1``, which the dynamic loader resolves to the copy torch has
-already loaded, so both share one thread pool. Where no compiler works, the
-kernels are reported unavailable (one warning) and callers use their torch
-paths.
+headers, so they compile in a few seconds with the system's ``g++`` (or
+``$CXX``, or ``c++``/``clang++``) and need neither ninja nor a Python dev
+package. They are built into one shared library, cached under
+``$SPARSIFY_CACHE`` (default ``~/.cache/sparsify``) and keyed by the sources,
+the flags and the machine, so a machine builds it once. The vector width is
+chosen from the CPU's flags (AVX-512, else AVX2+FMA, else portable C++).
+Threads come from the library's own pool (``csrc/pool.h``), not OpenMP.
+Where no compiler works, ``library()`` returns ``None`` after one warning and
+callers use their torch paths.
 """
 from __future__ import annotations
 
@@ -58,16 +58,16 @@ def isa() -> str:
 
 
 def _flag_sets() -> list[list[str]]:
-    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread"]
     arch = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
             "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}[isa()]
     if platform.machine() not in ("x86_64", "AMD64"):
         arch = ["-mcpu=native"] if platform.machine() in ("aarch64", "arm64") else []
-    # Most capable first; each later set drops something a compiler may lack.
-    return [base + arch + ["-fopenmp"], base + arch, base]
+    # Most capable first; the portable set is the last resort.
+    return [base + arch, base]
 
 
-def _compile(src: Path, out: Path, flags: list[str]) -> str | None:
+def _compile(srcs: list[Path], out: Path, flags: list[str]) -> str | None:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         return "no C++ compiler found (set CXX, or install g++)"
@@ -75,7 +75,7 @@ def _compile(src: Path, out: Path, flags: list[str]) -> str | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cxx, *flags, *map(str, srcs), "-o", tmp], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             return (proc.stderr.strip().splitlines() or ["compiler failed"])[-1]
         os.replace(tmp, out)  # atomic: concurrent builders never see a half-written library
@@ -87,46 +87,50 @@ def _compile(src: Path, out: Path, flags: list[str]) -> str | None:
             os.unlink(tmp)
 
 
-_failures: dict[str, str] = {}
+_failure: list[str] = []
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library ``csrc/<name>.cpp``, building it if needed; ``None`` (and one warning) if it cannot.
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (every ``csrc/*.cpp``), building them if needed; ``None`` (one warning) if impossible.
 
-    ``SPARSIFY_NO_NATIVE=1`` disables native kernels (the torch paths are used).
+    ``SPARSIFY_NO_NATIVE=1`` disables them (the torch paths are used).
     """
     if os.environ.get("SPARSIFY_NO_NATIVE") == "1":
         return None
-    return _load(name)
+    return _library()
 
 
-@lru_cache(maxsize=None)
-def _load(name: str) -> ctypes.CDLL | None:
-    import torch  # noqa: F401  - loads torch's libgomp first, so the library shares it
-
-    src = CSRC / f"{name}.cpp"
-    # The key covers every header too, so editing one rebuilds its users.
-    text = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    srcs = sorted(CSRC.glob("*.cpp"))
+    # The key covers every source and header, so editing one rebuilds.
+    text = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")))
     errors = []
     with _lock:
         for flags in _flag_sets():
             key = hashlib.sha256(text + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
-            out = cache_dir() / f"{name}-{key}.so"
+            out = cache_dir() / f"sparsify_cpu-{key}.so"
             if not out.exists():
-                err = _compile(src, out, flags)
+                err = _compile(srcs, out, flags)
                 if err is not None:
-                    errors.append(f"{' '.join(flags[5:]) or 'plain'}: {err}")
+                    errors.append(f"{' '.join(flags[6:]) or 'portable'}: {err}")
                     continue
             try:
                 return ctypes.CDLL(str(out))
             except OSError as exc:
                 errors.append(str(exc))
-    _failures[name] = "; ".join(errors)
-    warnings.warn(f"sparsify: could not build the native CPU kernels {name!r} ({_failures[name]}); "
+    _failure[:] = ["; ".join(errors)]
+    warnings.warn(f"sparsify: could not build the native CPU kernels ({_failure[0]}); "
                   "using the slower torch paths", RuntimeWarning, stacklevel=3)
     return None
 
 
-def failure(name: str) -> str | None:
-    """Why ``load(name)`` returned ``None`` (for diagnostics), if it did."""
-    return _failures.get(name)
+def failure() -> str | None:
+    """Why ``library()`` returned ``None`` (for diagnostics), if it did."""
+    return _failure[0] if _failure else None
+
+
+def threads() -> int:
+    """Threads the kernels use: torch's setting (``torch.set_num_threads``)."""
+    import torch
+    return max(1, torch.get_num_threads())

@@ -114,6 +114,10 @@ class Runner:
         self.runs_dir = Path(runs_dir)
         self.catalog = catalog()
         self.hooks = hooks()
+        # transformers' own per-load bars ("Loading weights", "Writing model shards")
+        # would interleave with ours; sources print their own status lines.
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
     # -- setup -----------------------------------------------------------------
 

@@ -4,17 +4,15 @@
 // W_in[j] is dotted with the tokens; only where some token's activation is
 // non-zero are the up row W_up[j] and the down row W_outT[j] (W_down stored
 // transposed, so it is a row too) read, each contiguously and once for all
-// tokens. Threads take chunks of neurons dynamically and accumulate into
-// their own output buffer, summed at the end. Memory traffic is the gate
+// tokens. Threads (pool.h) take chunks of neurons dynamically and accumulate
+// into their own output buffer, summed at the end. Memory traffic is the gate
 // matrix (or only the listed neurons' gate rows, for experts) plus the
 // active neurons' two rows: the bytes bound of activation sparsity.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "pool.h"
 #include "vec.h"
 
 namespace {
@@ -46,14 +44,6 @@ constexpr int64_t kChunk = 16;
 
 extern "C" {
 
-int sp_num_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 // y[t] = sum_j x1[t, j] * W_out[:, j] + b_out over the listed neurons, with
 //   gated: x1[t, j] = act(W_in[j] . x[t] + b_in[j]) * (W_up[j] . x[t] + b_up[j])
 //   plain: x1[t, j] = act(W_in[j] . x[t] + b_in[j])          (w_up == nullptr)
@@ -66,64 +56,49 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
                       const float* w_up, const float* b_up,
                       const float* w_outT, const float* b_out,
                       const int64_t* ranges, int64_t n_ranges,
-                      int act, float threshold, float cut, float* y) {
+                      int act, float threshold, float cut, float* y, int threads) {
     if (T < 1 || T > kMaxTokens) return 1;
     std::vector<int64_t> prefix(n_ranges + 1, 0);
     for (int64_t r = 0; r < n_ranges; ++r) prefix[r + 1] = prefix[r] + (ranges[2 * r + 1] - ranges[2 * r]);
     const int64_t total = prefix[n_ranges];
     const int64_t n_chunks = (total + kChunk - 1) / kChunk;
-    int n_threads = 1;
-#ifdef _OPENMP
-    n_threads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n_chunks));
-#endif
+    const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
     std::vector<float> acc((size_t)n_threads * T * d, 0.0f);
-
-#pragma omp parallel num_threads(n_threads)
-    {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        float* my = acc.data() + (size_t)tid * T * d;
+    sp::Pool::get().run(n_chunks, n_threads, [&](int64_t c, int slot) {
+        float* my = acc.data() + (size_t)slot * T * d;
         float g[kMaxTokens];
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t c = 0; c < n_chunks; ++c) {
-            int64_t f = c * kChunk, f_end = std::min(total, f + kChunk);
-            int64_t r = std::upper_bound(prefix.begin(), prefix.end(), f) - prefix.begin() - 1;
-            while (f < f_end) {
-                int64_t j = ranges[2 * r] + (f - prefix[r]);
-                int64_t stop = std::min(f_end, prefix[r + 1]);
-                for (; f < stop; ++f, ++j) {
-                    const float* gi = w_in + j * d;
-                    bool any = false;
-                    for (int64_t t = 0; t < T; ++t) {
-                        float v = sp::dot(gi, x + t * d, d) + (b_in ? b_in[j] : 0.0f);
-                        g[t] = activate(act, v, threshold, cut);
-                        any |= g[t] != 0.0f;
-                    }
-                    if (!any) continue;  // the whole point: skip this neuron's up and down rows
-                    if (w_up) {
-                        const float* ui = w_up + j * d;
-                        for (int64_t t = 0; t < T; ++t)
-                            if (g[t] != 0.0f) g[t] *= sp::dot(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
-                    }
-                    const float* oi = w_outT + j * d;
-                    for (int64_t t = 0; t < T; ++t)
-                        if (g[t] != 0.0f) sp::axpy(my + t * d, g[t], oi, d);
+        int64_t f = c * kChunk, f_end = std::min(total, f + kChunk);
+        int64_t r = std::upper_bound(prefix.begin(), prefix.end(), f) - prefix.begin() - 1;
+        while (f < f_end) {
+            int64_t j = ranges[2 * r] + (f - prefix[r]);
+            int64_t stop = std::min(f_end, prefix[r + 1]);
+            for (; f < stop; ++f, ++j) {
+                const float* gi = w_in + j * d;
+                bool any = false;
+                for (int64_t t = 0; t < T; ++t) {
+                    float v = sp::dot(gi, x + t * d, d) + (b_in ? b_in[j] : 0.0f);
+                    g[t] = activate(act, v, threshold, cut);
+                    any |= g[t] != 0.0f;
                 }
-                ++r;
+                if (!any) continue;  // the whole point: skip this neuron's up and down rows
+                if (w_up) {
+                    const float* ui = w_up + j * d;
+                    for (int64_t t = 0; t < T; ++t)
+                        if (g[t] != 0.0f) g[t] *= sp::dot(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
+                }
+                const float* oi = w_outT + j * d;
+                for (int64_t t = 0; t < T; ++t)
+                    if (g[t] != 0.0f) sp::axpy(my + t * d, g[t], oi, d);
             }
+            ++r;
         }
-#pragma omp barrier
-        // Reduce the per-thread buffers, each thread a slice of the outputs.
-        const int64_t n_out = T * d;
-        const int64_t per = (n_out + n_threads - 1) / n_threads;
-        const int64_t lo = std::min(n_out, tid * per), hi = std::min(n_out, lo + per);
-        for (int64_t i = lo; i < hi; ++i) {
-            float s = b_out ? b_out[i % d] : 0.0f;
-            for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * n_out + i];
-            y[i] = s;
-        }
+    });
+    // Sum the per-thread buffers (a few KB).
+    const int64_t n_out = T * d;
+    for (int64_t i = 0; i < n_out; ++i) {
+        float s = b_out ? b_out[i % d] : 0.0f;
+        for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * n_out + i];
+        y[i] = s;
     }
     return 0;
 }
@@ -133,39 +108,25 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
 // read. x1 is [T, n_in], WT is [n_in, n_out] (the weight transposed), y is
 // [T, n_out]; T <= 16.
 int sp_sparse_input_linear_f32(const float* x1, int64_t T, int64_t n_in, const float* wT, const float* b,
-                               int64_t n_out, float* y) {
+                               int64_t n_out, float* y, int threads) {
     if (T < 1 || T > kMaxTokens) return 1;
     const int64_t n_chunks = (n_in + kChunk - 1) / kChunk;
-    int n_threads = 1;
-#ifdef _OPENMP
-    n_threads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n_chunks));
-#endif
+    const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
     std::vector<float> acc((size_t)n_threads * T * n_out, 0.0f);
-#pragma omp parallel num_threads(n_threads)
-    {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        float* my = acc.data() + (size_t)tid * T * n_out;
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t c = 0; c < n_chunks; ++c) {
-            for (int64_t j = c * kChunk; j < std::min(n_in, c * kChunk + kChunk); ++j) {
-                for (int64_t t = 0; t < T; ++t) {
-                    float v = x1[t * n_in + j];
-                    if (v != 0.0f) sp::axpy(my + t * n_out, v, wT + j * n_out, n_out);
-                }
+    sp::Pool::get().run(n_chunks, n_threads, [&](int64_t c, int slot) {
+        float* my = acc.data() + (size_t)slot * T * n_out;
+        for (int64_t j = c * kChunk; j < std::min(n_in, c * kChunk + kChunk); ++j) {
+            for (int64_t t = 0; t < T; ++t) {
+                float v = x1[t * n_in + j];
+                if (v != 0.0f) sp::axpy(my + t * n_out, v, wT + j * n_out, n_out);
             }
         }
-#pragma omp barrier
-        const int64_t total = T * n_out;
-        const int64_t per = (total + n_threads - 1) / n_threads;
-        const int64_t lo = std::min(total, tid * per), hi = std::min(total, lo + per);
-        for (int64_t i = lo; i < hi; ++i) {
-            float s = b ? b[i % n_out] : 0.0f;
-            for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * total + i];
-            y[i] = s;
-        }
+    });
+    const int64_t total = T * n_out;
+    for (int64_t i = 0; i < total; ++i) {
+        float s = b ? b[i % n_out] : 0.0f;
+        for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * total + i];
+        y[i] = s;
     }
     return 0;
 }

@@ -1,45 +1,38 @@
-"""Unstructured magnitude pruning (the weight-pruning baseline of METHODS.md)."""
+"""Magnitude pruning (the weight-pruning baseline of METHODS.md): unstructured or n:m, per layer or global."""
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
-from sparsify_core import Method, Params, StageResult
-from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import prunable_modules
+from sparsify_core import Method, StageResult
 
-from .masks import global_magnitude_masks, magnitude_mask
+from .masks import global_magnitude_masks, magnitude_mask, nm_mask
+from .selection import PruneParams, assign_sparsities, record_mask, select_targets, summary
 
 
-class MagnitudeParams(Params):
-    sparsity: float = Field(gt=0, lt=1, description="fraction of the targeted weights to zero")
+class MagnitudeParams(PruneParams):
     scope: Literal["per_layer", "global"] = Field(
-        "per_layer", description="per_layer: each weight matrix reaches `sparsity`; "
+        "per_layer", description="per_layer: each weight matrix reaches its sparsity; "
                                  "global: one magnitude threshold across all targeted matrices")
-    targets: list[str] | None = Field(
-        None, description="regexes (re.search) on module paths of Linear/Conv1D modules to prune; "
-                          "default: every Linear/Conv1D inside the transformer layers")
-    exclude: list[str] = Field(["lm_head"], description="regexes of module paths never pruned")
+    batch_size: int = Field(8, gt=0, description="calibration batch size (owl profile only)")
+    split: str = Field("calibration", description="data split the owl profile calibrates on")
 
-    @field_validator("targets", "exclude")
-    @classmethod
-    def _regexes(cls, v):
-        for p in v or []:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {p!r}: {exc}") from None
-        return v
+    @model_validator(mode="after")
+    def _global(self):
+        if self.scope == "global" and (self.nm is not None or self.profile != "uniform"):
+            raise ValueError("scope global takes an unstructured pattern and the uniform profile")
+        return self
 
 
 class Magnitude(Method):
-    """Unstructured magnitude pruning: zero the smallest |w|, per layer or globally.
+    """Magnitude pruning: zero the smallest |w|, per matrix, globally, or keeping n of every m.
 
-    Exactly ``round(sparsity * n)`` weights are pruned (ties at the threshold
-    broken by position), per weight matrix (``per_layer``) or over all
-    targeted matrices together (``global``). Masks are recorded in the run's
+    Unstructured: exactly ``round(sparsity * n)`` weights are pruned (ties at
+    the threshold broken by position), per weight matrix (``per_layer``, with
+    the matrix's layer sparsity under a profile) or over all targeted matrices
+    together (``global``). ``pattern: n:m`` keeps the n largest |w| of every m
+    consecutive inputs of each row. Masks are recorded in the run's
     ``MaskSet`` so pruned weights stay zero through later stages; already
     pruned weights (zeros) count among the smallest. Memory: per layer, one
     matrix's ``|w|`` in float32; global, the same per pass of an exact
@@ -51,31 +44,17 @@ class Magnitude(Method):
     Params = MagnitudeParams
 
     def apply(self, ctx, params: MagnitudeParams) -> StageResult:
-        modules = prunable_modules(ctx.model, params.targets, params.exclude)
-        if not modules:
-            raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets} "
-                                f"outside exclude={params.exclude}")
-        weights = [m.weight for _, m in modules]
-        with ctx.progress(f"magnitude {params.scope} {params.sparsity:g}", total=len(modules)) as task:
+        targets = select_targets(ctx.model, params)
+        per_layer = assign_sparsities(ctx, params, targets, batch_size=params.batch_size, split=params.split)
+        nm = params.nm
+        label = params.pattern if nm else f"{params.scope} {params.target_sparsity or 'profile'}"
+        with ctx.progress(f"magnitude {label}", total=len(targets)) as task:
             if params.scope == "global":
-                masks = global_magnitude_masks(weights, params.sparsity)
-                task.advance(len(modules))
+                masks = global_magnitude_masks([t.weight() for t in targets], params.sparsity)
             else:
-                masks = []
-                for w in weights:
-                    masks.append(magnitude_mask(w, params.sparsity))
-                    task.advance(1)
-        for (name, _), keep in zip(modules, masks):
-            ctx.masks.set(f"{name}.weight", keep)
-        ctx.masks.apply(ctx.model)
-
-        per_module, pruned, total = {}, 0, 0
-        for name, module in modules:
-            keep = ctx.masks.get(f"{name}.weight")
-            n_pruned = int((~keep).sum())
-            per_module[name] = n_pruned / keep.numel()
-            pruned, total = pruned + n_pruned, total + keep.numel()
-        return StageResult(
-            metrics={"sparsity": pruned / total, "weights_pruned": float(pruned),
-                     "modules_pruned": float(len(modules))},
-            info={"module_sparsity": per_module})
+                masks = [nm_mask(t.weight().abs(), *nm) if nm else magnitude_mask(t.weight(), t.sparsity)
+                         for t in targets]
+            for t, keep in zip(targets, masks):
+                record_mask(ctx, t, keep)
+                task.advance(1)
+        return summary(ctx, targets, per_layer if params.profile != "uniform" else None)

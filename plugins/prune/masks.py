@@ -1,4 +1,4 @@
-"""Magnitude mask math, as pure functions on tensors (``True`` = keep).
+"""Mask math, as pure functions on tensors (``True`` = keep): magnitude, per-row and n:m.
 
 Exactness: ``k = round(sparsity * n)`` weights are pruned, never more or
 fewer, whatever the ties: all weights with ``|w|`` below the k-th smallest
@@ -87,3 +87,72 @@ def global_magnitude_masks(weights: Sequence[torch.Tensor], sparsity: float) -> 
     """Keep-masks pruning exactly ``round(sparsity * n)`` smallest ``|w|`` across all ``weights``."""
     threshold, k = global_threshold(weights, sparsity)
     return threshold_masks(weights, threshold, k)
+
+
+# -- structures: per-row and n:m ----------------------------------------------------
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> ``None``; ``"n:m"`` -> ``(n, m)``: keep n of every m consecutive weights.
+
+    Raises ``ValueError`` unless ``0 < n < m``.
+    """
+    if pattern == "unstructured":
+        return None
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"pattern {pattern!r} is neither 'unstructured' nor 'n:m' (e.g. '2:4')")
+    n, m = (int(p) for p in parts)
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: needs 0 < n < m (keep n of every m weights)")
+    return n, m
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask of a ``[out, in]`` score matrix keeping the ``n`` highest of every ``m`` consecutive inputs.
+
+    Groups run along the input dimension (the last), as sparse tensor cores
+    need; every group keeps exactly ``n`` entries (ties: lower index first).
+    ``in`` must be a multiple of ``m``.
+    """
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"{cols} inputs are not a multiple of m={m}")
+    groups = scores.detach().float().reshape(rows, cols // m, m)
+    # stable descending sort: among equal scores the lower index is kept, deterministically
+    top = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.reshape(rows, cols)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask of a ``[out, in]`` score matrix pruning the ``round(sparsity * in)`` lowest scores of each row.
+
+    Wanda's comparison group: every output row ends with exactly the same
+    number of weights (ties at a row's threshold: lower index pruned first).
+    """
+    rows, cols = scores.shape
+    k = prune_count(cols, sparsity)
+    if k == 0:
+        return torch.ones((rows, cols), dtype=torch.bool, device=scores.device)
+    s = scores.detach().float()
+    threshold = s.kthvalue(k, dim=-1, keepdim=True).values  # a row-wise selection, cheaper than sorting
+    prune = s < threshold
+    ties = s == threshold
+    prune |= ties & (ties.cumsum(-1) <= k - prune.sum(-1, keepdim=True))
+    return ~prune
+
+
+def structured_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Per-row unstructured (``nm`` None) or n:m keep-mask of ``[out, in]`` scores."""
+    return row_mask(scores, sparsity) if nm is None else nm_mask(scores, *nm)
+
+
+# -- scores ---------------------------------------------------------------------------
+
+def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's ``|W_ij| * ||X_j||_2`` for a ``[out, in]`` weight, from per-input squared norms ``[in]``.
+
+    ``sq_norms[j]`` is ``sum_t x_tj^2`` over the calibration tokens (any
+    positive rescaling, such as a mean, ranks weights the same).
+    """
+    return weight.detach().float().abs() * sq_norms.detach().float().sqrt().to(weight.device)
