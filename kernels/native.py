@@ -132,5 +132,10 @@ def failure() -> str | None:
 
 def threads() -> int:
     """Threads the kernels use: torch's setting (``torch.set_num_threads``)."""
+    return max(1, _torch().get_num_threads())
+
+
+@lru_cache(maxsize=1)
+def _torch():
     import torch
-    return max(1, torch.get_num_threads())
+    return torch

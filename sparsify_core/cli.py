@@ -161,6 +161,32 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
         err.print(f"wrote {plot}", highlight=False)
 
 
+
+@app.command()
+def bench(case: list[int] = typer.Option([1, 2, 3], "--case", help="cases to run (1-4; repeat the option)"),
+          json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
+          threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for dense torch and "
+                                                "our kernels alike [default: torch's]"),
+          quick: bool = typer.Option(False, "--quick", help="tiny sizes and few repeats: a smoke test, not a measurement")):
+    """Time sparse kernels against dense compute, interleaved in one process (see sparsify_core/bench.py)."""
+    from . import bench as _bench
+
+    bad = [c for c in case if c not in _bench.CASES]
+    if bad:
+        raise SparsifyError(f"unknown case(s) {bad}: choose among {sorted(_bench.CASES)}")
+    result = _bench.run(cases=tuple(case), quick=quick, threads=threads,
+                        progress=lambda s: err.print(s, highlight=False))
+    table = Table(title=f"sparsify bench: dense time / ours (medians, {result['environment']['threads']} threads, "
+                        f"load {result['environment']['load_average_1m']:.1f})")
+    for col in ("case", "config", "dense ms", "ratios (dense / candidate)", "bound", "target"):
+        table.add_column(col)
+    for row in _bench.format_table(result):
+        table.add_row(*row)
+    out.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+        err.print(f"wrote {json_path}", highlight=False)
+
 def main() -> None:
     """Console entry point: one-line errors, meaningful exit codes."""
     from .runner import RunInterrupted

@@ -1,7 +1,18 @@
 """Shared fixtures: every test runs in its own folder with its own registry."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Without a GPU, the Triton kernels are tested under Triton's interpreter. The switch must be
+# on before triton is first imported, and loading a transformers model imports it: set it here.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):

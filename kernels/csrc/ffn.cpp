@@ -66,31 +66,50 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
     std::vector<float> acc((size_t)n_threads * T * d, 0.0f);
     sp::Pool::get().run(n_chunks, n_threads, [&](int64_t c, int slot) {
         float* my = acc.data() + (size_t)slot * T * d;
-        float g[kMaxTokens];
-        int64_t f = c * kChunk, f_end = std::min(total, f + kChunk);
-        int64_t r = std::upper_bound(prefix.begin(), prefix.end(), f) - prefix.begin() - 1;
-        while (f < f_end) {
-            int64_t j = ranges[2 * r] + (f - prefix[r]);
-            int64_t stop = std::min(f_end, prefix[r + 1]);
-            for (; f < stop; ++f, ++j) {
-                const float* gi = w_in + j * d;
-                bool any = false;
-                for (int64_t t = 0; t < T; ++t) {
-                    float v = sp::dot(gi, x + t * d, d) + (b_in ? b_in[j] : 0.0f);
-                    g[t] = activate(act, v, threshold, cut);
-                    any |= g[t] != 0.0f;
-                }
-                if (!any) continue;  // the whole point: skip this neuron's up and down rows
-                if (w_up) {
-                    const float* ui = w_up + j * d;
-                    for (int64_t t = 0; t < T; ++t)
-                        if (g[t] != 0.0f) g[t] *= sp::dot(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
-                }
-                const float* oi = w_outT + j * d;
-                for (int64_t t = 0; t < T; ++t)
-                    if (g[t] != 0.0f) sp::axpy(my + t * d, g[t], oi, d);
+        // Neurons of this chunk, then (phase 1) their gates: one contiguous stream.
+        int64_t js[kChunk];
+        int n = 0;
+        {
+            int64_t f = c * kChunk, f_end = std::min(total, f + kChunk);
+            int64_t r = std::upper_bound(prefix.begin(), prefix.end(), f) - prefix.begin() - 1;
+            for (; f < f_end; ++f) {
+                while (f >= prefix[r + 1]) ++r;
+                js[n++] = ranges[2 * r] + (f - prefix[r]);
             }
-            ++r;
+        }
+        float gs[kChunk][kMaxTokens];
+        int64_t live[kChunk];
+        int n_live = 0;
+        for (int q = 0; q < n; ++q) {
+            const int64_t j = js[q];
+            const float* gi = w_in + j * d;
+            bool any = false;
+            for (int64_t t = 0; t < T; ++t) {
+                float v = sp::dot(gi, x + t * d, d) + (b_in ? b_in[j] : 0.0f);
+                gs[n_live][t] = activate(act, v, threshold, cut);
+                any |= gs[n_live][t] != 0.0f;
+            }
+            if (any) live[n_live++] = j;  // the whole point: other neurons' up and down rows are never read
+        }
+        // Phase 2: the active neurons' up and down rows, the next ones' first lines prefetched.
+        for (int q = 0; q < n_live; ++q) {
+            const int64_t j = live[q];
+            if (q + 1 < n_live) {
+                const int64_t jn = live[q + 1];
+                for (int64_t k = 0; k < std::min<int64_t>(d, 256); k += 16) {
+                    if (w_up) __builtin_prefetch(w_up + jn * d + k, 0, 3);
+                    __builtin_prefetch(w_outT + jn * d + k, 0, 3);
+                }
+            }
+            float* g = gs[q];
+            if (w_up) {
+                const float* ui = w_up + j * d;
+                for (int64_t t = 0; t < T; ++t)
+                    if (g[t] != 0.0f) g[t] *= sp::dot(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
+            }
+            const float* oi = w_outT + j * d;
+            for (int64_t t = 0; t < T; ++t)
+                if (g[t] != 0.0f) sp::axpy(my + t * d, g[t], oi, d);
         }
     });
     // Sum the per-thread buffers (a few KB).

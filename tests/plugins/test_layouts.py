@@ -1,8 +1,6 @@
 """Layouts: exact round trips and reference products, on small tensors."""
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 

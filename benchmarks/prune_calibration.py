@@ -1,0 +1,91 @@
+"""Time Wanda and SparseGPT against one plain forward pass over the same calibration data (same process).
+
+Issue 6's target, on the CPU: Wanda on SmolLM2-135M with 64 x 256
+calibration tokens takes at most about 2x one forward pass over that data
+(batches of 8, logits included), SparseGPT at most 4x. The forward pass is
+timed before and after the methods and averaged, so that load from other
+processes drifting during the run affects both sides alike.
+
+    python benchmarks/prune_calibration.py [--samples 64] [--seq-len 256] [--batch-size 8] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sparsify_core import RunContext, TokenSplit
+from sparsify_core.plugin_manager import catalog
+from sparsify_core.sources import pack_texts
+
+
+def load(model_source: str):
+    cat = catalog()
+    src = cat.model_sources[model_source]()
+    return src.load(src.Params(), device=torch.device("cpu"), dtype=torch.float32)
+
+
+@torch.no_grad()
+def forward_seconds(model, ids: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    t0 = time.perf_counter()
+    for i in range(0, len(ids), batch_size):
+        model(input_ids=ids[i:i + batch_size], use_cache=False)
+    return time.perf_counter() - t0
+
+
+def method_seconds(model_source: str, method_name: str, params: dict, ids: torch.Tensor) -> tuple[float, dict]:
+    loaded = load(model_source)  # a fresh dense model per method (loading is not timed)
+    method = catalog().methods[("prune", method_name)]()
+    ctx = RunContext(run_id="bench", model=loaded.model, tokenizer=loaded.tokenizer, task=loaded.task,
+                     data={"calibration": TokenSplit("calibration", ids)}, device=torch.device("cpu"),
+                     dtype=torch.float32, seed=0, workdir=Path(tempfile.mkdtemp()))
+    t0 = time.perf_counter()
+    result = method.apply(ctx, method.Params(**params))
+    return time.perf_counter() - t0, result.metrics
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json", type=Path, help="also write the numbers here")
+    args = ap.parse_args(argv)
+
+    base = load(args.model)
+    texts = catalog().data_sources["pydoc"]().texts(catalog().data_sources["pydoc"].Params())
+    ids = pack_texts(base.tokenizer, texts["train"], args.seq_len, args.samples)
+    print(f"{args.model}: {args.samples} x {args.seq_len} calibration tokens, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+
+    forward_seconds(base.model, ids[:args.batch_size], args.batch_size)  # warm-up
+    fwd = [forward_seconds(base.model, ids, args.batch_size)]
+    print(f"forward: {fwd[0]:.1f}s", file=sys.stderr)
+    cases = {"wanda 50%": ("wanda", {"sparsity": 0.5, "batch_size": args.batch_size}),
+             "sparsegpt 50%": ("sparsegpt", {"sparsity": 0.5, "batch_size": args.batch_size})}
+    times = {}
+    for label, (name, params) in cases.items():
+        seconds, metrics = method_seconds(args.model, name, params, ids)
+        times[label] = seconds
+        print(f"{label}: {seconds:.1f}s (sparsity {metrics['sparsity']:.3f})", file=sys.stderr)
+    fwd.append(forward_seconds(base.model, ids, args.batch_size))
+    forward = sum(fwd) / len(fwd)
+    report = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+              "forward_s": fwd, "seconds": times, "ratio_to_forward": {k: v / forward for k, v in times.items()}}
+    print(f"forward {fwd[0]:.1f}s / {fwd[1]:.1f}s (mean {forward:.1f}s)")
+    for label, seconds in times.items():
+        print(f"{label:14s} {seconds:7.1f}s  {seconds / forward:5.2f}x forward")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,362 @@
+// Sparse weight times dense activations on the CPU: Y[T, out] = X[T, in] W^T + b.
+//
+// Every weight layout (CSR, BSR, n:m, n:m:g) is packed into one kernel
+// format, "panel CSR": the input dimension is cut into panels of 128 columns
+// and, panel by panel, each output row lists its non-zeros as (uint8 column
+// offset inside the panel, fp32 value). Indices cost one byte per non-zero
+// and a panel of activations stays in L1 while every row streams its values.
+//
+// Many tokens: each tile of 64 tokens is packed transposed once (all threads
+// share the work); work items of 64 rows x one tile are taken dynamically and,
+// panel by panel
+// (128 x 64 floats = 32 KB of activations, L1-resident), two rows at a time,
+// broadcasts each non-zero and multiplies it into 2 x 4 vector accumulators
+// (vectorised along tokens). Few tokens: the panel's activations are held in
+// registers and picked for each 16 non-zeros with permutes; n:m weights have their own few-token
+// kernel (sp_nm_matvec_f32) that selects activations with in-register permutes.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include "pool.h"
+#include "vec.h"
+
+namespace {
+
+constexpr int64_t KP = 128;  // panel width (uint8 offsets)
+constexpr int64_t TB = 64;   // token tile
+
+// Pack X [T, n_in] into tiles of TB tokens, transposed and zero-padded:
+// xt[tile][k][t] for k < n_pad. Blocks of 16 columns x 64 tokens read whole
+// cache lines of X and write a 4 KB block, both cache-friendly.
+void pack_tiles(const float* X, int64_t T, int64_t n_in, int64_t n_pad, float* xt, int threads) {
+    const int64_t n_tiles = (T + TB - 1) / TB;
+    const int64_t n_kb = n_pad / 16;
+    sp::Pool::get().run(n_tiles * n_kb, threads, [&](int64_t item, int) {
+        const int64_t tile = item / n_kb, k0 = (item % n_kb) * 16;
+        float* dst = xt + tile * n_pad * TB + k0 * TB;
+        const int64_t kn = std::max<int64_t>(0, std::min<int64_t>(16, n_in - k0));
+        for (int64_t t = 0; t < TB; ++t) {
+            const int64_t tt = tile * TB + t;
+            const float* src = X + tt * n_in + k0;
+            if (tt < T) {
+                for (int64_t k = 0; k < kn; ++k) dst[k * TB + t] = src[k];
+                for (int64_t k = kn; k < 16; ++k) dst[k * TB + t] = 0.0f;
+            } else {
+                for (int64_t k = 0; k < 16; ++k) dst[k * TB + t] = 0.0f;
+            }
+        }
+    });
+}
+
+}  // namespace
+
+extern "C" {
+
+// rowptr: [n_panels, out + 1] int64 offsets into off/val (absolute); off has
+// 16 bytes of padding at its end (vector loads of the last indices).
+int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
+                       const int64_t* rowptr, const uint8_t* off, const float* val,
+                       const float* bias, float* Y, int threads) {
+    threads = std::max(1, threads);
+    const int64_t n_panels = (n_in + KP - 1) / KP;
+    if (T < 16) {
+        // Few tokens: blocks of rows taken dynamically; per token and panel the
+        // 128 activations sit in 8 vector registers and each group of 16
+        // non-zeros picks its activations with permutes (no gathers).
+        const int64_t n_blocks = (n_out + 63) / 64;
+        sp::Pool::get().run(n_blocks, threads, [&](int64_t blk, int) {
+            const int64_t lo = blk * 64, hi = std::min(n_out, lo + 64);
+#if defined(__AVX512F__)
+            __m512 acc[64];
+            for (int64_t t = 0; t < T; ++t) {
+                const float* x = X + t * n_in;
+                for (int64_t o = lo; o < hi; ++o) acc[o - lo] = _mm512_setzero_ps();
+                for (int64_t p = 0; p < n_panels; ++p) {
+                    const int64_t c0 = p * KP, kp = std::min(KP, n_in - c0);
+                    __m512 xv[8];
+                    for (int q = 0; q < 8; ++q) {
+                        const int64_t rem = std::max<int64_t>(0, std::min<int64_t>(16, kp - 16 * q));
+                        xv[q] = _mm512_maskz_loadu_ps((__mmask16)((1u << rem) - 1u), x + c0 + 16 * q);
+                    }
+                    const int64_t* rp = rowptr + p * (n_out + 1);
+                    for (int64_t o = lo; o < hi; ++o) {
+                        const int64_t b = rp[o], e = rp[o + 1];
+                        if (b == e) continue;
+                        __m512 a = acc[o - lo];
+                        for (int64_t k = b; k < e; k += 16) {
+                            const __mmask16 m = (__mmask16)(e - k >= 16 ? 0xffffu : (1u << (e - k)) - 1u);
+                            const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(off + k)));
+                            const __m512 s01 = _mm512_permutex2var_ps(xv[0], idx, xv[1]);
+                            const __m512 s23 = _mm512_permutex2var_ps(xv[2], idx, xv[3]);
+                            const __m512 s45 = _mm512_permutex2var_ps(xv[4], idx, xv[5]);
+                            const __m512 s67 = _mm512_permutex2var_ps(xv[6], idx, xv[7]);
+                            const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+                            const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+                            const __m512 sel = _mm512_mask_mov_ps(_mm512_mask_mov_ps(s01, b5, s23), b6,
+                                                                  _mm512_mask_mov_ps(s45, b5, s67));
+                            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + k), sel, a);
+                        }
+                        acc[o - lo] = a;
+                    }
+                }
+                for (int64_t o = lo; o < hi; ++o)
+                    Y[t * n_out + o] = _mm512_reduce_add_ps(acc[o - lo]) + (bias ? bias[o] : 0.0f);
+            }
+#else
+            for (int64_t t = 0; t < T; ++t) {
+                const float* x = X + t * n_in;
+                for (int64_t o = lo; o < hi; ++o) {
+                    float s = bias ? bias[o] : 0.0f;
+                    for (int64_t p = 0; p < n_panels; ++p) {
+                        const int64_t* rp = rowptr + p * (n_out + 1);
+                        for (int64_t i = rp[o]; i < rp[o + 1]; ++i) s += val[i] * x[p * KP + off[i]];
+                    }
+                    Y[t * n_out + o] = s;
+                }
+            }
+#endif
+        });
+        return 0;
+    }
+    // Many tokens. First every token tile is packed transposed (all threads
+    // share the work); then (tile, block of rows) items are taken
+    // dynamically, so a thread the OS preempts holds up little.
+    const int64_t n_pad = n_panels * KP;
+    const int64_t n_tiles = (T + TB - 1) / TB;
+    std::vector<float> xt_buf((size_t)n_tiles * n_pad * TB);
+    float* xt = xt_buf.data();
+    pack_tiles(X, T, n_in, n_pad, xt, threads);
+#ifndef SP_RB
+#define SP_RB 128
+#endif
+    constexpr int64_t RB = SP_RB;  // rows per work item
+    const int64_t n_rb = (n_out + RB - 1) / RB;
+    std::vector<float> acc_all((size_t)threads * RB * TB);
+    sp::Pool::get().run(n_tiles * n_rb, threads, [&](int64_t item, int slot) {
+            float* acc = acc_all.data() + (size_t)slot * RB * TB;  // [RB, TB]: the item's outputs
+            const int64_t tile = item / n_rb, lo = (item % n_rb) * RB;
+            const int64_t rows = std::min(RB, n_out - lo);
+            const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t t = 0; t < TB; ++t) acc[r * TB + t] = bias ? bias[lo + r] : 0.0f;
+            for (int64_t p = 0; p < n_panels; ++p) {
+                const float* xp = xt + tile * n_pad * TB + p * KP * TB;
+                const int64_t* rp = rowptr + p * (n_out + 1);
+                int64_t r = 0;
+#if defined(__AVX512F__)
+                for (; r + 2 <= rows; r += 2) {
+                    const int64_t o = lo + r;
+                    float* a0 = acc + r * TB;
+                    float* a1 = a0 + TB;
+                    __m512 x00 = _mm512_loadu_ps(a0), x01 = _mm512_loadu_ps(a0 + 16),
+                           x02 = _mm512_loadu_ps(a0 + 32), x03 = _mm512_loadu_ps(a0 + 48);
+                    __m512 x10 = _mm512_loadu_ps(a1), x11 = _mm512_loadu_ps(a1 + 16),
+                           x12 = _mm512_loadu_ps(a1 + 32), x13 = _mm512_loadu_ps(a1 + 48);
+                    int64_t i = rp[o], e0 = rp[o + 1], j = rp[o + 1], e1 = rp[o + 2];
+                    for (; i < e0 && j < e1; ++i, ++j) {
+                        const float* p0 = xp + (int64_t)off[i] * TB;
+                        const float* p1 = xp + (int64_t)off[j] * TB;
+                        __m512 v0 = _mm512_set1_ps(val[i]), v1 = _mm512_set1_ps(val[j]);
+                        x00 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0), x00);
+                        x10 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1), x10);
+                        x01 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 16), x01);
+                        x11 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 16), x11);
+                        x02 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 32), x02);
+                        x12 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 32), x12);
+                        x03 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 48), x03);
+                        x13 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 48), x13);
+                    }
+                    for (; i < e0; ++i) {
+                        const float* p0 = xp + (int64_t)off[i] * TB;
+                        __m512 v0 = _mm512_set1_ps(val[i]);
+                        x00 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0), x00);
+                        x01 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 16), x01);
+                        x02 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 32), x02);
+                        x03 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 48), x03);
+                    }
+                    for (; j < e1; ++j) {
+                        const float* p1 = xp + (int64_t)off[j] * TB;
+                        __m512 v1 = _mm512_set1_ps(val[j]);
+                        x10 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1), x10);
+                        x11 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 16), x11);
+                        x12 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 32), x12);
+                        x13 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 48), x13);
+                    }
+                    _mm512_storeu_ps(a0, x00); _mm512_storeu_ps(a0 + 16, x01);
+                    _mm512_storeu_ps(a0 + 32, x02); _mm512_storeu_ps(a0 + 48, x03);
+                    _mm512_storeu_ps(a1, x10); _mm512_storeu_ps(a1 + 16, x11);
+                    _mm512_storeu_ps(a1 + 32, x12); _mm512_storeu_ps(a1 + 48, x13);
+                }
+#endif
+                for (; r < rows; ++r) {  // portable path (and the odd last row)
+                    const int64_t o = lo + r;
+                    float* a = acc + r * TB;
+                    for (int64_t i = rp[o]; i < rp[o + 1]; ++i)
+                        sp::axpy(a, val[i], xp + (int64_t)off[i] * TB, TB);
+                }
+            }
+            for (int64_t t = 0; t < tb; ++t)  // write the item back token-major
+                for (int64_t r = 0; r < rows; ++r) Y[(t0 + t) * n_out + lo + r] = acc[r * TB + t];
+    });
+    return 0;
+}
+
+// n:m weights, few tokens. Each row's non-zeros come in groups of 16 that
+// cover a window of W = 16 m / n inputs (16/n blocks of m); pos[k] is the
+// position of non-zero k inside its window (uint8, W <= 256). The 16
+// activations a group needs are picked from the window with in-register
+// permutes (one vpermt2ps per 32 inputs), so the inner loop reads only the
+// weight stream: 5 bytes per non-zero. val/pos are [n_out, n_groups * 16]
+// (zero-padded); xpad is each token's input padded to n_groups * W + 32.
+int sp_nm_matvec_f32(const float* xpad, int64_t T, int64_t x_stride, int64_t n_out, int64_t n_groups,
+                     int64_t W, const float* val, const uint8_t* pos, const float* bias, float* Y,
+                     int threads) {
+#if defined(__AVX512F__)
+    const int nch = (int)((W + 31) / 32);
+    const int64_t row_len = n_groups * 16;
+    const int64_t n_blocks = (n_out + 31) / 32;
+    sp::Pool::get().run(n_blocks, threads, [&](int64_t blk, int) {
+        for (int64_t o = blk * 32; o < std::min(n_out, blk * 32 + 32); ++o) {
+            const float* v = val + o * row_len;
+            const uint8_t* ps = pos + o * row_len;
+            for (int64_t t0 = 0; t0 < T; t0 += 4) {
+                const int tn = (int)std::min<int64_t>(4, T - t0);
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t gi = 0; gi < n_groups; ++gi) {
+                    const __m512 vv = _mm512_loadu_ps(v + gi * 16);
+                    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(ps + gi * 16)));
+                    for (int t = 0; t < tn; ++t) {
+                        const float* base = xpad + (t0 + t) * x_stride + gi * W;
+                        __m512 sel = _mm512_permutex2var_ps(_mm512_loadu_ps(base), idx, _mm512_loadu_ps(base + 16));
+                        for (int c = 1; c < nch; ++c) {
+                            __m512 part = _mm512_permutex2var_ps(_mm512_loadu_ps(base + 32 * c), idx,
+                                                                 _mm512_loadu_ps(base + 32 * c + 16));
+                            __mmask16 in_c = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(idx, 5), _mm512_set1_epi32(c));
+                            sel = _mm512_mask_mov_ps(sel, in_c, part);
+                        }
+                        acc[t] = _mm512_fmadd_ps(vv, sel, acc[t]);
+                    }
+                }
+                for (int t = 0; t < tn; ++t)
+                    Y[(t0 + t) * n_out + o] = _mm512_reduce_add_ps(acc[t]) + (bias ? bias[o] : 0.0f);
+            }
+        }
+    });
+    return 0;
+#else
+    (void)xpad; (void)T; (void)x_stride; (void)n_out; (void)n_groups; (void)W; (void)val; (void)pos;
+    (void)bias; (void)Y; (void)threads;
+    return 2;  // needs AVX-512: callers use the panel kernel
+#endif
+}
+
+// Block-sparse weights (tiles of br x bc, br a multiple of 4), many tokens.
+// A work item is one token tile x one block row; four rows at a time keep
+// 4 x 64 outputs in 16 vector registers across all the block row's tiles,
+// and every activation vector loaded is used by the four rows (a quarter of
+// the loads per multiply-add of the row-by-row kernel). crow [R+1] (int64),
+// col [nnzb] (int32), val [nnzb, br, bc].
+int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
+                      const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
+                      int threads) {
+#if defined(__AVX512F__)
+    if (br % 4 != 0) return 2;
+    threads = std::max(1, threads);
+    const int64_t R = (n_out + br - 1) / br;
+    const int64_t n_pad = ((n_in + bc - 1) / bc) * bc + 16;
+    const int64_t n_pad16 = (n_pad + 15) / 16 * 16;
+    const int64_t n_tiles = (T + TB - 1) / TB;
+    std::vector<float> xt_buf((size_t)n_tiles * n_pad16 * TB);
+    float* xt = xt_buf.data();
+    pack_tiles(X, T, n_in, n_pad16, xt, threads);
+    sp::Pool::get().run(n_tiles * R, threads, [&](int64_t item, int) {
+        const int64_t tile = item / R, rb = item % R;
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        const float* xtile = xt + tile * n_pad16 * TB;
+        thread_local std::vector<float> out;
+        out.resize((size_t)br * TB);
+        for (int64_t r0 = 0; r0 < br; r0 += 4) {
+            __m512 c[4][4];
+            for (int q = 0; q < 4; ++q)
+                for (int h = 0; h < 4; ++h) c[q][h] = _mm512_setzero_ps();
+            for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                const float* tv = val + b * br * bc + r0 * bc;  // rows r0..r0+3 of this tile
+                const float* xc = xtile + (int64_t)col[b] * bc * TB;
+                for (int64_t k = 0; k < bc; ++k) {
+                    const float* xp = xc + k * TB;
+                    const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16),
+                                 x2 = _mm512_loadu_ps(xp + 32), x3 = _mm512_loadu_ps(xp + 48);
+                    for (int q = 0; q < 4; ++q) {
+                        const __m512 v = _mm512_set1_ps(tv[q * bc + k]);
+                        c[q][0] = _mm512_fmadd_ps(v, x0, c[q][0]);
+                        c[q][1] = _mm512_fmadd_ps(v, x1, c[q][1]);
+                        c[q][2] = _mm512_fmadd_ps(v, x2, c[q][2]);
+                        c[q][3] = _mm512_fmadd_ps(v, x3, c[q][3]);
+                    }
+                }
+            }
+            for (int q = 0; q < 4; ++q)
+                for (int h = 0; h < 4; ++h) _mm512_storeu_ps(out.data() + (r0 + q) * TB + 16 * h, c[q][h]);
+        }
+        // One pass of token-major writes per item (partial-line writes per four
+        // rows thrash L1 when the row stride is a multiple of 4 KB).
+        const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
+        for (int64_t t = 0; t < tb; ++t) {
+            float* yr = Y + (t0 + t) * n_out + o0;
+            for (int64_t r = 0; r < rows; ++r) yr[r] = out[r * TB + t] + (bias ? bias[o0 + r] : 0.0f);
+        }
+    });
+    return 0;
+#else
+    (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
+    (void)bias; (void)Y; (void)threads;
+    return 2;  // needs AVX-512: callers use the panel kernel
+#endif
+}
+
+// Block-sparse weights, few tokens (< 16). A work item is one block row; for
+// up to 16 of its rows at a time, one vector accumulator per row collects
+// tile-row x activation-segment products over every tile of the block row,
+// and is summed horizontally once at the end: the tiles stream contiguously,
+// 16 multiply-adds per loaded activation segment.
+int sp_bsr_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
+                      const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
+                      int threads) {
+#if defined(__AVX512F__)
+    const int64_t R = (n_out + br - 1) / br;
+    sp::Pool::get().run(R, std::max(1, threads), [&](int64_t rb, int) {
+        for (int64_t t = 0; t < T; ++t) {
+            const float* x = X + t * n_in;
+            for (int64_t r0 = 0; r0 < br; r0 += 16) {
+                const int64_t nr = std::min<int64_t>(16, br - r0);
+                __m512 acc[16];
+                for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
+                for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                    const int64_t c0 = (int64_t)col[b] * bc;
+                    const float* tile = val + b * br * bc + r0 * bc;
+                    for (int64_t s0 = 0; s0 < bc; s0 += 16) {
+                        const int64_t w = std::min<int64_t>(16, bc - s0);
+                        const int64_t in_x = std::max<int64_t>(0, std::min<int64_t>(w, n_in - c0 - s0));
+                        const __m512 xs = _mm512_maskz_loadu_ps((__mmask16)((1u << in_x) - 1u), x + c0 + s0);
+                        const __mmask16 mw = (__mmask16)((1u << w) - 1u);
+                        for (int64_t q = 0; q < nr; ++q)
+                            acc[q] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mw, tile + q * bc + s0), xs, acc[q]);
+                    }
+                }
+                for (int64_t q = 0; q < nr; ++q) {
+                    const int64_t o = rb * br + r0 + q;
+                    if (o < n_out) Y[t * n_out + o] = _mm512_reduce_add_ps(acc[q]) + (bias ? bias[o] : 0.0f);
+                }
+            }
+        }
+    });
+    return 0;
+#else
+    (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
+    (void)bias; (void)Y; (void)threads;
+    return 2;
+#endif
+}
+
+}  // extern "C"

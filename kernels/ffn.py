@@ -1,0 +1,163 @@
+"""Activation-sparse and mixture-of-experts FFN kernels for decoding (few tokens).
+
+Notation as in ``sparsify_core.ffn``: ``w_in`` is the gate (gated FFN) or
+fc1 (plain FFN), ``w_up`` the up projection (gated only), ``w_down_t`` the
+down projection *transposed* (``[d_ff, d]``), so that neuron j's up row and
+down column are both contiguous rows. ``act`` names the activation
+(``relu`` with an optional FATReLU ``threshold``, ``silu``, ``gelu``,
+``gelu_tanh``); ``cut`` zeroes activations with ``|a| < cut`` (CATS).
+``ranges`` lists the neurons to compute as ``[n, 2]`` half-open ranges
+(experts stored contiguously); ``None`` means every neuron.
+
+``ffn_reference`` is the plain-torch definition; ``ffn_sparse`` runs the
+compiled CPU kernel (``csrc/ffn.cpp``) and returns ``None`` where it cannot
+(other device or dtype, too many tokens, no compiler).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+ACTIVATIONS = {"relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+MAX_TOKENS = 16  # the kernel keeps one gate value per token in registers
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def activation(name: str, v: torch.Tensor, threshold: float = 0.0, cut: float = 0.0) -> torch.Tensor:
+    """The activation ``name`` (FATReLU when ``relu`` has a threshold), then the magnitude ``cut``."""
+    if name == "relu":
+        y = torch.where(v >= threshold, v, torch.zeros((), dtype=v.dtype, device=v.device)) if threshold else torch.relu(v)
+    elif name == "silu":
+        y = F.silu(v)
+    elif name == "gelu":
+        y = F.gelu(v)
+    elif name == "gelu_tanh":
+        y = F.gelu(v, approximate="tanh")
+    else:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return y * (y.abs() >= cut).to(y.dtype) if cut else y
+
+
+def neuron_index(ranges: torch.Tensor) -> torch.Tensor:
+    """The neuron indices that ``[n, 2]`` half-open ranges list, in order."""
+    ranges = ranges.reshape(-1, 2).long()
+    return torch.cat([torch.arange(int(a), int(b)) for a, b in ranges.tolist()]) if len(ranges) else \
+        torch.zeros(0, dtype=torch.long)
+
+
+def ffn_reference(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0,
+                  ranges=None) -> torch.Tensor:
+    """Plain-torch FFN output over the listed neurons (all by default): the definition kernels match."""
+    if ranges is not None:
+        idx = neuron_index(ranges).to(x.device)
+        w_in, w_down_t = w_in[idx], w_down_t[idx]
+        b_in = b_in[idx] if b_in is not None else None
+        if w_up is not None:
+            w_up = w_up[idx]
+            b_up = b_up[idx] if b_up is not None else None
+    h = activation(act, F.linear(x, w_in, b_in), threshold, cut)
+    if w_up is not None:
+        h = h * F.linear(x, w_up, b_up)
+    y = h @ w_down_t
+    return y + b_down if b_down is not None else y
+
+
+def _lib():
+    lib = native.library()
+    if lib is not None and not hasattr(lib, "_ffn_typed"):
+        lib.sp_ffn_decode_f32.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int,
+                                          ctypes.c_float, ctypes.c_float, _P, ctypes.c_int]
+        lib.sp_ffn_decode_f32.restype = ctypes.c_int
+        lib.sp_sparse_input_linear_f32.argtypes = [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int]
+        lib.sp_sparse_input_linear_f32.restype = ctypes.c_int
+        lib._ffn_typed = True
+    return lib
+
+
+def _ok(*tensors) -> bool:
+    for t in tensors:  # a plain loop: this runs once per FFN call in a decode loop
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous()):
+            return False
+    return True
+
+
+_RANGES: dict[int, torch.Tensor] = {}
+
+
+def _all_neurons(dff: int) -> int:
+    """Pointer to a cached ``[[0, dff]]`` range (no tensor built per call)."""
+    if dff not in _RANGES:
+        _RANGES[dff] = torch.tensor([[0, dff]], dtype=torch.int64)
+    return _RANGES[dff].data_ptr()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def cpu_kernel_available() -> bool:
+    """True when the compiled CPU kernels load here."""
+    return _lib() is not None
+
+
+def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0,
+               ranges=None) -> torch.Tensor | None:
+    """The FFN computing only non-zero activations (and only ``ranges``), or ``None`` if the CPU kernel cannot.
+
+    ``x`` is ``[..., d]`` with at most ``MAX_TOKENS`` tokens, float32, on the
+    CPU; the weights must be float32 and contiguous.
+    """
+    d = w_in.shape[1]
+    x2 = x.reshape(-1, d)
+    T = x2.shape[0]
+    if not 1 <= T <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
+        return None
+    x2 = x2.contiguous()
+    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    if ranges is None:
+        ranges_ptr, n_ranges = _all_neurons(w_in.shape[0]), 1
+    else:
+        ranges = ranges.to(torch.int64).contiguous()
+        ranges_ptr, n_ranges = ranges.data_ptr(), ranges.numel() // 2
+    y = torch.empty(T, d, dtype=torch.float32)
+    rc = lib.sp_ffn_decode_f32(x2.data_ptr(), T, d, w_in.data_ptr(), _ptr(b_in), _ptr(w_up), _ptr(b_up),
+                               w_down_t.data_ptr(), _ptr(b_down), ranges_ptr, n_ranges,
+                               ACTIVATIONS[act], float(threshold), float(cut), y.data_ptr(), native.threads())
+    if rc != 0:
+        return None
+    return y.reshape(*x.shape[:-1], d)
+
+
+def sparse_input_linear_reference(x1, w_t, b=None) -> torch.Tensor:
+    """``x1 @ w_t + b`` in plain torch (``w_t`` is the weight transposed, ``[in, out]``)."""
+    y = x1 @ w_t
+    return y + b if b is not None else y
+
+
+def sparse_input_linear(x1, w_t, b=None) -> torch.Tensor | None:
+    """``x1 @ w_t + b`` reading only the rows of ``w_t`` where ``x1`` is non-zero; ``None`` if the CPU kernel cannot."""
+    n_in, n_out = w_t.shape
+    x2 = x1.reshape(-1, n_in)
+    T = x2.shape[0]
+    if not 1 <= T <= MAX_TOKENS or torch.is_grad_enabled() and x1.requires_grad:
+        return None
+    x2 = x2.contiguous()
+    if not _ok(x2, w_t, b):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    y = torch.empty(T, n_out, dtype=torch.float32)
+    if lib.sp_sparse_input_linear_f32(x2.data_ptr(), T, n_in, w_t.data_ptr(), _ptr(b), n_out, y.data_ptr(),
+                                      native.threads()) != 0:
+        return None
+    return y.reshape(*x1.shape[:-1], n_out)

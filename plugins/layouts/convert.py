@@ -1,0 +1,193 @@
+"""``layout_convert`` stage methods: swap model modules for layout-backed ones.
+
+- ``activation_sparse_ffn``: gated FFN blocks with a sparse activation (ReLU,
+  FATReLU, CATS) become ``ActivationSparseFFN``; plain FFN blocks keep their
+  up projection and activation, and their down projection becomes a
+  ``TransposedLinear`` that skips zero inputs.
+- ``csr``, ``bsr``, ``nm``, ``nmg``: Linear layers become ``SparseLinear`` in
+  that layout. The conversion is exact: a weight that does not fit the format
+  (e.g. ``nm`` on a weight that was not pruned n:m) is an error naming the
+  module, never a silent pruning.
+
+Masks of converted weights follow them: transposed with the down projection,
+dropped for weights held in a layout (the layout itself keeps the zeros).
+``rebuild`` redoes the swap on a fresh model from the recorded shapes, so
+outputs save with safetensors and load back through ``load_output``.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from sparsify_core import Method, Params, StageResult
+from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
+
+from .modules import (ActivationSparseFFN, SparseLinear, TransposedLinear, activation_spec,
+                      is_sparse_activation)
+from .weight import BSRParams, NMGParams, NMParams
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _rewrite_masks(ctx, change: dict[str, str | None]) -> None:
+    """Masks keyed by a converted weight: ``"t"`` transposes them, ``None`` drops them."""
+    state = {}
+    for name, keep in ctx.masks.items():
+        how = change.get(name, "keep")
+        if how is None:
+            continue
+        state[name] = keep.t().contiguous() if how == "t" else keep
+    ctx.masks.load_state_dict(state)
+
+
+class ActivationSparseParams(Params):
+    layers: list[int] | None = Field(None, description="FFN layer indices (0-based) to convert; default: all")
+    strict: bool = Field(False, description="error instead of a dense fallback where no fast kernel exists")
+
+    @field_validator("layers")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None and (not v or any(i < 0 for i in v)):
+            raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
+        return v
+
+
+class ActivationSparseFFNConvert(Method):
+    """Activation-sparse FFN (ProSparse): compute the gate, then only active neurons' up rows and down rows.
+
+    Exact: outputs equal the dense FFN's to float tolerance. Needs an
+    activation with exact zeros (ReLU, FATReLU, CATS); run
+    ``substitute_activation`` (and training) first. Decoding (up to 16
+    tokens) uses the fused CPU kernel or the Triton kernel; longer inputs
+    compute densely.
+    """
+
+    kind = "layout_convert"
+    name = "activation_sparse_ffn"
+    Params = ActivationSparseParams
+
+    def _convert(self, model, params, masks_change=None) -> list[str]:
+        blocks = find_ffn_blocks(model)
+        wanted = sorted(set(params.layers)) if params.layers is not None else list(range(len(blocks)))
+        bad = [i for i in wanted if i >= len(blocks)]
+        if bad:
+            raise SparsifyError(f"layers {bad} out of range: the model has {len(blocks)} FFN layers")
+        done = []
+        for i in wanted:
+            b = blocks[i]
+            if isinstance(b.down, TransposedLinear):
+                continue  # already converted
+            spec = activation_spec(b.activation)
+            if not is_sparse_activation(spec):
+                raise SparsifyError(f"{b.name}: activation {type(b.activation).__name__} has no exact zeros; "
+                                    "substitute ReLU/FATReLU (or CATS) before activation_sparse_ffn")
+            down_path = b.module_names["down"]
+            down = TransposedLinear.from_linear(b.down, params.strict)
+            if masks_change is not None and not is_conv1d(b.down):
+                masks_change[f"{down_path}.weight"] = "t"
+            if b.kind == "gated":
+                if b.gate is not getattr(b.module, "gate_proj", None) or b.activation_owner is not b.module:
+                    raise SparsifyError(f"{b.name}: gated FFN layout not supported for conversion")
+                _set_module(model, b.name, ActivationSparseFFN(b.gate, b.up, down, b.activation, params.strict))
+            else:
+                _set_module(model, down_path, down)
+            done.append(b.name)
+        return done
+
+    def apply(self, ctx, params) -> StageResult:
+        change: dict = {}
+        done = self._convert(ctx.model, params, change)
+        _rewrite_masks(ctx, change)
+        ctx.info(f"activation-sparse FFN in {len(done)} blocks")
+        return StageResult(metrics={"blocks_converted": float(len(done))}, info={"blocks": done})
+
+    def rebuild(self, ctx, params, result) -> None:
+        self._convert(ctx.model, params)
+
+
+class WeightLayoutParams(Params):
+    targets: list[str] | None = Field(
+        None, description="regexes (re.search) on module paths of Linear/Conv1D modules to convert; "
+                          "default: every Linear/Conv1D inside the transformer layers")
+    exclude: list[str] = Field(["lm_head"], description="regexes of module paths never converted")
+    strict: bool = Field(False, description="error instead of a dense fallback where no fast kernel exists")
+
+    @field_validator("targets", "exclude")
+    @classmethod
+    def _regexes(cls, v):
+        for p in v or []:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {p!r}: {exc}") from None
+        return v
+
+
+class _WeightLayoutConvert(Method):
+    """Base: convert the targeted Linear layers' weights into ``layout``."""
+
+    kind = "layout_convert"
+    layout: type
+
+    def layout_params(self, params):
+        return self.layout.Params(**{k: getattr(params, k) for k in self.layout.Params.model_fields})
+
+    def apply(self, ctx, params) -> StageResult:
+        modules = prunable_modules(ctx.model, params.targets, params.exclude)
+        if not modules:
+            raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets} "
+                                f"outside exclude={params.exclude}")
+        lp = self.layout_params(params)
+        specs, change, dense_bytes, sparse_bytes = {}, {}, 0, 0
+        with ctx.progress(f"{self.layout.name} conversion", total=len(modules)) as task:
+            for name, module in modules:
+                w = weight_out_in(module).detach()
+                try:
+                    layout = self.layout.from_dense(w, lp)
+                except ValueError as exc:
+                    raise SparsifyError(f"{name}: {exc}") from None
+                new = SparseLinear(layout, getattr(module, "bias", None), params.strict)
+                _set_module(ctx.model, name, new)
+                specs[name] = {"shape": list(layout.shape), "storage": new.storage_spec(),
+                               "bias": module.bias is not None if hasattr(module, "bias") else False,
+                               "dtype": str(w.dtype).removeprefix("torch.")}
+                change[f"{name}.weight"] = None
+                dense_bytes += w.numel() * w.element_size()
+                sparse_bytes += layout.nbytes()
+                task.advance(1)
+        _rewrite_masks(ctx, change)
+        return StageResult(metrics={"modules_converted": float(len(modules)),
+                                    "weight_bytes_ratio": sparse_bytes / max(dense_bytes, 1)},
+                           info={"modules": specs})
+
+    def rebuild(self, ctx, params, result) -> None:
+        lp = self.layout_params(params)
+        for name, spec in result.info["modules"].items():
+            module = SparseLinear.empty(self.layout.name, lp, tuple(spec["shape"]), spec["storage"], spec["bias"],
+                                        getattr(torch, spec["dtype"]), params.strict)
+            _set_module(ctx.model, name, module)
+
+
+def _weight_method(layout_cls, params_base):
+    class P(WeightLayoutParams, params_base):
+        pass
+
+    P.__name__ = f"{layout_cls.__name__}ConvertParams"
+    return type(f"{layout_cls.__name__}Convert", (_WeightLayoutConvert,), {
+        "__doc__": f"Hold Linear weights in the {layout_cls.name} layout (exact; prune first). "
+                   f"{layout_cls.describe()}",
+        "name": layout_cls.name, "layout": layout_cls, "Params": P})
+
+
+def weight_methods():
+    """One ``layout_convert`` method per weight layout."""
+    from .weight import BSR, CSR, NM, NMG
+    return [_weight_method(CSR, Params), _weight_method(BSR, BSRParams), _weight_method(NM, NMParams),
+            _weight_method(NMG, NMGParams)]

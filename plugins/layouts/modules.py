@@ -1,0 +1,326 @@
+"""Modules that compute with sparse layouts, and the one policy for falling back.
+
+- ``SparseLinear``: a Linear whose weight is held in a weight layout (CSR,
+  BSR, n:m, n:m:g) as buffers; computes with the packed CPU kernel or the
+  Triton n:m kernel, else densely.
+- ``TransposedLinear``: a Linear stored ``[in, out]`` (like transformers'
+  ``Conv1D``, so the engine reads it as a linear layer); when its input has
+  few tokens it reads only the rows of non-zero inputs (the down projection
+  of an activation-sparse FFN).
+- ``ActivationSparseFFN``: a gated FFN block (gate/up/down/act) that computes
+  the gate, then only the active neurons' up rows and down rows.
+
+Fast paths are taken only in inference (no autograd graph) and when nobody
+hooks the inner modules (metrics that capture activations get the dense
+path, which computes the same thing). Where no fast kernel exists for the
+device or dtype, each module computes densely and warns once; with strict
+mode (``strict=True`` or ``SPARSIFY_STRICT=1``) it raises instead. It never
+computes something else.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify_core.errors import SparsifyError
+from sparsify_kernels import ffn as ffn_kernels
+from sparsify_kernels import spmm
+
+from .weight import WEIGHT_LAYOUTS, StoredLayout
+
+LAYOUTS = {cls.name: cls for cls in WEIGHT_LAYOUTS}
+_warned: set[str] = set()
+
+
+def strict_mode(flag: bool = False) -> bool:
+    """Strict when asked by the stage or by ``SPARSIFY_STRICT=1``."""
+    return flag or os.environ.get("SPARSIFY_STRICT") == "1"
+
+
+def fallback(what: str, why: str, strict: bool) -> None:
+    """Dense fallback: an error in strict mode, else one warning per (module kind, reason)."""
+    if strict_mode(strict):
+        raise SparsifyError(f"{what}: no fast kernel {why} (strict mode); run without strict to compute densely")
+    key = f"{what}|{why}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"sparsify: {what} has no fast kernel {why}; computing densely (same result, no speedup)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _inference(x: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    if x.device.type != "cuda":
+        return False
+    from sparsify_kernels import triton_kernels
+    return triton_kernels.available()
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored in a weight layout (buffers named after its tensors)."""
+
+    def __init__(self, layout: StoredLayout, bias: torch.Tensor | None = None, strict: bool = False):
+        super().__init__()
+        self.layout_name = layout.name
+        self.layout_params = layout.params
+        self.out_features, self.in_features = layout.shape
+        self.strict = strict
+        for k, t in layout.tensors().items():
+            self.register_buffer(k, t)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._packed = None  # CPU kernel formats, built on first use
+        self._cuda_nm = None
+        self._dense = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._forget())
+
+    def _forget(self) -> None:
+        self._packed = self._cuda_nm = self._dense = None
+
+    def layout(self) -> StoredLayout:
+        """The layout object over this module's buffers."""
+        cls = LAYOUTS[self.layout_name]
+        return cls.from_tensors((self.out_features, self.in_features), self.layout_params,
+                                {k: getattr(self, k) for k in cls.names})
+
+    @classmethod
+    def empty(cls, layout_name: str, params, shape, storage: dict, has_bias: bool, dtype, strict=False):
+        """A module with zero-filled storage of the recorded shapes (filled by ``load_state_dict``)."""
+        layout_cls = LAYOUTS[layout_name]
+        tensors = {k: torch.zeros(s, dtype=getattr(torch, dt)) for k, (s, dt) in storage.items()}
+        bias = torch.zeros(shape[0], dtype=dtype) if has_bias else None
+        return cls(layout_cls(shape, params, **tensors), bias, strict)
+
+    def storage_spec(self) -> dict:
+        """Shapes and dtypes of the storage tensors (what ``empty`` needs to rebuild)."""
+        return {k: [list(getattr(self, k).shape), str(getattr(self, k).dtype).removeprefix("torch.")]
+                for k in LAYOUTS[self.layout_name].names}
+
+    def _cpu(self, x):
+        """The CPU kernels: BSR tile kernels, the n:m permute kernel for few tokens, panel CSR otherwise."""
+        if not spmm.cpu_kernel_available():
+            return None
+        if self._packed is None:
+            dense = self.layout().to_dense()
+            nm = None
+            if self.layout_name in ("nm", "nmg"):  # n:m:g is n:m too
+                from . import formats as F
+                p = self.layout_params
+                val, idx = F.nm_from_dense(dense, p.n, p.m)
+                nm = spmm.pack_nm(val, idx, p.n, p.m, dense.shape)
+            self._packed = (spmm.pack(dense), nm)
+        packed, nm = self._packed
+        if self.layout_name == "bsr" and self.val.dtype == torch.float32:
+            y = spmm.bsr_matmul(self.crow, self.col, self.val, (self.out_features, self.in_features), x, self.bias)
+            if y is not None:
+                return y
+        if nm is not None and x[..., 0].numel() < 16:
+            y = spmm.nm_matmul(nm, x, self.bias)
+            if y is not None:
+                return y
+        return spmm.matmul(packed, x, self.bias)
+
+    def _cuda(self, x):
+        """The Triton n:m kernel (n:m:g weights are n:m too)."""
+        from sparsify_kernels import triton_kernels
+        p = self.layout_params
+        if self.layout_name == "nm":
+            val, idx = self.val, self.idx
+        else:
+            if self._cuda_nm is None or self._cuda_nm[0].device != x.device:
+                from . import formats as F
+                val, idx = F.nm_from_dense(self.layout().to_dense(), p.n, p.m)
+                self._cuda_nm = (val.to(x.device), idx.to(x.device))
+            val, idx = self._cuda_nm
+        return triton_kernels.nm_matmul(x, val, idx, p.n, p.m, self.in_features, self.bias)
+
+    def forward(self, x):
+        if _inference(x):
+            if x.device.type == "cpu" and x.dtype == torch.float32:
+                y = self._cpu(x)
+                if y is not None:
+                    return y
+            elif self.layout_name in ("nm", "nmg") and _triton_ok(x):
+                return self._cuda(x)
+            fallback(f"{self.layout_name} Linear", f"for {x.device.type}/{str(x.dtype).removeprefix('torch.')}",
+                     self.strict)
+        if self._dense is None or self._dense.device != x.device:
+            self._dense = self.layout().to_dense().to(x.device)
+        return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, layout={self.layout_name}({self.layout_params!r})"
+
+
+class TransposedLinear(nn.Module):
+    """A Linear stored ``[in, out]`` (``nx``/``nf`` as transformers' Conv1D, so the engine treats it as one).
+
+    With few tokens on the CPU it skips the rows of zero inputs (exact).
+    """
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None = None, strict: bool = False):
+        super().__init__()
+        self.nx, self.nf = weight_t.shape
+        self.in_features, self.out_features = self.nx, self.nf
+        self.weight = nn.Parameter(weight_t.detach().contiguous(), requires_grad=weight_t.requires_grad)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
+        self.strict = strict
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, strict: bool = False) -> "TransposedLinear":
+        """From an ``nn.Linear`` (weight transposed) or a Conv1D (already ``[in, out]``)."""
+        from sparsify_core.ffn import is_conv1d
+        w = module.weight if is_conv1d(module) else module.weight.t()
+        return cls(w.detach().contiguous(), getattr(module, "bias", None), strict)
+
+    def forward(self, x):
+        if _inference(x) and x.device.type == "cpu" and x.dtype == torch.float32:
+            y = ffn_kernels.sparse_input_linear(x, self.weight, self.bias)
+            if y is not None:
+                return y
+        y = x @ self.weight.to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"{self.nx} -> {self.nf}, stored transposed"
+
+
+def activation_spec(act) -> tuple[str, float, float] | None:
+    """``(name, threshold, cut)`` of an activation module the kernels know, else ``None``.
+
+    Recognised by structure, not by import: ReLU; FATReLU-like modules (a
+    ``threshold`` and ReLU in the class name); CATS-like ``MagnitudeThreshold``
+    (an inner ``act`` and a ``threshold``); SiLU and GELU (for experts).
+    """
+    name = type(act).__name__.lower()
+    if isinstance(act, nn.ReLU) or name in ("reluactivation",):
+        return ("relu", 0.0, 0.0)
+    if "relu" in name and isinstance(getattr(act, "threshold", None), float):
+        return ("relu", float(act.threshold), 0.0)
+    inner = getattr(act, "act", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(act, "threshold", None), float):
+        spec = activation_spec(inner)
+        return None if spec is None or spec[2] else (spec[0], spec[1], float(act.threshold))
+    if isinstance(act, nn.SiLU) or name in ("siluactivation",):
+        return ("silu", 0.0, 0.0)
+    if isinstance(act, nn.GELU):
+        return ("gelu_tanh" if act.approximate == "tanh" else "gelu", 0.0, 0.0)
+    if name in ("geluactivation",):
+        return ("gelu", 0.0, 0.0)
+    if name in ("pytorchgelutanh", "newgeluactivation", "gelutanh"):
+        return ("gelu_tanh", 0.0, 0.0)
+    return None
+
+
+def is_sparse_activation(spec) -> bool:
+    """True for activations with exact zeros (ReLU, FATReLU, or any activation with a magnitude cut)."""
+    return spec is not None and (spec[0] == "relu" or spec[2] > 0)
+
+
+class ActivationSparseFFN(nn.Module):
+    """Gated FFN ``down(act(gate(x)) * up(x))`` computing only active neurons' up and down rows.
+
+    Keeps the attribute names of the block it replaces (``gate_proj``,
+    ``up_proj``, ``down_proj``, ``act_fn``), so the engine still finds it as an
+    FFN; ``down_proj`` is a ``TransposedLinear`` (W_down stored ``[d_ff, d]``).
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: TransposedLinear, act_fn: nn.Module,
+                 strict: bool = False):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.strict = strict
+
+    def _fast(self, x):
+        spec = activation_spec(self.act_fn)
+        if spec is None or self.down_proj._forward_pre_hooks or self.down_proj._forward_hooks \
+                or self.up_proj._forward_hooks or self.gate_proj._forward_hooks:
+            return None
+        args = dict(w_in=self.gate_proj.weight, b_in=self.gate_proj.bias, w_up=self.up_proj.weight,
+                    b_up=self.up_proj.bias, w_down_t=self.down_proj.weight, b_down=self.down_proj.bias,
+                    act=spec[0], threshold=spec[1], cut=spec[2])
+        if x[..., 0].numel() > ffn_kernels.MAX_TOKENS:
+            return None  # prefill: dense matmuls are the right tool there, not a fallback
+        if x.device.type == "cpu":
+            y = ffn_kernels.ffn_sparse(x, **args)
+            if y is None:
+                fallback("activation-sparse FFN", f"for cpu/{str(x.dtype).removeprefix('torch.')}", self.strict)
+            return y
+        if _triton_ok(x):
+            from sparsify_kernels import triton_kernels
+            return triton_kernels.ffn_sparse(x, **args)
+        fallback("activation-sparse FFN", f"for {x.device.type}", self.strict)
+        return None
+
+    def forward(self, x):
+        if _inference(x):
+            y = self._fast(x)
+            if y is not None:
+                return y
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFFN(nn.Module):
+    """A gated FFN split into experts of contiguous neurons; each token computes only its selected experts.
+
+    ``gate_proj``/``up_proj``/``down_proj``/``act_fn`` as in the dense block,
+    with neurons permuted so expert e is neurons ``[e*size, (e+1)*size)``
+    (``down_proj`` a ``TransposedLinear``). ``router(x)`` scores experts
+    (``[..., E]``); a token uses expert e iff its score exceeds ``tau``
+    (LTE's sigmoid threshold) or, with ``top_k``, e is among its k best
+    (MoEfication). Only the selected experts' gate, up and down rows are
+    read by the kernels; the dense path masks the same neurons, so both
+    compute the same thing.
+    """
+
+    def __init__(self, gate_proj, up_proj, down_proj: TransposedLinear, act_fn, router: nn.Module,
+                 expert_size: int, tau: float | None = 0.5, top_k: int | None = None, strict: bool = False):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.router = router
+        self.expert_size, self.tau, self.top_k, self.strict = int(expert_size), tau, top_k, strict
+        if self.down_proj.nx % self.expert_size:
+            raise ValueError(f"d_ff {self.down_proj.nx} is not a multiple of the expert size {expert_size}")
+
+    def selection(self, x) -> torch.Tensor:
+        """Boolean ``[..., E]``: which experts each token uses."""
+        scores = self.router(x)
+        if self.top_k is not None:
+            top = scores.topk(self.top_k, dim=-1).indices
+            return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        return scores > self.tau
+
+    def forward(self, x):
+        sel = self.selection(x)
+        spec = activation_spec(self.act_fn)
+        few = x[..., 0].numel() <= ffn_kernels.MAX_TOKENS
+        if _inference(x) and few and spec is not None and not self.down_proj._forward_pre_hooks:
+            args = dict(w_in=self.gate_proj.weight, b_in=self.gate_proj.bias, w_up=self.up_proj.weight,
+                        b_up=self.up_proj.bias, w_down_t=self.down_proj.weight, b_down=self.down_proj.bias,
+                        act=spec[0], threshold=spec[1], cut=spec[2])
+            x2, sel2 = x.reshape(-1, x.shape[-1]), sel.reshape(-1, sel.shape[-1])
+            rows = []
+            for t in range(x2.shape[0]):  # tokens choose different experts
+                e = sel2[t].nonzero().flatten().cpu()
+                ranges = torch.stack([e * self.expert_size, (e + 1) * self.expert_size], 1)
+                if x.device.type == "cpu":
+                    y = ffn_kernels.ffn_sparse(x2[t:t + 1], ranges=ranges, **args)
+                elif _triton_ok(x):
+                    from sparsify_kernels import triton_kernels
+                    y = triton_kernels.ffn_sparse(x2[t:t + 1], ranges=ranges, **args)
+                else:
+                    y = None
+                if y is None:
+                    fallback("MoE FFN", f"for {x.device.type}/{str(x.dtype).removeprefix('torch.')}", self.strict)
+                    break
+                rows.append(y)
+            else:
+                return torch.cat(rows).reshape(*x.shape[:-1], -1)
+        mask = sel.repeat_interleave(self.expert_size, dim=-1).to(x.dtype)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * mask)

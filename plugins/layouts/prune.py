@@ -1,0 +1,47 @@
+"""``prune/nmg``: prune straight into the n:m:g structure (STen's grouped n:m)."""
+from __future__ import annotations
+
+from sparsify_core import Method, StageResult
+from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import is_conv1d, prunable_modules, weight_out_in
+
+from . import formats as F
+from .convert import WeightLayoutParams
+from .weight import NMGParams
+
+
+class NMGPruneParams(NMGParams):
+    targets: list[str] | None = WeightLayoutParams.model_fields["targets"]
+    exclude: list[str] = WeightLayoutParams.model_fields["exclude"]
+
+
+class NMGPrune(Method):
+    """Grouped n-of-m magnitude pruning (STen): n of every m inputs, each pattern used g times per chunk (greedy).
+
+    Scores every (row block, pattern) pair by the ``|w|`` it keeps and assigns
+    greedily (METHODS.md section 6), so the result converts exactly with
+    ``layout_convert/nmg`` (and ``nm``). Masks are recorded like any pruning.
+    """
+
+    kind = "prune"
+    name = "nmg"
+    Params = NMGPruneParams
+
+    def apply(self, ctx, params) -> StageResult:
+        modules = prunable_modules(ctx.model, params.targets, params.exclude)
+        if not modules:
+            raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets}")
+        pruned = total = 0
+        with ctx.progress(f"grouped {params.n}-of-{params.m}, g={params.g}", total=len(modules)) as task:
+            for name, module in modules:
+                w = weight_out_in(module).detach()
+                val, row = F.nmg_from_dense(w, params.n, params.m, params.g, exact=False)
+                keep = F.nmg_to_dense(val.new_ones(val.shape), row, params.n, params.m, params.g, w.shape) != 0
+                if is_conv1d(module):  # Conv1D stores [in, out]
+                    keep = keep.t()
+                ctx.masks.set(f"{name}.weight", keep)
+                pruned += int((~ctx.masks.get(f"{name}.weight")).sum())
+                total += keep.numel()
+                task.advance(1)
+        ctx.masks.apply(ctx.model)
+        return StageResult(metrics={"sparsity": pruned / total, "modules_pruned": float(len(modules))})

@@ -1,0 +1,325 @@
+"""``sparsify bench``: sparse kernels against dense compute, timed side by side in one process.
+
+Every case times its candidates *interleaved* with the dense baseline (one
+call of each per round, the order rotating between rounds) after a warm-up,
+and reports medians, so load from other processes hits all of them alike.
+The ratio is ``dense time / our time``. Cases (fp32, the CPU threads torch
+uses):
+
+1. activation-sparse FFN, LLaMA-7B shape (d 4096, d_ff 11008), one token, at
+   30-95% activation sparsity (FATReLU threshold set to the exact quantile);
+   the bytes bound is ``1 / (1/3 + 2/3 (1 - s))``.
+2. MoE FFN, same shape, 32-neuron experts, 25/50/75% of experts skipped
+   (SiLU; bound ``1 / (1 - skipped)``).
+3. sparse Linear, BERT-base FFN shapes, 1/128/1024 tokens, 50/75/90% weight
+   sparsity: each layout (given a weight with the structure it needs at that
+   sparsity) against dense torch and torch.sparse CSR / BSR.
+4. end to end: greedy decoding on SmolLM2-135M with ReLU substituted (no
+   ProSparse training: its activation sparsity is what ReLU alone gives),
+   activation-sparse FFN layout vs the same model dense; tokens must match.
+
+Kernels come from ``sparsify_kernels``, layouts from the plugin catalog.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Row:
+    """One measured configuration: medians in milliseconds and the ratios against dense."""
+
+    case: int
+    config: str
+    dense_ms: float
+    ours_ms: dict[str, float]
+    ratio: dict[str, float]
+    target: float | None = None
+    bound: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> tuple[str, float]:
+        mine = {k: v for k, v in self.ratio.items() if not k.startswith("torch")}
+        return max(mine.items(), key=lambda kv: kv[1]) if mine else ("", 0.0)
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.best[1] >= self.target
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2,
+                budget_s: float | None = None) -> dict[str, float]:
+    """Median seconds per function, called in rotating order each round (``budget_s`` caps the rounds)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+        if budget_s is not None and r >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+# -- case 1 and 2: FFN decode ----------------------------------------------------------
+
+def _ffn_weights(d: int, dff: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w_gate = torch.randn(dff, d, generator=g) / d ** 0.5
+    w_up = torch.randn(dff, d, generator=g) / d ** 0.5
+    w_down = torch.randn(d, dff, generator=g) / dff ** 0.5
+    return w_gate, w_up, w_down
+
+
+def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11008, repeats=30) -> list[Row]:
+    """Case 1: activation-sparse FFN decode vs the dense FFN computing the same FATReLU model."""
+    from sparsify_kernels import ffn as K
+
+    w_gate, w_up, w_down = _ffn_weights(d, dff)
+    w_down_t = w_down.t().contiguous()
+    x = torch.randn(1, d)
+    g = F.linear(x, w_gate).flatten()
+    targets = {0.5: 0.95 / (1 / 3 + 2 / 3 * 0.5), 0.7: 0.95 / (1 / 3 + 2 / 3 * 0.3), 0.9: 2.8, 0.95: 3.4, 0.3: 1.0}
+    rows = []
+    for s in sparsities:
+        k = int(round(s * dff))
+        # FATReLU threshold between the k-th and (k+1)-th gate value: exactly k neurons inactive
+        srt = g.sort().values
+        t = float((srt[k - 1] + srt[k]) / 2) if 0 < k < dff else float(srt[0] - 1)
+
+        def dense():
+            h = F.linear(x, w_gate)
+            return F.linear(h * (h >= t) * F.linear(x, w_up), w_down)
+
+        def ours():
+            return K.ffn_sparse(x, w_gate, None, w_up, None, w_down_t, None, act="relu", threshold=t)
+
+        err = (dense() - ours()).abs().max().item()
+        m = interleaved({"dense": dense, "ours": ours}, repeats)
+        active = int((g >= t).sum())
+        bound = 1 / (1 / 3 + 2 / 3 * (1 - s))
+        rows.append(Row(1, f"s={s:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
+                        {"ours": m["dense"] / m["ours"]}, targets.get(s), bound,
+                        {"active": active, "max_abs_err": err,
+                         "dense_GBps": 3 * d * dff * 4 / m["dense"] / 1e9,
+                         "ours_GBps": 4 * d * (dff + 2 * active) / m["ours"] / 1e9}))
+    return rows
+
+
+def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30) -> list[Row]:
+    """Case 2: only the selected experts' gate/up/down rows, vs the dense SiLU FFN."""
+    from sparsify_kernels import ffn as K
+
+    w_gate, w_up, w_down = _ffn_weights(d, dff, seed=1)
+    w_down_t = w_down.t().contiguous()
+    x = torch.randn(1, d)
+    E = dff // expert
+    targets = {0.5: 1.8, 0.75: 3.4}
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for sk in skipped:
+        keep = torch.randperm(E, generator=gen)[: E - int(round(sk * E))].sort().values
+        ranges = torch.stack([keep * expert, keep * expert + expert], 1)
+
+        def dense():
+            return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+        def ours():
+            return K.ffn_sparse(x, w_gate, None, w_up, None, w_down_t, None, act="silu", ranges=ranges)
+
+        m = interleaved({"dense": dense, "ours": ours}, repeats)
+        rows.append(Row(2, f"skip={sk:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
+                        {"ours": m["dense"] / m["ours"]}, targets.get(sk), 1 / (1 - sk),
+                        {"experts": f"{len(keep)}/{E}"}))
+    return rows
+
+
+# -- case 3: sparse Linear --------------------------------------------------------------
+
+def _structured(w: torch.Tensor, layout: str, s: float):
+    """A weight with the structure ``layout`` needs at sparsity ``s``, and the layout's params."""
+    from .plugin_manager import catalog
+
+    cls = catalog().layouts[layout]
+    a = w.abs()
+    if layout == "csr":
+        k = int(round(s * w.numel()))
+        thr = a.flatten().kthvalue(k).values
+        return w * (a > thr), cls.Params()
+    if layout == "bsr":
+        b = 16
+        tiles = a.reshape(w.shape[0] // b, b, w.shape[1] // b, b).sum((1, 3))
+        k = int(round(s * tiles.numel()))
+        keep = tiles > tiles.flatten().kthvalue(k).values
+        return w * keep.repeat_interleave(b, 0).repeat_interleave(b, 1), cls.Params(block=(b, b))
+    n, m = {0.5: (2, 4), 0.75: (1, 4), 0.9: (1, 10)}[s]
+    if layout == "nm":
+        from sparsify_plugins.layouts.formats import nm_mask
+        return w * nm_mask(w, n, m), cls.Params(n=n, m=m)
+    from sparsify_plugins.layouts.formats import nmg_from_dense, nmg_to_dense
+    g = 4
+    val, row = nmg_from_dense(w, n, m, g, exact=False)
+    return nmg_to_dense(val, row, n, m, g, w.shape), cls.Params(n=n, m=m, g=g)
+
+
+def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024), sparsities=(0.5, 0.75, 0.9),
+                       layouts=("csr", "bsr", "nm", "nmg"), repeats=15, budget_s=6.0) -> list[Row]:
+    """Case 3: each layout's SparseLinear vs dense torch, and torch.sparse CSR / BSR (separate loops)."""
+    from sparsify_plugins.layouts.modules import SparseLinear
+
+    from .plugin_manager import catalog
+
+    targets = {(128, 0.5): 1.4, (128, 0.75): 2.8, (128, 0.9): 4.5, (1024, 0.5): 1.6, (1024, 0.75): 3.0,
+               (1024, 0.9): 5.5, (1, 0.5): 1.3}
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for out, n_in in shapes:
+        w = torch.randn(out, n_in, generator=gen) / n_in ** 0.5
+        for s in sparsities:
+            mods, weights = {}, {}
+            for name in layouts:
+                ws, params = _structured(w, name, s)
+                weights[name] = ws
+                mods[name] = SparseLinear(catalog().layouts[name].from_dense(ws, params))
+            t_csr = weights["csr"].to_sparse_csr() if "csr" in weights else w.to_sparse_csr()
+            t_bsr = (weights["bsr"] if "bsr" in weights else weights[layouts[0]]).to_sparse_bsr((16, 16))
+            w_dense = weights[layouts[0]]  # any of them: dense compute ignores the zeros
+            for T in tokens:
+                x = torch.randn(T, n_in, generator=gen)
+                with torch.no_grad():
+                    errs = {k: (mod(x) - x @ weights[k].T).abs().max().item() for k, mod in mods.items()}
+                    fns = {"dense": lambda: F.linear(x, w_dense)}
+                    fns.update({k: (lambda mod=mod: mod(x)) for k, mod in mods.items()})
+                    m = interleaved(fns, repeats, budget_s=budget_s)
+                    mt = interleaved({"dense": lambda: F.linear(x, w_dense),
+                                      "torch_csr": lambda: F.linear(x, t_csr),
+                                      "torch_bsr": lambda: F.linear(x, t_bsr)}, max(5, repeats // 3),
+                                     budget_s=budget_s)
+                ours = {k: m[k] * 1e3 for k in mods} | {"torch_csr": mt["torch_csr"] * 1e3,
+                                                       "torch_bsr": mt["torch_bsr"] * 1e3}
+                ratio = {k: m["dense"] / m[k] for k in mods} | {"torch_csr": mt["dense"] / mt["torch_csr"],
+                                                              "torch_bsr": mt["dense"] / mt["torch_bsr"]}
+                rows.append(Row(3, f"{n_in}->{out} T={T} s={s:.0%}", m["dense"] * 1e3, ours, ratio,
+                                targets.get((T, s)), 1 / (1 - s),
+                                {"dense_GFLOPs": 2 * out * n_in * T / m["dense"] / 1e9,
+                                 "max_abs_err": max(errs.values())}))
+            gc.collect()
+    return rows
+
+
+# -- case 4: end-to-end decode ----------------------------------------------------------
+
+def case_decode(new_tokens: int = 128, rounds: int = 5) -> list[Row]:
+    """Case 4: greedy decoding on ReLU-substituted SmolLM2-135M, activation-sparse FFN vs dense."""
+    import copy
+
+    from .context import RunContext
+    from .plugin_manager import catalog
+
+    cat = catalog()
+    src = cat.model_sources["smollm2-135m"]
+    loaded = src().load(src.Params(), device=torch.device("cpu"), dtype=torch.float32)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    ctx = RunContext(run_id="bench", model=model, tokenizer=tok, task="causal_lm", data={},
+                     device=torch.device("cpu"), dtype=torch.float32, seed=0, workdir=os.getcwd())
+    relu = cat.methods[("substitute_activation", "relu")]
+    relu().apply(ctx, relu.Params())
+    sparse = copy.deepcopy(model)
+    conv = cat.methods[("layout_convert", "activation_sparse_ffn")]
+    ctx.model = sparse
+    conv().apply(ctx, conv.Params())
+    ids = tok("The history of sparse neural networks", return_tensors="pt").input_ids
+    outs = {}
+
+    def gen(m, name):
+        def run():
+            with torch.no_grad():
+                outs[name] = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                        pad_token_id=tok.eos_token_id)
+        return run
+
+    t = interleaved({"dense": gen(model, "dense"), "ours": gen(sparse, "ours")}, rounds, warmup=1)
+    same = bool(torch.equal(outs["dense"], outs["ours"]))
+    # activation sparsity of this (untrained) ReLU model on the generated text
+    from .ffn import capture_intermediates, find_ffn_blocks
+    zeros = []
+    with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append(
+            (x1 == 0).float().mean().item())):
+        model(outs["dense"])
+    return [Row(4, f"decode {new_tokens} tokens", t["dense"] * 1e3, {"ours": t["ours"] * 1e3},
+                {"ours": t["dense"] / t["ours"]}, 1.3, None,
+                {"identical_tokens": same, "tokens_per_s_dense": new_tokens / t["dense"],
+                 "tokens_per_s_ours": new_tokens / t["ours"], "activation_sparsity": statistics.mean(zeros),
+                 "note": "ReLU-substituted, not ProSparse-trained"})]
+
+
+CASES = {1: case_activation_sparse, 2: case_moe, 3: case_sparse_linear, 4: case_decode}
+
+
+def environment() -> dict:
+    """What the numbers depend on: threads, ISA, load."""
+    from sparsify_kernels import native
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_isa": native.isa(),
+            "native_kernels": native.library() is not None, "load_average_1m": load[0] if load else None,
+            "cpus": os.cpu_count()}
+
+
+def run(cases=(1, 2, 3), quick: bool = False, threads: int | None = None,
+        progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Run the chosen cases; ``quick`` trims repeats and sizes (a smoke run, numbers not meaningful).
+
+    ``threads`` sets ``torch.set_num_threads`` for dense torch and our kernels
+    alike. On a machine other processes load, one thread gives the stable
+    per-core ratio: with several, whichever side waits on a preempted thread
+    loses a scheduler time slice, which says more about the load than the kernel.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    rows: list[Row] = []
+    env_before = environment()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch.sparse "beta" notices
+        for c in cases:
+            progress(f"case {c}")
+            if quick:
+                kw = {1: dict(sparsities=(0.5, 0.9), d=512, dff=1376, repeats=5),
+                      2: dict(skipped=(0.5,), d=512, dff=1376, repeats=5),
+                      3: dict(shapes=((256, 128),), tokens=(1, 70), sparsities=(0.5,), repeats=3),
+                      4: dict(new_tokens=4, rounds=1)}[c]
+            else:
+                kw = {}
+            got = CASES[c](**kw)
+            if quick:  # smoke sizes: the targets do not apply
+                for r in got:
+                    r.target = None
+            rows += got
+    return {"environment": env_before, "load_average_1m_after": environment()["load_average_1m"],
+            "rows": [asdict(r) | {"best": r.best[0], "best_ratio": r.best[1], "met": r.met} for r in rows]}
+
+
+def format_table(result: dict) -> list[list[str]]:
+    """Rows of strings for a table: case, config, dense ms, each candidate's ratio, best, target."""
+    out = []
+    for r in result["rows"]:
+        ratios = "  ".join(f"{k} {v:.2f}x" for k, v in r["ratio"].items())
+        target = "" if r["target"] is None else f">= {r['target']:.2f}x {'met' if r['met'] else 'MISSED'}"
+        bound = "" if r["bound"] is None else f"{r['bound']:.2f}x"
+        out.append([str(r["case"]), r["config"], f"{r['dense_ms']:.3f}", ratios, bound, target])
+    return out

@@ -1,0 +1,67 @@
+"""The packed sparse-matmul CPU kernel against the plain-torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsify_kernels import spmm
+
+pytestmark = pytest.mark.skipif(not spmm.cpu_kernel_available(), reason="no C++ compiler: native kernels unavailable")
+
+
+@pytest.mark.parametrize("out,n_in", [(1, 1), (33, 129), (64, 256), (7, 300)])
+@pytest.mark.parametrize("T", [1, 3, 16, 64, 65, 130])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_spmm_matches_reference(out, n_in, T, density):
+    g = torch.Generator().manual_seed(out * 1000 + n_in + T)
+    w = torch.randn(out, n_in, generator=g) * (torch.rand(out, n_in, generator=g) < density)
+    b = torch.randn(out, generator=g)
+    x = torch.randn(T, n_in, generator=g)
+    packed = spmm.pack(w)
+    assert torch.equal(packed.to_dense(), w)
+    torch.testing.assert_close(spmm.matmul(packed, x, b), spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(spmm.matmul(packed, x.view(T, 1, n_in)), spmm.reference(w, x).view(T, 1, out),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_spmm_declines_other_dtypes():
+    packed = spmm.pack(torch.eye(4))
+    assert spmm.matmul(packed, torch.randn(2, 4, dtype=torch.float64)) is None
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 8), (2, 8), (8, 16)])
+@pytest.mark.parametrize("out,n_in", [(5, 8), (33, 100), (16, 512)])
+@pytest.mark.parametrize("T", [1, 3, 15])
+def test_nm_few_token_kernel(n, m, out, n_in, T):
+    from sparsify_plugins.layouts import NM
+    from sparsify_plugins.layouts import formats as F
+    from sparsify_plugins.layouts.weight import NMParams
+    g = torch.Generator().manual_seed(n * 100 + m + out + T)
+    w = torch.randn(out, n_in, generator=g)
+    w = w * F.nm_mask(w, n, m)
+    layout = NM.from_dense(w, NMParams(n=n, m=m))
+    packed = spmm.pack_nm(layout.val, layout.idx, n, m, layout.shape)
+    x, b = torch.randn(T, n_in, generator=g), torch.randn(out, generator=g)
+    y = spmm.nm_matmul(packed, x, b)
+    if spmm.native.isa() != "avx512":
+        assert y is None
+        return
+    torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [(4, 4), (16, 16), (8, 5)])
+@pytest.mark.parametrize("out,n_in,T", [(16, 32, 16), (37, 50, 70), (64, 200, 130), (37, 50, 1), (70, 90, 5)])
+def test_bsr_kernels(block, out, n_in, T):
+    from sparsify_plugins.layouts import BSR
+    from sparsify_plugins.layouts.weight import BSRParams
+    g = torch.Generator().manual_seed(out + n_in + T + block[1])
+    w = torch.randn(out, n_in, generator=g)
+    tiles = torch.rand(-(-out // block[0]), -(-n_in // block[1]), generator=g) < 0.4
+    w = w * tiles.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:out, :n_in]
+    layout = BSR.from_dense(w, BSRParams(block=block))
+    x, b = torch.randn(T, n_in, generator=g), torch.randn(out, generator=g)
+    y = spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b)
+    if spmm.native.isa() != "avx512":
+        assert y is None
+        return
+    torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
