@@ -241,7 +241,7 @@ def _pydantic_error(exc: ValidationError, model: type[BaseModel], prefix: tuple,
     more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
     if e["type"] == "extra_forbidden":
         owner = _model_at(model, loc[:-1])
-        options = list(owner.model_fields) if owner else []
+        options = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
         return RecipeError(f"unknown key{more}; valid keys: {', '.join(options)}" if options else f"unknown key{more}",
                            file=file, line=lines.line(path, key=True), field=_dotted(path),
                            suggestions=_closest(loc[-1], options))

@@ -15,8 +15,6 @@ class MagnitudeParams(PruneParams):
     scope: Literal["per_layer", "global"] = Field(
         "per_layer", description="per_layer: each weight matrix reaches its sparsity; "
                                  "global: one magnitude threshold across all targeted matrices")
-    batch_size: int = Field(8, gt=0, description="calibration batch size (owl profile only)")
-    split: str = Field("calibration", description="data split the owl profile calibrates on")
 
     @model_validator(mode="after")
     def _global(self):
@@ -45,7 +43,7 @@ class Magnitude(Method):
 
     def apply(self, ctx, params: MagnitudeParams) -> StageResult:
         targets = select_targets(ctx.model, params)
-        per_layer = assign_sparsities(ctx, params, targets, batch_size=params.batch_size, split=params.split)
+        per_layer = assign_sparsities(ctx, params, targets)
         nm = params.nm
         label = params.pattern if nm else f"{params.scope} {params.target_sparsity or 'profile'}"
         with ctx.progress(f"magnitude {label}", total=len(targets)) as task:

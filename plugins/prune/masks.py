@@ -1,10 +1,11 @@
-"""Mask math, as pure functions on tensors (``True`` = keep): magnitude, per-row and n:m.
+"""Mask math, as pure functions on tensors (``True`` = keep): magnitude, per-row, n:m, and Wanda's scores.
 
-Exactness: ``k = round(sparsity * n)`` weights are pruned, never more or
-fewer, whatever the ties: all weights with ``|w|`` below the k-th smallest
-magnitude ``t`` are pruned, then as many weights with ``|w| == t`` as still
-needed, first ones first (tensor order, then flat index order), so results
-are deterministic.
+Weights and scores are ``[out, in]``. Exactness: ``k = round(sparsity * n)``
+entries are pruned, never more or fewer, whatever the ties: all entries
+below the k-th smallest value ``t`` are pruned, then as many entries equal to
+``t`` as still needed, first ones first (tensor order, then index order), so
+results are deterministic. n:m masks keep exactly n of every m consecutive
+inputs of a row.
 """
 from __future__ import annotations
 
