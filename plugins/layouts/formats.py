@@ -105,12 +105,16 @@ def bsr_matmul(crow, col, val, shape, x: torch.Tensor) -> torch.Tensor:
 # -- n:m -------------------------------------------------------------------------------
 
 def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep-mask of the n largest ``|w|`` in every block of m consecutive inputs (ties: first ones)."""
+    """Keep-mask of the n largest ``|w|`` in every block of m consecutive inputs (ties: first ones).
+
+    The selection is the pruning plugin's (``sparsify_plugins.prune.masks.nm_mask``); this
+    wrapper takes a weight instead of scores and allows a last partial block.
+    """
+    from sparsify_plugins.prune.masks import nm_mask as select
+
     rows, cols = w.shape
-    blocks = _pad_to(w.detach().abs().float(), rows, _ceil(cols, m) * m).reshape(rows, -1, m)
-    top = blocks.topk(n, dim=-1, sorted=False).indices
-    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, top, True)
-    return keep.reshape(rows, -1)[:, :cols]
+    padded = _pad_to(w.detach().abs().float(), rows, _ceil(cols, m) * m)
+    return select(padded, n, m)[:, :cols]
 
 
 def nm_from_dense(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
