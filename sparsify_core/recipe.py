@@ -1,8 +1,9 @@
 """Recipes: YAML -> validated ``Recipe``, with errors that name file, line and field.
 
 Everything here runs before any model or data is loaded. Parsing uses
-``yaml.safe_load`` (and ``yaml.compose`` with the safe loader for line
-numbers); nothing in a recipe is ever evaluated as code.
+PyYAML's safe loader (``RecipeLoader``, a ``yaml.SafeLoader`` that reads
+``2:4`` as the string it means rather than YAML 1.1's base-60 integer 124);
+nothing in a recipe is ever evaluated as code.
 """
 from __future__ import annotations
 
@@ -20,6 +21,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import RecipeError
 from .method import Params
+
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without YAML 1.1's sexagesimal numbers: ``2:4`` stays ``"2:4"`` (an n:m pattern)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if not (tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in regexp.pattern)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:int", r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""",
+     "-+0123456789"),
+    # after int, so "12" stays an int; like YAML 1.2, "1e-4" is a float too
+    ("tag:yaml.org,2002:float", r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"""
+     r"""|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", "-+0123456789."),
+):
+    RecipeLoader.add_implicit_resolver(_tag, re.compile(_pattern, re.X), list(_first))
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with ``RecipeLoader`` (no code, no base-60 numbers)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+
 
 # --------------------------------------------------------------------------- schema
 
@@ -169,7 +196,7 @@ class _Lines:
     def __init__(self, text: str):
         self._map: dict[tuple, tuple[int, int]] = {}  # path -> (key line, value line)
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            node = yaml.compose(text, Loader=RecipeLoader)
         except yaml.YAMLError:
             node = None
         if node is not None:
@@ -284,7 +311,7 @@ def parse_override(spec: str) -> tuple[str, Any]:
         raise RecipeError(f"{spec!r} must look like KEY.PATH=VALUE", file="--set")
     key, _, value = spec.partition("=")
     try:
-        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+        return key.strip(), safe_load(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"value of {key!r} is not valid YAML: {exc}", file="--set") from None
 
@@ -306,7 +333,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, text: s
         except (OSError, UnicodeDecodeError) as exc:
             raise RecipeError(f"cannot read: {exc}", file=file) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from . import distributed as dist
 from .errors import SparsifyError
@@ -52,8 +53,20 @@ class TrainConfig(Params):
     split: str = Field("train", description="data split to train on")
     log_every: int = Field(10, gt=0, description="record metrics in the registry every N steps")
     checkpoint_every: int = Field(50, ge=0, description="mid-stage checkpoint every N steps (0: never)")
+    freeze: list[str] = Field(default_factory=list, description=(
+        "regexes (re.search) of parameter names kept fixed during this stage, e.g. ['embed_tokens', 'lm_head']"))
     gradient_checkpointing: bool = False
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
+
+    @field_validator("freeze")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"bad regex {pattern!r}: {e}") from None
+        return v
 
     @model_validator(mode="after")
     def _some_loss(self) -> "TrainConfig":
@@ -177,8 +190,14 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
     callbacks = list(callbacks or [])
     model = ctx.model
     data = ctx.split(cfg.split)
+    frozen = [p for name, p in model.named_parameters()
+              if p.requires_grad and any(re.search(f, name) for f in cfg.freeze)]
+    for p in frozen:  # restored in the finally below
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
+        for p in frozen:
+            p.requires_grad_(True)
         raise SparsifyError(f"stage {ctx.stage_name!r}: no trainable parameters")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -274,6 +293,8 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
                         _save(ctx, loop, optimizer, callbacks)
                     dist.barrier()
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         for cb in callbacks:
             cb.stop()
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):

@@ -120,3 +120,12 @@ def test_cli_validate_exit_codes(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = sparsify("validate", tmp_path / "missing.yaml")
     assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_nm_patterns_and_exponents_read_as_meant():
+    """YAML 1.1 reads 2:4 as the base-60 integer 124 and 1e-4 as a string; recipes read them as meant."""
+    from sparsify_core.recipe import parse_override, safe_load
+
+    assert safe_load("a: 2:4\nb: 1e-4\nc: 12\nd: 0.5\ne: '2:4'") == {"a": "2:4", "b": 1e-4, "c": 12, "d": 0.5, "e": "2:4"}
+    assert parse_override("stages.0.params.pattern=2:4") == ("stages.0.params.pattern", "2:4")
+    assert parse_override("stages.0.params.train.lr=3e-4") == ("stages.0.params.train.lr", 3e-4)

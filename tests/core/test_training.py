@@ -58,6 +58,23 @@ def test_masks_stay_zero_while_training(tmp_path):
     assert torch.all(w[~keep] == 0) and torch.all(w[keep] != 0)
 
 
+def test_frozen_parameters_do_not_move_and_are_released_after(tmp_path):
+    model = tiny_model()
+    ctx = make_ctx(tmp_path, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(ctx, _cfg(lr=1e-2, freeze=["embed_tokens", r"layers\.0\.self_attn"]))
+    after = dict(model.named_parameters())
+    frozen = [n for n in before if "embed_tokens" in n or "layers.0.self_attn" in n]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(SparsifyError, match="no trainable parameters"):
+        train(ctx, _cfg(freeze=["."]))
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="bad regex"):
+        _cfg(freeze=["("])
+
+
 def test_kd_loss_is_zero_against_itself_at_start(tmp_path):
     ctx = make_ctx(tmp_path, tiny_model())
     final = train(ctx, _cfg(steps=1, lm_weight=0.0, kd_weight=1.0, lr=1e-9))
