@@ -28,7 +28,7 @@ _state = {"registry": None, "debug": False}
 
 @app.callback()
 def _global(registry: Optional[str] = typer.Option(None, "--registry", envvar="SPARSIFY_REGISTRY",
-                                                    help="SQLAlchemy URL of the run registry [default: sqlite:///registry.db]"),
+                                                    help="the run registry: a SQLite file path or a SQLAlchemy URL [default: registry.db]"),
             debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
     _state["registry"], _state["debug"] = registry, debug
 

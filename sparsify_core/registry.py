@@ -60,6 +60,11 @@ def default_url() -> str:
     return os.environ.get("SPARSIFY_REGISTRY") or "sqlite:///registry.db"
 
 
+def as_url(location: str) -> str:
+    """A SQLAlchemy URL as is; a plain file path (``runs/registry.db``) as the SQLite database at that path."""
+    return location if "://" in location else f"sqlite:///{location}"
+
+
 # -- the schema, as it is at the latest version (used to build queries) -------------------------
 
 metadata = MetaData()
@@ -428,7 +433,7 @@ class Registry:
     """The run registry at ``url`` (default: ``default_url()``), migrated to the latest schema on open."""
 
     def __init__(self, url: str | None = None):
-        self.url = url or default_url()
+        self.url = as_url(url or default_url())
         self.engine = make_engine(self.url)
         self._write_engine = _writer(self.engine)
         try:

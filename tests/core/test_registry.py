@@ -44,6 +44,13 @@ def test_default_url_follows_the_environment(monkeypatch):
     assert default_url() == "sqlite:////tmp/elsewhere.db"
 
 
+def test_a_plain_path_names_a_sqlite_file(tmp_path):
+    path = tmp_path / "sub.db"
+    with Registry(str(path)) as r:
+        assert r.url == f"sqlite:///{path}"
+    assert path.exists()
+
+
 def test_run_id_is_short_and_sortable_by_start():
     from datetime import datetime, timezone
 
