@@ -101,6 +101,8 @@ runs = Table(
     Column("sweep_id", String(64)),
     Column("pid_started_at", Double),  # the process's start time: tells a live pid from a reused one
     Column("recipe_path", Text),  # where the recipe file was (resolved), for resume and show
+    # v3
+    Column("kind", String(16), nullable=False, server_default=text("'recipe'")),  # recipe or bench
 )
 
 stages = Table(
@@ -200,7 +202,12 @@ def _migration_2(conn: Connection) -> None:
     Index("ix_runs_sweep", Table("runs", m, Column("sweep_id", String(64))).c.sweep_id).create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+def _migration_3(conn: Connection) -> None:
+    """What a run is: ``recipe`` (``sparsify run``) or ``bench`` (``sparsify bench --record``)."""
+    _add_column(conn, "runs", Column("kind", String(16), nullable=False, server_default=text("'recipe'")))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -408,6 +415,7 @@ class RunRecord:
     attempts: int
     sweep_id: str | None
     recipe_path: str | None = None
+    kind: str = "recipe"  # or "bench": kernel timings recorded by ``sparsify bench --record``
     stages: list[StageRecord] = field(default_factory=list)
     metrics: list[MetricRecord] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
@@ -475,8 +483,12 @@ class Registry:
     def create_run(self, *, recipe_name: str, recipe_hash: str | None, recipe_text: str | None,
                    recipe_json: str | Mapping | None, overrides: Sequence[str] | None, model: str | None,
                    data: str | None, seed: int | None, output_dir: str | None, workdir: str | None,
-                   recipe_path: str | os.PathLike | None = None, sweep_id: str | None = None) -> str:
+                   recipe_path: str | os.PathLike | None = None, sweep_id: str | None = None,
+                   kind: str = "recipe") -> str:
         """Record a new run, ``running`` in this process; returns its id.
+
+        ``kind`` is ``recipe`` for ``sparsify run`` and ``bench`` for recorded
+        benchmarks (their stages are the bench cases).
 
         Also records the versions of python/torch/transformers/sparsify, the
         git commit of the repository holding ``recipe_path`` (if any), and this
@@ -490,7 +502,7 @@ class Registry:
                    overrides=json.dumps(list(overrides or [])), model=model, data=data, seed=seed,
                    status="running", started_at=_iso(now), versions=json.dumps(environment_versions()),
                    git_commit=git_commit(recipe_path), output_dir=_str(output_dir), workdir=_str(workdir),
-                   attempts=1, sweep_id=sweep_id, recipe_path=_recipe_path(recipe_path), **proc)
+                   attempts=1, sweep_id=sweep_id, recipe_path=_recipe_path(recipe_path), kind=kind, **proc)
         for _ in range(5):
             run_id = new_run_id(now)
             try:
@@ -626,8 +638,11 @@ class Registry:
 
     def find_runs(self, ids: Iterable[str] | None = None, recipe_names: Iterable[str] | None = None,
                   models: Iterable[str] | None = None, status: str | Iterable[str] | None = None,
-                  limit: int | None = None, *, sweep_id: str | None = None, details: bool = True) -> list[RunRecord]:
+                  limit: int | None = None, *, sweep_id: str | None = None, kinds: Iterable[str] | None = None,
+                  details: bool = True) -> list[RunRecord]:
         """Runs matching all given filters, newest first (``ids`` may be unique prefixes).
+
+        ``kinds`` selects ``recipe`` runs and/or ``bench`` records (default: both).
 
         ``details=False`` skips loading stages, metrics and artifacts (for listings).
         Reconciles first, like ``get_run``.
@@ -649,6 +664,8 @@ class Registry:
                 query = query.where(runs.c.status.in_(wanted))
             if sweep_id is not None:
                 query = query.where(runs.c.sweep_id == sweep_id)
+            if kinds is not None:
+                query = query.where(runs.c.kind.in_(list(kinds)))
             query = query.order_by(runs.c.started_at.desc(), runs.c.id.desc())
             if limit is not None:
                 query = query.limit(limit)
@@ -827,7 +844,7 @@ def _run_record(r) -> RunRecord:
         status=r.status, reason=r.reason, started_at=_parse(r.started_at), ended_at=_parse(r.ended_at),
         versions=_loads(r.versions, {}), git_commit=r.git_commit, host=r.host, pid=r.pid,
         output_dir=r.output_dir, workdir=r.workdir, attempts=r.attempts or 1, sweep_id=r.sweep_id,
-        recipe_path=r.recipe_path)
+        recipe_path=r.recipe_path, kind=r.kind)
 
 
 def _chunks(items: list, n: int):
