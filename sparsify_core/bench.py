@@ -293,6 +293,7 @@ def run(cases=(1, 2, 3), quick: bool = False, threads: int | None = None,
     if threads:
         torch.set_num_threads(threads)
     rows: list[Row] = []
+    seconds: dict[int, float] = {}
     env_before = environment()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch.sparse "beta" notices
@@ -305,13 +306,58 @@ def run(cases=(1, 2, 3), quick: bool = False, threads: int | None = None,
                       4: dict(new_tokens=4, rounds=1)}[c]
             else:
                 kw = {}
+            start = time.perf_counter()
             got = CASES[c](**kw)
+            seconds[c] = time.perf_counter() - start
             if quick:  # smoke sizes: the targets do not apply
                 for r in got:
                     r.target = None
             rows += got
     return {"environment": env_before, "load_average_1m_after": environment()["load_average_1m"],
+            "quick": quick, "case_seconds": seconds,
             "rows": [asdict(r) | {"best": r.best[0], "best_ratio": r.best[1], "met": r.met} for r in rows]}
+
+
+def record(registry, result: dict, json_path: str | os.PathLike | None = None) -> str:
+    """Store a ``run`` result in the registry as a ``bench`` run; returns its id.
+
+    One stage per case; each row becomes metrics named ``"<config> <candidate> speedup"``
+    (dense time / candidate time) and ``"<config> dense ms"``, plus the numeric
+    extras (recall, sparsity, bandwidth...) as ``"<config> <name>"``. The
+    environment (threads, ISA, load) goes in ``model``/``data`` so ``sparsify
+    runs`` shows where it was measured.
+    """
+    env = result["environment"]
+    where = f"cpu {env['cpu_isa']}, {env['threads']} threads" + (" (quick: not a measurement)"
+                                                                   if result.get("quick") else "")
+    load = f"load {env['load_average_1m']:.1f} -> {result.get('load_average_1m_after') or 0:.1f}" \
+        if env.get("load_average_1m") is not None else None
+    run_id = registry.create_run(recipe_name="bench", recipe_hash=None, recipe_text=None, recipe_json=None,
+                                 overrides=None, model=where, data=load, seed=None, output_dir=None, workdir=None,
+                                 kind="bench")
+    cases = sorted({r["case"] for r in result["rows"]})
+    for idx, c in enumerate(cases):
+        fn = CASES.get(c)
+        registry.start_stage(run_id, idx, name=f"case {c}", kind="bench", method=fn.__name__ if fn else None,
+                             params={"environment": env})
+        values: dict[str, float] = {}
+        for r in result["rows"]:
+            if r["case"] != c:
+                continue
+            values[f"{r['config']} dense ms"] = r["dense_ms"]
+            for cand, ratio in r["ratio"].items():
+                values[f"{r['config']} {cand} speedup"] = ratio
+            if r["target"] is not None:
+                values[f"{r['config']} target speedup"] = r["target"]
+            for k, v in r["extra"].items():
+                if isinstance(v, (bool, int, float)):
+                    values[f"{r['config']} {k}"] = float(v)
+        registry.log_metrics(run_id, f"case {c}", idx, values)
+        registry.finish_stage(run_id, idx, "completed", duration_s=result.get("case_seconds", {}).get(c))
+    if json_path is not None:
+        registry.add_artifact(run_id, "bench_json", os.path.abspath(json_path))
+    registry.set_run_status(run_id, "finished")
+    return run_id
 
 
 def format_table(result: dict) -> list[list[str]]:

@@ -52,6 +52,8 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
         if recipe is not None or set_:
             raise SparsifyError("--resume takes the recipe and overrides recorded with the run; give no RECIPE or --set")
         prev = reg.get_run(resume)
+        if prev.kind != "recipe":
+            raise SparsifyError(f"run {prev.id} is a {prev.kind} record, not a recipe run: nothing to resume")
         loaded = load_recipe(prev.recipe_path or f"<run {prev.id}>", list(prev.overrides or []),
                              text=prev.recipe_text)
         resume = prev.id
@@ -152,7 +154,7 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
     if run_ids:
         records = [reg.get_run(r) for r in run_ids]
     else:
-        records = reg.find_runs(recipe_names=recipe or None, models=model or None, limit=limit)
+        records = reg.find_runs(recipe_names=recipe or None, models=model or None, limit=limit, kinds=["recipe"])
     if not records:
         raise SparsifyError("no runs match")
     sys.stdout.write(format_compare(records, fmt).rstrip("\n") + "\n")
@@ -167,7 +169,9 @@ def bench(case: list[int] = typer.Option([1, 2, 3], "--case", help="cases to run
           json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
           threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for dense torch and "
                                                 "our kernels alike [default: torch's]"),
-          quick: bool = typer.Option(False, "--quick", help="tiny sizes and few repeats: a smoke test, not a measurement")):
+          quick: bool = typer.Option(False, "--quick", help="tiny sizes and few repeats: a smoke test, not a measurement"),
+          record: bool = typer.Option(False, "--record", help="store the results in the registry "
+                                      "(`sparsify runs` lists them, `sparsify show ID` shows them)")):
     """Time sparse kernels against dense compute, interleaved in one process (see sparsify_core/bench.py)."""
     from . import bench as _bench
 
@@ -186,6 +190,9 @@ def bench(case: list[int] = typer.Option([1, 2, 3], "--case", help="cases to run
     if json_path:
         json_path.write_text(json.dumps(result, indent=1))
         err.print(f"wrote {json_path}", highlight=False)
+    if record:
+        run_id = _bench.record(_registry(), result, json_path)
+        err.print(f"recorded as {run_id}; see `sparsify show {run_id}`", highlight=False)
 
 def main() -> None:
     """Console entry point: one-line errors, meaningful exit codes."""

@@ -1,0 +1,54 @@
+"""``sparsify bench``: smoke-sized runs (correctness of the plumbing, not timings) and ``--record``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from helpers import sparsify
+from sparsify_core import bench
+from sparsify_core.registry import Registry
+from sparsify_core.report import show_run
+from sparsify_kernels import ffn as K
+
+needs_native = pytest.mark.skipif(not K.cpu_kernel_available(), reason="no C++ compiler: native kernels unavailable")
+
+
+@needs_native
+def test_record_stores_a_bench_run_apart_from_recipe_runs(tmp_path):
+    result = bench.run(cases=(1,), quick=True, threads=1)
+    assert result["rows"] and all(r["case"] == 1 for r in result["rows"])
+    with Registry(f"sqlite:///{tmp_path}/r.db") as reg:
+        recipe_run = reg.create_run(recipe_name="t", recipe_hash=None, recipe_text=None, recipe_json=None,
+                                    overrides=None, model="m", data="d", seed=0, output_dir=None, workdir=None)
+        run_id = bench.record(reg, result, tmp_path / "b.json")
+        rec = reg.get_run(run_id)
+        assert rec.kind == "bench" and rec.status == "finished" and rec.recipe_name == "bench"
+        assert [s.name for s in rec.stages] == ["case 1"] and rec.stages[0].status == "completed"
+        values = {m.name: m.value for m in rec.metrics}
+        for row in result["rows"]:
+            assert values[f"{row['config']} ours speedup"] == pytest.approx(row["ratio"]["ours"])
+            assert values[f"{row['config']} dense ms"] == pytest.approx(row["dense_ms"])
+        assert rec.artifacts[0].kind == "bench_json"
+        assert [r.id for r in reg.find_runs(kinds=["recipe"])] == [recipe_run]
+        assert [r.id for r in reg.find_runs(kinds=["bench"])] == [run_id]
+        assert reg.get_run(recipe_run).kind == "recipe"
+        text = Console(width=200, record=True, file=open(tmp_path / "show.txt", "w"))
+        show_run(rec, text)
+        assert "s=90% ours speedup" in text.export_text()
+
+
+@needs_native
+def test_cli_bench_record_then_runs_and_show(workdir):
+    proc = sparsify("bench", "--case", "1", "--quick", "--threads", "1", "--record", "--json", "b.json",
+                    cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    run_id = proc.stderr.split("recorded as ")[1].split(";")[0].strip()
+    assert json.loads((workdir / "b.json").read_text())["rows"]
+    listed = sparsify("runs", cwd=workdir, check=True).stdout
+    assert run_id in listed and "bench" in listed
+    shown = sparsify("show", run_id, cwd=workdir, check=True).stdout
+    assert "case 1" in shown and "speedup" in shown
+    resume = sparsify("run", "--resume", run_id, cwd=workdir)
+    assert resume.returncode == 1 and "not a recipe run" in resume.stderr
