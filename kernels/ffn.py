@@ -12,6 +12,12 @@ down column are both contiguous rows. ``act`` names the activation
 ``ffn_reference`` is the plain-torch definition; ``ffn_sparse`` runs the
 compiled CPU kernel (``csrc/ffn.cpp``) and returns ``None`` where it cannot
 (other device or dtype, too many tokens, no compiler).
+
+With an activation predictor (DejaVu / PowerInfer), a rank-r map
+``logits = p_out (p_in x) + p_bias`` chooses, per token, the neurons to
+compute (``logits >= p_threshold``, see ``predict``); the others count as
+inactive without their gate being computed. ``ffn_reference(select=...)``
+defines the result, ``ffn_predicted`` is the CPU kernel.
 """
 from __future__ import annotations
 
@@ -50,9 +56,26 @@ def neuron_index(ranges: torch.Tensor) -> torch.Tensor:
         torch.zeros(0, dtype=torch.long)
 
 
+def predict(x, p_in, p_out, p_bias, p_threshold: float) -> torch.Tensor:
+    """The predictor's choice, boolean ``[..., d_ff]``: ``p_out (p_in x) + p_bias >= p_threshold``."""
+    return F.linear(F.linear(x, p_in), p_out, p_bias) >= p_threshold
+
+
 def ffn_reference(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0,
-                  ranges=None) -> torch.Tensor:
-    """Plain-torch FFN output over the listed neurons (all by default): the definition kernels match."""
+                  ranges=None, select=None) -> torch.Tensor:
+    """Plain-torch FFN output over the listed neurons (all by default): the definition kernels match.
+
+    ``select`` (boolean ``[..., d_ff]``, e.g. from ``predict``) zeroes each
+    token's unselected neurons; it cannot be combined with ``ranges``.
+    """
+    if select is not None:
+        if ranges is not None:
+            raise ValueError("select and ranges cannot be combined")
+        h = activation(act, F.linear(x, w_in, b_in), threshold, cut) * select.to(x.dtype)
+        if w_up is not None:
+            h = h * F.linear(x, w_up, b_up)
+        y = h @ w_down_t
+        return y + b_down if b_down is not None else y
     if ranges is not None:
         idx = neuron_index(ranges).to(x.device)
         w_in, w_down_t = w_in[idx], w_down_t[idx]
@@ -73,6 +96,10 @@ def _lib():
         lib.sp_ffn_decode_f32.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int,
                                           ctypes.c_float, ctypes.c_float, _P, ctypes.c_int]
         lib.sp_ffn_decode_f32.restype = ctypes.c_int
+        lib.sp_ffn_predicted_f32.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int,
+                                             ctypes.c_float, ctypes.c_float, _P, _P, _P, _I, ctypes.c_float,
+                                             _P, _P, ctypes.c_int]
+        lib.sp_ffn_predicted_f32.restype = ctypes.c_int
         lib.sp_sparse_input_linear_f32.argtypes = [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int]
         lib.sp_sparse_input_linear_f32.restype = ctypes.c_int
         lib._ffn_typed = True
@@ -134,6 +161,40 @@ def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshol
                                ACTIVATIONS[act], float(threshold), float(cut), y.data_ptr(), native.threads())
     if rc != 0:
         return None
+    return y.reshape(*x.shape[:-1], d)
+
+
+def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0, *,
+                  p_in, p_out, p_bias=None, p_threshold: float = 0.0, counts: list | None = None
+                  ) -> torch.Tensor | None:
+    """The FFN over the neurons the predictor chooses per token (see ``predict``); ``None`` if the CPU kernel cannot.
+
+    Same conditions as ``ffn_sparse``, and float32 contiguous predictor
+    weights ``p_in [r, d]``, ``p_out [d_ff, r]``, ``p_bias [d_ff]``. With
+    ``counts`` (a list), the number of neurons computed for some token is appended.
+    """
+    d = w_in.shape[1]
+    x2 = x.reshape(-1, d)
+    T = x2.shape[0]
+    if not 1 <= T <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
+        return None
+    x2 = x2.contiguous()
+    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, p_in, p_out, p_bias):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    y = torch.empty(T, d, dtype=torch.float32)
+    n_sel = ctypes.c_int64(0)
+    rc = lib.sp_ffn_predicted_f32(x2.data_ptr(), T, d, w_in.data_ptr(), _ptr(b_in), _ptr(w_up), _ptr(b_up),
+                                  w_down_t.data_ptr(), _ptr(b_down), w_in.shape[0], ACTIVATIONS[act],
+                                  float(threshold), float(cut), p_in.data_ptr(), p_out.data_ptr(), _ptr(p_bias),
+                                  p_in.shape[0], float(p_threshold), y.data_ptr(), ctypes.addressof(n_sel),
+                                  native.threads())
+    if rc != 0:
+        return None
+    if counts is not None:
+        counts.append(int(n_sel.value))
     return y.reshape(*x.shape[:-1], d)
 
 

@@ -7,7 +7,9 @@
 // tokens. Threads (pool.h) take chunks of neurons dynamically and accumulate
 // into their own output buffer, summed at the end. Memory traffic is the gate
 // matrix (or only the listed neurons' gate rows, for experts) plus the
-// active neurons' two rows: the bytes bound of activation sparsity.
+// active neurons' two rows: the bytes bound of activation sparsity. With an
+// activation predictor (a rank-r map from x to neuron logits, a few MB), only
+// the predicted neurons' gate rows are read as well.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -40,27 +42,15 @@ inline float activate(int act, float v, float threshold, float cut) {
 constexpr int kMaxTokens = 16;
 constexpr int64_t kChunk = 16;
 
-}  // namespace
-
-extern "C" {
-
-// y[t] = sum_j x1[t, j] * W_out[:, j] + b_out over the listed neurons, with
-//   gated: x1[t, j] = act(W_in[j] . x[t] + b_in[j]) * (W_up[j] . x[t] + b_up[j])
-//   plain: x1[t, j] = act(W_in[j] . x[t] + b_in[j])          (w_up == nullptr)
-// act: 0 FATReLU with `threshold` (0: ReLU), 1 SiLU, 2 GELU, 3 GELU (tanh);
-// then |act| < cut is zeroed (CATS; cut 0 keeps every non-zero).
-// Neurons are the half-open ranges ranges[2i], ranges[2i+1]. Any bias may be
-// null. Rows have stride d; x and y are [T, d] contiguous; T <= 16.
-int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
-                      const float* w_in, const float* b_in,
-                      const float* w_up, const float* b_up,
-                      const float* w_outT, const float* b_out,
-                      const int64_t* ranges, int64_t n_ranges,
-                      int act, float threshold, float cut, float* y, int threads) {
-    if (T < 1 || T > kMaxTokens) return 1;
-    std::vector<int64_t> prefix(n_ranges + 1, 0);
-    for (int64_t r = 0; r < n_ranges; ++r) prefix[r + 1] = prefix[r] + (ranges[2 * r + 1] - ranges[2 * r]);
-    const int64_t total = prefix[n_ranges];
+// The shared loop. `total` candidate neurons in chunks of kChunk; neurons(c, js)
+// writes chunk c's neuron indices into js and returns how many. With `sel`
+// (uint8 [T, sel_stride]), token t computes neuron j only where sel[t, j] is set
+// (a predictor's choice): elsewhere its activation counts as zero and its gate
+// row is not even read for that token.
+template <class Neurons>
+void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in, const float* w_up,
+              const float* b_up, const float* w_outT, const float* b_out, int64_t total, Neurons neurons,
+              const uint8_t* sel, int64_t sel_stride, int act, float threshold, float cut, float* y, int threads) {
     const int64_t n_chunks = (total + kChunk - 1) / kChunk;
     const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
     std::vector<float> acc((size_t)n_threads * T * d, 0.0f);
@@ -68,15 +58,7 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
         float* my = acc.data() + (size_t)slot * T * d;
         // Neurons of this chunk, then (phase 1) their gates: one contiguous stream.
         int64_t js[kChunk];
-        int n = 0;
-        {
-            int64_t f = c * kChunk, f_end = std::min(total, f + kChunk);
-            int64_t r = std::upper_bound(prefix.begin(), prefix.end(), f) - prefix.begin() - 1;
-            for (; f < f_end; ++f) {
-                while (f >= prefix[r + 1]) ++r;
-                js[n++] = ranges[2 * r] + (f - prefix[r]);
-            }
-        }
+        const int n = neurons(c, js);
         float gs[kChunk][kMaxTokens];
         int64_t live[kChunk];
         int n_live = 0;
@@ -85,6 +67,10 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
             const float* gi = w_in + j * d;
             bool any = false;
             for (int64_t t = 0; t < T; ++t) {
+                if (sel && !sel[t * sel_stride + j]) {
+                    gs[n_live][t] = 0.0f;
+                    continue;
+                }
                 float v = sp::dot(gi, x + t * d, d) + (b_in ? b_in[j] : 0.0f);
                 gs[n_live][t] = activate(act, v, threshold, cut);
                 any |= gs[n_live][t] != 0.0f;
@@ -119,6 +105,94 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
         for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * n_out + i];
         y[i] = s;
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[t] = sum_j x1[t, j] * W_out[:, j] + b_out over the listed neurons, with
+//   gated: x1[t, j] = act(W_in[j] . x[t] + b_in[j]) * (W_up[j] . x[t] + b_up[j])
+//   plain: x1[t, j] = act(W_in[j] . x[t] + b_in[j])          (w_up == nullptr)
+// act: 0 FATReLU with `threshold` (0: ReLU), 1 SiLU, 2 GELU, 3 GELU (tanh);
+// then |act| < cut is zeroed (CATS; cut 0 keeps every non-zero).
+// Neurons are the half-open ranges ranges[2i], ranges[2i+1]. Any bias may be
+// null. Rows have stride d; x and y are [T, d] contiguous; T <= 16.
+int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
+                      const float* w_in, const float* b_in,
+                      const float* w_up, const float* b_up,
+                      const float* w_outT, const float* b_out,
+                      const int64_t* ranges, int64_t n_ranges,
+                      int act, float threshold, float cut, float* y, int threads) {
+    if (T < 1 || T > kMaxTokens) return 1;
+    std::vector<int64_t> prefix(n_ranges + 1, 0);
+    for (int64_t r = 0; r < n_ranges; ++r) prefix[r + 1] = prefix[r] + (ranges[2 * r + 1] - ranges[2 * r]);
+    const int64_t total = prefix[n_ranges];
+    auto neurons = [&](int64_t c, int64_t* js) {
+        int n = 0;
+        int64_t f = c * kChunk, f_end = std::min(total, f + kChunk);
+        int64_t r = std::upper_bound(prefix.begin(), prefix.end(), f) - prefix.begin() - 1;
+        for (; f < f_end; ++f) {
+            while (f >= prefix[r + 1]) ++r;
+            js[n++] = ranges[2 * r] + (f - prefix[r]);
+        }
+        return n;
+    };
+    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, nullptr, 0, act, threshold, cut, y,
+             threads);
+    return 0;
+}
+
+// The same FFN where a low-rank predictor chooses the neurons (DejaVu /
+// PowerInfer): logits[t] = P_out (P_in x[t]) + p_bias ([dff]); token t computes
+// neuron j only if logits[t, j] >= p_threshold, so unpredicted neurons cost
+// nothing, gate row included. Approximate: an active neuron the predictor
+// misses is dropped. P_in is [r, d], P_out [dff, r] (row-major), p_bias may be
+// null. *n_selected (if not null) receives the number of neurons chosen for
+// at least one token.
+int sp_ffn_predicted_f32(const float* x, int64_t T, int64_t d,
+                         const float* w_in, const float* b_in,
+                         const float* w_up, const float* b_up,
+                         const float* w_outT, const float* b_out, int64_t dff,
+                         int act, float threshold, float cut,
+                         const float* p_in, const float* p_out, const float* p_bias, int64_t r, float p_threshold,
+                         float* y, int64_t* n_selected, int threads) {
+    if (T < 1 || T > kMaxTokens || r < 1) return 1;
+    // 1. The rank-r code of every token: r rows of P_in, 8 per work item.
+    std::vector<float> h((size_t)T * r);
+    sp::Pool::get().run((r + 7) / 8, threads, [&](int64_t item, int) {
+        for (int64_t k = item * 8; k < std::min(r, item * 8 + 8); ++k)
+            for (int64_t t = 0; t < T; ++t) h[t * r + k] = sp::dot(p_in + k * d, x + t * d, d);
+    });
+    // 2. Logits, thresholded into the per-token selection.
+    std::vector<uint8_t> sel((size_t)T * dff), any(dff);
+    constexpr int64_t kLogitChunk = 512;
+    sp::Pool::get().run((dff + kLogitChunk - 1) / kLogitChunk, threads, [&](int64_t item, int) {
+        for (int64_t j = item * kLogitChunk; j < std::min(dff, item * kLogitChunk + kLogitChunk); ++j) {
+            uint8_t a = 0;
+            for (int64_t t = 0; t < T; ++t) {
+                const float l = sp::dot(p_out + j * r, h.data() + t * r, r) + (p_bias ? p_bias[j] : 0.0f);
+                sel[t * dff + j] = l >= p_threshold;
+                a |= sel[t * dff + j];
+            }
+            any[j] = a;
+        }
+    });
+    // 3. The neurons some token needs, in order (a scan of dff bytes).
+    std::vector<int64_t> list;
+    list.reserve(dff);
+    for (int64_t j = 0; j < dff; ++j)
+        if (any[j]) list.push_back(j);
+    const int64_t total = (int64_t)list.size();
+    if (n_selected) *n_selected = total;
+    auto neurons = [&](int64_t c, int64_t* js) {
+        int n = 0;
+        for (int64_t f = c * kChunk; f < std::min(total, c * kChunk + kChunk); ++f) js[n++] = list[f];
+        return n;
+    };
+    // 4. Only those neurons' gate rows (for the tokens that chose them), then the active ones' up and down rows.
+    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, sel.data(), dff, act, threshold, cut,
+             y, threads);
     return 0;
 }
 

@@ -69,3 +69,57 @@ def test_sparse_input_linear(T, n_in, n_out):
     w_t, b = torch.randn(n_in, n_out), torch.randn(n_out)
     torch.testing.assert_close(K.sparse_input_linear(x1, w_t, b), K.sparse_input_linear_reference(x1, w_t, b),
                                atol=1e-4, rtol=1e-4)
+
+
+def predictor(d, dff, r, x, seed=1, bias=True):
+    """Random predictor weights and a threshold in a wide gap of the logits (no near-ties between kernels)."""
+    g = torch.Generator().manual_seed(seed)
+    p_in, p_out = torch.randn(r, d, generator=g) / d ** 0.5, torch.randn(dff, r, generator=g)
+    p_bias = torch.randn(dff, generator=g) if bias else None
+    logits = torch.nn.functional.linear(torch.nn.functional.linear(x, p_in), p_out, p_bias).flatten().sort().values
+    n = logits.numel()
+    lo, hi = n // 3, max(n // 3 + 1, 2 * n // 3)
+    i = lo + int((logits[lo + 1:hi + 1] - logits[lo:hi]).argmax()) if n > 1 else 0
+    thr = float((logits[i] + logits[i + 1]) / 2) if n > 1 else float(logits[0]) - 1
+    return dict(p_in=p_in, p_out=p_out, p_bias=p_bias, p_threshold=thr)
+
+
+@pytest.mark.parametrize("d,dff,T,r", [(17, 45, 1, 3), (64, 256, 3, 8), (100, 37, 16, 5), (40, 130, 2, 64)])
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("act,threshold,cut", [("relu", 0.0, 0.0), ("relu", 0.2, 0.0), ("silu", 0.0, 0.1)])
+def test_predicted_ffn_kernel_matches_reference(d, dff, T, r, gated, bias, act, threshold, cut):
+    w = weights(d, dff, gated, bias)
+    x = torch.randn(T, d)
+    p = predictor(d, dff, r, x, bias=bias)  # the predictor's bias is optional too
+    sel = K.predict(x, **p)
+    ref = K.ffn_reference(x, act=act, threshold=threshold, cut=cut, select=sel, **w)
+    counts = []
+    out = K.ffn_predicted(x, act=act, threshold=threshold, cut=cut, counts=counts, **p, **w)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert counts == [int(sel.any(0).sum())]
+    assert 0 < int(sel.sum()) < sel.numel()  # the threshold splits the logits: some chosen, some not
+
+
+def test_predicted_ffn_never_reads_unpredicted_neurons():
+    d, dff = 32, 96
+    w = weights(d, dff)
+    x = torch.randn(2, d)
+    p = predictor(d, dff, 4, x)
+    chosen = K.predict(x, **p).any(0)
+    for k in ("w_in", "w_up", "w_down_t"):
+        w[k][~chosen] = float("nan")  # reading any of these rows would poison the output
+    out = K.ffn_predicted(x, **p, **w)
+    assert torch.isfinite(out).all()
+    keep = chosen
+    ref = K.ffn_reference(x, w["w_in"][keep], None, w["w_up"][keep], None, w["w_down_t"][keep], None,
+                          select=K.predict(x, **p)[:, keep])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    nothing = K.ffn_predicted(x, **dict(p, p_threshold=1e9), **w)
+    assert torch.equal(nothing, torch.zeros(2, d))
+
+
+def test_predicted_ffn_declines_what_it_cannot_do():
+    w = weights(8, 16)
+    p = predictor(8, 16, 2, torch.randn(1, 8))
+    assert K.ffn_predicted(torch.randn(K.MAX_TOKENS + 1, 8), **p, **w) is None
+    assert K.ffn_predicted(torch.randn(1, 8), **dict(p, p_in=p["p_in"].double()), **w) is None
