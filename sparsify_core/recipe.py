@@ -385,6 +385,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, text: s
         methods.append(cls)
         params.append(p)
 
+    for i, cls in enumerate(methods):
+        if cls.schedules_training() and not any(m.trains() for m in methods[i + 1:]):
+            st = recipe.stages[i]
+            raise RecipeError(f"{st.kind}/{st.method} acts during training: it needs a later stage that trains "
+                              "with the shared loop (e.g. kind: train, method: finetune), and none follows",
+                              file=file, line=lines.line(("stages", i, "method")), field=f"stages.{i}.method")
+
     names = recipe.stage_names()
     if isinstance(recipe.evaluate.after, list):
         for j, n in enumerate(recipe.evaluate.after):

@@ -1,4 +1,4 @@
-"""The one training loop every training stage shares (ProSparse, LTE, SSD, gradual pruning).
+"""The one training loop every training stage shares (fine-tuning, ProSparse, LTE, SSD, gradual pruning).
 
 Read it top to bottom: ``train(ctx, config, callbacks)`` runs ``config.steps``
 optimizer steps of AdamW with warm-up plus cosine LR, gradient accumulation
@@ -8,7 +8,8 @@ next-token distribution to the model's, at a temperature) plus whatever the
 callbacks add. Callbacks are how methods hook in: a penalty (the L1 of
 ProSparse), a schedule (lambda, pruning), extra metrics. Pruned weights are
 re-masked after every optimizer step. A checkpoint every
-``checkpoint_every`` steps lets ``sparsify run --resume`` continue mid-stage.
+``checkpoint_every`` steps (weights, masks, optimizer, callback states) lets
+``sparsify run --resume`` continue mid-stage.
 Under torchrun the model is wrapped in DDP and batches are sharded by rank.
 """
 from __future__ import annotations
@@ -154,11 +155,13 @@ def _checkpoint_dir(ctx: "RunContext") -> Path:
 
 
 def _save(ctx, loop: TrainLoop, optimizer, callbacks) -> Path:
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     final = _checkpoint_dir(ctx)
     tmp = _tmp_for(final)
     save_model(loop.model, str(tmp / "model.safetensors"))
+    if len(ctx.masks):  # schedules (gradual pruning) change the masks mid-stage
+        save_file(ctx.masks.state_dict(), str(tmp / "masks.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     meta = {"step": loop.step, "callbacks": [cb.state_dict() for cb in callbacks]}
     (tmp / "loop.json").write_text(json.dumps(meta))
@@ -167,13 +170,15 @@ def _save(ctx, loop: TrainLoop, optimizer, callbacks) -> Path:
 
 
 def _load(ctx, loop: TrainLoop, optimizer, callbacks) -> bool:
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     path = _checkpoint_dir(ctx)
     if not (path / "loop.json").exists():
         return False
     meta = json.loads((path / "loop.json").read_text())
     load_model(loop.model, str(path / "model.safetensors"), strict=True)
+    if (path / "masks.safetensors").exists():
+        ctx.masks.load_state_dict(load_file(str(path / "masks.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True))
     for cb, state in zip(callbacks, meta["callbacks"]):
         cb.load_state_dict(state)
@@ -186,8 +191,14 @@ def _forward_logits(model, ids):
 
 
 def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | None = None) -> dict[str, float]:
-    """Train ``ctx.model`` in place; returns the final averaged metrics."""
-    callbacks = list(callbacks or [])
+    """Train ``ctx.model`` in place; returns the final averaged metrics.
+
+    Schedules that earlier stages handed on (``ctx.train_callbacks``, e.g. the
+    cubic sparsity schedule of ``prune/gmp``) run after ``callbacks``, and are
+    taken: a later training stage does not apply them again.
+    """
+    callbacks = list(callbacks or []) + list(ctx.train_callbacks)
+    ctx.train_callbacks = []
     model = ctx.model
     data = ctx.split(cfg.split)
     frozen = [p for name, p in model.named_parameters()
@@ -284,7 +295,8 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
                 elapsed = time.perf_counter() - t0
                 shown = {k: v / window_n for k, v in window.items()}
                 shown["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-                bar.advance(1, **{k: shown[k] for k in ("loss", "penalty", "sparsity", "tokens_per_s") if k in shown})
+                bar.advance(1, **{k: shown[k] for k in ("loss", "penalty", "sparsity", "weight_sparsity", "tokens_per_s")
+                                   if k in shown})
                 if loop.step % cfg.log_every == 0 or loop.step == cfg.steps:
                     ctx.log(shown, step=loop.step)
                     window, window_n = {}, 0

@@ -1,4 +1,4 @@
-"""Weight-pruning methods: ``prune/magnitude``, ``prune/wanda``, ``prune/sparsegpt``.
+"""Weight-pruning methods: ``prune/magnitude``, ``prune/wanda``, ``prune/sparsegpt``, ``prune/gmp`` (gradual).
 
 Every method takes the shared ``PruneParams`` (sparsity, ``pattern``
 unstructured or n:m, per-layer ``profile`` uniform / owl / explicit, module
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from sparsify_core import hookimpl
 
+from .gmp import GMP, GMPSchedule
 from .magnitude import Magnitude
 from .masks import (global_magnitude_masks, global_threshold, magnitude_mask, nm_mask, parse_pattern, row_mask,
                     wanda_scores)
 from .profiles import layer_sparsities, outlier_ratio, owl_sparsities
+from .schedule import cubic_sparsity, is_pruning_step, nm_keep, pruning_progress, pruning_window
 from .selection import PruneParams
 from .sparsegpt import SparseGPT, hessian_factor, reconstruction_error, sparsegpt_prune
 from .wanda import Wanda
 
-__all__ = ["Magnitude", "Wanda", "SparseGPT", "PruneParams", "global_magnitude_masks", "global_threshold",
+__all__ = ["Magnitude", "Wanda", "SparseGPT", "GMP", "GMPSchedule", "PruneParams", "cubic_sparsity",
+           "is_pruning_step", "nm_keep", "pruning_progress", "pruning_window", "global_magnitude_masks", "global_threshold",
            "magnitude_mask", "nm_mask", "parse_pattern", "row_mask", "wanda_scores", "layer_sparsities",
            "outlier_ratio", "owl_sparsities", "hessian_factor", "reconstruction_error", "sparsegpt_prune"]
 
@@ -25,4 +28,4 @@ __all__ = ["Magnitude", "Wanda", "SparseGPT", "PruneParams", "global_magnitude_m
 @hookimpl
 def sparsify_methods():
     """Weight-pruning methods."""
-    return [Magnitude, Wanda, SparseGPT]
+    return [Magnitude, Wanda, SparseGPT, GMP]
