@@ -1,8 +1,10 @@
 """Triton kernels (imported lazily by ``triton_kernels``, so ``TRITON_INTERPRET`` can be set first).
 
 - ``_ffn_rows``: for the listed neurons, the activation (from a precomputed
-  gate, or computed here for experts) and, only where it is non-zero, the up
-  row's dot product: ``x1[t, j]``. Inactive rows are masked loads: never read.
+  gate, or computed here for experts and predicted neurons) and, only where
+  it is non-zero, the up row's dot product: ``x1[t, j]``. Inactive rows are
+  masked loads: never read. With ``HAS_SEL``, ``sel[t, n]`` (a predictor's
+  choice) masks the gate rows per token as well.
 - ``_ffn_down``: ``y[t, d-slice] = sum_j x1[t, j] * W_down_t[j, d-slice]``,
   loading only rows with a non-zero ``x1``.
 - ``_nm_matmul``: n:m weight tiles are expanded to dense in registers from
@@ -29,14 +31,18 @@ def _act(v, ACT: tl.constexpr, threshold, cut):
 
 
 @triton.jit
-def _ffn_rows(x_ptr, w_in_ptr, b_in_ptr, w_up_ptr, b_up_ptr, gate_ptr, nidx_ptr, x1_ptr,
+def _ffn_rows(x_ptr, w_in_ptr, b_in_ptr, w_up_ptr, b_up_ptr, gate_ptr, nidx_ptr, sel_ptr, x1_ptr,
               n_sel, d, threshold, cut,
               ACT: tl.constexpr, PRE_GATE: tl.constexpr, HAS_UP: tl.constexpr,
-              HAS_B_IN: tl.constexpr, HAS_B_UP: tl.constexpr,
+              HAS_B_IN: tl.constexpr, HAS_B_UP: tl.constexpr, HAS_SEL: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid, tok = tl.program_id(0), tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_range = offs_n < n_sel
+    listed = offs_n < n_sel
+    if HAS_SEL:  # this token's predicted neurons among the listed ones
+        in_range = listed & (tl.load(sel_ptr + tok * n_sel + offs_n, mask=listed, other=0) != 0)
+    else:
+        in_range = listed
     rows = tl.load(nidx_ptr + offs_n, mask=in_range, other=0).to(tl.int64)
     x_row = x_ptr + tok * d
     if PRE_GATE:
@@ -51,7 +57,7 @@ def _ffn_rows(x_ptr, w_in_ptr, b_in_ptr, w_up_ptr, b_up_ptr, gate_ptr, nidx_ptr,
             acc += tl.sum(w * xv[None, :], axis=1)
         if HAS_B_IN:
             acc += tl.load(b_in_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
-        h = _act(acc, ACT, threshold, cut)
+        h = tl.where(in_range, _act(acc, ACT, threshold, cut), 0.0)
     if HAS_UP:
         live = in_range & (h != 0.0)
         acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -64,7 +70,7 @@ def _ffn_rows(x_ptr, w_in_ptr, b_in_ptr, w_up_ptr, b_up_ptr, gate_ptr, nidx_ptr,
         if HAS_B_UP:
             acc_u += tl.load(b_up_ptr + rows, mask=live, other=0.0).to(tl.float32)
         h = h * acc_u
-    tl.store(x1_ptr + tok * n_sel + offs_n, h, mask=in_range)
+    tl.store(x1_ptr + tok * n_sel + offs_n, h, mask=listed)
 
 
 @triton.jit

@@ -1,23 +1,25 @@
 """Sparse layouts and the ``layout_convert`` stage methods.
 
 Weight layouts (``csr``, ``bsr``, ``nm``, ``nmg``) store a Linear's weight;
-the activation-sparse FFN computes only the active neurons of an FFN block.
+the activation-sparse FFN computes only the active neurons of an FFN block
+(optionally only those an activation predictor chooses: ``predictor``).
 Formats are pure functions (``formats``), layouts wrap them (``weight``),
 modules hold layouts and call the fast kernels of ``sparsify_kernels``
-(``modules``), stage methods swap modules in a model (``convert``), and
-``prune/nmg`` prunes into the n:m:g structure (``prune``).
+(``modules``), stage methods swap modules in a model (``convert``),
+predictors are fitted by pure functions (``predictor``), and ``prune/nmg``
+prunes into the n:m:g structure (``prune``).
 """
 from __future__ import annotations
 
 from sparsify_core import hookimpl
 
 from .convert import ActivationSparseFFNConvert, weight_methods
-from .modules import ActivationSparseFFN, SparseLinear, TransposedLinear
+from .modules import ActivationPredictor, ActivationSparseFFN, SparseLinear, TransposedLinear
 from .prune import NMGPrune
 from .weight import BSR, CSR, NM, NMG, WEIGHT_LAYOUTS, StoredLayout
 
-__all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationSparseFFN", "SparseLinear",
-           "TransposedLinear", "ActivationSparseFFNConvert", "NMGPrune"]
+__all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationPredictor", "ActivationSparseFFN",
+           "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "NMGPrune"]
 
 
 @hookimpl

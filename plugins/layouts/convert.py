@@ -3,7 +3,9 @@
 - ``activation_sparse_ffn``: gated FFN blocks with a sparse activation (ReLU,
   FATReLU, CATS) become ``ActivationSparseFFN``; plain FFN blocks keep their
   up projection and activation, and their down projection becomes a
-  ``TransposedLinear`` that skips zero inputs.
+  ``TransposedLinear`` that skips zero inputs. With ``predictor``, each gated
+  block also gets an ``ActivationPredictor`` fitted on calibration data,
+  layer by layer (``predictor.py``): approximate, its recall reported.
 - ``csr``, ``bsr``, ``nm``, ``nmg``: Linear layers become ``SparseLinear`` in
   that layout. The conversion is exact: a weight that does not fit the format
   (e.g. ``nm`` on a weight that was not pruned n:m) is an error naming the
@@ -26,7 +28,8 @@ from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
 
-from .modules import (ActivationSparseFFN, SparseLinear, TransposedLinear, activation_spec,
+from . import predictor as P
+from .modules import (ActivationPredictor, ActivationSparseFFN, SparseLinear, TransposedLinear, activation_spec,
                       is_sparse_activation)
 from .weight import BSRParams, NMGParams, NMParams
 
@@ -47,9 +50,28 @@ def _rewrite_masks(ctx, change: dict[str, str | None]) -> None:
     ctx.masks.load_state_dict(state)
 
 
+class PredictorParams(Params):
+    rank: int = Field(64, ge=1, description="rank of the predictor (x -> rank -> d_ff neuron logits)")
+    recall: float = Field(0.99, gt=0, le=1, description="fraction of the active (token, neuron) pairs of held-out "
+                                                        "calibration tokens the predictor must cover; sets the threshold")
+    threshold: float | None = Field(None, description="logit threshold (in units of each neuron's prediction "
+                                                      "error) instead of one set by recall")
+    steps: int = Field(0, ge=0, description="Adam steps on the binary cross-entropy after the closed-form "
+                                            "least-squares fit (0: the fit alone)")
+    lr: float = Field(1e-3, gt=0, description="learning rate of those steps")
+    split: str = Field("calibration", description="data split the predictors are fitted on")
+    max_tokens: int = Field(4096, ge=16, description="calibration tokens per layer used (a random subset)")
+    holdout: float = Field(0.2, gt=0, lt=1, description="fraction of them held out to set the threshold and "
+                                                        "measure recall")
+    batch_size: int = Field(8, ge=1, description="calibration sequences per forward")
+
+
 class ActivationSparseParams(Params):
     layers: list[int] | None = Field(None, description="FFN layer indices (0-based) to convert; default: all")
     strict: bool = Field(False, description="error instead of a dense fallback where no fast kernel exists")
+    predictor: PredictorParams | None = Field(
+        None, description="also fit an activation predictor per gated FFN (DejaVu/PowerInfer): skips the gate "
+                          "rows of neurons predicted inactive; approximate")
 
     @field_validator("layers")
     @classmethod
@@ -66,7 +88,11 @@ class ActivationSparseFFNConvert(Method):
     activation with exact zeros (ReLU, FATReLU, CATS); run
     ``substitute_activation`` (and training) first. Decoding (up to 16
     tokens) uses the fused CPU kernel or the Triton kernel; longer inputs
-    compute densely.
+    compute densely. With ``predictor`` (gated FFNs only), a low-rank
+    predictor fitted on the calibration split chooses the neurons to compute,
+    gate included: approximate; recall on held-out tokens is reported
+    (``predictor_recall``: active neurons covered, ``predictor_mass_recall``:
+    activation mass covered, ``predictor_computed_fraction``: neurons read).
     """
 
     kind = "layout_convert"
@@ -101,15 +127,101 @@ class ActivationSparseFFNConvert(Method):
             done.append(b.name)
         return done
 
+    @staticmethod
+    def _gated(model, params) -> dict[str, ActivationSparseFFN]:
+        """The converted gated blocks among the wanted layers, by module path."""
+        blocks = find_ffn_blocks(model)
+        wanted = sorted(set(params.layers)) if params.layers is not None else range(len(blocks))
+        plain = [blocks[i].name for i in wanted if not isinstance(blocks[i].module, ActivationSparseFFN)]
+        if plain:
+            raise SparsifyError(f"predictor: only gated FFN blocks (gate/up/down) take one; {plain[0]} is plain")
+        return {blocks[i].name: blocks[i].module for i in wanted}
+
+    def _fit_predictors(self, ctx, params) -> dict[str, dict]:
+        """Fit every wanted block's predictor, layer by layer, on the calibration split; stats per block."""
+        from sparsify_core.calibration import calibrate
+
+        pp = params.predictor
+        targets = self._gated(ctx.model, params)
+        ids = ctx.split(pp.split).input_ids
+        keep = min(1.0, pp.max_tokens / max(1, ids.numel()))
+        gen = torch.Generator().manual_seed(ctx.seed)
+        stats: dict[str, dict] = {}
+
+        def visit(layer):
+            for name, ffn in targets.items():
+                if not (name == layer.name or name.startswith(layer.name + ".")):
+                    continue
+                xs = []
+
+                def grab(_names, x):
+                    pick = torch.rand(x.shape[0], generator=gen) < keep
+                    xs.append(x[pick.to(x.device)].detach())
+
+                ffn.predictor = None  # fit on the exact block's inputs and outputs
+                layer.observe(grab, [f"{name}.gate_proj"])
+                ffn.predictor, stats[name] = _fit_predictor(ffn, torch.cat(xs), pp, ctx.seed)
+
+        calibrate(ctx, visit, split=pp.split, batch_size=pp.batch_size, description="fit activation predictors")
+        missing = [n for n in targets if n not in stats]
+        if missing:
+            raise SparsifyError(f"predictor: no calibration inputs reached {missing[0]}")
+        return stats
+
     def apply(self, ctx, params) -> StageResult:
         change: dict = {}
         done = self._convert(ctx.model, params, change)
         _rewrite_masks(ctx, change)
         ctx.info(f"activation-sparse FFN in {len(done)} blocks")
-        return StageResult(metrics={"blocks_converted": float(len(done))}, info={"blocks": done})
+        metrics, info = {"blocks_converted": float(len(done))}, {"blocks": done}
+        if params.predictor is not None:
+            stats = self._fit_predictors(ctx, params)
+            for key in ("recall", "mass_recall", "computed", "active"):
+                mean = sum(s[key] for s in stats.values()) / len(stats)
+                metrics["predictor_" + key + ("_fraction" if key in ("computed", "active") else "")] = mean
+            info["predictors"] = stats
+            ctx.info(f"activation predictors in {len(stats)} blocks: recall {metrics['predictor_recall']:.3f}, "
+                     f"computing {metrics['predictor_computed_fraction']:.1%} of neurons "
+                     f"({metrics['predictor_active_fraction']:.1%} active)")
+        return StageResult(metrics=metrics, info=info)
 
     def rebuild(self, ctx, params, result) -> None:
         self._convert(ctx.model, params)
+        for name, s in result.info.get("predictors", {}).items():
+            ffn = ctx.model.get_submodule(name)
+            w = ffn.gate_proj.weight
+            ffn.predictor = ActivationPredictor.empty(w.shape[1], w.shape[0], int(s["rank"]), w.dtype).to(w.device)
+
+
+@torch.no_grad()
+def _fit_predictor(ffn: ActivationSparseFFN, x: torch.Tensor, pp: PredictorParams, seed: int
+                   ) -> tuple[ActivationPredictor, dict]:
+    """One block's predictor from its inputs ``x [N, d]``: fit, threshold and recall on held-out tokens."""
+    if x.shape[0] < 2:
+        raise SparsifyError("predictor: fewer than 2 calibration tokens; give the calibration split more samples")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    n_hold = min(x.shape[0] - 1, max(1, int(round(pp.holdout * x.shape[0]))))
+    held, fit = x[order[:n_hold]], x[order[n_hold:]]
+    gate = ffn.gate_proj.weight
+
+    def truth(xs):  # which neurons are active, and their activation mass |act(gate) * up|
+        h = ffn.act_fn(ffn.gate_proj(xs)).float()
+        return h != 0, (h * ffn.up_proj(xs).float()).abs()
+
+    spec = activation_spec(ffn.act_fn)
+    offset = spec[1] if spec is not None and spec[0] == "relu" else 0.0  # FATReLU's threshold is the boundary
+    pred = P.fit_lowrank(fit, gate, ffn.gate_proj.bias, pp.rank, offset=offset, seed=seed)
+    if pp.steps:
+        pred, _, _ = P.refine(pred, fit, truth(fit)[0], pp.steps, pp.lr, seed=seed)
+    active, mass = truth(held)
+    logits = pred.logits(held)
+    threshold = pp.threshold if pp.threshold is not None else P.threshold_for_recall(logits, active, pp.recall)
+    stats = P.coverage(logits >= threshold, active, mass) | {"rank": pp.rank, "threshold": threshold,
+                                                              "tokens": int(x.shape[0]), "held_out": n_hold}
+    module = ActivationPredictor(pred.p_in.to(gate.dtype), pred.p_out.to(gate.dtype), pred.p_bias.to(gate.dtype),
+                                 threshold)
+    return module.to(gate.device), stats
 
 
 class WeightLayoutParams(Params):

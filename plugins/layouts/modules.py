@@ -8,7 +8,8 @@
   few tokens it reads only the rows of non-zero inputs (the down projection
   of an activation-sparse FFN).
 - ``ActivationSparseFFN``: a gated FFN block (gate/up/down/act) that computes
-  the gate, then only the active neurons' up rows and down rows.
+  the gate, then only the active neurons' up rows and down rows; with an
+  ``ActivationPredictor`` (approximate), only the predicted neurons' gate rows.
 
 Fast paths are taken only in inference (no autograd graph) and when nobody
 hooks the inner modules (metrics that capture activations get the dense
@@ -223,38 +224,92 @@ def is_sparse_activation(spec) -> bool:
     return spec is not None and (spec[0] == "relu" or spec[2] > 0)
 
 
+class ActivationPredictor(nn.Module):
+    """Which neurons of an FFN to compute, guessed from its input (DejaVu / PowerInfer; approximate).
+
+    ``logits = p_out (p_in x) + p_bias`` (``p_in [r, d]``, ``p_out [d_ff, r]``);
+    neuron j is computed for a token iff ``logits[j] >= threshold``. Buffers
+    (not parameters: no optimizer or pruning stage touches them), saved with
+    the model. Fitted by ``layout_convert/activation_sparse_ffn``'s
+    ``predictor`` option (see ``predictor.py``).
+    """
+
+    def __init__(self, p_in: torch.Tensor, p_out: torch.Tensor, p_bias: torch.Tensor, threshold: float):
+        super().__init__()
+        self.register_buffer("p_in", p_in.detach().contiguous())
+        self.register_buffer("p_out", p_out.detach().contiguous())
+        self.register_buffer("p_bias", p_bias.detach().contiguous())
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=p_in.dtype))
+        self._threshold_value = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_threshold_value", None))
+
+    @classmethod
+    def empty(cls, d: int, d_ff: int, rank: int, dtype=torch.float32) -> "ActivationPredictor":
+        """Zero-filled, of the recorded shape (filled by ``load_state_dict``)."""
+        return cls(torch.zeros(rank, d, dtype=dtype), torch.zeros(d_ff, rank, dtype=dtype),
+                   torch.zeros(d_ff, dtype=dtype), 0.0)
+
+    @property
+    def rank(self) -> int:
+        return self.p_in.shape[0]
+
+    def threshold_value(self) -> float:
+        """The threshold as a Python float (cached: read once per decode step, not synced each call)."""
+        if self._threshold_value is None:
+            self._threshold_value = float(self.threshold)
+        return self._threshold_value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[..., d_ff]``: the neurons computed for each token."""
+        return ffn_kernels.predict(x, self.p_in.to(x.dtype), self.p_out.to(x.dtype), self.p_bias.to(x.dtype),
+                                   self.threshold_value())
+
+    def extra_repr(self) -> str:
+        return f"{self.p_in.shape[1]} -> rank {self.rank} -> {self.p_out.shape[0]}"
+
+
 class ActivationSparseFFN(nn.Module):
     """Gated FFN ``down(act(gate(x)) * up(x))`` computing only active neurons' up and down rows.
 
     Keeps the attribute names of the block it replaces (``gate_proj``,
     ``up_proj``, ``down_proj``, ``act_fn``), so the engine still finds it as an
     FFN; ``down_proj`` is a ``TransposedLinear`` (W_down stored ``[d_ff, d]``).
+    With a ``predictor``, each token computes only the neurons it predicts
+    (gate rows included), in the kernels and in the dense path alike, so the
+    block is the same function however many tokens it gets; without one it
+    is exact.
     """
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: TransposedLinear, act_fn: nn.Module,
-                 strict: bool = False):
+                 strict: bool = False, predictor: ActivationPredictor | None = None):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.strict = strict
+        self.predictor = predictor
+
+    def _hooked(self) -> bool:
+        return any(m._forward_pre_hooks or m._forward_hooks for m in (self.gate_proj, self.up_proj, self.down_proj))
 
     def _fast(self, x):
         spec = activation_spec(self.act_fn)
-        if spec is None or self.down_proj._forward_pre_hooks or self.down_proj._forward_hooks \
-                or self.up_proj._forward_hooks or self.gate_proj._forward_hooks:
+        if spec is None or self._hooked():
             return None
         args = dict(w_in=self.gate_proj.weight, b_in=self.gate_proj.bias, w_up=self.up_proj.weight,
                     b_up=self.up_proj.bias, w_down_t=self.down_proj.weight, b_down=self.down_proj.bias,
                     act=spec[0], threshold=spec[1], cut=spec[2])
         if x[..., 0].numel() > ffn_kernels.MAX_TOKENS:
             return None  # prefill: dense matmuls are the right tool there, not a fallback
+        p = self.predictor
+        if p is not None:
+            args.update(p_in=p.p_in, p_out=p.p_out, p_bias=p.p_bias, p_threshold=p.threshold_value())
         if x.device.type == "cpu":
-            y = ffn_kernels.ffn_sparse(x, **args)
+            y = ffn_kernels.ffn_sparse(x, **args) if p is None else ffn_kernels.ffn_predicted(x, **args)
             if y is None:
                 fallback("activation-sparse FFN", f"for cpu/{str(x.dtype).removeprefix('torch.')}", self.strict)
             return y
         if _triton_ok(x):
             from sparsify_kernels import triton_kernels
-            return triton_kernels.ffn_sparse(x, **args)
+            return triton_kernels.ffn_sparse(x, **args) if p is None else triton_kernels.ffn_predicted(x, **args)
         fallback("activation-sparse FFN", f"for {x.device.type}", self.strict)
         return None
 
@@ -263,7 +318,10 @@ class ActivationSparseFFN(nn.Module):
             y = self._fast(x)
             if y is not None:
                 return y
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        h = self.act_fn(self.gate_proj(x))
+        if self.predictor is not None:
+            h = h * self.predictor(x).to(h.dtype)
+        return self.down_proj(h * self.up_proj(x))
 
 
 class MoEFFN(nn.Module):

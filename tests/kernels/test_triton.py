@@ -64,3 +64,26 @@ def test_triton_nm_matmul(n, m, out, n_in, T):
     y = TK.nm_matmul(x.to(DEV), layout.val.to(DEV), layout.idx.to(DEV), n, m, n_in, b.to(DEV),
                      block_t=16, block_o=16, block_b=4)
     torch.testing.assert_close(y.cpu(), x @ w.T + b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d,dff,T,r,gated,bias,act,thr", [
+    (20, 70, 1, 4, True, False, "relu", 0.0),
+    (33, 130, 3, 8, True, True, "relu", 0.1),
+    (16, 64, 2, 3, False, True, "silu", 0.0),
+])
+def test_triton_predicted_ffn(d, dff, T, r, gated, bias, act, thr):
+    w = _w(d, dff, gated, bias)
+    x = torch.randn(T, d)
+    g = torch.Generator().manual_seed(1)
+    p = dict(p_in=torch.randn(r, d, generator=g) / d ** 0.5, p_out=torch.randn(dff, r, generator=g),
+             p_bias=torch.randn(dff, generator=g))
+    logits = torch.nn.functional.linear(torch.nn.functional.linear(x, p["p_in"]), p["p_out"], p["p_bias"])
+    srt = logits.flatten().sort().values
+    i = srt.numel() // 3 + int((srt[srt.numel() // 3 + 1:] - srt[srt.numel() // 3:-1]).argmax())
+    p["p_threshold"] = float(srt[i] + srt[i + 1]) / 2  # in a gap: no near-ties between torch and Triton
+    sel = K.predict(x, **p)
+    assert 0 < int(sel.sum()) < sel.numel()
+    ref = K.ffn_reference(x.to(DEV), act=act, threshold=thr, select=sel.to(DEV), **w)
+    out = TK.ffn_predicted(x.to(DEV), act=act, threshold=thr, block_n=32, block_d=16, **w,
+                           **{k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in p.items()})
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
