@@ -1,4 +1,4 @@
-"""The ``sparsify`` command line: run, validate, schema, plugins, runs, show, compare.
+"""The ``sparsify`` command line: run, validate, schema, plugins, runs, sweeps, show, compare, fit.
 
 Errors reach users as one line and a non-zero exit status (2 for bad input,
 1 for a failed run, 130 for an interrupted one); ``--debug`` shows tracebacks.
@@ -41,16 +41,21 @@ def _registry():
 @app.command()
 def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not needed with --resume)"),
         set_: list[str] = typer.Option([], "--set", help="override a recipe value: stages.1.params.lr=3e-4"),
-        resume: Optional[str] = typer.Option(None, "--resume", help="continue run RUN_ID from its last completed stage"),
+        resume: Optional[str] = typer.Option(None, "--resume", help="continue run RUN_ID from its last completed "
+                                             "stage, or sweep SWEEP_ID from its unfinished runs"),
         runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where run checkpoints live [default: ./runs]")):
-    """Validate a recipe, run its stages, evaluate, save the model and record the run."""
-    from .recipe import load_recipe
+    """Validate a recipe, run its stages, evaluate, save the model and record the run (every run of a sweep)."""
+    from .recipe import load_recipe, load_sweep
     from .runner import Runner, default_runs_dir
 
     reg = _registry()
     if resume:
         if recipe is not None or set_:
             raise SparsifyError("--resume takes the recipe and overrides recorded with the run; give no RECIPE or --set")
+        if resume.startswith("sweep-"):
+            from .sweep import plan_from_record
+            _run_sweep(plan_from_record(reg.get_sweep(resume)), reg, runs_dir or default_runs_dir(), resume)
+            return
         prev = reg.get_run(resume)
         if prev.kind != "recipe":
             raise SparsifyError(f"run {prev.id} is a {prev.kind} record, not a recipe run: nothing to resume")
@@ -60,16 +65,40 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
     else:
         if recipe is None:
             raise SparsifyError("give a RECIPE file, or --resume RUN_ID")
+        plan = load_sweep(recipe, set_)
+        if plan is not None:
+            _run_sweep(plan, reg, runs_dir or default_runs_dir(), None)
+            return
         loaded = load_recipe(recipe, set_)
     run_id = Runner(loaded, reg, resume_id=resume, runs_dir=runs_dir or default_runs_dir()).run()
     err.print(f"run {run_id} finished; see `sparsify show {run_id}` and `sparsify compare {run_id}`", highlight=False)
 
 
+def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str]) -> None:
+    from .sweep import run_sweep
+
+    done = run_sweep(plan, reg, runs_dir=runs_dir, resume_id=resume)
+    summary = (f"sweep {done.sweep_id}: {len(done.finished)} runs finished now, {len(done.skipped)} already done, "
+               f"{len(done.failed)} failed")
+    if done.failed:
+        raise SparsifyError(summary + ": " + "; ".join(f"{name}: {why}" for name, why in done.failed[:3])
+                            + f"; retry them with `sparsify run --resume {done.sweep_id}`")
+    err.print(summary + f"; see `sparsify compare --sweep {done.sweep_id}` and `sparsify fit {done.sweep_id}`",
+              highlight=False)
+
+
 @app.command()
 def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help="override a recipe value")):
-    """Check a recipe (syntax, keys, types, methods, parameters) without loading anything."""
-    from .recipe import load_recipe
+    """Check a recipe (syntax, keys, types, methods, parameters) without loading anything; every run of a sweep."""
+    from .recipe import load_recipe, load_sweep
 
+    plan = load_sweep(recipe, set_)
+    if plan is not None:
+        names = [p.loaded.recipe.name for p in plan.points]
+        out.print(f"{recipe}: ok: sweep {plan.name} of {len(names)} runs over "
+                  + ", ".join(f"{k} ({len(v)})" for k, v in plan.spec.grid.items()) + ": "
+                  + ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""), highlight=False)
+        return
     loaded = load_recipe(recipe, set_)
     r = loaded.recipe
     out.print(f"{recipe}: ok: {r.name}, model {r.model.source}, data {r.data.source}, "
@@ -111,15 +140,34 @@ def plugins():
 @app.command()
 def runs(limit: int = typer.Option(20, help="how many, newest first"),
          recipe: Optional[str] = typer.Option(None, help="only runs of this recipe name"),
-         status: Optional[str] = typer.Option(None, help="running, finished, failed or interrupted")):
+         status: Optional[str] = typer.Option(None, help="running, finished, failed or interrupted"),
+         sweep: Optional[str] = typer.Option(None, "--sweep", help="only the runs of this sweep (id or prefix)")):
     """List recorded runs."""
     reg = _registry()
     reg.reconcile()
     table = Table()
     for col in ("id", "recipe", "model", "status", "started", "reason"):
         table.add_column(col, no_wrap=col != "reason")
-    for r in reg.find_runs(recipe_names=[recipe] if recipe else None, status=status, limit=limit):
+    sweep_id = reg.get_sweep(sweep).id if sweep else None
+    for r in reg.find_runs(recipe_names=[recipe] if recipe else None, status=status, limit=limit, sweep_id=sweep_id):
         table.add_row(r.id, r.recipe_name, r.model, r.status, str(r.started_at)[:19], (r.reason or "")[:60])
+    out.print(table)
+
+
+@app.command()
+def sweeps(limit: int = typer.Option(20, help="how many, newest first")):
+    """List recorded sweeps with how many of their runs finished."""
+    reg = _registry()
+    reg.reconcile()
+    table = Table()
+    for col in ("id", "name", "runs", "finished", "failed", "created", "grid"):
+        table.add_column(col, no_wrap=col != "grid")
+    for s in reg.find_sweeps(limit=limit):
+        recs = reg.find_runs(sweep_id=s.id, details=False)
+        done = {json.dumps(r.sweep_point, sort_keys=True) for r in recs if r.status == "finished"}
+        failed = {json.dumps(r.sweep_point, sort_keys=True) for r in recs if r.status in ("failed", "interrupted")}
+        table.add_row(s.id, s.name, str(s.points), str(len(done)), str(len(failed - done)), str(s.created_at)[:19],
+                      ", ".join(f"{k} x{len(v)}" for k, v in s.grid.items()))
     out.print(table)
 
 
@@ -141,6 +189,7 @@ def show(run_id: str, plot: Optional[Path] = typer.Option(None, "--plot", help="
 def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique prefixes)"),
             recipe: list[str] = typer.Option([], "--recipe", help="select runs of these recipe names"),
             model: list[str] = typer.Option([], "--model", help="select runs of these models"),
+            sweep: Optional[str] = typer.Option(None, "--sweep", help="select the runs of this sweep (all of them)"),
             fmt: str = typer.Option("table", "--format", help="table, json or csv"),
             limit: int = typer.Option(10, help="at most this many runs when none are named"),
             plot: Optional[Path] = typer.Option(None, "--plot", help="draw the sparsity / quality trade-off to this PNG")):
@@ -153,6 +202,9 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
     reg.reconcile()
     if run_ids:
         records = [reg.get_run(r) for r in run_ids]
+    elif sweep:
+        records = reg.find_runs(sweep_id=reg.get_sweep(sweep).id, recipe_names=recipe or None,
+                                models=model or None, kinds=["recipe"])
     else:
         records = reg.find_runs(recipe_names=recipe or None, models=model or None, limit=limit, kinds=["recipe"])
     if not records:

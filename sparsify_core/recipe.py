@@ -7,8 +7,10 @@ nothing in a recipe is ever evaluated as code.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
+import itertools
 import json
 import re
 import typing
@@ -133,6 +135,24 @@ class OutputSpec(_Strict):
     save: bool = True
 
 
+class SweepSpec(_Strict):
+    """A grid of runs: every combination of the listed values, set by dotted path into the recipe."""
+
+    grid: dict[str, list[Any]] = Field(description=(
+        "dotted recipe path -> values, e.g. {model.params.hidden_size: [64, 128], stages.1.params.sparsity: "
+        "[0, 0.5]}; a mapping value sets each of its keys (to vary related values together)"))
+    name: str | None = Field(None, description=(
+        "run name template: {name} and any {dotted.path} of the run's recipe, e.g. "
+        "'{name}-h{model.params.hidden_size}'; default: the recipe name and every varied value"))
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not v:
+            raise ValueError("needs at least one dotted path with a list of values")
+        return v  # each entry is checked where its line is known (load_sweep)
+
+
 class Recipe(_Strict):
     """A sparsify recipe."""
 
@@ -144,6 +164,8 @@ class Recipe(_Strict):
     stages: list[StageSpec] = Field(default_factory=list)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    sweep: SweepSpec | None = Field(None, description="run a grid of variants of this recipe (`sparsify run` "
+                                                        "expands it; `sparsify fit` fits the scaling law to it)")
 
     @model_validator(mode="after")
     def _names(self) -> "Recipe":
@@ -202,6 +224,7 @@ class _Lines:
         if node is not None:
             self._walk(node, ())
         self.overridden: set[tuple] = set()
+        self.redirected: dict[tuple, int] = {}  # paths set by a sweep point -> the line of its grid entry
 
     def _walk(self, node, path):
         if isinstance(node, yaml.MappingNode):
@@ -219,6 +242,8 @@ class _Lines:
         path = tuple(path)
         for n in range(len(path), 0, -1):
             p = path[:n]
+            if p in self.redirected:
+                return self.redirected[p]
             if any(p[:len(o)] == o for o in self.overridden):
                 return None
             if p in self._map:
@@ -282,7 +307,7 @@ def _pydantic_error(exc: ValidationError, model: type[BaseModel], prefix: tuple,
     return RecipeError(msg + more, file=file, line=lines.line(path), field=_dotted(path))
 
 
-def _set_path(raw: dict, dotted: str, value: Any, spec: str) -> tuple:
+def _set_path(raw: dict, dotted: str, value: Any, spec: str, *, file: str = "--set", line: int | None = None) -> tuple:
     parts: list[Any] = [int(p) if p.isdigit() else p for p in dotted.split(".")]
     cur: Any = raw
     for i, part in enumerate(parts):
@@ -290,14 +315,14 @@ def _set_path(raw: dict, dotted: str, value: Any, spec: str) -> tuple:
         where = _dotted(parts[: i + 1])
         if isinstance(cur, list):
             if not isinstance(part, int) or not 0 <= part < len(cur):
-                raise RecipeError(f"no list item {part!r} (the list has {len(cur)} items)", file="--set",
+                raise RecipeError(f"no list item {part!r} (the list has {len(cur)} items)", file=file, line=line,
                                   field=where)
         elif isinstance(cur, dict):
             if not last and part not in cur:
                 cur[part] = {}
         else:
-            raise RecipeError(f"{spec!r}: {_dotted(parts[:i])} is a value, not a mapping or list", file="--set",
-                              field=where)
+            raise RecipeError(f"{spec!r}: {_dotted(parts[:i])} is a value, not a mapping or list", file=file,
+                              line=line, field=where)
         if last:
             cur[part] = value
         else:
@@ -322,8 +347,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, text: s
     Raises ``RecipeError`` (one line: file, line, field, message, suggestions)
     on the first problem found. Loads no model and no data.
     """
-    from .plugin_manager import catalog
+    file, text, raw, lines = _read(path, overrides, text)
+    return _validate(raw, lines, file, text, list(overrides or []))
 
+
+def _read(path: str | Path, overrides: list[str] | None, text: str | None) -> tuple[str, str, dict, _Lines]:
+    """Read and parse a recipe, and apply ``--set`` overrides: ``(file, text, raw dict, line map)``."""
     file = str(path)
     if text is None:
         try:
@@ -343,10 +372,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, text: s
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe is a mapping of fields, got a {type(raw).__name__}", file=file, line=1)
     lines = _Lines(text)
-    overrides = list(overrides or [])
-    for spec in overrides:
+    for spec in overrides or []:
         key, value = parse_override(spec)
         lines.overridden.add(_set_path(raw, key, value, spec))
+    return file, text, raw, lines
+
+
+def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[str]) -> LoadedRecipe:
+    """Validate a parsed recipe and resolve every plugin it names."""
+    from .plugin_manager import catalog
 
     try:
         recipe = Recipe.model_validate(raw)
@@ -413,6 +447,124 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, text: s
                         stage_methods=methods, model_params=model_params, data_params=data_params, raw=raw)
 
 
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepPoint:
+    """One run of a sweep: the grid values it sets (grid path -> value) and its validated recipe."""
+
+    index: int
+    values: dict[str, Any]
+    loaded: LoadedRecipe
+
+    @property
+    def key(self) -> str:
+        """The point's identity within its sweep (canonical JSON of its values): how resuming finds its run."""
+        return json.dumps(self.values, sort_keys=True, default=str)
+
+
+@dataclass
+class SweepPlan:
+    """A recipe with a ``sweep:``, expanded: every point validated, nothing loaded or run."""
+
+    name: str
+    path: str
+    text: str
+    overrides: list[str]
+    spec: SweepSpec
+    points: list[SweepPoint]
+
+
+def _leaves(key: str, value: Any):
+    """``(dotted path, value)`` pairs a grid value sets: a non-empty mapping sets each of its keys."""
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            yield from _leaves(f"{key}.{k}", v)
+    else:
+        yield key, value
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _run_name(template: str | None, base: str, raw: dict, values: dict, file: str, line: int | None) -> str:
+    """The name of a sweep point's run, from ``sweep.name`` or (default) the base name and every varied value."""
+    if template is None:
+        text = "-".join([str(base)] + [f"{leaf.rsplit('.', 1)[-1]}{_label(v)}"
+                                       for key, value in values.items() for leaf, v in _leaves(key, value)])
+    else:
+        def lookup(match):
+            dotted = match.group(1).strip()
+            if dotted == "name":
+                return str(base)
+            cur: Any = raw
+            for part in dotted.split("."):
+                if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+                    cur = cur[int(part)]
+                elif isinstance(cur, dict) and part in cur:
+                    cur = cur[part]
+                else:
+                    raise RecipeError(f"{{{dotted}}}: no such value in the recipe", file=file, line=line,
+                                      field="sweep.name")
+            return _label(cur)
+        text = re.sub(r"\{([^{}]+)\}", lookup, template)
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", text)
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None, *, text: str | None = None) -> SweepPlan | None:
+    """Expand a recipe's ``sweep:`` into its runs, each validated like a recipe; ``None`` without a sweep.
+
+    Points are the cartesian product of the grid, in the order written (the
+    last path varies fastest). Each point is the recipe with ``--set``-style
+    overrides (recorded with its run, so ``--resume`` of a single run works as
+    for any run) plus its ``name``. Errors name the grid entry's line.
+    """
+    file, text, raw, lines = _read(path, overrides, text)
+    if raw.get("sweep") is None:
+        return None
+    try:
+        spec = SweepSpec.model_validate(raw["sweep"])
+    except ValidationError as exc:
+        raise _pydantic_error(exc, SweepSpec, ("sweep",), lines, file) from None
+    for key, values in spec.grid.items():
+        problem = ("needs at least one value" if not values else
+                   "a sweep cannot vary the recipe name or the sweep itself"
+                   if key.split(".")[0] in ("sweep", "name") else None)
+        if problem:
+            raise RecipeError(problem, file=file, line=lines.line(("sweep", "grid", key), key=True),
+                              field=f"sweep.grid.{key}")
+    base = raw.get("name", "")
+    points, names = [], {}
+    for index, combo in enumerate(itertools.product(*spec.grid.values())):
+        values = dict(zip(spec.grid, combo))
+        point_raw, point_lines = copy.deepcopy(raw), copy.copy(lines)
+        point_lines.redirected = dict(lines.redirected)
+        sets = []
+        for key, value in values.items():
+            line = lines.line(("sweep", "grid", key), key=True)
+            for leaf, leaf_value in _leaves(key, value):
+                spec_text = f"{leaf}={json.dumps(leaf_value)}"
+                point_lines.redirected[_set_path(point_raw, leaf, leaf_value, spec_text, file=file, line=line)] = line
+                sets.append(spec_text)
+        name_line = lines.line(("sweep", "name")) if spec.name is not None else lines.line(("sweep",), key=True)
+        name = _run_name(spec.name, base, point_raw, values, file, name_line)
+        if name in names:
+            raise RecipeError(f"points {names[name]} and {index} both get the run name {name!r}: put the varied "
+                              "values in the template", file=file, line=name_line, field="sweep.name")
+        names[name] = index
+        point_raw["name"] = name
+        sets.append(f"name={json.dumps(name)}")
+        loaded = _validate(point_raw, point_lines, file, text, list(overrides or []) + sets)
+        points.append(SweepPoint(index, values, loaded))
+    return SweepPlan(name=str(base), path=file, text=text, overrides=list(overrides or []), spec=spec, points=points)
+
+
 # --------------------------------------------------------------------------- JSON Schema
 
 
@@ -453,6 +605,7 @@ def json_schema() -> dict:
                                           "after": (list[str] | Literal["all", "last", "none"], "last"),
                                           "split": (str, "eval"), "batch_size": (int, 4)}), None),
         "output": (OutputSpec, None),
+        "sweep": (SweepSpec | None, None),
     }
     schema = variant("Recipe", fields).model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

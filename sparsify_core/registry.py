@@ -11,6 +11,9 @@ never block the writer), a long busy timeout, and write transactions that
 start with ``BEGIN IMMEDIATE`` so they queue for the write lock at their start
 instead of failing when a reader upgrades to a writer mid-transaction.
 
+Sweeps (a recipe's grid of runs) have a table of their own; their runs
+point back to them (``runs.sweep_id``, ``runs.sweep_point``).
+
 The schema carries a version; opening a registry applies the missing
 migrations in order, under the write lock, so concurrent openers of a fresh
 database migrate it once.
@@ -103,6 +106,20 @@ runs = Table(
     Column("recipe_path", Text),  # where the recipe file was (resolved), for resume and show
     # v3
     Column("kind", String(16), nullable=False, server_default=text("'recipe'")),  # recipe or bench
+    # v4
+    Column("sweep_point", Text),  # JSON of the grid values this run sets in its sweep
+)
+
+sweeps = Table(
+    "sweeps", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("recipe_text", Text),
+    Column("recipe_path", Text),
+    Column("overrides", Text),  # JSON list of "key=value" strings
+    Column("grid", Text),  # JSON: dotted path -> values
+    Column("points", Integer, nullable=False),
+    Column("created_at", String(40), nullable=False),
 )
 
 stages = Table(
@@ -207,7 +224,19 @@ def _migration_3(conn: Connection) -> None:
     _add_column(conn, "runs", Column("kind", String(16), nullable=False, server_default=text("'recipe'")))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(conn: Connection) -> None:
+    """Sweeps: a table of sweeps (the recipe and its grid) and the grid point of each of their runs."""
+    _add_column(conn, "runs", Column("sweep_point", Text))
+    m = MetaData()
+    Table("sweeps", m,
+          Column("id", String(64), primary_key=True), Column("name", String(200), nullable=False),
+          Column("recipe_text", Text), Column("recipe_path", Text), Column("overrides", Text), Column("grid", Text),
+          Column("points", Integer, nullable=False), Column("created_at", String(40), nullable=False),
+          Index("ix_sweeps_created_at", "created_at"))
+    m.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -389,6 +418,20 @@ class ArtifactRecord:
     created_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class SweepRecord:
+    """A sweep: the recipe it expands (text, path, overrides), its grid and how many runs that makes."""
+
+    id: str
+    name: str
+    recipe_text: str | None
+    recipe_path: str | None
+    overrides: list[str]
+    grid: dict
+    points: int
+    created_at: datetime
+
+
 @dataclass
 class RunRecord:
     """A run with everything recorded about it (``stages``, ``metrics`` and ``artifacts`` in order)."""
@@ -416,6 +459,7 @@ class RunRecord:
     sweep_id: str | None
     recipe_path: str | None = None
     kind: str = "recipe"  # or "bench": kernel timings recorded by ``sparsify bench --record``
+    sweep_point: dict | None = None  # the grid values this run sets, in a sweep
     stages: list[StageRecord] = field(default_factory=list)
     metrics: list[MetricRecord] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
@@ -484,11 +528,12 @@ class Registry:
                    recipe_json: str | Mapping | None, overrides: Sequence[str] | None, model: str | None,
                    data: str | None, seed: int | None, output_dir: str | None, workdir: str | None,
                    recipe_path: str | os.PathLike | None = None, sweep_id: str | None = None,
-                   kind: str = "recipe") -> str:
+                   kind: str = "recipe", sweep_point: str | None = None) -> str:
         """Record a new run, ``running`` in this process; returns its id.
 
         ``kind`` is ``recipe`` for ``sparsify run`` and ``bench`` for recorded
-        benchmarks (their stages are the bench cases).
+        benchmarks (their stages are the bench cases). A run of a sweep has its
+        ``sweep_id`` and ``sweep_point`` (JSON of the grid values it sets).
 
         Also records the versions of python/torch/transformers/sparsify, the
         git commit of the repository holding ``recipe_path`` (if any), and this
@@ -502,7 +547,8 @@ class Registry:
                    overrides=json.dumps(list(overrides or [])), model=model, data=data, seed=seed,
                    status="running", started_at=_iso(now), versions=json.dumps(environment_versions()),
                    git_commit=git_commit(recipe_path), output_dir=_str(output_dir), workdir=_str(workdir),
-                   attempts=1, sweep_id=sweep_id, recipe_path=_recipe_path(recipe_path), kind=kind, **proc)
+                   attempts=1, sweep_id=sweep_id, recipe_path=_recipe_path(recipe_path), kind=kind,
+                   sweep_point=sweep_point, **proc)
         for _ in range(5):
             run_id = new_run_id(now)
             try:
@@ -511,6 +557,48 @@ class Registry:
             except IntegrityError:  # the same random suffix in the same minute: draw again
                 continue
         raise SparsifyError(f"could not allocate a new run id in {_safe(self.url)}")
+
+    # -- sweeps --
+
+    def create_sweep(self, *, name: str, recipe_text: str | None, recipe_path: str | os.PathLike | None,
+                     overrides: Sequence[str] | None, grid: Mapping, points: int) -> str:
+        """Record a new sweep (its runs are recorded with ``create_run(sweep_id=...)``); returns its id."""
+        now = _utcnow()
+        row = dict(name=name, recipe_text=recipe_text, recipe_path=_recipe_path(recipe_path),
+                   overrides=json.dumps(list(overrides or [])), grid=json.dumps(dict(grid), default=str),
+                   points=int(points), created_at=_iso(now))
+        for _ in range(5):
+            sweep_id = "sweep-" + new_run_id(now)
+            try:
+                self._write(lambda conn: conn.execute(insert(sweeps).values(id=sweep_id, **row)))
+                return sweep_id
+            except IntegrityError:
+                continue
+        raise SparsifyError(f"could not allocate a new sweep id in {_safe(self.url)}")
+
+    def get_sweep(self, sweep_id: str) -> SweepRecord:
+        """The sweep with id (or unique id prefix) ``sweep_id``."""
+        def get(conn: Connection) -> SweepRecord:
+            rows = conn.execute(select(sweeps).where(sweeps.c.id == sweep_id)).all() or conn.execute(
+                select(sweeps).where(sweeps.c.id.startswith(sweep_id, autoescape=True)).limit(6)).all()
+            if len(rows) != 1:
+                ids = conn.execute(select(sweeps.c.id)).scalars().all()
+                if rows:
+                    raise SparsifyError(f"sweep id {sweep_id!r} is ambiguous: it starts "
+                                        + ", ".join(r.id for r in rows[:5]))
+                close = difflib.get_close_matches(sweep_id, ids, n=3, cutoff=0.6)
+                hint = " (did you mean " + " or ".join(repr(c) for c in close) + "?)" if close else ""
+                raise SparsifyError(f"no sweep {sweep_id!r} in {_safe(self.url)}{hint}")
+            return _sweep_record(rows[0])
+
+        return self._read(get)
+
+    def find_sweeps(self, limit: int | None = None) -> list[SweepRecord]:
+        """Recorded sweeps, newest first."""
+        query = select(sweeps).order_by(sweeps.c.created_at.desc(), sweeps.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        return self._read(lambda conn: [_sweep_record(r) for r in conn.execute(query).all()])
 
     def set_run_paths(self, run_id: str, *, workdir: str | os.PathLike | None = None,
                       output_dir: str | os.PathLike | None = None) -> None:
@@ -844,7 +932,13 @@ def _run_record(r) -> RunRecord:
         status=r.status, reason=r.reason, started_at=_parse(r.started_at), ended_at=_parse(r.ended_at),
         versions=_loads(r.versions, {}), git_commit=r.git_commit, host=r.host, pid=r.pid,
         output_dir=r.output_dir, workdir=r.workdir, attempts=r.attempts or 1, sweep_id=r.sweep_id,
-        recipe_path=r.recipe_path, kind=r.kind)
+        recipe_path=r.recipe_path, kind=r.kind, sweep_point=_loads(r.sweep_point, None))
+
+
+def _sweep_record(r) -> SweepRecord:
+    return SweepRecord(id=r.id, name=r.name, recipe_text=r.recipe_text, recipe_path=r.recipe_path,
+                       overrides=_loads(r.overrides, []), grid=_loads(r.grid, {}), points=r.points,
+                       created_at=_parse(r.created_at))
 
 
 def _chunks(items: list, n: int):

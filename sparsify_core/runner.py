@@ -106,8 +106,9 @@ class Runner:
     """Runs one recipe (fresh, or resuming ``resume_id``) against a registry."""
 
     def __init__(self, loaded: LoadedRecipe, registry, *, resume_id: str | None = None,
-                 runs_dir: str | Path = "runs"):
+                 runs_dir: str | Path = "runs", sweep_id: str | None = None, sweep_point: str | None = None):
         self.loaded = loaded
+        self.sweep_id, self.sweep_point = sweep_id, sweep_point  # set for the runs of a sweep
         self.recipe = loaded.recipe
         self.registry = registry
         self.resume_id = resume_id
@@ -216,7 +217,8 @@ class Runner:
                 recipe_name=rec.name, recipe_hash=self.loaded.hash, recipe_text=self.loaded.text,
                 recipe_json=self.loaded.effective_json, overrides=self.loaded.overrides,
                 model=f"{rec.model.source}", data=f"{rec.data.source}", seed=rec.seed,
-                output_dir=None, workdir=None, recipe_path=self.loaded.path)
+                output_dir=None, workdir=None, recipe_path=self.loaded.path, sweep_id=self.sweep_id,
+                sweep_point=self.sweep_point)
             self.workdir = (self.runs_dir / self.run_id).resolve()
             out = Path(rec.output.dir.format(name=rec.name, run_id=self.run_id)).resolve()
             self.registry.set_run_paths(self.run_id, workdir=str(self.workdir),
