@@ -181,10 +181,13 @@ class TransposedLinear(nn.Module):
         return cls(w.detach().contiguous(), getattr(module, "bias", None), strict)
 
     def forward(self, x):
-        if _inference(x) and x.device.type == "cpu" and x.dtype == torch.float32:
-            y = ffn_kernels.sparse_input_linear(x, self.weight, self.bias)
-            if y is not None:
-                return y
+        if _inference(x) and x[..., 0].numel() <= ffn_kernels.MAX_TOKENS:  # decoding: where skipping pays
+            if x.device.type == "cpu" and x.dtype == torch.float32:
+                y = ffn_kernels.sparse_input_linear(x, self.weight, self.bias)
+                if y is not None:
+                    return y
+            fallback("sparse-input Linear", f"for {x.device.type}/{str(x.dtype).removeprefix('torch.')}",
+                     self.strict)
         y = x @ self.weight.to(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 

@@ -198,3 +198,50 @@ def test_moe_ffn_module_matches_masked_dense(top_k):
         with torch.no_grad():
             ref = down(torch.nn.functional.silu(gate(x)) * up(x) * sel)
             torch.testing.assert_close(moe(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def _warnings_of(fn, times=2):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        outs = [fn() for _ in range(times)]
+    return outs[0], [str(r.message) for r in rec if "no fast kernel" in str(r.message)]
+
+
+@pytest.mark.parametrize("why", ["float64", "no native kernels"])
+def test_every_module_falls_back_once_or_fails_in_strict_mode(monkeypatch, why):
+    """ActivationSparseFFN (with and without predictor), MoEFFN and TransposedLinear: dense, warned once; strict raises."""
+    torch.manual_seed(0)
+    d, size, E = 16, 8, 5
+    dtype = torch.float64 if why == "float64" else torch.float32
+    if why == "no native kernels":
+        monkeypatch.setenv("SPARSIFY_NO_NATIVE", "1")
+    gate, up, down = (nn.Linear(d, E * size, bias=False), nn.Linear(d, E * size, bias=False),
+                      nn.Linear(E * size, d, bias=False))
+    gate, up, down = gate.to(dtype), up.to(dtype), down.to(dtype)
+    pred = M.ActivationPredictor(torch.randn(3, d, dtype=dtype), torch.randn(E * size, 3, dtype=dtype),
+                                 torch.zeros(E * size, dtype=dtype), 0.0)
+    dense = lambda x, mask=1.0: down(torch.relu(gate(x)) * up(x) * mask)  # noqa: E731
+    x = torch.randn(1, 2, d, dtype=dtype)
+    x1 = torch.relu(torch.randn(1, 2, E * size, dtype=dtype))
+    modules = {
+        "activation-sparse FFN": (lambda s: M.ActivationSparseFFN(gate, up, M.TransposedLinear.from_linear(down, s),
+                                                                   nn.ReLU(), s), lambda: dense(x)),
+        "predicted FFN": (lambda s: M.ActivationSparseFFN(gate, up, M.TransposedLinear.from_linear(down, s),
+                                                           nn.ReLU(), s, predictor=pred),
+                          lambda: dense(x, pred(x).to(dtype))),
+        "MoE FFN": (lambda s: M.MoEFFN(gate, up, M.TransposedLinear.from_linear(down, s), nn.ReLU(),
+                                       nn.Linear(d, E).to(dtype), size, tau=0.0, strict=s), None),
+        "sparse-input Linear": (lambda s: M.TransposedLinear.from_linear(down, s), lambda: down(x1)),
+    }
+    for what, (make, ref) in modules.items():
+        M._warned.clear()
+        mod = make(False)
+        inp = x1 if what == "sparse-input Linear" else x
+        with torch.no_grad():
+            out, msgs = _warnings_of(lambda: mod(inp))
+            if ref is not None:
+                torch.testing.assert_close(out, ref())
+        assert len(msgs) >= 1 and all(m.count("computing densely") == 1 for m in msgs), (what, msgs)
+        assert len(msgs) == len(set(msgs)), (what, msgs)  # each reason once, not per call
+        with torch.no_grad(), pytest.raises(SparsifyError, match="strict"):
+            make(True)(inp)
