@@ -217,6 +217,108 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
 
 
 @app.command()
+def fit(sweep: str = typer.Argument(..., help="sweep id (or unique prefix)"),
+        data: Optional[str] = typer.Option(None, "--data", help="D: 'recipe:<dotted path>' or a metric name "
+                                           "[default: the train.steps path the sweep varies]"),
+        loss: str = typer.Option("perplexity", "--loss", help="metric for L (perplexity becomes log perplexity)"),
+        sparsity: str = typer.Option("weight_sparsity", "--sparsity", help="metric for S"),
+        nonzeros: str = typer.Option("nonzero_parameters", "--nonzeros", help="metric for N"),
+        n_unit: float = typer.Option(1e6, "--n-unit", help="N is counted in these units (the paper: millions)"),
+        d_unit: float = typer.Option(1.0, "--d-unit", help="D is counted in these units"),
+        delta: float = typer.Option(1e-3, "--delta", help="Huber delta on log L (the paper's for language)"),
+        restarts: int = typer.Option(16, "--restarts", min=1, help="random starts of the fit"),
+        bootstrap: int = typer.Option(50, "--bootstrap", min=0, help="resampled refits for 95% intervals"),
+        folds: int = typer.Option(5, "--folds", min=0, help="leave-some-runs-out folds for the held-out error (0: off)"),
+        budget_nonzeros: Optional[float] = typer.Option(None, "--budget-nonzeros", help="non-zero parameters for the "
+                                                        "optimal sparsity [default: the sweep's largest N]"),
+        budget_data: list[float] = typer.Option([], "--budget-data", help="data budgets D, repeatable [default: the "
+                                                "sweep's D values and 10x and 100x the largest]"),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of fit against points [default: fit-SWEEP.png]"),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="also write everything to this JSON file"),
+        seed: int = typer.Option(0, "--seed")):
+    """Fit the sparse scaling law L(S, N, D) to a sweep's runs: coefficients, errors, optimal sparsity, plot."""
+    import math
+
+    import numpy as np
+
+    from .scaling_law import COEFFICIENTS, cross_validate, fit as fit_law, optimal_sparsity, plot_fit, \
+        points_from_runs, prediction_errors
+    from .sweep import data_path
+
+    reg = _registry()
+    reg.reconcile()
+    sw = reg.get_sweep(sweep)
+    if data is None:
+        path = data_path(sw.grid)
+        if path is None:
+            raise SparsifyError(f"sweep {sw.id} varies no single '...train.steps': say what D is with --data "
+                                "recipe:<dotted path> or --data <metric>")
+        data = f"recipe:{path}"
+    points, skipped = points_from_runs(reg.find_runs(sweep_id=sw.id), data=data, loss=loss, sparsity=sparsity,
+                                       nonzeros=nonzeros, n_unit=n_unit, d_unit=d_unit)
+    if len(points) < len(COEFFICIENTS):
+        raise SparsifyError(f"sweep {sw.id}: {len(points)} finished runs with {loss}, {sparsity}, {nonzeros} and "
+                            f"{data}; fitting 7 coefficients needs at least 7")
+    kwargs = dict(delta=delta, restarts=restarts)
+    result = fit_law(points, seed=seed, bootstrap=bootstrap, **kwargs)
+    law = result.law
+    train_err = prediction_errors(law, points)
+    cv = None
+    if folds:
+        try:
+            cv = cross_validate(points, folds, seed=seed, **kwargs)
+        except ValueError as exc:
+            err.print(f"no held-out error: {exc}", highlight=False)
+
+    table = Table(title=f"L(S, N, D) = (a_S (1-S)^b_S + c_S) N^-b_N + (a_D / D)^b_D + c  |  sweep {sw.id}, "
+                        f"{len(points)} runs, N in {n_unit:g}, D in {d_unit:g} x {data}")
+    for col in ("coefficient", "value", "std. error", "bootstrap 95%"):
+        table.add_column(col, justify="right" if col != "coefficient" else "left")
+    for k in COEFFICIENTS:
+        se = result.stderr[k]
+        ci = result.bootstrap.get(k) if result.bootstrap else None
+        table.add_row(k, f"{getattr(law, k):.4g}", "n/a" if math.isnan(se) else f"{se:.2g}",
+                      f"{ci[0]:.3g} .. {ci[1]:.3g}" if ci else "")
+    out.print(table)
+    out.print(f"fit error (all runs): RMSE of log L {train_err['rmse_log']:.4f}, mean |rel. error| of L "
+              f"{train_err['mean_abs_rel']:.2%}", highlight=False)
+    if cv is not None:
+        out.print(f"held-out error ({int(cv['folds'])}-fold leave-some-runs-out): RMSE of log L {cv['rmse_log']:.4f}, "
+                  f"mean |rel. error| {cv['mean_abs_rel']:.2%}, max {cv['max_abs_rel']:.2%}", highlight=False)
+
+    n_budget = budget_nonzeros / n_unit if budget_nonzeros else float(points.N.max())
+    d_values = [d / d_unit for d in budget_data] or sorted(set(points.D.tolist()) | {points.D.max() * 10,
+                                                                                    points.D.max() * 100})
+    best = Table(title=f"optimal sparsity at N = {n_budget * n_unit:.4g} non-zeros, equal training cost")
+    for col in ("D", "S_opt", "L dense", "L at S_opt"):
+        best.add_column(col, justify="right")
+    optimal = []
+    for d in d_values:
+        s_opt = optimal_sparsity(law, n_budget, d)
+        l_dense, l_opt = law(0.0, n_budget, d), law(s_opt, n_budget, d * (1 - s_opt))
+        optimal.append({"D": d * d_unit, "S_opt": s_opt, "L_dense": l_dense, "L_opt": l_opt})
+        best.add_row(f"{d * d_unit:.4g}", f"{s_opt:.1%}", f"{l_dense:.4f}", f"{l_opt:.4f}")
+    out.print(best)
+    out.print("equal cost: the sparse model (N / (1 - S) parameters, trained densely by gmp) trains on D (1 - S) for "
+              "the cost of the dense N-parameter model on D", highlight=False)
+    if skipped:
+        err.print(f"skipped {len(skipped)} runs (unfinished or a value missing): {', '.join(skipped[:5])}"
+                  + (" ..." if len(skipped) > 5 else ""), highlight=False)
+    plot = plot or Path(f"fit-{sw.id}.png")
+    plot_fit(law, points, plot, title=f"sweep {sw.id} ({sw.name}), {len(points)} runs")
+    err.print(f"wrote {plot}", highlight=False)
+    if json_path:
+        summary = {"sweep": sw.id, "data": data, "n_unit": n_unit, "d_unit": d_unit, **result.summary(),
+                   "train_error": train_err, "optimal_sparsity": optimal, "skipped_runs": skipped,
+                   "heldout_error": None if cv is None else {k: v for k, v in cv.items() if k != "predicted"},
+                   "points": [{"run": lab, "S": s, "N": n, "D": d, "L": l} for lab, s, n, d, l in
+                              zip(points.labels, *(np.asarray(v).tolist() for v in (points.S, points.N, points.D,
+                                                                                   points.L)))]}
+        json_path.write_text(json.dumps(summary, indent=1, default=float))
+        err.print(f"wrote {json_path}", highlight=False)
+
+
+@app.command()
 def bench(case: list[int] = typer.Option([1, 2, 3], "--case", help="cases to run (1-4; repeat the option)"),
           json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
           threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for dense torch and "

@@ -300,6 +300,31 @@ def heldout_error(points: Points, holdout: float | str | Sequence[str], *, seed:
             "heldout": prediction_errors(result.law, points.subset(mask)), "heldout_mask": mask}
 
 
+def cross_validate(points: Points, folds: int = 5, *, seed: int = 0, **fit_kwargs) -> dict:
+    """Leave-some-runs-out error: split the points into ``folds`` seeded groups, fit without each, predict it.
+
+    Every point is predicted once by a fit that never saw it. Returns
+    ``prediction_errors`` over those predictions, the predictions themselves
+    (``predicted``, in point order) and ``folds``. Each fit needs 7 points, so
+    ``folds`` is capped to keep that many outside every group.
+    """
+    n = len(points)
+    folds = min(folds, n)
+    if folds < 2 or n - math.ceil(n / folds) < len(COEFFICIENTS):
+        raise ValueError(f"{n} points are too few for {folds}-fold cross-validation of 7 coefficients")
+    order = np.random.default_rng(seed).permutation(n)
+    predicted = np.empty(n, dtype=np.float64)
+    for k in range(folds):
+        held = np.zeros(n, dtype=bool)
+        held[order[k::folds]] = True
+        law = fit(points.subset(~held), seed=seed + k, **fit_kwargs).law
+        predicted[held] = np.asarray(law(points.S[held], points.N[held], points.D[held]), dtype=np.float64)
+    rel = np.abs(predicted - points.L) / points.L
+    return {"rmse_log": float(np.sqrt(np.mean((np.log(predicted) - np.log(points.L)) ** 2))),
+            "mean_abs_rel": float(rel.mean()), "max_abs_rel": float(rel.max()), "points": float(n),
+            "folds": float(folds), "predicted": predicted}
+
+
 # -- using a law ----------------------------------------------------------------------------
 
 

@@ -87,3 +87,9 @@ def run_sweep(plan: SweepPlan, registry, *, runs_dir: str | Path, resume_id: str
 def _key(point) -> str | None:
     import json
     return None if point is None else json.dumps(point, sort_keys=True, default=str)
+
+
+def data_path(grid: dict) -> str | None:
+    """The grid path that sets the amount of training (``...train.steps``), for ``sparsify fit``'s D; None if none."""
+    found = [key for key in grid if key.endswith("train.steps")]
+    return found[0] if len(found) == 1 else None

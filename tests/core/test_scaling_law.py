@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from sparsify_core.registry import MetricRecord, RunRecord
-from sparsify_core.scaling_law import (COEFFICIENTS, PUBLISHED, Points, ScalingLaw, fit, fit_runs, heldout_error,
-                                       heldout_split, optimal_sparsity, plot_fit, points_from_runs)
+from sparsify_core.scaling_law import (COEFFICIENTS, PUBLISHED, Points, ScalingLaw, cross_validate, fit, fit_runs,
+                                       heldout_error, heldout_split, optimal_sparsity, plot_fit, points_from_runs)
 
 T5 = PUBLISHED["t5-c4"]
 
@@ -106,3 +106,16 @@ def test_points_validation():
     with pytest.raises(ValueError, match="at least 7 points"):
         fit(Points([0.0] * 3, [1, 2, 3], [1] * 3, [2, 2, 2]))
     assert isinstance(ScalingLaw(*[1.0] * 7)(0.5, 1, 1), float)
+
+
+def test_cross_validation_predicts_every_point_once_unseen():
+    points = grid_points(T5, noise=0.002, seed=4)
+    cv = cross_validate(points, folds=4, restarts=2)
+    assert cv["folds"] == 4 and cv["predicted"].shape == (64,)
+    assert cv["mean_abs_rel"] < 0.01 and cv["rmse_log"] > 0
+    # a badly wrong point is predicted from the others, so its error shows up held out
+    bad = grid_points(T5, noise=0.002, seed=4)
+    bad.L[5] *= 1.5
+    assert cross_validate(bad, folds=4, restarts=2)["max_abs_rel"] > 0.2
+    with pytest.raises(ValueError, match="too few"):
+        cross_validate(points.subset(np.arange(8)), folds=2)
