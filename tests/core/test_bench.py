@@ -19,6 +19,9 @@ needs_native = pytest.mark.skipif(not K.cpu_kernel_available(), reason="no C++ c
 def test_record_stores_a_bench_run_apart_from_recipe_runs(tmp_path):
     result = bench.run(cases=(1,), quick=True, threads=1)
     assert result["rows"] and all(r["case"] == 1 for r in result["rows"])
+    (pred,) = [r for r in result["rows"] if r["config"].endswith("predictor")]
+    assert 0.9 <= pred["extra"]["recall"] <= 1 and pred["extra"]["held_out_computed_fraction"] < 0.5
+    assert pred["extra"]["rel_err"] < 0.5  # approximate, but close to the exact FFN
     with Registry(f"sqlite:///{tmp_path}/r.db") as reg:
         recipe_run = reg.create_run(recipe_name="t", recipe_hash=None, recipe_text=None, recipe_json=None,
                                     overrides=None, model="m", data="d", seed=0, output_dir=None, workdir=None)
