@@ -369,7 +369,8 @@ def main() -> None:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(2)
     except RunInterrupted as exc:
-        err.print(f"interrupted: {exc}; continue with `sparsify run --resume <run id>`", highlight=False, markup=False)
+        hint = "" if "--resume" in str(exc) else "; continue with `sparsify run --resume <run id>`"
+        err.print(f"interrupted: {exc}{hint}", highlight=False, markup=False)
         sys.exit(130)
     except SparsifyError as exc:
         if debug:

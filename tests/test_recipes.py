@@ -21,7 +21,7 @@ def test_gmp_recipe_validates(tmp_path):
 def test_scaling_sweep_validates_and_can_fit_seven_coefficients(tmp_path):
     proc = sparsify("validate", RECIPES / "scaling-sweep.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "sweep scaling-sweep of 27 runs" in proc.stdout
+    assert "sweep scaling-sweep of 36 runs" in proc.stdout
     plan = load_sweep(RECIPES / "scaling-sweep.yaml")
     recipes = [p.loaded for p in plan.points]
     sizes = {r.recipe.model.params["hidden_size"] for r in recipes}
