@@ -17,24 +17,57 @@ def _has_ffn_blocks(model) -> bool:
         return False
 
 
+def is_routed(block: FFNBlock) -> bool:
+    """True for FFN blocks split into experts with a router (the routed-FFN protocol of ``plugins/moe``).
+
+    Such a block module has ``num_experts``, ``expert_size`` (expert e is the
+    neurons ``[e*size, (e+1)*size)``), ``register_selection_hook(fn)`` (``fn(module,
+    x, scores, selected)`` with ``selected`` the boolean ``[..., E]`` of experts
+    computed) and ``router_flops_per_token()``.
+    """
+    return hasattr(block.module, "register_selection_hook") and hasattr(block.module, "router_flops_per_token")
+
+
 class _NeuronActivity:
-    """Counts, per FFN block and neuron, the tokens where ``x1 != 0`` during forwards."""
+    """Counts, per FFN block and neuron, the tokens where ``x1 != 0`` during forwards.
+
+    For routed FFN blocks it also counts, per neuron, the tokens whose
+    selected experts include it (``computed_fraction``).
+    """
 
     def __init__(self, blocks: list[FFNBlock]):
         self.blocks = blocks
         self.active = {b.name: torch.zeros(b.d_ff, dtype=torch.int64) for b in blocks}
         self.tokens = {b.name: 0 for b in blocks}
+        self.computed = {b.name: torch.zeros(b.d_ff, dtype=torch.int64) for b in blocks if is_routed(b)}
+        self.routed_tokens = {name: 0 for name in self.computed}
         self._stack = ExitStack()
         self._stack.enter_context(capture_intermediates(blocks, self._record))
+        for b in blocks:
+            if is_routed(b):
+                handle = b.module.register_selection_hook(
+                    lambda m, x, scores, sel, name=b.name: self._record_selection(name, m, sel))
+                self._stack.callback(handle.remove)
 
     def _record(self, block: FFNBlock, x1: torch.Tensor) -> None:
         nz = (x1.detach() != 0).reshape(-1, x1.shape[-1])
         self.active[block.name] += nz.sum(dim=0).cpu()
         self.tokens[block.name] += nz.shape[0]
 
+    def _record_selection(self, name: str, module, selected: torch.Tensor) -> None:
+        sel = selected.detach().reshape(-1, selected.shape[-1])
+        self.computed[name] += sel.sum(dim=0).cpu().repeat_interleave(module.expert_size)
+        self.routed_tokens[name] += sel.shape[0]
+
     def active_fraction(self, block: FFNBlock) -> torch.Tensor:
         """Per neuron, the fraction of tokens where it is non-zero (``[d_ff]`` float64)."""
         return self.active[block.name].double() / max(self.tokens[block.name], 1)
+
+    def computed_fraction(self, block: FFNBlock) -> torch.Tensor | None:
+        """Routed blocks: per neuron, the fraction of tokens that computed it; ``None`` for dense blocks."""
+        if block.name not in self.computed:
+            return None
+        return self.computed[block.name].double() / max(self.routed_tokens[block.name], 1)
 
     def close(self) -> None:
         self._stack.close()
@@ -104,7 +137,8 @@ class WeightSparsity(Metric):
 
 
 def ffn_flops_per_token(up_row_nnz: torch.Tensor, down_col_nnz: torch.Tensor, active_fraction: torch.Tensor,
-                        gate_nnz: float | None = None) -> float:
+                        gate_nnz: float | None = None, *, computed_fraction: torch.Tensor | None = None,
+                        gate_row_nnz: torch.Tensor | None = None, router_flops: float = 0.0) -> float:
     """Effective FLOPs (2 x multiply-adds) per token of one FFN, skipping zero neurons exactly.
 
     Neuron ``j`` is active for a fraction ``f_j`` of tokens; where it is zero,
@@ -117,12 +151,28 @@ def ffn_flops_per_token(up_row_nnz: torch.Tensor, down_col_nnz: torch.Tensor, ac
     - plain: ``2 * (nnz(W_fc1) + sum_j f_j * nnz(W_fc2[:, j]))``, with ``up_row_nnz`` the rows of ``W_fc1``
 
     (pass ``gate_nnz=None`` for plain). Biases and the activation itself are not counted.
+
+    Routed (MoE) FFNs compute a neuron only for the tokens whose selected
+    experts hold it, a fraction ``c_j`` (``computed_fraction``) with
+    ``f_j <= c_j``: the gate row (gated, ``gate_row_nnz``) or the W_fc1 row
+    (plain) is weighted by ``c_j`` instead of counted always, and the
+    router's own ``router_flops`` per token are added:
+
+    - gated: ``router + 2 * sum_j (c_j * nnz(W_gate[j, :]) + f_j * (nnz(W_up[j, :]) + nnz(W_down[:, j])))``
+    - plain: ``router + 2 * sum_j (c_j * nnz(W_fc1[j, :]) + f_j * nnz(W_fc2[:, j]))``
     """
     f = active_fraction.double()
     up, down = up_row_nnz.double(), down_col_nnz.double()
+    if computed_fraction is not None:
+        c = computed_fraction.double()
+        if gate_nnz is None:
+            return router_flops + 2.0 * float((c * up).sum() + (f * down).sum())
+        if gate_row_nnz is None:
+            raise ValueError("a routed gated FFN needs gate_row_nnz")
+        return router_flops + 2.0 * float((c * gate_row_nnz.double()).sum() + (f * (up + down)).sum())
     if gate_nnz is None:
-        return 2.0 * float(up.sum() + (f * down).sum())
-    return 2.0 * float(gate_nnz + (f * (up + down)).sum())
+        return router_flops + 2.0 * float(up.sum() + (f * down).sum())
+    return router_flops + 2.0 * float(gate_nnz + (f * (up + down)).sum())
 
 
 class FFNFlops(Metric):
@@ -133,7 +183,9 @@ class FFNFlops(Metric):
     weighted by the fraction of eval tokens where it is non-zero, using its
     own non-zero weights, so weight and activation sparsity combine exactly.
     Also records ``ffn_flops_per_token_dense``: ``2 x`` all FFN weights, the
-    same model with no zeros at all.
+    same model with no zeros at all. FFNs split into experts (``moeify``)
+    count only the neurons of the experts each token selected, plus their
+    router.
     """
 
     name = "ffn_flops_per_token"
@@ -152,8 +204,14 @@ class FFNFlops(Metric):
             for b in p.blocks:
                 up, down = b.weight("up"), b.weight("down")
                 gate_nnz = float(torch.count_nonzero(b.weight("gate"))) if b.gate is not None else None
+                routed = p.computed_fraction(b)
+                gate_rows = (b.weight("gate") != 0).sum(dim=1).cpu() if routed is not None and b.gate is not None \
+                    else None
                 flops = ffn_flops_per_token((up != 0).sum(dim=1).cpu(), (down != 0).sum(dim=0).cpu(),
-                                            p.active_fraction(b), gate_nnz)
+                                            p.active_fraction(b), gate_nnz, computed_fraction=routed,
+                                            gate_row_nnz=gate_rows,
+                                            router_flops=b.module.router_flops_per_token() if routed is not None
+                                            else 0.0)
                 per_layer.append(MetricValue(self.name, flops, layer=b.name))
                 dense += 2.0 * sum(m.weight.numel() for m in b.projections().values())
         total = sum(v.value for v in per_layer)

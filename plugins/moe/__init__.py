@@ -1,0 +1,31 @@
+"""Mixtures of experts carved out of dense FFNs (METHODS.md sections 3-4).
+
+- ``moeify/param_cluster`` and ``moeify/coactivation``: split each FFN into
+  equal experts (``clustering``) and wrap it in a ``RoutedFFN`` with an
+  ``mlp`` (MoEfication) or ``lte`` router fitted on calibration activations
+  (``methods``, ``modules``).
+- Metrics ``expert_sparsity`` and ``router_recall`` (``metrics``); FFN FLOPs
+  with routers are the built-in ``ffn_flops_per_token``.
+"""
+from __future__ import annotations
+
+from sparsify_core import hookimpl
+
+from .methods import Coactivation, ParamCluster
+from .metrics import ExpertSparsity, RouterRecall
+from .modules import LTERouter, MLPRouter, RoutedFFN, Router
+
+__all__ = ["Coactivation", "ExpertSparsity", "LTERouter", "MLPRouter", "ParamCluster", "RoutedFFN",
+           "Router", "RouterRecall"]
+
+
+@hookimpl
+def sparsify_methods():
+    """``moeify/param_cluster`` and ``moeify/coactivation``."""
+    return [ParamCluster, Coactivation]
+
+
+@hookimpl
+def sparsify_metrics():
+    """``expert_sparsity`` and ``router_recall``."""
+    return [ExpertSparsity, RouterRecall]
