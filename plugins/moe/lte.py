@@ -1,0 +1,161 @@
+"""``regularize/lte``: Learn-To-be-Efficient training of routed FFNs (METHODS.md section 4).
+
+Run it after ``moeify`` with ``router: lte``. One stage, one pass of the
+shared training loop, two phases switched at ``stage1_steps``:
+
+- Stage 1 (steps ``[0, stage1_steps)``): soft routing, every expert computed
+  and weighted by its score, ``y = sum_e G(x)_e E_e(x)``; model and routers
+  train jointly on ``task + eta * L_eff + lambda * L_sep`` with
+
+  - ``L_eff = mean over layers, tokens and experts of G(x)_e^2`` (efficiency:
+    pushes scores down so fewer experts pass the threshold),
+  - ``L_sep = mean over layers, tokens and experts of 1 / (G(x)_e - tau)^2``
+    (separability: pushes scores away from ``tau``, so the hard threshold of
+    stage 2 changes little). The squared distance is floored at ``sep_eps``
+    so a score exactly at ``tau`` cannot make the loss infinite.
+
+  Both are averaged over the experts too (the paper's ``1/(L N)``
+  normalisation), so ``eta`` in about [0, 2] and ``lambda = 0.5`` keep their
+  published meaning whatever the number of experts.
+- Stage 2 (the remaining steps): routers frozen, hard threshold selection
+  (expert e iff ``G(x)_e > tau``, experts combined unweighted), task loss only.
+
+The task loss is the loop's: LM, KD from the dense model, or both
+(``train.lm_weight``/``train.kd_weight``). The phase is a function of the
+step, so ``--resume`` inside either phase continues where it stopped. After
+the stage every routed FFN selects by threshold ``tau``.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+from sparsify_core import Method, Params, StageResult
+from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import find_ffn_blocks
+from sparsify_core.training import TrainCallback, TrainConfig, train
+
+from .modules import RoutedFFN
+
+
+def efficiency_loss(scores: torch.Tensor) -> torch.Tensor:
+    """LTE's L_eff of one layer: the mean of ``G^2`` over tokens and experts."""
+    return scores.float().pow(2).mean()
+
+
+def separability_loss(scores: torch.Tensor, tau: float, eps: float = 1e-4) -> torch.Tensor:
+    """LTE's L_sep of one layer: the mean of ``1 / (G - tau)^2`` (squared distance floored at ``eps``)."""
+    return (scores.float() - tau).pow(2).clamp_min(eps).reciprocal().mean()
+
+
+def routed_modules(model) -> list[RoutedFFN]:
+    """The model's routed FFNs, in layer order."""
+    return [b.module for b in find_ffn_blocks(model) if isinstance(b.module, RoutedFFN)]
+
+
+class LTECallback(TrainCallback):
+    """Switches the routing per phase and adds ``eta * L_eff + lambda * L_sep`` in stage 1."""
+
+    def __init__(self, modules: list[RoutedFFN], *, eta: float, lam: float, tau: float, stage1_steps: int,
+                 sep_eps: float):
+        self.modules, self.eta, self.lam, self.tau = modules, eta, lam, tau
+        self.stage1_steps, self.sep_eps = stage1_steps, sep_eps
+        self.scores: list[torch.Tensor] = []
+        self.unselected = 0.0
+        self.count = 0
+        self.phase = 1
+        self._handles = []
+
+    def _record(self, module, x, scores, selected):
+        if torch.is_grad_enabled() and scores is not None:
+            self.scores.append(scores)
+            below = (scores.detach() <= self.tau) if self.phase == 1 else ~selected.detach()
+            self.unselected += float(below.sum())
+            self.count += below.numel()
+
+    def start(self, loop):
+        self._handles = [m.register_selection_hook(self._record) for m in self.modules]
+
+    def before_step(self, step):
+        self.phase = 1 if step < self.stage1_steps else 2
+        for m in self.modules:
+            if self.phase == 1:
+                m.set_routing("soft", tau=self.tau)
+            else:
+                m.set_routing("threshold", tau=self.tau)
+            for p in m.router.parameters():
+                p.requires_grad_(self.phase == 1)
+
+    def penalty(self, step):
+        scores, self.scores = self.scores, []
+        info = {"phase": float(self.phase), "sparsity": self.unselected / max(self.count, 1)}
+        self.unselected, self.count = 0.0, 0
+        if self.phase == 2 or not scores:
+            return None, info
+        l_eff = torch.stack([efficiency_loss(s) for s in scores]).mean()
+        l_sep = torch.stack([separability_loss(s, self.tau, self.sep_eps) for s in scores]).mean()
+        pen = self.eta * l_eff + self.lam * l_sep
+        info.update(l_eff=float(l_eff.detach()), l_sep=float(l_sep.detach()), penalty=float(pen.detach()))
+        return pen, info
+
+    def stop(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for m in self.modules:
+            m.set_routing("threshold", tau=self.tau)
+            for p in m.router.parameters():
+                p.requires_grad_(True)
+
+
+class LTEParams(Params):
+    eta: float = Field(0.5, ge=0, description="weight of the efficiency loss L_eff (sets the sparsity; ~[0, 2])")
+    lam: float = Field(0.5, alias="lambda", ge=0, description="weight of the separability loss L_sep")
+    tau: float = Field(0.5, gt=0, lt=1, description="router threshold: expert e iff G(x)_e > tau")
+    stage1_steps: int = Field(gt=0, description=(
+        "steps of stage 1 (soft routing, joint training); the rest of train.steps is stage 2"))
+    sep_eps: float = Field(1e-4, gt=0, description="floor of (G - tau)^2 in L_sep")
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _phases(self):
+        if self.stage1_steps > self.train.steps:
+            raise ValueError(f"stage1_steps ({self.stage1_steps}) exceeds train.steps ({self.train.steps})")
+        return self
+
+
+class LTE(Method):
+    """LTE: stage 1 soft routing with efficiency and separability losses, stage 2 frozen routers, hard threshold.
+
+    Needs FFNs split into experts with ``lte`` routers (``moeify`` with
+    ``router: lte``). Trains with the shared loop (LM and/or KD loss).
+    """
+
+    kind = "regularize"
+    name = "lte"
+    Params = LTEParams
+
+    def apply(self, ctx, params) -> StageResult:
+        modules = routed_modules(ctx.model)
+        if not modules:
+            raise SparsifyError("regularize/lte needs FFNs split into experts: run a moeify stage with router: lte "
+                                "before it")
+        wrong = sorted({m.router.kind for m in modules} - {"lte"})
+        if wrong:
+            raise SparsifyError(f"regularize/lte trains lte routers; this model's routers are {', '.join(wrong)} "
+                                "(set router: lte in the moeify stage)")
+        for m in modules:  # the optimizer is built over trainable parameters: include the routers
+            for p in m.router.parameters():
+                p.requires_grad_(True)
+        cb = LTECallback(modules, eta=params.eta, lam=params.lam, tau=params.tau,
+                         stage1_steps=params.stage1_steps, sep_eps=params.sep_eps)
+        final = train(ctx, params.train, [cb])
+        keep = ("loss", "lm_loss", "kd_loss", "sparsity")
+        metrics = {f"final_{k}": v for k, v in final.items() if k in keep}
+        if "replica_max_abs_diff" in final:
+            metrics["replica_max_abs_diff"] = final["replica_max_abs_diff"]
+        return StageResult(metrics=metrics)
+
+    def rebuild(self, ctx, params, result) -> None:
+        for m in routed_modules(ctx.model):
+            m.set_routing("threshold", tau=params.tau)
