@@ -1,6 +1,7 @@
 """Recipes: YAML -> validated ``Recipe``, with errors that name file, line and field.
 
-Everything here runs before any model or data is loaded. Parsing uses
+Everything here runs before any model or data is loaded. A recipe with a
+``sweep:`` expands into one validated recipe per grid point (``load_sweep``). Parsing uses
 PyYAML's safe loader (``RecipeLoader``, a ``yaml.SafeLoader`` that reads
 ``2:4`` as the string it means rather than YAML 1.1's base-60 integer 124);
 nothing in a recipe is ever evaluated as code.
@@ -539,7 +540,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, *, text: st
         if problem:
             raise RecipeError(problem, file=file, line=lines.line(("sweep", "grid", key), key=True),
                               field=f"sweep.grid.{key}")
-    base = raw.get("name", "")
+    base = raw.get("name")
+    if not base:
+        raise RecipeError("required field is missing (the runs of a sweep are named after it)", file=file,
+                          line=lines.line(("sweep",), key=True), field="name")
     points, names = [], {}
     for index, combo in enumerate(itertools.product(*spec.grid.values())):
         values = dict(zip(spec.grid, combo))

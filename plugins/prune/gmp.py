@@ -60,6 +60,7 @@ class GMPSchedule(TrainCallback):
         self.params, self.final = params, dict(final)
         self.pruned_at, self.sparsity = 0, 0.0
         self.targets: list[Target] = []
+        self.ctx = None  # the run context, from the loop at start
 
     def start(self, loop) -> None:
         self.ctx = loop.ctx

@@ -76,6 +76,7 @@ def test_name_template(tmp_path):
                                                          r"did you mean 'hidden_size'"),
     (("[0.0, 0.5, 0.75]", "[]"), r"sw.yaml:23: sweep.grid.stages.0.params.sparsity: needs at least one value"),
     (("    model.params: [", "    name: [a, b]\n    model.params: ["), r"sw.yaml:22: sweep.grid.name: a sweep cannot"),
+    (("name: sw\n", ""), r"sw.yaml:\d+: name: required field is missing"),
     (("  grid:", "  grids:"), r"sw.yaml:21: sweep.grids: unknown key.*valid keys: grid, name.*did you mean .grid.?"),
 ])
 def test_errors_name_file_line_and_field(tmp_path, change, where):
@@ -145,3 +146,6 @@ def test_sweep_runs_resume_run_by_run(workdir, monkeypatch):
     assert listed.returncode == 0 and all(r.id in listed.stdout for r in runs), listed.stderr
     cmp = sparsify("compare", "--sweep", sweep.id, "--format", "json", cwd=workdir)
     assert cmp.returncode == 0 and len(json.loads(cmp.stdout)) >= 4, cmp.stderr
+    table = sparsify("sweeps", cwd=workdir)
+    row = next(line for line in table.stdout.splitlines() if sweep.id in line)
+    assert [c.strip() for c in row.split("│")][3:6] == ["4", "4", "0"], row  # runs, finished, failed
