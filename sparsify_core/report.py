@@ -424,7 +424,8 @@ def plot_tradeoff(records: Sequence[RunRecord], path: str | Path, x: str | None 
         ok = r.status == "finished"  # unfinished runs: hollow markers, status in the label
         ax.scatter(px, py, s=55, color=color if ok else "white", edgecolor=color if not ok else "black",
                    linewidth=0.6 if ok else 1.8, zorder=3)
-        labels.append((f"{r.recipe_name}\n{r.id}" + ("" if ok else f" ({r.status})"), px, py, "0.15"))
+        # the label takes its point's colour, so the pairing reads even where points crowd
+        labels.append((f"{r.recipe_name}\n{r.id}" + ("" if ok else f" ({r.status})"), px, py, color))
     for i, (model, px, py) in enumerate(dense_pts):
         ax.scatter(px, py, s=120, marker="*", color="0.25", zorder=3, label="dense baseline" if i == 0 else None)
         labels.append((f"dense\n{model}", px, py, "0.35"))
@@ -464,8 +465,9 @@ def plot_tradeoff(records: Sequence[RunRecord], path: str | Path, x: str | None 
 
 
 def _place_labels(fig, ax, labels: Sequence[tuple[str, float, float, str]]) -> None:
-    """Annotate points, each on the side (of four) where it covers the least of the labels and points
-    placed so far and stays inside the axes."""
+    """Annotate points, each where its label covers the least of the labels and points placed so far
+    and stays inside the axes: next to the point if there is room, else further out along one of
+    eight directions with a thin leader line, so a label never sits closer to a neighbour's point."""
     fig.canvas.draw()  # final limits and layout, to measure in pixels
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
@@ -475,22 +477,39 @@ def _place_labels(fig, ax, labels: Sequence[tuple[str, float, float, str]]) -> N
     def overlap(a, b) -> float:
         return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
+    directions = ((1, 1, "left", "bottom"), (-1, 1, "right", "bottom"), (1, -1, "left", "top"),
+                  (-1, -1, "right", "top"), (0, 1, "center", "bottom"), (0, -1, "center", "top"),
+                  (1, 0, "left", "center"), (-1, 0, "right", "center"))
     for text, px, py, color in sorted(labels, key=lambda label: (label[1], label[2])):
         best = None
-        for dx, dy, ha, va in ((6, 4, "left", "bottom"), (-6, 4, "right", "bottom"),
-                               (6, -4, "left", "top"), (-6, -4, "right", "top")):
-            note = ax.annotate(text, (px, py), xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
-                               color=color, ha=ha, va=va)
-            e = note.get_window_extent(renderer)
-            box = (e.x0, e.y0, e.x1, e.y1)
-            outside = (e.width * e.height) - overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
-            cost = sum(overlap(box, t) for t in taken) + 3 * outside
-            if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, note, box)
-            else:
-                note.remove()
+        ox, oy = ax.transData.transform((px, py))
+        crowded = sum((mx - ox) ** 2 + (my - oy) ** 2 < 20 ** 2 for mx, my in markers) > 1
+        for reach in (2.5, 4.5) if crowded else (1.0, 2.5, 4.5):  # crowded points get leader lines
+            for ux, uy, ha, va in directions:
+                dx, dy = 6 * reach * ux, 5 * reach * uy
+                leader = dict(arrowstyle="-", color=color, lw=0.6, alpha=0.8, shrinkA=0, shrinkB=4) if reach > 1 else None
+                note = ax.annotate(text, (px, py), xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
+                                   color=color, ha=ha, va=va, arrowprops=leader)
+                e = note.get_window_extent(renderer)
+                box = (e.x0, e.y0, e.x1, e.y1)
+                outside = (e.width * e.height) - overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
+                # prefer near and diagonal placements when they are free; a label nearer another point
+                # than its own reads as that point's label
+                own = ax.transData.transform((px, py))
+                near = min(((box[0] + box[2]) / 2 - mx) ** 2 + ((box[1] + box[3]) / 2 - my) ** 2
+                           for mx, my in markers)
+                mine = ((box[0] + box[2]) / 2 - own[0]) ** 2 + ((box[1] + box[3]) / 2 - own[1]) ** 2
+                misread = 400 if near < mine - 1e-6 else 0
+                cost = (sum(overlap(box, t) for t in taken) + 3 * outside + 20 * reach
+                        + (5 if ux == 0 or uy == 0 else 0) + misread)
+                if best is None or cost < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (cost, note, box)
+                else:
+                    note.remove()
+            if best[0] <= 20 * reach + 5:  # free of overlaps at this reach: no need to go further out
+                break
         taken.append(best[2])
 
 
