@@ -28,7 +28,7 @@ the stage every routed FFN selects by threshold ``tau``.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
@@ -109,6 +109,8 @@ class LTECallback(TrainCallback):
 
 
 class LTEParams(Params):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # saved params use "lam"
+
     eta: float = Field(0.5, ge=0, description="weight of the efficiency loss L_eff (sets the sparsity; ~[0, 2])")
     lam: float = Field(0.5, alias="lambda", ge=0, description="weight of the separability loss L_sep")
     tau: float = Field(0.5, gt=0, lt=1, description="router threshold: expert e iff G(x)_e > tau")
