@@ -257,7 +257,12 @@ def _dotted(path) -> str:
 
 
 def _closest(word: str, options) -> list[str]:
-    return difflib.get_close_matches(str(word), sorted(map(str, options)), n=2, cutoff=0.5)
+    """Up to two likely corrections: close matches, and only those nearly as close as the best one."""
+    word = str(word)
+    scored = sorted(((difflib.SequenceMatcher(None, word, o).ratio(), o) for o in set(map(str, options))),
+                    key=lambda t: (-t[0], t[1]))
+    scored = [(r, o) for r, o in scored if r >= 0.5]
+    return [o for r, o in scored[:2] if r >= scored[0][0] - 0.1]
 
 
 def _is_model(t) -> bool:
