@@ -19,6 +19,9 @@ shared training loop, two phases switched at ``stage1_steps``:
   published meaning whatever the number of experts.
 - Stage 2 (the remaining steps): routers frozen, hard threshold selection
   (expert e iff ``G(x)_e > tau``, experts combined unweighted), task loss only.
+  Training computes it on the masked path (the same function and gradients;
+  plain-torch gathering is about 2x slower than dense matmuls for training
+  on a CPU); afterwards the modules are back on the gather path.
 
 The task loss is the loop's: LM, KD from the dense model, or both
 (``train.lm_weight``/``train.kd_weight``). The phase is a function of the
@@ -83,6 +86,8 @@ class LTECallback(TrainCallback):
                 m.set_routing("soft", tau=self.tau)
             else:
                 m.set_routing("threshold", tau=self.tau)
+                # Same function and gradients as the gather path, which is ~2x slower to train on a CPU.
+                m.path = "masked"
             for p in m.router.parameters():
                 p.requires_grad_(self.phase == 1)
 
@@ -104,6 +109,7 @@ class LTECallback(TrainCallback):
         self._handles = []
         for m in self.modules:
             m.set_routing("threshold", tau=self.tau)
+            m.path = "gather"
             for p in m.router.parameters():
                 p.requires_grad_(True)
 

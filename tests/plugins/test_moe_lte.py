@@ -78,7 +78,7 @@ def test_phases_soft_then_frozen_hard_threshold(tmp_path):
     assert torch.equal(seen[2][1], seen[5][1])  # ...stage 2 keeps them frozen
     assert not torch.equal(seen[2][2], seen[5][2])  # ...while the model trains on
     assert final["phase"] == 2 and "l_sep" not in final  # the last window: stage 2, no penalty
-    assert all(m.routing == "threshold" and m.tau == 0.5 for m in modules)
+    assert all(m.routing == "threshold" and m.tau == 0.5 and m.path == "gather" for m in modules)
     assert all(p.requires_grad for m in modules for p in m.router.parameters())
 
 
