@@ -66,10 +66,14 @@ def quantile_threshold(values: torch.Tensor, sparsity: float) -> float:
 
 @torch.no_grad()
 def calibrate_activation_scores(ctx, blocks: list[FFNBlock], score, *, max_values: int = 1 << 21) -> list[torch.Tensor]:
-    """Per block, a sample of ``score(act_output)`` over the calibration split.
+    """Per block, a sample of ``score(activation, act_input)`` over the calibration split.
 
-    ``score`` maps the activation output to the quantity thresholded (``|y|``
-    for CATS, ``y`` for FATReLU). Per layer at most ``max_values`` values are
+    ``score`` maps the activation module and its *input* (the gate
+    pre-activation) to the quantity thresholded (``|act(x)|`` for CATS, ``x``
+    for FATReLU). Scoring the input, not the output, matters when the current
+    activation is already thresholded: its output is zero below the old
+    threshold, so any quantile under that sparsity would come out as 0 and a
+    recalibration would silently undo the old threshold. Per layer at most ``max_values`` values are
     kept (a seeded uniform sample per batch), so memory is bounded whatever
     the model and calibration size.
     """
@@ -85,8 +89,8 @@ def calibrate_activation_scores(ctx, blocks: list[FFNBlock], score, *, max_value
         if not isinstance(act, nn.Module):
             raise SparsifyError(f"{block.name}: the activation is not a module; cannot calibrate it")
 
-        def hook(_m, _inp, out, i=i):
-            v = score(out.detach()).flatten().float().cpu()
+        def hook(module, inp, _out, i=i):
+            v = score(module, inp[0].detach()).flatten().float().cpu()
             if v.numel() > per_batch:
                 v = v[torch.randint(0, v.numel(), (per_batch,), generator=gen)]
             samples[i].append(v)
@@ -124,9 +128,10 @@ class _Thresholded(Method):
     kind = "substitute_activation"
     Params = ThresholdParams
 
-    def score(self, y: torch.Tensor) -> torch.Tensor:
-        """The quantity compared with the threshold, from the activation output."""
-        return y.abs()
+    def score(self, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The quantity compared with the threshold, from the activation module and its input."""
+        base = act.act if isinstance(act, MagnitudeThreshold) else act
+        return base.forward(x).abs()  # .forward: this runs inside a hook on ``act`` itself
 
     @abstractmethod
     def make(self, block: FFNBlock, threshold: float) -> nn.Module:
@@ -168,13 +173,15 @@ class FATReLU(_Thresholded):
     (ProSparse: 0.01 for LLaMA-2-7B); ``target_sparsity`` calibrates a
     threshold per layer on the calibration split so that this fraction of the
     activation outputs is zero (thresholds are at least 0: FATReLU never
-    passes negative values).
+    passes negative values). Calibrating again after a first FATReLU moves
+    the thresholds to the new target, up or down.
     """
 
     name = "fatrelu"
 
-    def score(self, y):
-        return torch.relu(y)
+    def score(self, act, x):
+        # FATReLU zeroes exactly where the gate pre-activation is below t, whatever ran before it
+        return x
 
     def make(self, block, threshold):
         return FATReLUModule(max(threshold, 0.0))

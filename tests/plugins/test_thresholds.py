@@ -72,3 +72,18 @@ def test_fatrelu_after_relu_raises_sparsity(tmp_path):
     ReLU().apply(fctx, ReLU.Params())
     FATReLU().apply(fctx, FATReLU.Params(threshold=1e9))
     assert _x1_sparsity(fixed, ids) == 1.0
+
+
+@pytest.mark.parametrize("method, first, second", [(FATReLU, 0.9, 0.75), (FATReLU, 0.6, 0.8), (CATS, 0.9, 0.7)])
+def test_recalibrating_a_thresholded_model_moves_to_the_new_target(tmp_path, method, first, second):
+    # Calibrating on the activation's output would read zeros below the first threshold and come out
+    # at 0 (undoing it) whenever the new target is under the old sparsity; the input is what counts.
+    model = tiny_model("llama").eval()
+    ctx = make_ctx(tmp_path, model)
+    if method is FATReLU:
+        ReLU().apply(ctx, ReLU.Params())
+    ids = ctx.split("calibration").input_ids
+    method().apply(ctx, method.Params(target_sparsity=first))
+    assert _x1_sparsity(model, ids) == pytest.approx(first, abs=0.02)
+    method().apply(ctx, method.Params(target_sparsity=second))
+    assert _x1_sparsity(model, ids) == pytest.approx(second, abs=0.02)
