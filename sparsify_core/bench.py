@@ -301,21 +301,34 @@ def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024),
 
 # -- case 4: end-to-end decode ----------------------------------------------------------
 
-def case_decode(new_tokens: int = 128, rounds: int = 5) -> list[Row]:
-    """Case 4: greedy decoding on ReLU-substituted SmolLM2-135M, activation-sparse FFN vs dense."""
+def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.PathLike | None = None) -> list[Row]:
+    """Case 4: greedy decoding, activation-sparse FFN vs dense, batch 1.
+
+    ``model_dir`` is a sparsify output folder with ReLU/FATReLU FFNs (the
+    output of ``recipes/prosparse.yaml``); without it, SmolLM2-135M with ReLU
+    substituted and no training stands in (less sparse, so a lower bound).
+    """
     import copy
 
     from .context import RunContext
     from .plugin_manager import catalog
 
     cat = catalog()
-    src = cat.model_sources["smollm2-135m"]
-    loaded = src().load(src.Params(), device=torch.device("cpu"), dtype=torch.float32)
+    if model_dir is not None:
+        from .output import load_output
+
+        loaded = load_output(model_dir)
+        note = f"sparsify output {model_dir}"
+    else:
+        src = cat.model_sources["smollm2-135m"]
+        loaded = src().load(src.Params(), device=torch.device("cpu"), dtype=torch.float32)
+        note = "ReLU-substituted, not ProSparse-trained"
     model, tok = loaded.model.eval(), loaded.tokenizer
     ctx = RunContext(run_id="bench", model=model, tokenizer=tok, task="causal_lm", data={},
                      device=torch.device("cpu"), dtype=torch.float32, seed=0, workdir=os.getcwd())
-    relu = cat.methods[("substitute_activation", "relu")]
-    relu().apply(ctx, relu.Params())
+    if model_dir is None:
+        relu = cat.methods[("substitute_activation", "relu")]
+        relu().apply(ctx, relu.Params())
     sparse = copy.deepcopy(model)
     conv = cat.methods[("layout_convert", "activation_sparse_ffn")]
     ctx.model = sparse
@@ -332,7 +345,7 @@ def case_decode(new_tokens: int = 128, rounds: int = 5) -> list[Row]:
 
     t = interleaved({"dense": gen(model, "dense"), "ours": gen(sparse, "ours")}, rounds, warmup=1)
     same = bool(torch.equal(outs["dense"], outs["ours"]))
-    # activation sparsity of this (untrained) ReLU model on the generated text
+    # activation sparsity of the model on the generated text
     from .ffn import capture_intermediates, find_ffn_blocks
     zeros = []
     with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append(
@@ -342,7 +355,7 @@ def case_decode(new_tokens: int = 128, rounds: int = 5) -> list[Row]:
                 {"ours": t["dense"] / t["ours"]}, 1.3, None,
                 {"identical_tokens": same, "tokens_per_s_dense": new_tokens / t["dense"],
                  "tokens_per_s_ours": new_tokens / t["ours"], "activation_sparsity": statistics.mean(zeros),
-                 "note": "ReLU-substituted, not ProSparse-trained"})]
+                 "note": note})]
 
 
 CASES = {1: case_activation_sparse, 2: case_moe, 3: case_sparse_linear, 4: case_decode}
@@ -358,7 +371,7 @@ def environment() -> dict:
 
 
 def run(cases=(1, 2, 3), quick: bool = False, threads: int | None = None,
-        progress: Callable[[str], None] = lambda s: None) -> dict:
+        progress: Callable[[str], None] = lambda s: None, model_dir: str | os.PathLike | None = None) -> dict:
     """Run the chosen cases; ``quick`` trims repeats and sizes (a smoke run, numbers not meaningful).
 
     ``threads`` sets ``torch.set_num_threads`` for dense torch and our kernels
@@ -383,6 +396,8 @@ def run(cases=(1, 2, 3), quick: bool = False, threads: int | None = None,
             else:
                 kw = {}
             start = time.perf_counter()
+            if c == 4 and model_dir is not None:
+                kw = {**kw, "model_dir": model_dir}
             got = CASES[c](**kw)
             seconds[c] = time.perf_counter() - start
             if quick:  # smoke sizes: the targets do not apply

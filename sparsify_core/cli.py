@@ -325,15 +325,20 @@ def bench(case: list[int] = typer.Option([1, 2, 3], "--case", help="cases to run
                                                 "our kernels alike [default: torch's]"),
           quick: bool = typer.Option(False, "--quick", help="tiny sizes and few repeats: a smoke test, not a measurement"),
           record: bool = typer.Option(False, "--record", help="store the results in the registry "
-                                      "(`sparsify runs` lists them, `sparsify show ID` shows them)")):
+                                      "(`sparsify runs` lists them, `sparsify show ID` shows them)"),
+          model: Optional[Path] = typer.Option(None, "--model", help="case 4: a sparsify output folder with "
+                                               "ReLU/FATReLU FFNs (e.g. from recipes/prosparse.yaml) "
+                                               "[default: SmolLM2-135M with ReLU, untrained]")):
     """Time sparse kernels against dense compute, interleaved in one process (see sparsify_core/bench.py)."""
     from . import bench as _bench
 
     bad = [c for c in case if c not in _bench.CASES]
     if bad:
         raise SparsifyError(f"unknown case(s) {bad}: choose among {sorted(_bench.CASES)}")
+    if model is not None and not (model / "sparsify.json").is_file():
+        raise SparsifyError(f"--model {model}: not a sparsify output folder (no sparsify.json)")
     result = _bench.run(cases=tuple(case), quick=quick, threads=threads,
-                        progress=lambda s: err.print(s, highlight=False))
+                        progress=lambda s: err.print(s, highlight=False), model_dir=model)
     table = Table(title=f"sparsify bench: dense time / ours (medians, {result['environment']['threads']} threads, "
                         f"load {result['environment']['load_average_1m']:.1f})")
     for col in ("case", "config", "dense ms", "ratios (dense / candidate)", "bound", "target"):

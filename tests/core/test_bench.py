@@ -55,3 +55,19 @@ def test_cli_bench_record_then_runs_and_show(workdir):
     assert "case 1" in shown and "speedup" in shown
     resume = sparsify("run", "--resume", run_id, cwd=workdir)
     assert resume.returncode == 1 and "not a recipe run" in resume.stderr
+
+
+def test_decode_case_runs_on_a_sparsify_output(workdir):
+    """Case 4 on a saved ReLU model (as users pass their ProSparse output): same tokens, sparsity reported."""
+    from helpers import TINY_RECIPE, write
+
+    # the tiny recipe's ReLU stage only (no pruning), saved where case 4 can find it
+    recipe = TINY_RECIPE.replace("  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5}\n", "")
+    write(workdir / "r.yaml", recipe + "output: {dir: out, save: true}\n")
+    sparsify("run", "r.yaml", cwd=workdir, check=True)
+    result = bench.run(cases=(4,), quick=True, threads=1, model_dir=workdir / "out")
+    (row,) = result["rows"]
+    assert row["extra"]["identical_tokens"] is True
+    assert 0.3 < row["extra"]["activation_sparsity"] < 1 and "out" in row["extra"]["note"]
+    bad = sparsify("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
+    assert bad.returncode != 0 and "not a sparsify output folder" in bad.stderr
