@@ -4,7 +4,8 @@
   gate, or computed here for experts and predicted neurons) and, only where
   it is non-zero, the up row's dot product: ``x1[t, j]``. Inactive rows are
   masked loads: never read. With ``HAS_SEL``, ``sel[t, n]`` (a predictor's
-  choice) masks the gate rows per token as well.
+  choice, or a router's experts expanded to their neurons) masks the gate rows
+  per token as well.
 - ``_ffn_down``: ``y[t, d-slice] = sum_j x1[t, j] * W_down_t[j, d-slice]``,
   loading only rows with a non-zero ``x1``.
 - ``_nm_matmul``: n:m weight tiles are expanded to dense in registers from

@@ -18,6 +18,11 @@ With an activation predictor (DejaVu / PowerInfer), a rank-r map
 compute (``logits >= p_threshold``, see ``predict``); the others count as
 inactive without their gate being computed. ``ffn_reference(select=...)``
 defines the result, ``ffn_predicted`` is the CPU kernel.
+
+A mixture of experts (MoEfication, LTE) routes each token to its own set of
+experts (boolean ``experts [..., E]``, any number per token), expert ``e``
+being neurons ``[e*size, (e+1)*size)``: ``ffn_moe`` is the CPU kernel, and
+``ffn_reference(select=expert_neurons(experts, size))`` the definition.
 """
 from __future__ import annotations
 
@@ -54,6 +59,11 @@ def neuron_index(ranges: torch.Tensor) -> torch.Tensor:
     ranges = ranges.reshape(-1, 2).long()
     return torch.cat([torch.arange(int(a), int(b)) for a, b in ranges.tolist()]) if len(ranges) else \
         torch.zeros(0, dtype=torch.long)
+
+
+def expert_neurons(experts: torch.Tensor, expert_size: int) -> torch.Tensor:
+    """Boolean ``[..., E * size]``: the neurons of each token's selected experts (``experts [..., E]``)."""
+    return experts.bool().repeat_interleave(expert_size, dim=-1)
 
 
 def predict(x, p_in, p_out, p_bias, p_threshold: float) -> torch.Tensor:
@@ -100,6 +110,9 @@ def _lib():
                                              ctypes.c_float, ctypes.c_float, _P, _P, _P, _I, ctypes.c_float,
                                              _P, _P, ctypes.c_int]
         lib.sp_ffn_predicted_f32.restype = ctypes.c_int
+        lib.sp_ffn_moe_f32.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int,
+                                       ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int]
+        lib.sp_ffn_moe_f32.restype = ctypes.c_int
         lib.sp_sparse_input_linear_f32.argtypes = [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int]
         lib.sp_sparse_input_linear_f32.restype = ctypes.c_int
         lib._ffn_typed = True
@@ -195,6 +208,44 @@ def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
         return None
     if counts is not None:
         counts.append(int(n_sel.value))
+    return y.reshape(*x.shape[:-1], d)
+
+
+def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0, *,
+            experts, expert_size: int, counts: list | None = None) -> torch.Tensor | None:
+    """The FFN over each token's selected experts only; ``None`` if the CPU kernel cannot.
+
+    ``experts`` is boolean ``[..., E]`` over the same leading dims as ``x``
+    (``E * expert_size = d_ff``); a token may select any number of experts,
+    none included (its output is then ``b_down``). Only the experts some token
+    selected are read: their gate (fc1) and up rows and their rows of
+    ``w_down_t``. Same conditions as ``ffn_sparse``. With ``counts`` (a
+    list), the number of experts selected by some token is appended.
+    """
+    d = w_in.shape[1]
+    x2 = x.reshape(-1, d)
+    T, E = x2.shape[0], experts.shape[-1]
+    if not 1 <= T <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
+        return None
+    if E * expert_size != w_in.shape[0] or experts.numel() != T * E or not experts.is_cpu:
+        raise ValueError(f"experts {tuple(experts.shape)} x size {expert_size} do not cover {w_in.shape[0]} neurons "
+                         f"for {T} tokens")
+    x2 = x2.contiguous()
+    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    sel = experts.reshape(T, E).to(torch.bool).contiguous().view(torch.uint8)
+    y = torch.empty(T, d, dtype=torch.float32)
+    n_listed = ctypes.c_int64(0)
+    rc = lib.sp_ffn_moe_f32(x2.data_ptr(), T, d, w_in.data_ptr(), _ptr(b_in), _ptr(w_up), _ptr(b_up),
+                            w_down_t.data_ptr(), _ptr(b_down), sel.data_ptr(), E, int(expert_size), ACTIVATIONS[act],
+                            float(threshold), float(cut), y.data_ptr(), ctypes.addressof(n_listed), native.threads())
+    if rc != 0:
+        return None
+    if counts is not None:
+        counts.append(int(n_listed.value))
     return y.reshape(*x.shape[:-1], d)
 
 

@@ -1,5 +1,9 @@
 """CUDA kernels in Triton: activation-sparse FFN (exact or predicted), MoE FFN, n:m matmul (n:m:g uses the n:m one).
 
+The MoE FFN (``ffn_moe``) takes each token's own experts (top-k or a
+threshold: any number per token); ``ffn_sparse(ranges=...)`` computes one
+set of neurons for every token.
+
 Triton is optional (``pip install sparsify[triton]``, Linux only); without
 it ``available()`` is False and the modules fall back (with a warning) to
 dense compute. Every kernel matches its plain-torch reference
@@ -65,6 +69,28 @@ def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
     sel = predict(x2, p_in, p_out, p_bias, p_threshold)  # [T, d_ff]
     nidx = sel.any(0).nonzero().flatten()
     select = sel[:, nidx].to(torch.int8).contiguous()  # [T, n_listed]
+    y = _ffn(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, act, threshold, cut, nidx.to(torch.int32), None,
+             select, block_n, block_d)
+    return y.to(x.dtype).reshape(*x.shape[:-1], d)
+
+
+def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0, *,
+            experts, expert_size: int, block_n: int = 64, block_d: int = 128) -> torch.Tensor:
+    """The FFN over each token's own selected experts (``experts`` boolean ``[..., E]``, any number per token).
+
+    Lists the neurons of the experts some token selected; the kernel reads
+    an expert's gate (fc1) and up rows only for the tokens that selected it,
+    and its down rows only where its activation is non-zero
+    (``sparsify_kernels.ffn.ffn_moe`` is the CPU kernel, ``ffn_reference``
+    with ``select=expert_neurons(experts, expert_size)`` the definition).
+    """
+    d = w_in.shape[1]
+    x2 = x.reshape(-1, d).contiguous()
+    sel = experts.reshape(x2.shape[0], -1).to(device=x.device, dtype=torch.bool)
+    listed = sel.any(0).nonzero().flatten()
+    offsets = torch.arange(expert_size, device=x.device)
+    nidx = (listed[:, None] * expert_size + offsets[None, :]).flatten()
+    select = sel[:, listed].repeat_interleave(expert_size, dim=1).to(torch.int8).contiguous()  # [T, n_listed]
     y = _ffn(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, act, threshold, cut, nidx.to(torch.int32), None,
              select, block_n, block_d)
     return y.to(x.dtype).reshape(*x.shape[:-1], d)

@@ -44,13 +44,15 @@ constexpr int64_t kChunk = 16;
 
 // The shared loop. `total` candidate neurons in chunks of kChunk; neurons(c, js)
 // writes chunk c's neuron indices into js and returns how many. With `sel`
-// (uint8 [T, sel_stride]), token t computes neuron j only where sel[t, j] is set
-// (a predictor's choice): elsewhere its activation counts as zero and its gate
-// row is not even read for that token.
+// (uint8 [T, sel_stride]), token t computes neuron j only where
+// sel[t, j / sel_group] is set (a predictor's choice of neurons, group 1, or a
+// router's choice of experts, group = expert size): elsewhere its activation
+// counts as zero and its gate row is not even read for that token.
 template <class Neurons>
 void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in, const float* w_up,
               const float* b_up, const float* w_outT, const float* b_out, int64_t total, Neurons neurons,
-              const uint8_t* sel, int64_t sel_stride, int act, float threshold, float cut, float* y, int threads) {
+              const uint8_t* sel, int64_t sel_stride, int64_t sel_group, int act, float threshold, float cut,
+              float* y, int threads) {
     const int64_t n_chunks = (total + kChunk - 1) / kChunk;
     const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
     std::vector<float> acc((size_t)n_threads * T * d, 0.0f);
@@ -65,9 +67,10 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
         for (int q = 0; q < n; ++q) {
             const int64_t j = js[q];
             const float* gi = w_in + j * d;
+            const uint8_t* sj = sel ? sel + j / sel_group : nullptr;
             bool any = false;
             for (int64_t t = 0; t < T; ++t) {
-                if (sel && !sel[t * sel_stride + j]) {
+                if (sj && !sj[t * sel_stride]) {
                     gs[n_live][t] = 0.0f;
                     continue;
                 }
@@ -138,7 +141,7 @@ int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,
         }
         return n;
     };
-    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, nullptr, 0, act, threshold, cut, y,
+    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, nullptr, 0, 1, act, threshold, cut, y,
              threads);
     return 0;
 }
@@ -191,8 +194,42 @@ int sp_ffn_predicted_f32(const float* x, int64_t T, int64_t d,
         return n;
     };
     // 4. Only those neurons' gate rows (for the tokens that chose them), then the active ones' up and down rows.
-    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, sel.data(), dff, act, threshold, cut,
-             y, threads);
+    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, sel.data(), dff, 1, act, threshold,
+             cut, y, threads);
+    return 0;
+}
+
+// The MoE FFN with a router's choice per token (MoEfication top-k, LTE
+// threshold: any number of experts per token): expert e is the neurons
+// [e*size, (e+1)*size). experts is uint8 [T, E]; token t computes expert e
+// only where experts[t, e] is set. Only the experts some token chose are
+// visited, each of their rows read once for all tokens; an expert's gate rows
+// are dotted only with the tokens that chose it. *n_listed (if not null)
+// receives the number of experts chosen by at least one token.
+int sp_ffn_moe_f32(const float* x, int64_t T, int64_t d,
+                   const float* w_in, const float* b_in,
+                   const float* w_up, const float* b_up,
+                   const float* w_outT, const float* b_out,
+                   const uint8_t* experts, int64_t E, int64_t size,
+                   int act, float threshold, float cut, float* y, int64_t* n_listed, int threads) {
+    if (T < 1 || T > kMaxTokens || E < 1 || size < 1) return 1;
+    std::vector<int64_t> list;
+    list.reserve(E);
+    for (int64_t e = 0; e < E; ++e) {
+        uint8_t a = 0;
+        for (int64_t t = 0; t < T; ++t) a |= experts[t * E + e];
+        if (a) list.push_back(e);
+    }
+    if (n_listed) *n_listed = (int64_t)list.size();
+    const int64_t total = (int64_t)list.size() * size;
+    auto neurons = [&](int64_t c, int64_t* js) {
+        int n = 0;
+        for (int64_t f = c * kChunk; f < std::min(total, c * kChunk + kChunk); ++f)
+            js[n++] = list[f / size] * size + f % size;
+        return n;
+    };
+    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, T > 1 ? experts : nullptr, E, size,
+             act, threshold, cut, y, threads);
     return 0;
 }
 

@@ -57,6 +57,55 @@ def test_moe_ranges_compute_only_listed_experts(T):
     assert torch.equal(empty, torch.zeros(T, d))
 
 
+def _experts(T, E, p, seed=0):
+    """Boolean ``[T, E]``: a random, different number of experts per token (one token with none)."""
+    g = torch.Generator().manual_seed(seed)
+    ex = torch.rand(T, E, generator=g) < p
+    ex[T // 2] = False
+    return ex
+
+
+@pytest.mark.parametrize("d,dff,size,T", [(17, 45, 9, 1), (64, 256, 32, 3), (100, 39, 13, 16), (33, 130, 10, 7)])
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
+def test_moe_kernel_matches_reference_with_experts_per_token(d, dff, size, T, gated, bias, act):
+    w = weights(d, dff, gated, bias)
+    x = torch.randn(T, d)
+    experts = _experts(T, dff // size, 0.4)
+    counts = []
+    out = K.ffn_moe(x, act=act, experts=experts, expert_size=size, counts=counts, **w)
+    ref = K.ffn_reference(x, act=act, select=K.expert_neurons(experts, size), **w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert counts == [int(experts.any(0).sum())]
+
+
+def test_moe_kernel_never_reads_unselected_experts():
+    d, size, E, T = 24, 8, 6, 3
+    w = weights(d, size * E, bias=True)
+    experts = torch.zeros(T, E, dtype=torch.bool)
+    experts[0, 1] = experts[1, 1] = experts[1, 4] = experts[2, 4] = True
+    for e in (0, 2, 3, 5):  # no token chose these: any read of their rows would poison the output
+        rows = slice(e * size, (e + 1) * size)
+        for k in ("w_in", "w_up", "w_down_t", "b_in", "b_up"):
+            w[k][rows] = float("nan")
+    x = torch.randn(T, d)
+    out = K.ffn_moe(x, act="silu", experts=experts, expert_size=size, **w)
+    assert torch.isfinite(out).all()
+    clean = {k: (torch.nan_to_num(v) if v is not None else None) for k, v in w.items()}
+    torch.testing.assert_close(out, K.ffn_reference(x, act="silu", select=K.expert_neurons(experts, size), **clean),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_moe_kernel_declines_what_it_cannot_do():
+    w = weights(16, 32)
+    ex = torch.ones(1, 4, dtype=torch.bool)
+    assert K.ffn_moe(torch.randn(1, 16, dtype=torch.float64), experts=ex, expert_size=8, **w) is None
+    many = torch.randn(K.MAX_TOKENS + 1, 16)
+    assert K.ffn_moe(many, experts=torch.ones(len(many), 4, dtype=torch.bool), expert_size=8, **w) is None
+    with pytest.raises(ValueError, match="do not cover"):
+        K.ffn_moe(torch.randn(1, 16), experts=ex, expert_size=4, **w)
+
+
 def test_ffn_kernel_declines_what_it_cannot_do():
     w = weights(8, 16)
     assert K.ffn_sparse(torch.randn(K.MAX_TOKENS + 1, 8), **w) is None

@@ -52,6 +52,24 @@ def test_triton_moe_ffn(act):
     torch.testing.assert_close(out, K.ffn_reference(x, act=act, ranges=ranges, **w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("d,dff,size,T,gated,bias,act", [
+    (24, 160, 32, 1, True, False, "silu"),       # decode, gated
+    (33, 130, 13, 5, False, True, "gelu_tanh"),  # plain FFN with biases; nothing a multiple of the blocks
+    (40, 90, 9, 3, True, True, "relu"),
+])
+def test_triton_moe_ffn_experts_per_token(d, dff, size, T, gated, bias, act):
+    """Each token its own experts (threshold routing: any number, none included), against the torch reference."""
+    w = _w(d, dff, gated, bias)
+    x = torch.randn(T, d).to(DEV)
+    g = torch.Generator().manual_seed(T)
+    experts = torch.rand(T, dff // size, generator=g) < 0.4
+    experts[T // 2] = False
+    experts[0, 0] = True
+    out = TK.ffn_moe(x, act=act, experts=experts.to(DEV), expert_size=size, block_n=32, block_d=16, **w)
+    ref = K.ffn_reference(x, act=act, select=K.expert_neurons(experts, size).to(DEV), **w)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("n,m,out,n_in,T", [(2, 4, 40, 36, 3), (1, 4, 17, 64, 1), (2, 8, 33, 80, 20)])
 def test_triton_nm_matmul(n, m, out, n_in, T):
     from sparsify_plugins.layouts import NM
