@@ -2,7 +2,8 @@
 
 Weight layouts (``csr``, ``bsr``, ``nm``, ``nmg``) store a Linear's weight;
 the activation-sparse FFN computes only the active neurons of an FFN block
-(optionally only those an activation predictor chooses: ``predictor``).
+(optionally only those an activation predictor chooses: ``predictor``); the
+MoE FFN reads only the experts a token's router selects (``moe_ffn``).
 Formats are pure functions (``formats``), layouts wrap them (``weight``),
 modules hold layouts and call the fast kernels of ``sparsify_kernels``
 (``modules``), stage methods swap modules in a model (``convert``),
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 from sparsify_core import hookimpl
 
-from .convert import ActivationSparseFFNConvert, weight_methods
-from .modules import ActivationPredictor, ActivationSparseFFN, SparseLinear, TransposedLinear
+from .convert import ActivationSparseFFNConvert, MoEFFNConvert, weight_methods
+from .modules import ActivationPredictor, ActivationSparseFFN, MoEFFN, SparseLinear, TransposedLinear
 from .prune import NMGPrune
 from .weight import BSR, CSR, NM, NMG, WEIGHT_LAYOUTS, StoredLayout
 
 __all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationPredictor", "ActivationSparseFFN",
-           "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "NMGPrune"]
+           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "NMGPrune"]
 
 
 @hookimpl
@@ -30,5 +31,5 @@ def sparsify_layouts():
 
 @hookimpl
 def sparsify_methods():
-    """``layout_convert`` methods (activation-sparse FFN and one per weight layout) and ``prune/nmg``."""
-    return [ActivationSparseFFNConvert, *weight_methods(), NMGPrune]
+    """``layout_convert`` methods (activation-sparse FFN, MoE FFN, one per weight layout) and ``prune/nmg``."""
+    return [ActivationSparseFFNConvert, MoEFFNConvert, *weight_methods(), NMGPrune]

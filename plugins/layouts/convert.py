@@ -6,6 +6,10 @@
   ``TransposedLinear`` that skips zero inputs. With ``predictor``, each gated
   block also gets an ``ActivationPredictor`` fitted on calibration data,
   layer by layer (``predictor.py``): approximate, its recall reported.
+- ``moe_ffn``: FFN blocks split into experts by ``moeify`` (``RoutedFFN``,
+  MoEfication / LTE) become ``MoEFFN``: the same router and routing
+  (``top_k`` or ``threshold``), weights stored by neuron rows so each token
+  reads only its selected experts' gate, up and down rows. Exact.
 - ``csr``, ``bsr``, ``nm``, ``nmg``: Linear layers become ``SparseLinear`` in
   that layout. The conversion is exact: a weight that does not fit the format
   (e.g. ``nm`` on a weight that was not pruned n:m) is an error naming the
@@ -29,8 +33,8 @@ from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
 
 from . import predictor as P
-from .modules import (ActivationPredictor, ActivationSparseFFN, SparseLinear, TransposedLinear, activation_spec,
-                      is_sparse_activation)
+from .modules import (ActivationPredictor, ActivationSparseFFN, MoEFFN, RoutedFFN, SparseLinear, TransposedLinear,
+                      activation_spec, is_sparse_activation)
 from .weight import BSRParams, NMGParams, NMParams
 
 
@@ -222,6 +226,81 @@ def _fit_predictor(ffn: ActivationSparseFFN, x: torch.Tensor, pp: PredictorParam
     module = ActivationPredictor(pred.p_in.to(gate.dtype), pred.p_out.to(gate.dtype), pred.p_bias.to(gate.dtype),
                                  threshold)
     return module.to(gate.device), stats
+
+
+class MoEFFNParams(Params):
+    layers: list[int] | None = Field(None, description="FFN layer indices (0-based) to convert; default: every "
+                                                       "FFN split into experts")
+    strict: bool = Field(False, description="error instead of a dense fallback where no fast kernel exists")
+
+    @field_validator("layers")
+    @classmethod
+    def _non_negative(cls, v):
+        if v is not None and (not v or any(i < 0 for i in v)):
+            raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
+        return v
+
+
+class MoEFFNConvert(Method):
+    """MoE FFN (MoEfication / LTE outputs): each token reads only its selected experts' rows and columns.
+
+    Converts every FFN that ``moeify`` split into experts (``RoutedFFN``) into
+    a ``MoEFFN``: the same router and routing (``top_k`` or ``threshold``,
+    so any number of experts per token), W_gate/W_up (W_fc1) rows and W_down
+    transposed rows stored contiguously per expert. Exact: outputs equal the
+    unconverted model's to float tolerance. Decoding (up to 16 tokens) uses the
+    CPU kernel or the Triton kernel; longer inputs compute the selected
+    experts with torch (gather per expert).
+    """
+
+    kind = "layout_convert"
+    name = "moe_ffn"
+    Params = MoEFFNParams
+
+    def _convert(self, model, params, masks_change=None, routing=None) -> dict[str, dict]:
+        """Swap the wanted routed blocks; ``routing`` (by block) restores a recorded routing first."""
+        blocks = find_ffn_blocks(model)
+        bad = [i for i in params.layers or [] if i >= len(blocks)]
+        if bad:
+            raise SparsifyError(f"layers {bad} out of range: the model has {len(blocks)} FFN layers")
+        wanted = sorted(set(params.layers)) if params.layers is not None else \
+            [i for i, b in enumerate(blocks) if isinstance(b.module, RoutedFFN)]
+        if not wanted:
+            raise SparsifyError("moe_ffn: no FFN is split into experts; run a moeify stage "
+                                "(param_cluster or coactivation) first")
+        done = {}
+        for i in wanted:
+            b = blocks[i]
+            m = b.module
+            if not isinstance(m, RoutedFFN):
+                raise SparsifyError(f"moe_ffn: {b.name} is not split into experts; run a moeify stage on it first")
+            if routing is not None and b.name in routing:
+                r = routing[b.name]
+                m.set_routing(r["routing"], top_k=r["top_k"], tau=r["tau"])
+            if m.routing not in ("top_k", "threshold"):
+                raise SparsifyError(f"moe_ffn: {b.name} routes {m.routing!r}, which computes every expert; the MoE "
+                                    "layout needs top_k or threshold routing (LTE's stage 2 sets threshold)")
+            if not isinstance(m, MoEFFN):
+                if masks_change is not None:
+                    for role, path in b.module_names.items():
+                        # Linear W_down and Conv1D W_fc1 change orientation; the other weights keep theirs
+                        if (role == "down") != is_conv1d(b.projections()[role]):
+                            masks_change[f"{path}.weight"] = "t"
+                _set_module(model, b.name, MoEFFN.from_routed(m, params.strict))
+            done[b.name] = {"routing": m.routing, "top_k": m.top_k, "tau": m.tau}
+        return done
+
+    def apply(self, ctx, params) -> StageResult:
+        change: dict = {}
+        done = self._convert(ctx.model, params, change)
+        _rewrite_masks(ctx, change)
+        rules = sorted({f"top_k={c['top_k']}" if c["routing"] == "top_k" else f"tau={c['tau']:g}"
+                        for c in done.values()})
+        ctx.info(f"MoE FFN layout in {len(done)} blocks (routing {', '.join(rules)})")
+        return StageResult(metrics={"blocks_converted": float(len(done))}, info={"blocks": done})
+
+    def rebuild(self, ctx, params, result) -> None:
+        self._convert(ctx.model, params, routing=result.info["blocks"])
 
 
 class WeightLayoutParams(Params):

@@ -10,6 +10,9 @@
 - ``ActivationSparseFFN``: a gated FFN block (gate/up/down/act) that computes
   the gate, then only the active neurons' up rows and down rows; with an
   ``ActivationPredictor`` (approximate), only the predicted neurons' gate rows.
+- ``MoEFFN``: a ``RoutedFFN`` (``plugins/moe``) whose weights are stored by
+  neuron rows (W_down transposed), so each token reads only its selected
+  experts' gate, up and down rows.
 
 Fast paths are taken only in inference (no autograd graph) and when nobody
 hooks the inner modules (metrics that capture activations get the dense
@@ -30,6 +33,7 @@ from torch import nn
 from sparsify_core.errors import SparsifyError
 from sparsify_kernels import ffn as ffn_kernels
 from sparsify_kernels import spmm
+from sparsify_plugins.moe.modules import RoutedFFN, Router
 
 from .weight import WEIGHT_LAYOUTS, StoredLayout
 
@@ -327,61 +331,97 @@ class ActivationSparseFFN(nn.Module):
         return self.down_proj(h * self.up_proj(x))
 
 
-class MoEFFN(nn.Module):
-    """A gated FFN split into experts of contiguous neurons; each token computes only its selected experts.
+class MoEFFN(RoutedFFN):
+    """A ``RoutedFFN`` stored for the MoE kernels: each token reads only its selected experts' rows.
 
-    ``gate_proj``/``up_proj``/``down_proj``/``act_fn`` as in the dense block,
-    with neurons permuted so expert e is neurons ``[e*size, (e+1)*size)``
-    (``down_proj`` a ``TransposedLinear``). ``router(x)`` scores experts
-    (``[..., E]``); a token uses expert e iff its score exceeds ``tau``
-    (LTE's sigmoid threshold) or, with ``top_k``, e is among its k best
-    (MoEfication). Only the selected experts' gate, up and down rows are
-    read by the kernels; the dense path masks the same neurons, so both
-    compute the same thing.
+    The same function, router, routing (``top_k``/``threshold``; ``dense`` and
+    ``soft`` too, computed densely as before), selection hooks and metrics as
+    the ``RoutedFFN`` it is converted from (``from_routed``); only the storage
+    differs. W_gate/W_up (W_fc1 of a plain FFN) are ``nn.Linear`` ``[d_ff, d]``
+    (a GPT-2 ``Conv1D`` is transposed into one) and W_down is a
+    ``TransposedLinear`` ``[d_ff, d]``, so expert e is rows
+    ``[e*size, (e+1)*size)`` of all three: contiguous bytes that the kernels
+    read only for the tokens that selected e (``sparsify_kernels.ffn.ffn_moe``,
+    ``triton_kernels.ffn_moe``). That is decoding (up to ``MAX_TOKENS`` tokens,
+    no autograd); longer inputs and training take ``RoutedFFN``'s torch
+    gather of the selected experts (the right tool there, not a fallback).
+    Hooked projections take the masked path, as in ``RoutedFFN``.
     """
 
-    def __init__(self, gate_proj, up_proj, down_proj: TransposedLinear, act_fn, router: nn.Module,
-                 expert_size: int, tau: float | None = 0.5, top_k: int | None = None, strict: bool = False):
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
-        self.router = router
-        self.expert_size, self.tau, self.top_k, self.strict = int(expert_size), tau, top_k, strict
-        if self.down_proj.nx % self.expert_size:
-            raise ValueError(f"d_ff {self.down_proj.nx} is not a multiple of the expert size {expert_size}")
+    def __init__(self, kind: str, parts: dict[str, nn.Module], names: dict[str, str], act: nn.Module,
+                 router: Router, expert_size: int, routing: str = "threshold", top_k: int | None = None,
+                 tau: float = 0.5, dropout: nn.Module | None = None, strict: bool = False):
+        bad = [r for r in ("gate", "up") if r in parts and not isinstance(parts[r], nn.Linear)]
+        if bad or not isinstance(parts["down"], TransposedLinear):
+            raise SparsifyError("MoEFFN stores W_gate/W_up as nn.Linear and W_down as a TransposedLinear; "
+                                "build it with MoEFFN.from_routed")
+        super().__init__(kind, parts, names, act, router, expert_size, routing, top_k, tau, dropout)
+        self.strict = strict
 
-    def selection(self, x) -> torch.Tensor:
-        """Boolean ``[..., E]``: which experts each token uses."""
-        scores = self.router(x)
-        if self.top_k is not None:
-            top = scores.topk(self.top_k, dim=-1).indices
-            return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-        return scores > self.tau
+    @classmethod
+    def from_routed(cls, routed: RoutedFFN, strict: bool = False) -> "MoEFFN":
+        """The kernel-backed module of a ``RoutedFFN``: its router, routing and weights (W_down transposed).
 
-    def forward(self, x):
-        sel = self.selection(x)
-        spec = activation_spec(self.act_fn)
-        few = x[..., 0].numel() <= ffn_kernels.MAX_TOKENS
-        if _inference(x) and few and spec is not None and not self.down_proj._forward_pre_hooks:
-            args = dict(w_in=self.gate_proj.weight, b_in=self.gate_proj.bias, w_up=self.up_proj.weight,
-                        b_up=self.up_proj.bias, w_down_t=self.down_proj.weight, b_down=self.down_proj.bias,
-                        act=spec[0], threshold=spec[1], cut=spec[2])
-            x2, sel2 = x.reshape(-1, x.shape[-1]), sel.reshape(-1, sel.shape[-1])
-            rows = []
-            for t in range(x2.shape[0]):  # tokens choose different experts
-                e = sel2[t].nonzero().flatten().cpu()
-                ranges = torch.stack([e * self.expert_size, (e + 1) * self.expert_size], 1)
-                if x.device.type == "cpu":
-                    y = ffn_kernels.ffn_sparse(x2[t:t + 1], ranges=ranges, **args)
-                elif _triton_ok(x):
-                    from sparsify_kernels import triton_kernels
-                    y = triton_kernels.ffn_sparse(x2[t:t + 1], ranges=ranges, **args)
-                else:
-                    y = None
-                if y is None:
-                    fallback("MoE FFN", f"for {x.device.type}/{str(x.dtype).removeprefix('torch.')}", self.strict)
-                    break
-                rows.append(y)
-            else:
-                return torch.cat(rows).reshape(*x.shape[:-1], -1)
-        mask = sel.repeat_interleave(self.expert_size, dim=-1).to(x.dtype)
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * mask)
+        Linear gate/up modules are kept (the same parameters); a ``Conv1D``
+        fc1 becomes an ``nn.Linear`` holding its transpose.
+        """
+        parts = {}
+        for role in ("gate", "up"):
+            module = routed.part(role)
+            if module is not None:
+                parts[role] = _row_major_linear(module)
+        parts["down"] = TransposedLinear.from_linear(routed.part("down"), strict)
+        module = cls(routed.kind, parts, routed.names, routed.part("act"), routed.router, routed.expert_size,
+                     routed.routing, routed.top_k, routed.tau, routed.dropout, strict)
+        return module.train(routed.training)
+
+    def _gather(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The selected experts only: the kernels when decoding, else ``RoutedFFN``'s torch gather."""
+        if _inference(x) and x[..., 0].numel() <= ffn_kernels.MAX_TOKENS:
+            y = self._kernel(x, selected)
+            if y is not None:
+                return y
+        return super()._gather(x, selected)
+
+    def _kernel(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor | None:
+        act, up, down, gate = self.part("act"), self.part("up"), self.part("down"), self.part("gate")
+        spec = activation_spec(act)
+        if spec is None:
+            fallback("MoE FFN", f"for the activation {type(act).__name__}", self.strict)
+            return None
+        first = gate if gate is not None else up  # the rows the activation is applied to
+        args = dict(w_in=first.weight, b_in=first.bias, w_up=up.weight if gate is not None else None,
+                    b_up=up.bias if gate is not None else None, w_down_t=down.weight, b_down=down.bias,
+                    act=spec[0], threshold=spec[1], cut=spec[2], experts=selected, expert_size=self.expert_size)
+        if x.device.type == "cpu":
+            y = ffn_kernels.ffn_moe(x, **args)
+            if y is None:
+                fallback("MoE FFN", f"for cpu/{str(x.dtype).removeprefix('torch.')}", self.strict)
+            return y
+        if _triton_ok(x):
+            from sparsify_kernels import triton_kernels
+            return triton_kernels.ffn_moe(x, **args)
+        fallback("MoE FFN", f"for {x.device.type}", self.strict)
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stored for the MoE kernels"
+
+
+def _row_major_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as an ``nn.Linear`` with contiguous ``[out, in]`` rows (a ``Conv1D`` is transposed)."""
+    from sparsify_core.ffn import is_conv1d
+    if isinstance(module, nn.Linear):
+        if not module.weight.is_contiguous():
+            module.weight.data = module.weight.data.contiguous()
+        return module
+    if not is_conv1d(module):
+        raise SparsifyError(f"MoE FFN: cannot store a {type(module).__name__} projection by rows")
+    w = module.weight
+    linear = nn.Linear(int(module.nx), int(module.nf), bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w.t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    linear.weight.requires_grad_(w.requires_grad)
+    return linear

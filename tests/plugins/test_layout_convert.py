@@ -1,6 +1,7 @@
 """layout_convert: modules match the unconverted model, save and load back, fall back loudly."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -184,20 +185,177 @@ def test_sparse_linear_kernel_matches_layout_reference(T):
         torch.testing.assert_close(lin(x), lin.layout().matmul(x) + lin.bias, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not ffn_kernels.cpu_kernel_available(), reason="no native kernels")
-@pytest.mark.parametrize("top_k", [None, 2])
-def test_moe_ffn_module_matches_masked_dense(top_k):
+def _routed_ffn(kind, routing, d=16, size=8, E=5, bias=False, dtype=torch.float32):
+    """A RoutedFFN on random weights (LLaMA or GPT-2 attribute names) and its kernel-backed MoEFFN."""
+    from sparsify_plugins.moe.modules import LTERouter, MLPRouter, RoutedFFN
     torch.manual_seed(0)
-    d, size, E = 16, 8, 5
-    gate, up, down = nn.Linear(d, E * size, bias=False), nn.Linear(d, E * size, bias=False), nn.Linear(E * size, d)
-    router = nn.Linear(d, E)
-    moe = M.MoEFFN(gate, up, M.TransposedLinear.from_linear(down), nn.SiLU(), router, size, tau=0.0, top_k=top_k)
-    for shape in [(1, 1, d), (2, 3, d), (1, 20, d)]:
+    dff = E * size
+    if kind == "gated":
+        parts = {"gate": nn.Linear(d, dff, bias=bias), "up": nn.Linear(d, dff, bias=bias),
+                 "down": nn.Linear(dff, d, bias=bias)}
+        names, act = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj", "act": "act_fn"}, nn.SiLU()
+    else:
+        from transformers.pytorch_utils import Conv1D
+        parts, act = {"up": Conv1D(dff, d), "down": Conv1D(d, dff)}, nn.GELU(approximate="tanh")
+        names = {"up": "c_fc", "down": "c_proj", "act": "act"}
+        for m in parts.values():
+            nn.init.normal_(m.bias, std=0.1)
+    router = (MLPRouter if routing == "top_k" else LTERouter)(d, E)
+    for w in router.parameters():
+        w.data.mul_(4)  # scores spread away from tau
+    routed = RoutedFFN(kind, parts, names, act, router, size, routing, top_k=2 if routing == "top_k" else None)
+    routed = routed.to(dtype).eval()
+    return routed, M.MoEFFN.from_routed(copy.deepcopy(routed)).eval()
+
+
+@pytest.mark.skipif(not ffn_kernels.cpu_kernel_available(), reason="no native kernels")
+@pytest.mark.parametrize("kind,bias", [("gated", False), ("gated", True), ("plain", True)])
+@pytest.mark.parametrize("routing", ["top_k", "threshold"])
+def test_moe_ffn_module_matches_routed_ffn(monkeypatch, kind, bias, routing):
+    """Kernels (few tokens) and torch gather (many) compute what the RoutedFFN computes, selection hooks included."""
+    routed, moe = _routed_ffn(kind, routing, bias=bias)
+    moe.strict = True  # a silent fallback would fail here
+    calls = []
+    kernel = ffn_kernels.ffn_moe
+    monkeypatch.setattr(ffn_kernels, "ffn_moe", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    seen = []
+    moe.register_selection_hook(lambda m, x, scores, sel: seen.append(sel.float().mean().item()))
+    for shape in [(1, 1, 16), (2, 3, 16), (1, 16, 16), (1, 40, 16)]:
         x = torch.randn(shape)
-        sel = moe.selection(x).repeat_interleave(size, -1).float()
         with torch.no_grad():
-            ref = down(torch.nn.functional.silu(gate(x)) * up(x) * sel)
+            ref = routed(x)
             torch.testing.assert_close(moe(x), ref, atol=1e-5, rtol=1e-5)
+            routed.path = "masked"
+            torch.testing.assert_close(routed(x), ref, atol=1e-5, rtol=1e-5)
+            routed.path = "gather"
+    assert len(calls) == 3 and len(seen) == 4  # the kernel for up to 16 tokens, torch gather for 40
+    if routing == "threshold":
+        assert 0 < min(seen) and max(seen) < 1
+    x = torch.randn(2, 3, 16, requires_grad=True)  # training: autograd through the torch path
+    moe(x).sum().backward()
+    assert x.grad is not None and len(calls) == 3
+
+
+def _moeify_tiny(arch, routing, size=8, seed=0):
+    """The tiny model with every FFN split into random experts and routed (top_k 3 of 8, or tau 0.5)."""
+    from sparsify_core.ffn import find_ffn_blocks
+    from sparsify_plugins.layouts.convert import _set_module
+    from sparsify_plugins.moe.modules import LTERouter, MLPRouter, RoutedFFN
+    from sparsify_plugins.sources.models import Tiny
+    p = Tiny.Params(arch=arch, hidden_size=32, intermediate_size=64, layers=2, heads=4)
+    model = Tiny().load(p, device=torch.device("cpu"), dtype=torch.float32).model.eval()
+    g = torch.Generator().manual_seed(seed)
+    for b in find_ffn_blocks(model):
+        E = b.d_ff // size
+        torch.manual_seed(seed + b.index)
+        router = (MLPRouter if routing == "top_k" else LTERouter)(b.d_model, E)
+        for w in router.parameters():
+            w.data.mul_(4)
+        m = RoutedFFN.from_block(b, torch.randperm(b.d_ff, generator=g) % E, router, size)
+        m.set_routing(routing, top_k=3, tau=0.5)
+        _set_module(model, b.name, m.eval())
+    return model
+
+
+@pytest.mark.skipif(not ffn_kernels.cpu_kernel_available(), reason="no native kernels")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("routing", ["top_k", "threshold"])
+def test_moe_ffn_convert_matches_routed_model_and_rebuilds(monkeypatch, tmp_path, arch, routing):
+    """layout_convert/moe_ffn on gated (llama) and plain Conv1D (gpt2) FFNs: same logits, decode included."""
+    from sparsify_plugins.layouts import MoEFFNConvert
+    from sparsify_plugins.moe import RoutedFFN
+    model = _moeify_tiny(arch, routing)
+    routed = copy.deepcopy(model)
+    ctx = _ctx(model, tmp_path)
+    params = MoEFFNConvert.Params(strict=True)
+    result = MoEFFNConvert().apply(ctx, params)
+    ctx.masks.apply(model)
+    assert result.metrics["blocks_converted"] == 2
+    assert all(type(m).__name__ == "MoEFFN" and m.routing == routing for m in model.modules() if hasattr(m, "router"))
+    calls = []
+    kernel = ffn_kernels.ffn_moe
+    monkeypatch.setattr(ffn_kernels, "ffn_moe", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    for ids in (torch.randint(0, 200, (1, 1)), torch.randint(0, 200, (2, 5)), torch.randint(0, 200, (1, 40))):
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, routed(ids).logits, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2 * 2  # 1 and 2x5 tokens through the kernel in both layers; 40 through torch gather
+    rebuilt = _moeify_tiny(arch, routing, seed=1)  # other experts, routing dense: the rebuild restores the recorded
+    for m in rebuilt.modules():
+        if isinstance(m, RoutedFFN):
+            m.set_routing("dense")
+    MoEFFNConvert().rebuild(_ctx(rebuilt, tmp_path), params, result)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    ids = torch.randint(0, 200, (1, 7))
+    torch.testing.assert_close(_logits(rebuilt.eval(), ids), _logits(routed, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(rebuilt, ids[:, :1]), _logits(routed, ids[:, :1]), atol=1e-4, rtol=1e-4)
+
+
+def test_moe_ffn_convert_refuses_unrouted_models(tmp_path):
+    from sparsify_plugins.layouts import MoEFFNConvert
+    with pytest.raises(SparsifyError, match="run a moeify stage"):
+        MoEFFNConvert().apply(_ctx(_tiny("llama"), tmp_path), MoEFFNConvert.Params())
+    model = _moeify_tiny("llama", "threshold")
+    for m in model.modules():
+        if hasattr(m, "set_routing"):
+            m.set_routing("soft")
+    with pytest.raises(SparsifyError, match="routes 'soft'"):
+        MoEFFNConvert().apply(_ctx(model, tmp_path), MoEFFNConvert.Params())
+
+
+MOE_RECIPE = """\
+name: moe-lc
+seed: 0
+model:
+  source: tiny
+  params: {arch: llama, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}
+data:
+  source: pydoc
+  seq_len: 16
+  splits:
+    calibration: {samples: 8}
+    eval: {samples: 2}
+stages:
+  - kind: moeify
+    method: param_cluster
+    params: {expert_size: 8, router: lte, fit: {epochs: 2}}
+  - kind: layout_convert
+    method: moe_ffn
+    params: {strict: true}
+evaluate:
+  metrics: [perplexity, expert_sparsity, router_recall, ffn_flops_per_token]
+  after: all
+  batch_size: 1  # 16 tokens a forward: the converted model evaluates through the kernel (strict: no fallback)
+output:
+  dir: out-moe
+"""
+
+
+@pytest.mark.skipif(not ffn_kernels.cpu_kernel_available(), reason="no native kernels")
+def test_run_moeify_then_moe_ffn_layout_matches_and_loads_back(workdir):
+    """`sparsify run`: moeify -> layout_convert/moe_ffn evaluates as before the conversion, and loads back."""
+    from sparsify_core.registry import Registry
+    write(workdir / "moe.yaml", MOE_RECIPE)
+    proc = sparsify("run", "moe.yaml", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = Registry(f"sqlite:///{workdir}/registry.db").find_runs()
+    metrics = {}
+    for m in run.metrics:
+        if m.layer is None and m.step is None:
+            metrics.setdefault(m.stage, {})[m.name] = m.value
+    before, after = metrics["param_cluster"], metrics["moe_ffn"]
+    for name in ("perplexity", "expert_sparsity", "router_recall", "ffn_flops_per_token"):
+        assert after[name] == pytest.approx(before[name], rel=1e-5), name
+    assert 0 < after["expert_sparsity"] < 1
+    out = load_output(workdir / "out-moe")
+    moe = [m for m in out.model.modules() if type(m).__name__ == "MoEFFN"]
+    assert len(moe) == 2 and all(m.routing == "threshold" and m.strict for m in moe)
+    ids = torch.randint(0, 200, (1, 9))
+    fast = [_logits(out.model, ids)] + [_logits(out.model, ids[:, t:t + 1]) for t in range(2)]
+    for m in moe:
+        m.path = "masked"  # RoutedFFN's reference path: every neuron, unselected experts zeroed
+    ref = [_logits(out.model, ids)] + [_logits(out.model, ids[:, t:t + 1]) for t in range(2)]
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def _warnings_of(fn, times=2):
@@ -221,6 +379,8 @@ def test_every_module_falls_back_once_or_fails_in_strict_mode(monkeypatch, why):
     pred = M.ActivationPredictor(torch.randn(3, d, dtype=dtype), torch.randn(E * size, 3, dtype=dtype),
                                  torch.zeros(E * size, dtype=dtype), 0.0)
     dense = lambda x, mask=1.0: down(torch.relu(gate(x)) * up(x) * mask)  # noqa: E731
+    moe_ref, _ = _routed_ffn("gated", "threshold", d, size, E, dtype=dtype)
+    moe_ref.path = "masked"
     x = torch.randn(1, 2, d, dtype=dtype)
     x1 = torch.relu(torch.randn(1, 2, E * size, dtype=dtype))
     modules = {
@@ -229,8 +389,7 @@ def test_every_module_falls_back_once_or_fails_in_strict_mode(monkeypatch, why):
         "predicted FFN": (lambda s: M.ActivationSparseFFN(gate, up, M.TransposedLinear.from_linear(down, s),
                                                            nn.ReLU(), s, predictor=pred),
                           lambda: dense(x, pred(x).to(dtype))),
-        "MoE FFN": (lambda s: M.MoEFFN(gate, up, M.TransposedLinear.from_linear(down, s), nn.ReLU(),
-                                       nn.Linear(d, E).to(dtype), size, tau=0.0, strict=s), None),
+        "MoE FFN": (lambda s: M.MoEFFN.from_routed(moe_ref, s), lambda: moe_ref(x)),
         "sparse-input Linear": (lambda s: M.TransposedLinear.from_linear(down, s), lambda: down(x1)),
     }
     for what, (make, ref) in modules.items():
