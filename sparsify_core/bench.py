@@ -16,7 +16,8 @@ uses):
    (tens of MB) fits a last-level cache, so both sides start every call
    with flushed caches, as they would inside a model.
 2. MoE FFN, same shape, 32-neuron experts, 25/50/75% of experts skipped
-   (SiLU; bound ``1 / (1 - skipped)``).
+   (SiLU; bound ``1 / (1 - skipped)``): the ``MoEFFN`` module that
+   ``layout_convert/moe_ffn`` puts in a model, router included.
 3. sparse Linear, BERT-base FFN shapes, 1/128/1024 tokens, 50/75/90% weight
    sparsity: each layout (given a weight with the structure it needs at that
    sparsity) against dense torch and torch.sparse CSR / BSR.
@@ -199,30 +200,55 @@ def _predicted_rows(w_gate, w_up, w_down_t, sparsities, rank, recall, repeats, n
 
 
 def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30) -> list[Row]:
-    """Case 2: only the selected experts' gate/up/down rows, vs the dense SiLU FFN."""
-    from sparsify_kernels import ffn as K
+    """Case 2: the MoE FFN module a converted model runs (``MoEFFN``: LTE router, threshold) vs the dense SiLU FFN.
+
+    The module is what ``layout_convert/moe_ffn`` makes of a ``RoutedFFN``
+    (``MoEFFN.from_routed``), timed through its ``forward``: router, selection
+    and the kernel reading only the selected experts' rows. The router's
+    weights are set so that it selects exactly the kept experts for the input.
+    """
+    from sparsify_plugins.layouts.modules import MoEFFN
+    from sparsify_plugins.moe.modules import LTERouter, RoutedFFN
+    from torch import nn
 
     w_gate, w_up, w_down = _ffn_weights(d, dff, seed=1)
-    w_down_t = w_down.t().contiguous()
     x = torch.randn(1, d)
     E = dff // expert
     targets = {0.5: 1.8, 0.75: 3.4}
     rows = []
     gen = torch.Generator().manual_seed(0)
+
+    def linear(w):
+        m = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=False)
+        m.weight = nn.Parameter(w, requires_grad=False)
+        return m
+
+    def dense():
+        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
     for sk in skipped:
-        keep = torch.randperm(E, generator=gen)[: E - int(round(sk * E))].sort().values
-        ranges = torch.stack([keep * expert, keep * expert + expert], 1)
-
-        def dense():
-            return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
-
-        def ours():
-            return K.ffn_sparse(x, w_gate, None, w_up, None, w_down_t, None, act="silu", ranges=ranges)
-
-        m = interleaved({"dense": dense, "ours": ours}, repeats)
+        keep = torch.randperm(E, generator=gen)[: E - int(round(sk * E))]
+        router = LTERouter(d, E).requires_grad_(False)
+        sign = -torch.ones(E)
+        sign[keep] = 1.0
+        router.proj.weight.copy_(sign[:, None] * 8.0 * x / x.square().sum())  # logits +-8: tau 0.5 keeps `keep`
+        routed = RoutedFFN("gated", {"gate": linear(w_gate), "up": linear(w_up), "down": linear(w_down)},
+                           {"gate": "gate_proj", "up": "up_proj", "down": "down_proj", "act": "act_fn"},
+                           nn.SiLU(), router, expert, "threshold", tau=0.5)
+        moe = MoEFFN.from_routed(routed, strict=True).eval()
+        del routed
+        with torch.no_grad():
+            selected = int(moe.select(moe.scores(x)).sum())
+            mask = torch.zeros(dff)
+            mask[(keep[:, None] * expert + torch.arange(expert)).flatten()] = 1.0
+            ref = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up) * mask, w_down)
+            err = float((moe(x) - ref).norm() / ref.norm())
+            m = interleaved({"dense": dense, "ours": lambda: moe(x)}, repeats)
         rows.append(Row(2, f"skip={sk:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
                         {"ours": m["dense"] / m["ours"]}, targets.get(sk), 1 / (1 - sk),
-                        {"experts": f"{len(keep)}/{E}"}))
+                        {"experts": f"{selected}/{E}", "rel_err": err}))
+        del moe
+        gc.collect()
     return rows
 
 

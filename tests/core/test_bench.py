@@ -43,6 +43,18 @@ def test_record_stores_a_bench_run_apart_from_recipe_runs(tmp_path):
 
 
 @needs_native
+def test_moe_case_times_the_converted_module(monkeypatch):
+    """Case 2 runs MoEFFN.forward (router, selection, kernel), selecting exactly the kept experts."""
+    from sparsify_plugins.layouts.modules import MoEFFN
+    calls = []
+    forward = MoEFFN.forward
+    monkeypatch.setattr(MoEFFN, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    (row,) = bench.case_moe(skipped=(0.5,), d=96, dff=320, expert=32, repeats=3)
+    assert row.extra["experts"] == "5/10" and row.extra["rel_err"] < 1e-5
+    assert len(calls) >= 3 and row.ours_ms["ours"] > 0
+
+
+@needs_native
 def test_cli_bench_record_then_runs_and_show(workdir):
     proc = sparsify("bench", "--case", "1", "--quick", "--threads", "1", "--record", "--json", "b.json",
                     cwd=workdir)
