@@ -243,7 +243,7 @@ def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30
             mask[(keep[:, None] * expert + torch.arange(expert)).flatten()] = 1.0
             ref = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up) * mask, w_down)
             err = float((moe(x) - ref).norm() / ref.norm())
-            m = interleaved({"dense": dense, "ours": lambda: moe(x)}, repeats)
+            m = interleaved({"dense": dense, "ours": lambda moe=moe: moe(x)}, repeats)
         rows.append(Row(2, f"skip={sk:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
                         {"ours": m["dense"] / m["ours"]}, targets.get(sk), 1 / (1 - sk),
                         {"experts": f"{selected}/{E}", "rel_err": err}))
