@@ -83,7 +83,10 @@ class TrainCallback:
     tensor added to the loss (or ``None``) plus numbers to show; ``after_step``
     runs after each optimizer step (schedules, pruning) and returns numbers to
     show and log. ``state_dict``/``load_state_dict`` (JSON-serialisable) carry
-    the callback through mid-stage checkpoints.
+    the callback through mid-stage checkpoints; on resume ``load_state_dict``
+    runs before the checkpoint's weights are loaded, so a callback that changed
+    the model's structure mid-stage (SSD swaps FFNs for routed ones) rebuilds
+    it first.
     """
 
     def start(self, loop: "TrainLoop") -> None: ...
@@ -146,6 +149,7 @@ class TrainLoop:
     ctx: "RunContext"
     cfg: TrainConfig
     model: torch.nn.Module  # the plain model (not the DDP wrapper)
+    optimizer: torch.optim.Optimizer | None = None  # e.g. to re-order its state when neurons are permuted
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -176,12 +180,12 @@ def _load(ctx, loop: TrainLoop, optimizer, callbacks) -> bool:
     if not (path / "loop.json").exists():
         return False
     meta = json.loads((path / "loop.json").read_text())
+    for cb, state in zip(callbacks, meta["callbacks"]):  # first: it may rebuild the structure the weights fit
+        cb.load_state_dict(state)
     load_model(loop.model, str(path / "model.safetensors"), strict=True)
     if (path / "masks.safetensors").exists():
         ctx.masks.load_state_dict(load_file(str(path / "masks.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True))
-    for cb, state in zip(callbacks, meta["callbacks"]):
-        cb.load_state_dict(state)
     loop.step = meta["step"]
     return True
 
@@ -214,7 +218,7 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    loop = TrainLoop(ctx=ctx, cfg=cfg, model=model)
+    loop = TrainLoop(ctx=ctx, cfg=cfg, model=model, optimizer=optimizer)
     if ctx.resume_stage == ctx.stage_index and _load(ctx, loop, optimizer, callbacks):
         ctx.info(f"resuming training at step {loop.step} of {cfg.steps}")
     elif dist.is_main():
