@@ -86,8 +86,11 @@ def _start_waiting_run(workdir, factor=2.0):
   - kind: prune""")
     path = write(workdir / "r.yaml", recipe)
     env = dict(os.environ, **plugin_env(workdir))
+    # A test runner started in the background (`cmd &` in a script) inherits SIGINT ignored, and so would the
+    # child; give it the default disposition, as an interactive `sparsify run` has.
     proc = subprocess.Popen([sys.executable, "-m", "sparsify_core.cli", "run", str(path)], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not started.exists():
         assert proc.poll() is None, proc.communicate()[1]
