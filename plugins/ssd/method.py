@@ -20,7 +20,9 @@ not a one-shot conversion (not ``moeify``). A recipe reads "train with SSD".
    permuted with the neurons, and an expert that no token selected in a step
    is not updated at all: its weights and Adam moments are put back after the
    optimizer step (momentum and weight decay would otherwise still move it,
-   as in "lazy" sparse Adam). Routers stay frozen while training.
+   as in "lazy" sparse Adam). Routers are not trained by the loss; with
+   ``refit_every`` they are fitted again to the current weights every so
+   many sparse steps.
 3. The last ``final_dense`` of the steps run the routed FFNs densely again.
    Afterwards the routers are refitted to the final weights (``refit_routers``)
    and the model is left in ``final_routing``: ``dense``, or ``moe`` (the
@@ -84,6 +86,8 @@ class SSDParams(Params):
     experts: CoactivationParams = Field(
         default_factory=lambda: CoactivationParams(expert_fraction=0.5),
         description="that moeify method's params: expert_size, router, selection (top_k / expert_fraction / tau)...")
+    refit_every: int = Field(0, ge=0, description=(
+        "during the sparse phase, refit the routers to the current weights every N steps (0: never)"))
     refit_routers: bool = Field(True, description="refit the routers to the final weights after training")
     final_routing: Literal["dense", "moe"] = Field(
         "dense", description="routing the model is left in: dense, or moe (the experts' selection)")
@@ -232,6 +236,11 @@ class SSDCallback(TrainCallback):
                "ffn_flops_ratio": self.flops["train"] / self.flops["dense"]}
         if self.switch_step is None and t % self.params.monitor.every == 0 and t < self.loop.cfg.steps:
             self._monitor(t)
+        every = self.params.refit_every
+        if self.phase == "sparse" and every and (t - self.switch_step) % every == 0 and t < self.rule.final_start:
+            # the weights moved since the routers were fitted: fit them again, MoEfication's way
+            self.ctx.log(refit_routers(self.ctx, list(self.routed.values()), self.params), step=t)
+            self.flops["overhead"] += self._fit_overhead()
         return out
 
     def stop(self) -> None:
@@ -433,7 +442,15 @@ def refit_routers(ctx, modules: list[RoutedFFN], params: SSDParams) -> dict[str,
     with ctx.progress(f"refit {e.router} routers", total=len(modules)) as task:
         for i, (m, (x, mass)) in enumerate(zip(modules, data)):
             m.set_routing(e.routing(), top_k=e.k_for(m.num_experts), tau=e.tau)
-            res = fit_router(m.router, x, mass, m.select, e.fit, init_fraction=e.init_fraction, seed=ctx.seed + i)
+            frozen = [p for p in m.router.parameters() if not p.requires_grad]  # frozen while SSD trains
+            for p in frozen:
+                p.requires_grad_(True)
+            try:
+                res = fit_router(m.router, x, mass, m.select, e.fit, init_fraction=e.init_fraction,
+                                 seed=ctx.seed + i)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(False)
             if e.router == "lte" and e.tau == 0.5:
                 sharpen_router(m.router, x.to(next(m.router.parameters()).device), e.init_margin)
             recalls.append(res["router_recall"])

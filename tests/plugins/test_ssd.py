@@ -261,3 +261,27 @@ def test_no_switch_without_stability_or_a_forced_one(tmp_path):
     assert result.info["blocks"] == {} and result.metrics["monitor_points"] == 5
     assert not any(isinstance(b.module, RoutedFFN) for b in find_ffn_blocks(model))
     SSD().rebuild(make_ctx(tmp_path, tiny_model()), params, StageResult(info=result.info))  # nothing to rebuild
+
+
+def test_ssd_recipe_and_its_dense_baseline_train_the_same_model_on_the_same_data():
+    from helpers import RECIPES
+
+    from sparsify_core.recipe import load_recipe
+
+    ssd, dense = load_recipe(RECIPES / "ssd.yaml"), load_recipe(RECIPES / "ssd-dense.yaml")
+    assert ssd.recipe.model == dense.recipe.model and ssd.recipe.model.source == "tiny"
+    assert ssd.recipe.data == dense.recipe.data and ssd.recipe.data.source == "pydoc"
+    assert ssd.stage_params[0].train == dense.stage_params[0].train
+    assert [(s.kind, s.method) for s in ssd.recipe.stages] == [("train", "ssd"), ("moeify", "routing")]
+    assert [(s.kind, s.method) for s in dense.recipe.stages] == [("train", "finetune")]
+
+
+def test_routers_are_refitted_every_n_sparse_steps(tmp_path):
+    plain = SSD().apply(make_ctx(tmp_path / "a", tiny_model()), _params())
+    ctx = make_ctx(tmp_path / "b", tiny_model())
+    logged = []
+    ctx.log_callback = lambda stage, step, values: logged.append((step, values))
+    refit = SSD().apply(ctx, _params(refit_every=2))
+    assert [s for s, v in logged if "refit_router_recall" in v] == [6, 8]  # sparse steps 4-8
+    assert refit.metrics["ffn_overhead_flops"] > plain.metrics["ffn_overhead_flops"]
+    assert refit.metrics["ffn_train_flops_saved"] == pytest.approx(plain.metrics["ffn_train_flops_saved"])
