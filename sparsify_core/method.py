@@ -14,6 +14,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from .training import TrainCallback
 
 
+def check_regexes(patterns: list[str] | None) -> list[str] | None:
+    """A params validator body: every pattern compiles, else a ValueError naming it."""
+    import re
+
+    for p in patterns or []:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {p!r}: {exc}") from None
+    return patterns
+
+
 class Params(BaseModel):
     """Base of every method's, source's and metric's parameters: unknown keys are errors."""
 

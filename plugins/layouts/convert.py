@@ -28,6 +28,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from sparsify_core.method import check_regexes
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
@@ -313,12 +314,7 @@ class WeightLayoutParams(Params):
     @field_validator("targets", "exclude")
     @classmethod
     def _regexes(cls, v):
-        for p in v or []:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {p!r}: {exc}") from None
-        return v
+        return check_regexes(v)
 
 
 class _WeightLayoutConvert(Method):

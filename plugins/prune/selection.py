@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from sparsify_core.method import check_regexes
 from sparsify_core import Params, StageResult
 from sparsify_core.calibration import CalibrationLayer, calibrate
 from sparsify_core.errors import SparsifyError
@@ -51,12 +52,7 @@ class PruneParams(Params):
     @field_validator("targets", "exclude")
     @classmethod
     def _regexes(cls, v):
-        for p in v or []:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {p!r}: {exc}") from None
-        return v
+        return check_regexes(v)
 
     @field_validator("pattern", mode="before")
     @classmethod
