@@ -22,7 +22,6 @@ outputs save with safetensors and load back through ``load_output``.
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from pydantic import Field, field_validator

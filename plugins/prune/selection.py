@@ -9,7 +9,6 @@ so ``owl_ratios`` runs a layer-wise calibration pass for them.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
