@@ -14,9 +14,19 @@ shared training loop, two phases switched at ``stage1_steps``:
     stage 2 changes little). The squared distance is floored at ``sep_eps``
     so a score exactly at ``tau`` cannot make the loss infinite.
 
-  Both are averaged over the experts too (the paper's ``1/(L N)``
-  normalisation), so ``eta`` in about [0, 2] and ``lambda = 0.5`` keep their
-  published meaning whatever the number of experts.
+  METHODS.md writes both as a mean over layers and tokens of a *sum* over
+  experts; by default (``expert_reduction: mean``) they are averaged over the
+  experts too, so ``eta`` in about [0, 2] and ``lambda = 0.5`` keep one
+  meaning whatever the number of experts. ``expert_reduction: sum`` is the
+  literal form (the same as ``mean`` with ``eta`` and ``lambda`` times E).
+
+  By default the two penalties train the routers only: their gradients do
+  not flow into the model through the router's input (``penalty_to_model:
+  false``). The model still learns from the task loss, including through the
+  soft routing weights. With the gradients flowing (``true``, joint training
+  taken literally) L_sep, whose gradient ``2 / (G - tau)^3`` is in the
+  thousands for scores near ``tau``, swamps the task loss: on SmolLM2-135M
+  the distillation loss rose from 1.25 to 5.5 within 45 steps.
 - Stage 2 (the remaining steps): routers frozen, hard threshold selection
   (expert e iff ``G(x)_e > tau``, experts combined unweighted), task loss only.
   Training computes it on the masked path (the same function and gradients;
@@ -30,6 +40,8 @@ the stage every routed FFN selects by threshold ``tau``.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
@@ -41,14 +53,19 @@ from sparsify_core.training import TrainCallback, TrainConfig, train
 from .modules import RoutedFFN
 
 
-def efficiency_loss(scores: torch.Tensor) -> torch.Tensor:
-    """LTE's L_eff of one layer: the mean of ``G^2`` over tokens and experts."""
-    return scores.float().pow(2).mean()
+def _reduce(per_expert: torch.Tensor, reduction: str) -> torch.Tensor:
+    return per_expert.mean() if reduction == "mean" else per_expert.sum(-1).mean()
 
 
-def separability_loss(scores: torch.Tensor, tau: float, eps: float = 1e-4) -> torch.Tensor:
-    """LTE's L_sep of one layer: the mean of ``1 / (G - tau)^2`` (squared distance floored at ``eps``)."""
-    return (scores.float() - tau).pow(2).clamp_min(eps).reciprocal().mean()
+def efficiency_loss(scores: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """LTE's L_eff of one layer: ``G^2`` averaged over tokens and averaged (or summed) over experts."""
+    return _reduce(scores.float().pow(2), reduction)
+
+
+def separability_loss(scores: torch.Tensor, tau: float, eps: float = 1e-4, reduction: str = "mean") -> torch.Tensor:
+    """LTE's L_sep of one layer: ``1 / (G - tau)^2`` (squared distance floored at ``eps``) averaged over tokens
+    and averaged (or summed) over experts."""
+    return _reduce((scores.float() - tau).pow(2).clamp_min(eps).reciprocal(), reduction)
 
 
 def routed_modules(model) -> list[RoutedFFN]:
@@ -60,9 +77,10 @@ class LTECallback(TrainCallback):
     """Switches the routing per phase and adds ``eta * L_eff + lambda * L_sep`` in stage 1."""
 
     def __init__(self, modules: list[RoutedFFN], *, eta: float, lam: float, tau: float, stage1_steps: int,
-                 sep_eps: float):
+                 sep_eps: float, expert_reduction: str = "mean", penalty_to_model: bool = False):
         self.modules, self.eta, self.lam, self.tau = modules, eta, lam, tau
         self.stage1_steps, self.sep_eps = stage1_steps, sep_eps
+        self.reduction, self.penalty_to_model = expert_reduction, penalty_to_model
         self.scores: list[torch.Tensor] = []
         self.unselected = 0.0
         self.count = 0
@@ -71,7 +89,8 @@ class LTECallback(TrainCallback):
 
     def _record(self, module, x, scores, selected):
         if torch.is_grad_enabled() and scores is not None:
-            self.scores.append(scores)
+            if self.phase == 1:  # the penalties' scores; stage 2 only counts the selection
+                self.scores.append(scores if self.penalty_to_model else module.scores(x.detach()))
             below = (scores.detach() <= self.tau) if self.phase == 1 else ~selected.detach()
             self.unselected += float(below.sum())
             self.count += below.numel()
@@ -97,8 +116,8 @@ class LTECallback(TrainCallback):
         self.unselected, self.count = 0.0, 0
         if self.phase == 2 or not scores:
             return None, info
-        l_eff = torch.stack([efficiency_loss(s) for s in scores]).mean()
-        l_sep = torch.stack([separability_loss(s, self.tau, self.sep_eps) for s in scores]).mean()
+        l_eff = torch.stack([efficiency_loss(s, self.reduction) for s in scores]).mean()
+        l_sep = torch.stack([separability_loss(s, self.tau, self.sep_eps, self.reduction) for s in scores]).mean()
         pen = self.eta * l_eff + self.lam * l_sep
         info.update(l_eff=float(l_eff.detach()), l_sep=float(l_sep.detach()), penalty=float(pen.detach()))
         return pen, info
@@ -123,6 +142,12 @@ class LTEParams(Params):
     stage1_steps: int = Field(gt=0, description=(
         "steps of stage 1 (soft routing, joint training); the rest of train.steps is stage 2"))
     sep_eps: float = Field(1e-4, gt=0, description="floor of (G - tau)^2 in L_sep")
+    expert_reduction: Literal["mean", "sum"] = Field("mean", description=(
+        "average L_eff and L_sep over the experts (eta keeps its meaning for any E) or sum them (METHODS.md's "
+        "literal form: the same as mean with eta and lambda times E)"))
+    penalty_to_model: bool = Field(False, description=(
+        "let the L_eff/L_sep gradients reach the model through the router input (joint training taken "
+        "literally); off: the penalties train the routers only, the model learns from the task loss"))
     train: TrainConfig
 
     @model_validator(mode="after")
@@ -156,7 +181,8 @@ class LTE(Method):
             for p in m.router.parameters():
                 p.requires_grad_(True)
         cb = LTECallback(modules, eta=params.eta, lam=params.lam, tau=params.tau,
-                         stage1_steps=params.stage1_steps, sep_eps=params.sep_eps)
+                         stage1_steps=params.stage1_steps, sep_eps=params.sep_eps,
+                         expert_reduction=params.expert_reduction, penalty_to_model=params.penalty_to_model)
         final = train(ctx, params.train, [cb])
         keep = ("loss", "lm_loss", "kd_loss", "sparsity")
         metrics = {f"final_{k}": v for k, v in final.items() if k in keep}

@@ -30,6 +30,10 @@ def test_loss_terms_follow_the_definitions():
     g = torch.tensor([0.4, 0.6], requires_grad=True)
     separability_loss(g, 0.5).backward()
     assert g.grad[0] > 0 and g.grad[1] < 0
+    # METHODS.md's literal form sums over the experts (mean over tokens): E times the mean
+    g = torch.tensor([[0.0, 1.0], [0.25, 0.75]])
+    assert float(efficiency_loss(g, "sum")) == pytest.approx((1 + 0.625) / 2)
+    assert float(separability_loss(g, 0.5, reduction="sum")) == pytest.approx(2 * float(separability_loss(g, 0.5)))
 
 
 def test_params_check_phases():
@@ -80,6 +84,24 @@ def test_phases_soft_then_frozen_hard_threshold(tmp_path):
     assert final["phase"] == 2 and "l_sep" not in final  # the last window: stage 2, no penalty
     assert all(m.routing == "threshold" and m.tau == 0.5 and m.path == "gather" for m in modules)
     assert all(p.requires_grad for m in modules for p in m.router.parameters())
+
+
+@pytest.mark.parametrize("to_model", [False, True])
+def test_penalty_reaches_the_model_only_when_asked(tmp_path, to_model):
+    ctx = _moeified(tmp_path, margin=0.05)
+    modules = routed_modules(ctx.model)
+    cb = LTECallback(modules, eta=1.0, lam=0.5, tau=0.5, stage1_steps=3, sep_eps=1e-4,
+                     penalty_to_model=to_model)
+    cb.start(None)
+    cb.before_step(0)
+    ctx.model(torch.randint(0, ctx.model.config.vocab_size, (2, 16)))
+    pen, info = cb.penalty(0)
+    cb.stop()
+    ctx.model.zero_grad(set_to_none=True)
+    pen.backward()
+    assert info["l_sep"] > 0 and all(m.router.proj.weight.grad is not None for m in modules)
+    embed = ctx.model.get_input_embeddings().weight.grad
+    assert (embed is not None and embed.abs().sum() > 0) == to_model
 
 
 def test_larger_eta_gives_higher_expert_sparsity(tmp_path):
