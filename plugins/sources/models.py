@@ -52,6 +52,31 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- hf
 
 
+def _refuse_rebuilt_output(folder: Path, label: str) -> None:
+    """A sparsify output whose stages changed modules (FATReLU, experts, layouts) is not a plain HF model.
+
+    ``from_pretrained`` would load its weights into the original modules and
+    silently compute something else (a FATReLU model as SiLU, experts as a
+    dense FFN), so refuse it; outputs whose stages only changed weights
+    (pruning, training) load fine.
+    """
+    import json
+
+    manifest = folder / "sparsify.json"
+    if not manifest.is_file():
+        return
+    try:
+        stages = json.loads(manifest.read_text()).get("stages", [])
+    except (OSError, ValueError) as exc:
+        raise SparsifyError(f"hf model: {label}: unreadable sparsify.json ({_first_line(exc)})") from None
+    rebuilt = [f"{st.get('kind')}/{st.get('method')}" for st in stages if st.get("rebuild", True)]
+    if rebuilt:
+        raise SparsifyError(
+            f"hf model: {label} is a sparsify output whose stages changed its modules ({', '.join(rebuilt)}); "
+            "transformers alone would load it without them. Add the new stages to the recipe that made it, or "
+            "load it in Python with sparsify_core.load_output")
+
+
 def _looks_like_path(path: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else is meant as a local folder."""
     return path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or "\\" in path or path[1:2] == ":"
@@ -76,6 +101,8 @@ class HFModel(ModelSource):
         if not local and _looks_like_path(params.path):
             raise SparsifyError(f"hf model: no such folder: {params.path}")
         where = str(folder) if local else params.path
+        if local:
+            _refuse_rebuilt_output(folder, params.path)
         model_cls = AutoModelForCausalLM if params.task == "causal_lm" else AutoModel
         kw = {"revision": params.revision, "trust_remote_code": params.trust_remote_code}
 

@@ -129,6 +129,20 @@ def test_hf_loads_a_local_folder(tmp_path):
     assert got.task == "causal_lm" and "LlamaForCausalLM" in got.description
 
 
+def test_hf_refuses_outputs_whose_modules_were_rebuilt(tmp_path):
+    lm = _tiny()
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    manifest = {"stages": [{"kind": "prune", "method": "magnitude", "rebuild": False},
+                           {"kind": "substitute_activation", "method": "fatrelu", "rebuild": True}]}
+    (tmp_path / "sparsify.json").write_text(json.dumps(manifest))
+    with pytest.raises(SparsifyError, match="changed its modules \\(substitute_activation/fatrelu\\).*load_output"):
+        models.HFModel().load(models.HFModel.Params(path=str(tmp_path)), device=CPU, dtype=torch.float32)
+    manifest["stages"].pop()  # weights-only stages: a plain HF model
+    (tmp_path / "sparsify.json").write_text(json.dumps(manifest))
+    models.HFModel().load(models.HFModel.Params(path=str(tmp_path)), device=CPU, dtype=torch.float32)
+
+
 def test_hf_errors_are_one_line_and_never_download(tmp_path):
     with pytest.raises(SparsifyError, match="no such folder"):
         models.HFModel().load(models.HFModel.Params(path=str(tmp_path / "nope")), device=CPU, dtype=torch.float32)
