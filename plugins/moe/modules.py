@@ -342,7 +342,7 @@ class RoutedFFN(nn.Module):
         before = before[0] if isinstance(before, tuple) else before
         with torch.no_grad():
             reference = block.forward(x)
-            if before.shape != reference.shape or not torch.allclose(before, reference, rtol=1e-3, atol=1e-4):
+            if before.shape != reference.shape or not _same_output(before, reference):
                 raise SparsifyError(f"{block.name}: its module computes more than down(act(...)) (norms, residuals?); "
                                     "moeify supports FFN blocks that are their own module")
             permute_neurons(block, perm)
@@ -355,10 +355,22 @@ class RoutedFFN(nn.Module):
             module.eval()
             after = module(x)
             module.train(training)
-        if not torch.allclose(after, reference, rtol=1e-3, atol=1e-4):
+        if not _same_output(after, reference):
             raise SparsifyError(f"{block.name}: the MoE FFN does not reproduce the dense FFN (max difference "
                                 f"{float((after - reference).abs().max()):.3g})")
         return module
+
+
+def _same_output(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float rounding: differences within 1e-4 of the output's largest magnitude.
+
+    Element-wise ``allclose`` is wrong here: summing thousands of neuron terms in
+    another order moves a near-zero output by rounding errors of the *large*
+    terms (SmolLM2's layer 9 under co-activation experts: 8.5e-4 where
+    the output reaches hundreds), while a wrong permutation errs by O(1).
+    """
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool((a - b).abs().max() <= 1e-4 * scale + 1e-6) if b.numel() else True
 
 
 @torch.no_grad()

@@ -129,6 +129,25 @@ def test_unrouted_moe_ffn_equals_dense_ffn(arch):
     assert module.num_experts == module.d_ff // 8
 
 
+def test_equality_check_scales_with_the_output_not_elementwise():
+    from sparsify_plugins.moe.modules import _same_output
+
+    big = torch.tensor([300.0, -250.0, 1e-3])
+    assert _same_output(big + torch.tensor([0.0, 0.0, 9e-4]), big)  # rounding of large sums near a zero entry
+    assert not _same_output(big + torch.tensor([0.0, 0.0, 0.5]), big)  # a wrong neuron is O(1) off
+    import transformers as T
+
+    torch.manual_seed(0)  # a real-sized FFN (SmolLM2's 576 -> 1536) with large outputs, as in real models
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                                             num_attention_heads=4, vocab_size=10))
+    block = find_ffn_blocks(model)[0]
+    with torch.no_grad():
+        for role in ("gate", "up", "down"):
+            block.weight(role).normal_(0, 0.3)
+    labels = torch.randperm(block.d_ff, generator=torch.Generator().manual_seed(1)) % (block.d_ff // 32)
+    RoutedFFN.from_block(block, labels, LTERouter(block.d_model, block.d_ff // 32), 32)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("routing", ["top_k", "threshold"])
 def test_gather_path_equals_masked_reference_with_gradients(arch, routing):
