@@ -29,6 +29,33 @@ constexpr int64_t TB = 64;   // token tile
 // Pack X [T, n_in] into tiles of TB tokens, transposed and zero-padded:
 // xt[tile][k][t] for k < n_pad. Blocks of 16 columns x 64 tokens read whole
 // cache lines of X and write a 4 KB block, both cache-friendly.
+#if defined(__AVX512F__)
+// In-register transpose of a 16 x 16 block: r[i][c] -> r[c][i].
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {  // per 128-bit lane l: rows 2i, 2i+1 interleaved at columns 4l..4l+3
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // s[4i + j], lane l: column 4l + j of rows 4i..4i+3
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {  // 4 x 4 transpose of 128-bit lanes
+        const __m512 p = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), q = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+        const __m512 u = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88),
+                     v = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+        t[j] = _mm512_shuffle_f32x4(p, u, 0x88);       // column j
+        t[8 + j] = _mm512_shuffle_f32x4(p, u, 0xdd);   // column 8 + j
+        t[4 + j] = _mm512_shuffle_f32x4(q, v, 0x88);   // column 4 + j
+        t[12 + j] = _mm512_shuffle_f32x4(q, v, 0xdd);  // column 12 + j
+    }
+    for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+#endif
+
 void pack_tiles(const float* X, int64_t T, int64_t n_in, int64_t n_pad, float* xt, int threads) {
     const int64_t n_tiles = (T + TB - 1) / TB;
     const int64_t n_kb = n_pad / 16;
@@ -36,7 +63,19 @@ void pack_tiles(const float* X, int64_t T, int64_t n_in, int64_t n_pad, float* x
         const int64_t tile = item / n_kb, k0 = (item % n_kb) * 16;
         float* dst = xt + tile * n_pad * TB + k0 * TB;
         const int64_t kn = std::max<int64_t>(0, std::min<int64_t>(16, n_in - k0));
-        for (int64_t t = 0; t < TB; ++t) {
+        int64_t t = 0;
+#if defined(__AVX512F__)
+        // Full 16 x 16 blocks: 16 row loads, an in-register transpose, 16 stores
+        // (the scalar loop below does 256 loads and 256 strided stores).
+        if (kn == 16)
+            for (; t + 16 <= TB && tile * TB + t + 16 <= T; t += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(X + (tile * TB + t + i) * n_in + k0);
+                transpose16(r);
+                for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * TB + t, r[k]);
+            }
+#endif
+        for (; t < TB; ++t) {
             const int64_t tt = tile * TB + t;
             const float* src = X + tt * n_in + k0;
             if (tt < T) {
