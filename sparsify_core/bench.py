@@ -327,12 +327,22 @@ def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024),
 
 # -- case 4: end-to-end decode ----------------------------------------------------------
 
-def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.PathLike | None = None) -> list[Row]:
-    """Case 4: greedy decoding, activation-sparse FFN vs dense, batch 1.
+def _routed(model) -> list:
+    """The FFNs a ``moeify`` stage split into experts (anything with the RoutedFFN routing API)."""
+    return [m for m in model.modules() if callable(getattr(m, "set_routing", None)) and hasattr(m, "num_experts")]
 
-    ``model_dir`` is a sparsify output folder with ReLU/FATReLU FFNs (the
-    output of ``recipes/prosparse.yaml``); without it, SmolLM2-135M with ReLU
-    substituted and no training stands in (less sparse, so a lower bound).
+
+def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.PathLike | None = None) -> list[Row]:
+    """Case 4: greedy decoding with the fast layouts vs the same model dense, batch 1.
+
+    ``model_dir`` is a sparsify output folder: with ReLU/FATReLU FFNs (the
+    output of ``recipes/prosparse.yaml``) the FFNs become activation-sparse,
+    exact, and the tokens must be identical; with FFNs split into experts
+    (``recipes/lte.yaml``, MoEfication) they become ``MoEFFN`` modules, timed
+    against the same weights computing every expert (dense) and against the
+    plain-torch MoE (``torch_moe``), whose tokens they must reproduce. Without
+    it, SmolLM2-135M with ReLU substituted and no training stands in (less
+    sparse, so a lower bound).
     """
     import copy
 
@@ -355,10 +365,17 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
     if model_dir is None:
         relu = cat.methods[("substitute_activation", "relu")]
         relu().apply(ctx, relu.Params())
+    moe = bool(_routed(model))
     sparse = copy.deepcopy(model)
-    conv = cat.methods[("layout_convert", "activation_sparse_ffn")]
+    conv = cat.methods[("layout_convert", "moe_ffn" if moe else "activation_sparse_ffn")]
     ctx.model = sparse
     conv().apply(ctx, conv.Params())
+    fns = {"ours": sparse}
+    if moe:  # dense: the same weights computing every expert; torch_moe: the routed model in plain torch
+        dense = copy.deepcopy(model)
+        for m in _routed(dense):
+            m.set_routing("dense")
+        fns, model = {"ours": sparse, "torch_moe": model}, dense
     ids = tok("The history of sparse neural networks", return_tensors="pt").input_ids
     outs = {}
 
@@ -369,19 +386,35 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
                                         pad_token_id=tok.eos_token_id)
         return run
 
-    t = interleaved({"dense": gen(model, "dense"), "ours": gen(sparse, "ours")}, rounds, warmup=1)
-    same = bool(torch.equal(outs["dense"], outs["ours"]))
-    # activation sparsity of the model on the generated text
-    from .ffn import capture_intermediates, find_ffn_blocks
-    zeros = []
-    with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append(
-            (x1 == 0).float().mean().item())):
-        model(outs["dense"])
-    return [Row(4, f"decode {new_tokens} tokens", t["dense"] * 1e3, {"ours": t["ours"] * 1e3},
-                {"ours": t["dense"] / t["ours"]}, 1.3, None,
-                {"identical_tokens": same, "tokens_per_s_dense": new_tokens / t["dense"],
-                 "tokens_per_s_ours": new_tokens / t["ours"], "activation_sparsity": statistics.mean(zeros),
-                 "note": note})]
+    t = interleaved({"dense": gen(model, "dense"), **{k: gen(m, k) for k, m in fns.items()}}, rounds, warmup=1)
+    extra = {"tokens_per_s_dense": new_tokens / t["dense"], "tokens_per_s_ours": new_tokens / t["ours"],
+             "note": note}
+    if moe:
+        extra["identical_tokens"] = bool(torch.equal(outs["torch_moe"], outs["ours"]))
+        extra["identical_tokens_to_dense"] = bool(torch.equal(outs["dense"], outs["ours"]))
+        selected = []
+
+        def hook(module, x, scores, chosen):
+            selected.append(chosen.float().mean().item())
+
+        plain = fns["torch_moe"]
+        handles = [m.register_selection_hook(hook) for m in _routed(plain)]
+        with torch.no_grad():
+            plain(outs["ours"])
+        for h in handles:
+            h.remove()
+        extra["expert_sparsity"] = 1.0 - statistics.mean(selected)
+    else:
+        extra["identical_tokens"] = bool(torch.equal(outs["dense"], outs["ours"]))
+        # activation sparsity of the model on the generated text
+        from .ffn import capture_intermediates, find_ffn_blocks
+        zeros = []
+        with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append(
+                (x1 == 0).float().mean().item())):
+            model(outs["dense"])
+        extra["activation_sparsity"] = statistics.mean(zeros)
+    return [Row(4, f"decode {new_tokens} tokens" + (" (MoE)" if moe else ""), t["dense"] * 1e3,
+                {k: t[k] * 1e3 for k in fns}, {k: t["dense"] / t[k] for k in fns}, 1.3, None, extra)]
 
 
 CASES = {1: case_activation_sparse, 2: case_moe, 3: case_sparse_linear, 4: case_decode}

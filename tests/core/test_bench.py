@@ -83,3 +83,19 @@ def test_decode_case_runs_on_a_sparsify_output(workdir):
     assert 0.3 < row["extra"]["activation_sparsity"] < 1 and "out" in row["extra"]["note"]
     bad = sparsify("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
     assert bad.returncode != 0 and "not a sparsify output folder" in bad.stderr
+
+
+def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
+    """Case 4 on a saved MoE (as users pass their LTE output): MoEFFN reproduces the plain-torch MoE's tokens."""
+    from helpers import TINY_RECIPE, write
+
+    stages = ("stages:\n  - kind: moeify\n    method: param_cluster\n"
+              "    params: {expert_size: 8, router: lte, fit: {epochs: 2}}\n")
+    recipe = TINY_RECIPE[:TINY_RECIPE.index("stages:")] + stages + "evaluate:\n  after: all\n"
+    write(workdir / "m.yaml", recipe + "output: {dir: moe, save: true}\n")
+    sparsify("run", "m.yaml", cwd=workdir, check=True)
+    result = bench.run(cases=(4,), quick=True, threads=1, model_dir=workdir / "moe")
+    (row,) = result["rows"]
+    assert set(row["ratio"]) == {"ours", "torch_moe"} and row["best"] == "ours"
+    assert row["extra"]["identical_tokens"] is True and row["config"].endswith("(MoE)")
+    assert 0.2 < row["extra"]["expert_sparsity"] < 0.9
