@@ -1,6 +1,7 @@
 """Helpers shared by tests (importable as ``helpers``: tests/ is on pytest's pythonpath)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,28 +27,51 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-TINY_RECIPE = """\
-name: t
-seed: 0
-model:
-  source: tiny
-  params: {arch: llama, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}
-data:
-  source: pydoc
-  seq_len: 32
-  splits:
-    calibration: {samples: 4}
-    train: {samples: 8, offset: 4}
-    eval: {samples: 4}
-stages:
+TINY_MODEL = {"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4}
+TINY_SPLITS = {"calibration": {"samples": 4}, "train": {"samples": 8, "offset": 4}, "eval": {"samples": 4}}
+
+
+def _yaml(value) -> str:
+    """``value`` as a one-line YAML (flow) value: dicts, lists, bools, numbers and strings."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and (not value or any(c in value for c in "{}[],:#'\" ")):
+        return json.dumps(value)
+    return str(value)
+
+
+def tiny_recipe(stages: str, *, name: str = "t", seed: int | None = 0, model: dict | None = None,
+                seq_len: int = 32, splits: dict | None = None, evaluate: dict | None = None,
+                output: dict | None = None) -> str:
+    """The text of a recipe on the tiny model and the pydoc data.
+
+    ``stages`` is the YAML block of stage items, as it appears under ``stages:`` (items start with
+    ``"  - kind:"``). ``model`` overrides some of :data:`TINY_MODEL`'s params; ``splits`` replaces
+    :data:`TINY_SPLITS`; ``evaluate`` (default ``{after: all}``) and ``output`` (default: no section)
+    are written one key a line. ``seed=None`` leaves the seed out.
+    """
+    lines = [f"name: {name}"] + ([f"seed: {seed}"] if seed is not None else [])
+    lines += ["model:", "  source: tiny", f"  params: {_yaml({**TINY_MODEL, **(model or {})})}",
+              "data:", "  source: pydoc", f"  seq_len: {seq_len}", "  splits:"]
+    lines += [f"    {split}: {_yaml(spec)}" for split, spec in (TINY_SPLITS if splits is None else splits).items()]
+    lines += ["stages:", stages.rstrip("\n")]
+    for section, keys in (("evaluate", {"after": "all"} if evaluate is None else evaluate), ("output", output)):
+        if keys is not None:
+            lines += [f"{section}:"] + [f"  {k}: {_yaml(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+TINY_RECIPE = tiny_recipe("""\
   - kind: substitute_activation
     method: relu
   - kind: prune
     method: magnitude
     params: {sparsity: 0.5}
-evaluate:
-  after: all
-"""
+""")
 
 
 FIXTURE_PLUGINS = Path(__file__).resolve().parent / "fixture_plugins"

@@ -71,11 +71,11 @@ def test_cli_bench_record_then_runs_and_show(workdir):
 
 def test_decode_case_runs_on_a_sparsify_output(workdir):
     """Case 4 on a saved ReLU model (as users pass their ProSparse output): same tokens, sparsity reported."""
-    from helpers import TINY_RECIPE, write
+    from helpers import tiny_recipe, write
 
     # the tiny recipe's ReLU stage only (no pruning), saved where case 4 can find it
-    recipe = TINY_RECIPE.replace("  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5}\n", "")
-    write(workdir / "r.yaml", recipe + "output: {dir: out, save: true}\n")
+    stages = "  - kind: substitute_activation\n    method: relu\n"
+    write(workdir / "r.yaml", tiny_recipe(stages, output={"dir": "out", "save": True}))
     sparsify("run", "r.yaml", cwd=workdir, check=True)
     result = bench.run(cases=(4,), quick=True, threads=1, model_dir=workdir / "out")
     (row,) = result["rows"]
@@ -87,12 +87,11 @@ def test_decode_case_runs_on_a_sparsify_output(workdir):
 
 def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
     """Case 4 on a saved MoE (as users pass their LTE output): MoEFFN reproduces the plain-torch MoE's tokens."""
-    from helpers import TINY_RECIPE, write
+    from helpers import tiny_recipe, write
 
-    stages = ("stages:\n  - kind: moeify\n    method: param_cluster\n"
+    stages = ("  - kind: moeify\n    method: param_cluster\n"
               "    params: {expert_size: 8, router: lte, fit: {epochs: 2}}\n")
-    recipe = TINY_RECIPE[:TINY_RECIPE.index("stages:")] + stages + "evaluate:\n  after: all\n"
-    write(workdir / "m.yaml", recipe + "output: {dir: moe, save: true}\n")
+    write(workdir / "m.yaml", tiny_recipe(stages, output={"dir": "moe", "save": True}))
     sparsify("run", "m.yaml", cwd=workdir, check=True)
     result = bench.run(cases=(4,), quick=True, threads=1, model_dir=workdir / "moe")
     (row,) = result["rows"]

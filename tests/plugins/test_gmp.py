@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_ctx, tiny_model
+from helpers import make_ctx, tiny_model, tiny_recipe
 from pydantic import ValidationError
 
 from sparsify_core.training import TrainCallback, TrainConfig, train
@@ -157,18 +157,7 @@ def test_mid_stage_resume_keeps_schedule_and_masks(tmp_path):
     assert len(ctx.masks) == 14
 
 
-GMP_RECIPE = """\
-name: gmp-tiny
-model:
-  source: tiny
-  params: {arch: llama, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}
-data:
-  source: pydoc
-  seq_len: 32
-  splits:
-    train: {samples: 16}
-    eval: {samples: 4}
-stages:
+GMP_RECIPE = tiny_recipe("""\
   - kind: prune
     method: gmp
     params: {sparsity: 0.5, every: 2}
@@ -179,9 +168,9 @@ stages:
     method: finetune
     name: again
     params: {train: {steps: 2, batch_size: 4, lr: 1.0e-2}}
-evaluate: {after: last, metrics: [perplexity, weight_sparsity], batch_size: 4}
-output: {dir: "OUT/{run_id}"}
-"""
+""", name="gmp-tiny", seed=None, splits={"train": {"samples": 16}, "eval": {"samples": 4}},
+    evaluate={"after": "last", "metrics": ["perplexity", "weight_sparsity"], "batch_size": 4},
+    output={"dir": "OUT/{run_id}"})
 
 
 def test_recipe_needs_a_training_stage_after_gmp(workdir):

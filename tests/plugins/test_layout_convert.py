@@ -8,35 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import sparsify, write
+from helpers import sparsify, tiny_recipe, write
 from sparsify_core import load_output
 from sparsify_core.errors import SparsifyError
 from sparsify_kernels import ffn as ffn_kernels
 from sparsify_plugins.layouts import modules as M
 from sparsify_plugins.layouts.weight import CSR, NM
 
-RECIPE = """\
-name: lc
-seed: 0
-model:
-  source: tiny
-  params: {{arch: {arch}, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}}
-data:
-  source: pydoc
-  seq_len: 16
-  splits:
-    eval: {{samples: 2}}
-stages:
+CONVERT_RECIPE = tiny_recipe("""\
   - kind: substitute_activation
     method: relu
-{extra}evaluate:
-  metrics: [perplexity, activation_sparsity]
-  after: last
-output:
-  dir: out-{{name}}
-"""
-
-CONVERT = """\
   - kind: prune
     method: nmg
     params: {n: 2, m: 4, g: 2}
@@ -45,7 +26,9 @@ CONVERT = """\
   - kind: layout_convert
     method: nm
     params: {n: 2, m: 4, targets: ["self_attn|attn|attention"]}
-"""
+""", name="lc", seq_len=16, splits={"eval": {"samples": 2}},
+    evaluate={"metrics": ["perplexity", "activation_sparsity"], "after": "last"}, output={"dir": "out-conv"})
+
 
 def _logits(model, ids):
     with torch.no_grad():
@@ -70,7 +53,7 @@ def _ctx(model, tmp_path):
 def test_run_convert_save_load_matches_unconverted(workdir):
     """`sparsify run` with layout_convert stages; the loaded output matches the same model unconverted."""
     from sparsify_plugins.layouts import NMGPrune
-    write(workdir / "conv.yaml", RECIPE.format(arch="llama", extra=CONVERT).replace("out-{name}", "out-conv"))
+    write(workdir / "conv.yaml", CONVERT_RECIPE)
     proc = sparsify("run", "conv.yaml", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     conv = load_output(workdir / "out-conv")
@@ -302,32 +285,18 @@ def test_moe_ffn_convert_refuses_unrouted_models(tmp_path):
         MoEFFNConvert().apply(_ctx(model, tmp_path), MoEFFNConvert.Params())
 
 
-MOE_RECIPE = """\
-name: moe-lc
-seed: 0
-model:
-  source: tiny
-  params: {arch: llama, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}
-data:
-  source: pydoc
-  seq_len: 16
-  splits:
-    calibration: {samples: 8}
-    eval: {samples: 2}
-stages:
+MOE_RECIPE = tiny_recipe("""\
   - kind: moeify
     method: param_cluster
     params: {expert_size: 8, router: lte, fit: {epochs: 2}}
   - kind: layout_convert
     method: moe_ffn
     params: {strict: true}
-evaluate:
-  metrics: [perplexity, expert_sparsity, router_recall, ffn_flops_per_token]
-  after: all
-  batch_size: 1  # 16 tokens a forward: the converted model evaluates through the kernel (strict: no fallback)
-output:
-  dir: out-moe
-"""
+""", name="moe-lc", seq_len=16, splits={"calibration": {"samples": 8}, "eval": {"samples": 2}},
+    # batch_size 1: 16 tokens a forward, so the converted model evaluates through the kernel (strict: no fallback)
+    evaluate={"metrics": ["perplexity", "expert_sparsity", "router_recall", "ffn_flops_per_token"], "after": "all",
+              "batch_size": 1},
+    output={"dir": "out-moe"})
 
 
 @pytest.mark.skipif(not ffn_kernels.cpu_kernel_available(), reason="no native kernels")

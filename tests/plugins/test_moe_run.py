@@ -8,26 +8,13 @@ import time
 
 import pytest
 import torch
-from helpers import RECIPES, plugin_env, sparsify, write
+from helpers import RECIPES, plugin_env, sparsify, tiny_recipe, write
 
 from sparsify_core import load_output
 from sparsify_core.ffn import find_ffn_blocks
 from sparsify_core.registry import Registry
 
-RECIPE = """\
-name: tiny-lte
-seed: 0
-model:
-  source: tiny
-  params: {arch: llama, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}
-data:
-  source: pydoc
-  seq_len: 32
-  splits:
-    calibration: {samples: 8}
-    train: {samples: 8, offset: 8}
-    eval: {samples: 4}
-stages:
+MOE_STAGES = """\
   - kind: moeify
     method: param_cluster
     params: {expert_size: 8, router: lte, fit: {epochs: 2}}
@@ -36,14 +23,17 @@ stages:
     params:
       stage1_steps: 2
       train: {steps: 3, batch_size: 2, lr: 1.0e-3, kd_weight: 1.0, lm_weight: 0.0, checkpoint_every: 0}
-EXTRA
-evaluate:
-  metrics: [kl_divergence, expert_sparsity, router_recall, ffn_flops_per_token]
-  after: all
-output:
-  dir: out
-  save: true
 """
+
+
+def _recipe(extra_stages: str = "") -> str:
+    """moeify + LTE on the tiny model (then ``extra_stages``), evaluated after every stage and saved to out/."""
+    return tiny_recipe(MOE_STAGES + extra_stages, name="tiny-lte",
+                       splits={"calibration": {"samples": 8}, "train": {"samples": 8, "offset": 8},
+                               "eval": {"samples": 4}},
+                       evaluate={"metrics": ["kl_divergence", "expert_sparsity", "router_recall",
+                                             "ffn_flops_per_token"], "after": "all"},
+                       output={"dir": "out", "save": True})
 
 
 @pytest.mark.parametrize("name", ["lte", "moefication", "moefication-smollm2"])
@@ -53,7 +43,7 @@ def test_recipes_validate(name):
 
 
 def test_bad_moe_params_are_one_line_errors(workdir):
-    path = write(workdir / "r.yaml", RECIPE.replace("router: lte,", "router: lte, top_k: 3,").replace("EXTRA\n", ""))
+    path = write(workdir / "r.yaml", _recipe().replace("router: lte,", "router: lte, top_k: 3,"))
     proc = sparsify("validate", path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "top_k" in proc.stderr and "r.yaml" in proc.stderr
@@ -69,7 +59,7 @@ def test_run_killed_after_moe_stages_resumes_saves_and_loads_back(workdir):
     method: wait_for_file
     params: {{started: {started}, release: {release}}}
 """
-    path = write(workdir / "r.yaml", RECIPE.replace("EXTRA\n", wait))
+    path = write(workdir / "r.yaml", _recipe(wait))
     env = dict(os.environ, **plugin_env(workdir))
     proc = subprocess.Popen([sys.executable, "-m", "sparsify_core.cli", "run", str(path)], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_ctx, sparsify, tiny_model, write
+from helpers import make_ctx, sparsify, tiny_model, tiny_recipe, write
 from sparsify_core import load_output
 from sparsify_kernels import ffn as K
 from sparsify_plugins.layouts import ActivationPredictor, ActivationSparseFFN, ActivationSparseFFNConvert
@@ -129,30 +129,14 @@ def test_predictor_needs_gated_blocks(tmp_path):
         ActivationSparseFFNConvert().apply(ctx, ActivationSparseFFNConvert.Params(predictor={"rank": 4}))
 
 
-RECIPE = """\
-name: pred
-seed: 0
-model:
-  source: tiny
-  params: {arch: llama, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}
-data:
-  source: pydoc
-  seq_len: 16
-  splits:
-    calibration: {samples: 8}
-    eval: {samples: 2, offset: 8}
-stages:
+RECIPE = tiny_recipe("""\
   - kind: substitute_activation
     method: relu
   - kind: layout_convert
     method: activation_sparse_ffn
     params: {predictor: {rank: 8, recall: 0.95}}
-evaluate:
-  metrics: [perplexity]
-  after: last
-output:
-  dir: out
-"""
+""", name="pred", seq_len=16, splits={"calibration": {"samples": 8}, "eval": {"samples": 2, "offset": 8}},
+    evaluate={"metrics": ["perplexity"], "after": "last"}, output={"dir": "out"})
 
 
 def test_run_saves_and_loads_the_predictors(workdir):

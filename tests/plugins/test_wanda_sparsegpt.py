@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import make_ctx, tiny_model, write
+from helpers import make_ctx, tiny_model, tiny_recipe, write
 
 from sparsify_core import load_output
 from sparsify_core.errors import SparsifyError
@@ -180,31 +180,22 @@ def test_errors(tmp_path):
 
 # -- end to end -------------------------------------------------------------------------------
 
-E2E = """\
-name: prune-e2e
-model:
-  source: tiny
-  params: {arch: llama, hidden_size: 32, intermediate_size: 64, layers: 2, heads: 4}
-data:
-  source: pydoc
-  seq_len: 32
-  splits:
-    calibration: {samples: 8}
-    train: {samples: 8, offset: 8}
-    eval: {samples: 4}
-stages:
-  - kind: prune
-    method: METHOD
-    params: PARAMS
+E2E_TRAIN = """\
   - kind: regularize
     method: progressive_l1
     params:
       schedule: [{lambda: 0.0, steps: 3}]
       train: {steps: 3, lr: 0.01, batch_size: 4, checkpoint_every: 0}
-evaluate:
-  metrics: [perplexity, weight_sparsity]
-  after: all
 """
+
+
+def _e2e_recipe(method: str, params: str) -> str:
+    """prune/``method`` with ``params``, then a short training stage that must keep the masks."""
+    prune = f"  - kind: prune\n    method: {method}\n    params: {params}\n"
+    return tiny_recipe(prune + E2E_TRAIN, name="prune-e2e", seed=None,
+                       splits={"calibration": {"samples": 8}, "train": {"samples": 8, "offset": 8},
+                               "eval": {"samples": 4}},
+                       evaluate={"metrics": ["perplexity", "weight_sparsity"], "after": "all"})
 
 
 @pytest.mark.parametrize("method,params", [("wanda", '{pattern: "2:4"}'),
@@ -214,7 +205,7 @@ def test_recipe_end_to_end_masks_survive_training_and_save(workdir, method, para
     from sparsify_core.registry import Registry
     from sparsify_core.runner import Runner
 
-    path = write(workdir / "r.yaml", E2E.replace("METHOD", method).replace("PARAMS", params))
+    path = write(workdir / "r.yaml", _e2e_recipe(method, params))
     registry = Registry(f"sqlite:///{workdir}/registry.db")
     run_id = Runner(load_recipe(path), registry, runs_dir=workdir / "runs").run()
     run = registry.get_run(run_id)
