@@ -4,10 +4,10 @@ from __future__ import annotations
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext
@@ -24,6 +24,17 @@ def check_regexes(patterns: list[str] | None) -> list[str] | None:
         except re.error as exc:
             raise ValueError(f"invalid regex {p!r}: {exc}") from None
     return patterns
+
+
+def check_layers(layers: list[int] | None) -> list[int] | None:
+    """A params validator body: FFN layer indices a stage applies to are omitted (all) or non-empty and 0-based."""
+    if layers is not None and (not layers or any(i < 0 for i in layers)):
+        raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
+    return layers
+
+
+#: The type of a params ``layers`` field (which FFN layers a stage applies to; ``None``: all of them).
+LayerIndices = Annotated[list[int] | None, AfterValidator(check_layers)]
 
 
 class Params(BaseModel):

@@ -4,27 +4,21 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks
+from sparsify_core.method import LayerIndices
 
 # Config fields transformers architectures read the FFN activation from.
 CONFIG_ACTIVATION_FIELDS = ("hidden_act", "activation_function", "hidden_activation")
 
 
 class SubstituteParams(Params):
-    layers: list[int] | None = Field(
+    layers: LayerIndices = Field(
         None, description="FFN layer indices (0-based) to change; default: all of them")
-
-    @field_validator("layers")
-    @classmethod
-    def _non_negative(cls, v):
-        if v is not None and (not v or any(i < 0 for i in v)):
-            raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
-        return v
 
 
 def update_config_activation(config, value: str) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from sparsify_core.method import check_regexes
+from sparsify_core.method import LayerIndices, check_regexes
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
@@ -71,18 +71,11 @@ class PredictorParams(Params):
 
 
 class ActivationSparseParams(Params):
-    layers: list[int] | None = Field(None, description="FFN layer indices (0-based) to convert; default: all")
+    layers: LayerIndices = Field(None, description="FFN layer indices (0-based) to convert; default: all")
     strict: bool = Field(False, description="error instead of a dense fallback where no fast kernel exists")
     predictor: PredictorParams | None = Field(
         None, description="also fit an activation predictor per gated FFN (DejaVu/PowerInfer): skips the gate "
                           "rows of neurons predicted inactive; approximate")
-
-    @field_validator("layers")
-    @classmethod
-    def _non_negative(cls, v):
-        if v is not None and (not v or any(i < 0 for i in v)):
-            raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
-        return v
 
 
 class ActivationSparseFFNConvert(Method):
@@ -229,16 +222,9 @@ def _fit_predictor(ffn: ActivationSparseFFN, x: torch.Tensor, pp: PredictorParam
 
 
 class MoEFFNParams(Params):
-    layers: list[int] | None = Field(None, description="FFN layer indices (0-based) to convert; default: every "
-                                                       "FFN split into experts")
+    layers: LayerIndices = Field(None, description="FFN layer indices (0-based) to convert; default: every "
+                                                   "FFN split into experts")
     strict: bool = Field(False, description="error instead of a dense fallback where no fast kernel exists")
-
-    @field_validator("layers")
-    @classmethod
-    def _non_negative(cls, v):
-        if v is not None and (not v or any(i < 0 for i in v)):
-            raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
-        return v
 
 
 class MoEFFNConvert(Method):

@@ -33,12 +33,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import FFNBlock, capture_intermediates, find_ffn_blocks, is_conv1d
+from sparsify_core.method import LayerIndices
 
 from .clustering import balanced_partition, cluster_rows
 from .modules import ROUTERS, RoutedFFN, Router
@@ -70,15 +71,8 @@ class MoEifyParams(Params):
     fit: RouterFit = Field(default_factory=RouterFit)
     split: str = Field("calibration", description="data split the routers (and co-activations) are measured on")
     batch_size: int = Field(8, gt=0, description="sequences per calibration forward")
-    layers: list[int] | None = Field(None, description="FFN layer indices (0-based) to convert; default: all")
+    layers: LayerIndices = Field(None, description="FFN layer indices (0-based) to convert; default: all")
     kmeans_iters: int = Field(30, gt=0, description="balanced k-means iterations")
-
-    @field_validator("layers")
-    @classmethod
-    def _non_negative(cls, v):
-        if v is not None and (not v or any(i < 0 for i in v)):
-            raise ValueError("layers must be a non-empty list of 0-based layer indices (or omitted for all)")
-        return v
 
     @model_validator(mode="after")
     def _selection(self):

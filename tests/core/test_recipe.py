@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import RECIPES, TINY_RECIPE, sparsify, write
+from helpers import RECIPES, TINY_RECIPE, sparsify, tiny_recipe, write
 
 from sparsify_core.errors import RecipeError
 from sparsify_core.recipe import json_schema, load_recipe
@@ -79,6 +79,16 @@ def test_unknown_sources_and_metrics(tmp_path):
     assert err.field == "evaluate.metrics.1" and err.suggestions == ["perplexity"]
     err = _error(tmp_path, TINY_RECIPE.replace("  after: all", "  after: [relu, magnitud]"))
     assert err.field == "evaluate.after.1" and err.suggestions == ["magnitude"]
+
+
+@pytest.mark.parametrize("stage", ["substitute_activation, method: relu", "moeify, method: param_cluster",
+                                   "layout_convert, method: activation_sparse_ffn", "layout_convert, method: moe_ffn"])
+@pytest.mark.parametrize("layers", ["[]", "[0, -1]"])
+def test_bad_layers_name_the_field(tmp_path, stage, layers):
+    """Every stage's ``layers`` (sparsify_core.method.LayerIndices) is omitted or non-empty and 0-based."""
+    err = _error(tmp_path, tiny_recipe(f"  - {{kind: {stage}, params: {{layers: {layers}}}}}\n"))
+    assert err.field == "stages.0.params.layers" and err.line == 14
+    assert "layers must be a non-empty list of 0-based layer indices (or omitted for all)" in str(err)
 
 
 def test_duplicate_stage_names_and_missing_field(tmp_path):
