@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 
 from . import distributed as dist
 from .errors import SparsifyError
-from .method import Params
+from .method import Params, check_regexes
 from .output import _replace_dir, _tmp_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,12 +62,7 @@ class TrainConfig(Params):
     @field_validator("freeze")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"bad regex {pattern!r}: {e}") from None
-        return v
+        return check_regexes(v)
 
     @model_validator(mode="after")
     def _some_loss(self) -> "TrainConfig":

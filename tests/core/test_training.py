@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_ctx, tiny_model
+from pydantic import ValidationError
 
 from sparsify_core.errors import SparsifyError
 from sparsify_core.training import TrainCallback, TrainConfig, batch_indices, lr_at, train
@@ -71,8 +72,10 @@ def test_frozen_parameters_do_not_move_and_are_released_after(tmp_path):
     with pytest.raises(SparsifyError, match="no trainable parameters"):
         train(ctx, _cfg(freeze=["."]))
     assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match="bad regex"):
-        _cfg(freeze=["("])
+    with pytest.raises(ValidationError) as info:
+        _cfg(freeze=["embed", "("])
+    (error,) = info.value.errors()
+    assert error["loc"] == ("freeze",) and "invalid regex '(': missing )" in error["msg"]
 
 
 def test_kd_loss_is_zero_against_itself_at_start(tmp_path):
