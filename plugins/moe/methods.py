@@ -29,6 +29,7 @@ tokens are stage metrics.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Literal
 
 import torch
@@ -284,8 +285,9 @@ class _MoEify(Method):
 
     kind = "moeify"
 
-    def labels(self, ctx, blocks: list[FFNBlock], params) -> list[torch.Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def labels(self, ctx, blocks: list[FFNBlock], params) -> list[torch.Tensor]:
+        """Per block, each FFN neuron's expert (``[d_ff]`` ints, ``params.expert_size`` neurons an expert)."""
 
     def _init_router(self, block: FFNBlock, labels: torch.Tensor, params, seed: int) -> Router:
         E = block.d_ff // params.expert_size

@@ -14,6 +14,8 @@ routed FFNs through the same selection hooks.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 
 from sparsify_core import Metric, MetricValue
@@ -46,8 +48,9 @@ class _RoutedMetric(Metric):
             self._handles.append(module.register_selection_hook(
                 lambda m, x, scores, sel, name=name: self._record(name, m, x, sel)))
 
-    def _record(self, name, module, x, selected) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _record(self, name, module, x, selected) -> None:
+        """Add one forward's tokens of the RoutedFFN ``name`` to ``self._sums`` and ``self._tokens``."""
 
     def close(self):
         for h in getattr(self, "_handles", []):

@@ -36,6 +36,7 @@ logits estimates the expert's normalised activation mass).
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections import OrderedDict
 from typing import Any, Callable, ClassVar
 
@@ -50,8 +51,11 @@ from sparsify_core.ffn import FFNBlock, linear_shape, weight_out_in
 ROUTINGS = ("dense", "top_k", "threshold", "soft")
 
 
-class Router(nn.Module):
-    """Scores the experts of one FFN: ``forward(x)`` is ``sigmoid(logits(x))``, ``[..., E]`` in (0, 1)."""
+class Router(nn.Module, metaclass=ABCMeta):
+    """Scores the experts of one FFN: ``forward(x)`` is ``sigmoid(logits(x))``, ``[..., E]`` in (0, 1).
+
+    Subclasses set ``kind`` and implement ``logits`` and ``flops_per_token``.
+    """
 
     kind: ClassVar[str]
 
@@ -59,15 +63,16 @@ class Router(nn.Module):
         super().__init__()
         self.d_model, self.num_experts = int(d_model), int(num_experts)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' scores before the sigmoid: ``[..., d_model]`` -> ``[..., E]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
 
+    @abstractmethod
     def flops_per_token(self) -> float:
         """FLOPs (2 x multiply-adds) of scoring one token."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def spec(self) -> dict[str, Any]:
         """What ``make_router`` needs to build an empty router of the same shape."""

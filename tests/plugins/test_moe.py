@@ -207,6 +207,21 @@ def test_ffn_inlined_in_its_layer_is_refused():
         RoutedFFN.from_block(block, torch.arange(32) // 8, LTERouter(16, 4), 8)
 
 
+def test_bases_are_abstract_and_concrete_classes_instantiate():
+    from sparsify_plugins.moe.methods import _MoEify
+    from sparsify_plugins.moe.metrics import ExpertSparsity, RouterRecall, _RoutedMetric
+    from sparsify_plugins.moe.modules import Router
+
+    with pytest.raises(TypeError, match="abstract methods flops_per_token, logits"):
+        Router(16, 4)
+    with pytest.raises(TypeError, match="abstract method labels"):
+        _MoEify()
+    with pytest.raises(TypeError, match="abstract methods _record"):
+        _RoutedMetric()
+    assert isinstance(LTERouter(16, 4), Router) and MLPRouter(16, 4).flops_per_token() == 2.0 * (16 * 4 + 4 * 4)
+    assert ParamCluster() and Coactivation() and ExpertSparsity() and RouterRecall()
+
+
 # -- router fitting ---------------------------------------------------------------------------
 
 
