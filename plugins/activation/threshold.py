@@ -18,6 +18,7 @@ from torch import nn
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import FFNBlock, find_ffn_blocks
+from sparsify_core.method import LayerIndices
 
 
 
@@ -113,7 +114,7 @@ class ThresholdParams(Params):
     threshold: float | None = Field(None, ge=0, description="absolute threshold for every layer")
     target_sparsity: float | None = Field(
         None, gt=0, lt=1, description="calibrate a per-layer threshold reaching this fraction of zeros")
-    layers: list[int] | None = Field(None, description="FFN layers (0-based) to change; default all")
+    layers: LayerIndices = Field(None, description="FFN layers (0-based) to change; default all")
 
     @model_validator(mode="after")
     def _one(self):

@@ -81,7 +81,8 @@ def test_unknown_sources_and_metrics(tmp_path):
     assert err.field == "evaluate.after.1" and err.suggestions == ["magnitude"]
 
 
-@pytest.mark.parametrize("stage", ["substitute_activation, method: relu", "moeify, method: param_cluster",
+@pytest.mark.parametrize("stage", ["substitute_activation, method: relu", "substitute_activation, method: cats",
+                                   "moeify, method: param_cluster",
                                    "layout_convert, method: activation_sparse_ffn", "layout_convert, method: moe_ffn"])
 @pytest.mark.parametrize("layers", ["[]", "[0, -1]"])
 def test_bad_layers_name_the_field(tmp_path, stage, layers):
