@@ -145,6 +145,15 @@ def cpu_kernel_available() -> bool:
     return _lib() is not None
 
 
+def _tokens(x: torch.Tensor, d: int, act: str) -> torch.Tensor | None:
+    """``x`` as contiguous ``[T, d]`` tokens when the CPU FFN kernels take it: 1..MAX_TOKENS tokens, a known
+    activation, no autograd graph to keep; else ``None``."""
+    x2 = x.reshape(-1, d)
+    if not 1 <= x2.shape[0] <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
+        return None
+    return x2.contiguous()
+
+
 def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0,
                ranges=None) -> torch.Tensor | None:
     """The FFN computing only non-zero activations (and only ``ranges``), or ``None`` if the CPU kernel cannot.
@@ -153,11 +162,10 @@ def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshol
     CPU; the weights must be float32 and contiguous.
     """
     d = w_in.shape[1]
-    x2 = x.reshape(-1, d)
-    T = x2.shape[0]
-    if not 1 <= T <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
+    x2 = _tokens(x, d, act)
+    if x2 is None:
         return None
-    x2 = x2.contiguous()
+    T = x2.shape[0]
     if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down):
         return None
     lib = _lib()
@@ -187,11 +195,10 @@ def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
     ``counts`` (a list), the number of neurons computed for some token is appended.
     """
     d = w_in.shape[1]
-    x2 = x.reshape(-1, d)
-    T = x2.shape[0]
-    if not 1 <= T <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
+    x2 = _tokens(x, d, act)
+    if x2 is None:
         return None
-    x2 = x2.contiguous()
+    T = x2.shape[0]
     if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, p_in, p_out, p_bias):
         return None
     lib = _lib()
@@ -223,14 +230,13 @@ def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0
     list), the number of experts selected by some token is appended.
     """
     d = w_in.shape[1]
-    x2 = x.reshape(-1, d)
-    T, E = x2.shape[0], experts.shape[-1]
-    if not 1 <= T <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
+    x2 = _tokens(x, d, act)
+    if x2 is None:
         return None
+    T, E = x2.shape[0], experts.shape[-1]
     if E * expert_size != w_in.shape[0] or experts.numel() != T * E or not experts.is_cpu:
         raise ValueError(f"experts {tuple(experts.shape)} x size {expert_size} do not cover {w_in.shape[0]} neurons "
                          f"for {T} tokens")
-    x2 = x2.contiguous()
     if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down):
         return None
     lib = _lib()

@@ -23,3 +23,14 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread (two threads on a shared 2-core machine mostly wait on each other)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

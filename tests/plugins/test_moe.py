@@ -15,13 +15,7 @@ from sparsify_plugins.moe.methods import fit_router, router_recall
 from sparsify_plugins.moe.modules import LTERouter, MLPRouter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (two threads on a shared 2-core machine mostly wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 # -- clustering: pure functions -------------------------------------------------------

@@ -12,13 +12,7 @@ from sparsify_plugins.moe import LTE, ParamCluster
 from sparsify_plugins.moe.lte import LTECallback, efficiency_loss, routed_modules, separability_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (two threads on a shared 2-core machine mostly wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def test_loss_terms_follow_the_definitions():

@@ -18,12 +18,7 @@ from sparsify_plugins.ssd.monitor import active_neurons, jaccard, pack_pattern, 
 from sparsify_plugins.ssd.schedule import SwitchRule, phase_at, switch_reason
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 # -- stability metric -------------------------------------------------------------------
