@@ -29,9 +29,45 @@ class MaskSet:
         return self._masks.get(name)
 
     def set(self, name: str, keep: torch.Tensor) -> None:
+        """Prune more: the mask of ``name`` becomes ``old & keep`` (``keep`` alone if it had none)."""
         keep = keep.detach().to(torch.bool).cpu()
         old = self._masks.get(name)
+        if old is not None and old.shape != keep.shape:
+            raise ValueError(f"mask for {name!r}: shape {tuple(keep.shape)} does not match the recorded "
+                             f"{tuple(old.shape)}")
         self._masks[name] = keep if old is None else (old & keep)
+
+    def replace(self, name: str, keep: torch.Tensor) -> None:
+        """Move a mask with its weight (a permutation, a transpose): no intersection with the old mask.
+
+        Only for stages that *rearrange* a weight; the number of pruned entries
+        must not change (``ValueError`` otherwise), so no pruned weight is lost.
+        """
+        keep = keep.detach().to(torch.bool).cpu()
+        old = self._masks.get(name)
+        if old is not None and int((~old).sum()) != int((~keep).sum()):
+            raise ValueError(f"mask for {name!r}: a rearranged mask must prune as many entries as before "
+                             f"({int((~keep).sum())} != {int((~old).sum())})")
+        self._masks[name] = keep
+
+    def drop(self, name: str) -> None:
+        """Forget the mask of ``name``: only when its zeros are now held by the structure (a sparse layout)."""
+        self._masks.pop(name, None)
+
+    def check(self, model: torch.nn.Module, where: str = "the model") -> None:
+        """Raise ``ValueError`` naming the first mask whose parameter is missing from ``model`` or has another shape."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, keep in self._masks.items():
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"mask for {name!r} but {where} has no such parameter")
+            if tuple(p.shape) != tuple(keep.shape):
+                raise ValueError(f"mask for {name!r} has shape {tuple(keep.shape)}, the parameter in {where} "
+                                 f"{tuple(p.shape)}")
+
+    def pruned(self) -> int:
+        """Number of masked (pruned) entries over all masks."""
+        return sum(int((~keep).sum()) for keep in self._masks.values())
 
     @torch.no_grad()
     def apply(self, model: torch.nn.Module) -> None:
@@ -51,3 +87,19 @@ class MaskSet:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._masks = {name: t.to(torch.bool) for name, t in state.items()}
+
+
+@torch.no_grad()
+def masks_from_zeros(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Keep-masks (``True`` = kept) of the named parameters from their exact zeros, for those that have any.
+
+    Used when a model pruned elsewhere (no saved masks) starts a run: its zeros
+    are taken as the pruning, so later stages keep them.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for name in names:
+        keep = params[name].detach() != 0
+        if not bool(keep.all()):
+            out[name] = keep.cpu()
+    return out

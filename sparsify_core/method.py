@@ -50,6 +50,11 @@ class StageResult:
     ``metrics`` are recorded in the registry under the stage; ``state`` holds
     tensors the stage produced (saved with checkpoints and outputs and handed
     back to ``Method.rebuild``); ``info`` is JSON-serialisable and saved too.
+
+    A stage that reorders the neurons of an FFN block reports it as
+    ``state["perm.<block path>"]`` (``[d_ff]`` long: neuron ``j`` after the
+    stage is neuron ``perm[j]`` before it), and moves the block's masks with
+    ``MaskSet.replace``, so that pruned weights can be followed across it.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)

@@ -247,6 +247,10 @@ class Runner:
         ctx = RunContext(run_id=self.run_id, model=loaded.model, tokenizer=loaded.tokenizer, task=loaded.task,
                          data=data, device=device, dtype=dtype, seed=rec.seed, workdir=self.workdir,
                          masks=MaskSet(), reference_loader=lambda: self._load_model(device, dtype).model)
+        if loaded.masks:  # pruned before this run: those zeros hold through every stage here too
+            ctx.masks.load_state_dict(loaded.masks)
+            ctx.masks.apply(ctx.model)
+            progress.info(f"masks: {loaded.masks_origin}; every stage keeps them zero")
         metrics = self._metrics()
         results: dict[int, StageResult] = {}
         start = 0

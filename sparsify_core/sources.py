@@ -18,13 +18,19 @@ class LoadedModel:
 
     ``model`` is a transformers ``PreTrainedModel`` (or compatible nn.Module
     with ``save_pretrained``), ``tokenizer`` a transformers tokenizer, ``task``
-    says how to evaluate it.
+    says how to evaluate it. ``masks`` are keep-masks (``True`` = kept, in
+    each parameter's own shape) of a model that was pruned before this run,
+    by parameter name: the engine loads them into the run's ``MaskSet``
+    first, so every stage of the new run keeps those weights zero;
+    ``masks_origin`` says where they came from (shown to the user).
     """
 
     model: torch.nn.Module
     tokenizer: Any
     task: Task
     description: str = ""
+    masks: dict[str, torch.Tensor] | None = None
+    masks_origin: str = ""
 
 
 class ModelSource(ABC):

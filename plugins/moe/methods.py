@@ -277,7 +277,9 @@ def _permute_masks(ctx, block: FFNBlock, perm: torch.Tensor) -> None:
         conv = is_conv1d(block.projections()[role])  # Conv1D masks are stored [in, out]
         k = keep.t() if conv else keep
         k = k[:, perm.to(k.device)] if role == "down" else k[perm.to(k.device)]
-        ctx.masks.set(f"{path}.weight", (k.t() if conv else k).contiguous())
+        # replace, not set: the permuted mask moves with its weights (intersecting it with the old
+        # order would prune kept weights and leave pruned ones unmasked)
+        ctx.masks.replace(f"{path}.weight", (k.t() if conv else k).contiguous())
 
 
 class _MoEify(Method):

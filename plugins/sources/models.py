@@ -82,8 +82,58 @@ def _looks_like_path(path: str) -> bool:
     return path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or "\\" in path or path[1:2] == ":"
 
 
+#: Where a sparsify output keeps its masks (``sparsify_core.output.save_output``).
+SAVED_MASKS = "sparsify/masks.safetensors"
+#: A weight matrix with at least this fraction of exact zeros counts as pruned (``masks: auto``);
+#: trained dense weights have next to none, and a mask costs a byte per weight.
+PRUNED_ZERO_FRACTION = 0.01
+
+
+def _pruned_zeros(model, min_fraction: float) -> dict[str, torch.Tensor]:
+    """Keep-masks from the exact zeros of the transformer layers' Linear/Conv1D weights (``prunable_modules``).
+
+    Only matrices whose zero fraction is at least ``min_fraction`` get a mask.
+    Models without recognisable FFN blocks have no such weights: empty.
+    """
+    from sparsify_core.ffn import prunable_modules
+    from sparsify_core.masks import masks_from_zeros
+
+    try:
+        names = [f"{name}.weight" for name, _ in prunable_modules(model)]
+    except SparsifyError:
+        return {}
+    masks = masks_from_zeros(model, names)
+    return {n: k for n, k in masks.items() if float((~k).sum()) / k.numel() >= min_fraction}
+
+
+def _saved_masks(folder: Path, model, label: str) -> dict[str, torch.Tensor]:
+    """A sparsify output's ``sparsify/masks.safetensors``, checked against the model it belongs to."""
+    from safetensors.torch import load_file
+
+    from sparsify_core.masks import MaskSet
+
+    masks = MaskSet()
+    masks.load_state_dict(load_file(folder / SAVED_MASKS))
+    try:
+        masks.check(model, "the model")
+    except ValueError as exc:
+        raise SparsifyError(f"hf model: {label}: {SAVED_MASKS} does not fit the model: {exc}") from None
+    return dict(masks.items())
+
+
+def _describe_masks(masks: dict[str, torch.Tensor]) -> str:
+    pruned = sum(int((~k).sum()) for k in masks.values())
+    total = sum(k.numel() for k in masks.values())
+    return f"{pruned:,} pruned weights in {len(masks)} matrices ({pruned / max(total, 1):.1%} of them)"
+
+
 class HFModel(ModelSource):
-    """A transformers model: a local folder, or a hub id already in the local Hugging Face cache."""
+    """A transformers model: a local folder, or a hub id already in the local Hugging Face cache.
+
+    A model that was pruned before (a sparsify output, or zeros from another
+    tool) keeps its zeros in the new run (``masks``): every later stage,
+    training included, leaves those weights exactly zero.
+    """
 
     name = "hf"
 
@@ -92,6 +142,13 @@ class HFModel(ModelSource):
         task: Task = "causal_lm"
         revision: str | None = None
         trust_remote_code: bool = False
+        masks: Literal["auto", "saved", "zeros", "none"] = Field(
+            "auto", description=(
+                "pruning already in the model, kept by every stage of this run: saved = the sparsify output's "
+                f"{SAVED_MASKS} (an error if it has none); zeros = the exact zeros of the transformer layers' "
+                "Linear/Conv1D weights; auto = saved when the folder has them, else zeros of the matrices that are "
+                f"at least {PRUNED_ZERO_FRACTION:.0%} zero; none = train every weight (a warning if the model "
+                "looks pruned)"))
 
     def load(self, params: Params, *, device, dtype) -> LoadedModel:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -117,7 +174,32 @@ class HFModel(ModelSource):
                                 f"download it first: hf download {where}{rev}") from None
         except ValueError as exc:
             raise SparsifyError(f"hf model: cannot load {where!r}: {_first_line(exc)}") from None
-        return _finish(model, tokenizer, params.task, params.path, device, dtype)
+        masks, origin = self._masks(params, model, folder if local else None)
+        loaded = _finish(model, tokenizer, params.task, params.path, device, dtype)
+        loaded.masks, loaded.masks_origin = masks, origin
+        return loaded
+
+    @staticmethod
+    def _masks(params: Params, model, folder: Path | None) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The pruning already in the model, per ``params.masks``, and where it came from (one line)."""
+        saved = folder is not None and (folder / SAVED_MASKS).is_file()
+        if params.masks == "saved" and not saved:
+            raise SparsifyError(f"hf model: {params.path}: masks: saved, but there is no {SAVED_MASKS} "
+                                "(use masks: zeros to take the weights' zeros as the mask)")
+        if params.masks in ("saved", "auto") and saved:
+            masks = _saved_masks(folder, model, params.path)
+            return masks, f"{_describe_masks(masks)} from {params.path}/{SAVED_MASKS}"
+        if params.masks == "none":
+            looks = _pruned_zeros(model, PRUNED_ZERO_FRACTION)
+            if saved or looks:
+                what = f"has {SAVED_MASKS}" if saved else f"holds {_describe_masks(looks)}"
+                progress.info(f"warning: hf model {params.path} {what}, but masks: none: stages that train "
+                              "may make those weights non-zero")
+            return None, ""
+        masks = _pruned_zeros(model, 0.0 if params.masks == "zeros" else PRUNED_ZERO_FRACTION)
+        if not masks:
+            return None, ""
+        return masks, f"{_describe_masks(masks)} from the exact zeros of {params.path}'s weights"
 
 
 # --------------------------------------------------------------------------- smollm2-135m

@@ -158,6 +158,7 @@ class SSDCallback(TrainCallback):
         self.previous: list[torch.Tensor] | None = None
         self.blocks: dict[str, dict] = {}  # routed FFN configs once switched
         self.switch_metrics: dict[str, float] = {}
+        self.perms: dict[str, list[int]] = {}  # the neuron order moeify gave each block, reported as perm.<block>
         self.flops = {"train": 0.0, "dense": 0.0, "overhead": 0.0}
         blocks = find_ffn_blocks(ctx.model)
         self.names = [b.name for b in blocks]
@@ -178,7 +179,8 @@ class SSDCallback(TrainCallback):
     def state_dict(self) -> dict:
         return {"switch_step": self.switch_step, "reason": self.reason, "curve": self.curve,
                 "previous": pack_pattern(self.previous) if self.previous is not None else None,
-                "blocks": self.blocks, "switch_metrics": self.switch_metrics, "flops": self.flops}
+                "blocks": self.blocks, "switch_metrics": self.switch_metrics, "flops": self.flops,
+                "perms": self.perms}
 
     def load_state_dict(self, state: dict) -> None:
         self.switch_step, self.reason = state["switch_step"], state["reason"]
@@ -186,6 +188,7 @@ class SSDCallback(TrainCallback):
         self.previous = unpack_pattern(state["previous"]) if state["previous"] is not None else None
         self.switch_metrics, self.flops = dict(state["switch_metrics"]), dict(state["flops"])
         self.blocks = dict(state["blocks"])
+        self.perms = dict(state.get("perms", {}))
         if self.blocks and not any(isinstance(b.module, RoutedFFN) for b in find_ffn_blocks(self.ctx.model)):
             # Called before the checkpoint's weights load: give them the routed structure they were saved from.
             self.moeify.rebuild(self.ctx, self.params.experts, StageResult(info={"blocks": self.blocks}))
@@ -290,6 +293,7 @@ class SSDCallback(TrainCallback):
                  f"(similarity {sim:.3f}); MoE-ifying every FFN and training sparsely")
         result = self.moeify.apply(ctx, e)
         perms = {k[len("perm."):]: v for k, v in result.state.items() if k.startswith("perm.")}
+        self.perms = {name: perm.tolist() for name, perm in perms.items()}
         by_name = {b.name: b for b in find_ffn_blocks(ctx.model)}
         if self.optimizer is not None:  # Adam's moments follow their neurons (moeify permuted the weights)
             with torch.no_grad():
@@ -402,7 +406,10 @@ class SSD(Method):
         info = {"blocks": {cb.names[i]: m.config() for i, m in cb.routed.items()},
                 "switch_step": cb.switch_step, "switch_reason": cb.reason, "final_dense_start": cb.rule.final_start,
                 "monitor_curve": cb.curve}
-        return StageResult(metrics=metrics, info=info)
+        # the neurons moved when the FFNs were split into experts: masks moved with them, and anyone
+        # tracking individual weights across this stage needs the permutation (StageResult convention)
+        state = {f"perm.{name}": torch.tensor(perm, dtype=torch.long) for name, perm in cb.perms.items()}
+        return StageResult(metrics=metrics, state=state, info=info)
 
     @staticmethod
     def _summary(cb: SSDCallback, params: SSDParams) -> dict[str, float]:

@@ -1,0 +1,255 @@
+"""Issue 11, kind 1: the zeros a pruning stage made stay zero through everything after it.
+
+Every installed prune method x every installed later stage method, through the
+real engine (``Runner``, in process): a witness metric (registered as an
+in-process plugin) snapshots which logical weights are zero after every stage;
+after the pruning, each later point must keep every pruned position zero
+(mapped through the neuron permutations the stages report as ``perm.<block>``
+state) and no module may lose zeros. The saved output loads back with the same
+zeros, and a *new* run starting from the pruned output through the ``hf`` source
+(the field case) keeps them too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_recipe, write
+
+from sparsify_core import Metric, MetricValue, hookimpl, load_output
+from sparsify_core.ffn import find_ffn_blocks, is_linear, weight_out_in
+from sparsify_core.output import read_checkpoint
+from sparsify_core.plugin_manager import catalog, plugin_manager, register
+from sparsify_core.recipe import load_recipe
+from sparsify_core.registry import Registry
+from sparsify_core.runner import Runner
+
+T = "{steps: 3, batch_size: 2, lr: 1.0e-2, checkpoint_every: 0}"
+RELU = "{kind: substitute_activation, method: relu}"
+MOE = "{kind: moeify, method: param_cluster, params: {expert_size: 8, router: lte, fit: {epochs: 2}}}"
+
+# The stages each later method needs before it (and, for gmp, after it). Every installed method must be
+# here: test_every_installed_method_is_swept fails when a new one lands without joining the sweep.
+LATER: dict[str, list[str]] = {
+    "substitute_activation/relu": [RELU],
+    "substitute_activation/fatrelu": ["{kind: substitute_activation, method: fatrelu, params: {threshold: 0.05}}"],
+    "substitute_activation/cats": ["{kind: substitute_activation, method: cats, params: {target_sparsity: 0.5}}"],
+    "regularize/progressive_l1": [RELU, "{kind: regularize, method: progressive_l1, params: "
+                                        "{schedule: [{lambda: 0.01, steps: 3}], train: %s}}" % T],
+    "regularize/blockwise_l1": [RELU, "{kind: regularize, method: blockwise_l1, params: "
+                                      "{l1: 1.0, steps: 3, tokens_per_step: 32}}"],
+    "regularize/lte": [MOE, "{kind: regularize, method: lte, params: {stage1_steps: 2, train: %s}}" % T],
+    "moeify/param_cluster": [MOE],
+    "moeify/coactivation": [RELU, "{kind: moeify, method: coactivation, params: "
+                                  "{expert_size: 8, top_k: 2, fit: {epochs: 2}}}"],
+    "moeify/routing": [MOE, "{kind: moeify, method: routing, params: {routing: top_k, expert_fraction: 0.5}}"],
+    "prune/magnitude": ["{kind: prune, method: magnitude, params: {sparsity: 0.7}}"],
+    "prune/wanda": ["{kind: prune, method: wanda, params: {sparsity: 0.7}}"],
+    "prune/sparsegpt": ["{kind: prune, method: sparsegpt, params: {sparsity: 0.7}}"],
+    "prune/gmp": ["{kind: prune, method: gmp, params: {sparsity: 0.7, start: 0.0, end: 0.5, every: 1}}",
+                  "{kind: train, method: finetune, params: {train: %s}}" % T],
+    "prune/nmg": ["{kind: prune, method: nmg, params: {n: 2, m: 4, g: 1}}"],
+    "train/finetune": ["{kind: train, method: finetune, params: {train: %s}}" % T],
+    "train/ssd": ["{kind: train, method: ssd, params: {monitor: {every: 1, threshold: 0.01, patience: 1, "
+                  "samples: 2}, min_dense: 0.25, max_dense: null, final_dense: 0.25, "
+                  "experts: {expert_size: 8, router: mlp, top_k: 2, fit: {epochs: 2}}, "
+                  "train: {steps: 4, batch_size: 2, lr: 1.0e-2, checkpoint_every: 0}}}"],
+    "layout_convert/csr": ["{kind: layout_convert, method: csr}"],
+    "layout_convert/bsr": ["{kind: layout_convert, method: bsr, params: {block: [4, 4]}}"],
+    "layout_convert/nm": ["{kind: layout_convert, method: nm, params: {n: 2, m: 4}}"],
+    "layout_convert/nmg": ["{kind: prune, method: nmg, params: {n: 2, m: 4, g: 1}}",
+                           "{kind: layout_convert, method: nmg, params: {n: 2, m: 4, g: 1}}"],
+    "layout_convert/activation_sparse_ffn": [RELU, "{kind: layout_convert, method: activation_sparse_ffn}"],
+    "layout_convert/activation_sparse_ffn+predictor": [
+        RELU, "{kind: layout_convert, method: activation_sparse_ffn, params: {predictor: {rank: 4, recall: 0.9}}}"],
+    "layout_convert/moe_ffn": [MOE, "{kind: layout_convert, method: moe_ffn}"],
+}
+NEEDS_NM = {"layout_convert/nm"}  # the pruning before it must be 2:4 for the layout to hold it exactly
+
+
+def _prune_stages(method: str, nm: bool) -> list[str]:
+    """The pruning stage(s) of ``method`` at 50% (or 2:4); gmp prunes during the finetune after it."""
+    what = "pattern: '2:4'" if nm else "sparsity: 0.5"
+    if method == "gmp":
+        return ["{kind: prune, method: gmp, params: {%s, start: 0.0, end: 0.5, every: 1}}" % what,
+                "{kind: train, method: finetune, params: {train: %s}}" % T]
+    if method == "nmg":
+        return ["{kind: prune, method: nmg, params: {n: 2, m: 4, g: 1}}"]
+    return ["{kind: prune, method: %s, params: {%s}}" % (method, what)]
+
+
+PRUNE_METHODS = ["magnitude", "wanda", "sparsegpt", "gmp", "nmg"]
+
+
+def _pruning(stages: list[str]) -> set[int]:
+    """Indices of the stages that may add zeros: prune stages, and a training stage after gmp."""
+    out = set()
+    for i, s in enumerate(stages):
+        if "kind: prune" in s:
+            out.add(i)
+            if "method: gmp" in s:
+                out.add(i + 1)
+    return out
+
+
+# -- the witness ---------------------------------------------------------------------------------
+
+def logical_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every linear-like module's weight as the dense ``[out, in]`` matrix it computes with, by module path.
+
+    Plain Linear/Conv1D, ``TransposedLinear`` (stored ``[in, out]``) and ``SparseLinear`` (a layout's
+    ``to_dense``): so a weight keeps its identity when a stage changes how it is stored.
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "layout") and hasattr(module, "layout_name"):  # SparseLinear
+            out[name] = module.layout().to_dense().detach()
+        elif type(module).__name__ == "TransposedLinear":
+            out[name] = module.weight.detach().t()
+        elif is_linear(module):
+            out[name] = weight_out_in(module).detach()
+    return out
+
+
+POINTS: list[dict] = []
+
+
+class ZeroWitness(Metric):
+    """Test-only metric: records the zero pattern of every weight at each evaluation point."""
+
+    name = "zero_witness"
+
+    def finish(self, ctx):
+        zeros = {n: (w == 0).cpu() for n, w in logical_weights(ctx.model).items()}
+        try:
+            blocks = {b.name: dict(b.module_names) for b in find_ffn_blocks(ctx.model)}
+        except Exception:  # noqa: BLE001 - a model without FFN blocks has no neurons to permute
+            blocks = {}
+        masked_nonzero = 0
+        params = dict(ctx.model.named_parameters(remove_duplicate=False))
+        for pname, keep in ctx.masks.items():
+            p = params.get(pname)
+            if p is not None:
+                masked_nonzero += int((p.detach().cpu()[~keep] != 0).sum())
+        POINTS.append({"index": ctx.stage_index, "zeros": zeros, "blocks": blocks, "masked_nonzero": masked_nonzero,
+                       "masked": {n.removesuffix(".weight") for n, _ in ctx.masks.items()}})
+        return [MetricValue(self.name, float(sum(int(z.sum()) for z in zeros.values())))]
+
+
+class _WitnessPlugin:
+    @hookimpl
+    def sparsify_metrics(self):
+        return [ZeroWitness]
+
+
+@pytest.fixture
+def witness(workdir, one_thread):
+    plugin = _WitnessPlugin()
+    register(plugin, name="zero-witness")
+    POINTS.clear()
+    yield POINTS
+    plugin_manager()[0].unregister(plugin)
+    catalog.cache_clear()
+
+
+def _recipe(stages: list[str], *, model: dict | None = None, source: dict | None = None, out: str | None) -> str:
+    text = tiny_recipe("".join(f"  - {s}\n" for s in stages), model=model, seq_len=16,
+                       splits={"calibration": {"samples": 4}, "train": {"samples": 4, "offset": 4},
+                               "eval": {"samples": 1}},
+                       evaluate={"metrics": ["zero_witness"], "after": "all", "batch_size": 1},
+                       output={"dir": out, "save": True} if out else {"save": False})
+    if source is not None:  # a model source other than tiny
+        lines = text.splitlines()
+        i = lines.index("  source: tiny")
+        lines[i:i + 2] = [f"  source: {source['source']}", f"  params: {{path: {source['path']}}}"]
+        text = "\n".join(lines) + "\n"
+    return text
+
+
+def _run(workdir, text: str, name: str) -> str:
+    path = write(workdir / f"{name}.yaml", text)
+    return Runner(load_recipe(path), Registry(f"sqlite:///{workdir}/registry.db"), runs_dir=workdir / "runs").run()
+
+
+def _permute(zeros: dict[str, torch.Tensor], blocks: dict[str, dict[str, str]],
+             perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move FFN neurons as a stage reported: neuron j after is neuron ``perm[j]`` before."""
+    out = dict(zeros)
+    for block, perm in perms.items():
+        for role, path in blocks[block].items():
+            if path in out:
+                out[path] = out[path][:, perm] if role == "down" else out[path][perm]
+    return out
+
+
+def _perms(workdir, run_id: str) -> dict[int, dict[str, torch.Tensor]]:
+    ckpt = read_checkpoint(workdir / "runs" / run_id)
+    return {i: {k[len("perm."):]: v for k, v in r.state.items() if k.startswith("perm.")}
+            for i, r in ckpt.results.items()}
+
+
+def _check_points(points: list[dict], pruned_at: int, perms: dict[int, dict[str, torch.Tensor]],
+                  prunes: set[int] = frozenset()) -> dict:
+    """The zeros after ``pruned_at`` stay zero at every later point; returns them (mapped to the last point).
+
+    Stages whose index is not in ``prunes`` must also keep each pruned module's zero *count*: a stage
+    that only moves, stores or trains weights neither loses nor adds zeros there.
+    """
+    by_index = {p["index"]: p for p in points}
+    ref = by_index[pruned_at]
+    # the pruned modules: those with masks (an embedding's padding row is zero too, but nobody pruned it)
+    want = {n: z for n, z in ref["zeros"].items() if n in ref["masked"]}
+    assert want and all(bool(z.any()) for z in want.values()), "the pruning stage zeroed nothing"
+    blocks = ref["blocks"]
+    for p in points:
+        assert p["masked_nonzero"] == 0, f"after stage {p['index']}: weights non-zero where the masks prune"
+        if p["index"] <= pruned_at:
+            continue
+        want = _permute(want, blocks, perms.get(p["index"], {}))
+        blocks = p["blocks"] or blocks
+        for name, z in want.items():
+            assert name in p["zeros"], f"after stage {p['index']}: {name} is gone"
+            got = p["zeros"][name]
+            lost = int((z & ~got).sum())
+            assert lost == 0, f"after stage {p['index']}: {lost} pruned weights of {name} are non-zero"
+            if p["index"] not in prunes:
+                assert int(got.sum()) == int(z.sum()), (
+                    f"after stage {p['index']}: {name} has {int(got.sum())} zeros, {int(z.sum())} before")
+        want = {n: p["zeros"][n] for n in want}  # what the next stage must keep
+    return want
+
+
+@pytest.mark.parametrize("later", sorted(LATER))
+@pytest.mark.parametrize("prune", PRUNE_METHODS)
+def test_pruned_zeros_survive_every_later_stage_and_reload(witness, workdir, prune, later):
+    first = _prune_stages(prune, later in NEEDS_NM)
+    stages = first + LATER[later]
+    run_id = _run(workdir, _recipe(stages, out="out"), "chain")
+    want = _check_points(witness, len(first) - 1, _perms(workdir, run_id), _pruning(stages))
+
+    # The saved output loads back with the very same zeros (its masks included).
+    loaded = load_output(workdir / "out")
+    final = logical_weights(loaded.model)
+    for name, z in want.items():
+        assert int((z & (final[name] != 0)).sum()) == 0, f"reloaded {name} lost pruned weights"
+    # ... and masks for every pruned weight still held as a parameter (a layout holds its zeros itself)
+    params = dict(loaded.model.named_parameters())
+    unmasked = [n for n in want if f"{n}.weight" in params and f"{n}.weight" not in loaded.masks]
+    assert not unmasked, f"pruned weights saved without their masks: {unmasked}"
+
+
+@pytest.mark.parametrize("later", sorted(k for k in LATER if k not in NEEDS_NM))
+def test_a_new_run_from_a_pruned_output_keeps_its_zeros(witness, workdir, later):
+    """The field case: prune and save; start a second recipe from that folder (hf source) with a later stage."""
+    _run(workdir, _recipe(_prune_stages("magnitude", False), out="pruned"), "prune")
+    witness.clear()
+    run_id = _run(workdir, _recipe(LATER[later], source={"source": "hf", "path": str(workdir / "pruned")},
+                                   out=None), "second")
+    # index -1: the baseline of the second run is the pruned model as loaded
+    _check_points(witness, -1, _perms(workdir, run_id), _pruning(LATER[later]))
+
+
+def test_every_installed_method_is_swept():
+    installed = {f"{k}/{n}" for k, n in catalog().methods}
+    swept = {k.split("+")[0] for k in LATER}
+    assert installed <= swept, f"methods missing from the mask sweep: {sorted(installed - swept)}"
+    assert {n for k, n in catalog().methods if k == "prune"} <= set(PRUNE_METHODS)

@@ -1,0 +1,112 @@
+"""A pruned model used as the start of a new run keeps its zeros (issue 11, kind 1; field case 01)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from helpers import sparsify, tiny_recipe, write
+from safetensors.torch import load_file, save_file
+
+from sparsify_core.errors import SparsifyError
+from sparsify_core.registry import Registry
+from sparsify_plugins.sources.models import HFModel
+
+SPLITS = {"calibration": {"samples": 4}, "train": {"samples": 16, "offset": 4}, "eval": {"samples": 4}}
+MODEL = {"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4}
+TRAIN = "{steps: 8, batch_size: 2, lr: 1.0e-2, checkpoint_every: 0}"
+
+
+def _from(folder, stages: str, *, out: str | None = None, masks: str | None = None) -> str:
+    """A recipe whose model is the sparsify output ``folder`` (hf source)."""
+    text = tiny_recipe(stages, name="second", splits=SPLITS, evaluate={"metrics": ["weight_sparsity"], "after": "all"},
+                       output={"dir": out, "save": True} if out else {"save": False})
+    extra = f", masks: {masks}" if masks else ""
+    lines = text.splitlines()
+    i = lines.index("  source: tiny")
+    lines[i:i + 2] = ["  source: hf", f"  params: {{path: {folder}{extra}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def _final(workdir, stage: str) -> float:
+    """weight_sparsity measured after ``stage`` by the one run that has that stage."""
+    (run,) = [r for r in Registry(f"sqlite:///{workdir}/registry.db").find_runs()
+              if any(s.name == stage for s in r.stages)]
+    return next(m.value for m in run.metrics
+                if m.stage == stage and m.name == "weight_sparsity" and m.layer is None and m.step is None)
+
+
+@pytest.fixture
+def pruned(workdir):
+    """Field case 01, step 1: a tiny LLaMA pruned 50% by magnitude, saved as a sparsify output."""
+    write(workdir / "p.yaml", tiny_recipe("  - {kind: prune, method: magnitude, params: {sparsity: 0.5}}\n",
+                                          model=MODEL, splits=SPLITS, output={"dir": "pruned", "save": True}))
+    sparsify("run", "p.yaml", cwd=workdir, check=True)
+    return workdir / "pruned"
+
+
+def _zeros(folder) -> dict[str, torch.Tensor]:
+    return {n: w == 0 for n, w in load_file(folder / "model.safetensors").items()
+            if ".layers." in n and n.endswith("proj.weight")}
+
+
+def test_finetune_from_a_pruned_output_keeps_its_sparsity(workdir, pruned):
+    write(workdir / "f.yaml", _from(pruned, "  - {kind: train, method: finetune, params: {train: %s}}\n" % TRAIN))
+    proc = sparsify("run", "f.yaml", cwd=workdir, check=True)
+    assert "masks: 10,240 pruned weights in 14 matrices (50.0% of them) from" in proc.stderr + proc.stdout
+    assert _final(workdir, "finetune") == pytest.approx(0.5, abs=1e-9)  # was 0.0 before the fix
+
+
+def test_gmp_on_a_pruned_output_regrows_nothing(workdir, pruned):
+    stages = ("  - {kind: prune, method: gmp, params: {sparsity: 0.6, start: 0.5, end: 1.0, every: 1}}\n"
+              "  - {kind: train, method: finetune, params: {train: %s}}\n" % TRAIN)
+    write(workdir / "g.yaml", _from(pruned, stages, out="gmp"))
+    sparsify("run", "g.yaml", cwd=workdir, check=True)
+    before, after = _zeros(pruned), _zeros(workdir / "gmp")
+    assert sum(int(z.sum()) for z in before.values()) == 10240
+    regrown = sum(int((before[n] & ~after[n]).sum()) for n in before)
+    assert regrown == 0  # 3,469 of 10,240 came back before the fix
+    assert _final(workdir, "finetune") == pytest.approx(0.6, abs=1e-3)
+
+
+def _load(folder, masks="auto"):
+    return HFModel().load(HFModel.Params(path=str(folder), masks=masks), device=torch.device("cpu"),
+                          dtype=torch.float32)
+
+
+def test_mask_modes(workdir, pruned, capsys):
+    saved = _load(pruned)
+    assert len(saved.masks) == 14 and "sparsify/masks.safetensors" in saved.masks_origin
+    assert sum(int((~k).sum()) for k in saved.masks.values()) == 10240
+
+    # A folder pruned elsewhere (no masks file): auto takes the exact zeros as the mask.
+    bare = workdir / "bare"
+    shutil.copytree(pruned, bare)
+    (bare / "sparsify" / "masks.safetensors").unlink()
+    zeros = _load(bare)
+    assert "exact zeros" in zeros.masks_origin
+    assert {n: k.equal(saved.masks[n]) for n, k in zeros.masks.items()} == {n: True for n in saved.masks}
+    with pytest.raises(SparsifyError, match="masks: saved, but there is no sparsify/masks.safetensors"):
+        _load(bare, "saved")
+
+    # none: no masks, but the user is told the model looks pruned.
+    capsys.readouterr()
+    assert _load(bare, "none").masks is None
+    assert "masks: none" in capsys.readouterr().err
+
+    # A masks file that does not fit the model is refused, naming the parameter.
+    state = load_file(pruned / "sparsify" / "masks.safetensors")
+    name = next(iter(state))
+    state[name] = state[name][:, :3].contiguous()
+    save_file(state, pruned / "sparsify" / "masks.safetensors")
+    with pytest.raises(SparsifyError, match=f"does not fit the model: mask for '{name}' has shape"):
+        _load(pruned)
+
+
+def test_a_dense_model_gets_no_masks(workdir):
+    write(workdir / "d.yaml", tiny_recipe("  - {kind: train, method: finetune, params: {train: %s}}\n" % TRAIN,
+                                          model=MODEL,
+                                          splits=SPLITS, output={"dir": "dense", "save": True}))
+    sparsify("run", "d.yaml", cwd=workdir, check=True)
+    loaded = _load(workdir / "dense")
+    assert loaded.masks is None and loaded.masks_origin == ""
