@@ -253,3 +253,54 @@ def test_every_installed_method_is_swept():
     swept = {k.split("+")[0] for k in LATER}
     assert installed <= swept, f"methods missing from the mask sweep: {sorted(installed - swept)}"
     assert {n for k, n in catalog().methods if k == "prune"} <= set(PRUNE_METHODS)
+
+
+class _FailOnce:
+    """Test-only method ``test/fail_once``: fails while its flag file exists (and removes it)."""
+
+    @hookimpl
+    def sparsify_methods(self):
+        from pathlib import Path
+
+        from sparsify_core import Method, Params as BaseParams
+
+        class FailOnce(Method):
+            """Fail the first time, as a crash between stages would."""
+
+            kind, name = "test", "fail_once"
+
+            class Params(BaseParams):
+                flag: str
+
+            def apply(self, ctx, params):
+                flag = Path(params.flag)
+                if flag.exists():
+                    flag.unlink()
+                    raise RuntimeError("crash (test)")
+
+        return [FailOnce]
+
+
+def test_resume_after_a_crash_keeps_the_zeros(witness, workdir):
+    """Checkpoint and resume: masks, permuted neurons and rebuilt experts come back together."""
+    plugin = _FailOnce()
+    register(plugin, name="fail-once")
+    try:
+        flag = workdir / "flag"
+        flag.write_text("1")
+        stages = (_prune_stages("magnitude", False) + LATER["moeify/param_cluster"]
+                  + ["{kind: test, method: fail_once, params: {flag: %s}}" % flag]
+                  + ["{kind: train, method: finetune, params: {train: %s}}" % T])
+        path = write(workdir / "r.yaml", _recipe(stages, out="out"))
+        registry = Registry(f"sqlite:///{workdir}/registry.db")
+        with pytest.raises(Exception, match="crash"):
+            Runner(load_recipe(path), registry, runs_dir=workdir / "runs").run()
+        (run,) = registry.find_runs()
+        run_id = Runner(load_recipe(path), registry, resume_id=run.id, runs_dir=workdir / "runs").run()
+    finally:
+        plugin_manager()[0].unregister(plugin)
+        catalog.cache_clear()
+    assert [p["index"] for p in witness] == [-1, 0, 1, 2, 3]  # the resumed run evaluated stages 2 and 3
+    want = _check_points(witness, 0, _perms(workdir, run_id), _pruning(stages))
+    final = logical_weights(load_output(workdir / "out").model)
+    assert all(int((z & (final[n] != 0)).sum()) == 0 for n, z in want.items())
