@@ -85,6 +85,25 @@ def test_owl_profile_keeps_the_mean_and_spares_outlier_layers():
     assert owl_sparsities([0.3, 0.3], 0.5, 0.08) == [0.5, 0.5]
 
 
+@pytest.mark.parametrize("sizes,sparsity,lam", [([100, 300, 50, 0], 0.7, 0.08), ([10, 1000, 10, 10], 0.5, 0.2),
+                                                 ([1, 2, 3, 4], 0.95, 0.08), ([5, 5, 5, 5], 0.05, 0.2)])
+def test_owl_profile_delivers_the_sparsity_over_the_targeted_weights(sizes, sparsity, lam):
+    """The mean weighted by targeted weights is the request, also where clipping to [0, 1) bites
+    (0.95 + lambda, 0.05 - 2 lambda); layers without targets take no part."""
+    ratios = [0.01, 0.05, 0.02, 0.09]
+    s = owl_sparsities(ratios, sparsity, lam, sizes)
+    assert sum(v * n for v, n in zip(s, sizes)) / sum(sizes) == pytest.approx(sparsity, abs=1e-9)
+    assert all(0 <= v < 1 for v in s)
+    live = [i for i, n in enumerate(sizes) if n]
+    order = sorted(live, key=lambda i: ratios[i])  # more outliers: pruned no more than a layer with fewer
+    assert all(s[a] >= s[b] for a, b in zip(order, order[1:]))
+    if sizes[3] == 0:
+        assert s[3] == sparsity  # unused: nothing of layer 3 is pruned
+        assert owl_sparsities(ratios[:3], sparsity, lam, sizes[:3]) == pytest.approx(s[:3])
+    with pytest.raises(ValueError, match="some positive"):
+        owl_sparsities(ratios, sparsity, lam, [0, 0, 0, 0])
+
+
 def test_outlier_ratio():
     a = torch.ones(10, 10)
     a[0, 0] = 100.0  # mean 1.99; 100 > 5 x mean, the ones are not
