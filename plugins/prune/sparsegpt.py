@@ -103,9 +103,10 @@ def damped_factor(hessian: torch.Tensor, dampening: float = 0.01, max_dampening:
     while True:
         try:
             return (*hessian_factor(hessian, d), d)
-        except ValueError:
+        except ValueError as exc:
             if d >= max_dampening:
-                raise
+                tried = f" (retried from {dampening:g})" if d != dampening else ""
+                raise ValueError(f"{exc}{tried}") from None
             d = min(max(d, 1e-12) * 10, max_dampening)
 
 
@@ -225,8 +226,8 @@ class SparseGPTParams(PruneParams):
     @field_validator("dampening")
     @classmethod
     def _dampening(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0 < v <= MAX_DAMPENING):
-            raise ValueError(f"dampening must be > 0 and <= {MAX_DAMPENING:g} (got {v}): the Hessian X^T X is "
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"dampening must be > 0 (got {v}): the Hessian X^T X is "
                              "singular whenever there are fewer calibration tokens than inputs or collinear "
                              "inputs, and only the dampening makes it invertible (SparseGPT uses 0.01)")
         return v

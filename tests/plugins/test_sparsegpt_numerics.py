@@ -66,13 +66,13 @@ def test_retry_steps_by_ten_until_the_factor_exists():
     assert used == pytest.approx(1e-2)  # 1e-8, 1e-7, ... 1e-3 fail, 1e-2 is the first to work
     damped = h + used * h.diagonal().mean() * torch.eye(32, dtype=torch.float64)
     torch.testing.assert_close(u.double().T @ u.double(), torch.linalg.inv(damped), rtol=1e-4, atol=1e-8)
-    with pytest.raises(ValueError, match="not positive definite at dampening 1 "):
+    with pytest.raises(ValueError, match=r"not positive definite at dampening 1 .*\(retried from 0\.01\)"):
         damped_factor(-torch.eye(8), 0.01)  # negative definite: no dampening up to the bound helps
     with pytest.raises(ValueError, match="not finite"):
         damped_factor(torch.full((4, 4), float("nan")), 0.01)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.01, float("nan"), float("inf"), 2.0])
+@pytest.mark.parametrize("bad", [0.0, -0.01, float("nan"), float("inf")])
 def test_dampening_must_be_positive(bad):
     with pytest.raises(ValidationError, match=r"dampening must be > 0 .*singular whenever there are fewer "
                                               r"calibration tokens than inputs"):
