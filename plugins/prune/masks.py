@@ -26,7 +26,20 @@ def prune_count(numel: int, sparsity: float) -> int:
     return min(numel, max(0, int(sparsity * numel + 0.5)))
 
 
-def _abs32(t: torch.Tensor) -> torch.Tensor:
+class _Ranked:
+    """A weight read through ``magnitude_ranks`` (earlier-pruned entries first), computed only when read,
+    so the global threshold's passes still hold one matrix's float32 copy at a time."""
+
+    def __init__(self, weight: torch.Tensor, pruned: torch.Tensor):
+        self.weight, self.pruned = weight, pruned
+
+    def numel(self) -> int:
+        return self.weight.numel()
+
+
+def _abs32(t) -> torch.Tensor:
+    if isinstance(t, _Ranked):
+        return magnitude_ranks(t.weight, t.pruned)
     # float32 holds every bf16/fp16/fp32 value exactly, so comparisons stay exact
     return t.detach().abs().to(torch.float32)
 
@@ -117,7 +130,7 @@ def global_magnitude_masks(weights: Sequence[torch.Tensor], sparsity: float,
     if pruned is not None:
         if len(pruned) != len(weights):
             raise ValueError(f"{len(pruned)} pruned masks for {len(weights)} weights")
-        weights = [magnitude_ranks(w, p) for w, p in zip(weights, pruned)]
+        weights = [w if p is None else _Ranked(w, p) for w, p in zip(weights, pruned)]
     threshold, k = global_threshold(weights, sparsity)
     return threshold_masks(weights, threshold, k)
 

@@ -206,12 +206,12 @@ def assign_sparsities(ctx, params: PruneParams, targets: list[Target]) -> list[f
 
 
 def prior_pruned(ctx, target: Target) -> torch.Tensor | None:
-    """The target's weights pruned by earlier stages, ``[out, in]`` bool (``None`` if it has no mask yet)."""
+    """The target's weights pruned by earlier stages, ``[out, in]`` bool on the CPU, where masks are kept
+    (``None`` if it has no mask yet); the mask functions move it next to the scores."""
     keep = ctx.masks.get(target.param)
     if keep is None:
         return None
-    keep = keep.t() if is_conv1d(target.module) else keep
-    return ~keep.to(target.module.weight.device)
+    return ~(keep.t() if is_conv1d(target.module) else keep)
 
 
 def check_prior(ctx, params: PruneParams, targets: list[Target]) -> None:
@@ -229,7 +229,7 @@ def check_prior(ctx, params: PruneParams, targets: list[Target]) -> None:
         if pruned is None:
             continue
         if nm is not None:
-            bad = nm_overflow(pruned.cpu(), *nm)
+            bad = nm_overflow(pruned, *nm)
             if bad:
                 raise SparsifyError(f"{t.name}: {bad} groups of {nm[1]} inputs already have more than "
                                     f"{nm[1] - nm[0]} weights pruned by an earlier stage, so pattern "
