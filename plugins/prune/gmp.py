@@ -53,6 +53,12 @@ class GMPParams(PruneParams):
 class GMPSchedule(TrainCallback):
     """Prunes ``targets`` to the cubic schedule during a training stage (see the module docstring).
 
+    Reports ``weight_sparsity`` (the measured fraction of the targeted
+    weights that are masked) after every step and, once the end of the
+    window is reached, that fraction as the training stage's
+    ``gmp_sparsity`` metric (not ``sparsity``: training stages such as
+    progressive_l1 log activation sparsity under that name).
+
     ``final`` maps each targeted module path to its final sparsity. Its state
     (the last step it pruned at) travels in mid-stage checkpoints; the masks
     themselves are the run's and are checkpointed with the weights.
@@ -81,6 +87,8 @@ class GMPSchedule(TrainCallback):
         if t > self.pruned_at and is_pruning_step(t, self.first, self.last, self.params.every):
             self._prune(pruning_progress(t, self.first, self.last))
             self.pruned_at = t
+            if t == self.last:  # the final sparsity, reached: a stage metric of the training stage
+                self.ctx.log({"gmp_sparsity": self.sparsity})
         return {"weight_sparsity": self.sparsity}
 
     @torch.no_grad()
