@@ -186,11 +186,14 @@ def assign_sparsities(ctx, params: PruneParams, targets: list[Target]) -> list[f
     """
     count = n_layers(ctx.model)
     check_prior(ctx, params, targets)
-    ratios = owl_ratios(ctx, params, targets) if params.profile == "owl" else None
     sizes = [0] * count
     for t in targets:
         if t.layer is not None:
             sizes[t.layer] += t.module.weight.numel()
+    if params.profile == "owl" and not any(sizes):
+        raise SparsifyError("the owl profile spreads the sparsity over transformer layers, but no target lies "
+                            "inside one: use profile: uniform")
+    ratios = owl_ratios(ctx, params, targets) if params.profile == "owl" else None
     try:
         per_layer = layer_sparsities(params.profile, params.target_sparsity, count, ratios, params.owl_lambda,
                                      sizes)

@@ -306,10 +306,13 @@ def test_nm_refused_where_earlier_zeros_break_the_groups(tmp_path, method):
         METHODS[method]().apply(ctx, METHODS[method].Params(pattern="2:4"))
 
 
-def test_list_profile_with_a_target_outside_the_layers_needs_its_sparsity(tmp_path):
+def test_profiles_need_targets_they_can_place(tmp_path):
     ctx = make_ctx(tmp_path, tiny_model("llama"), samples=4, seq_len=16)
     with pytest.raises(SparsifyError, match=re.escape("lm_head lie outside the transformer layers")):
         Magnitude().apply(ctx, Magnitude.Params(profile=LIST, targets=["mlp", "lm_head"], exclude=[]))
+    with pytest.raises(SparsifyError, match="no target lies inside one: use profile: uniform"):
+        Magnitude().apply(ctx, Magnitude.Params(sparsity=0.5, profile="owl", targets=["lm_head"], exclude=[]))
+    assert not ctx.masks  # refused before anything was pruned
 
 
 # -- every installed prune method is swept ----------------------------------------------------------
