@@ -132,24 +132,13 @@ def select_targets(model: nn.Module, params: PruneParams, *, inside_layers: bool
 
     ``inside_layers=True`` (methods that calibrate layer by layer) refuses
     targets outside the transformer layers, such as ``lm_head``. An n:m
-    pattern needs every target's input size to be a multiple of m. A target
-    whose weight is tied to a parameter that is not targeted (GPT-2's
-    ``lm_head`` and ``wte``) is refused: pruning it would prune that one too.
-    Raises ``SparsifyError``.
+    pattern needs every target's input size to be a multiple of m. Raises
+    ``SparsifyError``.
     """
     modules = prunable_modules(model, params.targets, params.exclude)
     if not modules:
         raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets} "
                             f"outside exclude={params.exclude}")
-    names_of: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(pname)
-    chosen = {f"{name}.weight" for name, _ in modules}
-    for name, module in modules:
-        tied = [n for n in names_of.get(id(module.weight), []) if n not in chosen]
-        if tied:
-            raise SparsifyError(f"{name}.weight is tied to {', '.join(tied)}, which is not targeted: pruning one "
-                                f"would prune the other; exclude {name} (or untie the weights first)")
     layers = [name for name, _ in transformer_layers(model)]
     targets = []
     for name, module in modules:
@@ -182,10 +171,14 @@ def assign_sparsities(ctx, params: PruneParams, targets: list[Target]) -> list[f
     its targeted weights, so that all targets together reach the sparsity
     asked for (``profiles.owl_sparsities``). Also refuses, with a
     ``SparsifyError``, an n:m pattern that masks from earlier stages already
-    break (``check_prior``).
+    break (``check_prior``), and says (a status line) when a target's weight
+    is tied to another parameter, which is then pruned with it.
     """
     count = n_layers(ctx.model)
     check_prior(ctx, params, targets)
+    for param, others in tied_elsewhere(ctx.model, targets).items():  # asked for, but easy to miss
+        ctx.info(f"{param} is tied to {', '.join(others)}: pruning it prunes {'them' if len(others) > 1 else 'it'} "
+                 "too (the same tensor)")
     sizes = [0] * count
     for t in targets:
         if t.layer is not None:
@@ -206,6 +199,20 @@ def assign_sparsities(ctx, params: PruneParams, targets: list[Target]) -> list[f
     for t in targets:
         t.sparsity = per_layer[t.layer] if t.layer is not None else float(params.target_sparsity)
     return [s if n else None for s, n in zip(per_layer, sizes)]
+
+
+def tied_elsewhere(model: nn.Module, targets: list[Target]) -> dict[str, list[str]]:
+    """Targets' weights that are also other parameters of ``model`` (GPT-2's ``lm_head`` is ``wte``):
+    ``{target param: [the other names]}``. Pruning such a target prunes those too (the same tensor)."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    out = {}
+    for t in targets:
+        others = [n for n in names_of.get(id(t.module.weight), []) if n != t.param]
+        if others:
+            out[t.param] = others
+    return out
 
 
 def prior_pruned(ctx, target: Target) -> torch.Tensor | None:

@@ -117,8 +117,6 @@ def expected_error(method, scope, pattern, profile, restriction, arch):
         return ValidationError, "an n:m pattern prunes every layer alike: profile must be uniform"
     if scope == "global" and (pattern != "unstructured" or profile != "uniform"):
         return ValidationError, "scope global takes an unstructured pattern and the uniform profile"
-    if arch == "gpt2" and restriction == "lm_head":  # tied to the embedding: pruning it would prune wte too
-        return SparsifyError, r"lm_head\.weight is tied to transformer\.wte\.weight"
     if method in LAYERWISE and restriction == "lm_head":
         return SparsifyError, "outside the transformer layers"
     return None
@@ -188,7 +186,6 @@ def test_sparsity_delivered_over_targets(tmp_path, method, scope, pattern, profi
 
     layer = layer_of(model)
     targets = prunable_modules(model, params.targets, params.exclude)
-    targeted = {f"{name}.weight" for name, _ in targets}
     sizes = [0, 0]
     for name, module in targets:
         if layer(name) is not None:
@@ -225,13 +222,13 @@ def test_sparsity_delivered_over_targets(tmp_path, method, scope, pattern, profi
     if profile != "list":
         assert abs(sum(zeros.values()) / total - (0.5 if pattern == "2:4" else REQUEST)) <= 0.5 * len(targets) / total
 
+    for name, module in targets:
+        keep = ctx.masks.get(f"{name}.weight")
+        assert keep is not None and int((~keep).sum()) == zeros[name], name  # zeros = mask
+    targeted_tensors = {id(module.weight) for _, module in targets}  # gpt2's lm_head is wte: one tensor
     for name, p in model.named_parameters():
-        if name in targeted:
-            keep = ctx.masks.get(name)
-            assert keep is not None and int((~keep).sum()) == int((p == 0).sum()), name  # zeros = mask
-        else:
-            assert name not in ctx.masks, name
-            assert torch.equal(p, before[name]), name
+        if id(p) not in targeted_tensors:
+            assert name not in ctx.masks and torch.equal(p, before[name]), name
 
     measured = sum(zeros.values()) / total
     if method == "gmp":
@@ -304,6 +301,26 @@ def test_nm_refused_where_earlier_zeros_break_the_groups(tmp_path, method):
     Magnitude().apply(ctx, Magnitude.Params(sparsity=0.6))
     with pytest.raises(SparsifyError, match=r"groups of 4 inputs already have more than 2 weights pruned"):
         METHODS[method]().apply(ctx, METHODS[method].Params(pattern="2:4"))
+
+
+def test_tied_lm_head_is_pruned_with_its_embedding_and_said_so(tmp_path):
+    model = tiny_model("gpt2")
+    ctx = make_ctx(tmp_path, model, samples=4, seq_len=16)
+    lines = []
+    ctx.info = lines.append
+    result = Magnitude().apply(ctx, Magnitude.Params(sparsity=0.5, targets=["lm_head"], exclude=[]))
+    assert any("lm_head.weight is tied to transformer.wte.weight" in line for line in lines)
+    wte = model.transformer.wte.weight
+    assert int((wte == 0).sum()) == prune_count(wte.numel(), 0.5) and result.metrics["sparsity"] == 0.5
+    assert not any("tied" in line for line in _info_lines(tmp_path, "llama", targets=["lm_head"], exclude=[]))
+
+
+def _info_lines(tmp_path, arch, **kw):
+    ctx = make_ctx(tmp_path, tiny_model(arch), samples=4, seq_len=16)
+    lines = []
+    ctx.info = lines.append
+    Magnitude().apply(ctx, Magnitude.Params(sparsity=0.5, **kw))
+    return lines
 
 
 def test_profiles_need_targets_they_can_place(tmp_path):
