@@ -12,7 +12,8 @@ stay pruned: the run's ``MaskSet`` intersects every new mask with the old
 one. So that a stage still delivers what it is asked for, the mask functions
 take them as pruned first and count them in the ``k`` of the request: the
 result prunes exactly ``k`` weights, the earlier ones among them, whenever
-``k`` is at least their number (otherwise exactly those, and nothing else).
+``k`` is at least their number (otherwise no weight beyond them, so that
+the intersection with the old mask is the old mask).
 """
 from __future__ import annotations
 
