@@ -7,7 +7,9 @@ stage that trains with the shared loop (``train/finetune``,
 ``regularize/progressive_l1``...). That loop calls the schedule after every
 optimizer step; every ``every`` steps between ``start`` and ``end`` (fractions
 of that stage's steps) it prunes the smallest |w| up to the cubic schedule's
-sparsity (``schedule.py``). Masks go into the run's ``MaskSet``: pruned
+sparsity (``schedule.py``), weights pruned before (by earlier stages or
+earlier steps) counting towards it, so the end of the window leaves exactly
+the final sparsity of the targeted weights. Masks go into the run's ``MaskSet``: pruned
 weights stay zero for the rest of training, in checkpoints (mid-stage ones
 too), later stages and the saved model. Mask selection is the prune plugin's
 (``masks.py``): per matrix, global, or n:m.
@@ -25,7 +27,7 @@ from sparsify_core.training import TrainCallback
 
 from .masks import global_magnitude_masks, magnitude_mask, nm_mask
 from .schedule import cubic_sparsity, is_pruning_step, nm_keep, pruning_progress, pruning_window
-from .selection import PruneParams, Target, assign_sparsities, record_mask, select_targets
+from .selection import PruneParams, Target, assign_sparsities, prior_pruned, record_mask, select_targets
 
 
 class GMPParams(PruneParams):
@@ -50,6 +52,12 @@ class GMPParams(PruneParams):
 
 class GMPSchedule(TrainCallback):
     """Prunes ``targets`` to the cubic schedule during a training stage (see the module docstring).
+
+    Reports ``weight_sparsity`` (the measured fraction of the targeted
+    weights that are masked) after every step and, once the end of the
+    window is reached, that fraction as the training stage's
+    ``gmp_sparsity`` metric (not ``sparsity``: training stages such as
+    progressive_l1 log activation sparsity under that name).
 
     ``final`` maps each targeted module path to its final sparsity. Its state
     (the last step it pruned at) travels in mid-stage checkpoints; the masks
@@ -79,19 +87,25 @@ class GMPSchedule(TrainCallback):
         if t > self.pruned_at and is_pruning_step(t, self.first, self.last, self.params.every):
             self._prune(pruning_progress(t, self.first, self.last))
             self.pruned_at = t
+            if t == self.last:  # the final sparsity, reached: a stage metric of the training stage
+                self.ctx.log({"gmp_sparsity": self.sparsity})
         return {"weight_sparsity": self.sparsity}
 
     @torch.no_grad()
     def _prune(self, progress: float) -> None:
         p, nm = self.params, self.params.nm
+        # masks so far (earlier stages', this schedule's earlier steps) count towards each step's target
+        prior = [prior_pruned(self.ctx, t) for t in self.targets]
         if nm is not None:
             keep_n = nm_keep(nm[0], nm[1], progress)
-            masks = [nm_mask(t.weight().abs(), keep_n, nm[1]) if keep_n < nm[1] else None for t in self.targets]
+            masks = [nm_mask(t.weight().abs(), keep_n, nm[1], q) if keep_n < nm[1] else None
+                     for t, q in zip(self.targets, prior)]
         elif p.scope == "global":
             masks = global_magnitude_masks([t.weight() for t in self.targets],
-                                           cubic_sparsity(float(p.sparsity or 0.0), progress))
+                                           cubic_sparsity(float(p.sparsity or 0.0), progress), prior)
         else:
-            masks = [magnitude_mask(t.weight(), cubic_sparsity(t.sparsity, progress)) for t in self.targets]
+            masks = [magnitude_mask(t.weight(), cubic_sparsity(t.sparsity, progress), q)
+                     for t, q in zip(self.targets, prior)]
         for t, keep in zip(self.targets, masks):
             if keep is not None and not (bool(keep.all()) and t.param not in self.ctx.masks):
                 record_mask(self.ctx, t, keep)

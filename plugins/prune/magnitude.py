@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from sparsify_core import Method, StageResult
 
 from .masks import global_magnitude_masks, magnitude_mask, nm_mask
-from .selection import PruneParams, assign_sparsities, record_mask, select_targets, summary
+from .selection import PruneParams, assign_sparsities, prior_pruned, record_mask, select_targets, summary
 
 
 class MagnitudeParams(PruneParams):
@@ -31,8 +31,9 @@ class Magnitude(Method):
     the matrix's layer sparsity under a profile) or over all targeted matrices
     together (``global``). ``pattern: n:m`` keeps the n largest |w| of every m
     consecutive inputs of each row. Masks are recorded in the run's
-    ``MaskSet`` so pruned weights stay zero through later stages; already
-    pruned weights (zeros) count among the smallest. Memory: per layer, one
+    ``MaskSet`` so pruned weights stay zero through later stages; weights
+    pruned by earlier stages are taken first and count towards the request.
+    Memory: per layer, one
     matrix's ``|w|`` in float32; global, the same per pass of an exact
     threshold bisection (at most 31 passes over the targeted weights).
     """
@@ -47,11 +48,12 @@ class Magnitude(Method):
         nm = params.nm
         label = params.pattern if nm else f"{params.scope} {params.target_sparsity or 'profile'}"
         with ctx.progress(f"magnitude {label}", total=len(targets)) as task:
+            prior = [prior_pruned(ctx, t) for t in targets]  # pruned before: count towards the request
             if params.scope == "global":
-                masks = global_magnitude_masks([t.weight() for t in targets], params.sparsity)
+                masks = global_magnitude_masks([t.weight() for t in targets], params.sparsity, prior)
             else:
-                masks = [nm_mask(t.weight().abs(), *nm) if nm else magnitude_mask(t.weight(), t.sparsity)
-                         for t in targets]
+                masks = [nm_mask(t.weight().abs(), *nm, p) if nm else magnitude_mask(t.weight(), t.sparsity, p)
+                         for t, p in zip(targets, prior)]
             for t, keep in zip(targets, masks):
                 record_mask(ctx, t, keep)
                 task.advance(1)

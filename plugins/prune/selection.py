@@ -6,6 +6,18 @@ each with its transformer layer and its sparsity; ``record_mask`` writes a
 mask to the run's ``MaskSet`` and zeroes the weights; ``summary`` makes the
 stage metrics. OWL's outlier ratios need the Wanda scores of the dense model,
 so ``owl_ratios`` runs a layer-wise calibration pass for them.
+
+The contract every method keeps (and a third-party one gets by using these
+helpers): the fraction of the targeted weights that is pruned after the
+stage equals the request (to rounding: half a weight per matrix), and the
+stage's ``sparsity`` metric is that measured fraction. The request is the
+target sparsity over the targeted weights, not a mean over layers: profiles
+weigh layers by their targeted weights (``assign_sparsities``). Weights
+pruned by an earlier stage stay pruned (``MaskSet`` intersects masks) and
+count towards the request: ``prior_pruned`` hands them to the mask
+functions, which prune them first, so a matrix asked for ``s`` ends at ``s``
+whenever ``s`` is at least its earlier sparsity (and otherwise keeps its
+earlier mask, nothing more pruned).
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ from sparsify_core.calibration import CalibrationLayer, calibrate
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import is_conv1d, linear_shape, prunable_modules, transformer_layers, weight_out_in
 
-from .masks import parse_pattern, wanda_scores
+from .masks import nm_overflow, parse_pattern, wanda_scores
 from .profiles import layer_sparsities, outlier_ratio
 
 
@@ -30,13 +42,16 @@ class PruneParams(Params):
     """Parameters shared by the pruning methods: how much, in which structure, where."""
 
     sparsity: float | None = Field(
-        None, gt=0, lt=1, description="fraction of the targeted weights to zero (unstructured; with the owl "
-                                      "profile, the mean over layers); implied by an n:m pattern")
+        None, gt=0, lt=1, description="fraction of the targeted weights to zero, weights pruned by earlier "
+                                      "stages included (unstructured; with the owl profile, over all targeted "
+                                      "weights; with a per-layer list, for targets outside the transformer "
+                                      "layers only); implied by an n:m pattern")
     pattern: str = Field("unstructured", description="'unstructured', or 'n:m' to keep n of every m consecutive "
                                                      "weights along the input dimension (2:4, 4:8, 1:4...)")
     profile: Literal["uniform", "owl"] | list[float] = Field(
-        "uniform", description="per-layer sparsity: uniform, owl (outlier-weighted, from calibration), "
-                               "or one sparsity per transformer layer")
+        "uniform", description="per-layer sparsity: uniform, owl (outlier-weighted, from calibration; the "
+                               "targeted weights as a whole reach sparsity), or one sparsity per transformer "
+                               "layer (entries of layers without targets are unused)")
     owl_threshold: float = Field(5.0, gt=0, description="OWL's M: a Wanda score is an outlier above M x its "
                                                         "layer's mean")
     owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL's lambda: layer sparsities span 2 lambda")
@@ -117,7 +132,8 @@ def select_targets(model: nn.Module, params: PruneParams, *, inside_layers: bool
 
     ``inside_layers=True`` (methods that calibrate layer by layer) refuses
     targets outside the transformer layers, such as ``lm_head``. An n:m
-    pattern needs every target's input size to be a multiple of m.
+    pattern needs every target's input size to be a multiple of m. Raises
+    ``SparsifyError``.
     """
     modules = prunable_modules(model, params.targets, params.exclude)
     if not modules:
@@ -141,25 +157,99 @@ def select_targets(model: nn.Module, params: PruneParams, *, inside_layers: bool
 
 
 def n_layers(model: nn.Module) -> int:
+    """Number of transformer layers of ``model``."""
     return len(transformer_layers(model))
 
 
-def assign_sparsities(ctx, params: PruneParams, targets: list[Target]) -> list[float]:
-    """Set each target's sparsity from the profile; returns the per-layer sparsities.
+def assign_sparsities(ctx, params: PruneParams, targets: list[Target]) -> list[float | None]:
+    """Set each target's sparsity from the profile; returns the per-layer sparsities (``None``: no targets).
 
     Targets outside the transformer layers get ``params.sparsity`` (or the
-    n:m sparsity). The owl profile runs one calibration pass over the dense
-    model first (``owl_ratios``).
+    n:m sparsity); with a per-layer list and no ``sparsity`` there is nothing
+    to give them: ``SparsifyError``. The owl profile runs one calibration
+    pass over the dense model first (``owl_ratios``) and weighs each layer by
+    its targeted weights, so that all targets together reach the sparsity
+    asked for (``profiles.owl_sparsities``). Also refuses, with a
+    ``SparsifyError``, an n:m pattern that masks from earlier stages already
+    break (``check_prior``), and says (a status line) when a target's weight
+    is tied to another parameter, which is then pruned with it.
     """
     count = n_layers(ctx.model)
+    check_prior(ctx, params, targets)
+    for param, others in tied_elsewhere(ctx.model, targets).items():  # asked for, but easy to miss
+        ctx.info(f"{param} is tied to {', '.join(others)}: pruning it prunes {'them' if len(others) > 1 else 'it'} "
+                 "too (the same tensor)")
+    sizes = [0] * count
+    for t in targets:
+        if t.layer is not None:
+            sizes[t.layer] += t.module.weight.numel()
+    if params.profile == "owl" and not any(sizes):
+        raise SparsifyError("the owl profile spreads the sparsity over transformer layers, but no target lies "
+                            "inside one: use profile: uniform")
     ratios = owl_ratios(ctx, params, targets) if params.profile == "owl" else None
     try:
-        per_layer = layer_sparsities(params.profile, params.target_sparsity, count, ratios, params.owl_lambda)
+        per_layer = layer_sparsities(params.profile, params.target_sparsity, count, ratios, params.owl_lambda,
+                                     sizes)
     except ValueError as exc:
         raise SparsifyError(str(exc)) from None
+    outside = [t.name for t in targets if t.layer is None]
+    if outside and params.target_sparsity is None:
+        raise SparsifyError(f"{', '.join(outside[:3])} lie outside the transformer layers, which the per-layer "
+                            "profile does not cover: give their sparsity too (sparsity: ...), or exclude them")
     for t in targets:
-        t.sparsity = per_layer[t.layer] if t.layer is not None else float(params.target_sparsity or 0.0)
-    return per_layer
+        t.sparsity = per_layer[t.layer] if t.layer is not None else float(params.target_sparsity)
+    return [s if n else None for s, n in zip(per_layer, sizes)]
+
+
+def tied_elsewhere(model: nn.Module, targets: list[Target]) -> dict[str, list[str]]:
+    """Targets' weights that are also other parameters of ``model`` (GPT-2's ``lm_head`` is ``wte``):
+    ``{target param: [the other names]}``. Pruning such a target prunes those too (the same tensor)."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    out = {}
+    for t in targets:
+        others = [n for n in names_of.get(id(t.module.weight), []) if n != t.param]
+        if others:
+            out[t.param] = others
+    return out
+
+
+def prior_pruned(ctx, target: Target) -> torch.Tensor | None:
+    """The target's weights pruned by earlier stages, ``[out, in]`` bool on the CPU, where masks are kept
+    (``None`` if it has no mask yet); the mask functions move it next to the scores."""
+    keep = ctx.masks.get(target.param)
+    if keep is None:
+        return None
+    return ~(keep.t() if is_conv1d(target.module) else keep)
+
+
+def check_prior(ctx, params: PruneParams, targets: list[Target]) -> None:
+    """Refuse an n:m pattern that earlier masks already break, and say when a target is sparser than asked.
+
+    A group of m inputs with more than ``m - n`` weights pruned before cannot
+    keep n: the result would be neither n:m nor the sparsity asked for. An
+    unstructured request below a target's earlier sparsity prunes nothing
+    more there (a status line says so). Raises ``SparsifyError``.
+    """
+    nm = params.nm
+    above = []
+    for t in targets:
+        pruned = prior_pruned(ctx, t)
+        if pruned is None:
+            continue
+        if nm is not None:
+            bad = nm_overflow(pruned, *nm)
+            if bad:
+                raise SparsifyError(f"{t.name}: {bad} groups of {nm[1]} inputs already have more than "
+                                    f"{nm[1] - nm[0]} weights pruned by an earlier stage, so pattern "
+                                    f"{params.pattern} cannot hold; prune with {params.pattern} first, or use "
+                                    "an unstructured pattern")
+        elif params.target_sparsity is not None and float(pruned.float().mean()) > params.target_sparsity:
+            above.append(t.name)
+    if above:
+        ctx.info(f"{len(above)} targets ({', '.join(above[:3])}{' ...' if len(above) > 3 else ''}) are already "
+                 f"sparser than {params.target_sparsity:g} from earlier stages: they keep their masks")
 
 
 def by_layer(targets: list[Target]) -> dict[int, list[Target]]:
@@ -191,7 +281,8 @@ def input_sq_norms(layer: CalibrationLayer, targets: list[Target]) -> dict[str, 
 def owl_ratios(ctx, params: PruneParams, targets: list[Target]) -> list[float]:
     """OWL outlier ratio of each transformer layer, from the Wanda scores of its targets on the dense model.
 
-    Layers without targets get ratio 0. Costs one layer-wise calibration pass
+    Layers without targets get ratio 0 (``owl_sparsities`` leaves them out:
+    they hold no targeted weights). Costs one layer-wise calibration pass
     (the model is not changed).
     """
     groups = by_layer(targets)
@@ -221,8 +312,15 @@ def record_mask(ctx, target: Target, keep: torch.Tensor) -> None:
     w.masked_fill_(~ctx.masks.get(target.param).to(w.device), 0)
 
 
-def summary(ctx, targets: list[Target], per_layer: list[float] | None = None, **metrics: float) -> StageResult:
-    """The stage result of a pruning method: overall and per-module sparsity of the targets' masks."""
+def summary(ctx, targets: list[Target], per_layer: list[float | None] | None = None,
+            **metrics: float) -> StageResult:
+    """The stage result of a pruning method: overall and per-module sparsity of the targets' masks.
+
+    ``sparsity`` is the measured fraction of all targeted weights that are
+    masked (earlier stages' masks included), ``weights_pruned`` their
+    number; ``info`` holds ``module_sparsity`` and, when given,
+    ``layer_sparsity`` (the profile; ``None`` for layers without targets).
+    """
     per_module, pruned, total = {}, 0, 0
     for t in targets:
         keep = ctx.masks.get(t.param)

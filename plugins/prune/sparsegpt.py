@@ -19,39 +19,95 @@ X``. The pure functions here do this for one weight matrix:
   ``m - n`` lowest of every m consecutive columns of each row.
 
 Input features that are never non-zero (``H_jj = 0``) carry no signal: their
-weights are zeroed, as in the reference code.
+weights are pruned first (saliency 0), as in the reference code, but only
+within the sparsity asked for; the reference zeroes all of them, which can
+prune more than asked, and of inputs that may well be live on other data.
+
+Numerics: ``H = X^T X`` is singular when there are fewer calibration tokens
+than inputs or collinear inputs, and float32 accumulation leaves it slightly
+indefinite; only the dampening makes it positive definite. ``dampening``
+must be > 0 (validation), and when the Cholesky factorisation still fails
+``damped_factor`` retries at 10x the dampening up to ``MAX_DAMPENING``,
+which the stage reports (status line, ``dampening_raised`` metric and info).
 """
 from __future__ import annotations
 
+import math
+
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sparsify_core import Method, StageResult
 from sparsify_core.calibration import CalibrationLayer, calibrate
 from sparsify_core.errors import SparsifyError
 
 from .masks import prune_count
-from .selection import PruneParams, assign_sparsities, by_layer, record_mask, select_targets, summary
+from .selection import (PruneParams, assign_sparsities, by_layer, prior_pruned, record_mask, select_targets,
+                        summary)
+
+
+MAX_DAMPENING = 1.0  # x mean diagonal: H + mean(diag) I is positive definite for any PSD H, in exact arithmetic
+
+
+def _check_finite(hessian: torch.Tensor) -> None:
+    # no dampening repairs an inf or a NaN: say where they come from instead
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("the Hessian of the calibration inputs is not finite: the layer's inputs overflowed "
+                         "(calibrate in float32 or a wider dtype)")
 
 
 def hessian_factor(hessian: torch.Tensor, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, dead)``: the upper Cholesky factor of the dampened ``H^-1`` (float32) and the dead inputs.
 
-    ``dead`` marks inputs with ``H_jj == 0``; their diagonal is set to 1
-    before dampening so that ``H`` is invertible. Computed in float64 with
-    one Cholesky and one triangular inverse: with ``J`` the order-reversing
-    permutation and ``J H J = L L^T``, ``U = J L^-1 J`` is upper triangular
-    and ``U^T U = H^-1``.
+    ``hessian`` is ``[in, in]``; ``dead`` (``[in]`` bool) marks inputs with
+    ``H_jj == 0``; their diagonal is set to 1 before dampening so that ``H``
+    is invertible. Dampening adds ``dampening * mean(diag H)`` to the
+    diagonal (SparseGPT's ``percdamp``, Frantar & Alistarh 2023). Computed in
+    float64 with one Cholesky and one triangular inverse: with ``J`` the
+    order-reversing permutation and ``J H J = L L^T``, ``U = J L^-1 J`` is
+    upper triangular and ``U^T U = H^-1``.
+
+    Raises ``ValueError`` when ``H`` is not finite, or the dampened ``H`` is
+    not positive definite or its factor not finite in float32 (the message
+    says to raise ``dampening`` or calibrate on more tokens).
     """
+    _check_finite(hessian)
     h = hessian.detach().to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     idx = torch.arange(h.shape[0], device=h.device)
     h[idx, idx] += dampening * torch.diagonal(h).mean()
-    low = torch.linalg.cholesky(h.flip(0, 1))
+    low, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info) != 0:
+        raise ValueError(f"the Hessian is not positive definite at dampening {dampening:g} "
+                         "(fewer calibration tokens than inputs, or collinear inputs): raise dampening or the "
+                         "calibration samples")
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    u = torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
-    return u.to(torch.float32), dead
+    u = torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1).to(torch.float32)
+    if not bool(torch.isfinite(u).all()):
+        raise ValueError(f"the inverse Hessian overflows float32 at dampening {dampening:g}: raise dampening or "
+                         "the calibration samples")
+    return u, dead
+
+
+def damped_factor(hessian: torch.Tensor, dampening: float = 0.01, max_dampening: float = MAX_DAMPENING
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(U, dead, used)``: ``hessian_factor`` at ``dampening``, retried at 10x steps up to ``max_dampening``.
+
+    ``used`` is the dampening that worked (``dampening`` itself unless a retry
+    was needed). Raises the last attempt's ``ValueError`` when even
+    ``max_dampening`` fails (a Hessian that is not finite is not retried).
+    """
+    _check_finite(hessian)
+    d = float(dampening)
+    while True:
+        try:
+            return (*hessian_factor(hessian, d), d)
+        except ValueError as exc:
+            if d >= max_dampening:
+                tried = f" (retried from {dampening:g})" if d != dampening else ""
+                raise ValueError(f"{exc}{tried}") from None
+            d = min(max(d, 1e-12) * 10, max_dampening)
 
 
 def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,10 +123,18 @@ def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask | (ties & (ties.cumsum(0) <= k - int(mask.sum())))
 
 
+def _block_budget(share: int, forced: int, size: int, left: int, later_forced: int, later_size: int) -> int:
+    """Weights a block prunes: its ``share``, but at least its ``forced`` ones, and never so many (or so
+    few) that the ``left`` still to prune cannot be met by the later blocks, forced ones included."""
+    k = min(max(share, forced, left - later_size), size, left - later_forced)
+    return max(k, forced)
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None = None, *, sparsity: float | None = None,
                     nm: tuple[int, int] | None = None, block_size: int = 128, dampening: float = 0.01,
-                    factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one ``[out, in]`` weight; returns ``(new_weight, keep)``, ``new_weight`` in float32.
 
     Give ``hessian`` (``[in, in]``, any positive multiple of ``X^T X``) or a
@@ -79,6 +143,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None = None, *
     pruned when unstructured (each block of ``block_size`` columns takes its
     share, chosen at the block's start); with ``nm = (n, m)`` every group of m
     consecutive inputs of a row keeps n. ``block_size`` must be a multiple of m.
+    ``pruned`` (``[out, in]`` bool): weights pruned before, which are pruned
+    again here (their error compensated like any other) and count towards
+    the sparsity; a block holding more than its share takes them all and the
+    later blocks prune less. Raises ``ValueError`` on inconsistent arguments
+    and, without ``factor``, as ``hessian_factor``.
 
     Implementation: the sweep runs on the transposed weight (a column is then
     contiguous), and inside a block the rank-1 updates only reach a sub-block
@@ -96,18 +165,30 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None = None, *
     if nm is not None and cols % nm[1]:
         raise ValueError(f"{cols} inputs are not a multiple of m={nm[1]}")
     u, dead = u.to(wt.device), dead.to(wt.device)
-    wt[dead] = 0
+    forced = (pruned.t().to(wt.device) if pruned is not None else torch.zeros_like(wt, dtype=torch.bool))
     inv_diag = 1.0 / torch.diagonal(u)
+
+    def saliency_of(c0: int, c1: int) -> torch.Tensor:
+        # OBS saliency w^2 / U_ii^2; dead inputs carry no signal (0, pruned first), earlier pruning goes before all
+        sal = (wt[c0:c1] * inv_diag[c0:c1, None]).square().masked_fill(dead[c0:c1, None], 0.0)
+        return sal.masked_fill(forced[c0:c1], -torch.inf)
+
     prune = torch.zeros_like(wt, dtype=torch.bool)
     scale = torch.zeros_like(wt)  # prune / U_ii: turns a column into its OBS error
     step = nm[1] * -(-16 // nm[1]) if nm is not None else 16
+    if nm is None:
+        total = prune_count(rows * cols, sparsity)
+        forced_cols = forced.sum(1).cumsum(0).tolist()  # forced entries in columns < i + 1
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
         if nm is None:
-            # this block's share of the matrix's round(sparsity * numel), so the total is exact
-            k = prune_count(rows * b1, sparsity) - prune_count(rows * b0, sparsity)
-            saliency = (wt[b0:b1] * inv_diag[b0:b1, None]).square()
-            prune[b0:b1] = _lowest(saliency.flatten(), k).view(b1 - b0, rows)
+            # this block's share of the matrix's round(sparsity * numel) (catching up with the blocks before),
+            # bounded so that the forced entries of every block fit and the total stays exact
+            done = int(prune[:b0].sum())
+            f_before, f_upto = (forced_cols[b0 - 1] if b0 else 0), forced_cols[b1 - 1]
+            k = _block_budget(prune_count(rows * b1, sparsity) - done, f_upto - f_before, rows * (b1 - b0),
+                              total - done, forced_cols[-1] - f_upto, rows * (cols - b1))
+            prune[b0:b1] = _lowest(saliency_of(b0, b1).flatten(), k).view(b1 - b0, rows)
             scale[b0:b1] = prune[b0:b1] * inv_diag[b0:b1, None]
         errors = torch.empty(b1 - b0, rows, dtype=wt.dtype, device=wt.device)
         for s0 in range(b0, b1, step):
@@ -115,9 +196,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None = None, *
             for i in range(s0, s1):
                 if nm is not None and (i - b0) % nm[1] == 0:
                     n, m = nm
-                    saliency = (wt[i:i + m] * inv_diag[i:i + m, None]).square()
-                    low = saliency.topk(m - n, dim=0, largest=False).indices
+                    low = saliency_of(i, i + m).topk(m - n, dim=0, largest=False).indices
                     prune[i:i + m].scatter_(0, low, True)
+                    prune[i:i + m] |= forced[i:i + m]  # more than m - n pruned before: they stay pruned
                     scale[i:i + m] = prune[i:i + m] * inv_diag[i:i + m, None]
                 err = errors[i - b0]
                 torch.mul(wt[i], scale[i], out=err)
@@ -139,7 +220,17 @@ def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian
 
 class SparseGPTParams(PruneParams):
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
-    dampening: float = Field(0.01, ge=0, description="added to the Hessian diagonal, as a fraction of its mean")
+    dampening: float = Field(0.01, description="added to the Hessian diagonal, as a fraction of its mean "
+                                                "(> 0; raised x10 up to 1 where the Cholesky still fails)")
+
+    @field_validator("dampening")
+    @classmethod
+    def _dampening(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"dampening must be > 0 (got {v}): the Hessian X^T X is "
+                             "singular whenever there are fewer calibration tokens than inputs or collinear "
+                             "inputs, and only the dampening makes it invertible (SparseGPT uses 0.01)")
+        return v
 
     @model_validator(mode="after")
     def _blocks(self):
@@ -157,7 +248,10 @@ class SparseGPT(Method):
     input, such as q/k/v, share it and its Cholesky factor), then every target
     is pruned and updated, then the pruned layer is run to feed the next.
     Memory: one layer's hidden states plus one ``[in, in]`` matrix per
-    distinct input.
+    distinct input. A Hessian the dampening cannot factor is retried with 10x
+    the dampening (up to 1; reported: a status line naming the modules, the
+    ``dampening_raised`` metric, ``info["dampening_raised"]``); if that fails
+    too, ``SparsifyError`` names the module and what to raise.
     """
 
     kind = "prune"
@@ -169,6 +263,19 @@ class SparseGPT(Method):
         per_layer = assign_sparsities(ctx, params, targets)
         groups = by_layer(targets)
         nm = params.nm
+        raised: dict[str, float] = {}  # module paths -> the dampening their Hessian needed
+
+        def factor_for(names: list[str], hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            label = ", ".join(names)
+            try:
+                u, dead, used = damped_factor(hessian, params.dampening)
+            except ValueError as exc:
+                raise SparsifyError(f"sparsegpt: {label}: {exc}") from None
+            if used != params.dampening:
+                ctx.info(f"sparsegpt: {label}: the Hessian is not positive definite at dampening "
+                         f"{params.dampening:g}; used {used:g}")
+                raised.update({name: used for name in names})
+            return u, dead
 
         def visit(layer: CalibrationLayer) -> None:
             mine = groups.get(layer.index)
@@ -195,15 +302,19 @@ class SparseGPT(Method):
                 if len(keys) > 1:
                     hessians[key] = sum(hessians[k] for k in keys)
                 if key not in factors:  # H's scale does not matter: damping is relative
-                    factors[key] = hessian_factor(hessians[key], params.dampening)
+                    factors[key] = factor_for([n for n in key if n in names] or [t.name], hessians[key])
                 w = t.weight()
                 new, keep = sparsegpt_prune(w, sparsity=None if nm else t.sparsity, nm=nm,
-                                            block_size=params.block_size, factor=factors[key])
+                                            block_size=params.block_size, factor=factors[key],
+                                            pruned=prior_pruned(ctx, t))
                 w.copy_(new.to(w.dtype))
                 record_mask(ctx, t, keep)
             hessians.clear()
 
         tokens = calibrate(ctx, visit, split=params.calibration_split, batch_size=params.batch_size,
                            description=f"sparsegpt {params.pattern if nm else 'unstructured'}")
-        return summary(ctx, targets, per_layer if params.profile != "uniform" else None,
-                       calibration_tokens=float(tokens))
+        result = summary(ctx, targets, per_layer if params.profile != "uniform" else None,
+                         calibration_tokens=float(tokens), dampening_raised=float(len(raised)))
+        if raised:
+            result.info["dampening_raised"] = raised
+        return result

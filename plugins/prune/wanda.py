@@ -3,8 +3,11 @@
 Score ``|W_ij| * ||X_j||_2``, with ``||X_j||_2`` the norm of input feature
 ``j`` over the calibration tokens, compared within each output row
 (unstructured) or within each group of m consecutive inputs of a row (n:m).
-No weight update. Layers are processed in order, each calibrated on the
-outputs of the already pruned layers before it (as the reference code does).
+Unstructured, each row prunes its share of the matrix's
+``round(sparsity * numel)``, rows differing by at most one weight
+(``masks.row_mask``), so the matrix total is exact. No weight update.
+Layers are processed in order, each calibrated on the outputs of the
+already pruned layers before it (as the reference code does).
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from sparsify_core import Method, StageResult
 from sparsify_core.calibration import CalibrationLayer, calibrate
 
 from .masks import structured_mask, wanda_scores
-from .selection import PruneParams, assign_sparsities, by_layer, input_sq_norms, record_mask, select_targets, summary
+from .selection import (PruneParams, assign_sparsities, by_layer, input_sq_norms, prior_pruned, record_mask,
+                        select_targets, summary)
 
 
 class WandaParams(PruneParams):
@@ -44,7 +48,8 @@ class Wanda(Method):
                 return
             norms = input_sq_norms(layer, mine)
             for t in mine:
-                record_mask(ctx, t, structured_mask(wanda_scores(t.weight(), norms[t.name]), t.sparsity, nm))
+                scores = wanda_scores(t.weight(), norms[t.name])
+                record_mask(ctx, t, structured_mask(scores, t.sparsity, nm, prior_pruned(ctx, t)))
 
         tokens = calibrate(ctx, visit, split=params.calibration_split, batch_size=params.batch_size,
                            description=f"wanda {params.pattern if nm else 'unstructured'}")

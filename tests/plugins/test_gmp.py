@@ -76,10 +76,12 @@ def test_gmp_follows_the_schedule_during_training(tmp_path):
     result = _schedule(ctx, sparsity=0.75)
     assert result.metrics["modules_scheduled"] == 14 and not ctx.masks  # nothing pruned before training
     logged = []
-    ctx.log_callback = lambda stage, step, values: logged.append((step, values["weight_sparsity"]))
+    ctx.log_callback = lambda stage, step, values: logged.append((step, values))
     train(ctx, _cfg())
     assert not ctx.train_callbacks  # taken by the training stage
-    curve = dict(logged)
+    curve = {step: values["weight_sparsity"] for step, values in logged if step is not None}
+    # the final sparsity is also a stage metric of the training stage, logged once the window ends
+    assert [values for step, values in logged if step is None] == [{"gmp_sparsity": pytest.approx(0.75, abs=1e-3)}]
     first, last = pruning_window(20, 0.25, 0.75)
     for t, s in curve.items():  # between pruning steps the sparsity holds; at them it follows the cubic law
         at = max([u for u in range(first + 1, t + 1) if is_pruning_step(u, first, last, 2)], default=None)

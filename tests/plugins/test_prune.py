@@ -30,6 +30,18 @@ def test_magnitude_mask_exact_count(shape, s, dtype):
         assert w[~keep].abs().max() <= w[keep].abs().min()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_earlier_pruned_go_first_even_among_exact_zeros(dtype):
+    """Zeros that were never masked must not take the places of masked ones: the mask would then prune both."""
+    w = torch.tensor([[0.0, 0.0, 0.5, 2.0], [0.0, 3.0, 0.0, 1.0]]).to(dtype)
+    pruned = torch.tensor([[False, False, True, False], [False, False, True, True]])
+    for keep in (magnitude_mask(w, 0.5, pruned), global_magnitude_masks([w[:1], w[1:]], 0.5, pruned.split(1))):
+        keep = keep if isinstance(keep, torch.Tensor) else torch.cat(keep)
+        assert not keep[pruned].any() and int((~keep).sum()) == 4  # 3 masked + the first unmasked zero
+        assert (~keep).tolist() == [[True, False, True, False], [False, False, True, True]]
+    assert magnitude_mask(w, 0.25, pruned).logical_not().sum() == 2  # asked below the 3 masked: 2 of them
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kth_smallest_abs_bisection_matches_sort(dtype):
     g = torch.Generator().manual_seed(1)

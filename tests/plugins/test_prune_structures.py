@@ -28,14 +28,33 @@ def test_nm_mask_ties_and_shape_errors():
 
 
 @pytest.mark.parametrize("s", [0.0, 0.3, 0.5, 0.9])
-def test_row_mask_prunes_the_same_count_in_every_row(s):
+def test_row_mask_prunes_the_matrix_total_spread_over_rows(s):
     scores = torch.randn(7, 33, generator=torch.Generator().manual_seed(1))
     scores[0, :5] = 0.25  # ties
     keep = row_mask(scores, s)
-    k = int(s * 33 + 0.5)
-    assert ((~keep).sum(1) == k).all()
-    ref = torch.ones_like(keep).scatter_(1, scores.sort(dim=1, stable=True).indices[:, :k], False)
-    assert torch.equal(keep, ref)
+    counts = (~keep).sum(1)
+    assert int(counts.sum()) == int(s * 7 * 33 + 0.5)  # exact for the matrix, not rounded row by row
+    assert int(counts.max() - counts.min()) <= 1
+    for r in range(7):  # each row prunes its own lowest scores (ties: lower index first)
+        k = int(counts[r])
+        ref = torch.ones(33, dtype=torch.bool).scatter_(0, scores[r].sort(stable=True).indices[:k], False)
+        assert torch.equal(keep[r], ref)
+
+
+def test_row_quotas_respect_earlier_pruning():
+    from sparsify_plugins.prune import row_quotas
+    assert row_quotas(torch.tensor([0, 0, 0]), 10, 7).tolist() == [3, 2, 2]
+    assert row_quotas(torch.tensor([6, 0, 0]), 10, 12).tolist() == [6, 3, 3]
+    assert row_quotas(torch.tensor([6, 0, 1]), 10, 11).tolist() == [6, 3, 2]
+    assert row_quotas(torch.tensor([6, 5, 1]), 10, 4).tolist() == [6, 5, 1]  # asked for less than is pruned
+    assert row_quotas(torch.tensor([0, 0]), 10, 20).tolist() == [10, 10]
+    # rows with earlier zeros prune them first and the matrix still ends at the request
+    scores = torch.rand(4, 16, generator=torch.Generator().manual_seed(0))
+    pruned = torch.zeros(4, 16, dtype=torch.bool)
+    pruned[0, :12] = True
+    keep = row_mask(scores, 0.5, pruned)
+    assert not keep[pruned].any() and int((~keep).sum()) == 32
+    assert (~keep).sum(1).tolist() == [12, 7, 7, 6]
 
 
 def test_wanda_equals_magnitude_per_row_when_input_norms_are_equal():
@@ -64,6 +83,25 @@ def test_owl_profile_keeps_the_mean_and_spares_outlier_layers():
     assert max(s) - min(s) == pytest.approx(0.16)  # 2 lambda
     assert s.index(min(s)) == 3 and s.index(max(s)) == 0  # most outliers: pruned least
     assert owl_sparsities([0.3, 0.3], 0.5, 0.08) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("sizes,sparsity,lam", [([100, 300, 50, 0], 0.7, 0.08), ([10, 1000, 10, 10], 0.5, 0.2),
+                                                 ([1, 2, 3, 4], 0.95, 0.08), ([5, 5, 5, 5], 0.05, 0.2)])
+def test_owl_profile_delivers_the_sparsity_over_the_targeted_weights(sizes, sparsity, lam):
+    """The mean weighted by targeted weights is the request, also where clipping to [0, 1) bites
+    (0.95 + lambda, 0.05 - 2 lambda); layers without targets take no part."""
+    ratios = [0.01, 0.05, 0.02, 0.09]
+    s = owl_sparsities(ratios, sparsity, lam, sizes)
+    assert sum(v * n for v, n in zip(s, sizes)) / sum(sizes) == pytest.approx(sparsity, abs=1e-9)
+    assert all(0 <= v < 1 for v in s)
+    live = [i for i, n in enumerate(sizes) if n]
+    order = sorted(live, key=lambda i: ratios[i])  # more outliers: pruned no more than a layer with fewer
+    assert all(s[a] >= s[b] for a, b in zip(order, order[1:]))
+    if sizes[3] == 0:
+        assert s[3] == sparsity  # unused: nothing of layer 3 is pruned
+        assert owl_sparsities(ratios[:3], sparsity, lam, sizes[:3]) == pytest.approx(s[:3])
+    with pytest.raises(ValueError, match="some positive"):
+        owl_sparsities(ratios, sparsity, lam, [0, 0, 0, 0])
 
 
 def test_outlier_ratio():

@@ -67,6 +67,30 @@ def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude(seed):
     assert err(sgpt) < err(w * nm_mask(wanda_scores(w, sq), 2, 4)) < err(w * nm_mask(w.abs(), 2, 4))
 
 
+@pytest.mark.parametrize("sparsity,block_size", [(0.5, 16), (0.3, 24), (0.8, 64)])
+def test_sparsegpt_counts_earlier_pruning_in_its_budget(sparsity, block_size):
+    """Weights pruned before stay pruned and count: the total is exact even when they crowd one block."""
+    w, _, h = layer_problem(3)
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    pruned[:, :12] = torch.rand(24, 12, generator=torch.Generator().manual_seed(0)) < 0.9  # dense in block 0
+    w[pruned] = 0
+    new, keep = sparsegpt_prune(w, h, sparsity=sparsity, block_size=block_size, pruned=pruned)
+    assert not keep[pruned].any() and torch.all(new[~keep] == 0)
+    assert int((~keep).sum()) == int(sparsity * w.numel() + 0.5)
+    torch.testing.assert_close(new.double(), sequential_obs(w, h, ~keep), rtol=0, atol=1e-5)
+    new, keep = sparsegpt_prune(w, h, nm=(2, 4), block_size=16, pruned=pruned & (torch.arange(64) % 4 == 0))
+    assert (keep.view(24, 16, 4).sum(-1) == 2).all()
+
+
+def test_dead_inputs_pruned_first_but_only_within_the_budget():
+    _, x, h = layer_problem(4, cols=16)
+    x[:, :6] = 0  # 6 dead inputs x 4 rows = 24 weights, more than the 16 asked for
+    w = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    new, keep = sparsegpt_prune(w, x.T @ x, sparsity=0.25)
+    assert int((~keep).sum()) == int((~keep[:, :6]).sum()) == 16  # all 16 from the dead inputs
+    assert keep[:, 6:].all() and torch.equal(new[:, :6][keep[:, :6]], w[:, :6][keep[:, :6]])  # kept ones unchanged
+
+
 def test_hessian_factor_and_dead_inputs():
     _, x, h = layer_problem(2, cols=16)
     u, dead = hessian_factor(h, 0.01)
