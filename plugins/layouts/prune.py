@@ -21,6 +21,10 @@ class NMGPrune(Method):
     Scores every (row block, pattern) pair by the ``|w|`` it keeps and assigns
     greedily (METHODS.md section 6), so the result converts exactly with
     ``layout_convert/nmg`` (and ``nm``). Masks are recorded like any pruning.
+    Weights pruned by an earlier stage stay pruned: the rigid pattern usage
+    cannot in general absorb them, so the stage's ``sparsity`` (the measured
+    fraction of targeted weights that are zero) is then above ``1 - n/m``, and
+    a status line says so.
     """
 
     kind = "prune"
@@ -32,6 +36,7 @@ class NMGPrune(Method):
         if not modules:
             raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets}")
         pruned = total = 0
+        earlier = [name for name, _ in modules if f"{name}.weight" in ctx.masks]
         with ctx.progress(f"grouped {params.n}-of-{params.m}, g={params.g}", total=len(modules)) as task:
             for name, module in modules:
                 w = weight_out_in(module).detach()
@@ -44,4 +49,11 @@ class NMGPrune(Method):
                 total += keep.numel()
                 task.advance(1)
         ctx.masks.apply(ctx.model)
+        asked = 1 - params.n / params.m
+        if earlier and pruned / total > asked + 1e-12:
+            # Each pattern must be used g times per chunk, so earlier zeros cannot in general be placed
+            # among the pruned positions; they stay pruned (never regrown), and the count says so.
+            ctx.info(f"{len(earlier)} targets had weights pruned by earlier stages ({', '.join(earlier[:3])}"
+                     f"{' ...' if len(earlier) > 3 else ''}); they stay pruned, so the grouped "
+                     f"{params.n}:{params.m} leaves {pruned / total:.4g} of the targeted weights zero, not {asked:g}")
         return StageResult(metrics={"sparsity": pruned / total, "modules_pruned": float(len(modules))})
