@@ -13,11 +13,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class MetricValue:
-    """One recorded number: ``layer`` is set for per-layer/per-module breakdowns."""
+    """One recorded number: ``layer`` is set for per-layer/per-module breakdowns.
+
+    A metric that failed is recorded as one value with ``value`` NaN and
+    ``error`` its one-line reason (``ExceptionType: message``).
+    """
 
     name: str
     value: float
     layer: str | None = None
+    error: str | None = None
 
 
 class Metric(ABC):
