@@ -77,20 +77,17 @@ TINY_RECIPE = tiny_recipe("""\
 FIXTURE_PLUGINS = Path(__file__).resolve().parent / "fixture_plugins"
 
 
-def plugin_env(tmp_path: Path, *modules: str) -> dict:
-    """Environment that makes modules of ``tests/fixture_plugins`` installed plugins for subprocesses.
+def plugin_env(tmp_path: Path) -> dict:
+    """Environment that makes ``tests/fixture_plugins`` an installed plugin for subprocesses.
 
-    ``modules`` default to ``sparsify_test_stages``. Each gets a minimal
-    ``.dist-info`` folder with an entry point, on PYTHONPATH: the same
-    discovery path a pip-installed plugin takes.
+    A minimal ``.dist-info`` folder with an entry point, on PYTHONPATH: the
+    same discovery path a pip-installed plugin takes.
     """
     site = tmp_path / "site"
-    for module in modules or ("sparsify_test_stages",):
-        dist = module.replace("_", "-")
-        info = site / f"{module}-0.0.0.dist-info"
-        info.mkdir(parents=True, exist_ok=True)
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.0\n")
-        (info / "entry_points.txt").write_text(f"[sparsify.plugins]\n{dist.removeprefix('sparsify-')} = {module}\n")
+    info = site / "sparsify_test_stages-0.0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sparsify-test-stages\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text("[sparsify.plugins]\ntest-stages = sparsify_test_stages\n")
     path = os.pathsep.join([str(site), str(FIXTURE_PLUGINS), os.environ.get("PYTHONPATH", "")])
     return {"PYTHONPATH": path}
 
