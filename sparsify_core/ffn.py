@@ -38,8 +38,8 @@ from .errors import SparsifyError
 #   logical weight as a new dense ``[out, in]`` tensor (zeros where the storage
 #   holds none). It counts as the dense matrix it stores: same shape, same
 #   non-zeros, so a conversion to it changes no measurement. Its weight cannot
-#   be written through ``weight_out_in``; pruning must happen before the
-#   conversion.
+#   be written through ``weight_out_in``, so pruning happens before the
+#   conversion (``prunable_modules`` lists it only when asked: ``stored=True``).
 
 
 def _conv1d_class():
@@ -339,15 +339,18 @@ def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
 
 
 def prunable_modules(model: nn.Module, targets: Iterable[str] | None = None,
-                     exclude: Iterable[str] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
-    """Linear/Conv1D modules (stored linears included) that weight pruning targets, as ``(path, module)``.
+                     exclude: Iterable[str] = ("lm_head",), *, stored: bool = False) -> list[tuple[str, nn.Module]]:
+    """Linear/Conv1D modules that weight pruning targets, as ``(path, module)``.
 
     Default (``targets=None``): every Linear/Conv1D inside the transformer
     layers (attention and FFN projections; never embeddings, the LM head or a
     pooler). With ``targets``, every Linear/Conv1D of the whole model whose
     path matches one of the regexes (``re.search``). Modules whose path
     matches an ``exclude`` regex are dropped in both cases. Shared weights are
-    listed once.
+    listed once. ``stored=True`` also lists the stored linears (weights held
+    in a sparse layout) in their place: metrics measure them as the Linear
+    they replaced, while pruning and layout conversion, which cannot change a
+    stored weight, leave them out.
     """
     inc = None if targets is None else _compile(targets, "targets")
     exc = _compile(exclude, "exclude")
@@ -359,6 +362,8 @@ def prunable_modules(model: nn.Module, targets: Iterable[str] | None = None,
     out, seen = [], set()
     for name, module in model.named_modules():
         if not is_linear(module) or not inside(name) or any(r.search(name) for r in exc):
+            continue
+        if is_stored_linear(module) and not stored:
             continue
         key = id(getattr(module, "weight", module))  # a tied weight is one matrix
         if key in seen:

@@ -131,7 +131,7 @@ class WeightSparsity(Metric):
 
     def finish(self, ctx):
         values, zeros, total = [], 0, 0
-        for name, module in prunable_modules(ctx.model):
+        for name, module in prunable_modules(ctx.model, stored=True):
             w = weight_out_in(module).detach()
             z = w.numel() - int(torch.count_nonzero(w))
             values.append(MetricValue(self.name, z / w.numel(), layer=name))

@@ -108,7 +108,8 @@ def test_weight_layouts_change_no_metric(tmp_path, one_thread, arch, layout, par
     _apply(ctx, _method("prune/nmg"), n=2, m=4, g=2)  # fits every layout exactly
     before = _measure(ctx)
     _apply(ctx, _method(f"layout_convert/{layout}"), **params)
-    assert {type(m).__name__ for _, m in prunable_modules(model)} == {"SparseLinear"}
+    assert {type(m).__name__ for _, m in prunable_modules(model, stored=True)} == {"SparseLinear"}
+    assert not prunable_modules(model)  # nothing left to prune or convert
     after = _measure(ctx)
     _assert_same(before, after)
     assert set(after) == set(before) and _names(after) == _expected_names(task, routed=False) | {
