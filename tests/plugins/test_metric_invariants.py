@@ -358,6 +358,22 @@ def test_a_failing_metric_costs_the_run_nothing(workdir, one_thread, broken_metr
     assert len(rows) == 2 and all("failed" in line[column - 2:column + 10] for line in rows), table
 
 
+def test_an_interruption_is_not_a_metric_failure(tmp_path, one_thread):
+    """Ctrl-C or SIGTERM while measuring stops the run; it is never recorded as a failed metric."""
+    from sparsify_core.errors import RunInterrupted
+    from sparsify_plugins.metrics import ActivationSparsity
+
+    class Interrupted(_Broken):
+        def update(self, batch, logits, reference_logits):
+            raise RunInterrupted("stopped by SIGTERM")
+
+    model, task = _tiny("llama")
+    ctx = _ctx(tmp_path, model, task)
+    with pytest.raises(RunInterrupted):
+        evaluate(ctx, [ActivationSparsity(), Interrupted()], ctx.split("eval"), batch_size=2)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
 def test_an_existing_registry_learns_failed_metrics(tmp_path):
     """Schema v5 on a v4 database: old metrics read back without an error, failed ones with theirs."""
     from sqlalchemy import text as sql
