@@ -289,7 +289,8 @@ def compare_table(records: Sequence[RunRecord]) -> tuple[list[str], list[dict]]:
     undefined). Values are raw floats (None when not recorded, or failed).
     When a row's metric failed, a last column ``failed`` lists
     ``name: reason`` for each, joined by ``; `` (the column is there only
-    when some row has one).
+    when some row has one). Each row also holds ``_failed``, the set of its
+    failed names (not a column: what the table marks failed).
     """
     names: list[str] = []
     raw_rows: list[tuple[RunRecord, str, dict[str, float], dict[str, float] | None, dict[str, str]]] = []
