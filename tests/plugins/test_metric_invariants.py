@@ -367,11 +367,11 @@ def test_an_interruption_is_not_a_metric_failure(tmp_path, one_thread):
 
 
 def test_an_existing_registry_learns_failed_metrics(tmp_path):
-    """Schema v5 on a v4 database: old metrics read back without an error, failed ones with theirs."""
+    """A v4 database (no metrics.error) migrates: old metrics read back without an error, failed ones with it."""
     from sqlalchemy import text as sql
 
     from sparsify_core import MetricValue
-    from sparsify_core.registry import SCHEMA_VERSION, make_engine, migrate
+    from sparsify_core.registry import SCHEMA_VERSION, make_engine, migrate, schema_version
     url = f"sqlite:///{tmp_path}/old.db"
     engine = make_engine(url)
     assert migrate(engine, target=4) == 4
@@ -382,8 +382,9 @@ def test_an_existing_registry_learns_failed_metrics(tmp_path):
         conn.execute(sql("INSERT INTO metrics (run_id, stage, stage_idx, name, value, created_at) VALUES "
                          "('20250101-0000-aaaaaa', 'dense', -1, 'perplexity', 12.5, '2025-01-01T00:00:00+00:00')"))
     engine.dispose()
-    assert SCHEMA_VERSION == 5
     with Registry(url) as reg:
+        with reg.engine.connect() as conn:
+            assert schema_version(conn) == SCHEMA_VERSION
         reg.log_metrics("20250101-0000-aaaaaa", "s", 0, [MetricValue("perplexity", math.nan, error="E: why")])
         old, new = reg.get_run("20250101").metrics
     assert (old.value, old.error) == (12.5, None)
