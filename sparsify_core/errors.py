@@ -6,6 +6,16 @@ class SparsifyError(Exception):
     """An error caused by the user's input or environment, shown as one line."""
 
 
+def one_line(exc: BaseException) -> str:
+    """``ExceptionType: first line of its message`` (just the type when it has no message)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM): never swallowed as a stage's or metric's failure."""
+
+
 class RecipeError(SparsifyError):
     """A recipe that cannot be run: names the file, the line and the field."""
 

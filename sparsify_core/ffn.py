@@ -25,6 +25,22 @@ from .errors import SparsifyError
 
 
 # -- linear-like modules --------------------------------------------------------
+# Three kinds of module compute a linear layer ``y = x W^T + b`` with ``W`` of
+# shape ``[out, in]``, and every method and metric reads them through the
+# functions below, never through ``module.weight`` directly:
+#
+# - ``nn.Linear``: ``weight`` is ``[out, in]``.
+# - Conv1D-like (``nf``/``nx`` and a tensor ``weight`` stored ``[in, out]``):
+#   GPT-2's ``Conv1D``, sparsify's ``TransposedLinear``.
+# - stored linear (the *stored-linear protocol*): a module holding ``W`` in
+#   some other storage (a sparse layout), which has ``in_features`` and
+#   ``out_features`` (ints) and a method ``dense_weight()`` returning the
+#   logical weight as a new dense ``[out, in]`` tensor (zeros where the storage
+#   holds none). It counts as the dense matrix it stores: same shape, same
+#   non-zeros, so a conversion to it changes no measurement. Its weight cannot
+#   be written through ``weight_out_in``, so pruning happens before the
+#   conversion (``prunable_modules`` lists it only when asked: ``stored=True``).
+
 
 def _conv1d_class():
     try:
@@ -41,16 +57,23 @@ def is_conv1d(module: nn.Module) -> bool:
         hasattr(module, "nf") and hasattr(module, "nx") and isinstance(getattr(module, "weight", None), torch.Tensor))
 
 
+def is_stored_linear(module: nn.Module) -> bool:
+    """True for modules of the stored-linear protocol (``dense_weight()``, ``in_features``, ``out_features``)."""
+    return (callable(getattr(module, "dense_weight", None)) and hasattr(module, "in_features")
+            and hasattr(module, "out_features"))
+
+
 def is_linear(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and ``Conv1D``: the weight matrices pruning and layouts work on."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """True for ``nn.Linear``, ``Conv1D`` and stored linears: the weight matrices pruning, layouts and metrics see."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_stored_linear(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """``(out_features, in_features)`` of a linear-like module, whatever its weight orientation.
 
-    Reads ``nf``/``nx`` (Conv1D), then ``out_features``/``in_features`` (Linear
-    and modules that mimic it), then a 2-D ``weight``; ``None`` if none apply.
+    Reads ``nf``/``nx`` (Conv1D), then ``out_features``/``in_features`` (Linear,
+    stored linears and modules that mimic them), then a 2-D ``weight``; ``None``
+    if none apply.
     """
     if is_conv1d(module):
         return int(module.nf), int(module.nx)
@@ -63,9 +86,22 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``[out, in]``: a transposed *view* for Conv1D (edits write through)."""
+    """The module's weight as ``[out, in]``.
+
+    A transposed *view* for Conv1D and the parameter itself for Linear (edits
+    write through); for a stored linear, its ``dense_weight()``: a new tensor,
+    to read only (edits do not reach the module).
+    """
+    if is_stored_linear(module):
+        return module.dense_weight()
     w = module.weight
     return w.t() if is_conv1d(module) else w
+
+
+def weight_numel(module: nn.Module) -> int:
+    """Entries of a linear-like module's logical ``[out, in]`` weight (stored zeros or not)."""
+    out, inp = linear_shape(module)
+    return out * inp
 
 
 # -- FFN blocks -----------------------------------------------------------------
@@ -303,7 +339,7 @@ def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
 
 
 def prunable_modules(model: nn.Module, targets: Iterable[str] | None = None,
-                     exclude: Iterable[str] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
+                     exclude: Iterable[str] = ("lm_head",), *, stored: bool = False) -> list[tuple[str, nn.Module]]:
     """Linear/Conv1D modules that weight pruning targets, as ``(path, module)``.
 
     Default (``targets=None``): every Linear/Conv1D inside the transformer
@@ -311,7 +347,10 @@ def prunable_modules(model: nn.Module, targets: Iterable[str] | None = None,
     pooler). With ``targets``, every Linear/Conv1D of the whole model whose
     path matches one of the regexes (``re.search``). Modules whose path
     matches an ``exclude`` regex are dropped in both cases. Shared weights are
-    listed once.
+    listed once. ``stored=True`` also lists the stored linears (weights held
+    in a sparse layout) in their place: metrics measure them as the Linear
+    they replaced, while pruning and layout conversion, which cannot change a
+    stored weight, leave them out.
     """
     inc = None if targets is None else _compile(targets, "targets")
     exc = _compile(exclude, "exclude")
@@ -324,8 +363,11 @@ def prunable_modules(model: nn.Module, targets: Iterable[str] | None = None,
     for name, module in model.named_modules():
         if not is_linear(module) or not inside(name) or any(r.search(name) for r in exc):
             continue
-        if id(module.weight) in seen:
+        if is_stored_linear(module) and not stored:
             continue
-        seen.add(id(module.weight))
+        key = id(getattr(module, "weight", module))  # a tied weight is one matrix
+        if key in seen:
+            continue
+        seen.add(key)
         out.append((name, module))
     return out

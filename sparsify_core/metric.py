@@ -13,11 +13,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class MetricValue:
-    """One recorded number: ``layer`` is set for per-layer/per-module breakdowns."""
+    """One recorded number: ``layer`` is set for per-layer/per-module breakdowns.
+
+    A metric that failed is recorded as one value with ``value`` NaN and
+    ``error`` its one-line reason (``ExceptionType: message``).
+    """
 
     name: str
     value: float
     layer: str | None = None
+    error: str | None = None
 
 
 class Metric(ABC):
@@ -30,6 +35,12 @@ class Metric(ABC):
     when ``uses_reference``, else ``None``), then ``finish(ctx)`` returns the
     values, and ``close()`` always runs (remove hooks). ``tasks`` lists the
     model tasks (``causal_lm``, ``encoder``) the metric applies to.
+
+    A metric that raises fails alone: evaluation records it as failed with
+    its one-line reason and measures the others (``evaluation.evaluate``).
+    Models may hold weights in sparse layouts: read weights through
+    ``sparsify_core.ffn`` (``weight_out_in``, ``linear_shape``,
+    ``prunable_modules(..., stored=True)``), never ``module.weight``.
     """
 
     name: ClassVar[str]

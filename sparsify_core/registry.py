@@ -152,6 +152,8 @@ metrics = Table(
     Column("created_at", String(40), nullable=False),
     # v2
     Column("step", Integer),
+    # v5
+    Column("error", Text),  # set when the metric failed: its one-line reason (value NULL)
 )
 
 artifacts = Table(
@@ -236,7 +238,13 @@ def _migration_4(conn: Connection) -> None:
     m.create_all(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+def _migration_5(conn: Connection) -> None:
+    """Failed metrics: ``metrics.error`` holds the one-line reason a metric could not be measured."""
+    _add_column(conn, "metrics", Column("error", Text))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
+                                                  _migration_5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -380,7 +388,10 @@ def _safe(url) -> str:
 
 @dataclass(frozen=True)
 class MetricRecord:
-    """One recorded value: ``stage_idx`` -1 is the dense baseline; ``step`` is set on training curves."""
+    """One recorded value: ``stage_idx`` -1 is the dense baseline; ``step`` is set on training curves.
+
+    A metric that failed has ``value`` NaN and ``error`` its one-line reason.
+    """
 
     stage: str
     stage_idx: int
@@ -389,6 +400,7 @@ class MetricRecord:
     layer: str | None = None
     step: int | None = None
     created_at: datetime | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -690,16 +702,18 @@ class Registry:
         """Record metric values of ``stage`` (``dense``/-1 for the baseline) in one transaction.
 
         ``values`` is a dict name -> number, or a list of ``MetricValue``
-        (name, value, layer). ``step`` marks points of a training curve.
+        (name, value, layer, error: the reason of a failed metric). ``step``
+        marks points of a training curve.
         """
         now = _iso(_utcnow())
         if isinstance(values, Mapping):
-            items = [(name, value, None) for name, value in values.items()]
+            items = [(name, value, None, None) for name, value in values.items()]
         else:
-            items = [(v.name, v.value, getattr(v, "layer", None)) for v in values]
+            items = [(v.name, v.value, getattr(v, "layer", None), getattr(v, "error", None)) for v in values]
         rows = [dict(run_id=run_id, stage=stage, stage_idx=stage_idx, step=None if step is None else int(step),
                      name=str(name), value=_as_float(name, value), layer=None if layer is None else str(layer),
-                     created_at=now) for name, value, layer in items]
+                     error=None if error is None else str(error), created_at=now)
+                for name, value, layer, error in items]
         if rows:
             self._write(lambda conn: conn.execute(insert(metrics), rows))
 
@@ -836,7 +850,7 @@ class Registry:
                 by_id[m.run_id].metrics.append(MetricRecord(
                     stage=m.stage, stage_idx=m.stage_idx, name=m.name,
                     value=math.nan if m.value is None else float(m.value), layer=m.layer, step=m.step,
-                    created_at=_parse(m.created_at)))
+                    created_at=_parse(m.created_at), error=m.error))
             for a in conn.execute(select(artifacts).where(artifacts.c.run_id.in_(chunk)).order_by(artifacts.c.id)):
                 by_id[a.run_id].artifacts.append(ArtifactRecord(kind=a.kind, path=a.path, stage_idx=a.stage_idx,
                                                                 created_at=_parse(a.created_at)))

@@ -53,6 +53,19 @@ def point_values(record: RunRecord) -> dict[int, dict[str, float]]:
     return dict(sorted(points.items()))
 
 
+def point_failures(record: RunRecord) -> dict[int, dict[str, str]]:
+    """Summary metrics that failed, by stage index: name -> one-line reason (a later value clears it)."""
+    failures: dict[int, dict[str, str]] = {}
+    for m in record.metrics:
+        if m.layer is None and m.step is None:
+            point = failures.setdefault(m.stage_idx, {})
+            if m.error is not None:
+                point[m.name] = m.error
+            else:
+                point.pop(m.name, None)
+    return {i: f for i, f in sorted(failures.items()) if f}
+
+
 def point_name(record: RunRecord, stage_idx: int) -> str:
     """The stage name of an evaluation point (``dense`` for -1)."""
     if stage_idx == DENSE_INDEX:
@@ -98,7 +111,8 @@ def show_run(record: RunRecord, console: Console | None = None) -> RenderableTyp
     Also prints it to ``console`` when one is given.
     """
     parts: list[RenderableType] = [_header(record), _stage_table(record)]
-    for part in (_metric_table(record), _layer_table(record), _curve_table(record), _artifact_table(record)):
+    for part in (_metric_table(record), _failure_table(record), _layer_table(record), _curve_table(record),
+                 _artifact_table(record)):
         if part is not None:
             parts.append(part)
     shown = Group(*parts)
@@ -165,6 +179,7 @@ def _metric_table(r: RunRecord) -> RenderableType | None:
     points = point_values(r)
     if not points:
         return None
+    failures = point_failures(r)
     final = final_point(r)
     dense = points.get(DENSE_INDEX, {})
     show_change = final is not None and bool(dense)
@@ -175,13 +190,28 @@ def _metric_table(r: RunRecord) -> RenderableType | None:
     if show_change:
         table.add_column(f"change at {point_name(r, final)}", justify="right")
     for name in _ordered_names(n for values in points.values() for n in values):
-        cells = [_fmt_value(name, values.get(name)) for values in points.values()]
+        cells = ["failed" if name in failures.get(idx, {}) else _fmt_value(name, values.get(name))
+                 for idx, values in points.items()]
         if show_change:
             row = {"run": r.id, "evaluated_at": "final", name: points[final].get(name),
                    f"{name}_change": relative_change(points[final].get(name), dense.get(name))}
             baseline = {"run": r.id, "evaluated_at": "dense", name: dense.get(name)}
             cells.append(_change_note(name, row, [baseline]).strip(" ()"))
         table.add_row(name, *cells)
+    return table
+
+
+def _failure_table(r: RunRecord) -> RenderableType | None:
+    failures = point_failures(r)
+    if not failures:
+        return None
+    table = Table(title="failed metrics", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("at")
+    table.add_column("metric")
+    table.add_column("reason", overflow="fold")
+    for idx, reasons in failures.items():
+        for name, reason in reasons.items():
+            table.add_row(point_name(r, idx), name, Text(reason, style="red"))
     return table
 
 
@@ -256,28 +286,40 @@ def compare_table(records: Sequence[RunRecord]) -> tuple[list[str], list[dict]]:
     Columns: ``run, recipe, model, status, evaluated_at``, then each metric
     name followed by ``<name>_change``, the relative change of the final point
     against the same run's dense baseline (None on dense rows and where
-    undefined). Values are raw floats (None when not recorded).
+    undefined). Values are raw floats (None when not recorded, or failed).
+    When a row's metric failed, a last column ``failed`` lists
+    ``name: reason`` for each, joined by ``; `` (the column is there only
+    when some row has one). Each row also holds ``_failed``, the set of its
+    failed names (not a column: what the table marks failed).
     """
     names: list[str] = []
-    raw_rows: list[tuple[RunRecord, str, dict[str, float], dict[str, float] | None]] = []
+    raw_rows: list[tuple[RunRecord, str, dict[str, float], dict[str, float] | None, dict[str, str]]] = []
     for r in records:
         points = point_values(r)
+        failures = point_failures(r)
         dense = points.get(DENSE_INDEX)
         final = final_point(r)
         if dense is not None or final is None:
-            raw_rows.append((r, "dense" if dense is not None else "", dense or {}, None))
+            raw_rows.append((r, "dense" if dense is not None else "", dense or {}, None,
+                             failures.get(DENSE_INDEX, {})))
         if final is not None:
-            raw_rows.append((r, point_name(r, final), points[final], dense or {}))
+            raw_rows.append((r, point_name(r, final), points[final], dense or {}, failures.get(final, {})))
         for values in (dense or {}, points.get(final, {}) if final is not None else {}):
             names.extend(values)
     names = _ordered_names(names)
     columns = list(RUN_COLUMNS) + [c for n in names for c in (n, f"{n}_change")]
+    if any(failed for *_, failed in raw_rows):
+        columns.append("failed")
     rows = []
-    for r, at, values, baseline in raw_rows:
+    for r, at, values, baseline, failed in raw_rows:
         row = {"run": r.id, "recipe": r.recipe_name, "model": r.model, "status": r.status, "evaluated_at": at}
+        values = {n: v for n, v in values.items() if n not in failed}
         for n in names:
             row[n] = values.get(n)
             row[f"{n}_change"] = None if baseline is None else relative_change(values.get(n), baseline.get(n))
+        if "failed" in columns:
+            row["failed"] = "; ".join(f"{n}: {reason}" for n, reason in failed.items()) or None
+        row["_failed"] = set(failed)  # not a column: which cells the table marks failed
         rows.append(row)
     return columns, rows
 
@@ -292,7 +334,7 @@ def compare_renderable(records: Sequence[RunRecord], *, narrow: bool = False) ->
     ``narrow`` also lets metric headers wrap at their underscores.
     """
     columns, rows = compare_table(records)
-    names = [c for c in columns if c not in RUN_COLUMNS and not c.endswith("_change")]
+    names = [c for c in columns if c not in RUN_COLUMNS and not c.endswith("_change") and c != "failed"]
     same = [n for n in names if len(rows) > 1 and rows[0][n] is not None and all(r[n] == rows[0][n] for r in rows)]
     names = [n for n in names if n not in same]
     caption = "same in every row: " + ", ".join(f"{n} {_fmt_value(n, rows[0][n])}" for n in same) if same else None
@@ -307,7 +349,8 @@ def compare_renderable(records: Sequence[RunRecord], *, narrow: bool = False) ->
         cells = [Text(str(row[c] or "") if first_of_run or c == "evaluated_at" else "",
                       style=_STATUS_STYLE.get(row[c], "") if c == "status" else "") for c in RUN_COLUMNS]
         for n in names:
-            cells.append(Text(_fmt_value(n, row[n]) + _change_note(n, row, rows)))
+            cells.append(Text("failed", style="red") if n in row["_failed"]
+                         else Text(_fmt_value(n, row[n]) + _change_note(n, row, rows)))
         table.add_row(*cells, end_section=last_of_run)
     return table
 

@@ -21,7 +21,8 @@ import torch
 from . import distributed as dist
 from . import progress
 from .context import RunContext
-from .errors import SparsifyError
+from .errors import RunInterrupted, SparsifyError
+from .errors import one_line as _one_line
 from .masks import MaskSet
 from .method import Method, StageResult
 from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
@@ -30,10 +31,6 @@ from .recipe import LoadedRecipe
 from .sources import TokenSplit, pack_texts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class RunInterrupted(Exception):
-    """The run was stopped by a signal (Ctrl-C, SIGTERM)."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -95,11 +92,6 @@ def _signals_as_interrupts():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class Runner:
@@ -328,7 +320,10 @@ class Runner:
                           batch_size=self.recipe.evaluate.batch_size, is_reference=is_reference)
         ctx.stage_name = saved
         self.registry.log_metrics(self.run_id, stage, index, values)
-        summary = {v.name: v.value for v in values if v.layer is None}
+        for v in values:  # recorded as failed; the run goes on
+            if v.error is not None:
+                progress.info(f"  warning: metric {v.name} failed after {stage}: {v.error}")
+        summary = {v.name: v.value for v in values if v.layer is None and v.error is None}
         self.hooks.sparsify_metrics_logged(run_id=self.run_id, stage=stage, step=None, metrics=summary)
         progress.info(f"  eval after {stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
         dist.barrier()

@@ -69,7 +69,11 @@ def _triton_ok(x: torch.Tensor) -> bool:
 
 
 class SparseLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` stored in a weight layout (buffers named after its tensors)."""
+    """``y = x @ W.T + b`` with ``W`` stored in a weight layout (buffers named after its tensors).
+
+    A stored linear (``sparsify_core.ffn``): ``dense_weight()`` gives ``W``
+    back, so the engine and metrics see it as the Linear it replaced.
+    """
 
     def __init__(self, layout: StoredLayout, bias: torch.Tensor | None = None, strict: bool = False):
         super().__init__()
@@ -87,6 +91,14 @@ class SparseLinear(nn.Module):
 
     def _forget(self) -> None:
         self._packed = self._cuda_nm = self._dense = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a new dense ``[out_features, in_features]`` tensor, bit for bit.
+
+        The stored-linear protocol of ``sparsify_core.ffn``: metrics and
+        ``weight_out_in`` read this module as the Linear it replaced.
+        """
+        return self.layout().to_dense()
 
     def layout(self) -> StoredLayout:
         """The layout object over this module's buffers."""

@@ -7,7 +7,8 @@ import torch
 
 from sparsify_core import Metric, MetricValue
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import FFNBlock, capture_intermediates, find_ffn_blocks, prunable_modules
+from sparsify_core.ffn import (FFNBlock, capture_intermediates, find_ffn_blocks, prunable_modules, weight_numel,
+                               weight_out_in)
 
 
 def _has_ffn_blocks(model) -> bool:
@@ -117,8 +118,10 @@ class WeightSparsity(Metric):
     """Fraction of zero weights over every Linear/Conv1D inside the transformer layers.
 
     These are the matrices pruning targets by default (``prunable_modules``:
-    attention and FFN projections; not embeddings, LM head or pooler). Also
-    one value per module (``layer`` = module path), for all of them.
+    attention and FFN projections; not embeddings, LM head or pooler), a
+    weight held in a sparse layout read as its dense ``[out, in]`` matrix (the
+    zeros moved into the layout, they did not go away). Also one value per
+    module (``layer`` = module path), for all of them.
     """
 
     name = "weight_sparsity"
@@ -128,8 +131,8 @@ class WeightSparsity(Metric):
 
     def finish(self, ctx):
         values, zeros, total = [], 0, 0
-        for name, module in prunable_modules(ctx.model):
-            w = module.weight.detach()
+        for name, module in prunable_modules(ctx.model, stored=True):
+            w = weight_out_in(module).detach()
             z = w.numel() - int(torch.count_nonzero(w))
             values.append(MetricValue(self.name, z / w.numel(), layer=name))
             zeros, total = zeros + z, total + w.numel()
@@ -213,7 +216,7 @@ class FFNFlops(Metric):
                                             router_flops=b.module.router_flops_per_token() if routed is not None
                                             else 0.0)
                 per_layer.append(MetricValue(self.name, flops, layer=b.name))
-                dense += 2.0 * sum(m.weight.numel() for m in b.projections().values())
+                dense += 2.0 * sum(weight_numel(m) for m in b.projections().values())
         total = sum(v.value for v in per_layer)
         return [MetricValue(self.name, total), MetricValue(f"{self.name}_dense", dense), *per_layer]
 

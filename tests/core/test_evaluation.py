@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -104,11 +105,14 @@ class _Boom(Metric):
         type(self).closed = True
 
 
-def test_close_runs_on_error(tmp_path):
+def test_a_failing_metric_fails_alone_and_is_closed(tmp_path):
     model = tiny_llama()
     ctx, _, _ = make_ctx(tmp_path, model)
-    with pytest.raises(RuntimeError, match="boom"):
-        evaluate(ctx, [ActivationSparsity(), _Boom()], ctx.split("eval"), batch_size=2)
+    values = evaluate(ctx, [ActivationSparsity(), _Boom()], ctx.split("eval"), batch_size=2)
+    (boom,) = [v for v in values if v.name == "boom"]
+    assert math.isnan(boom.value) and boom.error == "RuntimeError: boom"
+    sparsity = [v for v in values if v.name == "activation_sparsity"]
+    assert sparsity and all(v.error is None and 0 <= v.value <= 1 for v in sparsity)
     assert _Boom.closed
     assert all(not m._forward_pre_hooks for m in model.modules() if m is not model)
 
