@@ -96,14 +96,13 @@ def _pruning(stages: list[str]) -> set[int]:
 def logical_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every linear-like module's weight as the dense ``[out, in]`` matrix it computes with, by module path.
 
-    Plain Linear/Conv1D, ``TransposedLinear`` (stored ``[in, out]``) and ``SparseLinear`` (a layout's
-    ``to_dense``): so a weight keeps its identity when a stage changes how it is stored.
+    Plain Linear/Conv1D, ``TransposedLinear`` (stored ``[in, out]``) and modules that hold their weight in a
+    layout (``dense_weight()``, see ``sparsify_core.ffn.weight_out_in``): so a weight keeps its identity when
+    a stage changes how it is stored.
     """
     out = {}
     for name, module in model.named_modules():
-        if hasattr(module, "layout") and hasattr(module, "layout_name"):  # SparseLinear
-            out[name] = module.layout().to_dense().detach()
-        elif type(module).__name__ == "TransposedLinear":
+        if type(module).__name__ == "TransposedLinear":
             out[name] = module.weight.detach().t()
         elif is_linear(module):
             out[name] = weight_out_in(module).detach()
