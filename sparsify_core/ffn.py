@@ -1,6 +1,6 @@
 """FFN blocks: the one way every method and metric finds them and hooks their activations.
 
-Notation (see ``METHODS.md``). Gated FFN (LLaMA, Mistral, Qwen, SmolLM):
+Notation (see ``docs/methods.md#notation``). Gated FFN (LLaMA, Mistral, Qwen, SmolLM):
 ``x1 = act(x W_gate^T) * (x W_up^T)``, ``y = x1 W_down^T``. Plain FFN (GPT-2,
 OPT, BERT, GPT-NeoX, Phi): ``x1 = act(x W_fc1^T + b1)``, ``y = x1 W_fc2^T + b2``.
 ``x1`` (the "intermediate activation") is exactly the input of the down

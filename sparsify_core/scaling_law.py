@@ -64,7 +64,7 @@ class ScalingLaw:
         return np.array([getattr(self, k) for k in COEFFICIENTS], dtype=np.float64)
 
 
-# Published fits (METHODS.md section 5).
+# Published fits (docs/methods.md#sparse-scaling-law).
 PUBLISHED: dict[str, ScalingLaw] = {
     # N in millions of non-zeros, D in 1e5 training steps; fitted with Huber delta 1e-3 on log L.
     "t5-c4": ScalingLaw.from_data_term(a_S=0.5678, b_S=0.7216, c_S=1.5227, b_N=0.2451, data_coef=0.6336,

@@ -1,4 +1,4 @@
-"""Activation substitution (ProSparse step 1, METHODS.md section 1): swap each FFN's activation."""
+"""Activation substitution (ProSparse step 1, docs/methods.md#relu-substitution): swap each FFN's activation."""
 from __future__ import annotations
 
 from abc import abstractmethod

@@ -193,7 +193,7 @@ class CATS(_Thresholded):
 
     Keeps the model's own activation (SiLU, GELU); the threshold is chosen per
     layer from calibration quantiles of |act(x W_gate^T)| to hit
-    ``target_sparsity`` (CATS, METHODS.md "Training-free activation sparsity").
+    ``target_sparsity`` (CATS, ``docs/methods.md#cats``).
     """
 
     name = "cats"

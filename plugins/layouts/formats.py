@@ -214,7 +214,7 @@ def _match_lossless(cover: list[list[int]], C: int, g: int) -> list[int] | None:
 def nmg_assign(w: torch.Tensor, n: int, m: int, g: int) -> torch.Tensor:
     """Pattern index of every vector (``[chunks, in/m, C*g]``, vector = one row's block of m).
 
-    Greedy (METHODS.md): score every (vector, pattern) by the ``|w|`` it keeps,
+    Greedy (``docs/methods.md#nmg``): score every (vector, pattern) by the ``|w|`` it keeps,
     and repeatedly take the best pair whose vector is unassigned and whose
     pattern still has fewer than g vectors. Vectors losing no non-zero are
     preferred, so a weight that already is n:m:g keeps all its non-zeros; the

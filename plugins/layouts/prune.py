@@ -19,7 +19,7 @@ class NMGPrune(Method):
     """Grouped n-of-m magnitude pruning (STen): n of every m inputs, each pattern used g times per chunk (greedy).
 
     Scores every (row block, pattern) pair by the ``|w|`` it keeps and assigns
-    greedily (METHODS.md section 6), so the result converts exactly with
+    greedily (``docs/methods.md#nmg``), so the result converts exactly with
     ``layout_convert/nmg`` (and ``nm``). Masks are recorded like any pruning.
     Weights pruned by an earlier stage stay pruned: the rigid pattern usage
     cannot in general absorb them, so the stage's ``sparsity`` (the measured

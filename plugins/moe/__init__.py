@@ -1,4 +1,4 @@
-"""Mixtures of experts carved out of dense FFNs (METHODS.md sections 3-4).
+"""Mixtures of experts carved out of dense FFNs (``docs/methods.md#moefication``, ``docs/methods.md#lte``).
 
 - ``moeify/param_cluster`` and ``moeify/coactivation``: split each FFN into
   equal experts (``clustering``) and wrap it in a ``RoutedFFN`` with an

@@ -1,4 +1,4 @@
-"""``regularize/lte``: Learn-To-be-Efficient training of routed FFNs (METHODS.md section 4).
+"""``regularize/lte``: Learn-To-be-Efficient training of routed FFNs (``docs/methods.md#lte``).
 
 Run it after ``moeify`` with ``router: lte``. One stage, one pass of the
 shared training loop, two phases switched at ``stage1_steps``:
@@ -14,7 +14,7 @@ shared training loop, two phases switched at ``stage1_steps``:
     stage 2 changes little). The squared distance is floored at ``sep_eps``
     so a score exactly at ``tau`` cannot make the loss infinite.
 
-  METHODS.md writes both as a mean over layers and tokens of a *sum* over
+  The paper (``docs/methods.md#lte``) writes both as a mean over layers and tokens of a *sum* over
   experts; by default (``expert_reduction: mean``) they are averaged over the
   experts too, so ``eta`` in about [0, 2] and ``lambda = 0.5`` keep one
   meaning whatever the number of experts. ``expert_reduction: sum`` is the
@@ -143,7 +143,7 @@ class LTEParams(Params):
         "steps of stage 1 (soft routing, joint training); the rest of train.steps is stage 2"))
     sep_eps: float = Field(1e-4, gt=0, description="floor of (G - tau)^2 in L_sep")
     expert_reduction: Literal["mean", "sum"] = Field("mean", description=(
-        "average L_eff and L_sep over the experts (eta keeps its meaning for any E) or sum them (METHODS.md's "
+        "average L_eff and L_sep over the experts (eta keeps its meaning for any E) or sum them (the paper's "
         "literal form: the same as mean with eta and lambda times E)"))
     penalty_to_model: bool = Field(False, description=(
         "let the L_eff/L_sep gradients reach the model through the router input (joint training taken "

@@ -1,4 +1,4 @@
-"""``moeify`` stage methods: split dense FFNs into experts and fit a router to each (METHODS.md sections 3-4).
+"""``moeify`` stage methods: split dense FFNs into experts and fit a router to each (``docs/methods.md#moefication``).
 
 - ``param_cluster``: MoEfication's parameter clustering, balanced k-means on
   the L2-normalised gate rows (gated FFN) or fc1 rows (plain FFN).

@@ -1,4 +1,4 @@
-"""Magnitude pruning (the weight-pruning baseline of METHODS.md): unstructured or n:m, per layer or global."""
+"""Magnitude pruning (``docs/methods.md#magnitude``): unstructured or n:m, per layer or global."""
 from __future__ import annotations
 
 from typing import Literal

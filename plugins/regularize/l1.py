@@ -1,4 +1,4 @@
-"""ProSparse progressive L1 regularisation of the FFN intermediate (METHODS.md section 1, step 2)."""
+"""ProSparse progressive L1 regularisation of the FFN intermediate (``docs/methods.md#progressive-l1``)."""
 from __future__ import annotations
 
 from contextlib import ExitStack

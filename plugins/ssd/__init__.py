@@ -1,4 +1,4 @@
-"""SSD: Switchable Sparse-Dense training (METHODS.md section 2).
+"""SSD: Switchable Sparse-Dense training (``docs/methods.md#ssd``).
 
 - ``train/ssd`` (``method``): dense training with an activation-pattern
   stability monitor (``monitor``), a switch to sparse MoE training when the

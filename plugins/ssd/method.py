@@ -1,4 +1,4 @@
-"""``train/ssd``: Switchable Sparse-Dense training (METHODS.md section 2), one pass of the shared loop.
+"""``train/ssd``: Switchable Sparse-Dense training (``docs/methods.md#ssd``), one pass of the shared loop.
 
 SSD is a way to *train* a model (from scratch or onwards), so it is a
 ``train`` method: it adds no penalty to the loss (not ``regularize``) and is

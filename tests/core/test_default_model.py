@@ -29,7 +29,7 @@ def test_prosparse_recipe_on_smollm2(workdir):
     assert run.status == "finished"
     m = {(x.stage, x.name): x.value for x in run.metrics if x.layer is None and x.step is None}
     # Dense SmolLM2 reads Python's docs well; ReLU substitution without training
-    # wrecks it (METHODS.md / the ProSparse issue: perplexity in the thousands).
+    # wrecks it (docs/methods.md#relu-substitution, the ProSparse issue: perplexity in the thousands).
     assert 5 < m[("dense", "perplexity")] < 60
     assert m[("relu", "perplexity")] > 10 * m[("dense", "perplexity")]
     assert m[("dense", "activation_sparsity")] == 0

@@ -21,7 +21,7 @@ def grid_points(law, noise=0.0, seed=0):
 
 
 def test_t5_check_from_published_coefficients():
-    # METHODS.md: 75% sparse, 604M non-zeros, 500k steps (D = 5): measured 1.483, predicted about 1.468
+    # docs/methods.md#sparse-scaling-law: 75% sparse, 604M non-zeros, D = 5: measured 1.483, predicted ~1.468
     assert T5(0.75, 604, 5) == pytest.approx(1.468, abs=5e-4)
     assert T5.a_D ** T5.b_D == pytest.approx(0.6336)  # the data term as printed: 0.6336 D^-0.2027
     vit = PUBLISHED["vit-jft"]

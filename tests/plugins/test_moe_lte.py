@@ -24,7 +24,7 @@ def test_loss_terms_follow_the_definitions():
     g = torch.tensor([0.4, 0.6], requires_grad=True)
     separability_loss(g, 0.5).backward()
     assert g.grad[0] > 0 and g.grad[1] < 0
-    # METHODS.md's literal form sums over the experts (mean over tokens): E times the mean
+    # The paper's literal form (docs/methods.md#lte) sums over the experts (mean over tokens): E times the mean
     g = torch.tensor([[0.0, 1.0], [0.25, 0.75]])
     assert float(efficiency_loss(g, "sum")) == pytest.approx((1 + 0.625) / 2)
     assert float(separability_loss(g, 0.5, reduction="sum")) == pytest.approx(2 * float(separability_loss(g, 0.5)))
