@@ -150,7 +150,8 @@ def witness(workdir, one_thread):
     catalog.cache_clear()
 
 
-def _recipe(stages: list[str], *, model: dict | None = None, source: dict | None = None, out: str | None) -> str:
+def _recipe(stages: list[str], *, model: dict | None = None, source: dict | None = None, out: str | None,
+            dtype: str = "float32") -> str:
     text = tiny_recipe("".join(f"  - {s}\n" for s in stages), model=model, seq_len=16,
                        splits={"calibration": {"samples": 4}, "train": {"samples": 4, "offset": 4},
                                "eval": {"samples": 1}},
@@ -161,7 +162,7 @@ def _recipe(stages: list[str], *, model: dict | None = None, source: dict | None
         i = lines.index("  source: tiny")
         lines[i:i + 2] = [f"  source: {source['source']}", f"  params: {{path: {source['path']}}}"]
         text = "\n".join(lines) + "\n"
-    return text
+    return text.replace("data:\n", f"  dtype: {dtype}\ndata:\n", 1)
 
 
 def _run(workdir, text: str, name: str) -> str:
@@ -301,5 +302,34 @@ def test_resume_after_a_crash_keeps_the_zeros(witness, workdir):
         catalog.cache_clear()
     assert [p["index"] for p in witness] == [-1, 0, 1, 2, 3]  # the resumed run evaluated stages 2 and 3
     want = _check_points(witness, 0, _perms(workdir, run_id), _pruning(stages))
+    final = logical_weights(load_output(workdir / "out").model)
+    assert all(int((z & (final[n] != 0)).sum()) == 0 for n, z in want.items())
+
+
+def _trains(stages: list[str]) -> bool:
+    return any(catalog().methods[tuple(k.split("/"))].trains() for k in _methods(stages))
+
+
+def _methods(stages: list[str]) -> list[str]:
+    import re
+    return [f"{m.group(1)}/{m.group(2)}" for s in stages for m in [re.search(r"kind: (\w+), method: (\w+)", s)]]
+
+
+@pytest.mark.parametrize("later", sorted(LATER))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_keeps_the_zeros_or_is_refused(witness, workdir, dtype, later):
+    """Every dtype a recipe accepts: the same invariant in bfloat16 and float16 (training in float16 is refused
+    before anything loads: AdamW's moments underflow there)."""
+    from sparsify_core.errors import RecipeError
+
+    first = _prune_stages("magnitude", later in NEEDS_NM)
+    stages = first + LATER[later]
+    text = _recipe(stages, out="out", dtype=dtype)
+    if dtype == "float16" and _trains(stages):
+        with pytest.raises(RecipeError, match="bfloat16"):
+            load_recipe(write(workdir / "h.yaml", text))
+        return
+    run_id = _run(workdir, text, "half")
+    want = _check_points(witness, len(first) - 1, _perms(workdir, run_id), _pruning(stages))
     final = logical_weights(load_output(workdir / "out").model)
     assert all(int((z & (final[n] != 0)).sum()) == 0 for n, z in want.items())
