@@ -37,6 +37,18 @@ class ModelSource(ABC):
     def load(self, params: Params, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Implemented by each subclass."""
 
+    def skeleton(self, params: Params) -> torch.nn.Module | None:
+        """The model ``load`` would return, built from its config alone on the meta device (default: unknown).
+
+        No weights are read and no memory is allocated (build it under
+        ``with torch.device("meta"):``), so it is cheap enough for ``sparsify
+        validate``. The engine hands it to each stage's ``Method.check``
+        before any weights load. Return ``None`` when the config cannot be had
+        without loading (the structural checks are then skipped); raise
+        ``SparsifyError`` for a model that ``load`` is sure to refuse.
+        """
+        return None
+
     @classmethod
     def describe(cls) -> str:
         return ((cls.__doc__ or "").strip().splitlines() or [""])[0]

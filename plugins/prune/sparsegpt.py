@@ -32,6 +32,7 @@ from sparsify_core.errors import SparsifyError
 
 from .masks import prune_count
 from .selection import PruneParams, assign_sparsities, by_layer, record_mask, select_targets, summary
+from .selection import check_targets
 
 
 def hessian_factor(hessian: torch.Tensor, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +164,10 @@ class SparseGPT(Method):
     kind = "prune"
     name = "sparsegpt"
     Params = SparseGPTParams
+
+    def check(self, model, params) -> None:
+        """Targets, n:m input widths and a per-layer profile, on the model's skeleton."""
+        check_targets(model, params, inside_layers=True)
 
     def apply(self, ctx, params: SparseGPTParams) -> StageResult:
         targets = select_targets(ctx.model, params, inside_layers=True)
