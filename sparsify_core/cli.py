@@ -89,7 +89,7 @@ def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str]) -> None:
 
 @app.command()
 def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help="override a recipe value")):
-    """Check a recipe (syntax, keys, types, methods, parameters, model shapes) without loading weights; each sweep run."""
+    """Check a recipe (keys, types, plugins, params, data splits, model shapes) without loading weights; each sweep run."""
     from .recipe import check_model, load_recipe, load_sweep
 
     plan = load_sweep(recipe, set_)
