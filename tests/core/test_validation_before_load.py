@@ -423,3 +423,18 @@ def test_yaml_1_1_words_stay_words_and_booleans_stay_booleans():
     loaded = load_recipe("words.yaml", text=text)
     assert loaded.stage_params[0].train.autocast == "off"
     assert loaded.recipe.output.save is False  # a bool field still reads yes/no/on/off
+
+
+def test_an_hf_model_is_checked_from_its_config_alone(tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2-odd"
+    GPT2Config(n_embd=32, n_inner=250, n_layer=2, n_head=4, vocab_size=100).save_pretrained(folder)  # no weights
+    stage = "  - kind: prune\n    method: wanda\n    params: {pattern: 2:4}\n"
+    text = tiny_recipe(stage).replace("  source: tiny\n  params: {arch: llama, hidden_size: 32, intermediate_size: "
+                                      "64, layers: 2, heads: 4}\n", f"  source: hf\n  params: {{path: '{folder}'}}\n")
+    assert "source: hf" in text
+    with pytest.raises(RecipeError, match=r"transformer\.h\.0\.mlp\.c_proj.*not a multiple of 4"):
+        check_model(load_recipe("hf.yaml", text=text))
+    # a model that is not on this machine: nothing to check here; `load` reports it when the run starts
+    check_model(load_recipe("gone.yaml", text=text.replace(str(folder), str(tmp_path / "gone"))))
