@@ -188,13 +188,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
                             f"(max logit difference {(want - got).abs().max().item():.3g}); please report this")
 
 
+def _smollm2_paths(cache_dir: str | None) -> tuple[str, Path, Path]:
+    """``(package version, packaged GGUF, cache folder of its conversion)``."""
+    version, ggufs = package_files(SMOLLM2_PACKAGE, ".gguf", needed_by="the smollm2-135m model")
+    return version, ggufs[0], cache_root(cache_dir) / "models" / "smollm2-135m" / f"{version}-{ggufs[0].stem}"
+
+
 def smollm2_folder_if_cached(cache_dir: str | None = None) -> Path | None:
     """The converted SmolLM2-135M folder when a complete one is cached, else ``None`` (nothing is converted)."""
     try:
-        version, ggufs = package_files(SMOLLM2_PACKAGE, ".gguf", needed_by="the smollm2-135m model")
+        final = _smollm2_paths(cache_dir)[2]
     except SparsifyError:
         return None
-    final = cache_root(cache_dir) / "models" / "smollm2-135m" / f"{version}-{ggufs[0].stem}"
     return final if (final / COMPLETE).is_file() else None
 
 
@@ -205,9 +210,7 @@ def smollm2_folder(cache_dir: str | None = None) -> Path:
     ``config.json``, ``model.safetensors``, the tokenizer files and
     ``sparsify-source.json`` (provenance, written last).
     """
-    version, ggufs = package_files(SMOLLM2_PACKAGE, ".gguf", needed_by="the smollm2-135m model")
-    gguf = ggufs[0]
-    final = cache_root(cache_dir) / "models" / "smollm2-135m" / f"{version}-{gguf.stem}"
+    version, gguf, final = _smollm2_paths(cache_dir)
     if (final / COMPLETE).is_file():
         return final
     progress.info("smollm2-135m: first use: converting the packaged GGUF (once, about 20 s)")
@@ -242,8 +245,7 @@ class SmolLM2(ModelSource):
 
     def skeleton(self, params: Params):
         """From the packaged GGUF's header (no tensors are read, nothing is converted)."""
-        _, ggufs = package_files(SMOLLM2_PACKAGE, ".gguf", needed_by="the smollm2-135m model")
-        return _meta_model(llama_config(ggufs[0]), "causal_lm")
+        return _meta_model(llama_config(_smollm2_paths(params.cache_dir)[1]), "causal_lm")
 
 
 # --------------------------------------------------------------------------- minilm-l6
