@@ -153,13 +153,25 @@ class Method(ABC):
         the meta device (shapes, names, no weights: reading values is an
         error). ``sparsify validate`` and ``sparsify run`` (before loading
         weights) call it for each stage in order, up to and including the
-        first stage that changes the structure (implements ``rebuild``): later
-        stages would see modules the skeleton does not have. Raise
+        first stage that moves Linear layers (``keeps_layers`` false: moeify,
+        layout conversions): later stages would see modules the skeleton does
+        not have. Raise
         ``ValueError`` or ``SparsifyError`` with a one-line message, or
         ``ParamsError`` to point at the params field at fault. A check must not
         change ``model``. (Every ``LayerIndices`` field is range-checked by the
         engine for every stage; no hook needed.)
         """
+
+    @classmethod
+    def keeps_layers(cls) -> bool:
+        """True when the stage leaves every Linear/Conv1D module (path and shape) where it found them.
+
+        The engine checks later stages (``check``) on the model's skeleton only
+        while this holds. Default: true unless the method implements
+        ``rebuild`` (it swaps modules); a structural change that only swaps
+        activations says True.
+        """
+        return cls.rebuild is Method.rebuild
 
     @classmethod
     def uses_optimizer(cls) -> bool:

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import ParamsError, RecipeError, SparsifyError
-from .method import Method, Params, is_layer_indices, param_fields
+from .method import Params, is_layer_indices, param_fields
 
 
 
@@ -495,9 +495,9 @@ def check_model(loaded: LoadedRecipe) -> None:
     order: every ``LayerIndices`` field is in range (no stage changes how
     many FFN layers a model has, so this holds for every stage), and
     ``Method.check`` runs on the skeleton up to and including the first stage
-    that changes the structure (implements ``rebuild``: moeify, layout
-    conversions, activation swaps); stages after it would meet modules the
-    skeleton does not have, so their ``check`` is skipped. Raises
+    that moves Linear layers (``Method.keeps_layers`` false: moeify, layout
+    conversions; activation swaps keep them); stages after it would meet
+    modules the skeleton does not have, so their ``check`` is skipped. Raises
     ``RecipeError`` naming the file, line and field.
     """
     from .ffn import find_ffn_blocks
@@ -536,7 +536,7 @@ def check_model(loaded: LoadedRecipe) -> None:
             path = prefix + tuple(int(p) if p.isdigit() else p for p in at.split(".")) if at else prefix
             raise RecipeError(f"{label}: {str(exc).strip().splitlines()[0]}", file=file, line=lines.line(path),
                               field=_dotted(path)) from None
-        same_structure = cls.rebuild is Method.rebuild
+        same_structure = cls.keeps_layers()
 
 
 # --------------------------------------------------------------------------- sweeps

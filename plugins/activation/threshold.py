@@ -167,6 +167,11 @@ class _Thresholded(Method):
         for block, t in zip(blocks, thresholds):
             block.set_activation(self.make(block, t))
 
+    @classmethod
+    def keeps_layers(cls) -> bool:
+        """True: only activation modules are swapped; every Linear layer stays as it was."""
+        return True
+
     def rebuild(self, ctx, params, result: StageResult) -> None:
         self._swap(self._blocks(ctx.model, params), result.state["thresholds"].tolist())
 

@@ -309,9 +309,10 @@ def test_targets_layers_and_profiles_are_checked_against_the_skeleton():
         assert (info.value.field, info.value.line) == (field, _line_of(text, r"^    params: ")), stages
 
 
-def test_checks_stop_at_the_first_stage_that_changes_the_structure(monkeypatch):
+def test_checks_stop_at_the_first_stage_that_moves_linear_layers(monkeypatch):
     seen = []
-    for key in (("prune", "wanda"), ("substitute_activation", "relu"), ("prune", "magnitude")):
+    keys = (("prune", "wanda"), ("substitute_activation", "relu"), ("layout_convert", "csr"), ("prune", "magnitude"))
+    for key in keys:
         cls = catalog().methods[key]
         original = cls.check
         monkeypatch.setattr(cls, "check", lambda self, model, params, _o=original, _k=key: (seen.append(_k),
@@ -319,9 +320,17 @@ def test_checks_stop_at_the_first_stage_that_changes_the_structure(monkeypatch):
     loaded = load_recipe("order.yaml", text=tiny_recipe(
         "  - kind: prune\n    method: wanda\n    params: {sparsity: 0.5}\n"
         "  - kind: substitute_activation\n    method: relu\n"
-        "  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5}\n"))
-    check_model(loaded)
-    assert seen == [("prune", "wanda"), ("substitute_activation", "relu")]  # relu rebuilds: magnitude unchecked
+        "  - kind: layout_convert\n    method: csr\n"
+        "  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5, targets: ['not_after_csr']}\n"))
+    check_model(loaded)  # csr swaps the Linear layers for SparseLinear: magnitude's targets are not checked
+    assert seen == list(keys[:3])
+
+
+def test_an_activation_swap_keeps_the_later_stages_checked():
+    text = CASE12.replace("stages:\n", "stages:\n  - kind: substitute_activation\n    method: relu\n")
+    with pytest.raises(RecipeError, match="not a multiple of 4") as info:
+        check_model(load_recipe("relu-first.yaml", text=text))
+    assert info.value.field == "stages.1.params.pattern"
 
 
 def test_every_built_in_source_builds_a_skeleton_without_weights():
