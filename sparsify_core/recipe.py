@@ -322,6 +322,9 @@ def _pydantic_error(exc: ValidationError, model: type[BaseModel], prefix: tuple,
     if e["type"] not in ("value_error", "assertion_error") and "input" in e and not isinstance(e["input"], (dict, list)):
         msg += f", got {e['input']!r}"
     msg = msg.removeprefix("Value error, ")
+    if e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float)):
+        # YAML typed a bare word or number (2024, 1e3, true): a string field needs it quoted
+        msg += f" (YAML reads it as a {type(e['input']).__name__}: quote it)"
     return RecipeError(msg + more, file=file, line=lines.line(path), field=_dotted(path))
 
 

@@ -449,3 +449,15 @@ def test_an_hf_model_is_checked_from_its_config_alone(tmp_path):
         check_model(load_recipe("hf.yaml", text=text))
     # a model that is not on this machine: nothing to check here; `load` reports it when the run starts
     check_model(load_recipe("gone.yaml", text=text.replace(str(folder), str(tmp_path / "gone"))))
+
+
+@pytest.mark.parametrize("bare, kind", [("2024", "int"), ("1e3", "float"), ("true", "bool")])
+def test_a_number_or_boolean_where_a_name_goes_asks_for_quotes(bare, kind):
+    text = tiny_recipe("  - kind: prune\n    method: wanda\n    params:\n      sparsity: 0.5\n"
+                       f"      calibration_split: {bare}\n")
+    with pytest.raises(RecipeError, match=f"valid string, got .*YAML reads it as a {kind}: quote it") as info:
+        load_recipe("q.yaml", text=text)
+    assert (info.value.field, info.value.line) == ("stages.0.params.calibration_split", _line_of(text, "_split"))
+    quoted = load_recipe("q.yaml", text=text.replace(f"split: {bare}", f"split: '{bare}'").replace(
+        "    calibration:", f"    '{bare}':"))
+    assert quoted.stage_params[0].calibration_split == bare
