@@ -90,12 +90,11 @@ def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str]) -> None:
 @app.command()
 def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help="override a recipe value")):
     """Check a recipe (keys, types, plugins, params, data splits, model shapes) without loading weights; each sweep run."""
-    from .recipe import check_model, load_recipe, load_sweep
+    from .recipe import check_model, check_sweep, load_recipe, load_sweep
 
     plan = load_sweep(recipe, set_)
     if plan is not None:
-        for point in plan.points:
-            check_model(point.loaded)
+        check_sweep(plan)
         names = [p.loaded.recipe.name for p in plan.points]
         out.print(f"{recipe}: ok: sweep {plan.name} of {len(names)} runs over "
                   + ", ".join(f"{k} ({len(v)})" for k, v in plan.spec.grid.items()) + ": "

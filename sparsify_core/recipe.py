@@ -663,6 +663,16 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, *, text: st
     return SweepPlan(name=str(base), path=file, text=text, overrides=list(overrides or []), spec=spec, points=points)
 
 
+def check_sweep(plan: SweepPlan) -> None:
+    """``check_model`` for every point of a sweep; an error names the point's run."""
+    for point in plan.points:
+        try:
+            check_model(point.loaded)
+        except RecipeError as exc:
+            raise RecipeError(f"run {point.loaded.recipe.name!r}: {exc.bare_message}", file=exc.file, line=exc.line,
+                              field=exc.field, suggestions=exc.suggestions) from None
+
+
 # --------------------------------------------------------------------------- JSON Schema
 
 

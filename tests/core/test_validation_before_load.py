@@ -461,3 +461,16 @@ def test_a_number_or_boolean_where_a_name_goes_asks_for_quotes(bare, kind):
     quoted = load_recipe("q.yaml", text=text.replace(f"split: {bare}", f"split: '{bare}'").replace(
         "    calibration:", f"    '{bare}':"))
     assert quoted.stage_params[0].calibration_split == bare
+
+
+def test_a_sweep_point_the_model_cannot_take_is_named_and_stops_the_sweep_first(monkeypatch, capsys, workdir, loads):
+    text = CASE12.replace("intermediate_size: 250", "intermediate_size: 64") + (
+        "sweep:\n  grid:\n    model.params.intermediate_size: [64, 250]\n")
+    path = write(workdir / "sweep.yaml", text)
+    for command in ("validate", "run"):
+        code, out, err = _cli(monkeypatch, capsys, command, path)
+        assert code == 2, (command, err)
+        where = rf"error: {re.escape(str(path))}:\d+: stages\.0\.params\.pattern: "
+        assert re.fullmatch(where + r"run 't-intermediate_size250': stage 'wanda' \(prune/wanda\): pattern 2:4: "
+                                    r".* not a multiple of 4; .*\n", err), err
+    assert loads == [] and Registry(f"sqlite:///{workdir}/registry.db").find_sweeps() == []
