@@ -495,7 +495,8 @@ def check_model(loaded: LoadedRecipe) -> None:
     The model source builds the skeleton from the model's config on the meta
     device (``ModelSource.skeleton``; no weights, no memory); a source that
     cannot returns ``None`` and nothing is checked. Then, for each stage in
-    order: every ``LayerIndices`` field is in range (no stage changes how
+    order (after the data's ``seq_len`` against learned position embeddings,
+    ``sources.position_limit``): every ``LayerIndices`` field is in range (no stage changes how
     many FFN layers a model has, so this holds for every stage), and
     ``Method.check`` runs on the skeleton up to and including the first stage
     that moves Linear layers (``Method.keeps_layers`` false: moeify, layout
@@ -505,6 +506,7 @@ def check_model(loaded: LoadedRecipe) -> None:
     """
     from .ffn import find_ffn_blocks
     from .plugin_manager import catalog
+    from .sources import position_limit
 
     rec, file = loaded.recipe, loaded.path
     lines = loaded.lines or _Lines(loaded.text)
@@ -515,6 +517,14 @@ def check_model(loaded: LoadedRecipe) -> None:
         raise RecipeError(str(exc), file=file, line=lines.line(("model", "params")), field="model") from None
     if skeleton is None:
         return
+    limit = position_limit(skeleton)
+    for name, split in rec.data.splits.items():
+        length = split.seq_len or rec.data.seq_len
+        if limit is not None and length > limit:
+            path = ("data", "splits", name, "seq_len") if split.seq_len else ("data", "seq_len")
+            raise RecipeError(f"split {name!r} has sequences of {length} tokens, but the model has learned positions "
+                              f"for {limit}: use at most {limit}", file=file, line=lines.line(path),
+                              field=_dotted(path))
     try:
         ffn_layers: int | None = len(find_ffn_blocks(skeleton))
     except SparsifyError:

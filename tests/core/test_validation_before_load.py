@@ -474,3 +474,21 @@ def test_a_sweep_point_the_model_cannot_take_is_named_and_stops_the_sweep_first(
         assert re.fullmatch(where + r"run 't-intermediate_size250': stage 'wanda' \(prune/wanda\): pattern 2:4: "
                                     r".* not a multiple of 4; .*\n", err), err
     assert loads == [] and Registry(f"sqlite:///{workdir}/registry.db").find_sweeps() == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "bert", "llama"])
+def test_sequences_longer_than_learned_positions_are_refused(arch):
+    model = {"arch": arch, "max_positions": 64}
+    stage = "  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5}\n"
+    check_model(load_recipe("64.yaml", text=tiny_recipe(stage, model=model, seq_len=64)))
+    longer = tiny_recipe(stage, model=model, seq_len=65)
+    if arch == "llama":  # rotary positions: no table to run past
+        check_model(load_recipe("65.yaml", text=longer))
+        return
+    with pytest.raises(RecipeError, match="sequences of 65 tokens, but the model has learned positions for 64") as e:
+        check_model(load_recipe("65.yaml", text=longer))
+    assert (e.value.field, e.value.line) == ("data.seq_len", _line_of(longer, "seq_len: 65"))
+    split = tiny_recipe(stage, model=model, splits={**TINY_SPLITS, "eval": {"samples": 2, "seq_len": 80}})
+    with pytest.raises(RecipeError, match="split 'eval' has sequences of 80 tokens") as e:
+        check_model(load_recipe("80.yaml", text=split))
+    assert (e.value.field, e.value.line) == ("data.splits.eval.seq_len", _line_of(split, "seq_len: 80"))
