@@ -89,17 +89,19 @@ def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str]) -> None:
 
 @app.command()
 def validate(recipe: Path, set_: list[str] = typer.Option([], "--set", help="override a recipe value")):
-    """Check a recipe (syntax, keys, types, methods, parameters) without loading anything; every run of a sweep."""
-    from .recipe import load_recipe, load_sweep
+    """Check a recipe (keys, types, plugins, params, data splits, model shapes) without loading weights; each sweep run."""
+    from .recipe import check_model, check_sweep, load_recipe, load_sweep
 
     plan = load_sweep(recipe, set_)
     if plan is not None:
+        check_sweep(plan)
         names = [p.loaded.recipe.name for p in plan.points]
         out.print(f"{recipe}: ok: sweep {plan.name} of {len(names)} runs over "
                   + ", ".join(f"{k} ({len(v)})" for k, v in plan.spec.grid.items()) + ": "
                   + ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""), highlight=False)
         return
     loaded = load_recipe(recipe, set_)
+    check_model(loaded)
     r = loaded.recipe
     out.print(f"{recipe}: ok: {r.name}, model {r.model.source}, data {r.data.source}, "
               f"{len(r.stages)} stages: " + ", ".join(f"{s.name} ({s.kind}/{s.method})" for s in r.stages),

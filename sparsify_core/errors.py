@@ -37,3 +37,11 @@ class RecipeError(SparsifyError):
         if self.suggestions:
             text += " (did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?)"
         return text
+
+
+class ParamsError(SparsifyError):
+    """Raised by ``Method.check``: params that cannot work on the model; ``field`` is the params field at fault."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        self.field = field
+        super().__init__(message)

@@ -25,6 +25,9 @@ def sparsify_methods():
     ``moeify``, ``prune``, ``layout_convert``, or a new kind of the plugin's
     own), ``name``, and a pydantic ``Params`` model that validates the stage's
     ``params`` in a recipe. ``(kind, name)`` must be unique across plugins.
+    Optional, so that validation refuses what cannot work before weights
+    load: ``data_splits`` (the splits a stage reads) and ``check`` (params
+    against the model's weightless skeleton).
     """
 
 
@@ -33,7 +36,9 @@ def sparsify_model_sources():
     """Return model sources: subclasses of ``sparsify_core.ModelSource``.
 
     A source turns ``model: {source: NAME, params: {...}}`` into a loaded
-    model and tokenizer (``hf``, ``smollm2-135m``, ``minilm-l6``, ``tiny``)."""
+    model and tokenizer (``hf``, ``smollm2-135m``, ``minilm-l6``, ``tiny``);
+    its optional ``skeleton`` builds the model from its config alone, on the
+    meta device, for the checks that run before any weights load."""
 
 
 @hookspec

@@ -4,7 +4,7 @@ from __future__ import annotations
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Iterator
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -35,6 +35,30 @@ def check_layers(layers: list[int] | None) -> list[int] | None:
 
 #: The type of a params ``layers`` field (which FFN layers a stage applies to; ``None``: all of them).
 LayerIndices = Annotated[list[int] | None, AfterValidator(check_layers)]
+
+
+def param_fields(params: BaseModel, path: tuple = ()) -> Iterator[tuple[tuple, Any, Any]]:
+    """Every field of validated ``params``, nested models and lists of models included.
+
+    Yields ``(path, value, FieldInfo)``; ``path`` is relative to ``params``
+    (``("train", "split")``, ``("schedule", 0, "until")``). Fields holding
+    ``None`` (an absent optional block) are yielded but not entered.
+    """
+    for name, info in type(params).model_fields.items():
+        value = getattr(params, name)
+        here = path + (name,)
+        yield here, value, info
+        if isinstance(value, BaseModel):
+            yield from param_fields(value, here)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from param_fields(item, here + (i,))
+
+
+def is_layer_indices(info) -> bool:
+    """True for a field declared as ``LayerIndices`` (it carries ``check_layers``)."""
+    return any(getattr(m, "func", None) is check_layers for m in info.metadata)
 
 
 class Params(BaseModel):
@@ -113,6 +137,56 @@ class Method(ABC):
             if any(isinstance(a, type) and issubclass(a, TrainConfig) for a in args):
                 return True
         return False
+
+    def data_splits(self, params: Params) -> list[tuple[tuple, str]]:
+        """The data splits this stage reads, as ``(params field path, split name)``; checked at validation.
+
+        Default: every string field named ``split`` or ``*_split`` in
+        ``params``, nested models (``train: TrainConfig``) included, so a
+        method that keeps its split names in such fields needs nothing more.
+        Override when the need is conditional (a split read only under some
+        option) or a split is read under a fixed name; the path then points at
+        the field that causes the read (``()`` for the stage's params).
+        """
+        return [(path, value) for path, value, _ in param_fields(params)
+                if isinstance(value, str) and (path[-1] == "split" or str(path[-1]).endswith("_split"))]
+
+    def check(self, model: torch.nn.Module, params: Params) -> None:
+        """Refuse params that cannot work on this model, from its structure alone (default: accept).
+
+        ``model`` is a *skeleton*: the model's modules built from its config on
+        the meta device (shapes, names, no weights: reading values is an
+        error). ``sparsify validate`` and ``sparsify run`` (before loading
+        weights) call it for each stage in order, up to and including the
+        first stage that moves Linear layers (``keeps_layers`` false: moeify,
+        layout conversions): later stages would see modules the skeleton does
+        not have. Raise
+        ``ValueError`` or ``SparsifyError`` with a one-line message, or
+        ``ParamsError`` to point at the params field at fault. A check must not
+        change ``model``. (Every ``LayerIndices`` field is range-checked by the
+        engine for every stage; no hook needed.)
+        """
+
+    @classmethod
+    def keeps_layers(cls) -> bool:
+        """True when the stage leaves every Linear/Conv1D module (path and shape) where it found them.
+
+        The engine checks later stages (``check``) on the model's skeleton only
+        while this holds. Default: true unless the method implements
+        ``rebuild`` (it swaps modules); a structural change that only swaps
+        activations says True.
+        """
+        return cls.rebuild is Method.rebuild
+
+    @classmethod
+    def uses_optimizer(cls) -> bool:
+        """True when the stage updates weights with a gradient optimizer (default: ``trains()``).
+
+        Such a stage cannot run on float16 weights (AdamW's eps and squared
+        gradients underflow), so validation refuses ``model.dtype: float16``
+        with it. Methods that run their own optimizer say so by overriding.
+        """
+        return cls.trains()
 
     @classmethod
     def describe(cls) -> str:

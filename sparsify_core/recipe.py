@@ -4,7 +4,8 @@ Everything here runs before any model or data is loaded. A recipe with a
 ``sweep:`` expands into one validated recipe per grid point (``load_sweep``). Parsing uses
 PyYAML's safe loader (``RecipeLoader``, a ``yaml.SafeLoader`` that reads
 ``2:4`` as the string it means rather than YAML 1.1's base-60 integer 124);
-nothing in a recipe is ever evaluated as code.
+nothing in a recipe is ever evaluated as code. ``check_model`` then checks
+the stages against the model's skeleton (its config, no weights).
 """
 from __future__ import annotations
 
@@ -22,21 +23,31 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .errors import RecipeError
-from .method import Params
+from .errors import ParamsError, RecipeError, SparsifyError
+from .method import Params, is_layer_indices, param_fields
 
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` without YAML 1.1's sexagesimal numbers: ``2:4`` stays ``"2:4"`` (an n:m pattern)."""
+    """``yaml.SafeLoader`` with YAML 1.2's plain scalars where YAML 1.1 guesses.
+
+    ``2:4`` stays ``"2:4"`` (an n:m pattern, not base-60 124); ``1e-4`` is a
+    float; only ``true``/``false`` are booleans, so ``autocast: off`` or
+    ``router: no`` keep the word they name (a bool field still takes
+    yes/no/on/off: pydantic reads those strings as booleans); a lone ``=`` is
+    a string, not YAML 1.1's "value" tag that no safe constructor builds.
+    """
 
 
+_DROPPED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:value")
 RecipeLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers
-            if not (tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in regexp.pattern)]
+            if tag not in _DROPPED
+            and not (tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in regexp.pattern)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
     ("tag:yaml.org,2002:int", r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""",
      "-+0123456789"),
     # after int, so "12" stays an int; like YAML 1.2, "1e-4" is a float too
@@ -202,6 +213,7 @@ class LoadedRecipe:
     model_params: Params
     data_params: Params
     raw: dict = field(repr=False, default_factory=dict)
+    lines: "_Lines | None" = field(repr=False, default=None)  # for errors found later (check_model)
 
     @property
     def effective_json(self) -> str:
@@ -310,6 +322,9 @@ def _pydantic_error(exc: ValidationError, model: type[BaseModel], prefix: tuple,
     if e["type"] not in ("value_error", "assertion_error") and "input" in e and not isinstance(e["input"], (dict, list)):
         msg += f", got {e['input']!r}"
     msg = msg.removeprefix("Value error, ")
+    if e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float)):
+        # YAML typed a bare word or number (2024, 1e3, true): a string field needs it quoted
+        msg += f" (YAML reads it as a {type(e['input']).__name__}: quote it)"
     return RecipeError(msg + more, file=file, line=lines.line(path), field=_dotted(path))
 
 
@@ -432,6 +447,26 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
                               "with the shared loop (e.g. kind: train, method: finetune), and none follows",
                               file=file, line=lines.line(("stages", i, "method")), field=f"stages.{i}.method")
 
+    if recipe.model.dtype == "float16":
+        for i, cls in enumerate(methods):
+            if cls.uses_optimizer():
+                st = recipe.stages[i]
+                raise RecipeError(
+                    f"float16 weights cannot train: stage {st.name!r} ({st.kind}/{st.method}) updates them with "
+                    "AdamW, whose eps and squared gradients underflow in float16 (NaN within a few steps, whatever "
+                    "the learning rate); use dtype bfloat16 (or float32)", file=file,
+                    line=lines.line(("model", "dtype")), field="model.dtype")
+
+    for i, (cls, p) in enumerate(zip(methods, params)):
+        for path, split in cls().data_splits(p):
+            if split not in recipe.data.splits:
+                st, where = recipe.stages[i], ("stages", i, "params") + tuple(path)
+                raise RecipeError(f"stage {st.name!r} ({st.kind}/{st.method}) reads data split {split!r}, which "
+                                  f"data.splits does not define; splits: {', '.join(recipe.data.splits)}",
+                                  file=file, line=lines.line(where), field=_dotted(where),
+                                  suggestions=[c for c in _closest(split, recipe.data.splits)
+                                               if difflib.SequenceMatcher(None, split, c).ratio() >= 0.75])
+
     names = recipe.stage_names()
     if isinstance(recipe.evaluate.after, list):
         for j, n in enumerate(recipe.evaluate.after):
@@ -450,7 +485,71 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
                           file=file, line=lines.line(("evaluate", "split")), field="evaluate.split",
                           suggestions=_closest(recipe.evaluate.split, recipe.data.splits))
     return LoadedRecipe(recipe=recipe, text=text, path=file, overrides=overrides, stage_params=params,
-                        stage_methods=methods, model_params=model_params, data_params=data_params, raw=raw)
+                        stage_methods=methods, model_params=model_params, data_params=data_params, raw=raw,
+                        lines=lines)
+
+
+def check_model(loaded: LoadedRecipe) -> None:
+    """Check the stages against the model's skeleton: what shapes alone decide, before any weights load.
+
+    The model source builds the skeleton from the model's config on the meta
+    device (``ModelSource.skeleton``; no weights, no memory); a source that
+    cannot returns ``None`` and nothing is checked. Then, for each stage in
+    order (after the data's ``seq_len`` against learned position embeddings,
+    ``sources.position_limit``): every ``LayerIndices`` field is in range (no stage changes how
+    many FFN layers a model has, so this holds for every stage), and
+    ``Method.check`` runs on the skeleton up to and including the first stage
+    that moves Linear layers (``Method.keeps_layers`` false: moeify, layout
+    conversions; activation swaps keep them); stages after it would meet
+    modules the skeleton does not have, so their ``check`` is skipped. Raises
+    ``RecipeError`` naming the file, line and field.
+    """
+    from .ffn import find_ffn_blocks
+    from .plugin_manager import catalog
+    from .sources import position_limit
+
+    rec, file = loaded.recipe, loaded.path
+    lines = loaded.lines or _Lines(loaded.text)
+    source = catalog().model_sources[rec.model.source]()
+    try:
+        skeleton = source.skeleton(loaded.model_params)
+    except (SparsifyError, ValueError) as exc:
+        raise RecipeError(str(exc), file=file, line=lines.line(("model", "params")), field="model") from None
+    if skeleton is None:
+        return
+    limit = position_limit(skeleton)
+    for name, split in rec.data.splits.items():
+        length = split.seq_len or rec.data.seq_len
+        if limit is not None and length > limit:
+            path = ("data", "splits", name, "seq_len") if split.seq_len else ("data", "seq_len")
+            raise RecipeError(f"split {name!r} has sequences of {length} tokens, but the model has learned positions "
+                              f"for {limit}: use at most {limit}", file=file, line=lines.line(path),
+                              field=_dotted(path))
+    try:
+        ffn_layers: int | None = len(find_ffn_blocks(skeleton))
+    except SparsifyError:
+        ffn_layers = None  # no FFN blocks: the stages that need them say so when they run
+    same_structure = True
+    for i, (cls, params) in enumerate(zip(loaded.stage_methods, loaded.stage_params)):
+        st, prefix = rec.stages[i], ("stages", i, "params")
+        label = f"stage {st.name!r} ({st.kind}/{st.method})"
+        for path, value, info in param_fields(params):
+            if ffn_layers is not None and value is not None and is_layer_indices(info):
+                bad = [j for j in value if j >= ffn_layers]
+                if bad:
+                    raise RecipeError(f"{label}: layers {bad} out of range: the model has {ffn_layers} FFN layers "
+                                      f"(0..{ffn_layers - 1})", file=file, line=lines.line(prefix + path),
+                                      field=_dotted(prefix + path))
+        if not same_structure:
+            continue
+        try:
+            cls().check(skeleton, params)
+        except (ValueError, SparsifyError) as exc:
+            at = getattr(exc, "field", None) if isinstance(exc, ParamsError) else None
+            path = prefix + tuple(int(p) if p.isdigit() else p for p in at.split(".")) if at else prefix
+            raise RecipeError(f"{label}: {str(exc).strip().splitlines()[0]}", file=file, line=lines.line(path),
+                              field=_dotted(path)) from None
+        same_structure = cls.keeps_layers()
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -572,6 +671,16 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, *, text: st
         loaded = _validate(point_raw, point_lines, file, text, list(overrides or []) + sets)
         points.append(SweepPoint(index, values, loaded))
     return SweepPlan(name=str(base), path=file, text=text, overrides=list(overrides or []), spec=spec, points=points)
+
+
+def check_sweep(plan: SweepPlan) -> None:
+    """``check_model`` for every point of a sweep; an error names the point's run."""
+    for point in plan.points:
+        try:
+            check_model(point.loaded)
+        except RecipeError as exc:
+            raise RecipeError(f"run {point.loaded.recipe.name!r}: {exc.bare_message}", file=exc.file, line=exc.line,
+                              field=exc.field, suggestions=exc.suggestions) from None
 
 
 # --------------------------------------------------------------------------- JSON Schema

@@ -27,7 +27,7 @@ from .masks import MaskSet
 from .method import Method, StageResult
 from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
 from .plugin_manager import catalog, hooks
-from .recipe import LoadedRecipe
+from .recipe import LoadedRecipe, check_model
 from .sources import TokenSplit, pack_texts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -156,7 +156,12 @@ class Runner:
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> str:
-        """Run (or resume) the recipe; returns the run id. Raises on failure after recording it."""
+        """Run (or resume) the recipe; returns the run id. Raises on failure after recording it.
+
+        A recipe the model's structure cannot take (``check_model``) raises
+        ``RecipeError`` first: nothing is loaded and no run is recorded.
+        """
+        check_model(self.loaded)
         rec = self.recipe
         self.device = dist.init(resolve_device(rec.model.device))
         if not dist.is_main():  # under torchrun only rank 0 records; the others follow its run id

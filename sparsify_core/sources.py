@@ -1,6 +1,7 @@
 """Model and data sources, and the packing of texts into token splits."""
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Literal
@@ -43,9 +44,37 @@ class ModelSource(ABC):
     def load(self, params: Params, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """Implemented by each subclass."""
 
+    def skeleton(self, params: Params) -> torch.nn.Module | None:
+        """The model ``load`` would return, built from its config alone on the meta device (default: unknown).
+
+        No weights are read and no memory is allocated (build it under
+        ``with torch.device("meta"):``), so it is cheap enough for ``sparsify
+        validate``. The engine hands it to each stage's ``Method.check``
+        before any weights load. Return ``None`` when the config cannot be had
+        without loading (the structural checks are then skipped); raise
+        ``SparsifyError`` for a model that ``load`` is sure to refuse.
+        """
+        return None
+
     @classmethod
     def describe(cls) -> str:
         return ((cls.__doc__ or "").strip().splitlines() or [""])[0]
+
+
+#: Paths transformers gives learned absolute position embeddings (GPT-2's wpe, OPT, BERT and their kin).
+_POSITION_EMBEDDINGS = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest sequence a model with learned position embeddings takes; ``None`` without them (rotary).
+
+    Longer inputs index past the embedding table (an IndexError on CPU, a
+    device assert on CUDA), so this is checked against the recipe's ``seq_len``.
+    OPT's table holds ``offset`` (2) extra rows.
+    """
+    limits = [m.num_embeddings - getattr(m, "offset", 0) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and _POSITION_EMBEDDINGS.search(name)]
+    return min(limits) if limits else None
 
 
 class DataSource(ABC):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import progress
 from .errors import SparsifyError
-from .recipe import SweepPlan, load_sweep
+from .recipe import SweepPlan, check_sweep, load_sweep
 
 
 @dataclass
@@ -41,6 +41,7 @@ def run_sweep(plan: SweepPlan, registry, *, runs_dir: str | Path, resume_id: str
     """Run every point of ``plan`` (a new sweep, or continue the recorded sweep ``resume_id``)."""
     from .runner import Runner, RunInterrupted
 
+    check_sweep(plan)  # a point the model cannot take stops the sweep before anything is recorded
     if resume_id is None:
         sweep_id = registry.create_sweep(name=plan.name, recipe_text=plan.text, recipe_path=plan.path,
                                          overrides=plan.overrides, grid=plan.spec.grid, points=len(plan.points))

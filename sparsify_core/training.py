@@ -278,8 +278,12 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
                 if bad > 0:
                     where = _checkpoint_dir(ctx)
                     keep = f"; the last good checkpoint is {where}" if (where / "loop.json").exists() else ""
+                    # float16 weights overflow/underflow whatever the lr (AdamW's eps is below float16's range)
+                    advice = ("the model is in float16, which AdamW cannot train: use dtype bfloat16 (or float32)"
+                              if any(p.dtype == torch.float16 for p in params) else
+                              "lower the learning rate or the penalty")
                     raise SparsifyError(f"stage {ctx.stage_name!r}: the loss became {parts['loss']} at step "
-                                        f"{step}{keep}; lower the learning rate or the penalty")
+                                        f"{step}{keep}; {advice}")
                 if cfg.max_grad_norm is not None:
                     parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 optimizer.step()

@@ -34,3 +34,15 @@ def test_scaling_sweep_validates_and_can_fit_seven_coefficients(tmp_path):
         assert [(s.kind, s.method) for s in r.recipe.stages] == [("prune", "gmp"), ("train", "finetune")]
         train = r.stage_params[1].train
         assert train.steps * train.batch_size <= r.recipe.data.splits["train"].samples
+
+
+def test_every_recipe_validates_against_its_model_config():
+    """What `sparsify validate` checks, in-process: params, data splits, and the model's skeleton (no weights)."""
+    from sparsify_core.recipe import check_model
+
+    recipes = sorted(RECIPES.glob("*.yaml"))
+    assert any(r.name == "quickstart.yaml" for r in recipes)
+    for path in recipes:
+        plan = load_sweep(path)
+        for loaded in [p.loaded for p in plan.points] if plan else [load_recipe(path)]:
+            check_model(loaded)

@@ -73,6 +73,11 @@ class SubstituteActivation(Method):
         ctx.info(f"{self.name} in {len(result.info['layers'])} FFN layers (was {', '.join(result.info['replaced'])})")
         return result
 
+    @classmethod
+    def keeps_layers(cls) -> bool:
+        """True: only activation modules are swapped; every Linear layer stays as it was."""
+        return True
+
     def rebuild(self, ctx, params: SubstituteParams, result: StageResult) -> None:
         self._substitute(ctx.model, params)
 

@@ -138,6 +138,10 @@ class _Thresholded(Method):
     def make(self, block: FFNBlock, threshold: float) -> nn.Module:
         """The thresholded activation module for one block."""
 
+    def data_splits(self, params):
+        """The calibration split, read (under that name) only to calibrate a ``target_sparsity``."""
+        return [(("target_sparsity",), "calibration")] if params.target_sparsity is not None else []
+
     def _blocks(self, model, params) -> list[FFNBlock]:
         blocks = find_ffn_blocks(model)
         wanted = params.layers if params.layers is not None else range(len(blocks))
@@ -162,6 +166,11 @@ class _Thresholded(Method):
     def _swap(self, blocks, thresholds):
         for block, t in zip(blocks, thresholds):
             block.set_activation(self.make(block, t))
+
+    @classmethod
+    def keeps_layers(cls) -> bool:
+        """True: only activation modules are swapped; every Linear layer stays as it was."""
+        return True
 
     def rebuild(self, ctx, params, result: StageResult) -> None:
         self._swap(self._blocks(ctx.model, params), result.state["thresholds"].tolist())

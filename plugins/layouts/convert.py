@@ -29,7 +29,7 @@ from torch import nn
 
 from sparsify_core.method import LayerIndices, check_regexes
 from sparsify_core import Method, Params, StageResult
-from sparsify_core.errors import SparsifyError
+from sparsify_core.errors import ParamsError, SparsifyError
 from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
 
 from . import predictor as P
@@ -310,6 +310,12 @@ class _WeightLayoutConvert(Method):
 
     def layout_params(self, params):
         return self.layout.Params(**{k: getattr(params, k) for k in self.layout.Params.model_fields})
+
+    def check(self, model, params) -> None:
+        """Something to convert. (Widths need not be multiples of a block: the formats pad, exactly.)"""
+        if not prunable_modules(model, params.targets, params.exclude):
+            raise ParamsError(f"no Linear/Conv1D module matches targets={params.targets} "
+                              f"outside exclude={params.exclude}", field="targets")
 
     def apply(self, ctx, params) -> StageResult:
         modules = prunable_modules(ctx.model, params.targets, params.exclude)

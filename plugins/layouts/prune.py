@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from sparsify_core import Method, StageResult
-from sparsify_core.errors import SparsifyError
+from sparsify_core.errors import ParamsError, SparsifyError
 from sparsify_core.ffn import is_conv1d, prunable_modules, weight_out_in
 
 from . import formats as F
@@ -30,6 +30,11 @@ class NMGPrune(Method):
     kind = "prune"
     name = "nmg"
     Params = NMGPruneParams
+
+    def check(self, model, params) -> None:
+        """Something to prune. (Widths need not be multiples of m: the format pads, exactly.)"""
+        if not prunable_modules(model, params.targets, params.exclude):
+            raise ParamsError(f"no Linear/Conv1D module matches targets={params.targets}", field="targets")
 
     def apply(self, ctx, params) -> StageResult:
         modules = prunable_modules(ctx.model, params.targets, params.exclude)

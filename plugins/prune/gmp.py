@@ -28,6 +28,7 @@ from sparsify_core.training import TrainCallback
 from .masks import global_magnitude_masks, magnitude_mask, nm_mask
 from .schedule import cubic_sparsity, is_pruning_step, nm_keep, pruning_progress, pruning_window
 from .selection import PruneParams, Target, assign_sparsities, prior_pruned, record_mask, select_targets
+from .selection import check_targets
 
 
 class GMPParams(PruneParams):
@@ -141,6 +142,14 @@ class GMP(Method):
     kind = "prune"
     name = "gmp"
     Params = GMPParams
+
+    def data_splits(self, params):
+        """The calibration split, read by the owl profile only."""
+        return super().data_splits(params) if params.profile == "owl" else []
+
+    def check(self, model, params) -> None:
+        """Targets, n:m input widths and a per-layer profile, on the model's skeleton."""
+        check_targets(model, params)
 
     def apply(self, ctx, params: GMPParams) -> StageResult:
         targets = select_targets(ctx.model, params)

@@ -9,6 +9,7 @@ from sparsify_core import Method, StageResult
 
 from .masks import global_magnitude_masks, magnitude_mask, nm_mask
 from .selection import PruneParams, assign_sparsities, prior_pruned, record_mask, select_targets, summary
+from .selection import check_targets
 
 
 class MagnitudeParams(PruneParams):
@@ -41,6 +42,14 @@ class Magnitude(Method):
     kind = "prune"
     name = "magnitude"
     Params = MagnitudeParams
+
+    def data_splits(self, params):
+        """The calibration split, read by the owl profile only."""
+        return super().data_splits(params) if params.profile == "owl" else []
+
+    def check(self, model, params) -> None:
+        """Targets, n:m input widths and a per-layer profile, on the model's skeleton."""
+        check_targets(model, params)
 
     def apply(self, ctx, params: MagnitudeParams) -> StageResult:
         targets = select_targets(ctx.model, params)

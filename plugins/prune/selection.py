@@ -21,6 +21,7 @@ earlier mask, nothing more pruned).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +32,7 @@ from torch import nn
 from sparsify_core.method import check_regexes
 from sparsify_core import Params, StageResult
 from sparsify_core.calibration import CalibrationLayer, calibrate
-from sparsify_core.errors import SparsifyError
+from sparsify_core.errors import ParamsError, SparsifyError
 from sparsify_core.ffn import is_conv1d, linear_shape, prunable_modules, transformer_layers, weight_out_in
 
 from .masks import nm_overflow, parse_pattern, wanda_scores
@@ -154,6 +155,34 @@ def select_targets(model: nn.Module, params: PruneParams, *, inside_layers: bool
             raise SparsifyError(f"pattern {params.pattern}: the input size of {', '.join(bad[:3])}"
                                 f"{' ...' if len(bad) > 3 else ''} is not a multiple of {nm[1]}")
     return targets
+
+
+def check_targets(model: nn.Module, params: PruneParams, *, inside_layers: bool = False) -> None:
+    """``Method.check`` of the pruning methods: ``select_targets`` (and a per-layer profile) on the model's skeleton.
+
+    Points at ``targets`` when nothing (or, layer by layer, something outside
+    the layers) is targeted, at ``pattern`` when an input size is not a
+    multiple of m (with the ``exclude`` that leaves those modules dense), at
+    ``profile`` when a per-layer list does not have one value per layer.
+    """
+    try:
+        targets = select_targets(model, params.model_copy(update={"pattern": "unstructured"}),
+                                 inside_layers=inside_layers)
+    except SparsifyError as exc:
+        raise ParamsError(str(exc), field="targets") from None
+    try:
+        select_targets(model, params, inside_layers=inside_layers)
+    except SparsifyError as exc:
+        # the paths of the odd modules inside their layer ("mlp.c_proj"): one regex per kind of module
+        m = params.nm[1] if params.nm else 1
+        odd = sorted({re.sub(r"^(.*\.)?\d+\.", "", t.name) for t in targets if linear_shape(t.module)[1] % m})
+        hint = ", ".join(f"'{p}'" for p in [*params.exclude, *(re.escape(name) for name in odd)])
+        raise ParamsError(f"{exc}; leave them dense with exclude: [{hint}]", field="pattern") from None
+    if isinstance(params.profile, list):
+        try:
+            layer_sparsities(params.profile, params.target_sparsity, n_layers(model))
+        except ValueError as exc:
+            raise ParamsError(str(exc), field="profile") from None
 
 
 def n_layers(model: nn.Module) -> int:

@@ -54,6 +54,7 @@ def _check_finite(hessian: torch.Tensor) -> None:
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the Hessian of the calibration inputs is not finite: the layer's inputs overflowed "
                          "(calibrate in float32 or a wider dtype)")
+from .selection import check_targets
 
 
 def hessian_factor(hessian: torch.Tensor, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +258,10 @@ class SparseGPT(Method):
     kind = "prune"
     name = "sparsegpt"
     Params = SparseGPTParams
+
+    def check(self, model, params) -> None:
+        """Targets, n:m input widths and a per-layer profile, on the model's skeleton."""
+        check_targets(model, params, inside_layers=True)
 
     def apply(self, ctx, params: SparseGPTParams) -> StageResult:
         targets = select_targets(ctx.model, params, inside_layers=True)

@@ -17,6 +17,7 @@ from sparsify_core.calibration import CalibrationLayer, calibrate
 from .masks import structured_mask, wanda_scores
 from .selection import (PruneParams, assign_sparsities, by_layer, input_sq_norms, prior_pruned, record_mask,
                         select_targets, summary)
+from .selection import check_targets
 
 
 class WandaParams(PruneParams):
@@ -35,6 +36,10 @@ class Wanda(Method):
     kind = "prune"
     name = "wanda"
     Params = WandaParams
+
+    def check(self, model, params) -> None:
+        """Targets, n:m input widths and a per-layer profile, on the model's skeleton."""
+        check_targets(model, params, inside_layers=True)
 
     def apply(self, ctx, params: WandaParams) -> StageResult:
         targets = select_targets(ctx.model, params, inside_layers=True)

@@ -72,6 +72,11 @@ class BlockwiseL1(Method):
     name = "blockwise_l1"
     Params = BlockwiseL1Params
 
+    @classmethod
+    def uses_optimizer(cls) -> bool:
+        """True: each FFN is fitted with its own AdamW (not the shared loop)."""
+        return True
+
     def apply(self, ctx, params):
         blocks = find_ffn_blocks(ctx.model)
         ref_blocks = find_ffn_blocks(ctx.reference_model())

