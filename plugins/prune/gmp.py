@@ -27,8 +27,8 @@ from sparsify_core.training import TrainCallback
 
 from .masks import global_magnitude_masks, magnitude_mask, nm_mask
 from .schedule import cubic_sparsity, is_pruning_step, nm_keep, pruning_progress, pruning_window
-from .selection import PruneParams, Target, assign_sparsities, prior_pruned, record_mask, select_targets
-from .selection import check_targets
+from .selection import (PruneParams, Target, assign_sparsities, check_targets, prior_pruned, record_mask,
+                        select_targets)
 
 
 class GMPParams(PruneParams):

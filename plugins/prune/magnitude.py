@@ -8,8 +8,8 @@ from pydantic import Field, model_validator
 from sparsify_core import Method, StageResult
 
 from .masks import global_magnitude_masks, magnitude_mask, nm_mask
-from .selection import PruneParams, assign_sparsities, prior_pruned, record_mask, select_targets, summary
-from .selection import check_targets
+from .selection import (PruneParams, assign_sparsities, check_targets, prior_pruned, record_mask, select_targets,
+                        summary)
 
 
 class MagnitudeParams(PruneParams):

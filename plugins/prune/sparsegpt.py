@@ -42,8 +42,8 @@ from sparsify_core.calibration import CalibrationLayer, calibrate
 from sparsify_core.errors import SparsifyError
 
 from .masks import prune_count
-from .selection import (PruneParams, assign_sparsities, by_layer, prior_pruned, record_mask, select_targets,
-                        summary)
+from .selection import (PruneParams, assign_sparsities, by_layer, check_targets, prior_pruned, record_mask,
+                        select_targets, summary)
 
 
 MAX_DAMPENING = 1.0  # x mean diagonal: H + mean(diag) I is positive definite for any PSD H, in exact arithmetic
@@ -54,7 +54,6 @@ def _check_finite(hessian: torch.Tensor) -> None:
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the Hessian of the calibration inputs is not finite: the layer's inputs overflowed "
                          "(calibrate in float32 or a wider dtype)")
-from .selection import check_targets
 
 
 def hessian_factor(hessian: torch.Tensor, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,9 +15,8 @@ from sparsify_core import Method, StageResult
 from sparsify_core.calibration import CalibrationLayer, calibrate
 
 from .masks import structured_mask, wanda_scores
-from .selection import (PruneParams, assign_sparsities, by_layer, input_sq_norms, prior_pruned, record_mask,
-                        select_targets, summary)
-from .selection import check_targets
+from .selection import (PruneParams, assign_sparsities, by_layer, check_targets, input_sq_norms, prior_pruned,
+                        record_mask, select_targets, summary)
 
 
 class WandaParams(PruneParams):
