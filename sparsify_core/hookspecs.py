@@ -9,6 +9,25 @@ Provider hooks (``sparsify_methods``, ``sparsify_model_sources``, ...) return a
 list of classes; the engine collects them from every plugin. Lifecycle hooks are
 called with keyword arguments at fixed points of a run; they observe, they do
 not change the run (use them to log to an experiment tracker).
+
+The lifecycle of one attempt at a run (a fresh run, or one ``--resume``)::
+
+    run_started
+      metrics_logged*                      (dense baseline, unless already recorded)
+      ( stage_started
+          metrics_logged*                  (training logs)
+        stage_finished                     (completed | failed | interrupted)
+        metrics_logged* )*                 (evaluation after the stage)
+    run_finished                           (finished | failed | interrupted)
+
+Every ``run_started`` is followed by exactly one ``run_finished``, and every
+``stage_started`` by exactly one ``stage_finished``, before the run's error (if
+any) reaches the caller; nothing is called after ``run_finished``. Under
+torchrun only rank 0 calls them. Lifecycle hooks are called one implementation
+at a time: one that raises an ``Exception`` is reported as a warning line on
+stderr and the run goes on, calling the other implementations as usual (hook
+wrappers are not supported for lifecycle hooks and are skipped with the same
+warning).
 """
 from __future__ import annotations
 
@@ -67,27 +86,58 @@ def sparsify_layouts():
 
 @hookspec
 def sparsify_run_started(run_id: str, recipe, resumed: bool):
-    """Called once the run is recorded and before the model is loaded."""
+    """Called once per attempt, after the run is recorded in the registry and before the model loads.
+
+    ``recipe`` is the validated ``Recipe``; ``resumed`` is true for
+    ``--resume`` (``Runner(resume_id=...)``), where ``run_id`` is the resumed
+    run's id. Not called when nothing is recorded: a recipe the model cannot
+    take, or a resume the registry refuses (run finished, still running,
+    unknown)."""
 
 
 @hookspec
 def sparsify_stage_started(run_id: str, index: int, stage):
-    """Called before stage ``index`` (0-based) of the recipe runs."""
+    """Called before stage ``index`` (0-based) of the recipe runs; ``stage`` is its recipe ``Stage``.
+
+    A resumed run starts at the first stage that did not complete: stages
+    completed in an earlier attempt are not announced again, and the stage
+    that failed or was interrupted is started again."""
 
 
 @hookspec
 def sparsify_metrics_logged(run_id: str, stage: str, step, metrics: dict):
-    """Called whenever metrics are recorded (evaluations and training logs).
+    """Called whenever evaluation or training metrics are recorded.
 
-    ``stage`` is the stage name (``dense`` for the baseline), ``step`` the
-    training step or ``None``; ``metrics`` maps metric name to value."""
+    ``stage`` is the stage name (``dense`` for the baseline, evaluated once
+    per run: a resumed run whose baseline is recorded does not repeat it),
+    ``step`` the training step, or ``None`` for an evaluation; ``metrics``
+    maps metric name to value (an evaluation's whole-model values, without
+    metrics that failed). A stage's own result metrics come with
+    ``sparsify_stage_finished`` instead."""
 
 
 @hookspec
 def sparsify_stage_finished(run_id: str, index: int, stage, status: str, metrics: dict):
-    """Called after stage ``index`` completed or failed (``status``)."""
+    """Called once for every ``sparsify_stage_started``, when stage ``index`` ends.
+
+    ``status`` is ``completed``, ``failed`` (an exception in the stage, or in
+    recording its result and checkpoint) or ``interrupted`` (Ctrl-C, SIGTERM,
+    SIGHUP). Completed: ``metrics`` holds the method's result metrics plus
+    ``stage_seconds`` and ``peak_memory_mb``, and is called after the stage's
+    checkpoint is written. Failed or interrupted: ``metrics`` is
+    ``{"stage_seconds": <seconds from the stage's start to the failure>}``,
+    and ``sparsify_run_finished`` follows with the same status and the
+    reason. An error after the stage completed (in the evaluation after it)
+    fails the run, not the stage."""
 
 
 @hookspec
 def sparsify_run_finished(run_id: str, status: str, reason):
-    """Called when the run ends: ``finished``, ``failed`` or ``interrupted``."""
+    """Called once for every ``sparsify_run_started``, as the last lifecycle call of the attempt.
+
+    ``status`` is ``finished`` (``reason`` is ``None``), ``failed`` or
+    ``interrupted`` (``reason`` is the one-line message the registry records,
+    e.g. ``stopped by SIGTERM``). It is called whatever ended the run: a stage,
+    or something outside the stages (loading the model or data, the dense
+    evaluation, an evaluation after a stage, saving the output), and before
+    the run's error reaches the caller."""

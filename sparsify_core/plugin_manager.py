@@ -123,6 +123,47 @@ def catalog() -> Catalog:
     return cat
 
 
-def hooks():
-    """The hook relay for lifecycle calls: ``hooks().sparsify_run_started(...)``."""
-    return plugin_manager()[0].hook
+class Lifecycle:
+    """Calls lifecycle hooks one implementation at a time, so that one that raises cannot end the run.
+
+    ``Lifecycle(pm).sparsify_run_started(run_id=..., ...)`` calls every
+    implementation in pluggy's order (last registered first, ``tryfirst`` /
+    ``trylast`` honoured), each with the keyword arguments it names. An
+    implementation that raises an ``Exception`` is reported by ``warn`` (a
+    line on stderr by default) and the next one is called; ``KeyboardInterrupt``
+    and other ``BaseException`` propagate (Ctrl-C during a hook still
+    interrupts the run). Hook wrappers are skipped with a warning: an
+    observer has no call of its own to wrap.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, warn=None):
+        self._pm = pm
+        self._warn = warn
+
+    def __getattr__(self, name: str):
+        if not name.startswith("sparsify_"):
+            raise AttributeError(name)
+        return lambda **kwargs: self._call(name, kwargs)
+
+    def _call(self, name: str, kwargs: dict) -> None:
+        for impl in reversed(getattr(self._pm.hook, name).get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                self._report(name, impl, "hook wrappers are not supported for lifecycle hooks; skipped")
+                continue
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as exc:  # an observer's bug must not end (or hide the error of) the run
+                self._report(name, impl, f"raised {type(exc).__name__}: {exc}")
+
+    def _report(self, name: str, impl, what: str) -> None:
+        message = f"warning: plugin {impl.plugin_name!r} {name} {what}"
+        if self._warn is not None:
+            self._warn(message)
+        else:
+            from . import progress
+            progress.info(message)
+
+
+def hooks() -> Lifecycle:
+    """The caller of lifecycle hooks: ``hooks().sparsify_run_started(...)`` (see ``Lifecycle``)."""
+    return Lifecycle(plugin_manager()[0])

@@ -159,7 +159,12 @@ class Runner:
         """Run (or resume) the recipe; returns the run id. Raises on failure after recording it.
 
         A recipe the model's structure cannot take (``check_model``) raises
-        ``RecipeError`` first: nothing is loaded and no run is recorded.
+        ``RecipeError`` first: nothing is loaded and no run is recorded. Once
+        the run is recorded, every path (success, failure in or outside a
+        stage, Ctrl-C/SIGTERM/SIGHUP) keeps the lifecycle hooks' contract
+        (``hookspecs``): each started stage and the run itself are reported
+        finished once, with their status, before the error is raised
+        (``SparsifyError`` for a failure, ``RunInterrupted`` for an interrupt).
         """
         check_model(self.loaded)
         rec = self.recipe
@@ -173,24 +178,25 @@ class Runner:
             self.run_id, self.workdir, dense_done = dist.broadcast(
                 (getattr(self, "run_id", None), getattr(self, "workdir", None), dense_done))
         run_id = self.run_id
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
             progress.info(f"run {run_id}: {rec.name} ({'resumed' if self.resume_id else 'new'})"
                           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-        self.hooks.sparsify_run_started(run_id=run_id, recipe=rec, resumed=bool(self.resume_id))
         self._current = None  # index of the stage under way, for failure records
+        self._stage_t0 = 0.0  # when it started (perf_counter)
         try:
             with _signals_as_interrupts():
+                self.hooks.sparsify_run_started(run_id=run_id, recipe=rec, resumed=bool(self.resume_id))
+                self.workdir.mkdir(parents=True, exist_ok=True)
                 self._execute(dense_done)
         except (KeyboardInterrupt, RunInterrupted) as exc:
             reason = str(exc) or "interrupted (Ctrl-C)"
-            self._end(self._current, "interrupted", reason)
+            self._end("interrupted", reason)
             raise RunInterrupted(reason) from None
         except Exception as exc:
             reason = _one_line(exc) if not isinstance(exc, SparsifyError) else str(exc)
             current = self._current
             where = f" in stage {rec.stages[current].name!r}" if current is not None else ""
-            self._end(current, "failed", reason)
+            self._end("failed", reason)
             raise SparsifyError(f"run {run_id} failed{where}: {reason}") from exc
         self.registry.set_run_status(run_id, "finished")
         self.hooks.sparsify_run_finished(run_id=run_id, status="finished", reason=None)
@@ -222,9 +228,15 @@ class Runner:
                                         output_dir=str(out) if rec.output.save else None)
         return False
 
-    def _end(self, stage_index, status: str, reason: str) -> None:
-        if stage_index is not None:
-            self.registry.finish_stage(self.run_id, stage_index, status, reason=reason)
+    def _end(self, status: str, reason: str) -> None:
+        """Record a run that ended ``failed`` or ``interrupted``: the stage under way (if any), then the run."""
+        i = self._current
+        if i is not None:
+            seconds = time.perf_counter() - self._stage_t0
+            self.registry.finish_stage(self.run_id, i, status, reason=reason)
+            self._current = None
+            self.hooks.sparsify_stage_finished(run_id=self.run_id, index=i, stage=self.recipe.stages[i],
+                                               status=status, metrics={"stage_seconds": seconds})
         self.registry.set_run_status(self.run_id, status, reason)
         self.hooks.sparsify_run_finished(run_id=self.run_id, status=status, reason=reason)
 
@@ -277,7 +289,7 @@ class Runner:
             ctx.log_callback = self._log(st.name, i) if dist.is_main() else None
             self.registry.start_stage(self.run_id, i, name=st.name, kind=st.kind, method=st.method,
                                       params=params.model_dump(mode="json"))
-            self._current = i
+            self._current, self._stage_t0 = i, time.perf_counter()
             self.hooks.sparsify_stage_started(run_id=self.run_id, index=i, stage=st)
             progress.info(f"stage {i + 1}/{len(rec.stages)}: {st.name} ({st.kind}/{st.method})")
             t0 = time.perf_counter()
