@@ -1,9 +1,18 @@
 """An example third-party sparsify plugin.
 
-It adds a stage method (``prune``/``random``), a metric (``weight_l2``) and a
-lifecycle hook that appends every logged metric to a JSON-lines file, the way
-a plugin would forward them to an experiment tracker. Installed, it is found
-through the ``sparsify.plugins`` entry point in its pyproject.toml.
+It implements every hook of ``sparsify_core/hookspecs.py`` but model sources
+and layouts:
+
+- ``sparsify_methods``: ``prune/random`` (a method of a built-in kind) and
+  ``quantize/round_to_grid`` (a kind of its own);
+- ``sparsify_data_sources``: ``arithmetic``, written-out sums;
+- ``sparsify_metrics``: ``weight_l2``;
+- the lifecycle hooks: a tracker that appends one JSON line per call to the
+  file named by ``SPARSIFY_EXAMPLE_LOG`` (nothing without it), the way a
+  plugin would forward a run to an experiment tracker.
+
+Installed, it is found through the ``sparsify.plugins`` entry point in its
+pyproject.toml.
 """
 from __future__ import annotations
 
@@ -13,7 +22,8 @@ import os
 import torch
 from pydantic import Field
 
-from sparsify_core import Method, Metric, MetricValue, Params, StageResult, hookimpl
+from sparsify_core import DataSource, Method, Metric, MetricValue, Params, StageResult, hookimpl
+from sparsify_core.ffn import prunable_modules
 
 
 class RandomPrune(Method):
@@ -37,6 +47,50 @@ class RandomPrune(Method):
         return StageResult(metrics={"layers_pruned": pruned})
 
 
+class RoundToGrid(Method):
+    """Fake quantization: round each prunable weight to a symmetric grid of ``2**(bits-1)-1`` steps per sign.
+
+    One scale per weight matrix (its largest magnitude), so a zero stays zero
+    and pruned weights stay pruned. A kind of the plugin's own: recipes use it
+    as ``kind: quantize, method: round_to_grid``.
+    """
+
+    kind = "quantize"
+    name = "round_to_grid"
+
+    class Params(Params):
+        bits: int = Field(8, ge=2, le=16, description="bits per weight, sign included")
+
+    def apply(self, ctx, params):
+        levels = 2 ** (params.bits - 1) - 1
+        worst, modules = 0.0, prunable_modules(ctx.model)
+        with torch.no_grad():
+            for _, module in modules:
+                w = module.weight
+                scale = float(w.abs().max()) / levels
+                if scale == 0.0:
+                    continue
+                rounded = torch.round(w / scale) * scale
+                worst = max(worst, float((rounded - w).abs().max()))
+                w.copy_(rounded)
+        return StageResult(metrics={"quantized_modules": len(modules), "max_abs_error": worst})
+
+
+class Arithmetic(DataSource):
+    """Written-out sums ("12 + 30 = 42."), one document each; every ``eval_every``-th is held out for eval."""
+
+    name = "arithmetic"
+
+    class Params(Params):
+        limit: int = Field(100, ge=4, le=1000, description="operands run from 0 to limit - 1")
+        eval_every: int = Field(10, ge=2, description="every n-th sum goes to the eval partition")
+
+    def texts(self, params):
+        sums = [f"{a} + {b} = {a + b}." for a in range(params.limit) for b in range(params.limit)]
+        return {"train": [s for i, s in enumerate(sums) if i % params.eval_every],
+                "eval": sums[::params.eval_every]}
+
+
 class WeightL2(Metric):
     """Euclidean norm of all parameters (a static metric)."""
 
@@ -49,7 +103,12 @@ class WeightL2(Metric):
 
 @hookimpl
 def sparsify_methods():
-    return [RandomPrune]
+    return [RandomPrune, RoundToGrid]
+
+
+@hookimpl
+def sparsify_data_sources():
+    return [Arithmetic]
 
 
 @hookimpl
@@ -57,9 +116,36 @@ def sparsify_metrics():
     return [WeightL2]
 
 
-@hookimpl
-def sparsify_metrics_logged(run_id, stage, step, metrics):
+# -- the tracker: one JSON line per lifecycle call --------------------------------
+
+
+def _track(event: str, **fields) -> None:
     path = os.environ.get("SPARSIFY_EXAMPLE_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"run": run_id, "stage": stage, "step": step, "metrics": metrics}) + "\n")
+            f.write(json.dumps({"event": event, **fields}) + "\n")
+
+
+@hookimpl
+def sparsify_run_started(run_id, recipe, resumed):
+    _track("run_started", run=run_id, recipe=recipe.name, resumed=resumed)
+
+
+@hookimpl
+def sparsify_stage_started(run_id, index, stage):
+    _track("stage_started", run=run_id, index=index, stage=stage.name, kind=stage.kind, method=stage.method)
+
+
+@hookimpl
+def sparsify_metrics_logged(run_id, stage, step, metrics):
+    _track("metrics_logged", run=run_id, stage=stage, step=step, metrics=metrics)
+
+
+@hookimpl
+def sparsify_stage_finished(run_id, index, stage, status, metrics):
+    _track("stage_finished", run=run_id, index=index, stage=stage.name, status=status, metrics=metrics)
+
+
+@hookimpl
+def sparsify_run_finished(run_id, status, reason):
+    _track("run_finished", run=run_id, status=status, reason=reason)
