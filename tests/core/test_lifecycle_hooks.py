@@ -7,33 +7,40 @@ implementations that raise.
 """
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
+from typing import Literal
 
+import pluggy
 import pytest
 from helpers import tiny_recipe, write
 
 from sparsify_core import Method, Params, SparsifyError, StageResult, hookimpl
 from sparsify_core.errors import RunInterrupted
-from sparsify_core.plugin_manager import catalog, plugin_manager, register
+from sparsify_core import hookspecs
+from sparsify_core.plugin_manager import Lifecycle, catalog, plugin_manager, register
 from sparsify_core.recipe import load_recipe
 from sparsify_core.registry import Registry
 from sparsify_core.runner import Runner
 
 
 class Flaky(Method):
-    """Fail (RuntimeError), or interrupt (KeyboardInterrupt), until the file ``until`` exists."""
+    """Until the file ``until`` exists: fail (RuntimeError), or interrupt (Ctrl-C's KeyboardInterrupt, or SIGTERM)."""
 
     kind = "lifecycle_test"
     name = "flaky"
 
     class Params(Params):
         until: str
-        interrupt: bool = False
+        interrupt: Literal["no", "ctrl-c", "sigterm"] = "no"
 
     def apply(self, ctx, params):
         if not Path(params.until).exists():
-            if params.interrupt:
+            if params.interrupt == "ctrl-c":
                 raise KeyboardInterrupt
+            if params.interrupt == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler raises RunInterrupted here
             raise RuntimeError("flaky stage says no")
         return StageResult(metrics={"passed": 1.0})
 
@@ -130,9 +137,9 @@ RELU = "  - kind: substitute_activation\n    method: relu\n"
 PRUNE = "  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5}\n"
 
 
-def flaky(until: Path, interrupt: bool = False) -> str:
+def flaky(until: Path, interrupt: str = "no") -> str:
     return (f"  - kind: lifecycle_test\n    method: flaky\n"
-            f"    params: {{until: {until}, interrupt: {str(interrupt).lower()}}}\n")
+            f"    params: {{until: {until}, interrupt: {interrupt}}}\n")
 
 
 def _runner(tmp_path, stages: str, *, resume_id=None, **recipe_kw) -> Runner:
@@ -166,12 +173,13 @@ def test_failing_stage(tmp_path, spy, one_thread):
     assert spy.stage_metrics[(1, "failed")]["stage_seconds"] >= 0
 
 
-def test_interrupted_stage(tmp_path, spy, one_thread):
-    with pytest.raises(RunInterrupted):
-        _runner(tmp_path, RELU + flaky(tmp_path / "never", interrupt=True) + PRUNE).run()
+@pytest.mark.parametrize("how,reason", [("ctrl-c", "interrupted (Ctrl-C)"), ("sigterm", "stopped by SIGTERM")])
+def test_interrupted_stage(tmp_path, spy, one_thread, how, reason):
+    with pytest.raises(RunInterrupted, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        _runner(tmp_path, RELU + flaky(tmp_path / "never", interrupt=how) + PRUNE).run()
     assert spy.calls == [("run_started", False), ("metrics_logged", "dense", None), *_stage(0, "relu"),
                          ("stage_started", 1, "flaky"), ("stage_finished", 1, "interrupted"),
-                         ("run_finished", "interrupted", "interrupted (Ctrl-C)")]
+                         ("run_finished", "interrupted", reason)]
     (run,) = Registry(f"sqlite:///{tmp_path}/registry.db").find_runs()
     assert run.status == "interrupted" and [s.status for s in run.stages] == ["completed", "interrupted"]
 
@@ -235,3 +243,50 @@ def test_a_raising_hook_is_a_warning_and_hides_nothing(tmp_path, plugins, spy, o
     err = capsys.readouterr().err
     assert err.count("ValueError: tracker down") == len(spy.calls)
     assert "sparsify_stage_finished raised ValueError" in err
+
+
+def test_lifecycle_calls_one_implementation_at_a_time():
+    """pluggy's order (tryfirst first, then last registered first); a raise or a wrapper is a warning."""
+    calls, warnings = [], []
+    impl = pluggy.HookimplMarker("sparsify")
+
+    class Plugin:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        @impl
+        def sparsify_run_finished(self, run_id, status):  # a subset of the arguments, as pluggy allows
+            calls.append((self.name, run_id, status))
+            if self.fail:
+                raise OSError("disk full")
+
+    class First(Plugin):
+        @impl(tryfirst=True)
+        def sparsify_run_finished(self, run_id, status):
+            calls.append((self.name, run_id, status))
+
+    class Wrapper:
+        @impl(wrapper=True)
+        def sparsify_run_finished(self):
+            calls.append("wrapper")
+            return (yield)
+
+    pm = pluggy.PluginManager("sparsify")
+    pm.add_hookspecs(hookspecs)
+    for plugin, name in ((First("first"), "first"), (Plugin("a", fail=True), "a"), (Plugin("b"), "b"),
+                         (Wrapper(), "wrap")):
+        pm.register(plugin, name=name)
+    Lifecycle(pm, warn=warnings.append).sparsify_run_finished(run_id="r", status="failed", reason="x")
+    assert calls == [("first", "r", "failed"), ("b", "r", "failed"), ("a", "r", "failed")]
+    assert warnings == ["warning: plugin 'wrap' sparsify_run_finished hook wrappers are not supported for "
+                        "lifecycle hooks; skipped",
+                        "warning: plugin 'a' sparsify_run_finished raised OSError: disk full"]
+
+    class Interrupting(Plugin):
+        @impl
+        def sparsify_run_finished(self, run_id, status):
+            raise KeyboardInterrupt
+
+    pm.register(Interrupting("i"), name="i")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in a hook still interrupts
+        Lifecycle(pm, warn=warnings.append).sparsify_run_finished(run_id="r", status="failed", reason="x")
