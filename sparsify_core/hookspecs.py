@@ -120,9 +120,9 @@ def sparsify_metrics_logged(run_id: str, stage: str, step, metrics: dict):
 def sparsify_stage_finished(run_id: str, index: int, stage, status: str, metrics: dict):
     """Called once for every ``sparsify_stage_started``, when stage ``index`` ends.
 
-    ``status`` is ``completed``, ``failed`` (an exception in the stage, or in
-    recording its result and checkpoint) or ``interrupted`` (Ctrl-C, SIGTERM,
-    SIGHUP). Completed: ``metrics`` holds the method's result metrics plus
+    ``status`` is ``completed``, ``failed`` (an exception in the method, or
+    while the engine records its result, hands on its schedule or writes its
+    checkpoint) or ``interrupted`` (Ctrl-C, SIGTERM, SIGHUP). Completed: ``metrics`` holds the method's result metrics plus
     ``stage_seconds`` and ``peak_memory_mb``, and is called after the stage's
     checkpoint is written. Failed or interrupted: ``metrics`` is
     ``{"stage_seconds": <seconds from the stage's start to the failure>}``,
