@@ -122,8 +122,9 @@ def sparsify_stage_finished(run_id: str, index: int, stage, status: str, metrics
 
     ``status`` is ``completed``, ``failed`` (an exception in the method, or
     while the engine records its result, hands on its schedule or writes its
-    checkpoint) or ``interrupted`` (Ctrl-C, SIGTERM, SIGHUP). Completed: ``metrics`` holds the method's result metrics plus
-    ``stage_seconds`` and ``peak_memory_mb``, and is called after the stage's
+    checkpoint) or ``interrupted`` (Ctrl-C, SIGTERM, SIGHUP). Completed:
+    ``metrics`` holds the method's result metrics plus ``stage_seconds`` and
+    ``peak_memory_mb``, and the call comes after the stage's
     checkpoint is written. Failed or interrupted: ``metrics`` is
     ``{"stage_seconds": <seconds from the stage's start to the failure>}``,
     and ``sparsify_run_finished`` follows with the same status and the
