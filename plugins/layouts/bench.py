@@ -54,6 +54,10 @@ def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11
                            predictor_sparsities=(0.9, 0.95), rank=64, recall=0.99) -> list[Row]:
     """Case 1: activation-sparse FFN decode vs the dense FFN computing the same FATReLU model (and with a predictor)."""
     from sparsify_kernels import ffn as K
+    from sparsify_kernels import native
+
+    # which kernel "ours" is: the ISA the native kernels were built for, or torch's fallback (JSON only)
+    kernels = f"native {native.isa()}" if K.cpu_kernel_available() else "torch fallback"
 
     w_gate, w_up, w_down = _ffn_weights(d, dff)
     w_down_t = w_down.t().contiguous()
@@ -80,7 +84,7 @@ def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11
         bound = 1 / (1 / 3 + 2 / 3 * (1 - s))
         rows.append(Row(1, f"s={s:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
                         {"ours": m["dense"] / m["ours"]}, targets.get(s), bound,
-                        {"active": active, "max_abs_err": err,
+                        {"active": active, "max_abs_err": err, "kernels": kernels,
                          "dense_GBps": 3 * d * dff * 4 / m["dense"] / 1e9,
                          "ours_GBps": 4 * d * (dff + 2 * active) / m["ours"] / 1e9}))
     if predictor_sparsities:

@@ -18,6 +18,8 @@ def test_activation_sparse_case_reports_the_predictor_recall():
     (pred,) = [r for r in result["rows"] if r["config"].endswith("predictor")]
     assert 0.9 <= pred["extra"]["recall"] <= 1 and pred["extra"]["held_out_computed_fraction"] < 0.5
     assert pred["extra"]["rel_err"] < 0.5  # approximate, but close to the exact FFN
+    exact = [r for r in result["rows"] if not r["config"].endswith("predictor")]
+    assert exact and all(r["extra"]["kernels"].startswith("native ") for r in exact)
 
 
 def test_the_layouts_plugin_contributes_cases_1_to_4():
