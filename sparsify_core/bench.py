@@ -1,44 +1,31 @@
-"""``sparsify bench``: sparse kernels against dense compute, timed side by side in one process.
+"""``sparsify bench``: the harness that runs benchmark cases, measures side by side, and records.
 
-Every case times its candidates *interleaved* with the dense baseline (one
-call of each per round, the order rotating between rounds) after a warm-up,
-and reports medians, so load from other processes hits all of them alike.
-The ratio is ``dense time / our time``. Cases (fp32, the CPU threads torch
-uses):
+The cases are not here: plugins contribute them through the
+``sparsify_bench_cases`` hook (the built-in ones come from the layouts
+plugin, which owns the modules they time). This module discovers them, runs
+the chosen ones, describes the machine, formats the table and stores the
+results in the registry as a ``bench`` record with its machine fields.
 
-1. activation-sparse FFN, LLaMA-7B shape (d 4096, d_ff 11008), one token, at
-   30-95% activation sparsity (FATReLU threshold set to the exact quantile);
-   the bytes bound is ``1 / (1/3 + 2/3 (1 - s))``. Then with an activation
-   predictor (rank 64, fitted as the ``predictor`` option does, on 512
-   synthetic calibration inputs whose spectrum decays as 1/i: an assumed
-   stand-in for anisotropic hidden states) at 90/95%: approximate, so its
-   recall on 256 held-out inputs is reported with the speed. Its working set
-   (tens of MB) fits a last-level cache, so both sides start every call
-   with flushed caches, as they would inside a model.
-2. MoE FFN, same shape, 32-neuron experts, 25/50/75% of experts skipped
-   (SiLU; bound ``1 / (1 - skipped)``): the ``MoEFFN`` module that
-   ``layout_convert/moe_ffn`` puts in a model, router included.
-3. sparse Linear, BERT-base FFN shapes, 1/128/1024 tokens, 50/75/90% weight
-   sparsity: each layout (given a weight with the structure it needs at that
-   sparsity) against dense torch and torch.sparse CSR / BSR.
-4. end to end: greedy decoding on SmolLM2-135M with ReLU substituted (no
-   ProSparse training: its activation sparsity is what ReLU alone gives),
-   activation-sparse FFN layout vs the same model dense; tokens must match.
-
-Kernels come from ``sparsify_kernels``, layouts from the plugin catalog.
+Timing rule every case follows (``interleaved``): candidates are timed
+*interleaved* with the dense baseline (one call of each per round, the order
+rotating between rounds) after a warm-up, and reported as medians, so load
+from other processes hits all of them alike. A ratio is ``dense time /
+candidate time``.
 """
 from __future__ import annotations
 
-import gc
 import os
+import platform
 import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from .errors import SparsifyError
 
 
 @dataclass
@@ -62,6 +49,35 @@ class Row:
     @property
     def met(self) -> bool | None:
         return None if self.target is None else self.best[1] >= self.target
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What the user chose for every case: ``quick`` (smoke sizes: plumbing, not numbers) and a model folder.
+
+    ``model_dir`` is a sparsify output folder, for the cases that run a whole
+    model (the others ignore it).
+    """
+
+    quick: bool = False
+    model_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """A benchmark case a plugin contributes (``sparsify_bench_cases``).
+
+    ``number`` selects it on the command line (``--case N``, unique across
+    plugins), ``name`` and ``description`` say what it times, and ``run``
+    measures it, returning ``Row`` s whose ``case`` is ``number``. ``default``
+    cases run when no ``--case`` is given.
+    """
+
+    number: int
+    name: str
+    description: str
+    run: Callable[[BenchOptions], list[Row]]
+    default: bool = True
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2,
@@ -89,8 +105,6 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-# -- case 1 and 2: FFN decode ----------------------------------------------------------
-
 _SCRATCH: list[torch.Tensor] = []
 
 
@@ -105,391 +119,128 @@ def flush_caches(mb: int = 128) -> None:
         _SCRATCH.append(torch.zeros(mb * (1 << 20) // 4))
     _SCRATCH[0].add_(1.0)
 
-def _ffn_weights(d: int, dff: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    w_gate = torch.randn(dff, d, generator=g) / d ** 0.5
-    w_up = torch.randn(dff, d, generator=g) / d ** 0.5
-    w_down = torch.randn(d, dff, generator=g) / dff ** 0.5
-    return w_gate, w_up, w_down
+
+# -- discovery -------------------------------------------------------------------------------
+
+def cases() -> dict[int, BenchCase]:
+    """Every case the installed plugins contribute, by number (a number claimed twice is an error)."""
+    from .plugin_manager import hooks
+
+    found: dict[int, BenchCase] = {}
+    for provided in hooks().sparsify_bench_cases():
+        for case in provided or []:
+            if case.number in found:
+                raise SparsifyError(f"bench case {case.number} is contributed twice: {found[case.number].name!r} "
+                                    f"and {case.name!r}")
+            found[case.number] = case
+    return dict(sorted(found.items()))
 
 
-def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11008, repeats=30,
-                           predictor_sparsities=(0.9, 0.95), rank=64, recall=0.99) -> list[Row]:
-    """Case 1: activation-sparse FFN decode vs the dense FFN computing the same FATReLU model (and with a predictor)."""
-    from sparsify_kernels import ffn as K
+# -- the machine -----------------------------------------------------------------------------
 
-    w_gate, w_up, w_down = _ffn_weights(d, dff)
-    w_down_t = w_down.t().contiguous()
-    x = torch.randn(1, d)
-    g = F.linear(x, w_gate).flatten()
-    targets = {0.5: 0.95 / (1 / 3 + 2 / 3 * 0.5), 0.7: 0.95 / (1 / 3 + 2 / 3 * 0.3), 0.9: 2.8, 0.95: 3.4, 0.3: 1.0}
-    rows = []
-    for s in sparsities:
-        k = int(round(s * dff))
-        # FATReLU threshold between the k-th and (k+1)-th gate value: exactly k neurons inactive
-        srt = g.sort().values
-        t = float((srt[k - 1] + srt[k]) / 2) if 0 < k < dff else float(srt[0] - 1)
-
-        def dense():
-            h = F.linear(x, w_gate)
-            return F.linear(h * (h >= t) * F.linear(x, w_up), w_down)
-
-        def ours():
-            return K.ffn_sparse(x, w_gate, None, w_up, None, w_down_t, None, act="relu", threshold=t)
-
-        err = (dense() - ours()).abs().max().item()
-        m = interleaved({"dense": dense, "ours": ours}, repeats)
-        active = int((g >= t).sum())
-        bound = 1 / (1 / 3 + 2 / 3 * (1 - s))
-        rows.append(Row(1, f"s={s:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
-                        {"ours": m["dense"] / m["ours"]}, targets.get(s), bound,
-                        {"active": active, "max_abs_err": err,
-                         "dense_GBps": 3 * d * dff * 4 / m["dense"] / 1e9,
-                         "ours_GBps": 4 * d * (dff + 2 * active) / m["ours"] / 1e9}))
-    if predictor_sparsities:
-        rows += _predicted_rows(w_gate, w_up, w_down_t, predictor_sparsities, rank, recall, repeats)
-    return rows
+#: The vector instruction sets worth recording (x86 and Arm names as ``/proc/cpuinfo`` spells them).
+ISA_FLAGS = ("sse4_2", "avx", "fma", "f16c", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+             "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
 
 
-def _predicted_rows(w_gate, w_up, w_down_t, sparsities, rank, recall, repeats, n_fit=512, n_held=256) -> list[Row]:
-    """Case 1 with an activation predictor: fitted on synthetic inputs, recall measured on held-out ones."""
-    from sparsify_kernels import ffn as K
-    from sparsify_plugins.layouts import predictor as P
-
-    dff, d = w_gate.shape
-    gen = torch.Generator().manual_seed(2)
-    spectrum = 1.0 / torch.arange(1, d + 1, dtype=torch.float32)  # random W_gate makes the basis irrelevant
-
-    def inputs(n):
-        return torch.randn(n, d, generator=gen) * spectrum * d ** 0.5
-
-    x_fit, x_held, x = inputs(n_fit), inputs(n_held), inputs(1)
-    pre_fit = F.linear(x_fit, w_gate)
-    rows = []
-    for s in sparsities:
-        t = float(pre_fit.flatten().kthvalue(int(round(s * pre_fit.numel()))).values)  # FATReLU threshold
-        pred = P.fit_lowrank(x_fit, w_gate, None, rank, offset=t)
-        h_held = F.linear(x_held, w_gate)
-        active = h_held >= t
-        logits = pred.logits(x_held)
-        pred.threshold = P.threshold_for_recall(logits, active, recall)
-        cov = P.coverage(logits >= pred.threshold, active, (h_held * active * F.linear(x_held, w_up)).abs())
-        p_args = dict(p_in=pred.p_in, p_out=pred.p_out, p_bias=pred.p_bias, p_threshold=pred.threshold)
-        counts: list[int] = []
-
-        def dense():
-            h = F.linear(x, w_gate)
-            return F.linear(h * (h >= t) * F.linear(x, w_up), w_down_t.T)
-
-        def ours():
-            return K.ffn_predicted(x, w_gate, None, w_up, None, w_down_t, None, act="relu", threshold=t,
-                                   counts=counts, **p_args)
-
-        exact, approx = dense(), ours()
-        m = interleaved({"dense": dense, "ours": ours}, repeats, before=flush_caches)  # both cold, as in a model
-        active_now = int((F.linear(x, w_gate) >= t).sum())
-        ours_mb = 4 * (rank * (d + dff) + d * (counts[-1] + 2 * active_now)) / 1e6  # predictor + rows read
-        rows.append(Row(1, f"s={s:.0%} predictor", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
-                        {"ours": m["dense"] / m["ours"]}, {0.9: 6.0}.get(s), 12 * d * dff / 1e6 / ours_mb,
-                        {"active": active_now, "computed": counts[-1], "rank": rank,
-                         "recall": cov["recall"], "mass_recall": cov["mass_recall"],
-                         "held_out_computed_fraction": cov["computed"],
-                         "rel_err": float((approx - exact).norm() / exact.norm()), "ours_MB": ours_mb,
-                         "ours_GBps": ours_mb / 1e3 / m["ours"]}))
-    return rows
+def _cpuinfo() -> tuple[str | None, frozenset[str]]:
+    """The CPU model name and its feature flags, from Linux ``/proc/cpuinfo`` (``None``/empty elsewhere)."""
+    model, flags = None, frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model is None:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
 
 
-def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30) -> list[Row]:
-    """Case 2: the MoE FFN module a converted model runs (``MoEFFN``: LTE router, threshold) vs the dense SiLU FFN.
+def widest_isa(flags) -> str:
+    """The widest vector ISA of ``flags``: ``avx512``, ``avx2``, ``neon`` or ``generic``."""
+    if {"avx512f", "avx512bw", "avx512vl"} <= set(flags):
+        return "avx512"
+    if {"avx2", "fma"} <= set(flags):
+        return "avx2"
+    if "asimd" in flags:
+        return "neon"
+    return "generic"
 
-    The module is what ``layout_convert/moe_ffn`` makes of a ``RoutedFFN``
-    (``MoEFFN.from_routed``), timed through its ``forward``: router, selection
-    and the kernel reading only the selected experts' rows. The router's
-    weights are set so that it selects exactly the kept experts for the input.
+
+def machine() -> dict:
+    """What the numbers depend on: CPU model, ISA, threads, torch, and the load right now."""
+    model, flags = _cpuinfo()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu_model": model or platform.processor() or platform.machine() or None,
+            "isa": widest_isa(flags), "isa_flags": [f for f in ISA_FLAGS if f in flags],
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "load_average_1m": load}
+
+
+# -- running ---------------------------------------------------------------------------------
+
+def run(numbers=(1, 2, 3), quick: bool = False, threads: int | None = None,
+        progress: Callable[[str], None] = lambda s: None, model_dir: str | os.PathLike | None = None,
+        available: dict[int, BenchCase] | None = None) -> dict:
+    """Run the cases ``numbers`` (of ``available``, default: the plugins' ``cases()``); returns the result dict.
+
+    ``quick`` runs every case at smoke sizes (plumbing, numbers not
+    meaningful: the targets are dropped). ``threads`` sets
+    ``torch.set_num_threads`` for dense torch and the candidates alike. On a
+    machine other processes load, one thread gives the stable per-core
+    ratio: with several, whichever side waits on a preempted thread loses a
+    scheduler time slice, which says more about the load than the kernel.
     """
-    from sparsify_plugins.layouts.modules import MoEFFN
-    from sparsify_plugins.moe.modules import LTERouter, RoutedFFN
-    from torch import nn
-
-    w_gate, w_up, w_down = _ffn_weights(d, dff, seed=1)
-    x = torch.randn(1, d)
-    E = dff // expert
-    targets = {0.5: 1.8, 0.75: 3.4}
-    rows = []
-    gen = torch.Generator().manual_seed(0)
-
-    def linear(w):
-        m = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=False)
-        m.weight = nn.Parameter(w, requires_grad=False)
-        return m
-
-    def dense():
-        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
-
-    for sk in skipped:
-        keep = torch.randperm(E, generator=gen)[: E - int(round(sk * E))]
-        router = LTERouter(d, E).requires_grad_(False)
-        sign = -torch.ones(E)
-        sign[keep] = 1.0
-        router.proj.weight.copy_(sign[:, None] * 8.0 * x / x.square().sum())  # logits +-8: tau 0.5 keeps `keep`
-        routed = RoutedFFN("gated", {"gate": linear(w_gate), "up": linear(w_up), "down": linear(w_down)},
-                           {"gate": "gate_proj", "up": "up_proj", "down": "down_proj", "act": "act_fn"},
-                           nn.SiLU(), router, expert, "threshold", tau=0.5)
-        moe = MoEFFN.from_routed(routed, strict=True).eval()
-        del routed
-        with torch.no_grad():
-            selected = int(moe.select(moe.scores(x)).sum())
-            mask = torch.zeros(dff)
-            mask[(keep[:, None] * expert + torch.arange(expert)).flatten()] = 1.0
-            ref = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up) * mask, w_down)
-            err = float((moe(x) - ref).norm() / ref.norm())
-            m = interleaved({"dense": dense, "ours": lambda moe=moe: moe(x)}, repeats)
-        rows.append(Row(2, f"skip={sk:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
-                        {"ours": m["dense"] / m["ours"]}, targets.get(sk), 1 / (1 - sk),
-                        {"experts": f"{selected}/{E}", "rel_err": err}))
-        del moe
-        gc.collect()
-    return rows
-
-
-# -- case 3: sparse Linear --------------------------------------------------------------
-
-def _structured(w: torch.Tensor, layout: str, s: float):
-    """A weight with the structure ``layout`` needs at sparsity ``s``, and the layout's params."""
-    from .plugin_manager import catalog
-
-    cls = catalog().layouts[layout]
-    a = w.abs()
-    if layout == "csr":
-        k = int(round(s * w.numel()))
-        thr = a.flatten().kthvalue(k).values
-        return w * (a > thr), cls.Params()
-    if layout == "bsr":
-        b = 16
-        tiles = a.reshape(w.shape[0] // b, b, w.shape[1] // b, b).sum((1, 3))
-        k = int(round(s * tiles.numel()))
-        keep = tiles > tiles.flatten().kthvalue(k).values
-        return w * keep.repeat_interleave(b, 0).repeat_interleave(b, 1), cls.Params(block=(b, b))
-    n, m = {0.5: (2, 4), 0.75: (1, 4), 0.9: (1, 10)}[s]
-    if layout == "nm":
-        from sparsify_plugins.layouts.formats import nm_mask
-        return w * nm_mask(w, n, m), cls.Params(n=n, m=m)
-    from sparsify_plugins.layouts.formats import nmg_from_dense, nmg_to_dense
-    g = 4
-    val, row = nmg_from_dense(w, n, m, g, exact=False)
-    return nmg_to_dense(val, row, n, m, g, w.shape), cls.Params(n=n, m=m, g=g)
-
-
-def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024), sparsities=(0.5, 0.75, 0.9),
-                       layouts=("csr", "bsr", "nm", "nmg"), repeats=15, budget_s=6.0) -> list[Row]:
-    """Case 3: each layout's SparseLinear vs dense torch, and torch.sparse CSR / BSR (separate loops)."""
-    from sparsify_plugins.layouts.modules import SparseLinear
-
-    from .plugin_manager import catalog
-
-    targets = {(128, 0.5): 1.4, (128, 0.75): 2.8, (128, 0.9): 4.5, (1024, 0.5): 1.6, (1024, 0.75): 3.0,
-               (1024, 0.9): 5.5, (1, 0.5): 1.3}
-    rows = []
-    gen = torch.Generator().manual_seed(0)
-    for out, n_in in shapes:
-        w = torch.randn(out, n_in, generator=gen) / n_in ** 0.5
-        for s in sparsities:
-            mods, weights = {}, {}
-            for name in layouts:
-                ws, params = _structured(w, name, s)
-                weights[name] = ws
-                mods[name] = SparseLinear(catalog().layouts[name].from_dense(ws, params))
-            t_csr = weights["csr"].to_sparse_csr() if "csr" in weights else w.to_sparse_csr()
-            t_bsr = (weights["bsr"] if "bsr" in weights else weights[layouts[0]]).to_sparse_bsr((16, 16))
-            w_dense = weights[layouts[0]]  # any of them: dense compute ignores the zeros
-            for T in tokens:
-                x = torch.randn(T, n_in, generator=gen)
-                with torch.no_grad():
-                    errs = {k: (mod(x) - x @ weights[k].T).abs().max().item() for k, mod in mods.items()}
-                    fns = {"dense": lambda: F.linear(x, w_dense)}
-                    fns.update({k: (lambda mod=mod: mod(x)) for k, mod in mods.items()})
-                    m = interleaved(fns, repeats, budget_s=budget_s)
-                    mt = interleaved({"dense": lambda: F.linear(x, w_dense),
-                                      "torch_csr": lambda: F.linear(x, t_csr),
-                                      "torch_bsr": lambda: F.linear(x, t_bsr)}, max(5, repeats // 3),
-                                     budget_s=budget_s)
-                ours = {k: m[k] * 1e3 for k in mods} | {"torch_csr": mt["torch_csr"] * 1e3,
-                                                       "torch_bsr": mt["torch_bsr"] * 1e3}
-                ratio = {k: m["dense"] / m[k] for k in mods} | {"torch_csr": mt["dense"] / mt["torch_csr"],
-                                                              "torch_bsr": mt["dense"] / mt["torch_bsr"]}
-                rows.append(Row(3, f"{n_in}->{out} T={T} s={s:.0%}", m["dense"] * 1e3, ours, ratio,
-                                targets.get((T, s)), 1 / (1 - s),
-                                {"dense_GFLOPs": 2 * out * n_in * T / m["dense"] / 1e9,
-                                 "max_abs_err": max(errs.values())}))
-            gc.collect()
-    return rows
-
-
-# -- case 4: end-to-end decode ----------------------------------------------------------
-
-def _routed(model) -> list:
-    """The FFNs a ``moeify`` stage split into experts (anything with the RoutedFFN routing API)."""
-    return [m for m in model.modules() if callable(getattr(m, "set_routing", None)) and hasattr(m, "num_experts")]
-
-
-def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.PathLike | None = None) -> list[Row]:
-    """Case 4: greedy decoding with the fast layouts vs the same model dense, batch 1.
-
-    ``model_dir`` is a sparsify output folder: with ReLU/FATReLU FFNs (the
-    output of ``recipes/prosparse.yaml``) the FFNs become activation-sparse,
-    exact, and the tokens must be identical; with FFNs split into experts
-    (``recipes/lte.yaml``, MoEfication) they become ``MoEFFN`` modules, timed
-    against the same weights computing every expert (dense) and against the
-    plain-torch MoE (``torch_moe``), whose tokens they must reproduce. Without
-    it, SmolLM2-135M with ReLU substituted and no training stands in (less
-    sparse, so a lower bound).
-    """
-    import copy
-
-    from .context import RunContext
-    from .plugin_manager import catalog
-
-    cat = catalog()
-    if model_dir is not None:
-        from .output import load_output
-
-        loaded = load_output(model_dir)
-        note = f"sparsify output {model_dir}"
-    else:
-        src = cat.model_sources["smollm2-135m"]
-        loaded = src().load(src.Params(), device=torch.device("cpu"), dtype=torch.float32)
-        note = "ReLU-substituted, not ProSparse-trained"
-    model, tok = loaded.model.eval(), loaded.tokenizer
-    ctx = RunContext(run_id="bench", model=model, tokenizer=tok, task="causal_lm", data={},
-                     device=torch.device("cpu"), dtype=torch.float32, seed=0, workdir=os.getcwd())
-    if model_dir is None:
-        relu = cat.methods[("substitute_activation", "relu")]
-        relu().apply(ctx, relu.Params())
-    moe = bool(_routed(model))
-    sparse = copy.deepcopy(model)
-    conv = cat.methods[("layout_convert", "moe_ffn" if moe else "activation_sparse_ffn")]
-    ctx.model = sparse
-    conv().apply(ctx, conv.Params())
-    fns = {"ours": sparse}
-    if moe:  # dense: the same weights computing every expert; torch_moe: the routed model in plain torch
-        dense = copy.deepcopy(model)
-        for m in _routed(dense):
-            m.set_routing("dense")
-        fns, model = {"ours": sparse, "torch_moe": model}, dense
-    ids = tok("The history of sparse neural networks", return_tensors="pt").input_ids
-    outs = {}
-
-    def gen(m, name):
-        def run():
-            with torch.no_grad():
-                outs[name] = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                        pad_token_id=tok.eos_token_id)
-        return run
-
-    t = interleaved({"dense": gen(model, "dense"), **{k: gen(m, k) for k, m in fns.items()}}, rounds, warmup=1)
-    extra = {"tokens_per_s_dense": new_tokens / t["dense"], "tokens_per_s_ours": new_tokens / t["ours"],
-             "note": note}
-    if moe:
-        extra["identical_tokens"] = bool(torch.equal(outs["torch_moe"], outs["ours"]))
-        extra["identical_tokens_to_dense"] = bool(torch.equal(outs["dense"], outs["ours"]))
-        selected = []
-
-        def hook(module, x, scores, chosen):
-            selected.append(chosen.float().mean().item())
-
-        plain = fns["torch_moe"]
-        handles = [m.register_selection_hook(hook) for m in _routed(plain)]
-        with torch.no_grad():
-            plain(outs["ours"])
-        for h in handles:
-            h.remove()
-        extra["expert_sparsity"] = 1.0 - statistics.mean(selected)
-    else:
-        extra["identical_tokens"] = bool(torch.equal(outs["dense"], outs["ours"]))
-        # activation sparsity of the model on the generated text
-        from .ffn import capture_intermediates, find_ffn_blocks
-        zeros = []
-        with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append(
-                (x1 == 0).float().mean().item())):
-            model(outs["dense"])
-        extra["activation_sparsity"] = statistics.mean(zeros)
-    return [Row(4, f"decode {new_tokens} tokens" + (" (MoE)" if moe else ""), t["dense"] * 1e3,
-                {k: t[k] * 1e3 for k in fns}, {k: t["dense"] / t[k] for k in fns}, 1.3, None, extra)]
-
-
-CASES = {1: case_activation_sparse, 2: case_moe, 3: case_sparse_linear, 4: case_decode}
-
-
-def environment() -> dict:
-    """What the numbers depend on: threads, ISA, load."""
-    from sparsify_kernels import native
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_isa": native.isa(),
-            "native_kernels": native.library() is not None, "load_average_1m": load[0] if load else None,
-            "cpus": os.cpu_count()}
-
-
-def run(cases=(1, 2, 3), quick: bool = False, threads: int | None = None,
-        progress: Callable[[str], None] = lambda s: None, model_dir: str | os.PathLike | None = None) -> dict:
-    """Run the chosen cases; ``quick`` trims repeats and sizes (a smoke run, numbers not meaningful).
-
-    ``threads`` sets ``torch.set_num_threads`` for dense torch and our kernels
-    alike. On a machine other processes load, one thread gives the stable
-    per-core ratio: with several, whichever side waits on a preempted thread
-    loses a scheduler time slice, which says more about the load than the kernel.
-    """
+    available = cases() if available is None else available
+    unknown = [n for n in numbers if n not in available]
+    if unknown:
+        raise SparsifyError(f"unknown bench case(s) {unknown}: choose among {sorted(available)}")
     if threads:
         torch.set_num_threads(threads)
+    options = BenchOptions(quick=quick, model_dir=None if model_dir is None else Path(model_dir))
     rows: list[Row] = []
     seconds: dict[int, float] = {}
-    env_before = environment()
+    before = machine()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch.sparse "beta" notices
-        for c in cases:
-            progress(f"case {c}")
-            if quick:
-                kw = {1: dict(sparsities=(0.5, 0.9), d=512, dff=1376, repeats=5, predictor_sparsities=(0.9,)),
-                      2: dict(skipped=(0.5,), d=512, dff=1376, repeats=5),
-                      3: dict(shapes=((256, 128),), tokens=(1, 70), sparsities=(0.5,), repeats=3),
-                      4: dict(new_tokens=4, rounds=1)}[c]
-            else:
-                kw = {}
+        for n in numbers:
+            progress(f"case {n}: {available[n].name}")
             start = time.perf_counter()
-            if c == 4 and model_dir is not None:
-                kw = {**kw, "model_dir": model_dir}
-            got = CASES[c](**kw)
-            seconds[c] = time.perf_counter() - start
+            got = available[n].run(options)
+            seconds[n] = time.perf_counter() - start
             if quick:  # smoke sizes: the targets do not apply
                 for r in got:
                     r.target = None
             rows += got
-    return {"environment": env_before, "load_average_1m_after": environment()["load_average_1m"],
-            "quick": quick, "case_seconds": seconds,
+    return {"environment": before, "load_average_1m_after": machine()["load_average_1m"], "quick": quick,
+            "case_seconds": seconds, "cases": {n: available[n].name for n in numbers},
             "rows": [asdict(r) | {"best": r.best[0], "best_ratio": r.best[1], "met": r.met} for r in rows]}
 
 
 def record(registry, result: dict, json_path: str | os.PathLike | None = None) -> str:
-    """Store a ``run`` result in the registry as a ``bench`` run; returns its id.
+    """Store a ``run`` result in the registry as a ``bench`` record; returns its id.
 
-    One stage per case; each row becomes metrics named ``"<config> <candidate> speedup"``
-    (dense time / candidate time) and ``"<config> dense ms"``, plus the numeric
-    extras (recall, sparsity, bandwidth...) as ``"<config> <name>"``. The
-    environment (threads, ISA, load) goes in ``model``/``data`` so ``sparsify
-    runs`` shows where it was measured.
+    The machine (CPU model, ISA flags, threads, torch, load before and after)
+    goes in the record's machine fields. One stage per case; each row becomes
+    metrics named ``"<config> <candidate> speedup"`` (dense time / candidate
+    time) and ``"<config> dense ms"``, plus the numeric extras (recall,
+    sparsity, bandwidth...) as ``"<config> <name>"``.
     """
     env = result["environment"]
-    where = f"cpu {env['cpu_isa']}, {env['threads']} threads" + (" (quick: not a measurement)"
-                                                                   if result.get("quick") else "")
-    load = f"load {env['load_average_1m']:.1f} -> {result.get('load_average_1m_after') or 0:.1f}" \
-        if env.get("load_average_1m") is not None else None
     run_id = registry.create_run(recipe_name="bench", recipe_hash=None, recipe_text=None, recipe_json=None,
-                                 overrides=None, model=where, data=load, seed=None, output_dir=None, workdir=None,
+                                 overrides=None, model=None, data=None, seed=None, output_dir=None, workdir=None,
                                  kind="bench")
-    cases = sorted({r["case"] for r in result["rows"]})
-    for idx, c in enumerate(cases):
-        fn = CASES.get(c)
-        registry.start_stage(run_id, idx, name=f"case {c}", kind="bench", method=fn.__name__ if fn else None,
-                             params={"environment": env})
+    registry.record_machine(run_id, cpu_model=env.get("cpu_model"), isa=env.get("isa"),
+                            isa_flags=env.get("isa_flags"), threads=env.get("threads"), cpus=env.get("cpus"),
+                            torch_version=env.get("torch"), load_before=env.get("load_average_1m"),
+                            load_after=result.get("load_average_1m_after"), quick=bool(result.get("quick")))
+    names = {int(k): v for k, v in (result.get("cases") or {}).items()}
+    seconds = {int(k): v for k, v in (result.get("case_seconds") or {}).items()}
+    for idx, c in enumerate(sorted({r["case"] for r in result["rows"]})):
+        registry.start_stage(run_id, idx, name=f"case {c}", kind="bench", method=names.get(c), params={})
         values: dict[str, float] = {}
         for r in result["rows"]:
             if r["case"] != c:
@@ -503,7 +254,7 @@ def record(registry, result: dict, json_path: str | os.PathLike | None = None) -
                 if isinstance(v, (bool, int, float)):
                     values[f"{r['config']} {k}"] = float(v)
         registry.log_metrics(run_id, f"case {c}", idx, values)
-        registry.finish_stage(run_id, idx, "completed", duration_s=result.get("case_seconds", {}).get(c))
+        registry.finish_stage(run_id, idx, "completed", duration_s=seconds.get(c))
     if json_path is not None:
         registry.add_artifact(run_id, "bench_json", os.path.abspath(json_path))
     registry.set_run_status(run_id, "finished")

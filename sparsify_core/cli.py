@@ -152,7 +152,8 @@ def runs(limit: int = typer.Option(20, help="how many, newest first"),
         table.add_column(col, no_wrap=col != "reason")
     sweep_id = reg.get_sweep(sweep).id if sweep else None
     for r in reg.find_runs(recipe_names=[recipe] if recipe else None, status=status, limit=limit, sweep_id=sweep_id):
-        table.add_row(r.id, r.recipe_name, r.model, r.status, str(r.started_at)[:19], (r.reason or "")[:60])
+        where = r.machine.summary if r.machine is not None else r.model  # bench records: the machine
+        table.add_row(r.id, r.recipe_name, where, r.status, str(r.started_at)[:19], (r.reason or "")[:60])
     out.print(table)
 
 
@@ -321,28 +322,36 @@ def fit(sweep: str = typer.Argument(..., help="sweep id (or unique prefix)"),
 
 
 @app.command()
-def bench(case: list[int] = typer.Option([1, 2, 3], "--case", help="cases to run (1-4; repeat the option)"),
+def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases to run (repeat the option) "
+                                                   "[default: the plugins' default cases, 1-3 built in]"),
           json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
           threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for dense torch and "
                                                 "our kernels alike [default: torch's]"),
           quick: bool = typer.Option(False, "--quick", help="tiny sizes and few repeats: a smoke test, not a measurement"),
-          record: bool = typer.Option(False, "--record", help="store the results in the registry "
+          record: bool = typer.Option(False, "--record", help="store the results in the registry as a bench record "
                                       "(`sparsify runs` lists them, `sparsify show ID` shows them)"),
-          model: Optional[Path] = typer.Option(None, "--model", help="case 4: a sparsify output folder with "
-                                               "ReLU/FATReLU FFNs (e.g. from recipes/prosparse.yaml) "
-                                               "[default: SmolLM2-135M with ReLU, untrained]")):
-    """Time sparse kernels against dense compute, interleaved in one process (see sparsify_core/bench.py)."""
+          model: Optional[Path] = typer.Option(None, "--model", help="for the cases that run a whole model (case 4): "
+                                               "a sparsify output folder with ReLU/FATReLU FFNs (e.g. from "
+                                               "recipes/prosparse.yaml) [default: SmolLM2-135M with ReLU, untrained]")):
+    """Time sparse kernels against dense compute, interleaved in one process.
+
+    The cases come from plugins (the ``sparsify_bench_cases`` hook); the
+    harness is sparsify_core/bench.py.
+    """
     from . import bench as _bench
 
-    bad = [c for c in case if c not in _bench.CASES]
+    available = _bench.cases()
+    numbers = case or [n for n, c in available.items() if c.default]
+    bad = [c for c in numbers if c not in available]
     if bad:
-        raise SparsifyError(f"unknown case(s) {bad}: choose among {sorted(_bench.CASES)}")
+        raise SparsifyError(f"unknown case(s) {bad}: choose among {sorted(available)}")
     if model is not None and not (model / "sparsify.json").is_file():
         raise SparsifyError(f"--model {model}: not a sparsify output folder (no sparsify.json)")
-    result = _bench.run(cases=tuple(case), quick=quick, threads=threads,
-                        progress=lambda s: err.print(s, highlight=False), model_dir=model)
-    table = Table(title=f"sparsify bench: dense time / ours (medians, {result['environment']['threads']} threads, "
-                        f"load {result['environment']['load_average_1m']:.1f})")
+    result = _bench.run(numbers, quick=quick, threads=threads, progress=lambda s: err.print(s, highlight=False),
+                        model_dir=model, available=available)
+    env = result["environment"]
+    load = "" if env["load_average_1m"] is None else f", load {env['load_average_1m']:.1f}"
+    table = Table(title=f"sparsify bench: dense time / ours (medians, {env['threads']} threads, {env['isa']}{load})")
     for col in ("case", "config", "dense ms", "ratios (dense / candidate)", "bound", "target"):
         table.add_column(col)
     for row in _bench.format_table(result):
@@ -354,6 +363,7 @@ def bench(case: list[int] = typer.Option([1, 2, 3], "--case", help="cases to run
     if record:
         run_id = _bench.record(_registry(), result, json_path)
         err.print(f"recorded as {run_id}; see `sparsify show {run_id}`", highlight=False)
+
 
 def main() -> None:
     """Console entry point: one-line errors, meaningful exit codes."""

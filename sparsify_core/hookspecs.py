@@ -85,6 +85,19 @@ def sparsify_layouts():
 
 
 @hookspec
+def sparsify_bench_cases():
+    """Return benchmark cases for ``sparsify bench``: ``sparsify_core.bench.BenchCase`` objects.
+
+    A case has a ``number`` (what ``--case`` selects; unique across plugins), a
+    ``name``, a one-line ``description``, and ``run(options) -> rows``: given
+    the user's ``BenchOptions`` (``quick`` smoke sizes, a ``model_dir``), it
+    times its candidates against dense compute (``sparsify_core.bench.interleaved``)
+    and returns ``Row`` s. The engine runs the chosen cases, prints them, and
+    with ``--record`` stores them as a ``bench`` record with the machine's
+    fields; the plugin that owns the modules a case times contributes it."""
+
+
+@hookspec
 def sparsify_run_started(run_id: str, recipe, resumed: bool):
     """Called once per attempt, after the run is recorded in the registry and before the model loads.
 

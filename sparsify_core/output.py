@@ -11,8 +11,6 @@ states; ``load_output`` rebuilds any modified modules the same way.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,31 +19,12 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .errors import SparsifyError
+from .fsutil import replace_dir, tmp_for
 from .masks import MaskSet
 from .method import StageResult
 
 MANIFEST = "sparsify.json"
 FORMAT_VERSION = 1
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``; an existing ``final`` is swapped out, never half-overwritten."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _tmp_for(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def _save_results(folder: Path, results: dict[int, StageResult]) -> list[dict]:
@@ -82,14 +61,14 @@ def write_checkpoint(workdir: Path, model: torch.nn.Module, masks: MaskSet, comp
                      results: dict[int, StageResult], extra: dict[str, Any] | None = None) -> Path:
     """Write ``<workdir>/checkpoint`` atomically (temp folder, then rename)."""
     final = Path(workdir) / "checkpoint"
-    tmp = _tmp_for(final)
+    tmp = tmp_for(final)
     save_model(model, str(tmp / "model.safetensors"))
     if len(masks):
         save_file(masks.state_dict(), tmp / "masks.safetensors")
     entries = _save_results(tmp / "stages", results)
     meta = {"format": FORMAT_VERSION, "completed": completed, "stages": entries, "extra": extra or {}}
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 
@@ -121,7 +100,7 @@ def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, 
                 results: dict[int, StageResult]) -> Path:
     """Write the output folder atomically; returns its path."""
     folder = Path(folder)
-    tmp = _tmp_for(folder)
+    tmp = tmp_for(folder)
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -132,7 +111,7 @@ def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, 
     manifest = dict(manifest, format=FORMAT_VERSION, stage_results=_save_results(extra, results))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     (tmp / "recipe.yaml").write_text(recipe_text)
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
 
 

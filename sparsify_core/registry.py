@@ -12,7 +12,10 @@ start with ``BEGIN IMMEDIATE`` so they queue for the write lock at their start
 instead of failing when a reader upgrades to a writer mid-transaction.
 
 Sweeps (a recipe's grid of runs) have a table of their own; their runs
-point back to them (``runs.sweep_id``, ``runs.sweep_point``).
+point back to them (``runs.sweep_id``, ``runs.sweep_point``). Benchmark
+records (``sparsify bench --record``) are runs of kind ``bench`` (a stage per
+case, the ratios as metrics) whose machine (CPU model, ISA flags, threads,
+torch, load) is a row of ``bench_machines``.
 
 The schema carries a version; opening a registry applies the missing
 migrations in order, under the write lock, so concurrent openers of a fresh
@@ -166,6 +169,21 @@ artifacts = Table(
     Column("created_at", String(40), nullable=False),
 )
 
+# v6: the machine a bench record was measured on, one row per ``bench`` run
+bench_machines = Table(
+    "bench_machines", metadata,
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("cpu_model", String(255)),
+    Column("isa", String(32)),  # the widest vector ISA: avx512, avx2, neon, generic
+    Column("isa_flags", Text),  # JSON list of the CPU's vector-ISA flags (avx2, avx512f, ...)
+    Column("threads", Integer),  # torch threads the cases ran with
+    Column("cpus", Integer),
+    Column("torch_version", String(64)),
+    Column("load_before", Double),  # 1-minute load average before and after the cases
+    Column("load_after", Double),
+    Column("quick", Integer, nullable=False, server_default=text("0")),  # 1: smoke sizes, not a measurement
+)
+
 
 # -- migrations: frozen history, never edited once released -----------------------------------
 # Each one takes the schema from version i-1 to i. They spell their tables out
@@ -243,8 +261,45 @@ def _migration_5(conn: Connection) -> None:
     _add_column(conn, "metrics", Column("error", Text))
 
 
+def _migration_6(conn: Connection) -> None:
+    """Bench records' machines: a ``bench_machines`` table, filled for the bench runs already recorded.
+
+    Before, a bench run kept its machine in ``model`` (``"cpu avx2, 4 threads"``,
+    `` (quick: ...)`` appended for smoke runs), ``data`` (``"load 1.0 -> 2.0"``)
+    and every stage's ``params`` (``{"environment": {...}}``); those move here
+    and are cleared.
+    """
+    m = MetaData()
+    old_runs = Table("runs", m, Column("id", String(64), primary_key=True), Column("kind", String(16)),
+                     Column("model", Text), Column("data", Text))
+    old_stages = Table("stages", m, Column("run_id", String(64)), Column("idx", Integer), Column("params", Text))
+    table = Table("bench_machines", m,
+                  Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+                  Column("cpu_model", String(255)), Column("isa", String(32)), Column("isa_flags", Text),
+                  Column("threads", Integer), Column("cpus", Integer), Column("torch_version", String(64)),
+                  Column("load_before", Double), Column("load_after", Double),
+                  Column("quick", Integer, nullable=False, server_default=text("0")))
+    table.create(conn)
+    for r in conn.execute(select(old_runs).where(old_runs.c.kind == "bench")).all():
+        params = conn.execute(select(old_stages.c.params).where(old_stages.c.run_id == r.id)
+                              .order_by(old_stages.c.idx).limit(1)).scalar()
+        env = _loads(params, {}).get("environment") or {}
+        after = None
+        if r.data and "->" in r.data:
+            try:
+                after = float(r.data.rsplit("->", 1)[1])
+            except ValueError:
+                pass
+        conn.execute(insert(table).values(
+            run_id=r.id, cpu_model=None, isa=env.get("cpu_isa"), isa_flags=None, threads=env.get("threads"),
+            cpus=env.get("cpus"), torch_version=env.get("torch"), load_before=env.get("load_average_1m"),
+            load_after=after, quick=int("(quick" in (r.model or ""))))
+        conn.execute(update(old_runs).where(old_runs.c.id == r.id).values(model=None, data=None))
+        conn.execute(update(old_stages).where(old_stages.c.run_id == r.id).values(params="{}"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5]
+                                                  _migration_5, _migration_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -444,6 +499,29 @@ class SweepRecord:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class MachineRecord:
+    """The machine a bench record was measured on."""
+
+    cpu_model: str | None
+    isa: str | None
+    isa_flags: list[str]
+    threads: int | None
+    cpus: int | None
+    torch_version: str | None
+    load_before: float | None = None
+    load_after: float | None = None
+    quick: bool = False
+
+    @property
+    def summary(self) -> str:
+        """One line: ``"<cpu model>, avx2, 4 threads"`` (and whether it was a smoke run)."""
+        parts = [p for p in (self.cpu_model, self.isa) if p]
+        if self.threads is not None:
+            parts.append(f"{self.threads} threads")
+        return ", ".join(parts) + (" (quick: not a measurement)" if self.quick else "")
+
+
 @dataclass
 class RunRecord:
     """A run with everything recorded about it (``stages``, ``metrics`` and ``artifacts`` in order)."""
@@ -472,6 +550,7 @@ class RunRecord:
     recipe_path: str | None = None
     kind: str = "recipe"  # or "bench": kernel timings recorded by ``sparsify bench --record``
     sweep_point: dict | None = None  # the grid values this run sets, in a sweep
+    machine: MachineRecord | None = None  # bench records: where they were measured
     stages: list[StageRecord] = field(default_factory=list)
     metrics: list[MetricRecord] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
@@ -717,6 +796,16 @@ class Registry:
         if rows:
             self._write(lambda conn: conn.execute(insert(metrics), rows))
 
+    def record_machine(self, run_id: str, *, cpu_model: str | None, isa: str | None,
+                       isa_flags: Sequence[str] | None, threads: int | None, cpus: int | None,
+                       torch_version: str | None, load_before: float | None = None, load_after: float | None = None,
+                       quick: bool = False) -> None:
+        """Record the machine bench record ``run_id`` was measured on (its ``RunRecord.machine``)."""
+        self._write(lambda conn: conn.execute(insert(bench_machines).values(
+            run_id=run_id, cpu_model=cpu_model, isa=isa, isa_flags=json.dumps(list(isa_flags or [])),
+            threads=threads, cpus=cpus, torch_version=torch_version, load_before=load_before,
+            load_after=load_after, quick=int(bool(quick)))))
+
     def add_artifact(self, run_id: str, kind: str, path: str | os.PathLike, stage_idx: int | None = None) -> None:
         """Record a file or folder the run produced."""
         self._write(lambda conn: conn.execute(insert(artifacts).values(
@@ -837,9 +926,16 @@ class Registry:
     @staticmethod
     def _records(conn: Connection, rows, *, details: bool) -> list[RunRecord]:
         records = [_run_record(r) for r in rows]
+        by_id = {r.id: r for r in records}
+        bench_ids = [r.id for r in records if r.kind == "bench"]
+        for chunk in _chunks(bench_ids, 500):  # listings show where a bench record was measured too
+            for b in conn.execute(select(bench_machines).where(bench_machines.c.run_id.in_(chunk))):
+                by_id[b.run_id].machine = MachineRecord(
+                    cpu_model=b.cpu_model, isa=b.isa, isa_flags=_loads(b.isa_flags, []), threads=b.threads,
+                    cpus=b.cpus, torch_version=b.torch_version, load_before=b.load_before, load_after=b.load_after,
+                    quick=bool(b.quick))
         if not details or not records:
             return records
-        by_id = {r.id: r for r in records}
         for chunk in _chunks(list(by_id), 500):  # stay under the bound-parameter limit
             for s in conn.execute(select(stages).where(stages.c.run_id.in_(chunk)).order_by(stages.c.idx)):
                 by_id[s.run_id].stages.append(StageRecord(

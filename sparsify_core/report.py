@@ -147,6 +147,13 @@ def _header(r: RunRecord) -> RenderableType:
             ("host", f"{r.host} (pid {r.pid})" if r.host else None), ("versions", versions or None),
             ("platform", v.get("platform")), ("git commit", r.git_commit), ("output", r.output_dir),
             ("workdir", r.workdir)]
+    mc = r.machine
+    if mc is not None:  # a bench record: where it was measured
+        load = None if mc.load_before is None else f"{mc.load_before:.1f}" + (
+            "" if mc.load_after is None else f" -> {mc.load_after:.1f}")
+        rows[2:4] = [("machine", mc.summary), ("cpu", " ".join(x for x in (
+            f"{mc.cpus} cpus" if mc.cpus else "", " ".join(mc.isa_flags)) if x) or None),
+            ("torch", mc.torch_version), ("load", load)]
     for key, value in rows:
         if value is not None and value != "":
             grid.add_row(key, value if isinstance(value, Text) else str(value))

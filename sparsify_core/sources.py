@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 
-from .method import Params
+from .params import Params
 
 Task = Literal["causal_lm", "encoder"]
 

@@ -29,8 +29,8 @@ from pydantic import Field, field_validator, model_validator
 
 from . import distributed as dist
 from .errors import SparsifyError
-from .method import Params, check_regexes
-from .output import _replace_dir, _tmp_for
+from .fsutil import replace_dir, tmp_for
+from .params import Params, check_regexes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext
@@ -157,14 +157,14 @@ def _save(ctx, loop: TrainLoop, optimizer, callbacks) -> Path:
     from safetensors.torch import save_file, save_model
 
     final = _checkpoint_dir(ctx)
-    tmp = _tmp_for(final)
+    tmp = tmp_for(final)
     save_model(loop.model, str(tmp / "model.safetensors"))
     if len(ctx.masks):  # schedules (gradual pruning) change the masks mid-stage
         save_file(ctx.masks.state_dict(), str(tmp / "masks.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     meta = {"step": loop.step, "callbacks": [cb.state_dict() for cb in callbacks]}
     (tmp / "loop.json").write_text(json.dumps(meta))
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 

@@ -8,7 +8,8 @@ Formats are pure functions (``formats``), layouts wrap them (``weight``),
 modules hold layouts and call the fast kernels of ``sparsify_kernels``
 (``modules``), stage methods swap modules in a model (``convert``),
 predictors are fitted by pure functions (``predictor``), and ``prune/nmg``
-prunes into the n:m:g structure (``prune``).
+prunes into the n:m:g structure (``prune``). Their benchmark cases for
+``sparsify bench`` are in ``bench``.
 """
 from __future__ import annotations
 
@@ -33,3 +34,11 @@ def sparsify_layouts():
 def sparsify_methods():
     """``layout_convert`` methods (activation-sparse FFN, MoE FFN, one per weight layout) and ``prune/nmg``."""
     return [ActivationSparseFFNConvert, MoEFFNConvert, *weight_methods(), NMGPrune]
+
+
+@hookimpl
+def sparsify_bench_cases():
+    """``sparsify bench`` cases 1-4: activation-sparse FFN, MoE FFN, sparse Linear, end-to-end decode."""
+    from .bench import CASES  # imported when benchmarking only
+
+    return list(CASES)

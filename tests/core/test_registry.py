@@ -210,6 +210,46 @@ def test_v1_registry_is_migrated_and_old_runs_stay_readable(url):
         assert reg.get_run(new).sweep_id == "s"
 
 
+def test_v5_bench_runs_get_their_machine_fields_in_v6(url):
+    """A v5 database's bench runs (machine stuffed in model/data/stage params) migrate to bench_machines rows."""
+    engine = make_engine(url)
+    assert migrate(engine, target=5) == 5
+    env = {"torch": "2.3.0", "threads": 4, "cpu_isa": "avx2", "native_kernels": True, "load_average_1m": 1.25,
+           "cpus": 16}
+    with engine.begin() as conn:
+        assert not inspect(conn).has_table("bench_machines")
+        for rid, kind, model, data in (("20250101-0000-bbbbbb", "bench", "cpu avx2, 4 threads (quick: not a "
+                                        "measurement)", "load 1.2 -> 2.5"),
+                                       ("20250101-0000-cccccc", "recipe", "tiny", "pydoc")):
+            conn.execute(text("INSERT INTO runs (id, recipe_name, status, started_at, pid, host, overrides, versions,"
+                              " kind, model, data) VALUES (:id, :name, 'finished', '2025-01-01T00:00:00+00:00', 1, "
+                              "'h', '[]', '{}', :kind, :model, :data)"),
+                         dict(id=rid, name="bench" if kind == "bench" else "old", kind=kind, model=model, data=data))
+            conn.execute(text("INSERT INTO stages (run_id, idx, name, kind, method, params, status) VALUES "
+                              "(:id, 0, 'case 1', :kind, 'case_activation_sparse', :params, 'completed')"),
+                         dict(id=rid, kind=kind, params=json.dumps({"environment": env} if kind == "bench"
+                                                                   else {"threshold": 0.1})))
+            conn.execute(text("INSERT INTO metrics (run_id, stage, stage_idx, name, value, created_at) VALUES "
+                              "(:id, 'case 1', 0, 's=50% ours speedup', 1.5, '2025-01-01T00:00:00+00:00')"),
+                         dict(id=rid))
+    engine.dispose()
+
+    with Registry(url) as reg:
+        with reg.engine.connect() as conn:
+            assert schema_version(conn) == SCHEMA_VERSION >= 6
+        bench = reg.get_run("20250101-0000-bbbbbb")
+        assert (bench.kind, bench.model, bench.data) == ("bench", None, None)
+        mc = bench.machine
+        assert (mc.isa, mc.threads, mc.cpus, mc.torch_version, mc.quick) == ("avx2", 4, 16, "2.3.0", True)
+        assert (mc.load_before, mc.load_after) == (1.25, 2.5)
+        assert bench.stages[0].params == {} and [m.value for m in bench.metrics] == [1.5]
+        assert "avx2, 4 threads" in mc.summary and "quick" in mc.summary
+        recipe = reg.get_run("20250101-0000-cccccc")
+        assert (recipe.machine, recipe.model, recipe.data) == (None, "tiny", "pydoc")
+        assert recipe.stages[0].params == {"threshold": 0.1}
+        assert [r.machine.isa for r in reg.find_runs(kinds=["bench"], details=False)] == ["avx2"]
+
+
 def test_registry_from_a_newer_sparsify_is_refused(url):
     Registry(url).close()
     engine = make_engine(url)

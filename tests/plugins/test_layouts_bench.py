@@ -1,0 +1,71 @@
+"""The layouts plugin's ``sparsify bench`` cases, at smoke sizes (correctness of the plumbing, not timings)."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import sparsify
+from sparsify_core import bench
+from sparsify_kernels import ffn as K
+from sparsify_plugins.layouts import bench as layout_bench
+
+needs_native = pytest.mark.skipif(not K.cpu_kernel_available(), reason="no C++ compiler: native kernels unavailable")
+
+
+@needs_native
+def test_activation_sparse_case_reports_the_predictor_recall():
+    result = bench.run((1,), quick=True, threads=1)
+    assert result["rows"] and all(r["case"] == 1 for r in result["rows"])
+    (pred,) = [r for r in result["rows"] if r["config"].endswith("predictor")]
+    assert 0.9 <= pred["extra"]["recall"] <= 1 and pred["extra"]["held_out_computed_fraction"] < 0.5
+    assert pred["extra"]["rel_err"] < 0.5  # approximate, but close to the exact FFN
+    exact = [r for r in result["rows"] if not r["config"].endswith("predictor")]
+    assert exact and all(r["extra"]["kernels"].startswith("native ") for r in exact)
+
+
+def test_the_layouts_plugin_contributes_cases_1_to_4():
+    found = bench.cases()
+    assert {n: found[n].run for n in (1, 2, 3, 4)} == {c.number: c.run for c in layout_bench.CASES}
+    assert [n for n in (1, 2, 3, 4) if found[n].default] == [1, 2, 3]  # decode loads a model: on request only
+
+
+@needs_native
+def test_moe_case_times_the_converted_module(monkeypatch):
+    """Case 2 runs MoEFFN.forward (router, selection, kernel), selecting exactly the kept experts."""
+    from sparsify_plugins.layouts.modules import MoEFFN
+    calls = []
+    forward = MoEFFN.forward
+    monkeypatch.setattr(MoEFFN, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    (row,) = layout_bench.case_moe(skipped=(0.5,), d=96, dff=320, expert=32, repeats=3)
+    assert row.extra["experts"] == "5/10" and row.extra["rel_err"] < 1e-5
+    assert len(calls) >= 3 and row.ours_ms["ours"] > 0
+
+
+def test_decode_case_runs_on_a_sparsify_output(workdir):
+    """Case 4 on a saved ReLU model (as users pass their ProSparse output): same tokens, sparsity reported."""
+    from helpers import tiny_recipe, write
+
+    # the tiny recipe's ReLU stage only (no pruning), saved where case 4 can find it
+    stages = "  - kind: substitute_activation\n    method: relu\n"
+    write(workdir / "r.yaml", tiny_recipe(stages, output={"dir": "out", "save": True}))
+    sparsify("run", "r.yaml", cwd=workdir, check=True)
+    result = bench.run((4,), quick=True, threads=1, model_dir=workdir / "out")
+    (row,) = result["rows"]
+    assert row["extra"]["identical_tokens"] is True
+    assert 0.3 < row["extra"]["activation_sparsity"] < 1 and "out" in row["extra"]["note"]
+    bad = sparsify("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
+    assert bad.returncode != 0 and "not a sparsify output folder" in bad.stderr
+
+
+def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
+    """Case 4 on a saved MoE (as users pass their LTE output): MoEFFN reproduces the plain-torch MoE's tokens."""
+    from helpers import tiny_recipe, write
+
+    stages = ("  - kind: moeify\n    method: param_cluster\n"
+              "    params: {expert_size: 8, router: lte, fit: {epochs: 2}}\n")
+    write(workdir / "m.yaml", tiny_recipe(stages, output={"dir": "moe", "save": True}))
+    sparsify("run", "m.yaml", cwd=workdir, check=True)
+    result = bench.run((4,), quick=True, threads=1, model_dir=workdir / "moe")
+    (row,) = result["rows"]
+    assert set(row["ratio"]) == {"ours", "torch_moe"} and row["best"] == "ours"
+    assert row["extra"]["identical_tokens"] is True and row["config"].endswith("(MoE)")
+    assert 0.2 < row["extra"]["expert_sparsity"] < 0.9
