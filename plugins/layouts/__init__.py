@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from sparsify_core import hookimpl
 
-from .convert import ActivationSparseFFNConvert, MoEFFNConvert, weight_methods
+from .convert import ActivationSparseFFNConvert, MoEFFNConvert, WeightConvert, weight_methods
 from .modules import ActivationPredictor, ActivationSparseFFN, MoEFFN, SparseLinear, TransposedLinear
 from .prune import NMGPrune
 from .weight import BSR, CSR, NM, NMG, WEIGHT_LAYOUTS, StoredLayout
 
 __all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationPredictor", "ActivationSparseFFN",
-           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "NMGPrune"]
+           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "WeightConvert",
+           "NMGPrune"]
 
 
 @hookimpl

@@ -305,7 +305,10 @@ class WeightLayoutParams(Params):
 
 
 class WeightConvertParams(WeightLayoutParams):
-    """``layout`` names a layout of the plugin catalog; the other keys not listed here are its params."""
+    """``layout`` names a layout of the plugin catalog; the other keys not listed here are its params.
+
+    (So a layout's own params cannot be called ``layout``, ``targets``,
+    ``exclude`` or ``strict``: those keys belong to the stage.)"""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     layout: str = Field(description="name of the layout (`sparsify plugins` lists them): csr, bsr, nm, nmg or "

@@ -208,3 +208,22 @@ def test_sparse_linear_computes_with_the_layout_kernel(monkeypatch):
         lin.load_state_dict(SparseLinear(CSR.from_dense(w2), lin.bias.detach()).state_dict())
         torch.testing.assert_close(lin(x), x @ w2.T + lin.bias, atol=1e-5, rtol=1e-5)
     assert len(built) == 2
+
+
+def test_sparse_linear_copies_pack_their_own_kernels():
+    """A deep copy must not compute with kernels packed from the original's storage."""
+    import copy
+
+    from sparsify_plugins.layouts.modules import SparseLinear
+
+    w = sparse((12, 20), 0.3)
+    lin = SparseLinear(CSR.from_dense(w), None)
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        lin(x)  # builds and caches the kernel
+        twin = copy.deepcopy(lin)
+        twin.val.mul_(2)
+        torch.testing.assert_close(twin(x), 2 * (x @ w.T), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lin(x), x @ w.T, atol=1e-5, rtol=1e-5)
+        lin.double()  # cast storage: the float32 kernel is dropped, the float64 path computes from the new buffers
+        torch.testing.assert_close(lin(x.double()), x.double() @ w.double().T)
