@@ -81,7 +81,9 @@ def sparsify_layouts():
     """Return sparse storage layouts: subclasses of ``sparsify_core.Layout``.
 
     A layout converts a dense weight to its storage and back exactly, and
-    computes with it (a plain-torch reference plus optional fast kernels)."""
+    computes with it (a plain-torch reference ``matmul`` plus an optional fast
+    ``kernel(device, dtype)``). ``layout_convert/weight`` with ``layout: NAME``
+    and ``SparseLinear`` find it by its ``name`` in the catalog."""
 
 
 @hookspec

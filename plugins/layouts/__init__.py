@@ -4,9 +4,10 @@ Weight layouts (``csr``, ``bsr``, ``nm``, ``nmg``) store a Linear's weight;
 the activation-sparse FFN computes only the active neurons of an FFN block
 (optionally only those an activation predictor chooses: ``predictor``); the
 MoE FFN reads only the experts a token's router selects (``moe_ffn``).
-Formats are pure functions (``formats``), layouts wrap them (``weight``),
-modules hold layouts and call the fast kernels of ``sparsify_kernels``
-(``modules``), stage methods swap modules in a model (``convert``),
+Formats are pure functions (``formats``), layouts wrap them and hand out the
+fast kernels of ``sparsify_kernels`` (``weight``), modules hold layouts and
+compute with their kernels (``modules``), stage methods swap modules in a
+model (``convert``: ``weight`` takes any catalog layout by name),
 predictors are fitted by pure functions (``predictor``), and ``prune/nmg``
 prunes into the n:m:g structure (``prune``). Their benchmark cases for
 ``sparsify bench`` are in ``bench``.
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 from sparsify_core import hookimpl
 
-from .convert import ActivationSparseFFNConvert, MoEFFNConvert, weight_methods
+from .convert import ActivationSparseFFNConvert, MoEFFNConvert, WeightConvert, weight_methods
 from .modules import ActivationPredictor, ActivationSparseFFN, MoEFFN, SparseLinear, TransposedLinear
 from .prune import NMGPrune
 from .weight import BSR, CSR, NM, NMG, WEIGHT_LAYOUTS, StoredLayout
 
 __all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationPredictor", "ActivationSparseFFN",
-           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "NMGPrune"]
+           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "WeightConvert",
+           "NMGPrune"]
 
 
 @hookimpl
@@ -32,7 +34,7 @@ def sparsify_layouts():
 
 @hookimpl
 def sparsify_methods():
-    """``layout_convert`` methods (activation-sparse FFN, MoE FFN, one per weight layout) and ``prune/nmg``."""
+    """``layout_convert`` methods (activation-sparse FFN, MoE FFN, ``weight`` and its aliases) and ``prune/nmg``."""
     return [ActivationSparseFFNConvert, MoEFFNConvert, *weight_methods(), NMGPrune]
 
 

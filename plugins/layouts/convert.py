@@ -10,10 +10,12 @@
   MoEfication / LTE) become ``MoEFFN``: the same router and routing
   (``top_k`` or ``threshold``), weights stored by neuron rows so each token
   reads only its selected experts' gate, up and down rows. Exact.
-- ``csr``, ``bsr``, ``nm``, ``nmg``: Linear layers become ``SparseLinear`` in
-  that layout. The conversion is exact: a weight that does not fit the format
+- ``weight`` (``layout: NAME`` plus that layout's params): Linear layers
+  become ``SparseLinear`` in any layout of the plugin catalog, built-in or a
+  plugin's. The conversion is exact: a weight that does not fit the format
   (e.g. ``nm`` on a weight that was not pruned n:m) is an error naming the
-  module, never a silent pruning.
+  module, never a silent pruning. ``csr``, ``bsr``, ``nm``, ``nmg`` are the
+  same method with the layout fixed, kept for existing recipes.
 
 Masks of converted weights follow them: transposed with the down projection,
 dropped for weights held in a layout (the layout itself keeps the zeros).
@@ -24,18 +26,18 @@ from __future__ import annotations
 
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from sparsify_core.method import LayerIndices, check_regexes
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Layout, Method, Params, StageResult
 from sparsify_core.errors import ParamsError, SparsifyError
+from sparsify_core.layout import find_layout
 from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
 
 from . import predictor as P
 from .modules import (ActivationPredictor, ActivationSparseFFN, MoEFFN, RoutedFFN, SparseLinear, TransposedLinear,
                       activation_spec, is_sparse_activation)
-from .weight import BSRParams, NMGParams, NMParams
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -302,14 +304,48 @@ class WeightLayoutParams(Params):
         return check_regexes(v)
 
 
-class _WeightLayoutConvert(Method):
-    """Base: convert the targeted Linear layers' weights into ``layout``."""
+class WeightConvertParams(WeightLayoutParams):
+    """``layout`` names a layout of the plugin catalog; the other keys not listed here are its params.
+
+    (So a layout's own params cannot be called ``layout``, ``targets``,
+    ``exclude`` or ``strict``: those keys belong to the stage.)"""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    layout: str = Field(description="name of the layout (`sparsify plugins` lists them): csr, bsr, nm, nmg or "
+                                    "a plugin's; its own params (e.g. n, m for nm) go next to it")
+
+    @model_validator(mode="after")
+    def _layout_params(self):
+        try:
+            layout = find_layout(self.layout)
+        except SparsifyError as exc:
+            raise ValueError(str(exc)) from None
+        try:
+            layout.Params.model_validate(self.model_extra or {})
+        except ValidationError as exc:
+            raise ValueError(f"params of the {self.layout} layout: "
+                             + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}"
+                                         for e in exc.errors())) from None
+        return self
+
+
+class WeightConvert(Method):
+    """Hold Linear weights in a layout (``layout: NAME`` plus its params; exact, so prune first).
+
+    Any layout of the plugin catalog works, built-in (``csr``, ``bsr``,
+    ``nm``, ``nmg``) or a plugin's: the layout's own ``Params`` validates its
+    params, its ``from_dense`` stores each targeted weight (a weight that does
+    not fit is an error naming the module) and its kernels compute.
+    """
 
     kind = "layout_convert"
-    layout: type
+    name = "weight"
+    Params = WeightConvertParams
 
-    def layout_params(self, params):
-        return self.layout.Params(**{k: getattr(params, k) for k in self.layout.Params.model_fields})
+    def resolve(self, params) -> tuple[type[Layout], Params]:
+        """The layout class and its validated params."""
+        layout = find_layout(params.layout)
+        return layout, layout.Params.model_validate(params.model_extra or {})
 
     def check(self, model, params) -> None:
         """Something to convert. (Widths need not be multiples of a block: the formats pad, exactly.)"""
@@ -322,13 +358,13 @@ class _WeightLayoutConvert(Method):
         if not modules:
             raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets} "
                                 f"outside exclude={params.exclude}")
-        lp = self.layout_params(params)
+        layout_cls, lp = self.resolve(params)
         specs, change, dense_bytes, sparse_bytes = {}, {}, 0, 0
-        with ctx.progress(f"{self.layout.name} conversion", total=len(modules)) as task:
+        with ctx.progress(f"{layout_cls.name} conversion", total=len(modules)) as task:
             for name, module in modules:
                 w = weight_out_in(module).detach()
                 try:
-                    layout = self.layout.from_dense(w, lp)
+                    layout = layout_cls.from_dense(w, lp)
                 except ValueError as exc:
                     raise SparsifyError(f"{name}: {exc}") from None
                 new = SparseLinear(layout, getattr(module, "bias", None), params.strict)
@@ -346,26 +382,35 @@ class _WeightLayoutConvert(Method):
                            info={"modules": specs})
 
     def rebuild(self, ctx, params, result) -> None:
-        lp = self.layout_params(params)
+        layout_cls, lp = self.resolve(params)
         for name, spec in result.info["modules"].items():
-            module = SparseLinear.empty(self.layout.name, lp, tuple(spec["shape"]), spec["storage"], spec["bias"],
+            module = SparseLinear.empty(layout_cls.name, lp, tuple(spec["shape"]), spec["storage"], spec["bias"],
                                         getattr(torch, spec["dtype"]), params.strict)
             _set_module(ctx.model, name, module)
 
 
-def _weight_method(layout_cls, params_base):
-    class P(WeightLayoutParams, params_base):
+class _LayoutAlias(WeightConvert):
+    """``layout_convert/weight`` with the layout fixed (``method: nm`` is ``method: weight, layout: nm``)."""
+
+    layout_name: str
+
+    def resolve(self, params):
+        layout = find_layout(self.layout_name)
+        return layout, layout.Params(**{k: getattr(params, k) for k in layout.Params.model_fields})
+
+
+def _weight_method(layout_cls):
+    class P(WeightLayoutParams, layout_cls.Params):
         pass
 
     P.__name__ = f"{layout_cls.__name__}ConvertParams"
-    return type(f"{layout_cls.__name__}Convert", (_WeightLayoutConvert,), {
-        "__doc__": f"Hold Linear weights in the {layout_cls.name} layout (exact; prune first). "
-                   f"{layout_cls.describe()}",
-        "name": layout_cls.name, "layout": layout_cls, "Params": P})
+    return type(f"{layout_cls.__name__}Convert", (_LayoutAlias,), {
+        "__doc__": f"Hold Linear weights in the {layout_cls.name} layout: the same as `method: weight` with "
+                   f"`layout: {layout_cls.name}` (exact; prune first). {layout_cls.describe()}",
+        "name": layout_cls.name, "layout_name": layout_cls.name, "Params": P})
 
 
 def weight_methods():
-    """One ``layout_convert`` method per weight layout."""
-    from .weight import BSR, CSR, NM, NMG
-    return [_weight_method(CSR, Params), _weight_method(BSR, BSRParams), _weight_method(NM, NMParams),
-            _weight_method(NMG, NMGParams)]
+    """``layout_convert/weight`` and, for existing recipes, one alias per built-in weight layout."""
+    from .weight import WEIGHT_LAYOUTS
+    return [WeightConvert, *(_weight_method(cls) for cls in WEIGHT_LAYOUTS)]

@@ -1,8 +1,8 @@
 """Modules that compute with sparse layouts, and the one policy for falling back.
 
-- ``SparseLinear``: a Linear whose weight is held in a weight layout (CSR,
-  BSR, n:m, n:m:g) as buffers; computes with the packed CPU kernel or the
-  Triton n:m kernel, else densely.
+- ``SparseLinear``: a Linear whose weight is held in a weight layout (any
+  ``sparsify_core.Layout``: CSR, BSR, n:m, n:m:g or a plugin's) as buffers;
+  computes with the layout's kernel (``Layout.kernel``), else densely.
 - ``TransposedLinear``: a Linear stored ``[in, out]`` (like transformers'
   ``Conv1D``, so the engine reads it as a linear layer); when its input has
   few tokens it reads only the rows of non-zero inputs (the down projection
@@ -30,14 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsify_core import Layout
 from sparsify_core.errors import SparsifyError
+from sparsify_core.layout import find_layout
 from sparsify_kernels import ffn as ffn_kernels
-from sparsify_kernels import spmm
 from sparsify_plugins.moe.modules import RoutedFFN, Router
 
-from .weight import WEIGHT_LAYOUTS, StoredLayout
-
-LAYOUTS = {cls.name: cls for cls in WEIGHT_LAYOUTS}
 _warned: set[str] = set()
 
 
@@ -71,12 +69,20 @@ def _triton_ok(x: torch.Tensor) -> bool:
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored in a weight layout (buffers named after its tensors).
 
+    Any ``sparsify_core.Layout`` works, built-in or from a plugin: the module
+    keeps the layout's name and params, finds the class in the plugin catalog
+    when rebuilt by name (``empty``), and computes with the layout's
+    ``kernel(device, dtype)`` in inference; where the layout has none (or it
+    declines an input) it computes densely under the ``fallback`` policy, and
+    always densely when autograd records.
+
     A stored linear (``sparsify_core.ffn``): ``dense_weight()`` gives ``W``
     back, so the engine and metrics see it as the Linear it replaced.
     """
 
-    def __init__(self, layout: StoredLayout, bias: torch.Tensor | None = None, strict: bool = False):
+    def __init__(self, layout: Layout, bias: torch.Tensor | None = None, strict: bool = False):
         super().__init__()
+        self.layout_cls = type(layout)
         self.layout_name = layout.name
         self.layout_params = layout.params
         self.out_features, self.in_features = layout.shape
@@ -84,13 +90,19 @@ class SparseLinear(nn.Module):
         for k, t in layout.tensors().items():
             self.register_buffer(k, t)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self._packed = None  # CPU kernel formats, built on first use
-        self._cuda_nm = None
+        self._kernels: dict = {}  # (device, dtype) -> the layout's kernel or None, built on first use
         self._dense = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module._forget())
 
     def _forget(self) -> None:
-        self._packed = self._cuda_nm = self._dense = None
+        self._kernels, self._dense = {}, None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._forget()  # storage moved or cast: kernels packed from the old tensors are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_kernels": {}, "_dense": None}  # copies pack their own kernels
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a new dense ``[out_features, in_features]`` tensor, bit for bit.
@@ -100,71 +112,40 @@ class SparseLinear(nn.Module):
         """
         return self.layout().to_dense()
 
-    def layout(self) -> StoredLayout:
+    def layout(self) -> Layout:
         """The layout object over this module's buffers."""
-        cls = LAYOUTS[self.layout_name]
-        return cls.from_tensors((self.out_features, self.in_features), self.layout_params,
-                                {k: getattr(self, k) for k in cls.names})
+        return self.layout_cls.from_tensors((self.out_features, self.in_features), self.layout_params,
+                                            {k: getattr(self, k) for k in self.layout_cls.names})
 
     @classmethod
     def empty(cls, layout_name: str, params, shape, storage: dict, has_bias: bool, dtype, strict=False):
-        """A module with zero-filled storage of the recorded shapes (filled by ``load_state_dict``)."""
-        layout_cls = LAYOUTS[layout_name]
+        """A module with zero-filled storage of the recorded shapes (filled by ``load_state_dict``).
+
+        ``layout_name`` is looked up in the plugin catalog (``SparsifyError`` if
+        no installed plugin provides it); ``storage`` is ``storage_spec()``."""
+        layout_cls = find_layout(layout_name)
         tensors = {k: torch.zeros(s, dtype=getattr(torch, dt)) for k, (s, dt) in storage.items()}
         bias = torch.zeros(shape[0], dtype=dtype) if has_bias else None
-        return cls(layout_cls(shape, params, **tensors), bias, strict)
+        return cls(layout_cls.from_tensors(shape, params, tensors), bias, strict)
 
     def storage_spec(self) -> dict:
         """Shapes and dtypes of the storage tensors (what ``empty`` needs to rebuild)."""
         return {k: [list(getattr(self, k).shape), str(getattr(self, k).dtype).removeprefix("torch.")]
-                for k in LAYOUTS[self.layout_name].names}
+                for k in self.layout_cls.names}
 
-    def _cpu(self, x):
-        """The CPU kernels: BSR tile kernels, the n:m permute kernel for few tokens, panel CSR otherwise."""
-        if not spmm.cpu_kernel_available():
-            return None
-        if self._packed is None:
-            dense = self.layout().to_dense()
-            nm = None
-            if self.layout_name in ("nm", "nmg"):  # n:m:g is n:m too
-                from . import formats as F
-                p = self.layout_params
-                val, idx = F.nm_from_dense(dense, p.n, p.m)
-                nm = spmm.pack_nm(val, idx, p.n, p.m, dense.shape)
-            self._packed = (spmm.pack(dense), nm)
-        packed, nm = self._packed
-        if self.layout_name == "bsr" and self.val.dtype == torch.float32:
-            y = spmm.bsr_matmul(self.crow, self.col, self.val, (self.out_features, self.in_features), x, self.bias)
-            if y is not None:
-                return y
-        if nm is not None and x[..., 0].numel() < 16:
-            y = spmm.nm_matmul(nm, x, self.bias)
-            if y is not None:
-                return y
-        return spmm.matmul(packed, x, self.bias)
-
-    def _cuda(self, x):
-        """The Triton n:m kernel (n:m:g weights are n:m too)."""
-        from sparsify_kernels import triton_kernels
-        p = self.layout_params
-        if self.layout_name == "nm":
-            val, idx = self.val, self.idx
-        else:
-            if self._cuda_nm is None or self._cuda_nm[0].device != x.device:
-                from . import formats as F
-                val, idx = F.nm_from_dense(self.layout().to_dense(), p.n, p.m)
-                self._cuda_nm = (val.to(x.device), idx.to(x.device))
-            val, idx = self._cuda_nm
-        return triton_kernels.nm_matmul(x, val, idx, p.n, p.m, self.in_features, self.bias)
+    def kernel(self, x: torch.Tensor):
+        """The layout's kernel for ``x``'s device and dtype (cached), or ``None``."""
+        key = (x.device, x.dtype)
+        if key not in self._kernels:
+            self._kernels[key] = self.layout().kernel(x.device, x.dtype)
+        return self._kernels[key]
 
     def forward(self, x):
         if _inference(x):
-            if x.device.type == "cpu" and x.dtype == torch.float32:
-                y = self._cpu(x)
-                if y is not None:
-                    return y
-            elif self.layout_name in ("nm", "nmg") and _triton_ok(x):
-                return self._cuda(x)
+            run = self.kernel(x)
+            y = run(x, self.bias) if run is not None else None
+            if y is not None:
+                return y
             fallback(f"{self.layout_name} Linear", f"for {x.device.type}/{str(x.dtype).removeprefix('torch.')}",
                      self.strict)
         if self._dense is None or self._dense.device != x.device:

@@ -5,48 +5,56 @@ Each is a ``sparsify_core.Layout``: ``from_dense`` stores a weight exactly
 bit for bit, and ``matmul`` is the plain-torch reference computed from the
 storage itself (never through ``to_dense``). The storage is a flat dict of
 tensors (``tensors()`` / ``from_tensors``) so modules can hold it as buffers
-and outputs save it with safetensors. Fast kernels live in
-``sparsify_kernels`` and are tested against ``matmul``.
+and outputs save it with safetensors. ``kernel(device, dtype)`` hands out the
+fast kernels of ``sparsify_kernels`` (float32 on the CPU: BSR tile kernels,
+the n:m permute kernel for few tokens, panel CSR otherwise; CUDA: the Triton
+n:m kernel for ``nm`` and ``nmg``), tested against ``matmul``.
 """
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 from pydantic import Field, model_validator
 
 from sparsify_core import Layout, Params
+from sparsify_kernels import spmm
 
 from . import formats as F
 
 
 class StoredLayout(Layout):
-    """A layout whose storage is a dict of named tensors plus the dense shape."""
-
-    names: ClassVar[tuple[str, ...]]
-
-    def __init__(self, shape: tuple[int, int], params: Params, **tensors: torch.Tensor):
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.params = params
-        for k in self.names:
-            setattr(self, k, tensors[k])
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The storage tensors by name (what a module registers as buffers)."""
-        return {k: getattr(self, k) for k in self.names}
-
-    @classmethod
-    def from_tensors(cls, shape, params: Params, tensors: dict[str, torch.Tensor]) -> "StoredLayout":
-        """Rebuild from ``tensors()`` output (e.g. loaded from safetensors)."""
-        return cls(shape, params, **{k: tensors[k] for k in cls.names})
-
-    def nbytes(self) -> int:
-        """Bytes of storage (values and indices)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+    """A built-in weight layout (storage, params and kernels as in ``sparsify_core.Layout``)."""
 
     def nnz(self) -> int:
         """Stored non-zeros (explicit zeros of a fixed-pattern format included)."""
         return int(getattr(self, "val").numel())
+
+
+def _cpu_ok(device, dtype) -> bool:
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and spmm.cpu_kernel_available()
+
+
+def _panel_kernel(dense: torch.Tensor, first=None):
+    """The panel-CSR CPU kernel over ``dense``; ``first(x, bias)`` is tried before it (``None``: declined)."""
+    packed = spmm.pack(dense)
+
+    def run(x, bias):
+        y = first(x, bias) if first is not None else None
+        return y if y is not None else spmm.matmul(packed, x, bias)
+    return run
+
+
+def _nm_kernel(layout, val, idx, device):
+    """n:m kernels: the permute kernel for few tokens then panel CSR (CPU), or the Triton kernel (CUDA)."""
+    p = layout.params
+    if torch.device(device).type == "cuda":
+        from sparsify_kernels import triton_kernels
+        if not triton_kernels.available():
+            return None
+        val, idx = val.to(device), idx.to(device)
+        return lambda x, bias: triton_kernels.nm_matmul(x, val, idx, p.n, p.m, layout.shape[1], bias)
+    nm = spmm.pack_nm(val, idx, p.n, p.m, layout.shape)
+    few = (lambda x, bias: spmm.nm_matmul(nm, x, bias) if x[..., 0].numel() < 16 else None) if nm else None
+    return _panel_kernel(layout.to_dense(), few)
 
 
 class CSR(StoredLayout):
@@ -65,6 +73,10 @@ class CSR(StoredLayout):
 
     def matmul(self, x):
         return F.csr_matmul(self.crow, self.col, self.val, self.shape, x)
+
+    def kernel(self, device, dtype):
+        """Panel CSR on the CPU (float32)."""
+        return _panel_kernel(self.to_dense()) if _cpu_ok(device, dtype) else None
 
 
 class BSRParams(Params):
@@ -95,6 +107,16 @@ class BSR(StoredLayout):
 
     def matmul(self, x):
         return F.bsr_matmul(self.crow, self.col, self.val, self.shape, x)
+
+    def kernel(self, device, dtype):
+        """The BSR tile kernels straight from float32 tiles, else panel CSR (CPU, float32)."""
+        if not _cpu_ok(device, dtype):
+            return None
+        tiles = None
+        if self.val.dtype == torch.float32:
+            crow, col, val, shape = self.crow, self.col, self.val, self.shape
+            tiles = lambda x, bias: spmm.bsr_matmul(crow, col, val, shape, x, bias)  # noqa: E731
+        return _panel_kernel(self.to_dense(), tiles)
 
 
 class NMParams(Params):
@@ -127,6 +149,12 @@ class NM(StoredLayout):
     def matmul(self, x):
         return F.nm_matmul(self.val, self.idx, self.params.n, self.params.m, self.shape, x)
 
+    def kernel(self, device, dtype):
+        """CPU (float32): the permute kernel for fewer than 16 tokens, else panel CSR; CUDA: Triton."""
+        if not (_cpu_ok(device, dtype) or torch.device(device).type == "cuda"):
+            return None
+        return _nm_kernel(self, self.val, self.idx, device)
+
 
 class NMGParams(NMParams):
     g: int = Field(4, ge=1, description="vectors per pattern in each chunk of C(m, n) * g rows")
@@ -158,6 +186,13 @@ class NMG(StoredLayout):
     def matmul(self, x):
         p = self.params
         return F.nmg_matmul(self.val, self.row, p.n, p.m, p.g, self.shape, x)
+
+    def kernel(self, device, dtype):
+        """The n:m kernels (an n:m:g weight is n:m too)."""
+        if not (_cpu_ok(device, dtype) or torch.device(device).type == "cuda"):
+            return None
+        val, idx = F.nm_from_dense(self.to_dense(), self.params.n, self.params.m)
+        return _nm_kernel(self, val, idx, device)
 
 
 WEIGHT_LAYOUTS: tuple[type[StoredLayout], ...] = (CSR, BSR, NM, NMG)

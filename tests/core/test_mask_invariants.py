@@ -53,6 +53,7 @@ LATER: dict[str, list[str]] = {
                   "samples: 2}, min_dense: 0.25, max_dense: null, final_dense: 0.25, "
                   "experts: {expert_size: 8, router: mlp, top_k: 2, fit: {epochs: 2}}, "
                   "train: {steps: 4, batch_size: 2, lr: 1.0e-2, checkpoint_every: 0}}}"],
+    "layout_convert/weight": ["{kind: layout_convert, method: weight, params: {layout: bsr, block: [4, 4]}}"],
     "layout_convert/csr": ["{kind: layout_convert, method: csr}"],
     "layout_convert/bsr": ["{kind: layout_convert, method: bsr, params: {block: [4, 4]}}"],
     "layout_convert/nm": ["{kind: layout_convert, method: nm, params: {n: 2, m: 4}}"],

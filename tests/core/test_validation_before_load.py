@@ -172,7 +172,7 @@ def test_a_training_split_that_is_missing_points_at_train_split():
 PARAMS: dict[tuple[str, str], dict] = {
     ("layout_convert", "activation_sparse_ffn"): {"predictor": {}},
     ("layout_convert", "bsr"): {}, ("layout_convert", "csr"): {}, ("layout_convert", "moe_ffn"): {},
-    ("layout_convert", "nm"): {}, ("layout_convert", "nmg"): {},
+    ("layout_convert", "nm"): {}, ("layout_convert", "nmg"): {}, ("layout_convert", "weight"): {"layout": "csr"},
     ("moeify", "coactivation"): {"top_k": 1}, ("moeify", "param_cluster"): {"top_k": 1},
     ("moeify", "routing"): {"routing": "dense"},
     ("prune", "gmp"): {"sparsity": 0.5, "profile": "owl"}, ("prune", "magnitude"): {"sparsity": 0.5, "profile": "owl"},

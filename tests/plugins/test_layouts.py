@@ -129,3 +129,101 @@ def test_layouts_keep_dtype(dtype):
 def test_layouts_are_registered_plugins():
     from sparsify_core.plugin_manager import catalog
     assert {"csr", "bsr", "nm", "nmg"} <= set(catalog().layouts)
+
+
+def _structured(name, w):
+    """``w`` with the structure layout ``name`` needs, and the layout's params."""
+    if name == "csr":
+        return w, None
+    if name == "bsr":
+        return w, BSRParams(block=(4, 8))
+    if name == "nm":
+        return w * F.nm_mask(w, 2, 4), NMParams(n=2, m=4)
+    val, row = F.nmg_from_dense(w, 2, 4, 2, exact=False)
+    return F.nmg_to_dense(val, row, 2, 4, 2, w.shape), NMGParams(n=2, m=4, g=2)
+
+
+@pytest.mark.parametrize("name", ["csr", "bsr", "nm", "nmg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,T", [((8, 16), 1), ((33, 72), 5), ((70, 300), 20), ((24, 40), 130)])
+def test_builtin_kernels_match_the_layout_reference(name, dtype, shape, T):
+    """Every built-in layout's ``kernel`` (CPU C++) against its plain-torch ``matmul``, with and without bias.
+
+    The CPU kernels are float32: other dtypes get no kernel (the module falls back)."""
+    from sparsify_core.plugin_manager import catalog
+    from sparsify_kernels import spmm
+
+    cls = catalog().layouts[name]
+    w, params = _structured(name, sparse(shape, 0.5, seed=T).to(dtype))
+    layout = cls.from_dense(w, params)
+    run = layout.kernel(torch.device("cpu"), dtype)
+    if dtype != torch.float32 or not spmm.cpu_kernel_available():
+        assert run is None
+        return
+    gen = torch.Generator().manual_seed(1)
+    x, b = torch.randn(2, T, shape[1], generator=gen), torch.randn(shape[0], generator=gen)
+    with torch.no_grad():
+        ref = layout.matmul(x)
+        torch.testing.assert_close(run(x, b), ref + b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(run(x, None), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["nm", "nmg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_builtin_cuda_kernels_match_the_layout_reference(name, dtype):
+    """The Triton n:m kernel that ``nm`` and ``nmg`` hand out on CUDA, against the reference."""
+    from sparsify_core.plugin_manager import catalog
+    from sparsify_kernels import triton_kernels
+
+    if not triton_kernels.available():
+        pytest.skip("no triton")
+    w, params = _structured(name, sparse((96, 160), 0.5))
+    layout = catalog().layouts[name].from_dense(w.to(dtype), params)
+    run = layout.kernel(torch.device("cuda"), dtype)
+    x, b = torch.randn(7, 160, dtype=dtype, device="cuda"), torch.randn(96, dtype=dtype, device="cuda")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(run(x, b).to(dtype), (layout.matmul(x.cpu()) + b.cpu()).cuda(), atol=tol, rtol=tol)
+
+
+def test_sparse_linear_computes_with_the_layout_kernel(monkeypatch):
+    """``SparseLinear`` calls its layout's kernel once built (cached per device and dtype), and forgets it on load."""
+    from sparsify_kernels import spmm
+    from sparsify_plugins.layouts.modules import SparseLinear
+
+    if not spmm.cpu_kernel_available():
+        pytest.skip("no native kernels")
+    built = []
+    real = CSR.kernel
+    monkeypatch.setattr(CSR, "kernel",
+                        lambda self, device, dtype: built.append((device, dtype)) or real(self, device, dtype))
+    w = sparse((12, 20), 0.3)
+    lin = SparseLinear(CSR.from_dense(w), torch.randn(12), strict=True)
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(lin(x), x @ w.T + lin.bias, atol=1e-5, rtol=1e-5)
+        assert built == [(torch.device("cpu"), torch.float32)]
+        w2 = w * torch.randn(12, 20)  # same pattern (storage shapes), new values
+        lin.load_state_dict(SparseLinear(CSR.from_dense(w2), lin.bias.detach()).state_dict())
+        torch.testing.assert_close(lin(x), x @ w2.T + lin.bias, atol=1e-5, rtol=1e-5)
+    assert len(built) == 2
+
+
+def test_sparse_linear_copies_pack_their_own_kernels():
+    """A deep copy must not compute with kernels packed from the original's storage."""
+    import copy
+
+    from sparsify_plugins.layouts.modules import SparseLinear
+
+    w = sparse((12, 20), 0.3)
+    lin = SparseLinear(CSR.from_dense(w), None)
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        lin(x)  # builds and caches the kernel
+        twin = copy.deepcopy(lin)
+        twin.val.mul_(2)
+        torch.testing.assert_close(twin(x), 2 * (x @ w.T), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lin(x), x @ w.T, atol=1e-5, rtol=1e-5)
+        lin.double()  # cast storage: the float32 kernel is dropped, the float64 path computes from the new buffers
+        torch.testing.assert_close(lin(x.double()), x.double() @ w.double().T)
