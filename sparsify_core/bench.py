@@ -124,10 +124,11 @@ def flush_caches(mb: int = 128) -> None:
 
 def cases() -> dict[int, BenchCase]:
     """Every case the installed plugins contribute, by number (a number claimed twice is an error)."""
-    from .plugin_manager import hooks
+    from .plugin_manager import plugin_manager
 
     found: dict[int, BenchCase] = {}
-    for provided in hooks().sparsify_bench_cases():
+    # a provider hook (results collected), not a lifecycle call (``hooks()`` returns nothing)
+    for provided in plugin_manager()[0].hook.sparsify_bench_cases():
         for case in provided or []:
             if case.number in found:
                 raise SparsifyError(f"bench case {case.number} is contributed twice: {found[case.number].name!r} "

@@ -100,7 +100,8 @@ class BlockwiseL1(Method):
                 for step in range(params.steps):
                     lam = progressive_lambda(step, schedule)
                     idx = torch.randint(0, x.shape[0], (min(params.tokens_per_step, x.shape[0]),), generator=gen)
-                    h, target = x[idx].to(ctx.device), y[idx].to(ctx.device)
+                    # cached in float32; the FFN computes in the model's dtype (bfloat16 models too)
+                    h, target = x[idx].to(ctx.device, ctx.dtype), y[idx].to(ctx.device)
                     x1 = block.intermediate(h)
                     out = block.down(x1)
                     err = (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
