@@ -36,12 +36,21 @@ def _final(workdir, stage: str) -> float:
                 if m.stage == stage and m.name == "weight_sparsity" and m.layer is None and m.step is None)
 
 
+@pytest.fixture(scope="module")
+def pruned_once(tmp_path_factory):
+    """Field case 01, step 1 (once for the module): a tiny LLaMA pruned 50% by magnitude, saved."""
+    folder = tmp_path_factory.mktemp("case01")
+    write(folder / "p.yaml", tiny_recipe("  - {kind: prune, method: magnitude, params: {sparsity: 0.5}}\n",
+                                         model=MODEL, splits=SPLITS, output={"dir": "pruned", "save": True}))
+    sparsify("run", "p.yaml", cwd=folder, check=True,
+             env={"SPARSIFY_REGISTRY": f"sqlite:///{folder}/registry.db", "SPARSIFY_RUNS_DIR": str(folder / "runs")})
+    return folder / "pruned"
+
+
 @pytest.fixture
-def pruned(workdir):
-    """Field case 01, step 1: a tiny LLaMA pruned 50% by magnitude, saved as a sparsify output."""
-    write(workdir / "p.yaml", tiny_recipe("  - {kind: prune, method: magnitude, params: {sparsity: 0.5}}\n",
-                                          model=MODEL, splits=SPLITS, output={"dir": "pruned", "save": True}))
-    sparsify("run", "p.yaml", cwd=workdir, check=True)
+def pruned(workdir, pruned_once):
+    """This test's own copy of the pruned output (tests may edit it)."""
+    shutil.copytree(pruned_once, workdir / "pruned")
     return workdir / "pruned"
 
 
@@ -104,9 +113,12 @@ def test_mask_modes(workdir, pruned, capsys):
 
 
 def test_a_dense_model_gets_no_masks(workdir):
-    write(workdir / "d.yaml", tiny_recipe("  - {kind: train, method: finetune, params: {train: %s}}\n" % TRAIN,
-                                          model=MODEL,
-                                          splits=SPLITS, output={"dir": "dense", "save": True}))
-    sparsify("run", "d.yaml", cwd=workdir, check=True)
+    """A trained dense model has no matrix that is 1% exact zeros: auto gives no masks (a mask is a byte a weight)."""
+    from helpers import tiny_model
+
+    from sparsify_plugins.sources._bytes_tokenizer import bytes_tokenizer
+
+    tiny_model("llama").save_pretrained(workdir / "dense")
+    bytes_tokenizer().save_pretrained(workdir / "dense")
     loaded = _load(workdir / "dense")
     assert loaded.masks is None and loaded.masks_origin == ""
