@@ -95,6 +95,12 @@ def register(plugin, name: str | None = None, distribution: str = "<in-process>"
     catalog.cache_clear()
 
 
+def unregister(plugin) -> None:
+    """Remove a plugin object ``register`` added, and forget the catalog built with it."""
+    plugin_manager()[0].unregister(plugin)
+    catalog.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def catalog() -> Catalog:
     """Collect every provider hook's classes, refusing duplicate keys."""

@@ -9,7 +9,7 @@ from rich.console import Console
 from helpers import sparsify
 from sparsify_core import bench, hookimpl
 from sparsify_core.errors import SparsifyError
-from sparsify_core.plugin_manager import plugin_manager, register
+from sparsify_core.plugin_manager import register, unregister
 from sparsify_core.registry import Registry
 from sparsify_core.report import show_run
 
@@ -36,7 +36,7 @@ def toy_plugin():
     plugin = ToyPlugin()
     register(plugin, name="toy-bench")
     yield plugin
-    plugin_manager()[0].unregister(plugin)
+    unregister(plugin)
 
 
 def test_cases_come_from_every_plugin_through_the_hook(toy_plugin):
@@ -54,7 +54,7 @@ def test_cases_come_from_every_plugin_through_the_hook(toy_plugin):
         with pytest.raises(SparsifyError, match="bench case 97 is contributed twice"):
             bench.cases()
     finally:
-        plugin_manager()[0].unregister(clash)
+        unregister(clash)
 
 
 def test_run_passes_the_options_and_drops_targets_when_quick(tmp_path):

@@ -19,7 +19,7 @@ from helpers import tiny_recipe, write
 from sparsify_core import Method, Params, SparsifyError, StageResult, hookimpl
 from sparsify_core.errors import RunInterrupted
 from sparsify_core import hookspecs
-from sparsify_core.plugin_manager import Lifecycle, catalog, plugin_manager, register
+from sparsify_core.plugin_manager import Lifecycle, catalog, register, unregister
 from sparsify_core.recipe import load_recipe
 from sparsify_core.registry import Registry
 from sparsify_core.runner import Runner
@@ -124,8 +124,7 @@ def plugins():
     add(Stages())
     yield add
     for plugin in added:
-        plugin_manager()[0].unregister(plugin)
-    catalog.cache_clear()
+        unregister(plugin)
 
 
 @pytest.fixture

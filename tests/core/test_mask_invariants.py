@@ -18,7 +18,7 @@ from helpers import tiny_recipe, write
 from sparsify_core import Metric, MetricValue, hookimpl, load_output
 from sparsify_core.ffn import find_ffn_blocks, is_linear, weight_out_in
 from sparsify_core.output import read_checkpoint
-from sparsify_core.plugin_manager import catalog, plugin_manager, register
+from sparsify_core.plugin_manager import catalog, register, unregister
 from sparsify_core.recipe import load_recipe
 from sparsify_core.registry import Registry
 from sparsify_core.runner import Runner
@@ -147,8 +147,7 @@ def witness(workdir, one_thread):
     register(plugin, name="zero-witness")
     POINTS.clear()
     yield POINTS
-    plugin_manager()[0].unregister(plugin)
-    catalog.cache_clear()
+    unregister(plugin)
 
 
 def _recipe(stages: list[str], *, model: dict | None = None, source: dict | None = None, out: str | None,
@@ -318,8 +317,7 @@ def test_resume_after_a_crash_keeps_the_zeros(witness, workdir):
         (run,) = registry.find_runs()
         run_id = Runner(load_recipe(path), registry, resume_id=run.id, runs_dir=workdir / "runs").run()
     finally:
-        plugin_manager()[0].unregister(plugin)
-        catalog.cache_clear()
+        unregister(plugin)
     assert [p["index"] for p in witness] == [-1, 0, 1, 2, 3]  # the resumed run evaluated stages 2 and 3
     want = _check_points(witness, 0, _perms(workdir, run_id), _pruning(stages))
     final = logical_weights(load_output(workdir / "out").model)

@@ -10,7 +10,7 @@ from pydantic import Field
 from helpers import tiny_recipe, write
 from sparsify_core import Layout, Params, hookimpl, load_output
 from sparsify_core.errors import RecipeError, SparsifyError
-from sparsify_core.plugin_manager import catalog, plugin_manager, register
+from sparsify_core.plugin_manager import catalog, register, unregister
 
 
 class COOParams(Params):
@@ -70,8 +70,7 @@ def coo_plugin():
     plugin = COOPlugin()
     register(plugin)
     yield plugin
-    plugin_manager()[0].unregister(plugin)
-    catalog.cache_clear()
+    unregister(plugin)
 
 
 def _sparse(shape, density=0.3, seed=0, dtype=torch.float32):

@@ -20,7 +20,7 @@ from helpers import tiny_recipe, write
 from sparsify_core import Metric, RunContext, TokenSplit, hookimpl
 from sparsify_core.evaluation import evaluate
 from sparsify_core.ffn import find_ffn_blocks, prunable_modules
-from sparsify_core.plugin_manager import catalog, plugin_manager, register
+from sparsify_core.plugin_manager import catalog, register, unregister
 from sparsify_core.registry import Registry
 from sparsify_core.report import format_compare, show_run
 
@@ -312,8 +312,7 @@ def broken_metric():
     plugin = _BrokenPlugin()
     register(plugin, name="test-broken-metric")
     yield
-    plugin_manager()[0].unregister(plugin)
-    catalog.cache_clear()
+    unregister(plugin)
 
 
 def test_a_failing_metric_costs_the_run_nothing(workdir, one_thread, broken_metric, capfd):
