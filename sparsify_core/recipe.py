@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import ParamsError, RecipeError, SparsifyError
-from .method import Params, is_layer_indices, param_fields
+from .method import Method, Params, is_layer_indices, param_fields
 
 
 
@@ -200,16 +200,42 @@ class Recipe(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class ResolvedStage:
+    """One stage of a validated recipe: its recipe entry, the method class it names and its validated params.
+
+    ``index`` is the stage's 0-based position in ``Recipe.stages`` (its
+    ``stages.<index>`` path in errors, its index in the registry and in hooks).
+    """
+
+    index: int
+    spec: StageSpec
+    method_cls: type[Method]
+    params: Params
+
+    @property
+    def name(self) -> str:
+        """The stage's unique name (``spec.name``, defaulted to the method name while validating)."""
+        return self.spec.name  # type: ignore[return-value]
+
+    @property
+    def label(self) -> str:
+        """``stage 'NAME' (KIND/METHOD)``: how messages name the stage."""
+        return f"stage {self.spec.name!r} ({self.spec.kind}/{self.spec.method})"
+
+
 @dataclass
 class LoadedRecipe:
-    """A validated recipe with its resolved plugins and validated parameters."""
+    """A validated recipe with its resolved plugins and validated parameters.
+
+    ``stages`` holds one ``ResolvedStage`` per entry of ``recipe.stages``, in order.
+    """
 
     recipe: Recipe
     text: str
     path: str
     overrides: list[str]
-    stage_params: list[Params]
-    stage_methods: list[type]
+    stages: list[ResolvedStage]
     model_params: Params
     data_params: Params
     raw: dict = field(repr=False, default_factory=dict)
@@ -425,7 +451,7 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
                                     ("model", "source"), "model source")
     _, data_params = plugin_params(cat.data_sources, recipe.data.source, recipe.data.params,
                                    ("data", "source"), "data source")
-    methods, params = [], []
+    stages: list[ResolvedStage] = []
     for i, st in enumerate(recipe.stages):
         if st.kind not in cat.kinds:
             raise RecipeError(f"unknown stage kind {st.kind!r}; installed kinds: {', '.join(cat.kinds)}",
@@ -437,31 +463,29 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
             raise RecipeError(f"method {st.method!r} is of kind {elsewhere[0]!r}, not {st.kind!r}", file=file,
                               line=lines.line(("stages", i, "method")), field=f"stages.{i}.method")
         cls, p = plugin_params(table, st.method, st.params, ("stages", i, "method"), f"{st.kind} method")
-        methods.append(cls)
-        params.append(p)
+        stages.append(ResolvedStage(i, st, cls, p))
 
-    for i, cls in enumerate(methods):
-        if cls.schedules_training() and not any(m.trains() for m in methods[i + 1:]):
-            st = recipe.stages[i]
-            raise RecipeError(f"{st.kind}/{st.method} acts during training: it needs a later stage that trains "
-                              "with the shared loop (e.g. kind: train, method: finetune), and none follows",
-                              file=file, line=lines.line(("stages", i, "method")), field=f"stages.{i}.method")
+    for stage in stages:
+        if stage.method_cls.schedules_training() and not any(s.method_cls.trains() for s in stages[stage.index + 1:]):
+            raise RecipeError(f"{stage.spec.kind}/{stage.spec.method} acts during training: it needs a later stage "
+                              "that trains with the shared loop (e.g. kind: train, method: finetune), and none follows",
+                              file=file, line=lines.line(("stages", stage.index, "method")),
+                              field=f"stages.{stage.index}.method")
 
     if recipe.model.dtype == "float16":
-        for i, cls in enumerate(methods):
-            if cls.uses_optimizer():
-                st = recipe.stages[i]
+        for stage in stages:
+            if stage.method_cls.uses_optimizer():
                 raise RecipeError(
-                    f"float16 weights cannot train: stage {st.name!r} ({st.kind}/{st.method}) updates them with "
+                    f"float16 weights cannot train: {stage.label} updates them with "
                     "AdamW, whose eps and squared gradients underflow in float16 (NaN within a few steps, whatever "
                     "the learning rate); use dtype bfloat16 (or float32)", file=file,
                     line=lines.line(("model", "dtype")), field="model.dtype")
 
-    for i, (cls, p) in enumerate(zip(methods, params)):
-        for path, split in cls().data_splits(p):
+    for stage in stages:
+        for path, split in stage.method_cls().data_splits(stage.params):
             if split not in recipe.data.splits:
-                st, where = recipe.stages[i], ("stages", i, "params") + tuple(path)
-                raise RecipeError(f"stage {st.name!r} ({st.kind}/{st.method}) reads data split {split!r}, which "
+                where = ("stages", stage.index, "params") + tuple(path)
+                raise RecipeError(f"{stage.label} reads data split {split!r}, which "
                                   f"data.splits does not define; splits: {', '.join(recipe.data.splits)}",
                                   file=file, line=lines.line(where), field=_dotted(where),
                                   suggestions=[c for c in _closest(split, recipe.data.splits)
@@ -484,9 +508,8 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
         raise RecipeError(f"no data split {recipe.evaluate.split!r}; splits: {', '.join(recipe.data.splits)}",
                           file=file, line=lines.line(("evaluate", "split")), field="evaluate.split",
                           suggestions=_closest(recipe.evaluate.split, recipe.data.splits))
-    return LoadedRecipe(recipe=recipe, text=text, path=file, overrides=overrides, stage_params=params,
-                        stage_methods=methods, model_params=model_params, data_params=data_params, raw=raw,
-                        lines=lines)
+    return LoadedRecipe(recipe=recipe, text=text, path=file, overrides=overrides, stages=stages,
+                        model_params=model_params, data_params=data_params, raw=raw, lines=lines)
 
 
 def check_model(loaded: LoadedRecipe) -> None:
@@ -530,9 +553,9 @@ def check_model(loaded: LoadedRecipe) -> None:
     except SparsifyError:
         ffn_layers = None  # no FFN blocks: the stages that need them say so when they run
     same_structure = True
-    for i, (cls, params) in enumerate(zip(loaded.stage_methods, loaded.stage_params)):
-        st, prefix = rec.stages[i], ("stages", i, "params")
-        label = f"stage {st.name!r} ({st.kind}/{st.method})"
+    for stage in loaded.stages:
+        cls, params, label = stage.method_cls, stage.params, stage.label
+        prefix = ("stages", stage.index, "params")
         for path, value, info in param_fields(params):
             if ffn_layers is not None and value is not None and is_layer_indices(info):
                 bad = [j for j in value if j >= ffn_layers]

@@ -27,7 +27,7 @@ from .masks import MaskSet
 from .method import Method, StageResult
 from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
 from .plugin_manager import catalog, hooks
-from .recipe import LoadedRecipe, check_model
+from .recipe import LoadedRecipe, ResolvedStage, check_model
 from .sources import TokenSplit, pack_texts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -266,14 +266,14 @@ class Runner:
         ckpt = read_checkpoint(self.workdir) if self.resume_id else None
         if ckpt is not None:
             results = ckpt.results
-            for i in range(ckpt.completed):
-                st, method = rec.stages[i], self.loaded.stage_methods[i]()
-                ctx.stage_name, ctx.stage_index = st.name, i
-                method.rebuild(ctx, self.loaded.stage_params[i], results.get(i, StageResult()))
+            for stage in self.loaded.stages[:ckpt.completed]:
+                i, method = stage.index, stage.method_cls()
+                ctx.stage_name, ctx.stage_index = stage.name, i
+                method.rebuild(ctx, stage.params, results.get(i, StageResult()))
                 # replay hand-overs: schedules for training stages that have not completed yet
                 if type(method).trains():
                     ctx.train_callbacks = []
-                self._hand_over(method, ctx, i, results.get(i, StageResult()))
+                self._hand_over(method, ctx, stage, results.get(i, StageResult()))
             restore_weights(ckpt, ctx.model, ctx.masks)
             start = ckpt.completed
             ctx.resume_stage = start
@@ -281,10 +281,8 @@ class Runner:
         if not dense_done:
             self._evaluate(ctx, metrics, "dense", -1, is_reference=True)
 
-        for i in range(start, len(rec.stages)):
-            st = rec.stages[i]
-            params = self.loaded.stage_params[i]
-            method = self.loaded.stage_methods[i]()
+        for stage in self.loaded.stages[start:]:
+            i, st, params, method = stage.index, stage.spec, stage.params, stage.method_cls()
             ctx.stage_name, ctx.stage_index = st.name, i
             ctx.log_callback = self._log(st.name, i) if dist.is_main() else None
             self.registry.start_stage(self.run_id, i, name=st.name, kind=st.kind, method=st.method,
@@ -298,7 +296,7 @@ class Runner:
                 ctx.masks.apply(ctx.model)  # pruned weights stay zero whatever the stage did
             seconds = time.perf_counter() - t0
             results[i] = result
-            self._hand_over(method, ctx, i, result)
+            self._hand_over(method, ctx, stage, result)
             stage_metrics = dict(result.metrics, stage_seconds=seconds, peak_memory_mb=mem["peak"])
             self.registry.log_metrics(self.run_id, st.name, i, stage_metrics)
             if dist.is_main():
@@ -319,9 +317,9 @@ class Runner:
             self._save(ctx, results)
         dist.barrier()
 
-    def _hand_over(self, method: Method, ctx: RunContext, index: int, result: StageResult) -> None:
-        """Queue the schedule stage ``index`` hands to the next training stage (``Method.training_callback``)."""
-        callback = method.training_callback(ctx, self.loaded.stage_params[index], result)
+    def _hand_over(self, method: Method, ctx: RunContext, stage: ResolvedStage, result: StageResult) -> None:
+        """Queue the schedule ``stage`` hands to the next training stage (``Method.training_callback``)."""
+        callback = method.training_callback(ctx, stage.params, result)
         if callback is not None:
             ctx.train_callbacks.append(callback)
 
@@ -348,11 +346,11 @@ class Runner:
     def _save(self, ctx: RunContext, results: dict[int, StageResult]) -> None:
         rec = self.recipe
         folder = Path(rec.output.dir.format(name=rec.name, run_id=self.run_id))
-        stages = [{"index": i, "name": s.name, "kind": s.kind, "method": s.method,
-                   "params": self.loaded.stage_params[i].model_dump(mode="json"),
+        stages = [{"index": s.index, "name": s.name, "kind": s.spec.kind, "method": s.spec.method,
+                   "params": s.params.model_dump(mode="json"),
                    # Only stages that change the structure are needed to load the output back.
-                   "rebuild": self.loaded.stage_methods[i].rebuild is not Method.rebuild}
-                  for i, s in enumerate(rec.stages)]
+                   "rebuild": s.method_cls.rebuild is not Method.rebuild}
+                  for s in self.loaded.stages]
         manifest = {"sparsify": _version(), "run_id": self.run_id, "recipe": rec.name, "task": ctx.task,
                     "seed": rec.seed, "model": rec.model.model_dump(mode="json"), "stages": stages}
         with ctx.progress("save output"):

@@ -15,7 +15,7 @@ def test_gmp_recipe_validates(tmp_path):
     assert loaded.recipe.model == magnitude.recipe.model
     assert loaded.recipe.data.splits["eval"] == magnitude.recipe.data.splits["eval"]
     assert loaded.recipe.data.seq_len == magnitude.recipe.data.seq_len
-    assert loaded.stage_params[0].sparsity == 0.5
+    assert loaded.stages[0].params.sparsity == 0.5
 
 
 def test_scaling_sweep_validates_and_can_fit_seven_coefficients(tmp_path):
@@ -25,14 +25,14 @@ def test_scaling_sweep_validates_and_can_fit_seven_coefficients(tmp_path):
     plan = load_sweep(RECIPES / "scaling-sweep.yaml")
     recipes = [p.loaded for p in plan.points]
     sizes = {r.recipe.model.params["hidden_size"] for r in recipes}
-    sparsities = {r.stage_params[0].sparsity for r in recipes}
-    steps = {r.stage_params[1].train.steps for r in recipes}
+    sparsities = {r.stages[0].params.sparsity for r in recipes}
+    steps = {r.stages[1].params.train.steps for r in recipes}
     assert len(sizes) >= 3 and len(sparsities) >= 3 and 0.0 in sparsities and len(steps) >= 3
     assert len(recipes) >= 7 and len({r.recipe.name for r in recipes}) == len(recipes)
     for r in recipes:  # from scratch, on pydoc, with gmp in the training stage, and no data seen twice
         assert r.recipe.model.source == "tiny" and r.recipe.data.source == "pydoc"
         assert [(s.kind, s.method) for s in r.recipe.stages] == [("prune", "gmp"), ("train", "finetune")]
-        train = r.stage_params[1].train
+        train = r.stages[1].params.train
         assert train.steps * train.batch_size <= r.recipe.data.splits["train"].samples
 
 

@@ -29,7 +29,7 @@ def test_shipped_recipes_validate():
 def test_defaults_and_stage_names(tmp_path):
     loaded = load_recipe(write(tmp_path / "r.yaml", TINY_RECIPE))
     assert loaded.recipe.stage_names() == ["relu", "magnitude"]
-    assert loaded.stage_params[1].sparsity == 0.5
+    assert loaded.stages[1].params.sparsity == 0.5
     assert len(loaded.hash) == 16
 
 
@@ -104,7 +104,7 @@ def test_duplicate_stage_names_and_missing_field(tmp_path):
 def test_overrides(tmp_path):
     path = write(tmp_path / "r.yaml", TINY_RECIPE)
     loaded = load_recipe(path, ["stages.1.params.sparsity=0.75", "seed=3", "evaluate.batch_size=2"])
-    assert loaded.stage_params[1].sparsity == 0.75 and loaded.recipe.seed == 3
+    assert loaded.stages[1].params.sparsity == 0.75 and loaded.recipe.seed == 3
     assert loaded.overrides == ["stages.1.params.sparsity=0.75", "seed=3", "evaluate.batch_size=2"]
     with pytest.raises(RecipeError, match="no list item"):
         load_recipe(path, ["stages.7.params.sparsity=0.5"])

@@ -49,7 +49,7 @@ def test_grid_expands_in_order_with_names_and_overrides(tmp_path):
     r = last.loaded.recipe
     assert r.name == "sw-hidden_size32-intermediate_size64-sparsity0.75"
     assert r.model.params == {"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "layers": 1, "heads": 2}
-    assert last.loaded.stage_params[0].sparsity == 0.75
+    assert last.loaded.stages[0].params.sparsity == 0.75
     # a point's recorded overrides rebuild exactly its recipe (what `--resume RUN_ID` does)
     again = load_recipe(tmp_path / "sw.yaml", last.loaded.overrides)
     assert again.effective_json == last.loaded.effective_json

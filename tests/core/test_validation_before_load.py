@@ -432,7 +432,7 @@ def test_yaml_1_1_words_stay_words_and_booleans_stay_booleans():
     text = tiny_recipe("  - kind: train\n    method: finetune\n    params: {train: {steps: 2, autocast: off}}\n",
                        output={"save": "no"})
     loaded = load_recipe("words.yaml", text=text)
-    assert loaded.stage_params[0].train.autocast == "off"
+    assert loaded.stages[0].params.train.autocast == "off"
     assert loaded.recipe.output.save is False  # a bool field still reads yes/no/on/off
 
 
@@ -460,7 +460,7 @@ def test_a_number_or_boolean_where_a_name_goes_asks_for_quotes(bare, kind):
     assert (info.value.field, info.value.line) == ("stages.0.params.calibration_split", _line_of(text, "_split"))
     quoted = load_recipe("q.yaml", text=text.replace(f"split: {bare}", f"split: '{bare}'").replace(
         "    calibration:", f"    '{bare}':"))
-    assert quoted.stage_params[0].calibration_split == bare
+    assert quoted.stages[0].params.calibration_split == bare
 
 
 def test_a_sweep_point_the_model_cannot_take_is_named_and_stops_the_sweep_first(monkeypatch, capsys, workdir, loads):

@@ -266,7 +266,7 @@ def test_ssd_recipe_and_its_dense_baseline_train_the_same_model_on_the_same_data
     ssd, dense = load_recipe(RECIPES / "ssd.yaml"), load_recipe(RECIPES / "ssd-dense.yaml")
     assert ssd.recipe.model == dense.recipe.model and ssd.recipe.model.source == "tiny"
     assert ssd.recipe.data == dense.recipe.data and ssd.recipe.data.source == "pydoc"
-    assert ssd.stage_params[0].train == dense.stage_params[0].train
+    assert ssd.stages[0].params.train == dense.stages[0].params.train
     assert [(s.kind, s.method) for s in ssd.recipe.stages] == [("train", "ssd"), ("moeify", "routing")]
     assert [(s.kind, s.method) for s in dense.recipe.stages] == [("train", "finetune")]
 
