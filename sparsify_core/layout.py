@@ -48,14 +48,25 @@ class Layout(ABC):
     def __init__(self, shape: tuple[int, int], params: Params, **tensors: torch.Tensor):
         """``shape`` is the dense ``(out, in)``; ``tensors`` holds exactly the tensors named in ``names``.
 
-        Raises ``ValueError`` when a storage tensor is missing or unexpected.
+        A tensor that shares its memory with another one, or is a view of
+        part of a larger tensor (``nonzero(as_tuple=True)`` gives both), is
+        copied: safetensors refuses to save such tensors as separate
+        entries, so every storage tensor owns its memory. Raises
+        ``ValueError`` when a storage tensor is missing or unexpected.
         """
         if set(tensors) != set(self.names):
             raise ValueError(f"{self.name} layout stores {list(self.names)}, got {sorted(tensors)}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.params = params
+        seen: set[int] = set()
         for k in self.names:
-            setattr(self, k, tensors[k])
+            t = tensors[k]
+            if t.device.type != "meta" and t.numel():
+                memory = t.untyped_storage()
+                if memory.data_ptr() in seen or memory.nbytes() != t.numel() * t.element_size():
+                    t = t.clone(memory_format=torch.contiguous_format)
+                seen.add(t.untyped_storage().data_ptr())
+            setattr(self, k, t)
 
     @classmethod
     @abstractmethod
