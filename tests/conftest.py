@@ -34,3 +34,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def example_plugin_module():
+    """The example plugin (tests/example_plugin) registered in this process, as if pip-installed.
+
+    Imported from its source folder; registered only if its entry point has not
+    registered it already (it may be installed), and unregistered afterwards.
+    """
+    from helpers import import_example_plugin
+
+    from sparsify_core.plugin_manager import plugin_manager, register, unregister
+
+    module = import_example_plugin()
+    pm = plugin_manager()[0]
+    ours = not pm.is_registered(module)
+    if ours:
+        register(module, name="example", distribution="sparsify-example-plugin (in-process)")
+    yield module
+    if ours:
+        unregister(module)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+EXAMPLE_PLUGIN = REPO / "tests" / "example_plugin"  # an installable third-party plugin
 
 
 def sparsify(*args, cwd=None, env=None, timeout=600, check=False):
@@ -123,3 +124,12 @@ def make_ctx(tmp_path, model, *, splits=None, samples=16, seq_len=16, reference=
     dense = reference if reference is not None else copy.deepcopy(model)
     return RunContext(run_id="t", model=model, tokenizer=None, task=task, data=data, device=torch.device("cpu"),
                       dtype=torch.float32, seed=0, workdir=tmp_path, reference_loader=lambda: dense)
+
+
+def import_example_plugin():
+    """The example plugin's module, imported from tests/example_plugin (where it is not pip-installed)."""
+    import importlib
+
+    if str(EXAMPLE_PLUGIN) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE_PLUGIN))
+    return importlib.import_module("sparsify_example_plugin")

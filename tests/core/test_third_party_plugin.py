@@ -1,8 +1,9 @@
 """A third-party plugin distribution, pip-installed, is listed and usable in a recipe.
 
-The example plugin (tests/example_plugin) provides a method of a built-in kind,
-one of a kind of its own, a data source, a metric and a tracker on every
-lifecycle hook; a recipe uses them all through the CLI.
+The example plugin (tests/example_plugin) implements every hook: a method of a
+built-in kind, one of a kind of its own, a model and a data source, a metric,
+a layout, a bench case and a tracker on every lifecycle hook; a recipe uses
+them through the CLI (installed) or in-process (registered from its folder).
 """
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import os
 import subprocess
 import sys
 
+import pluggy
 import pytest
-from helpers import REPO, plugin_env, sparsify, tiny_recipe, write
+import torch
+from helpers import REPO, import_example_plugin, plugin_env, sparsify, tiny_recipe, write
 
-from sparsify_core import load_output
+from sparsify_core import hookspecs, load_output
+from sparsify_core.errors import RecipeError
 from sparsify_core.ffn import prunable_modules
+from sparsify_core.recipe import check_model, load_recipe
 from sparsify_core.registry import Registry
+from sparsify_core.runner import Runner
 
 EXAMPLE = REPO / "tests" / "example_plugin"
 
@@ -122,3 +128,65 @@ def test_under_torchrun_only_rank_0_reports(example_plugin, workdir):
     assert [(e["event"], e.get("stage")) for e in _events(log)] == [
         ("run_started", None), ("metrics_logged", "dense"), ("stage_started", "relu"),
         ("stage_finished", "relu"), ("metrics_logged", "relu"), ("run_finished", None)]
+
+
+# -- in-process: every hook, and the plugin's model source ------------------------------------
+
+
+def test_the_example_plugin_implements_every_hookspec():
+    """Every hook of sparsify_core/hookspecs.py has an implementation; every provider hook provides something."""
+    specs = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "sparsify_spec"))
+    assert "sparsify_bench_cases" in specs and "sparsify_run_finished" in specs and len(specs) == 11
+    pm = pluggy.PluginManager("sparsify")
+    pm.add_hookspecs(hookspecs)
+    pm.register(import_example_plugin(), name="example")  # also checks each implementation's signature
+    assert [n for n in specs if not getattr(pm.hook, n).get_hookimpls()] == []
+    provided = {n: getattr(pm.hook, n)() for n in specs if n in PROVIDERS}
+    assert set(provided) == PROVIDERS and all(p and p[0] for p in provided.values()), provided
+
+
+#: The hooks that return what a plugin provides (the others observe a run's lifecycle).
+PROVIDERS = {"sparsify_methods", "sparsify_model_sources", "sparsify_data_sources", "sparsify_metrics",
+             "sparsify_layouts", "sparsify_bench_cases"}
+
+GPT2_RECIPE = """\
+name: {name}
+model: {{source: arithmetic_gpt2, params: {{max_positions: {positions}}}}}
+data:
+  source: arithmetic
+  params: {{limit: 30}}
+  seq_len: 24
+  splits: {{eval: {{samples: 2}}}}
+stages:
+  - {{kind: prune, method: magnitude, params: {{sparsity: 0.5}}}}
+{convert}evaluate: {{metrics: [perplexity, weight_l2]}}
+output: {{dir: {out}}}
+"""
+CONVERT = "  - {kind: layout_convert, method: weight, params: {layout: example_coo, strict: true}}\n"
+
+
+def test_the_example_model_source_runs_saves_and_loads_back(workdir, example_plugin_module):
+    """``arithmetic_gpt2`` on ``arithmetic`` data, pruned, held in ``example_coo``: saved, loaded back, same logits."""
+    from sparsify_plugins.layouts.modules import SparseLinear
+
+    reg = Registry(f"sqlite:///{workdir}/registry.db")
+
+    def recipe(name, positions=32, convert=CONVERT):
+        return write(workdir / f"{name}.yaml", GPT2_RECIPE.format(name=name, positions=positions, convert=convert,
+                                                                  out=workdir / name))
+
+    with pytest.raises(RecipeError, match="learned positions for 16"):
+        check_model(load_recipe(recipe("long", positions=16)))  # the skeleton's position table, no weights loaded
+    for name, convert in (("coo", CONVERT), ("dense", "")):
+        Runner(load_recipe(recipe(name, convert=convert)), reg, runs_dir=workdir / "runs").run()
+    assert {(r.recipe_name, r.model, r.data, r.status) for r in reg.find_runs()} == {
+        ("coo", "arithmetic_gpt2", "arithmetic", "finished"), ("dense", "arithmetic_gpt2", "arithmetic", "finished")}
+    coo, dense = load_output(workdir / "coo"), load_output(workdir / "dense")
+    stored = [m for m in coo.model.modules() if isinstance(m, SparseLinear)]
+    assert len(stored) == 2 * 4 and all(m.layout_name == "example_coo" for m in stored)  # 2 layers x 4 Conv1D
+    text = "12 + 30 = 42."
+    ids = coo.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and coo.tokenizer.decode(ids) == text  # the saved tokenizer, one id per character
+    with torch.no_grad():
+        torch.testing.assert_close(coo.model(torch.tensor([ids])).logits, dense.model(torch.tensor([ids])).logits,
+                                   atol=1e-5, rtol=1e-5)

@@ -1,76 +1,37 @@
-"""A layout from a third-party plugin works through the catalog: recipe, kernel, save and load back."""
-from __future__ import annotations
+"""A layout from a third-party plugin works through the catalog: recipe, kernel, save and load back.
 
-from typing import Literal
+The layout is the example plugin's ``example_coo`` (tests/example_plugin), registered in-process.
+"""
+from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import Field
 
 from helpers import tiny_recipe, write
-from sparsify_core import Layout, Params, hookimpl, load_output
+from sparsify_core import load_output
 from sparsify_core.errors import RecipeError, SparsifyError
-from sparsify_core.plugin_manager import catalog, register, unregister
-
-
-class COOParams(Params):
-    index_dtype: Literal["int32", "int64"] = Field("int64", description="dtype of the row and column indices")
-
-
-class COO(Layout):
-    """Coordinate list: (row, col, value) of every non-zero (a test-only layout)."""
-
-    name = "test_coo"
-    names = ("row", "col", "val")
-    Params = COOParams
-    kernel_calls = 0
-
-    @classmethod
-    def from_dense(cls, weight, params=None):
-        params = params or COOParams()
-        row, col = weight.nonzero(as_tuple=True)
-        it = getattr(torch, params.index_dtype)
-        return cls(weight.shape, params, row=row.to(it), col=col.to(it), val=weight[row, col].clone())
-
-    def to_dense(self):
-        w = torch.zeros(self.shape, dtype=self.val.dtype, device=self.val.device)
-        w[self.row.long(), self.col.long()] = self.val
-        return w
-
-    def matmul(self, x):
-        """Reference: gather the inputs of every non-zero, scale, add into its row."""
-        prod = x[..., self.col.long()] * self.val.to(x.dtype)
-        y = torch.zeros(*x.shape[:-1], self.shape[0], dtype=x.dtype, device=x.device)
-        return y.index_add_(-1, self.row.long(), prod)
-
-    def kernel(self, device, dtype):
-        """torch.sparse on the CPU (float32 and float64), nothing elsewhere."""
-        if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.float64):
-            return None
-        w = torch.sparse_coo_tensor(torch.stack([self.row.long(), self.col.long()]), self.val.to(dtype),
-                                    self.shape, check_invariants=True).coalesce()
-
-        def run(x, bias):
-            type(self).kernel_calls += 1
-            y = torch.sparse.mm(w, x.reshape(-1, self.shape[1]).T).T.reshape(*x.shape[:-1], self.shape[0])
-            return y + bias.to(dtype) if bias is not None else y
-        return run
-
-
-class COOPlugin:
-    """What a third-party package's plugin module would hold."""
-
-    @hookimpl
-    def sparsify_layouts(self):
-        return [COO]
 
 
 @pytest.fixture
-def coo_plugin():
-    plugin = COOPlugin()
-    register(plugin)
-    yield plugin
-    unregister(plugin)
+def coo(example_plugin_module, monkeypatch):
+    """The example plugin's ``example_coo`` layout, registered, with its kernel calls counted (``COO.kernel_calls``)."""
+    from sparsify_example_plugin.layout import COO
+
+    make = COO.kernel
+    monkeypatch.setattr(COO, "kernel_calls", 0, raising=False)
+
+    def counted(self, device, dtype):
+        run = make(self, device, dtype)
+        if run is None:
+            return None
+
+        def call(x, bias):
+            COO.kernel_calls += 1
+            return run(x, bias)
+        return call
+
+    monkeypatch.setattr(COO, "kernel", counted)
+    return COO
 
 
 def _sparse(shape, density=0.3, seed=0, dtype=torch.float32):
@@ -80,11 +41,11 @@ def _sparse(shape, density=0.3, seed=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,T", [((7, 12), 1), ((33, 64), 5), ((64, 40), 20)])
-def test_test_layout_kernel_matches_its_reference(shape, T, dtype):
-    """The contract every layout meets, checked on the test layout itself: exact round trip, kernel == matmul."""
+def test_example_layout_kernel_matches_its_reference(coo, shape, T, dtype):
+    """The contract every layout meets, checked on the example layout: exact round trip, kernel == matmul."""
     w = _sparse(shape, dtype=dtype)
     for index_dtype in ("int32", "int64"):
-        layout = COO.from_dense(w, COOParams(index_dtype=index_dtype))
+        layout = coo.from_dense(w, coo.Params(index_dtype=index_dtype))
         assert torch.equal(layout.to_dense(), w) and layout.row.dtype == getattr(torch, index_dtype)
         x, b = torch.randn(2, T, shape[1], dtype=dtype), torch.randn(shape[0], dtype=dtype)
         torch.testing.assert_close(layout.matmul(x), x @ w.T)
@@ -92,14 +53,15 @@ def test_test_layout_kernel_matches_its_reference(shape, T, dtype):
     assert layout.kernel(torch.device("cpu"), torch.bfloat16) is None
 
 
-def test_sparse_linear_finds_a_plugin_layout_in_the_catalog(coo_plugin):
+def test_sparse_linear_finds_a_plugin_layout_in_the_catalog(coo):
     from sparsify_plugins.layouts.modules import SparseLinear
 
+    COO, COOParams = coo, coo.Params
     w = _sparse((9, 16))
     lin = SparseLinear(COO.from_dense(w), torch.randn(9), strict=True)
     spec = lin.storage_spec()
     assert spec["row"] == [[int((w != 0).sum())], "int64"]
-    rebuilt = SparseLinear.empty("test_coo", COOParams(), (9, 16), spec, True, torch.float32, strict=True)
+    rebuilt = SparseLinear.empty("example_coo", COOParams(), (9, 16), spec, True, torch.float32, strict=True)
     assert rebuilt.layout_cls is COO
     rebuilt.load_state_dict(lin.state_dict())
     x = torch.randn(3, 16)
@@ -126,8 +88,8 @@ PRUNE = """\
 """
 
 
-def test_recipe_converts_to_a_plugin_layout_saves_and_loads_back(workdir, coo_plugin):
-    """``layout_convert`` with ``layout: test_coo`` on the tiny model: same outputs, saved, loaded back."""
+def test_recipe_converts_to_a_plugin_layout_saves_and_loads_back(workdir, coo):
+    """``layout_convert`` with ``layout: example_coo`` on the pruned tiny model: same outputs, saved, loaded back."""
     from sparsify_core.recipe import load_recipe
     from sparsify_core.registry import Registry
     from sparsify_core.runner import Runner
@@ -140,17 +102,18 @@ def test_recipe_converts_to_a_plugin_layout_saves_and_loads_back(workdir, coo_pl
         Runner(load_recipe(path), Registry(f"sqlite:///{workdir}/registry.db"), runs_dir=workdir / "runs").run()
         return load_output(workdir / name)
 
+    COO = coo
     before = COO.kernel_calls
     conv = run("coo", PRUNE + """\
   - kind: layout_convert
     method: weight
-    params: {layout: test_coo, index_dtype: int32, strict: true, targets: ["mlp|self_attn"]}
+    params: {layout: example_coo, index_dtype: int32, strict: true, targets: ["mlp|self_attn"]}
 """)
     assert COO.kernel_calls > before  # the run's evaluation computed with the plugin's kernel (strict: no fallback)
     plain = run("plain", PRUNE)
     stored = [m for m in conv.model.modules() if isinstance(m, SparseLinear)]
     assert len(stored) == 2 * 7 and all(m.layout_cls is COO for m in stored)  # 2 layers x (q, k, v, o, gate, up, down)
-    assert all(m.row.dtype == torch.int32 and m.layout_params == COOParams(index_dtype="int32") for m in stored)
+    assert all(m.row.dtype == torch.int32 and m.layout_params == COO.Params(index_dtype="int32") for m in stored)
     ids = torch.randint(0, 200, (1, 12))
     calls = COO.kernel_calls
     torch.testing.assert_close(_logits(conv.model, ids), _logits(plain.model, ids), atol=1e-5, rtol=1e-5)
@@ -158,12 +121,12 @@ def test_recipe_converts_to_a_plugin_layout_saves_and_loads_back(workdir, coo_pl
 
 
 @pytest.mark.parametrize("params,match", [
-    ({"layout": "test_coo", "index_dtype": "int16"}, "index_dtype"),
-    ({"layout": "test_coo", "block": [4, 4]}, "block"),
+    ({"layout": "example_coo", "index_dtype": "int16"}, "index_dtype"),
+    ({"layout": "example_coo", "block": [4, 4]}, "block"),
     ({"layout": "nm", "n": 4, "m": 4}, "smaller than m"),
     ({"layout": "no_such_layout"}, "no installed plugin provides the layout 'no_such_layout'"),
 ])
-def test_layout_params_are_validated_by_the_layout(workdir, coo_plugin, params, match):
+def test_layout_params_are_validated_by_the_layout(workdir, coo, params, match):
     from sparsify_core.recipe import load_recipe
 
     flow = ", ".join(f"{k}: {v}" for k, v in params.items()).replace("'", "")
@@ -200,3 +163,20 @@ def test_builtin_names_are_the_generic_method_with_the_layout_fixed(tmp_path):
     assert out[0][1].layout_name == out[1][1].layout_name == "nm"
     assert out[0][1].layout_params == out[1][1].layout_params
     assert torch.equal(out[0][1].val, out[1][1].val) and torch.equal(out[0][1].idx, out[1][1].idx)
+
+
+def test_storage_tensors_own_their_memory(coo):
+    """Views of one tensor (``nonzero(as_tuple=True)``, slices) are copied: safetensors saves each storage tensor."""
+    from safetensors.torch import load, save
+
+    w = _sparse((8, 12))
+    nnz = int((w != 0).sum())
+    pairs = w.nonzero()  # [nnz, 2]: row and col below are views of it
+    flat = torch.arange(3 * nnz, dtype=torch.float32)
+    layout = coo(w.shape, coo.Params(), row=pairs[:, 0], col=pairs[:, 1], val=flat[nnz:2 * nnz])
+    assert len({t.untyped_storage().data_ptr() for t in layout.tensors().values()}) == 3
+    back = load(save(layout.tensors()))  # refuses tensors that share memory or cover part of it
+    assert all(torch.equal(back[k], t) for k, t in layout.tensors().items())
+    assert torch.equal(layout.val, flat[nnz:2 * nnz]) and torch.equal(layout.row, pairs[:, 0])
+    own = coo.from_dense(w)  # int64 indices: from_dense hands over views of one nonzero() result
+    assert torch.equal(coo.from_tensors(w.shape, coo.Params(), load(save(own.tensors()))).to_dense(), w)

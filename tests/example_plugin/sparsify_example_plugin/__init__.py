@@ -1,12 +1,16 @@
-"""An example third-party sparsify plugin.
-
-It implements every hook of ``sparsify_core/hookspecs.py`` but model sources
-and layouts:
+"""An example third-party sparsify plugin: one ``@hookimpl`` function per hook of ``sparsify_core/hookspecs.py``.
 
 - ``sparsify_methods``: ``prune/random`` (a method of a built-in kind) and
-  ``quantize/round_to_grid`` (a kind of its own);
-- ``sparsify_data_sources``: ``arithmetic``, written-out sums;
-- ``sparsify_metrics``: ``weight_l2``;
+  ``quantize/round_to_grid`` (a kind of its own) (``methods.py``);
+- ``sparsify_model_sources``: ``arithmetic_gpt2``, a tiny GPT-2 over the
+  characters of written-out sums (``sources.py``);
+- ``sparsify_data_sources``: ``arithmetic``, written-out sums (``sources.py``);
+- ``sparsify_metrics``: ``weight_l2`` (``metrics.py``);
+- ``sparsify_layouts``: ``example_coo``, a coordinate-list weight layout in
+  plain torch that ``layout_convert/weight`` with ``layout: example_coo``
+  uses (``layout.py``);
+- ``sparsify_bench_cases``: case 101, that layout's kernel against dense
+  (``bench.py``);
 - the lifecycle hooks: a tracker that appends one JSON line per call to the
   file named by ``SPARSIFY_EXAMPLE_LOG`` (nothing without it), the way a
   plugin would forward a run to an experiment tracker.
@@ -19,101 +23,50 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-from pydantic import Field
+from sparsify_core import hookimpl
 
-from sparsify_core import DataSource, Method, Metric, MetricValue, Params, StageResult, hookimpl
-from sparsify_core.ffn import prunable_modules
-
-
-class RandomPrune(Method):
-    """Random unstructured pruning of every Linear layer but lm_head (a baseline)."""
-
-    kind = "prune"
-    name = "random"
-
-    class Params(Params):
-        sparsity: float = Field(gt=0, lt=1, description="fraction of weights to zero in each layer")
-
-    def apply(self, ctx, params):
-        gen = torch.Generator().manual_seed(ctx.seed)
-        pruned = 0
-        for name, module in ctx.model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-                keep = torch.rand(module.weight.shape, generator=gen) >= params.sparsity
-                ctx.masks.set(f"{name}.weight", keep)
-                pruned += 1
-        ctx.masks.apply(ctx.model)
-        return StageResult(metrics={"layers_pruned": pruned})
-
-
-class RoundToGrid(Method):
-    """Fake quantization: round each prunable weight to a symmetric grid of ``2**(bits-1)-1`` steps per sign.
-
-    One scale per weight matrix (its largest magnitude), so a zero stays zero
-    and pruned weights stay pruned. A kind of the plugin's own: recipes use it
-    as ``kind: quantize, method: round_to_grid``.
-    """
-
-    kind = "quantize"
-    name = "round_to_grid"
-
-    class Params(Params):
-        bits: int = Field(8, ge=2, le=16, description="bits per weight, sign included")
-
-    def apply(self, ctx, params):
-        levels = 2 ** (params.bits - 1) - 1
-        worst, modules = 0.0, prunable_modules(ctx.model)
-        with torch.no_grad():
-            for _, module in modules:
-                w = module.weight
-                scale = float(w.abs().max()) / levels
-                if scale == 0.0:
-                    continue
-                rounded = torch.round(w / scale) * scale
-                worst = max(worst, float((rounded - w).abs().max()))
-                w.copy_(rounded)
-        return StageResult(metrics={"quantized_modules": len(modules), "max_abs_error": worst})
-
-
-class Arithmetic(DataSource):
-    """Written-out sums ("12 + 30 = 42."), one document each; every ``eval_every``-th is held out for eval."""
-
-    name = "arithmetic"
-
-    class Params(Params):
-        limit: int = Field(100, ge=4, le=1000, description="operands run from 0 to limit - 1")
-        eval_every: int = Field(10, ge=2, description="every n-th sum goes to the eval partition")
-
-    def texts(self, params):
-        sums = [f"{a} + {b} = {a + b}." for a in range(params.limit) for b in range(params.limit)]
-        return {"train": [s for i, s in enumerate(sums) if i % params.eval_every],
-                "eval": sums[::params.eval_every]}
-
-
-class WeightL2(Metric):
-    """Euclidean norm of all parameters (a static metric)."""
-
-    name = "weight_l2"
-
-    def finish(self, ctx):
-        total = sum(float(p.detach().float().pow(2).sum()) for p in ctx.model.parameters())
-        return [MetricValue(self.name, total ** 0.5)]
+from .layout import COO
+from .methods import RandomPrune, RoundToGrid
+from .metrics import WeightL2
+from .sources import Arithmetic, ArithmeticGPT2
 
 
 @hookimpl
 def sparsify_methods():
+    """``prune/random`` and ``quantize/round_to_grid``."""
     return [RandomPrune, RoundToGrid]
 
 
 @hookimpl
+def sparsify_model_sources():
+    """``arithmetic_gpt2``."""
+    return [ArithmeticGPT2]
+
+
+@hookimpl
 def sparsify_data_sources():
+    """``arithmetic``."""
     return [Arithmetic]
 
 
 @hookimpl
 def sparsify_metrics():
+    """``weight_l2``."""
     return [WeightL2]
+
+
+@hookimpl
+def sparsify_layouts():
+    """``example_coo``."""
+    return [COO]
+
+
+@hookimpl
+def sparsify_bench_cases():
+    """Case 101 (not a default case)."""
+    from .bench import CASES  # imported when benchmarking (or listing) only
+
+    return list(CASES)
 
 
 # -- the tracker: one JSON line per lifecycle call --------------------------------

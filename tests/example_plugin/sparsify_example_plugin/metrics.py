@@ -1,0 +1,14 @@
+"""A static metric: ``weight_l2``."""
+from __future__ import annotations
+
+from sparsify_core import Metric, MetricValue
+
+
+class WeightL2(Metric):
+    """Euclidean norm of all parameters (a static metric)."""
+
+    name = "weight_l2"
+
+    def finish(self, ctx):
+        total = sum(float(p.detach().float().pow(2).sum()) for p in ctx.model.parameters())
+        return [MetricValue(self.name, total ** 0.5)]
