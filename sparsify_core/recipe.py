@@ -18,10 +18,12 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
+                      model_validator)
+from pydantic.json_schema import GenerateJsonSchema
 
 from .errors import ParamsError, RecipeError, SparsifyError
 from .method import Method, Params, is_layer_indices, param_fields
@@ -709,46 +711,96 @@ def check_sweep(plan: SweepPlan) -> None:
 # --------------------------------------------------------------------------- JSON Schema
 
 
+class _FactoryDefaults(GenerateJsonSchema):
+    """Pydantic's JSON Schema generator, also showing a ``default_factory``'s value as the default.
+
+    Pydantic leaves such defaults out; a recipe's ``data.splits`` or
+    ``model`` would then look as if they had none.
+    """
+
+    def get_default_value(self, schema):
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            return factory()
+        return super().get_default_value(schema)
+
+
+def _variant(base: type[BaseModel], title: str, doc: str | None = None, **fields) -> type[BaseModel]:
+    """``base`` with some fields' types narrowed; a field given as a bare type keeps ``base``'s default and text."""
+    spec = {}
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            spec[name] = value
+        else:
+            info = copy.copy(base.model_fields[name])
+            info.annotation = None  # create_model takes the type from the tuple
+            spec[name] = (value, info)
+    return create_model(re.sub(r"\W", "_", title), __base__=base, __doc__=doc or base.__doc__, **spec)
+
+
+def _tagged(variants: dict[str, type[BaseModel]], tag) -> Any:
+    """A union of ``variants`` (tag -> model) that pydantic writes as a JSON Schema ``oneOf``."""
+    members = tuple(Annotated[cls, Tag(key)] for key, cls in variants.items())
+    return Annotated[typing.Union[members], Discriminator(tag)] if len(members) > 1 else variants[next(iter(variants))]
+
+
+def _plugin_params(cls, base: type[BaseModel]):
+    """The ``params`` field of a variant for plugin class ``cls``: its ``Params``, required when a param is."""
+    info = base.model_fields["params"]
+    doc = cls.describe() or info.description
+    if any(f.is_required() for f in cls.Params.model_fields.values()):
+        return (cls.Params, Field(description=doc))
+    return (cls.Params, Field(default_factory=info.default_factory, description=doc))
+
+
 def json_schema() -> dict:
-    """JSON Schema of a recipe, with every installed method's, source's params (for editors)."""
+    """JSON Schema (draft 2020-12) of a recipe, for editors and ``sparsify schema``.
+
+    Derived from the recipe models (``Recipe`` and the specs it holds: their
+    fields, defaults, descriptions, ``extra="forbid"``) with the plugin
+    catalog filled in: each stage is a ``oneOf`` over every installed
+    ``kind``/``method`` whose ``params`` is that method's ``Params`` schema;
+    ``model`` and ``data`` are a ``oneOf`` over the installed sources, each
+    with its own ``Params``; ``evaluate.metrics`` names installed metrics. A
+    plugin's method or source appears with no edit here. A default made by a
+    ``default_factory`` is shown like any other default.
+    """
     from .plugin_manager import catalog
 
     cat = catalog()
 
-    def variant(title, fields):
-        return create_model(title, __config__=ConfigDict(extra="forbid"), **fields)
+    stage_variants = {
+        f"{kind}/{name}": _variant(StageSpec, f"Stage_{kind}_{name}", cls.describe() or None,
+                                   kind=(Literal[kind], Field(description=f"stage kind: {kind}")),
+                                   method=(Literal[name], Field(description=f"{kind} method: {name}")),
+                                   params=_plugin_params(cls, StageSpec))
+        for (kind, name), cls in sorted(cat.methods.items())}
 
-    stage_variants = [
-        variant(f"{kind}.{name}".replace("-", "_"), {
-            "kind": (Literal[kind], ...), "method": (Literal[name], ...), "name": (str | None, None),
-            "params": (cls.Params, Field(default_factory=dict, description=cls.describe()))})
-        for (kind, name), cls in sorted(cat.methods.items())]
-    model_variants = [
-        variant(f"model.{name}".replace("-", "_"), {
-            "source": (Literal[name], ...), "params": (cls.Params, Field(default_factory=dict)),
-            "dtype": (Literal["float32", "bfloat16", "float16"], "float32"), "device": (str, "auto")})
-        for name, cls in sorted(cat.model_sources.items())]
-    data_variants = [
-        variant(f"data.{name}".replace("-", "_"), {
-            "source": (Literal[name], ...), "params": (cls.Params, Field(default_factory=dict)),
-            "seq_len": (int, 256), "splits": (dict[str, SplitSpec], None)})
-        for name, cls in sorted(cat.data_sources.items())]
+    def source_variants(spec: type[BaseModel], table: dict, prefix: str) -> dict:
+        default = spec.model_fields["source"].default
+        return {name: _variant(spec, f"{prefix}_{name}", cls.describe() or None,
+                               # only the default source may be left out
+                               source=(Literal[name], Field(name if name == default else ...,
+                                                            description=spec.model_fields["source"].description)),
+                               params=_plugin_params(cls, spec))
+                for name, cls in sorted(table.items())}
 
-    def union(variants):
-        return typing.Union[tuple(variants)] if len(variants) > 1 else variants[0]
+    def source_tag(spec: type[BaseModel]):
+        default = spec.model_fields["source"].default
+        return lambda v: v.get("source", default) if isinstance(v, dict) else v.source
 
-    metric_names = Literal[tuple(sorted(cat.metrics))] if cat.metrics else str
-    fields = {
-        "name": (str, ...), "description": (str, ""), "seed": (int, 0),
-        "model": (union(model_variants), None), "data": (union(data_variants), None),
-        "stages": (list[union(stage_variants)], []),
-        "evaluate": (variant("Evaluate", {"metrics": (list[metric_names] | Literal["all"], "all"),
-                                          "after": (list[str] | Literal["all", "last", "none"], "last"),
-                                          "split": (str, "eval"), "batch_size": (int, 4)}), None),
-        "output": (OutputSpec, None),
-        "sweep": (SweepSpec | None, None),
+    fields: dict[str, Any] = {
+        "stages": list[_tagged(stage_variants, lambda v: f"{v.get('kind')}/{v.get('method')}"
+                               if isinstance(v, dict) else f"{v.kind}/{v.method}")],
     }
-    schema = variant("Recipe", fields).model_json_schema()
+    if cat.model_sources:
+        fields["model"] = _tagged(source_variants(ModelSpec, cat.model_sources, "Model"), source_tag(ModelSpec))
+    if cat.data_sources:
+        fields["data"] = _tagged(source_variants(DataSpec, cat.data_sources, "Data"), source_tag(DataSpec))
+    if cat.metrics:
+        metric = Literal[tuple(sorted(cat.metrics))]
+        fields["evaluate"] = _variant(EvaluateSpec, "Evaluate", metrics=list[metric] | Literal["all"])
+    schema = _variant(Recipe, "Recipe", **fields).model_json_schema(schema_generator=_FactoryDefaults)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "sparsify recipe"
     return schema

@@ -400,10 +400,8 @@ class _LayoutAlias(WeightConvert):
 
 
 def _weight_method(layout_cls):
-    class P(WeightLayoutParams, layout_cls.Params):
-        pass
-
-    P.__name__ = f"{layout_cls.__name__}ConvertParams"
+    name = f"{layout_cls.__name__}ConvertParams"  # also its name in `sparsify schema`
+    P = type(name, (WeightLayoutParams, layout_cls.Params), {"__module__": __name__, "__qualname__": name})
     return type(f"{layout_cls.__name__}Convert", (_LayoutAlias,), {
         "__doc__": f"Hold Linear weights in the {layout_cls.name} layout: the same as `method: weight` with "
                    f"`layout: {layout_cls.name}` (exact; prune first). {layout_cls.describe()}",
