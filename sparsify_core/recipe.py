@@ -789,10 +789,10 @@ def json_schema() -> dict:
         default = spec.model_fields["source"].default
         return lambda v: v.get("source", default) if isinstance(v, dict) else v.source
 
-    fields: dict[str, Any] = {
-        "stages": list[_tagged(stage_variants, lambda v: f"{v.get('kind')}/{v.get('method')}"
-                               if isinstance(v, dict) else f"{v.kind}/{v.method}")],
-    }
+    fields: dict[str, Any] = {}
+    if stage_variants:
+        fields["stages"] = list[_tagged(stage_variants, lambda v: f"{v.get('kind')}/{v.get('method')}"
+                                        if isinstance(v, dict) else f"{v.kind}/{v.method}")]
     if cat.model_sources:
         fields["model"] = _tagged(source_variants(ModelSpec, cat.model_sources, "Model"), source_tag(ModelSpec))
     if cat.data_sources:
