@@ -122,19 +122,39 @@ def flush_caches(mb: int = 128) -> None:
 
 # -- discovery -------------------------------------------------------------------------------
 
-def cases() -> dict[int, BenchCase]:
-    """Every case the installed plugins contribute, by number (a number claimed twice is an error)."""
+@dataclass(frozen=True)
+class ProvidedCase:
+    """A bench case and where it comes from: the plugin (entry-point name) and its distribution ("name version")."""
+
+    case: BenchCase
+    plugin: str
+    distribution: str
+
+
+def provided_cases() -> list[ProvidedCase]:
+    """Every case the installed plugins contribute, with its plugin, ordered by number.
+
+    Raises ``SparsifyError`` when two cases claim one number.
+    """
     from .plugin_manager import plugin_manager
 
-    found: dict[int, BenchCase] = {}
+    pm, dists, _ = plugin_manager()
+    found: dict[int, ProvidedCase] = {}
     # a provider hook (results collected), not a lifecycle call (``hooks()`` returns nothing)
-    for provided in plugin_manager()[0].hook.sparsify_bench_cases():
-        for case in provided or []:
+    for impl in reversed(pm.hook.sparsify_bench_cases.get_hookimpls()):  # registration order
+        plugin = pm.get_name(impl.plugin)
+        for case in impl.function() or []:
             if case.number in found:
-                raise SparsifyError(f"bench case {case.number} is contributed twice: {found[case.number].name!r} "
-                                    f"and {case.name!r}")
-            found[case.number] = case
-    return dict(sorted(found.items()))
+                other = found[case.number]
+                raise SparsifyError(f"bench case {case.number} is contributed twice: {other.case.name!r} "
+                                    f"({other.plugin}) and {case.name!r} ({plugin})")
+            found[case.number] = ProvidedCase(case, plugin, dists.get(plugin, "<in-process>"))
+    return [found[n] for n in sorted(found)]
+
+
+def cases() -> dict[int, BenchCase]:
+    """Every case the installed plugins contribute, by number (a number claimed twice is an error)."""
+    return {p.case.number: p.case for p in provided_cases()}
 
 
 # -- the machine -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import RecipeError, SparsifyError
 
@@ -122,7 +123,8 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="w
 
 @app.command()
 def plugins():
-    """List every method, source, metric and layout, with the distribution providing it."""
+    """List every method, source, metric, layout (with its kernels) and bench case, with the distribution providing it."""
+    from .bench import provided_cases
     from .plugin_manager import catalog
 
     cat = catalog()
@@ -130,12 +132,28 @@ def plugins():
     for col in ("category", "name", "description", "provided by"):
         table.add_column(col)
     order = ["method", "model_source", "data_source", "metric", "layout"]
+    rows = []
     for e in sorted(cat.entries, key=lambda e: (order.index(e.category), e.key)):
-        table.add_row(e.category.replace("_", " "), e.key, e.cls.describe(), f"{e.distribution} ({e.plugin})")
+        text = e.cls.describe()
+        if e.category == "layout":
+            text += f" Kernels: {e.cls.describe_kernels()}"
+        rows.append((e.category.replace("_", " "), e.key, text, f"{e.distribution} ({e.plugin})"))
+    warnings = list(cat.load_errors)
+    try:
+        cases = provided_cases()
+    except Exception as exc:  # noqa: BLE001 - a broken bench case must not hide the rest of the listing
+        cases = []
+        warnings.append(f"bench cases not listed: {type(exc).__name__}: {exc}")
+    for p in cases:
+        rows.append(("bench case", f"{p.case.number} ({p.case.name})",
+                     p.case.description + ("" if p.case.default else f" [only with --case {p.case.number}]"),
+                     f"{p.distribution} ({p.plugin})"))
+    for row in rows:  # plain text: no rich markup or emoji codes (an "n:m:g" is not ":m:")
+        table.add_row(*(Text(cell) for cell in row))
     out.print(table)
     if not cat.layouts:
         out.print("layouts: none installed", highlight=False)
-    for msg in cat.load_errors:
+    for msg in warnings:
         err.print(f"warning: {msg}", highlight=False)
 
 

@@ -112,6 +112,17 @@ class Layout(ABC):
         """The first line of the class docstring."""
         return ((cls.__doc__ or "").strip().splitlines() or [""])[0]
 
+    @classmethod
+    def describe_kernels(cls) -> str:
+        """Which fast kernels the layout has, per device and dtype: the first line of its ``kernel`` docstring.
+
+        ``"none (dense fallback)"`` when the layout does not override ``kernel``.
+        Read from the class alone: nothing is built or compiled (``sparsify plugins`` lists it).
+        """
+        if cls.kernel is Layout.kernel:
+            return "none (dense fallback)"
+        return ((cls.kernel.__doc__ or "").strip().splitlines() or ["undocumented"])[0]
+
 
 def find_layout(name: str) -> type[Layout]:
     """The installed layout called ``name``, from the plugin catalog.

@@ -190,3 +190,14 @@ def test_the_example_model_source_runs_saves_and_loads_back(workdir, example_plu
     with torch.no_grad():
         torch.testing.assert_close(coo.model(torch.tensor([ids])).logits, dense.model(torch.tensor([ids])).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_the_example_bench_case_runs_quick(example_plugin_module):
+    """Case 101 through the harness's discovery, at smoke sizes: rows of its number, its kernel exact."""
+    from sparsify_core import bench
+
+    case = bench.cases()[101]
+    assert not case.default
+    rows = case.run(bench.BenchOptions(quick=True))
+    assert rows and all(r.case == 101 and set(r.ratio) == {"example_coo"} for r in rows)
+    assert all(r.extra["max_abs_err"] < 1e-4 for r in rows)
