@@ -43,7 +43,8 @@ def test_listed_with_its_distribution(example_plugin):
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "prune/random" in line]
     assert rows and "sparsify-example-plugin 0.1.0" in rows[0]
-    for provided in ("quantize/round_to_grid", "arithmetic", "weight_l2"):
+    for provided in ("quantize/round_to_grid", "arithmetic_gpt2", "arithmetic", "weight_l2", "example_coo",
+                     "101 (example COO layout)"):
         assert any(provided in line and "sparsify-example-plugin 0.1.0" in line
                    for line in proc.stdout.splitlines()), provided
     # Built-ins come through the same entry-point group, from the sparsify distribution.
