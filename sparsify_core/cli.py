@@ -123,7 +123,7 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="w
 
 @app.command()
 def plugins():
-    """List every method, source, metric, layout (with its kernels) and bench case, with the distribution providing it."""
+    """List every method, source, metric, layout (with its kernels) and bench case, and who provides it."""
     from .bench import provided_cases
     from .plugin_manager import catalog
 
