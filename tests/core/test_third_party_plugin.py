@@ -49,6 +49,8 @@ def test_listed_with_its_distribution(example_plugin):
                    for line in proc.stdout.splitlines()), provided
     # Built-ins come through the same entry-point group, from the sparsify distribution.
     assert any("prune/magnitude" in line and "sparsify 0.1.0" in line for line in proc.stdout.splitlines())
+    schema = json.loads(sparsify("schema", check=True).stdout)  # installed: in the schema with no edit to sparsify
+    assert {"Stage_prune_random", "Stage_quantize_round_to_grid", "Model_arithmetic_gpt2"} <= set(schema["$defs"])
 
 
 STAGES = """\
