@@ -22,7 +22,7 @@ import os
 import torch
 from pydantic import Field
 
-from sparsify_core import DataSource, Method, Metric, MetricValue, Params, StageResult, hookimpl
+from sparsify_core import DataSource, Method, Metric, MetricInfo, MetricValue, Params, StageResult, hookimpl
 from sparsify_core.ffn import prunable_modules
 
 
@@ -44,7 +44,8 @@ class RandomPrune(Method):
                 ctx.masks.set(f"{name}.weight", keep)
                 pruned += 1
         ctx.masks.apply(ctx.model)
-        return StageResult(metrics={"layers_pruned": pruned})
+        return StageResult(metrics={"layers_pruned": pruned},
+                           metric_info={"layers_pruned": MetricInfo(higher_is_better=None, unit="layers")})
 
 
 class RoundToGrid(Method):
@@ -73,7 +74,9 @@ class RoundToGrid(Method):
                 rounded = torch.round(w / scale) * scale
                 worst = max(worst, float((rounded - w).abs().max()))
                 w.copy_(rounded)
-        return StageResult(metrics={"quantized_modules": len(modules), "max_abs_error": worst})
+        return StageResult(metrics={"quantized_modules": len(modules), "max_abs_error": worst},
+                           metric_info={"quantized_modules": MetricInfo(unit="modules"),
+                                        "max_abs_error": MetricInfo(higher_is_better=False)})
 
 
 class Arithmetic(DataSource):
@@ -95,6 +98,9 @@ class WeightL2(Metric):
     """Euclidean norm of all parameters (a static metric)."""
 
     name = "weight_l2"
+    higher_is_better = None  # describes the model; neither direction is better
+    unit = ""
+    fraction = False
 
     def finish(self, ctx):
         total = sum(float(p.detach().float().pow(2).sum()) for p in ctx.model.parameters())
