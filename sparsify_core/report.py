@@ -139,7 +139,12 @@ def _metric_table(r: RunRecord) -> RenderableType | None:
         return None
     final, dense = final_evaluation(r), reference_evaluation(r)
     show_change = final is not None and dense is not None and bool(dense.values)
-    table = Table(title="metrics by evaluation point", title_justify="left", box=box.SIMPLE_HEAD)
+    sizes = {(e.record.split, e.record.sequences, e.record.tokens) for e in points if e.record is not None}
+    title = "metrics by evaluation point"
+    if len(sizes) == 1 and None not in next(iter(sizes)):  # recorded evaluations say what they measured on
+        split, sequences, tokens = sizes.pop()
+        title += f" (split {split}: {sequences} sequences, {_fmt_value(MetricInfo(), tokens)} tokens)"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("metric")
     for e in points:
         table.add_column(e.stage + ("" if e.stage_idx == DENSE_INDEX else f" [{e.stage_idx}]"), justify="right")
