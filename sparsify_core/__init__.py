@@ -5,7 +5,7 @@ The public API for plugin authors and users:
 - ``hookimpl``: decorator for plugin hook implementations (see ``hookspecs``).
 - ``Method``, ``StageResult``, ``Params``: stage methods.
 - ``ModelSource``, ``LoadedModel``, ``DataSource``: sources.
-- ``Metric``, ``MetricValue``: evaluation metrics.
+- ``Metric``, ``MetricValue``, ``MetricInfo``: evaluation metrics and what their numbers are.
 - ``Layout``: sparse storage layouts.
 - ``RunContext``: what methods and metrics receive.
 - ``find_ffn_blocks``: the one way to find FFN blocks in a model.
@@ -24,7 +24,7 @@ from .errors import RecipeError, SparsifyError  # noqa: E402
 from .layout import Layout  # noqa: E402
 from .masks import MaskSet  # noqa: E402
 from .method import Method, Params, StageResult  # noqa: E402
-from .metric import Metric, MetricValue  # noqa: E402
+from .metric import Metric, MetricInfo, MetricValue  # noqa: E402
 from .sources import DataSource, LoadedModel, ModelSource, TokenSplit  # noqa: E402
 
 
@@ -42,6 +42,6 @@ def load_output(path, device="cpu"):
 
 __all__ = [
     "hookimpl", "RunContext", "RecipeError", "SparsifyError", "Layout", "MaskSet", "Method", "Params",
-    "StageResult", "Metric", "MetricValue", "DataSource", "LoadedModel", "ModelSource", "TokenSplit",
+    "StageResult", "Metric", "MetricInfo", "MetricValue", "DataSource", "LoadedModel", "ModelSource", "TokenSplit",
     "find_ffn_blocks", "load_output", "__version__",
 ]

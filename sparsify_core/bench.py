@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .errors import SparsifyError
+from .metric import MetricInfo
 
 
 @dataclass
@@ -263,18 +264,22 @@ def record(registry, result: dict, json_path: str | os.PathLike | None = None) -
     for idx, c in enumerate(sorted({r["case"] for r in result["rows"]})):
         registry.start_stage(run_id, idx, name=f"case {c}", kind="bench", method=names.get(c), params={})
         values: dict[str, float] = {}
+        info: dict[str, MetricInfo] = {}  # extras are the case's own: undeclared
         for r in result["rows"]:
             if r["case"] != c:
                 continue
             values[f"{r['config']} dense ms"] = r["dense_ms"]
+            info[f"{r['config']} dense ms"] = MetricInfo(higher_is_better=False, unit="ms")
             for cand, ratio in r["ratio"].items():
                 values[f"{r['config']} {cand} speedup"] = ratio
+                info[f"{r['config']} {cand} speedup"] = MetricInfo(higher_is_better=True, unit="x")
             if r["target"] is not None:
                 values[f"{r['config']} target speedup"] = r["target"]
+                info[f"{r['config']} target speedup"] = MetricInfo(higher_is_better=None, unit="x")
             for k, v in r["extra"].items():
                 if isinstance(v, (bool, int, float)):
                     values[f"{r['config']} {k}"] = float(v)
-        registry.log_metrics(run_id, f"case {c}", idx, values)
+        registry.log_metrics(run_id, f"case {c}", idx, values, info=info)
         registry.finish_stage(run_id, idx, "completed", duration_s=seconds.get(c))
     if json_path is not None:
         registry.add_artifact(run_id, "bench_json", os.path.abspath(json_path))

@@ -260,10 +260,7 @@ def fit(sweep: str = typer.Argument(..., help="sweep id (or unique prefix)"),
     """Fit the sparse scaling law L(S, N, D) to a sweep's runs: coefficients, errors, optimal sparsity, plot."""
     import math
 
-    import numpy as np
-
-    from .scaling_law import COEFFICIENTS, cross_validate, fit as fit_law, optimal_sparsity, plot_fit, \
-        points_from_runs, prediction_errors
+    from .scaling_law import COEFFICIENTS, fit_runs, plot_fit
     from .sweep import data_path
 
     reg = _registry()
@@ -275,29 +272,24 @@ def fit(sweep: str = typer.Argument(..., help="sweep id (or unique prefix)"),
             raise SparsifyError(f"sweep {sw.id} varies no single '...train.steps': say what D is with --data "
                                 "recipe:<dotted path> or --data <metric>")
         data = f"recipe:{path}"
-    points, skipped = points_from_runs(reg.find_runs(sweep_id=sw.id), data=data, loss=loss, sparsity=sparsity,
-                                       nonzeros=nonzeros, n_unit=n_unit, d_unit=d_unit)
-    if len(points) < len(COEFFICIENTS):
-        raise SparsifyError(f"sweep {sw.id}: {len(points)} finished runs with {loss}, {sparsity}, {nonzeros} and "
-                            f"{data}; fitting 7 coefficients needs at least 7")
-    kwargs = dict(delta=delta, restarts=restarts)
-    result = fit_law(points, seed=seed, bootstrap=bootstrap, **kwargs)
-    law = result.law
-    train_err = prediction_errors(law, points)
-    cv = None
-    if folds:
-        try:
-            cv = cross_validate(points, folds, seed=seed, **kwargs)
-        except ValueError as exc:
-            err.print(f"no held-out error: {exc}", highlight=False)
+    try:
+        result = fit_runs(reg.find_runs(sweep_id=sw.id), data=data, loss=loss, sparsity=sparsity,
+                          nonzeros=nonzeros, n_unit=n_unit, d_unit=d_unit, folds=folds,
+                          budget_nonzeros=budget_nonzeros, budget_data=budget_data, seed=seed, delta=delta,
+                          restarts=restarts, bootstrap=bootstrap)
+    except ValueError as exc:
+        raise SparsifyError(f"sweep {sw.id}: {exc}") from None
+    law, points, train_err, cv = result.fit.law, result.points, result.train_error, result.heldout_error
+    if result.heldout_note:
+        err.print(f"no held-out error: {result.heldout_note}", highlight=False)
 
     table = Table(title=f"L(S, N, D) = (a_S (1-S)^b_S + c_S) N^-b_N + (a_D / D)^b_D + c  |  sweep {sw.id}, "
                         f"{len(points)} runs, N in {n_unit:g}, D in {d_unit:g} x {data}")
     for col in ("coefficient", "value", "std. error", "bootstrap 95%"):
         table.add_column(col, justify="right" if col != "coefficient" else "left")
     for k in COEFFICIENTS:
-        se = result.stderr[k]
-        ci = result.bootstrap.get(k) if result.bootstrap else None
+        se = result.fit.stderr[k]
+        ci = result.fit.bootstrap.get(k) if result.fit.bootstrap else None
         table.add_row(k, f"{getattr(law, k):.4g}", "n/a" if math.isnan(se) else f"{se:.2g}",
                       f"{ci[0]:.3g} .. {ci[1]:.3g}" if ci else "")
     out.print(table)
@@ -307,21 +299,15 @@ def fit(sweep: str = typer.Argument(..., help="sweep id (or unique prefix)"),
         out.print(f"held-out error ({int(cv['folds'])}-fold leave-some-runs-out): RMSE of log L {cv['rmse_log']:.4f}, "
                   f"mean |rel. error| {cv['mean_abs_rel']:.2%}, max {cv['max_abs_rel']:.2%}", highlight=False)
 
-    n_budget = budget_nonzeros / n_unit if budget_nonzeros else float(points.N.max())
-    d_values = [d / d_unit for d in budget_data] or sorted(set(points.D.tolist()) | {points.D.max() * 10,
-                                                                                    points.D.max() * 100})
-    best = Table(title=f"optimal sparsity at N = {n_budget * n_unit:.4g} non-zeros, equal training cost")
+    best = Table(title=f"optimal sparsity at N = {result.budget_nonzeros:.4g} non-zeros, equal training cost")
     for col in ("D", "S_opt", "L dense", "L at S_opt"):
         best.add_column(col, justify="right")
-    optimal = []
-    for d in d_values:
-        s_opt = optimal_sparsity(law, n_budget, d)
-        l_dense, l_opt = law(0.0, n_budget, d), law(s_opt, n_budget, d * (1 - s_opt))
-        optimal.append({"D": d * d_unit, "S_opt": s_opt, "L_dense": l_dense, "L_opt": l_opt})
-        best.add_row(f"{d * d_unit:.4g}", f"{s_opt:.1%}", f"{l_dense:.4f}", f"{l_opt:.4f}")
+    for row in result.optimal:
+        best.add_row(f"{row['D']:.4g}", f"{row['S_opt']:.1%}", f"{row['L_dense']:.4f}", f"{row['L_opt']:.4f}")
     out.print(best)
     out.print("equal cost: the sparse model (N / (1 - S) parameters, trained densely by gmp) trains on D (1 - S) for "
               "the cost of the dense N-parameter model on D", highlight=False)
+    skipped = result.skipped
     if skipped:
         err.print(f"skipped {len(skipped)} runs (unfinished or a value missing): {', '.join(skipped[:5])}"
                   + (" ..." if len(skipped) > 5 else ""), highlight=False)
@@ -329,13 +315,7 @@ def fit(sweep: str = typer.Argument(..., help="sweep id (or unique prefix)"),
     plot_fit(law, points, plot, title=f"sweep {sw.id} ({sw.name}), {len(points)} runs")
     err.print(f"wrote {plot}", highlight=False)
     if json_path:
-        summary = {"sweep": sw.id, "data": data, "n_unit": n_unit, "d_unit": d_unit, **result.summary(),
-                   "train_error": train_err, "optimal_sparsity": optimal, "skipped_runs": skipped,
-                   "heldout_error": None if cv is None else {k: v for k, v in cv.items() if k != "predicted"},
-                   "points": [{"run": lab, "S": s, "N": n, "D": d, "L": l} for lab, s, n, d, l in
-                              zip(points.labels, *(np.asarray(v).tolist() for v in (points.S, points.N, points.D,
-                                                                                   points.L)))]}
-        json_path.write_text(json.dumps(summary, indent=1, default=float))
+        json_path.write_text(json.dumps({"sweep": sw.id, **result.summary()}, indent=1, default=float))
         err.print(f"wrote {json_path}", highlight=False)
 
 

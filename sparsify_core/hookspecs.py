@@ -73,7 +73,10 @@ def sparsify_metrics():
     """Return evaluation metrics: subclasses of ``sparsify_core.Metric``.
 
     Metrics that need the model's outputs share one forward pass over the eval
-    split per evaluation point; static metrics read the model only."""
+    split per evaluation point; static metrics read the model only. Each
+    declares what its values are (``higher_is_better``, ``unit``,
+    ``fraction``; ``value_info`` for extra names), recorded with the run for
+    ``show``, ``compare`` and the plots."""
 
 
 @hookspec

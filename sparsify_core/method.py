@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .metric import MetricInfo
 # the params types live in their own leaf module; re-exported here, where methods have always imported them
 from .params import (LayerIndices, Params, check_layers, check_regexes, is_layer_indices,  # noqa: F401
                      param_fields)
@@ -29,11 +30,28 @@ class StageResult:
     ``state["perm.<block path>"]`` (``[d_ff]`` long: neuron ``j`` after the
     stage is neuron ``perm[j]`` before it), and moves the block's masks with
     ``MaskSet.replace``, so that pruned weights can be followed across it.
+
+    ``metric_info`` says what a metric in ``metrics`` is (direction, unit,
+    fraction: ``MetricInfo``); a name not in it is recorded as
+    ``MetricInfo()``: no direction, no unit, not a fraction. The engine adds
+    ``stage_seconds`` and ``peak_memory_mb`` (``STAGE_METRICS``) itself.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    metric_info: dict[str, MetricInfo] = field(default_factory=dict)
+
+    def recorded_info(self) -> dict[str, MetricInfo]:
+        """What each of ``metrics`` is: its ``metric_info`` entry, else ``MetricInfo()``."""
+        return {name: self.metric_info.get(name, MetricInfo()) for name in self.metrics}
+
+
+# Numbers the engine records for every stage (runner), besides the method's own.
+STAGE_METRICS: dict[str, MetricInfo] = {
+    "stage_seconds": MetricInfo(higher_is_better=False, unit="s"),  # wall time of the stage's apply
+    "peak_memory_mb": MetricInfo(higher_is_better=False, unit="MiB"),  # peak device (or process) memory
+}
 
 
 class Method(ABC):

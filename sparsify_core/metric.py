@@ -12,6 +12,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
+class MetricInfo:
+    """What a metric's numbers are, so that reports never guess it from the name.
+
+    ``higher_is_better``: the direction of better (``None``: neither, e.g. a
+    count that only describes the model); ``unit``: a short unit shown next to
+    values (``""`` for none, ``"nats"``, ``"s"``, ``"MiB"``, ``"params"``...);
+    ``fraction``: values lie in [0, 1] and are shown as percents.
+    """
+
+    higher_is_better: bool | None = None
+    unit: str = ""
+    fraction: bool = False
+
+
+@dataclass(frozen=True)
 class MetricValue:
     """One recorded number: ``layer`` is set for per-layer/per-module breakdowns.
 
@@ -36,6 +51,13 @@ class Metric(ABC):
     values, and ``close()`` always runs (remove hooks). ``tasks`` lists the
     model tasks (``causal_lm``, ``encoder``) the metric applies to.
 
+    Every metric declares what its numbers are: ``higher_is_better``
+    (``True``/``False``, or ``None`` for neither), ``unit`` and ``fraction``
+    (see ``MetricInfo``). They are recorded with the run, and ``show``,
+    ``compare`` and the plots format and rank values by them. A metric that
+    records values under more names than its own (``<name>_dense``...)
+    declares each in ``value_info``.
+
     A metric that raises fails alone: evaluation records it as failed with
     its one-line reason and measures the others (``evaluation.evaluate``).
     Models may hold weights in sparse layouts: read weights through
@@ -47,6 +69,19 @@ class Metric(ABC):
     tasks: ClassVar[frozenset[str]] = frozenset({"causal_lm", "encoder"})
     uses_forward: ClassVar[bool] = False
     uses_reference: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
+    unit: ClassVar[str] = ""
+    fraction: ClassVar[bool] = False
+
+    @classmethod
+    def info(cls) -> MetricInfo:
+        """What the values recorded under ``name`` are (from the class attributes)."""
+        return MetricInfo(higher_is_better=cls.higher_is_better, unit=cls.unit, fraction=cls.fraction)
+
+    @classmethod
+    def value_info(cls) -> dict[str, MetricInfo]:
+        """Every name this metric records values under, with what those values are (default: its ``name``)."""
+        return {cls.name: cls.info()}
 
     def applies_to(self, ctx: "RunContext") -> bool:
         return ctx.task in self.tasks

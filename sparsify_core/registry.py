@@ -17,6 +17,17 @@ records (``sparsify bench --record``) are runs of kind ``bench`` (a stage per
 case, the ratios as metrics) whose machine (CPU model, ISA flags, threads,
 torch, load) is a row of ``bench_machines``.
 
+Evaluations are recorded explicitly (v7): each is a row of ``evaluations``
+(the ``reference`` evaluation of the dense model, stage index -1, or the
+evaluation after a ``stage``: split, size, status, times), and the metric rows
+it wrote have ``origin`` ``evaluation``; numbers a stage reports itself
+(``stage_seconds``, a method's ``sparsity``...) have ``origin`` ``stage``, and
+training curves ``curve``. What each metric name of a run is (direction,
+unit, fraction) is a row of ``metric_info``. ``evaluation_points``,
+``final_evaluation`` and ``metric_info_for`` read these back, and are the
+only functions that know how runs recorded before v7 (``RunRecord.schema``
+None) are read: see ``evaluation_points``.
+
 The schema carries a version; opening a registry applies the missing
 migrations in order, under the write lock, so concurrent openers of a fresh
 database migrate it once.
@@ -48,9 +59,13 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, Ope
 from sqlalchemy.schema import CreateColumn
 
 from .errors import SparsifyError
+from .metric import MetricInfo
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 STAGE_STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+EVALUATION_STATUSES = ("running", "completed", "failed", "interrupted")
+EVALUATION_KINDS = ("reference", "stage")  # the dense model's baseline, or the model after a stage
+METRIC_ORIGINS = ("evaluation", "stage", "curve")
 TERMINAL_STATUSES = frozenset({"finished", "failed", "interrupted"})
 DEAD_PROCESS_REASON = "the process ended without reporting (killed?)"
 DENSE_STAGE, DENSE_INDEX = "dense", -1
@@ -111,6 +126,8 @@ runs = Table(
     Column("kind", String(16), nullable=False, server_default=text("'recipe'")),  # recipe or bench
     # v4
     Column("sweep_point", Text),  # JSON of the grid values this run sets in its sweep
+    # v7
+    Column("schema", Integer),  # the schema version the run was recorded with; NULL: before v7
 )
 
 sweeps = Table(
@@ -157,6 +174,36 @@ metrics = Table(
     Column("step", Integer),
     # v5
     Column("error", Text),  # set when the metric failed: its one-line reason (value NULL)
+    # v7
+    Column("origin", String(16)),  # evaluation, stage or curve (METRIC_ORIGINS); NULL: recorded before v7
+)
+
+# v7: each evaluation of a run: the dense reference (stage_idx -1) or the model after a stage
+evaluations = Table(
+    "evaluations", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage_idx", Integer, nullable=False),
+    Column("stage", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),  # reference or stage
+    Column("split", String(200)),  # the data split evaluated on
+    Column("sequences", Integer),
+    Column("tokens", Integer),  # sequences x sequence length
+    Column("status", String(16), nullable=False),  # EVALUATION_STATUSES
+    Column("reason", Text),
+    Column("started_at", String(40), nullable=False),
+    Column("ended_at", String(40)),
+    UniqueConstraint("run_id", "stage_idx", name="uq_evaluations_run_idx"),
+)
+
+# v7: what a run's metric names are (a ``MetricInfo``), one row per run and name
+metric_info = Table(
+    "metric_info", metadata,
+    Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(200), primary_key=True),
+    Column("higher_is_better", Integer),  # 1, 0, or NULL for neither
+    Column("unit", String(64), nullable=False, server_default=text("''")),
+    Column("fraction", Integer, nullable=False, server_default=text("0")),
 )
 
 artifacts = Table(
@@ -298,8 +345,36 @@ def _migration_6(conn: Connection) -> None:
         conn.execute(update(old_stages).where(old_stages.c.run_id == r.id).values(params="{}"))
 
 
+def _migration_7(conn: Connection) -> None:
+    """Explicit evaluations and metric declarations: ``evaluations`` and ``metric_info`` tables,
+    ``metrics.origin`` and ``runs.schema``.
+
+    Rows recorded before stay as they were (``runs.schema`` NULL); readers
+    infer their evaluations and metric kinds as before (``evaluations``,
+    ``metric_info``).
+    """
+    _add_column(conn, "runs", Column("schema", Integer))
+    _add_column(conn, "metrics", Column("origin", String(16)))
+    m = MetaData()
+    Table("runs", m, Column("id", String(64), primary_key=True))  # exists: named for the foreign keys only
+    evaluations_v7 = Table("evaluations", m,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+          Column("stage_idx", Integer, nullable=False), Column("stage", String(200), nullable=False),
+          Column("kind", String(16), nullable=False), Column("split", String(200)), Column("sequences", Integer),
+          Column("tokens", Integer), Column("status", String(16), nullable=False), Column("reason", Text),
+          Column("started_at", String(40), nullable=False), Column("ended_at", String(40)),
+          UniqueConstraint("run_id", "stage_idx", name="uq_evaluations_run_idx"))
+    info_v7 = Table("metric_info", m,
+          Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+          Column("name", String(200), primary_key=True), Column("higher_is_better", Integer),
+          Column("unit", String(64), nullable=False, server_default=text("''")),
+          Column("fraction", Integer, nullable=False, server_default=text("0")))
+    m.create_all(conn, tables=[evaluations_v7, info_v7])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5, _migration_6]
+                                                  _migration_5, _migration_6, _migration_7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -456,6 +531,41 @@ class MetricRecord:
     step: int | None = None
     created_at: datetime | None = None
     error: str | None = None
+    origin: str | None = None  # evaluation, stage or curve; None: recorded before v7
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """An evaluation of a run as recorded: of the dense ``reference`` (``stage_idx`` -1) or after a ``stage``."""
+
+    stage_idx: int
+    stage: str
+    kind: str
+    status: str
+    split: str | None = None
+    sequences: int | None = None
+    tokens: int | None = None
+    reason: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluation point of a run with its summary values (no layer, no step).
+
+    ``values``: metric name -> value (NaN when failed); ``failures``: name ->
+    one-line reason of the metrics that failed there. ``record`` is the
+    recorded evaluation; None for runs recorded before v7, whose points are
+    inferred (see ``evaluations``).
+    """
+
+    stage_idx: int
+    stage: str
+    kind: str
+    values: dict[str, float]
+    failures: dict[str, str]
+    record: EvaluationRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -551,9 +661,12 @@ class RunRecord:
     kind: str = "recipe"  # or "bench": kernel timings recorded by ``sparsify bench --record``
     sweep_point: dict | None = None  # the grid values this run sets, in a sweep
     machine: MachineRecord | None = None  # bench records: where they were measured
+    schema: int | None = None  # the schema version it was recorded with; None: before v7
     stages: list[StageRecord] = field(default_factory=list)
     metrics: list[MetricRecord] = field(default_factory=list)
     artifacts: list[ArtifactRecord] = field(default_factory=list)
+    evaluations: list[EvaluationRecord] = field(default_factory=list)
+    metric_info: dict[str, MetricInfo] = field(default_factory=dict)
 
     @property
     def recipe(self) -> dict:
@@ -639,7 +752,7 @@ class Registry:
                    status="running", started_at=_iso(now), versions=json.dumps(environment_versions()),
                    git_commit=git_commit(recipe_path), output_dir=_str(output_dir), workdir=_str(workdir),
                    attempts=1, sweep_id=sweep_id, recipe_path=_recipe_path(recipe_path), kind=kind,
-                   sweep_point=sweep_point, **proc)
+                   sweep_point=sweep_point, schema=SCHEMA_VERSION, **proc)
         for _ in range(5):
             run_id = new_run_id(now)
             try:
@@ -720,8 +833,9 @@ class Registry:
     def set_run_status(self, run_id: str, status: str, reason: str | None = None) -> None:
         """Set a run's status (``ended_at`` is set for terminal ones).
 
-        A run that ends ``failed``/``interrupted`` takes any stage still
-        ``running`` with it, so nothing stays ``running`` after its process.
+        A run that ends ``failed``/``interrupted`` takes any stage or
+        evaluation still ``running`` with it, so nothing stays ``running``
+        after its process.
         """
         _check_status(status, RUN_STATUSES, "run")
         now = _iso(_utcnow())
@@ -733,8 +847,9 @@ class Registry:
             if res.rowcount == 0:
                 raise self._unknown(conn, run_id)
             if status in ("failed", "interrupted"):
-                conn.execute(update(stages).where(stages.c.run_id == run_id, stages.c.status == "running")
-                             .values(status=status, reason=reason, ended_at=now))
+                for table in (stages, evaluations):
+                    conn.execute(update(table).where(table.c.run_id == run_id, table.c.status == "running")
+                                 .values(status=status, reason=reason, ended_at=now))
 
         self._write(set_status)
 
@@ -777,13 +892,21 @@ class Registry:
     # -- metrics and artifacts --
 
     def log_metrics(self, run_id: str, stage: str, stage_idx: int,
-                    values: Mapping[str, float] | Iterable[Any], step: int | None = None) -> None:
+                    values: Mapping[str, float] | Iterable[Any], step: int | None = None, *,
+                    info: Mapping[str, MetricInfo] | None = None, origin: str | None = None) -> None:
         """Record metric values of ``stage`` (``dense``/-1 for the baseline) in one transaction.
 
         ``values`` is a dict name -> number, or a list of ``MetricValue``
         (name, value, layer, error: the reason of a failed metric). ``step``
-        marks points of a training curve.
+        marks points of a training curve. ``origin`` says who measured them
+        (``METRIC_ORIGINS``; default ``curve`` with a step, else ``stage``:
+        a stage's own numbers, never taken for an evaluation; evaluations are
+        recorded with ``start_evaluation``/``record_evaluation``). ``info``
+        declares what names are (``record_metric_info``), in the same transaction.
+        Raises ``SparsifyError`` for a value that is not a number or an unknown origin.
         """
+        origin = origin or ("curve" if step is not None else "stage")
+        _check_status(origin, METRIC_ORIGINS, "metric origin")
         now = _iso(_utcnow())
         if isinstance(values, Mapping):
             items = [(name, value, None, None) for name, value in values.items()]
@@ -791,10 +914,76 @@ class Registry:
             items = [(v.name, v.value, getattr(v, "layer", None), getattr(v, "error", None)) for v in values]
         rows = [dict(run_id=run_id, stage=stage, stage_idx=stage_idx, step=None if step is None else int(step),
                      name=str(name), value=_as_float(name, value), layer=None if layer is None else str(layer),
-                     error=None if error is None else str(error), created_at=now)
+                     error=None if error is None else str(error), created_at=now, origin=origin)
                 for name, value, layer, error in items]
-        if rows:
-            self._write(lambda conn: conn.execute(insert(metrics), rows))
+
+        def log(conn: Connection) -> None:
+            if rows:
+                conn.execute(insert(metrics), rows)
+            if info:
+                _upsert_info(conn, run_id, info)
+
+        if rows or info:
+            self._write(log)
+
+    def record_metric_info(self, run_id: str, info: Mapping[str, MetricInfo]) -> None:
+        """Record what the run's metric names are (``MetricInfo``); a later record of a name replaces it."""
+        if info:
+            self._write(lambda conn: _upsert_info(conn, run_id, info))
+
+    # -- evaluations --
+
+    def start_evaluation(self, run_id: str, stage_idx: int, *, stage: str, kind: str, split: str | None = None,
+                         sequences: int | None = None, tokens: int | None = None) -> None:
+        """Record the evaluation at ``stage_idx`` (-1 and kind ``reference`` for the dense model) as ``running``.
+
+        ``kind`` is ``reference`` or ``stage`` (``EVALUATION_KINDS``); an
+        evaluation recorded before at the same index (a resumed run) is
+        started again. Its values follow with ``log_metrics(...,
+        origin="evaluation")``; ``finish_evaluation`` ends it.
+        """
+        _check_status(kind, EVALUATION_KINDS, "evaluation kind")
+        values = dict(stage=stage, kind=kind, split=split, sequences=sequences, tokens=tokens, status="running",
+                      reason=None, started_at=_iso(_utcnow()), ended_at=None)
+
+        def start(conn: Connection) -> None:
+            where = (evaluations.c.run_id == run_id, evaluations.c.stage_idx == stage_idx)
+            if conn.execute(update(evaluations).where(*where).values(**values)).rowcount == 0:
+                conn.execute(insert(evaluations).values(run_id=run_id, stage_idx=stage_idx, **values))
+            # a re-run evaluation replaces the values of the earlier one
+            conn.execute(metrics.delete().where(metrics.c.run_id == run_id, metrics.c.stage_idx == stage_idx,
+                                                metrics.c.origin == "evaluation"))
+
+        self._write(start)
+
+    def finish_evaluation(self, run_id: str, stage_idx: int, status: str = "completed",
+                          reason: str | None = None) -> None:
+        """Record the end of the evaluation at ``stage_idx`` (``completed``, ``failed`` or ``interrupted``)."""
+        _check_status(status, EVALUATION_STATUSES, "evaluation")
+
+        def finish(conn: Connection) -> None:
+            res = conn.execute(update(evaluations)
+                               .where(evaluations.c.run_id == run_id, evaluations.c.stage_idx == stage_idx)
+                               .values(status=status, reason=reason, ended_at=_iso(_utcnow())))
+            if res.rowcount == 0:
+                raise SparsifyError(f"run {run_id} has no evaluation at stage {stage_idx} to finish "
+                                    "(start_evaluation first)")
+
+        self._write(finish)
+
+    def record_evaluation(self, run_id: str, stage: str, stage_idx: int, values: Mapping[str, float] | Iterable[Any],
+                          *, info: Mapping[str, MetricInfo] | None = None, split: str | None = None,
+                          sequences: int | None = None, tokens: int | None = None) -> None:
+        """Record a whole, completed evaluation at once: ``start_evaluation``, its values, ``finish_evaluation``.
+
+        The kind is ``reference`` at ``stage_idx`` -1, else ``stage``. For
+        importing results and for tests; the runner records the steps as they happen.
+        """
+        kind = "reference" if stage_idx == DENSE_INDEX else "stage"
+        self.start_evaluation(run_id, stage_idx, stage=stage, kind=kind, split=split, sequences=sequences,
+                              tokens=tokens)
+        self.log_metrics(run_id, stage, stage_idx, values, info=info, origin="evaluation")
+        self.finish_evaluation(run_id, stage_idx)
 
     def record_machine(self, run_id: str, *, cpu_model: str | None, isa: str | None,
                        isa_flags: Sequence[str] | None, threads: int | None, cpus: int | None,
@@ -887,8 +1076,9 @@ class Registry:
                                                       runs.c.pid == r.pid, runs.c.attempts == r.attempts)
                                    .values(status="interrupted", reason=DEAD_PROCESS_REASON, ended_at=now))
                 if res.rowcount:
-                    conn.execute(update(stages).where(stages.c.run_id == r.id, stages.c.status == "running")
-                                 .values(status="interrupted", reason=DEAD_PROCESS_REASON, ended_at=now))
+                    for table in (stages, evaluations):
+                        conn.execute(update(table).where(table.c.run_id == r.id, table.c.status == "running")
+                                     .values(status="interrupted", reason=DEAD_PROCESS_REASON, ended_at=now))
                     marked.append(r.id)
             return marked
 
@@ -946,11 +1136,144 @@ class Registry:
                 by_id[m.run_id].metrics.append(MetricRecord(
                     stage=m.stage, stage_idx=m.stage_idx, name=m.name,
                     value=math.nan if m.value is None else float(m.value), layer=m.layer, step=m.step,
-                    created_at=_parse(m.created_at), error=m.error))
+                    created_at=_parse(m.created_at), error=m.error, origin=m.origin))
+            for e in conn.execute(select(evaluations).where(evaluations.c.run_id.in_(chunk))
+                                  .order_by(evaluations.c.stage_idx)):
+                by_id[e.run_id].evaluations.append(EvaluationRecord(
+                    stage_idx=e.stage_idx, stage=e.stage, kind=e.kind, status=e.status, split=e.split,
+                    sequences=e.sequences, tokens=e.tokens, reason=e.reason, started_at=_parse(e.started_at),
+                    ended_at=_parse(e.ended_at)))
+            for i in conn.execute(select(metric_info).where(metric_info.c.run_id.in_(chunk))):
+                by_id[i.run_id].metric_info[i.name] = MetricInfo(
+                    higher_is_better=None if i.higher_is_better is None else bool(i.higher_is_better),
+                    unit=i.unit or "", fraction=bool(i.fraction))
             for a in conn.execute(select(artifacts).where(artifacts.c.run_id.in_(chunk)).order_by(artifacts.c.id)):
                 by_id[a.run_id].artifacts.append(ArtifactRecord(kind=a.kind, path=a.path, stage_idx=a.stage_idx,
                                                                 created_at=_parse(a.created_at)))
         return records
+
+
+# -- reading evaluations and metric declarations ------------------------------------------------
+# The one place that knows how runs recorded before v7 (``RunRecord.schema`` None) are read.
+
+# Before v7 a metric's kind was guessed from words in its name; only for runs recorded then.
+_LEGACY_LOWER_IS_BETTER = ("perplexity", "kl", "loss", "error", "flops", "parameters", "seconds", "memory",
+                           "latency", "bytes", "time")
+_LEGACY_FRACTIONS = ("sparsity", "density", "fraction", "accuracy", "ratio")
+
+
+def evaluation_points(record: RunRecord) -> list[Evaluation]:
+    """The run's completed evaluations in stage order, the dense reference (-1) first, with their values.
+
+    Runs recorded since v7 list their ``evaluations`` rows and the values
+    those wrote (``origin`` ``evaluation``); numbers the stages reported
+    themselves are not among them (``stage_values``). Fallback for runs
+    recorded before v7, which kept no such rows: every stage index with
+    summary values (no layer, no step) is a point, as ``show`` always listed
+    them, stage numbers included; ``final_evaluation`` then tells evaluated
+    stages from the others as those releases did.
+    """
+    if record.schema is None:
+        points: dict[int, dict[str, float]] = {}
+        failures: dict[int, dict[str, str]] = {}
+        for m in record.metrics:
+            if m.layer is None and m.step is None:
+                _add_value(points.setdefault(m.stage_idx, {}), failures.setdefault(m.stage_idx, {}), m)
+        return [Evaluation(idx, _legacy_stage_name(record, idx), "reference" if idx == DENSE_INDEX else "stage",
+                           values, failures[idx]) for idx, values in sorted(points.items())]
+    done = {e.stage_idx: e for e in record.evaluations if e.status == "completed"}
+    values = {idx: {} for idx in done}
+    failed: dict[int, dict[str, str]] = {idx: {} for idx in done}
+    for m in record.metrics:
+        if m.origin == "evaluation" and m.layer is None and m.step is None and m.stage_idx in done:
+            _add_value(values[m.stage_idx], failed[m.stage_idx], m)
+    return [Evaluation(idx, e.stage, e.kind, values[idx], failed[idx], e) for idx, e in sorted(done.items())]
+
+
+def reference_evaluation(record: RunRecord) -> Evaluation | None:
+    """The evaluation of the dense model the run started from (stage index -1); None if not recorded."""
+    return next((e for e in evaluation_points(record) if e.stage_idx == DENSE_INDEX), None)
+
+
+def final_evaluation(record: RunRecord) -> Evaluation | None:
+    """The run's final point: its last completed evaluation after a stage (None if there is none).
+
+    This is what ``compare``, the trade-off plot, ``fit`` and sweeps read a
+    run's results from. For runs recorded before v7 (see ``evaluation_points``),
+    stages recorded their own numbers (``stage_seconds``...) whether
+    evaluated or not, so a stage counts as evaluated when it has at least
+    half of the metric names of the dense baseline (the last point if the run
+    has no baseline).
+    """
+    after = [e for e in evaluation_points(record) if e.stage_idx > DENSE_INDEX]
+    if record.schema is None:
+        dense = reference_evaluation(record)
+        names = set(dense.values) if dense is not None else set()
+        if names:
+            evaluated = [e for e in after if 2 * len(names & set(e.values)) >= len(names)]
+            if evaluated:
+                return evaluated[-1]
+    return after[-1] if after else None
+
+
+def stage_values(record: RunRecord) -> dict[int, dict[str, float]]:
+    """Summary numbers the stages reported themselves (``stage_seconds``, a method's own), by stage index.
+
+    Empty for runs recorded before v7, whose evaluation points hold them (``evaluations``).
+    """
+    out: dict[int, dict[str, float]] = {}
+    for m in record.metrics:
+        if m.origin == "stage" and m.layer is None and m.step is None:
+            out.setdefault(m.stage_idx, {})[m.name] = m.value
+    return dict(sorted(out.items()))
+
+
+def metric_info_for(records: RunRecord | Sequence[RunRecord], name: str) -> MetricInfo:
+    """What metric ``name`` is, as the first of ``records`` that declared it recorded it.
+
+    Undeclared in all of them: the old guess from words in the name if one
+    of them was recorded before v7 (lower is better for ``perplexity``,
+    ``loss``, ``seconds``...; fractions for ``sparsity``, ``ratio``...), else
+    ``MetricInfo()`` (no direction, no unit, not a fraction).
+    """
+    records = [records] if isinstance(records, RunRecord) else list(records)
+    for r in records:
+        if name in r.metric_info:
+            return r.metric_info[name]
+    if any(r.schema is None for r in records):
+        return MetricInfo(higher_is_better=not any(w in name for w in _LEGACY_LOWER_IS_BETTER), unit="",
+                          fraction=any(w in name for w in _LEGACY_FRACTIONS))
+    return MetricInfo()
+
+
+def _add_value(values: dict[str, float], failures: dict[str, str], m: MetricRecord) -> None:
+    """The latest value wins when logged twice; a later value clears a failure."""
+    values[m.name] = m.value
+    if m.error is not None:
+        failures[m.name] = m.error
+    else:
+        failures.pop(m.name, None)
+
+
+def _legacy_stage_name(record: RunRecord, stage_idx: int) -> str:
+    if stage_idx == DENSE_INDEX:
+        return DENSE_STAGE
+    for m in record.metrics:
+        if m.stage_idx == stage_idx:
+            return m.stage
+    for s in record.stages:
+        if s.idx == stage_idx:
+            return s.name
+    return f"stage {stage_idx}"
+
+
+def _upsert_info(conn: Connection, run_id: str, info: Mapping[str, MetricInfo]) -> None:
+    for name, i in info.items():
+        values = dict(higher_is_better=None if i.higher_is_better is None else int(bool(i.higher_is_better)),
+                      unit=str(i.unit or ""), fraction=int(bool(i.fraction)))
+        where = (metric_info.c.run_id == run_id, metric_info.c.name == str(name))
+        if conn.execute(update(metric_info).where(*where).values(**values)).rowcount == 0:
+            conn.execute(insert(metric_info).values(run_id=run_id, name=str(name), **values))
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -1042,7 +1365,7 @@ def _run_record(r) -> RunRecord:
         status=r.status, reason=r.reason, started_at=_parse(r.started_at), ended_at=_parse(r.ended_at),
         versions=_loads(r.versions, {}), git_commit=r.git_commit, host=r.host, pid=r.pid,
         output_dir=r.output_dir, workdir=r.workdir, attempts=r.attempts or 1, sweep_id=r.sweep_id,
-        recipe_path=r.recipe_path, kind=r.kind, sweep_point=_loads(r.sweep_point, None))
+        recipe_path=r.recipe_path, kind=r.kind, sweep_point=_loads(r.sweep_point, None), schema=r.schema)
 
 
 def _sweep_record(r) -> SweepRecord:

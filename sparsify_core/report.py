@@ -1,14 +1,17 @@
 """Presenting recorded runs: ``show`` one run, ``compare`` several, and plot them.
 
 Pure presentation over ``registry`` records: nothing here runs or changes a
-run. Works for any metric name; a few well-known names only get nicer
-formatting (sparsities as percents) and a direction (lower perplexity is
-better) for the Pareto front.
+run. Works for any metric name; how a value is shown (a percent for
+fractions, its unit) and which way is better (the Pareto front, the axis
+labels) come from what the run recorded about the metric
+(``registry.metric_info_for``), never from its name.
 
-Vocabulary: an *evaluation point* is a place in a run where metrics were
-recorded without a ``step`` and without a ``layer``: the ``dense`` baseline
-(stage index -1) and each stage evaluated after it. A run's *final point* is
-its last evaluation point, the one ``compare`` and ``plot_tradeoff`` use.
+Vocabulary: an *evaluation point* is a recorded evaluation of the run
+(``registry.evaluation_points``): the ``dense`` reference (stage index -1)
+and each stage evaluated after it. A run's *final point* is
+``registry.final_evaluation``, the one ``compare``, ``plot_tradeoff`` and
+``fit`` use. Numbers the stages reported themselves (``stage_seconds``...)
+are shown apart, as stage metrics.
 """
 from __future__ import annotations
 
@@ -28,73 +31,21 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from . import plots
 from .errors import SparsifyError
-from .registry import DENSE_INDEX, MetricRecord, RunRecord
+from .metric import MetricInfo
+from .registry import (DENSE_INDEX, MetricRecord, RunRecord, evaluation_points, final_evaluation, metric_info_for,
+                       reference_evaluation, stage_values)
 
 # Well-known metrics first, in this order; any other name follows in order of appearance.
 KNOWN_METRICS = ("perplexity", "kl_divergence", "activation_sparsity", "weight_sparsity", "parameters",
                  "nonzero_parameters", "ffn_flops_per_token", "stage_seconds", "peak_memory_mb")
 RUN_COLUMNS = ("run", "recipe", "model", "status", "evaluated_at")
-_LOWER_IS_BETTER = ("perplexity", "kl", "loss", "error", "flops", "parameters", "seconds", "memory", "latency",
-                    "bytes", "time")
-_FRACTIONS = ("sparsity", "density", "fraction", "accuracy", "ratio")
 _STATUS_STYLE = {"finished": "green", "completed": "green", "running": "cyan", "pending": "dim",
                  "failed": "red", "interrupted": "yellow"}
 
 
 # -- evaluation points -------------------------------------------------------------------------
-
-def point_values(record: RunRecord) -> dict[int, dict[str, float]]:
-    """Summary metrics (no layer, no step) by stage index; the latest value wins when logged twice."""
-    points: dict[int, dict[str, float]] = {}
-    for m in record.metrics:
-        if m.layer is None and m.step is None:
-            points.setdefault(m.stage_idx, {})[m.name] = m.value
-    return dict(sorted(points.items()))
-
-
-def point_failures(record: RunRecord) -> dict[int, dict[str, str]]:
-    """Summary metrics that failed, by stage index: name -> one-line reason (a later value clears it)."""
-    failures: dict[int, dict[str, str]] = {}
-    for m in record.metrics:
-        if m.layer is None and m.step is None:
-            point = failures.setdefault(m.stage_idx, {})
-            if m.error is not None:
-                point[m.name] = m.error
-            else:
-                point.pop(m.name, None)
-    return {i: f for i, f in sorted(failures.items()) if f}
-
-
-def point_name(record: RunRecord, stage_idx: int) -> str:
-    """The stage name of an evaluation point (``dense`` for -1)."""
-    if stage_idx == DENSE_INDEX:
-        return "dense"
-    for m in record.metrics:
-        if m.stage_idx == stage_idx:
-            return m.stage
-    for s in record.stages:
-        if s.idx == stage_idx:
-            return s.name
-    return f"stage {stage_idx}"
-
-
-def final_point(record: RunRecord) -> int | None:
-    """The stage index of the run's last evaluation point after the dense baseline (None if none).
-
-    Stages record their own numbers (``stage_seconds``...) whether evaluated
-    or not, so a stage counts as evaluated when it has at least half of the
-    metric names the dense baseline has.
-    """
-    points = point_values(record)
-    after = [i for i in points if i > DENSE_INDEX]
-    dense = set(points.get(DENSE_INDEX, {}))
-    if dense:
-        evaluated = [i for i in after if 2 * len(dense & set(points[i])) >= len(dense)]
-        if evaluated:
-            return evaluated[-1]
-    return after[-1] if after else None
-
 
 def relative_change(value: float | None, baseline: float | None) -> float | None:
     """``(value - baseline) / |baseline|``; None when undefined (no baseline, zero, not finite)."""
@@ -111,8 +62,8 @@ def show_run(record: RunRecord, console: Console | None = None) -> RenderableTyp
     Also prints it to ``console`` when one is given.
     """
     parts: list[RenderableType] = [_header(record), _stage_table(record)]
-    for part in (_metric_table(record), _failure_table(record), _layer_table(record), _curve_table(record),
-                 _artifact_table(record)):
+    for part in (_metric_table(record), _stage_metric_table(record), _failure_table(record), _layer_table(record),
+                 _curve_table(record), _artifact_table(record)):
         if part is not None:
             parts.append(part)
     shown = Group(*parts)
@@ -183,42 +134,61 @@ def _stage_table(r: RunRecord) -> RenderableType:
 
 
 def _metric_table(r: RunRecord) -> RenderableType | None:
-    points = point_values(r)
+    points = evaluation_points(r)
     if not points:
         return None
-    failures = point_failures(r)
-    final = final_point(r)
-    dense = points.get(DENSE_INDEX, {})
-    show_change = final is not None and bool(dense)
-    table = Table(title="metrics by evaluation point", title_justify="left", box=box.SIMPLE_HEAD)
+    final, dense = final_evaluation(r), reference_evaluation(r)
+    show_change = final is not None and dense is not None and bool(dense.values)
+    sizes = {(e.record.split, e.record.sequences, e.record.tokens) for e in points if e.record is not None}
+    title = "metrics by evaluation point"
+    if len(sizes) == 1 and None not in next(iter(sizes)):  # recorded evaluations say what they measured on
+        split, sequences, tokens = sizes.pop()
+        title += f" (split {split}: {sequences} sequences, {_fmt_value(MetricInfo(), tokens)} tokens)"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("metric")
-    for idx in points:
-        table.add_column(point_name(r, idx) + ("" if idx == DENSE_INDEX else f" [{idx}]"), justify="right")
+    for e in points:
+        table.add_column(e.stage + ("" if e.stage_idx == DENSE_INDEX else f" [{e.stage_idx}]"), justify="right")
     if show_change:
-        table.add_column(f"change at {point_name(r, final)}", justify="right")
-    for name in _ordered_names(n for values in points.values() for n in values):
-        cells = ["failed" if name in failures.get(idx, {}) else _fmt_value(name, values.get(name))
-                 for idx, values in points.items()]
+        table.add_column(f"change at {final.stage}", justify="right")
+    for name in _ordered_names(n for e in points for n in e.values):
+        info = metric_info_for(r, name)
+        cells = ["failed" if name in e.failures else _fmt_value(info, e.values.get(name)) for e in points]
         if show_change:
-            row = {"run": r.id, "evaluated_at": "final", name: points[final].get(name),
-                   f"{name}_change": relative_change(points[final].get(name), dense.get(name))}
-            baseline = {"run": r.id, "evaluated_at": "dense", name: dense.get(name)}
-            cells.append(_change_note(name, row, [baseline]).strip(" ()"))
-        table.add_row(name, *cells)
+            row = {"run": r.id, "evaluated_at": "final", name: final.values.get(name),
+                   f"{name}_change": relative_change(final.values.get(name), dense.values.get(name))}
+            baseline = {"run": r.id, "evaluated_at": "dense", name: dense.values.get(name)}
+            cells.append(_change_note(name, info, row, [baseline]).strip(" ()"))
+        table.add_row(_label(name, info), *cells)
+    return table
+
+
+def _stage_metric_table(r: RunRecord) -> RenderableType | None:
+    """The numbers stages reported themselves (time, memory, a method's own), apart from evaluations."""
+    values = stage_values(r)
+    if not values:
+        return None
+    names = {s.idx: s.name for s in r.stages}
+    table = Table(title="stage metrics", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("metric")
+    for idx in values:
+        table.add_column(f"{names.get(idx, f'stage {idx}')} [{idx}]", justify="right")
+    for name in _ordered_names(n for v in values.values() for n in v):
+        info = metric_info_for(r, name)
+        table.add_row(_label(name, info), *(_fmt_value(info, v.get(name)) for v in values.values()))
     return table
 
 
 def _failure_table(r: RunRecord) -> RenderableType | None:
-    failures = point_failures(r)
-    if not failures:
+    failed = [e for e in evaluation_points(r) if e.failures]
+    if not failed:
         return None
     table = Table(title="failed metrics", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("at")
     table.add_column("metric")
     table.add_column("reason", overflow="fold")
-    for idx, reasons in failures.items():
-        for name, reason in reasons.items():
-            table.add_row(point_name(r, idx), name, Text(reason, style="red"))
+    for e in failed:
+        for name, reason in e.failures.items():
+            table.add_row(e.stage, name, Text(reason, style="red"))
     return table
 
 
@@ -231,19 +201,20 @@ def _layer_table(r: RunRecord) -> RenderableType | None:
     for m in layered:
         if m.stage_idx == idx:
             by_name[m.name][m.layer] = m.value
-    table = Table(title=f"per-layer values at {point_name(r, idx)}", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=f"per-layer values at {_stage_name(r, idx)}", title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in (("metric", "left"), ("layers", "right"), ("min", "right"), ("mean", "right"),
                           ("max", "right"), ("lowest at", "left"), ("highest at", "left")):
         table.add_column(name, justify=justify, overflow="fold")
     for name in _ordered_names(by_name):
         values = {k: v for k, v in by_name[name].items() if _finite(v)}
+        info = metric_info_for(r, name)
         if not values:
-            table.add_row(name, str(len(by_name[name])), "nan", "", "", "", "")
+            table.add_row(_label(name, info), str(len(by_name[name])), "nan", "", "", "", "")
             continue
         low, high = min(values, key=values.get), max(values, key=values.get)
         mean = sum(values.values()) / len(values)
-        table.add_row(name, str(len(by_name[name])), _fmt_value(name, values[low]), _fmt_value(name, mean),
-                      _fmt_value(name, values[high]), low, high)
+        table.add_row(_label(name, info), str(len(by_name[name])), _fmt_value(info, values[low]),
+                      _fmt_value(info, mean), _fmt_value(info, values[high]), low, high)
     return table
 
 
@@ -257,9 +228,11 @@ def _curve_table(r: RunRecord) -> RenderableType | None:
         table.add_column(name, justify=justify)
     for (stage, name), pts in curves.items():
         values = [v for _, v in pts if _finite(v)]
-        table.add_row(stage, name, str(len(pts)), f"{pts[0][0]}-{pts[-1][0]}", _fmt_value(name, pts[0][1]),
-                      _fmt_value(name, pts[-1][1]), _fmt_value(name, min(values) if values else None),
-                      _fmt_value(name, max(values) if values else None))
+        info = metric_info_for(r, name.split("[", 1)[0])  # a per-layer curve is labelled name[layer]
+        table.add_row(stage, _label(name, info), str(len(pts)), f"{pts[0][0]}-{pts[-1][0]}",
+                      _fmt_value(info, pts[0][1]), _fmt_value(info, pts[-1][1]),
+                      _fmt_value(info, min(values) if values else None),
+                      _fmt_value(info, max(values) if values else None))
     return table
 
 
@@ -271,7 +244,7 @@ def _artifact_table(r: RunRecord) -> RenderableType | None:
     table.add_column("stage")
     table.add_column("path", overflow="fold")
     for a in r.artifacts:
-        table.add_row(a.kind, "" if a.stage_idx is None else point_name(r, a.stage_idx), a.path)
+        table.add_row(a.kind, "" if a.stage_idx is None else _stage_name(r, a.stage_idx), a.path)
     return table
 
 
@@ -302,17 +275,14 @@ def compare_table(records: Sequence[RunRecord]) -> tuple[list[str], list[dict]]:
     names: list[str] = []
     raw_rows: list[tuple[RunRecord, str, dict[str, float], dict[str, float] | None, dict[str, str]]] = []
     for r in records:
-        points = point_values(r)
-        failures = point_failures(r)
-        dense = points.get(DENSE_INDEX)
-        final = final_point(r)
+        dense, final = reference_evaluation(r), final_evaluation(r)
         if dense is not None or final is None:
-            raw_rows.append((r, "dense" if dense is not None else "", dense or {}, None,
-                             failures.get(DENSE_INDEX, {})))
+            raw_rows.append((r, "dense" if dense is not None else "", dense.values if dense else {}, None,
+                             dense.failures if dense else {}))
         if final is not None:
-            raw_rows.append((r, point_name(r, final), points[final], dense or {}, failures.get(final, {})))
-        for values in (dense or {}, points.get(final, {}) if final is not None else {}):
-            names.extend(values)
+            raw_rows.append((r, final.stage, final.values, dense.values if dense else {}, final.failures))
+        for e in (dense, final):
+            names.extend(e.values if e is not None else {})
     names = _ordered_names(names)
     columns = list(RUN_COLUMNS) + [c for n in names for c in (n, f"{n}_change")]
     if any(failed for *_, failed in raw_rows):
@@ -342,14 +312,17 @@ def compare_renderable(records: Sequence[RunRecord], *, narrow: bool = False) ->
     """
     columns, rows = compare_table(records)
     names = [c for c in columns if c not in RUN_COLUMNS and not c.endswith("_change") and c != "failed"]
+    infos = {n: metric_info_for(records, n) for n in names}
     same = [n for n in names if len(rows) > 1 and rows[0][n] is not None and all(r[n] == rows[0][n] for r in rows)]
     names = [n for n in names if n not in same]
-    caption = "same in every row: " + ", ".join(f"{n} {_fmt_value(n, rows[0][n])}" for n in same) if same else None
+    caption = "same in every row: " + ", ".join(f"{_label(n, infos[n])} {_fmt_value(infos[n], rows[0][n])}"
+                                                for n in same) if same else None
     table = Table(box=box.SIMPLE_HEAD, caption=caption, caption_justify="left")
     for label in ("run", "recipe", "model", "status", "at"):
         table.add_column(label, no_wrap=label == "run")  # ids stay whole, to be copied
     for n in names:  # short of space, a value wraps before its change: "26" over "(+30%)"
-        table.add_column(n.replace("_", " ") if narrow else n, justify="right", no_wrap=not narrow)
+        label = _label(n, infos[n])
+        table.add_column(label.replace("_", " ") if narrow else label, justify="right", no_wrap=not narrow)
     for i, row in enumerate(rows):
         first_of_run = i == 0 or rows[i - 1]["run"] != row["run"]
         last_of_run = i + 1 == len(rows) or rows[i + 1]["run"] != row["run"]
@@ -357,16 +330,16 @@ def compare_renderable(records: Sequence[RunRecord], *, narrow: bool = False) ->
                       style=_STATUS_STYLE.get(row[c], "") if c == "status" else "") for c in RUN_COLUMNS]
         for n in names:
             cells.append(Text("failed", style="red") if n in row["_failed"]
-                         else Text(_fmt_value(n, row[n]) + _change_note(n, row, rows)))
+                         else Text(_fmt_value(infos[n], row[n]) + _change_note(n, infos[n], row, rows)))
         table.add_row(*cells, end_section=last_of_run)
     return table
 
 
-def _change_note(name: str, row: dict, rows: list[dict]) -> str:
+def _change_note(name: str, info: MetricInfo, row: dict, rows: list[dict]) -> str:
     """`` (+58%)`` after a final-point value (percentage points for fractions)."""
     if row["evaluated_at"] == "dense" or row[name] is None:
         return ""
-    if _is_fraction(name):
+    if info.fraction:
         dense = next((r[name] for r in rows if r["run"] == row["run"] and r["evaluated_at"] == "dense"), None)
         if _finite(dense) and _finite(row[name]) and 0 <= dense <= 1 and 0 <= row[name] <= 1:
             return f" ({(row[name] - dense) * 100:+.1f} pp)"
@@ -424,7 +397,7 @@ def plot_curves(record: RunRecord, path: str | Path) -> Path:
     names = _ordered_names(by_name)
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = _figure(figsize=(4.8 * ncols, 3.4 * nrows), nrows=nrows, ncols=ncols)
+    fig, axes = plots.figure(figsize=(4.8 * ncols, 3.4 * nrows), nrows=nrows, ncols=ncols)
     for ax, name in zip(axes, names):
         for stage, pts in by_name[name].items():
             ax.plot([s for s, _ in pts], [v for _, v in pts], label=stage, linewidth=1.4,
@@ -432,7 +405,7 @@ def plot_curves(record: RunRecord, path: str | Path) -> Path:
         values = [v for pts in by_name[name].values() for _, v in pts if _finite(v)]
         if values and min(values) > 0 and max(values) / min(values) > 50:
             ax.set_yscale("log")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(_label(name, metric_info_for(record, name.split("[", 1)[0])), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         if len(by_name[name]) > 1:
@@ -440,26 +413,28 @@ def plot_curves(record: RunRecord, path: str | Path) -> Path:
     for ax in axes[len(names):]:
         ax.set_visible(False)
     fig.suptitle(f"{record.recipe_name} - run {record.id}", fontsize=11)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def plot_tradeoff(records: Sequence[RunRecord], path: str | Path, x: str | None = None,
                   y: str | None = None) -> Path:
     """Scatter the sparsity/quality trade-off of ``records`` to a PNG, with the Pareto front.
 
-    Each run contributes its final point (labelled with recipe and id) and
-    its dense baseline (a distinct marker, one per model). ``x`` defaults to
-    ``activation_sparsity`` if recorded, else ``weight_sparsity``; ``y`` to
-    ``perplexity``, else ``kl_divergence`` (log scale for perplexity).
+    Each run contributes its final point (``final_evaluation``, labelled
+    with recipe and id) and its dense baseline (a distinct marker, one per
+    model). ``x`` defaults to ``activation_sparsity`` if recorded, else
+    ``weight_sparsity``; ``y`` to ``perplexity``, else ``kl_divergence`` (log
+    scale for perplexity). Which way is better on each axis is what the runs
+    recorded about the metric; the Pareto front is drawn only when both
+    axes have a direction. Raises ``SparsifyError`` when no run has both.
     """
     finals, denses = [], {}
     for r in records:
-        points = point_values(r)
-        final = final_point(r)
+        final, dense = final_evaluation(r), reference_evaluation(r)
         if final is not None:
-            finals.append((r, points[final]))
-        if DENSE_INDEX in points:
-            denses.setdefault(r.model, points[DENSE_INDEX])
+            finals.append((r, final.values))
+        if dense is not None:
+            denses.setdefault(r.model, dense.values)
     available = {n for _, v in finals for n in v} | {n for v in denses.values() for n in v}
     x = x or _pick(available, ("activation_sparsity", "weight_sparsity"), "x")
     y = y or _pick(available, ("perplexity", "kl_divergence"), "y")
@@ -468,9 +443,10 @@ def plot_tradeoff(records: Sequence[RunRecord], path: str | Path, x: str | None 
     if not run_pts and not dense_pts:
         raise SparsifyError(f"none of the selected runs recorded both {x!r} and {y!r} "
                             f"(recorded: {', '.join(_ordered_names(available)) or 'nothing'})")
-    fig, (ax,) = _figure(figsize=(8, 5.5))
+    x_info, y_info = metric_info_for(records, x), metric_info_for(records, y)
+    fig, (ax,) = plots.figure(figsize=(8, 5.5))
     labels: list[tuple[str, float, float, str]] = []  # placed last, once scales and limits are final
-    for (r, px, py), color in zip(run_pts, _colors(len(run_pts))):
+    for (r, px, py), color in zip(run_pts, plots.colors(len(run_pts))):
         ok = r.status == "finished"  # unfinished runs: hollow markers, status in the label
         ax.scatter(px, py, s=55, color=color if ok else "white", edgecolor=color if not ok else "black",
                    linewidth=0.6 if ok else 1.8, zorder=3)
@@ -479,28 +455,23 @@ def plot_tradeoff(records: Sequence[RunRecord], path: str | Path, x: str | None 
     for i, (model, px, py) in enumerate(dense_pts):
         ax.scatter(px, py, s=120, marker="*", color="0.25", zorder=3, label="dense baseline" if i == 0 else None)
         labels.append((f"dense\n{model}", px, py, "0.35"))
+    directed = x_info.higher_is_better is not None and y_info.higher_is_better is not None
     front = pareto_front([(px, py) for _, px, py in run_pts] + [(px, py) for _, px, py in dense_pts],
-                         x_higher_better=higher_is_better(x), y_higher_better=higher_is_better(y))
+                         x_higher_better=bool(x_info.higher_is_better),
+                         y_higher_better=bool(y_info.higher_is_better)) if directed else []
     if len(front) > 1:
         # between two front points, the best reachable y is that of the point further along x
         ax.plot([p[0] for p in front], [p[1] for p in front],
-                drawstyle="steps-pre" if higher_is_better(x) else "steps-post",
+                drawstyle="steps-pre" if x_info.higher_is_better else "steps-post",
                 color="tab:red", alpha=0.6, linewidth=1.5, zorder=2, label="Pareto front")
     xs = [p[1] for p in run_pts + dense_pts]
     ys = [p[2] for p in run_pts + dense_pts]
     if "perplexity" in y and min(ys) > 0:
-        _log_axis(ax.yaxis, min(ys), max(ys))
-    from matplotlib.ticker import EngFormatter, PercentFormatter
-
-    for axis, name, values in ((ax.xaxis, x, xs), (ax.yaxis, y, ys)):
-        if axis.get_scale() == "log":
-            continue
-        if _is_fraction(name) and all(0 <= v <= 1 for v in values):
-            axis.set_major_formatter(PercentFormatter(1.0))
-        elif max(abs(v) for v in values) >= 1e4:
-            axis.set_major_formatter(EngFormatter())
-    ax.set_xlabel(f"{x} ({'higher' if higher_is_better(x) else 'lower'} is better)")
-    ax.set_ylabel(f"{y} ({'higher' if higher_is_better(y) else 'lower'} is better)")
+        plots.log_axis(ax.yaxis, min(ys), max(ys))
+    for axis, info, values in ((ax.xaxis, x_info, xs), (ax.yaxis, y_info, ys)):
+        plots.value_axis(axis, values, fraction=info.fraction)
+    ax.set_xlabel(_axis_label(x, x_info))
+    ax.set_ylabel(_axis_label(y, y_info))
     ax.grid(True, which="both", alpha=0.25)
     ax.margins(x=0.12, y=0.12)
     skipped = len(records) - len(run_pts)
@@ -508,59 +479,18 @@ def plot_tradeoff(records: Sequence[RunRecord], path: str | Path, x: str | None 
     if skipped:
         title += f" ({skipped} without both metrics not shown)"
     ax.set_title(title, fontsize=11)
-    _place_labels(fig, ax, labels)
+    plots.place_labels(fig, ax, labels)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
-def _place_labels(fig, ax, labels: Sequence[tuple[str, float, float, str]]) -> None:
-    """Annotate points, each where its label covers the least of the labels and points placed so far
-    and stays inside the axes: next to the point if there is room, else further out along one of
-    eight directions with a thin leader line, so a label never sits closer to a neighbour's point."""
-    fig.canvas.draw()  # final limits and layout, to measure in pixels
-    renderer = fig.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    markers = [ax.transData.transform((px, py)) for _, px, py, _ in labels]
-    taken = [(mx - 6, my - 6, mx + 6, my + 6) for mx, my in markers]
-
-    def overlap(a, b) -> float:
-        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-
-    directions = ((1, 1, "left", "bottom"), (-1, 1, "right", "bottom"), (1, -1, "left", "top"),
-                  (-1, -1, "right", "top"), (0, 1, "center", "bottom"), (0, -1, "center", "top"),
-                  (1, 0, "left", "center"), (-1, 0, "right", "center"))
-    for text, px, py, color in sorted(labels, key=lambda label: (label[1], label[2])):
-        best = None
-        ox, oy = ax.transData.transform((px, py))
-        crowded = sum((mx - ox) ** 2 + (my - oy) ** 2 < 20 ** 2 for mx, my in markers) > 1
-        for reach in (2.5, 4.5) if crowded else (1.0, 2.5, 4.5):  # crowded points get leader lines
-            for ux, uy, ha, va in directions:
-                dx, dy = 6 * reach * ux, 5 * reach * uy
-                leader = dict(arrowstyle="-", color=color, lw=0.6, alpha=0.8, shrinkA=0, shrinkB=4) if reach > 1 else None
-                note = ax.annotate(text, (px, py), xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
-                                   color=color, ha=ha, va=va, arrowprops=leader)
-                e = note.get_window_extent(renderer)
-                box = (e.x0, e.y0, e.x1, e.y1)
-                outside = (e.width * e.height) - overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
-                # prefer near and diagonal placements when they are free; a label nearer another point
-                # than its own reads as that point's label
-                own = ax.transData.transform((px, py))
-                near = min(((box[0] + box[2]) / 2 - mx) ** 2 + ((box[1] + box[3]) / 2 - my) ** 2
-                           for mx, my in markers)
-                mine = ((box[0] + box[2]) / 2 - own[0]) ** 2 + ((box[1] + box[3]) / 2 - own[1]) ** 2
-                misread = 400 if near < mine - 1e-6 else 0
-                cost = (sum(overlap(box, t) for t in taken) + 3 * outside + 20 * reach
-                        + (5 if ux == 0 or uy == 0 else 0) + misread)
-                if best is None or cost < best[0]:
-                    if best is not None:
-                        best[1].remove()
-                    best = (cost, note, box)
-                else:
-                    note.remove()
-            if best[0] <= 20 * reach + 5:  # free of overlaps at this reach: no need to go further out
-                break
-        taken.append(best[2])
+def _axis_label(name: str, info: MetricInfo) -> str:
+    """``perplexity (lower is better)``, with the unit: ``kl_divergence (nats, lower is better)``."""
+    notes = [info.unit] if info.unit else []
+    if info.higher_is_better is not None:
+        notes.append(f"{'higher' if info.higher_is_better else 'lower'} is better")
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 def pareto_front(points: Sequence[tuple[float, float]], *, x_higher_better: bool = True,
@@ -577,54 +507,12 @@ def pareto_front(points: Sequence[tuple[float, float]], *, x_higher_better: bool
     return sorted(front)
 
 
-def higher_is_better(name: str) -> bool:
-    """Whether a larger value of metric ``name`` is better (sparsity yes, perplexity no)."""
-    return not any(word in name for word in _LOWER_IS_BETTER)
-
-
 def _pick(available: set[str], choices: Sequence[str], axis: str) -> str:
     for c in choices:
         if c in available:
             return c
     raise SparsifyError(f"cannot choose the {axis} axis: none of {', '.join(choices)} was recorded "
                         f"(recorded: {', '.join(_ordered_names(available)) or 'nothing'}); pass {axis}= explicitly")
-
-
-def _log_axis(axis, low: float, high: float) -> None:
-    """A log scale labelled with plain numbers (20, 50, 100), densely enough for narrow ranges."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    axis.axes.set_yscale("log") if axis.axis_name == "y" else axis.axes.set_xscale("log")
-    decades = math.log10(high / low) if high > low else 0
-    subs = (1, 2, 3, 4, 5, 6, 7, 8, 9) if decades < 1 else (1, 2, 5) if decades < 2.5 else (1,)
-    axis.set_major_locator(LogLocator(base=10, subs=subs))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _figure(figsize, nrows: int = 1, ncols: int = 1):
-    # A bare Figure on the Agg canvas: no pyplot, no global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
-    return fig, axes
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
-
-
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -635,20 +523,29 @@ def _ordered_names(names: Iterable[str]) -> list[str]:
     return known + [n for n in seen if n not in KNOWN_METRICS]
 
 
-def _is_fraction(name: str) -> bool:
-    return any(word in name for word in _FRACTIONS)
-
-
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _fmt_value(name: str, value: float | None) -> str:
+def _label(name: str, info: MetricInfo) -> str:
+    """The metric's name with its unit: ``kl_divergence (nats)``."""
+    return f"{name} ({info.unit})" if info.unit else name
+
+
+def _stage_name(r: RunRecord, stage_idx: int) -> str:
+    if stage_idx == DENSE_INDEX:
+        return "dense"
+    return next((s.name for s in r.stages if s.idx == stage_idx),
+                next((m.stage for m in r.metrics if m.stage_idx == stage_idx), f"stage {stage_idx}"))
+
+
+def _fmt_value(info: MetricInfo, value: float | None) -> str:
+    """A value for people: fractions as percents, counts whole, large numbers with a k/M/G/T-style suffix."""
     if value is None:
         return ""
     if not _finite(value):
         return str(value)
-    if _is_fraction(name) and 0 <= value <= 1:
+    if info.fraction and 0 <= value <= 1:
         return f"{value:.1%}"
     magnitude = abs(value)
     for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):

@@ -24,10 +24,12 @@ from .context import RunContext
 from .errors import RunInterrupted, SparsifyError
 from .errors import one_line as _one_line
 from .masks import MaskSet
-from .method import Method, StageResult
+from .metric import MetricInfo
+from .method import STAGE_METRICS, Method, StageResult
 from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
 from .plugin_manager import catalog, hooks
 from .recipe import LoadedRecipe, ResolvedStage, check_model
+from .registry import reference_evaluation
 from .sources import TokenSplit, pack_texts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,7 +216,7 @@ class Runner:
                 raise SparsifyError(f"run {run.id} is still running (pid {run.pid} on {run.host})")
             self.registry.resume_run(run.id)
             self.run_id, self.workdir = run.id, Path(run.workdir)
-            return any(m.stage_idx == -1 and m.step is None for m in run.metrics)
+            return reference_evaluation(run) is not None
         else:
             self.run_id = self.registry.create_run(
                 recipe_name=rec.name, recipe_hash=self.loaded.hash, recipe_text=self.loaded.text,
@@ -298,7 +300,8 @@ class Runner:
             results[i] = result
             self._hand_over(method, ctx, stage, result)
             stage_metrics = dict(result.metrics, stage_seconds=seconds, peak_memory_mb=mem["peak"])
-            self.registry.log_metrics(self.run_id, st.name, i, stage_metrics)
+            self.registry.log_metrics(self.run_id, st.name, i, stage_metrics, origin="stage",
+                                      info={**result.recorded_info(), **STAGE_METRICS})
             if dist.is_main():
                 write_checkpoint(self.workdir, ctx.model, ctx.masks, i + 1, results)
                 shutil.rmtree(self.workdir / f"train-stage-{i}", ignore_errors=True)  # superseded
@@ -331,10 +334,16 @@ class Runner:
             return
         saved = ctx.stage_name
         ctx.stage_name = stage
-        values = evaluate(ctx, metrics, ctx.split(self.recipe.evaluate.split),
-                          batch_size=self.recipe.evaluate.batch_size, is_reference=is_reference)
+        split = ctx.split(self.recipe.evaluate.split)
+        # recorded before it starts, so an evaluation cut short shows as interrupted/failed with the run
+        self.registry.start_evaluation(self.run_id, index, stage=stage, kind="reference" if is_reference else "stage",
+                                       split=split.name, sequences=len(split), tokens=split.tokens)
+        values = evaluate(ctx, metrics, split, batch_size=self.recipe.evaluate.batch_size, is_reference=is_reference)
         ctx.stage_name = saved
-        self.registry.log_metrics(self.run_id, stage, index, values)
+        info = {name: i for m in metrics for name, i in m.value_info().items()}
+        self.registry.log_metrics(self.run_id, stage, index, values, origin="evaluation",
+                                  info={v.name: info.get(v.name, MetricInfo()) for v in values})
+        self.registry.finish_evaluation(self.run_id, index, "completed")
         for v in values:  # recorded as failed; the run goes on
             if v.error is not None:
                 progress.info(f"  warning: metric {v.name} failed after {stage}: {v.error}")

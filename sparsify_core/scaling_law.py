@@ -12,8 +12,9 @@ loss on ``log L`` residuals (delta 1e-3 for language models), minimised from
 several random starts, here with L-BFGS on the logarithms of the seven
 coefficients (all positive, so the search is unconstrained). Uncertainty is
 either the Gauss-Newton (Hessian) approximation around the optimum or a
-bootstrap over points. ``fit_runs`` extracts (S, N, D, L) from registry runs,
-so the ``sparsify fit`` command is a thin wrapper.
+bootstrap over points. ``fit_runs`` extracts (S, N, D, L) from registry runs
+(their final evaluations), fits, measures held-out errors and the optimal
+sparsity: the ``sparsify fit`` command only parses options and prints it.
 
 Optimal sparsity (``optimal_sparsity``): the paper's "optimal sparsity" for a
 fixed number of non-zeros N and a fixed training cost, counting the cost of
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -347,11 +349,12 @@ Extractor = str | Callable[[Any], float | None]
 
 
 def _final_metric(record, name: str) -> float | None:
-    """The value of metric ``name`` at the run's last evaluation point (the highest stage index)."""
-    values = [m for m in record.metrics if m.name == name and m.layer is None and m.step is None]
-    if not values:
-        return None
-    return max(values, key=lambda m: m.stage_idx).value
+    """The value of metric ``name`` at the run's final evaluation (``registry.final_evaluation``); None if absent."""
+    from .registry import final_evaluation
+
+    final = final_evaluation(record)
+    value = None if final is None or name in final.failures else final.values.get(name)
+    return None if value is None or not math.isfinite(value) else value
 
 
 def _recipe_value(record, dotted: str) -> float | None:
@@ -388,7 +391,7 @@ def points_from_runs(records: Iterable, *, data: Extractor, loss: Extractor = "p
     """(S, N, D, L) of each finished run, and the ids of the runs skipped (a value missing).
 
     Each of ``data``, ``loss``, ``sparsity``, ``nonzeros`` names a metric (its
-    value at the run's last evaluation point), or ``"recipe:<dotted path>"``
+    value at the run's final evaluation, ``registry.final_evaluation``), or ``"recipe:<dotted path>"``
     into the run's effective recipe (``recipe:stages.0.params.train.steps``),
     or is a function of the ``RunRecord``. A loss metric named ``perplexity``
     is turned into the loss ``log(perplexity)``. N is divided by ``n_unit``
@@ -416,7 +419,18 @@ def points_from_runs(records: Iterable, *, data: Extractor, loss: Extractor = "p
 
 @dataclass
 class RunsFit:
-    """The fit of a set of runs: the points used, the fit, held-out errors, and skipped runs."""
+    """The fit of a set of runs: the points, the fit, its errors, the optimal sparsity, and the runs skipped.
+
+    ``train_error``: ``prediction_errors`` on the points fitted.
+    ``heldout_error``: the error on points the fit never saw, measured by
+    ``heldout_method`` (``holdout``: one fit without the held-out runs,
+    ``heldout_mask``; ``cross-validation``: ``cross_validate`` over
+    ``folds``), else None (``heldout_note`` says why when it was asked for
+    but could not be measured). ``optimal``: for the budget of
+    ``budget_nonzeros`` non-zeros (in the caller's units, not ``n_unit``),
+    one row per data budget ``D`` (caller's units): ``S_opt``, and the law's
+    loss dense (``L_dense``) and at ``S_opt`` for the same cost (``L_opt``).
+    """
 
     points: Points
     fit: Fit
@@ -424,53 +438,96 @@ class RunsFit:
     heldout_error: dict[str, float] | None
     heldout_mask: np.ndarray
     skipped: list[str]
+    heldout_method: str | None = None
+    heldout_note: str | None = None
+    data: str = ""
+    n_unit: float = 1.0
+    d_unit: float = 1.0
+    budget_nonzeros: float | None = None
+    optimal: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {**self.fit.summary(), "train_error": self.train_error, "heldout_error": self.heldout_error,
+        """Everything as JSON-friendly values: coefficients, errors, optimum, points (in fit units), skipped runs."""
+        return {"data": self.data, "n_unit": self.n_unit, "d_unit": self.d_unit, **self.fit.summary(),
+                "train_error": self.train_error, "heldout_error": self.heldout_error,
+                "heldout_method": self.heldout_method,
                 "heldout_runs": [l for l, m in zip(self.points.labels, self.heldout_mask) if m],
-                "skipped_runs": self.skipped}
+                "budget_nonzeros": self.budget_nonzeros, "optimal_sparsity": self.optimal,
+                "skipped_runs": self.skipped,
+                "points": [{"run": lab, "S": s, "N": n, "D": d, "L": l} for lab, s, n, d, l in
+                           zip(self.points.labels, *(v.tolist() for v in (self.points.S, self.points.N,
+                                                                            self.points.D, self.points.L)))]}
 
 
 def fit_runs(records: Iterable, *, data: Extractor, loss: Extractor = "perplexity",
              sparsity: Extractor = "weight_sparsity", nonzeros: Extractor = "nonzero_parameters",
              n_unit: float = 1e6, d_unit: float = 1.0, holdout: float | str | Sequence[str] | None = None,
+             folds: int = 0, budget_nonzeros: float | None = None, budget_data: Sequence[float] = (),
              seed: int = 0, **fit_kwargs) -> RunsFit:
     """Fit the law to registry runs (``RunRecord``s with metrics); see ``points_from_runs`` for the extractors.
 
     With ``holdout`` (see ``heldout_split``) the fit uses the other runs and
-    the held-out error is reported; ``fit_kwargs`` go to ``fit`` (``delta``,
-    ``log``, ``restarts``, ``bootstrap``...).
+    the held-out error is theirs; else with ``folds`` >= 2 the held-out error
+    is ``folds``-fold cross-validation (``cross_validate``; skipped, with
+    ``heldout_note``, when the points are too few). ``fit_kwargs`` go to
+    ``fit`` (``delta``, ``log``, ``restarts``, ``bootstrap``...; the
+    cross-validation fits share them but never bootstrap).
+
+    The optimal sparsity is computed at ``budget_nonzeros`` (default: the
+    largest N measured) for each of ``budget_data`` (default: the D values
+    measured, and 10x and 100x the largest), all in the caller's units.
+    Raises ``ValueError`` when fewer than 7 runs have every value.
     """
     points, skipped = points_from_runs(records, data=data, loss=loss, sparsity=sparsity, nonzeros=nonzeros,
                                        n_unit=n_unit, d_unit=d_unit)
-    mask = heldout_split(points, holdout, seed) if len(points) else np.zeros(0, dtype=bool)
+    if len(points) < len(COEFFICIENTS):
+        raise ValueError(f"{len(points)} finished runs with {loss}, {sparsity}, {nonzeros} and {data}; "
+                         "fitting 7 coefficients needs at least 7")
+    mask = heldout_split(points, holdout, seed)
     result = fit(points.subset(~mask), seed=seed, **fit_kwargs)
-    return RunsFit(points, result, prediction_errors(result.law, points.subset(~mask)),
-                   prediction_errors(result.law, points.subset(mask)) if mask.any() else None, mask, skipped)
+    law = result.law
+    heldout, method, note = None, None, None
+    if mask.any():
+        heldout, method = prediction_errors(law, points.subset(mask)), "holdout"
+    elif folds:
+        try:
+            cv = cross_validate(points, folds, seed=seed, **{k: v for k, v in fit_kwargs.items() if k != "bootstrap"})
+            heldout, method = {k: v for k, v in cv.items() if k != "predicted"}, "cross-validation"
+        except ValueError as exc:
+            note = str(exc)
+    n_budget = budget_nonzeros / n_unit if budget_nonzeros else float(points.N.max())
+    d_values = [d / d_unit for d in budget_data] or sorted(set(points.D.tolist()) | {points.D.max() * 10,
+                                                                                    points.D.max() * 100})
+    optimal = []
+    for d in d_values:
+        s_opt = optimal_sparsity(law, n_budget, d)
+        optimal.append({"D": d * d_unit, "S_opt": s_opt, "L_dense": law(0.0, n_budget, d),
+                        "L_opt": law(s_opt, n_budget, d * (1 - s_opt))})
+    return RunsFit(points, result, prediction_errors(law, points.subset(~mask)), heldout, mask, skipped,
+                   heldout_method=method, heldout_note=note, data=data if isinstance(data, str) else "",
+                   n_unit=n_unit, d_unit=d_unit, budget_nonzeros=n_budget * n_unit, optimal=optimal)
 
 
 # -- plotting ----------------------------------------------------------------------------------
 
 
 def plot_fit(law: ScalingLaw, points: Points, path, *, heldout: np.ndarray | None = None,
-             title: str = "L(S, N, D) fit") -> None:
+             title: str = "L(S, N, D) fit") -> Path:
     """Draw the fit against the measured points as a PNG at ``path``.
 
     Left: predicted against measured loss (the diagonal is a perfect fit),
     held-out points as stars. Right: loss against non-zeros N, one colour per
     sparsity, the law's curves for each D (up to three; else the most common).
+    Returns the path written.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from . import plots
 
     heldout = np.zeros(len(points), dtype=bool) if heldout is None else np.asarray(heldout, dtype=bool)
     pred = np.asarray(law(points.S, points.N, points.D), dtype=np.float64).reshape(-1)
     sparsities = sorted(set(np.round(points.S, 4).tolist()))
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(sparsities), 1)))
-    color_of = {s: c for s, c in zip(sparsities, colors)}
+    color_of = dict(zip(sparsities, plots.ramp(len(sparsities))))
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax1, ax2) = plots.figure(figsize=(12, 5), ncols=2)
     for s in sparsities:
         sel = np.isclose(points.S, s, atol=5e-5)
         for mask, marker, suffix in ((sel & ~heldout, "o", ""), (sel & heldout, "*", " (held out)")):
@@ -501,16 +558,11 @@ def plot_fit(law: ScalingLaw, points: Points, path, *, heldout: np.ndarray | Non
                             s=120 if marker == "*" else 30, edgecolors="k", linewidths=0.5, zorder=3)
     for d, style in styles.items():
         ax2.plot([], [], color="gray", ls=style, label=f"D={d:g}")
-    ax2.set_xscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-    ax2.xaxis.set_major_formatter(ScalarFormatter())
-    ax2.xaxis.set_minor_formatter(NullFormatter())
+    plots.log_axis(ax2.xaxis, float(grid.min()), float(grid.max()))
     hidden = "" if len(shown) == len(values) else f" (D = {shown[0]:g} only)"
     ax2.set(xlabel="non-zero parameters N", ylabel="loss L", title=f"law and points against N{hidden}; * held out")
     ax2.grid(alpha=0.3, which="both")
     ax2.legend(fontsize=8)
     coef = ", ".join(f"{k} {v:.3g}" for k, v in law.as_dict().items())
     fig.suptitle(f"{title}\n{coef}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)

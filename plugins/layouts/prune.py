@@ -1,7 +1,7 @@
 """``prune/nmg``: prune straight into the n:m:g structure (STen's grouped n:m)."""
 from __future__ import annotations
 
-from sparsify_core import Method, StageResult
+from sparsify_core import Method, MetricInfo, StageResult
 from sparsify_core.errors import ParamsError, SparsifyError
 from sparsify_core.ffn import is_conv1d, prunable_modules, weight_out_in
 
@@ -61,4 +61,5 @@ class NMGPrune(Method):
             ctx.info(f"{len(earlier)} targets had weights pruned by earlier stages ({', '.join(earlier[:3])}"
                      f"{' ...' if len(earlier) > 3 else ''}); they stay pruned, so the grouped "
                      f"{params.n}:{params.m} leaves {pruned / total:.4g} of the targeted weights zero, not {asked:g}")
-        return StageResult(metrics={"sparsity": pruned / total, "modules_pruned": float(len(modules))})
+        return StageResult(metrics={"sparsity": pruned / total, "modules_pruned": float(len(modules))},
+                           metric_info={"sparsity": MetricInfo(fraction=True), "modules_pruned": MetricInfo(unit="modules")})

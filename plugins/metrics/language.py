@@ -45,6 +45,9 @@ class Perplexity(Metric):
     """
 
     name = "perplexity"
+    higher_is_better = False
+    unit = ""
+    fraction = False
     tasks = frozenset({"causal_lm"})
     uses_forward = True
 
@@ -68,6 +71,9 @@ class KLDivergence(Metric):
     """
 
     name = "kl_divergence"
+    higher_is_better = False
+    unit = "nats"
+    fraction = False
     tasks = frozenset({"causal_lm"})
     uses_forward = True
     uses_reference = True
@@ -92,6 +98,9 @@ class EmbeddingSimilarity(Metric):
     """
 
     name = "embedding_similarity"
+    higher_is_better = True
+    unit = "cosine"
+    fraction = False  # a cosine lies in [-1, 1]
     tasks = frozenset({"encoder"})
     uses_forward = True
     uses_reference = True

@@ -27,6 +27,9 @@ class Parameters(Metric):
     """Number of parameters of the model (tied/shared parameters counted once; a sparse layout as its dense matrix)."""
 
     name = "parameters"
+    higher_is_better = False
+    unit = "params"
+    fraction = False
 
     def finish(self, ctx):
         return [MetricValue(self.name, float(count_parameters(ctx.model)))]
@@ -36,6 +39,9 @@ class NonzeroParameters(Metric):
     """Number of non-zero parameters of the model (tied/shared parameters counted once, sparse layouts included)."""
 
     name = "nonzero_parameters"
+    higher_is_better = False
+    unit = "params"
+    fraction = False
 
     def finish(self, ctx):
         return [MetricValue(self.name, float(count_parameters(ctx.model, nonzero=True)))]

@@ -6,6 +6,7 @@ from contextlib import ExitStack
 import torch
 
 from sparsify_core import Metric, MetricValue
+from sparsify_core.metric import MetricInfo
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import (FFNBlock, capture_intermediates, find_ffn_blocks, prunable_modules, weight_numel,
                                weight_out_in)
@@ -92,6 +93,9 @@ class ActivationSparsity(Metric):
     """
 
     name = "activation_sparsity"
+    higher_is_better = True
+    unit = ""
+    fraction = True
     uses_forward = True
 
     def applies_to(self, ctx):
@@ -125,6 +129,9 @@ class WeightSparsity(Metric):
     """
 
     name = "weight_sparsity"
+    higher_is_better = True
+    unit = ""
+    fraction = True
 
     def applies_to(self, ctx):
         return super().applies_to(ctx) and _has_ffn_blocks(ctx.model)
@@ -193,6 +200,14 @@ class FFNFlops(Metric):
 
     name = "ffn_flops_per_token"
     uses_forward = True
+    higher_is_better = False
+    unit = "FLOPs/token"
+    fraction = False
+
+    @classmethod
+    def value_info(cls):
+        """Also ``ffn_flops_per_token_dense``: the same count without any zeros (a reference, not a goal)."""
+        return {cls.name: cls.info(), f"{cls.name}_dense": MetricInfo(higher_is_better=None, unit=cls.unit)}
 
     def applies_to(self, ctx):
         return super().applies_to(ctx) and _has_ffn_blocks(ctx.model)

@@ -62,6 +62,9 @@ class ExpertSparsity(_RoutedMetric):
     """Fraction of FFN neurons not computed per token (unselected experts), mean over tokens and FFN layers."""
 
     name = "expert_sparsity"
+    higher_is_better = True
+    unit = ""
+    fraction = True
 
     def _record(self, name, module, x, selected):
         sel = selected.detach().reshape(-1, selected.shape[-1])
@@ -80,6 +83,9 @@ class RouterRecall(_RoutedMetric):
     """Fraction of the un-routed FFN activation mass sum|x1| covered by the selected experts, per token, averaged."""
 
     name = "router_recall"
+    higher_is_better = True
+    unit = ""
+    fraction = True
 
     def _record(self, name, module, x, selected):
         with torch.no_grad():

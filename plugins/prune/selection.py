@@ -30,7 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from sparsify_core.method import check_regexes
-from sparsify_core import Params, StageResult
+from sparsify_core import MetricInfo, Params, StageResult
 from sparsify_core.calibration import CalibrationLayer, calibrate
 from sparsify_core.errors import ParamsError, SparsifyError
 from sparsify_core.ffn import is_conv1d, linear_shape, prunable_modules, transformer_layers, weight_out_in
@@ -360,4 +360,6 @@ def summary(ctx, targets: list[Target], per_layer: list[float | None] | None = N
     if per_layer is not None:
         info["layer_sparsity"] = per_layer
     return StageResult(metrics={"sparsity": pruned / total, "weights_pruned": float(pruned),
-                                "modules_pruned": float(len(targets)), **metrics}, info=info)
+                                "modules_pruned": float(len(targets)), **metrics}, info=info,
+                       metric_info={"sparsity": MetricInfo(fraction=True), "weights_pruned": MetricInfo(unit="params"),
+                                    "modules_pruned": MetricInfo(unit="modules")})

@@ -27,9 +27,9 @@ def _record_sweep(reg: Registry, noise: float = 0.002) -> str:
                 run = reg.create_run(recipe_name="law", recipe_hash=None, recipe_text=None, recipe_json=recipe,
                                      overrides=[], model="tiny", data="pydoc", seed=0, output_dir=None, workdir=None,
                                      sweep_id=sweep_id, sweep_point=json.dumps({"n": n, "s": s, "d": steps}))
-                reg.log_metrics(run, "dense", -1, {"perplexity": 1e3, "weight_sparsity": 0.0})
-                reg.log_metrics(run, "finetune", 1, {"perplexity": float(np.exp(loss)), "weight_sparsity": s,
-                                                     "nonzero_parameters": n * 1e6})
+                reg.record_evaluation(run, "dense", -1, {"perplexity": 1e3, "weight_sparsity": 0.0})
+                reg.record_evaluation(run, "finetune", 1, {"perplexity": float(np.exp(loss)), "weight_sparsity": s,
+                                                           "nonzero_parameters": n * 1e6})
                 reg.set_run_status(run, "finished")
     run = reg.create_run(recipe_name="law", recipe_hash=None, recipe_text=None, recipe_json={}, overrides=[],
                          model="tiny", data="pydoc", seed=0, output_dir=None, workdir=None, sweep_id=sweep_id)

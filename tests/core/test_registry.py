@@ -348,3 +348,32 @@ def test_eight_processes_record_concurrently(url, tmp_path):
             assert conn.execute(text("SELECT count(*) FROM schema_info")).scalar() == 1
         assert len({r.pid for r in runs}) == N_PROCESSES
         assert json.loads(runs[0].recipe_json)["name"] == runs[0].recipe_name
+
+
+def test_evaluations_are_recorded_restarted_and_ended_with_the_run(reg):
+    from sparsify_core.metric import MetricInfo
+    from sparsify_core.registry import final_evaluation
+
+    run_id = _create(reg)
+    reg.start_evaluation(run_id, 0, stage="relu", kind="stage", split="eval", sequences=2, tokens=32)
+    reg.log_metrics(run_id, "relu", 0, {"perplexity": 30.0}, origin="evaluation",
+                    info={"perplexity": MetricInfo(higher_is_better=True)})
+    # resumed: the evaluation runs again and its values replace the earlier ones; declarations are replaced
+    reg.start_evaluation(run_id, 0, stage="relu", kind="stage", split="eval", sequences=2, tokens=32)
+    reg.log_metrics(run_id, "relu", 0, {"perplexity": 25.0}, origin="evaluation",
+                    info={"perplexity": MetricInfo(higher_is_better=False)})
+    reg.finish_evaluation(run_id, 0)
+    reg.start_evaluation(run_id, 1, stage="prune", kind="stage")
+    reg.set_run_status(run_id, "failed", "boom")
+    run = reg.get_run(run_id)
+    assert [(e.stage_idx, e.status, e.reason) for e in run.evaluations] == [(0, "completed", None),
+                                                                             (1, "failed", "boom")]
+    assert [m.value for m in run.metrics] == [25.0] and run.metrics[0].origin == "evaluation"
+    assert final_evaluation(run).values == {"perplexity": 25.0}
+    assert run.metric_info == {"perplexity": MetricInfo(higher_is_better=False)}
+    with pytest.raises(SparsifyError, match="no evaluation at stage 5"):
+        reg.finish_evaluation(run_id, 5)
+    with pytest.raises(SparsifyError, match="unknown evaluation kind"):
+        reg.start_evaluation(run_id, 2, stage="x", kind="final")
+    with pytest.raises(SparsifyError, match="unknown metric origin"):
+        reg.log_metrics(run_id, "x", 2, {"a": 1.0}, origin="guess")

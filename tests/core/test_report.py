@@ -12,7 +12,8 @@ from rich.console import Console
 from sparsify_core import report
 from sparsify_core.errors import SparsifyError
 from sparsify_core.metric import MetricValue
-from sparsify_core.registry import MetricRecord, Registry, RunRecord, StageRecord
+from sparsify_core.registry import (MetricRecord, Registry, RunRecord, StageRecord, final_evaluation, metric_info_for,
+                                    reference_evaluation)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,12 +52,14 @@ def _text(renderable, width=160) -> str:
     return console.file.getvalue()
 
 
-def test_final_point_is_the_last_evaluated_stage():
+def test_final_point_of_a_run_recorded_before_evaluations_were():
+    # RunRecord(schema=None): recorded before v7, so the evaluated stages are inferred
     r = _sparsified()
-    assert report.final_point(r) == 1  # not stage 2, which only timed itself
-    assert report.point_name(r, 1) == "finetune" and report.point_name(r, -1) == "dense"
-    assert report.final_point(_run(metrics=[("dense", -1, "perplexity", 20.0)])) is None
-    assert report.final_point(_run(metrics=[("a", 0, "x", 1.0), ("b", 1, "y", 2.0)])) == 1  # no dense: last point
+    final = final_evaluation(r)
+    assert (final.stage_idx, final.stage) == (1, "finetune")  # not stage 2, which only timed itself
+    assert reference_evaluation(r).stage == "dense"
+    assert final_evaluation(_run(metrics=[("dense", -1, "perplexity", 20.0)])) is None
+    assert final_evaluation(_run(metrics=[("a", 0, "x", 1.0), ("b", 1, "y", 2.0)])).stage_idx == 1  # no dense
 
 
 def test_relative_change():
@@ -120,7 +123,7 @@ def test_show_run_from_the_registry(tmp_path):
     with Registry(f"sqlite:///{tmp_path}/r.db") as reg:
         run_id = reg.create_run(recipe_name="r", recipe_hash="h", recipe_text="", recipe_json="{}", overrides=[],
                                 model="tiny", data="pydoc", seed=0, output_dir=None, workdir=None)
-        reg.log_metrics(run_id, "dense", -1, [MetricValue("perplexity", 20.0), MetricValue("x", 1.0, layer="l0")])
+        reg.record_evaluation(run_id, "dense", -1, [MetricValue("perplexity", 20.0), MetricValue("x", 1.0, layer="l0")])
         reg.add_artifact(run_id, "output", tmp_path / "out")
         text = _text(report.show_run(reg.get_run(run_id)))
     assert run_id in text and "artifacts" in text and str(tmp_path / "out") in text
@@ -154,8 +157,12 @@ def test_pareto_front():
     pts = [(0.0, 20.0), (0.5, 30.0), (0.6, 25.0), (0.9, 40.0), (0.7, 50.0)]
     assert report.pareto_front(pts) == [(0.0, 20.0), (0.6, 25.0), (0.9, 40.0)]
     assert report.pareto_front(pts, x_higher_better=False) == [(0.0, 20.0)]
-    assert report.higher_is_better("activation_sparsity") and not report.higher_is_better("perplexity")
-    assert not report.higher_is_better("ffn_flops_per_token")
+    # runs recorded before metrics declared themselves: the old guess from the name, in one place
+    old = _run()
+    assert metric_info_for(old, "activation_sparsity").higher_is_better
+    assert metric_info_for(old, "activation_sparsity").fraction
+    assert metric_info_for(old, "perplexity").higher_is_better is False
+    assert metric_info_for(old, "ffn_flops_per_token").higher_is_better is False
 
 
 def test_show_run_prints_to_a_console():

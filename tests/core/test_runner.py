@@ -13,7 +13,9 @@ import torch
 from helpers import RECIPES, TINY_RECIPE, plugin_env, sparsify, write
 
 from sparsify_core import load_output
-from sparsify_core.registry import Registry
+from sparsify_core.method import STAGE_METRICS
+from sparsify_core.metric import MetricInfo
+from sparsify_core.registry import Registry, final_evaluation, stage_values
 
 
 def _registry(workdir) -> Registry:
@@ -39,6 +41,19 @@ def test_quickstart_end_to_end(workdir):
     assert pruned["weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert pruned["kl_divergence"] > 0
     assert "stage_seconds" in relu and "peak_memory_mb" in relu
+
+    # Evaluations are records of their own; the stages' own numbers are not evaluation values.
+    assert [(e.stage_idx, e.stage, e.kind, e.status) for e in run.evaluations] == [
+        (-1, "dense", "reference", "completed"), (0, "relu", "stage", "completed"),
+        (1, "magnitude", "stage", "completed")]
+    assert all(e.split == "eval" and e.tokens == e.sequences * 128 > 0 for e in run.evaluations)
+    final = final_evaluation(run)
+    assert final.stage == "magnitude" and "stage_seconds" not in final.values
+    assert final.values["weight_sparsity"] == pruned["weight_sparsity"]
+    assert set(stage_values(run)[1]) >= {"stage_seconds", "peak_memory_mb", "sparsity"}
+    assert run.metric_info["kl_divergence"] == MetricInfo(higher_is_better=False, unit="nats")
+    assert run.metric_info["stage_seconds"] == STAGE_METRICS["stage_seconds"]
+    assert run.metric_info["sparsity"].fraction  # declared by the magnitude method
 
     # The output loads back with sparsify and with plain transformers.
     (art,) = [a for a in run.artifacts if a.kind == "output"]

@@ -68,6 +68,9 @@ def _measure(ctx) -> dict[tuple[str, str | None], float]:
     values = evaluate(ctx, [cls() for cls in catalog().metrics.values()], ctx.split("eval"), batch_size=2)
     failed = [f"{v.name}: {v.error}" for v in values if v.error is not None]
     assert not failed, failed
+    # every name a metric records values under is one it declares (what show/compare format it by)
+    declared = {name for cls in catalog().metrics.values() for name in cls.value_info()}
+    assert {v.name for v in values} <= declared, sorted({v.name for v in values} - declared)
     return {(v.name, v.layer): v.value for v in values}
 
 

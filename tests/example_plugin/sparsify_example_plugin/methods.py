@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.ffn import prunable_modules
 
 
@@ -26,7 +26,8 @@ class RandomPrune(Method):
                 ctx.masks.set(f"{name}.weight", keep)
                 pruned += 1
         ctx.masks.apply(ctx.model)
-        return StageResult(metrics={"layers_pruned": pruned})
+        return StageResult(metrics={"layers_pruned": pruned},
+                           metric_info={"layers_pruned": MetricInfo(higher_is_better=None, unit="layers")})
 
 
 class RoundToGrid(Method):
@@ -55,4 +56,6 @@ class RoundToGrid(Method):
                 rounded = torch.round(w / scale) * scale
                 worst = max(worst, float((rounded - w).abs().max()))
                 w.copy_(rounded)
-        return StageResult(metrics={"quantized_modules": len(modules), "max_abs_error": worst})
+        return StageResult(metrics={"quantized_modules": len(modules), "max_abs_error": worst},
+                           metric_info={"quantized_modules": MetricInfo(unit="modules"),
+                                        "max_abs_error": MetricInfo(higher_is_better=False)})

@@ -8,6 +8,9 @@ class WeightL2(Metric):
     """Euclidean norm of all parameters (a static metric)."""
 
     name = "weight_l2"
+    higher_is_better = None  # describes the model; neither direction is better
+    unit = ""
+    fraction = False
 
     def finish(self, ctx):
         total = sum(float(p.detach().float().pow(2).sum()) for p in ctx.model.parameters())
