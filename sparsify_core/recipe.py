@@ -440,13 +440,6 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
         methods.append(cls)
         params.append(p)
 
-    for i, cls in enumerate(methods):
-        if cls.schedules_training() and not any(m.trains() for m in methods[i + 1:]):
-            st = recipe.stages[i]
-            raise RecipeError(f"{st.kind}/{st.method} acts during training: it needs a later stage that trains "
-                              "with the shared loop (e.g. kind: train, method: finetune), and none follows",
-                              file=file, line=lines.line(("stages", i, "method")), field=f"stages.{i}.method")
-
     if recipe.model.dtype == "float16":
         for i, cls in enumerate(methods):
             if cls.uses_optimizer():
