@@ -33,8 +33,9 @@ from .selection import Target, assign_sparsities, check_targets, prior_pruned, r
 
 _REPORTED = ("loss", "lm_loss", "kd_loss")  # the loop's averages over its last logging window
 
-OLD_RECIPE = ("prune/gmp trains itself now: move the train: block of the training stage that followed it into "
-              "gmp's params (params: {sparsity: 0.5, train: {steps: 100}}) and drop that stage")
+OLD_RECIPE = ("prune/gmp trains itself now and needs a train: block in its params (e.g. params: {sparsity: 0.5, "
+              "train: {steps: 100}}); from an older recipe, move the train: block of the training stage after gmp "
+              "here and drop that stage")
 
 
 class GMPParams(ScopedPruneParams):

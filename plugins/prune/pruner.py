@@ -153,8 +153,6 @@ class ScorePruner(Method):
         if missing:
             raise SparsifyError(f"prune/{self.name}: no scores for {', '.join(missing[:3])}")
         scope = getattr(params, "scope", "per_layer")
-        if scope == "global" and self.layerwise:
-            raise SparsifyError(f"prune/{self.name} prunes layer by layer: scope global cannot apply")
         return score_masks([scores[t.name] for t in targets], [t.sparsity for t in targets],
                            [prior_pruned(ctx, t) for t in targets], nm=params.nm, group=self.group,
                            global_sparsity=params.sparsity if scope == "global" else None)
@@ -170,6 +168,8 @@ class ScorePruner(Method):
         return f"{self.name} {what}" + (f" {scope}" if scope and not params.nm else "")
 
     def apply(self, ctx, params) -> StageResult:
+        if self.layerwise and getattr(params, "scope", "per_layer") == "global":
+            raise SparsifyError(f"prune/{self.name} prunes layer by layer: scope global cannot apply")
         targets = self.targets(ctx.model, params)
         per_layer = self.assign(ctx, params, targets)
 

@@ -55,7 +55,7 @@ def test_params_validate():
         GMPParams(sparsity=0.3, pattern="2:4", train=TRAIN)
     with pytest.raises(ValidationError, match="scope global"):
         GMPParams(pattern="2:4", scope="global", train=TRAIN)
-    with pytest.raises(ValidationError, match="gmp trains itself now: move the train: block"):
+    with pytest.raises(ValidationError, match="gmp trains itself now and needs a train: block"):
         GMPParams(sparsity=0.5)  # the old way: a schedule for the training stage after it
 
 
@@ -204,7 +204,8 @@ def test_an_old_style_gmp_recipe_is_refused_saying_how_to_write_it(workdir, stag
     line = next(i for i, ln in enumerate(text.splitlines(), 1) if "params: {sparsity: 0.5, every: 2}" in ln)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{workdir / 'old.yaml'}:{line}: stages.0.params: ")
-    assert "prune/gmp trains itself now: move the train: block" in message
+    assert "prune/gmp trains itself now and needs a train: block in its params" in message
+    assert "move the train: block of the training stage after gmp here" in message
 
 
 def test_gmp_recipe_resumes_mid_stage_and_saves_exact_zeros(workdir, monkeypatch):
