@@ -34,8 +34,6 @@ class RunContext:
         workdir: a scratch folder of this run (kept with its checkpoints).
         stage_name, stage_index: the stage being run (``dense`` / -1 outside stages).
         resume_stage: when resuming, the index of the stage the run restarts in.
-        train_callbacks: schedules earlier stages handed on (``Method.training_callback``,
-            e.g. ``prune/gmp``); the next call of ``sparsify_core.training.train`` takes and applies them.
     """
 
     run_id: str
@@ -53,7 +51,6 @@ class RunContext:
     resume_stage: int | None = None  # the stage a resumed run restarts in (mid-stage checkpoints apply)
     reference_loader: Callable[[], torch.nn.Module] | None = None
     log_callback: Callable[[str, int | None, dict[str, float]], None] | None = None
-    train_callbacks: list = field(default_factory=list)
     _reference: torch.nn.Module | None = field(default=None, repr=False)
 
     def split(self, name: str) -> TokenSplit:

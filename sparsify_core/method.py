@@ -15,7 +15,6 @@ from .params import (LayerIndices, Params, check_layers, check_regexes, is_layer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext
-    from .training import TrainCallback
 
 
 @dataclass
@@ -76,24 +75,6 @@ class Method(ABC):
 
     def rebuild(self, ctx: "RunContext", params: Params, result: StageResult) -> None:
         """Redo structural changes on a fresh model (default: none)."""
-
-    def training_callback(self, ctx: "RunContext", params: Params, result: StageResult) -> "TrainCallback | None":
-        """A schedule this stage hands to the next stage that trains with the shared loop (default: none).
-
-        Methods that act *during* training (gradual pruning) implement it: their
-        ``apply`` prepares (and returns in ``result``) what the schedule needs,
-        and this builds the ``TrainCallback`` from ``params`` and ``result``
-        alone. The engine calls it after ``apply``, and again on ``--resume``
-        while the stage that trains is not completed; that stage's
-        ``sparsify_core.training.train`` applies it. A recipe must have a
-        training stage after such a method (checked when it is validated).
-        """
-        return None
-
-    @classmethod
-    def schedules_training(cls) -> bool:
-        """True when the method hands a schedule to the next training stage (``training_callback``)."""
-        return cls.training_callback is not Method.training_callback
 
     @classmethod
     def trains(cls) -> bool:

@@ -467,13 +467,6 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
         cls, p = plugin_params(table, st.method, st.params, ("stages", i, "method"), f"{st.kind} method")
         stages.append(ResolvedStage(i, st, cls, p))
 
-    for stage in stages:
-        if stage.method_cls.schedules_training() and not any(s.method_cls.trains() for s in stages[stage.index + 1:]):
-            raise RecipeError(f"{stage.spec.kind}/{stage.spec.method} acts during training: it needs a later stage "
-                              "that trains with the shared loop (e.g. kind: train, method: finetune), and none follows",
-                              file=file, line=lines.line(("stages", stage.index, "method")),
-                              field=f"stages.{stage.index}.method")
-
     if recipe.model.dtype == "float16":
         for stage in stages:
             if stage.method_cls.uses_optimizer():

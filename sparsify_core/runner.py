@@ -28,7 +28,7 @@ from .metric import MetricInfo
 from .method import STAGE_METRICS, Method, StageResult
 from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
 from .plugin_manager import catalog, hooks
-from .recipe import LoadedRecipe, ResolvedStage, check_model
+from .recipe import LoadedRecipe, check_model
 from .registry import reference_evaluation
 from .sources import TokenSplit, pack_texts
 
@@ -272,14 +272,11 @@ class Runner:
                 i, method = stage.index, stage.method_cls()
                 ctx.stage_name, ctx.stage_index = stage.name, i
                 method.rebuild(ctx, stage.params, results.get(i, StageResult()))
-                # replay hand-overs: schedules for training stages that have not completed yet
-                if type(method).trains():
-                    ctx.train_callbacks = []
-                self._hand_over(method, ctx, stage, results.get(i, StageResult()))
             restore_weights(ckpt, ctx.model, ctx.masks)
             start = ckpt.completed
-            ctx.resume_stage = start
             progress.info(f"resuming after stage {start} of {len(rec.stages)} (checkpoint {ckpt.extra['path']})")
+        if self.resume_id:  # the stage under way when the run stopped continues from its mid-stage checkpoint
+            ctx.resume_stage = start
         if not dense_done:
             self._evaluate(ctx, metrics, "dense", -1, is_reference=True)
 
@@ -298,7 +295,6 @@ class Runner:
                 ctx.masks.apply(ctx.model)  # pruned weights stay zero whatever the stage did
             seconds = time.perf_counter() - t0
             results[i] = result
-            self._hand_over(method, ctx, stage, result)
             stage_metrics = dict(result.metrics, stage_seconds=seconds, peak_memory_mb=mem["peak"])
             self.registry.log_metrics(self.run_id, st.name, i, stage_metrics, origin="stage",
                                       info={**result.recorded_info(), **STAGE_METRICS})
@@ -312,19 +308,10 @@ class Runner:
                                                metrics=stage_metrics)
             if self._evaluate_after(i):
                 self._evaluate(ctx, metrics, st.name, i)
-        if ctx.train_callbacks:
-            raise SparsifyError("a schedule handed on by an earlier stage (e.g. prune/gmp) was never applied: "
-                                "no later stage trained with the shared loop")
         ctx.stage_name, ctx.stage_index = "output", len(rec.stages)
         if rec.output.save and dist.is_main():
             self._save(ctx, results)
         dist.barrier()
-
-    def _hand_over(self, method: Method, ctx: RunContext, stage: ResolvedStage, result: StageResult) -> None:
-        """Queue the schedule ``stage`` hands to the next training stage (``Method.training_callback``)."""
-        callback = method.training_callback(ctx, stage.params, result)
-        if callback is not None:
-            ctx.train_callbacks.append(callback)
 
     def _evaluate(self, ctx: RunContext, metrics, stage: str, index: int, *, is_reference: bool = False) -> None:
         from .evaluation import evaluate

@@ -190,14 +190,14 @@ def _forward_logits(model, ids):
 
 
 def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | None = None) -> dict[str, float]:
-    """Train ``ctx.model`` in place; returns the final averaged metrics.
+    """Train ``ctx.model`` in place with ``callbacks`` (in order); returns the final averaged metrics.
 
-    Schedules that earlier stages handed on (``ctx.train_callbacks``, e.g. the
-    cubic sparsity schedule of ``prune/gmp``) run after ``callbacks``, and are
-    taken: a later training stage does not apply them again.
+    A method that acts during training (a penalty, a pruning schedule such as
+    ``prune/gmp``'s) passes its callbacks here; they must be rebuilt from the
+    stage's params alone, since ``--resume`` inside the stage (``ctx.resume_stage``)
+    calls the method again and hands them their checkpointed state.
     """
-    callbacks = list(callbacks or []) + list(ctx.train_callbacks)
-    ctx.train_callbacks = []
+    callbacks = list(callbacks or [])
     model = ctx.model
     data = ctx.split(cfg.split)
     frozen = [p for name, p in model.named_parameters()

@@ -51,3 +51,50 @@ def test_readme_lists_every_package_folder():
     stale = {e for e in listed if e.split("/")[0] in LISTED_TREES and not (REPO / e).is_dir()}
     assert sorted(stale) == [], "README.md's Repository layout lists folders that no longer exist"
     assert {"plugins/prune", "kernels/csrc"} <= listed  # the check reads the block it means to
+
+
+def _readme_block(heading: str, lang: str) -> str:
+    """The first ``lang`` code block after ``heading`` in the README, as written there."""
+    text = (REPO / "README.md").read_text()
+    return text.split(heading, 1)[1].split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_score_pruner_example_is_a_short_working_plugin(workdir, one_thread):
+    """The README's SNIP block, run as a plugin in a recipe on the tiny model: under 25 lines, exact
+    sparsity, and masks of its own (not magnitude's)."""
+    import types
+
+    import torch
+    from helpers import tiny_recipe, write
+
+    from sparsify_core import load_output
+    from sparsify_core.plugin_manager import register, unregister
+    from sparsify_core.recipe import load_recipe
+    from sparsify_core.registry import Registry
+    from sparsify_core.runner import Runner
+    from sparsify_plugins.prune.masks import prune_count
+
+    code = _readme_block("### A pruning criterion in a few lines", "python")
+    assert len([line for line in code.splitlines() if line.strip()]) < 25
+    plugin = types.ModuleType("readme_snip")
+    exec(compile(code, "README.md (SNIP block)", "exec"), plugin.__dict__)
+    register(plugin, name="readme-snip")
+    registry = Registry(f"sqlite:///{workdir}/registry.db")
+    masks, runs = {}, {}
+    try:
+        for method in ("snip", "magnitude"):
+            text = tiny_recipe("  - {kind: prune, method: %s, params: {sparsity: 0.5}}\n" % method, seq_len=16,
+                               evaluate={"after": "none"}, output={"dir": method, "save": True})
+            run_id = Runner(load_recipe(write(workdir / f"{method}.yaml", text)), registry,
+                            runs_dir=workdir / "runs").run()
+            masks[method], runs[method] = load_output(workdir / method).masks, registry.get_run(run_id)
+    finally:
+        unregister(plugin)
+    snip, magnitude = dict(masks["snip"].items()), dict(masks["magnitude"].items())
+    assert len(snip) == 14 and snip.keys() == magnitude.keys()  # the same targets: the template's
+    for name, keep in snip.items():
+        assert int((~keep).sum()) == prune_count(keep.numel(), 0.5), name  # exactly half of every matrix
+    assert {m.name: m.value for m in runs["snip"].metrics if m.step is None}["sparsity"] == 0.5
+    differ = sum(int((keep != magnitude[name]).sum()) for name, keep in snip.items())
+    assert differ > 0.05 * sum(keep.numel() for keep in snip.values())  # its own criterion, not |w|
+    assert all(not torch.equal(keep, magnitude[name]) for name, keep in snip.items())

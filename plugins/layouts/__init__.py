@@ -8,9 +8,9 @@ Formats are pure functions (``formats``), layouts wrap them and hand out the
 fast kernels of ``sparsify_kernels`` (``weight``), modules hold layouts and
 compute with their kernels (``modules``), stage methods swap modules in a
 model (``convert``: ``weight`` takes any catalog layout by name),
-predictors are fitted by pure functions (``predictor``), and ``prune/nmg``
-prunes into the n:m:g structure (``prune``). Their benchmark cases for
-``sparsify bench`` are in ``bench``.
+and predictors are fitted by pure functions (``predictor``). Their benchmark
+cases for ``sparsify bench`` are in ``bench``. (``prune/nmg``, which prunes
+into the n:m:g structure, is the prune plugin's.)
 """
 from __future__ import annotations
 
@@ -18,12 +18,10 @@ from sparsify_core import hookimpl
 
 from .convert import ActivationSparseFFNConvert, MoEFFNConvert, WeightConvert, weight_methods
 from .modules import ActivationPredictor, ActivationSparseFFN, MoEFFN, SparseLinear, TransposedLinear
-from .prune import NMGPrune
 from .weight import BSR, CSR, NM, NMG, WEIGHT_LAYOUTS, StoredLayout
 
 __all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationPredictor", "ActivationSparseFFN",
-           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "WeightConvert",
-           "NMGPrune"]
+           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "WeightConvert"]
 
 
 @hookimpl
@@ -34,8 +32,8 @@ def sparsify_layouts():
 
 @hookimpl
 def sparsify_methods():
-    """``layout_convert`` methods (activation-sparse FFN, MoE FFN, ``weight`` and its aliases) and ``prune/nmg``."""
-    return [ActivationSparseFFNConvert, MoEFFNConvert, *weight_methods(), NMGPrune]
+    """``layout_convert`` methods (activation-sparse FFN, MoE FFN, ``weight`` and its aliases)."""
+    return [ActivationSparseFFNConvert, MoEFFNConvert, *weight_methods()]
 
 
 @hookimpl

@@ -1,7 +1,6 @@
 """What every pruning method shares: which weights (targets), how many per layer (profile), which structure.
 
-``PruneParams`` holds the parameters common to ``magnitude``, ``wanda`` and
-``sparsegpt``; ``select_targets`` turns them into the matrices to prune,
+``PruneParams`` holds the parameters common to the pruning methods; ``select_targets`` turns them into the matrices to prune,
 each with its transformer layer and its sparsity; ``record_mask`` writes a
 mask to the run's ``MaskSet`` and zeroes the weights; ``summary`` makes the
 stage metrics. OWL's outlier ratios need the Wanda scores of the dense model,
@@ -126,6 +125,10 @@ class Target:
     def weight(self) -> torch.Tensor:
         """The weight as ``[out, in]`` (a view for Conv1D: writes go through)."""
         return weight_out_in(self.module)
+
+    def out_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor stored like the weight parameter (its ``.grad``, say) as ``[out, in]`` (a view)."""
+        return tensor.t() if is_conv1d(self.module) else tensor
 
 
 def select_targets(model: nn.Module, params: PruneParams, *, inside_layers: bool = False) -> list[Target]:

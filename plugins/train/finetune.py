@@ -2,9 +2,8 @@
 
 Next-token loss on the ``train`` split and/or distillation from the frozen
 dense model (``lm_weight`` / ``kd_weight`` of the ``train:`` block). Use it
-to fine-tune after one-shot pruning, to train a small model from scratch, or
-as the training stage that applies a schedule an earlier stage handed on
-(``prune/gmp``). Masks recorded by earlier stages keep pruned weights at zero.
+to fine-tune after one-shot pruning or to train a small model from scratch.
+Masks recorded by earlier stages keep pruned weights at zero.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ class FinetuneParams(Params):
 
 
 class Finetune(Method):
-    """Train with the shared loop (LM and/or KD loss, no penalty); applies schedules such as prune/gmp."""
+    """Train with the shared loop (LM and/or KD loss, no penalty)."""
 
     kind = "train"
     name = "finetune"

@@ -27,7 +27,7 @@ T = "{steps: 3, batch_size: 2, lr: 1.0e-2, checkpoint_every: 0}"
 RELU = "{kind: substitute_activation, method: relu}"
 MOE = "{kind: moeify, method: param_cluster, params: {expert_size: 8, router: lte, fit: {epochs: 2}}}"
 
-# The stages each later method needs before it (and, for gmp, after it). Every installed method must be
+# The stages each later method needs before it. Every installed method must be
 # here: test_every_installed_method_is_swept fails when a new one lands without joining the sweep.
 LATER: dict[str, list[str]] = {
     "substitute_activation/relu": [RELU],
@@ -45,8 +45,7 @@ LATER: dict[str, list[str]] = {
     "prune/magnitude": ["{kind: prune, method: magnitude, params: {sparsity: 0.7}}"],
     "prune/wanda": ["{kind: prune, method: wanda, params: {sparsity: 0.7}}"],
     "prune/sparsegpt": ["{kind: prune, method: sparsegpt, params: {sparsity: 0.7}}"],
-    "prune/gmp": ["{kind: prune, method: gmp, params: {sparsity: 0.7, start: 0.0, end: 0.5, every: 1}}",
-                  "{kind: train, method: finetune, params: {train: %s}}" % T],
+    "prune/gmp": ["{kind: prune, method: gmp, params: {sparsity: 0.7, start: 0.0, end: 0.5, every: 1, train: %s}}" % T],
     "prune/nmg": ["{kind: prune, method: nmg, params: {n: 2, m: 4, g: 1}}"],
     "train/finetune": ["{kind: train, method: finetune, params: {train: %s}}" % T],
     "train/ssd": ["{kind: train, method: ssd, params: {monitor: {every: 1, threshold: 0.01, patience: 1, "
@@ -68,11 +67,10 @@ NEEDS_NM = {"layout_convert/nm"}  # the pruning before it must be 2:4 for the la
 
 
 def _prune_stages(method: str, nm: bool) -> list[str]:
-    """The pruning stage(s) of ``method`` at 50% (or 2:4); gmp prunes during the finetune after it."""
+    """The pruning stage(s) of ``method`` at 50% (or 2:4); gmp prunes while it trains."""
     what = "pattern: '2:4'" if nm else "sparsity: 0.5"
     if method == "gmp":
-        return ["{kind: prune, method: gmp, params: {%s, start: 0.0, end: 0.5, every: 1}}" % what,
-                "{kind: train, method: finetune, params: {train: %s}}" % T]
+        return ["{kind: prune, method: gmp, params: {%s, start: 0.0, end: 0.5, every: 1, train: %s}}" % (what, T)]
     if method == "nmg":
         return ["{kind: prune, method: nmg, params: {n: 2, m: 4, g: 1}}"]
     return ["{kind: prune, method: %s, params: {%s}}" % (method, what)]
@@ -82,14 +80,8 @@ PRUNE_METHODS = ["magnitude", "wanda", "sparsegpt", "gmp", "nmg"]
 
 
 def _pruning(stages: list[str]) -> set[int]:
-    """Indices of the stages that may add zeros: prune stages, and a training stage after gmp."""
-    out = set()
-    for i, s in enumerate(stages):
-        if "kind: prune" in s:
-            out.add(i)
-            if "method: gmp" in s:
-                out.add(i + 1)
-    return out
+    """Indices of the stages that may add zeros: the prune stages."""
+    return {i for i, s in enumerate(stages) if "kind: prune" in s}
 
 
 # -- the witness ---------------------------------------------------------------------------------

@@ -81,10 +81,10 @@ def test_fit_runs_extracts_points_from_the_registry(tmp_path):
     for i, (s, n, d, l) in enumerate(zip(points.S, points.N, points.D, points.L)):
         records.append(run_record(i, [
             ("dense", -1, "perplexity", 1e6), ("dense", -1, "weight_sparsity", 0.0),  # not the final point
-            ("gmp", 1, "perplexity", float(np.exp(l))), ("gmp", 1, "weight_sparsity", s),
-            ("gmp", 1, "nonzero_parameters", n * 1e6)], recipe={"stages": [{"params": {"train": {"steps": d * 1e5}}}]}))
-    records.append(run_record(99, [("gmp", 1, "perplexity", 3.0)], status="failed"))
-    records.append(run_record(98, [("gmp", 1, "perplexity", 3.0)]))  # no sparsity metric: skipped
+            ("gmp", 0, "perplexity", float(np.exp(l))), ("gmp", 0, "weight_sparsity", s),
+            ("gmp", 0, "nonzero_parameters", n * 1e6)], recipe={"stages": [{"params": {"train": {"steps": d * 1e5}}}]}))
+    records.append(run_record(99, [("gmp", 0, "perplexity", 3.0)], status="failed"))
+    records.append(run_record(98, [("gmp", 0, "perplexity", 3.0)]))  # no sparsity metric: skipped
     got, skipped = points_from_runs(records, data="recipe:stages.0.params.train.steps", d_unit=1e5)
     np.testing.assert_allclose(got.L, points.L)
     np.testing.assert_allclose(got.D, points.D)

@@ -11,7 +11,7 @@ from sparsify_core.recipe import load_recipe, load_sweep
 from sparsify_core.registry import Registry
 from sparsify_core.runner import RunInterrupted
 from sparsify_core.sweep import plan_from_record, run_sweep
-from sparsify_plugins.train import Finetune
+from sparsify_plugins.prune import GMP
 
 SWEEP = """\
 name: sw
@@ -27,10 +27,10 @@ data:
 stages:
   - kind: prune
     method: gmp
-    params: {sparsity: 0.5, every: 1}
-  - kind: train
-    method: finetune
-    params: {train: {steps: 2, batch_size: 2, lr: 1.0e-3, checkpoint_every: 0}}
+    params:
+      sparsity: 0.5
+      every: 1
+      train: {steps: 2, batch_size: 2, lr: 1.0e-3, checkpoint_every: 0}
 evaluate: {metrics: [perplexity, weight_sparsity]}
 output: {save: false}
 sweep:
@@ -114,7 +114,7 @@ def test_sweep_runs_resume_run_by_run(workdir, monkeypatch):
     text = SWEEP.replace("[0.0, 0.5, 0.75]", "[0.0, 0.5]")
     plan = load_sweep(write(workdir / "sw.yaml", text))
     reg = Registry(str(workdir / "registry.db"))  # the workdir fixture's, which the CLI below reads
-    original, calls = Finetune.apply, []
+    original, calls = GMP.apply, []
 
     def flaky(self, ctx, params):  # the second run fails, the third is interrupted
         calls.append(ctx.run_id)
@@ -124,14 +124,14 @@ def test_sweep_runs_resume_run_by_run(workdir, monkeypatch):
             raise KeyboardInterrupt
         return original(self, ctx, params)
 
-    monkeypatch.setattr(Finetune, "apply", flaky)
+    monkeypatch.setattr(GMP, "apply", flaky)
     with pytest.raises(RunInterrupted, match="resume the whole sweep with `sparsify run --resume sweep-"):
         run_sweep(plan, reg, runs_dir=workdir / "runs")
     (sweep,) = reg.find_sweeps()
     first = {r.recipe_name: r for r in reg.find_runs(sweep_id=sweep.id)}
     assert sorted(r.status for r in first.values()) == ["failed", "finished", "interrupted"]
 
-    monkeypatch.setattr(Finetune, "apply", original)
+    monkeypatch.setattr(GMP, "apply", original)
     done = run_sweep(plan_from_record(reg.get_sweep(sweep.id)), reg, runs_dir=workdir / "runs", resume_id=sweep.id)
     assert len(done.skipped) == 1 and len(done.finished) == 3 and not done.failed
     runs = reg.find_runs(sweep_id=sweep.id)

@@ -93,8 +93,7 @@ CASE06 = _with_dtype(tiny_recipe("""\
 
 @pytest.mark.parametrize("stages, stage", [
     (CASE06.split("stages:\n")[1].split("evaluate:")[0], "'finetune' (train/finetune)"),
-    ("  - kind: prune\n    method: gmp\n    params: {sparsity: 0.5}\n"
-     "  - kind: train\n    method: finetune\n    params: {train: {steps: 2}}\n", "'finetune' (train/finetune)"),
+    ("  - kind: prune\n    method: gmp\n    params: {sparsity: 0.5, train: {steps: 2}}\n", "'gmp' (prune/gmp)"),
     ("  - kind: substitute_activation\n    method: relu\n"
      "  - kind: regularize\n    method: blockwise_l1\n    params: {l1: 0.1, steps: 2}\n",
      "'blockwise_l1' (regularize/blockwise_l1)"),
@@ -168,14 +167,13 @@ def test_a_training_split_that_is_missing_points_at_train_split():
 
 
 # Minimal valid params of every installed method (the split sweep must cover them all: see the test below).
-# gmp needs a training stage after it (checked by validation), so its recipes add one.
 PARAMS: dict[tuple[str, str], dict] = {
     ("layout_convert", "activation_sparse_ffn"): {"predictor": {}},
     ("layout_convert", "bsr"): {}, ("layout_convert", "csr"): {}, ("layout_convert", "moe_ffn"): {},
     ("layout_convert", "nm"): {}, ("layout_convert", "nmg"): {}, ("layout_convert", "weight"): {"layout": "csr"},
     ("moeify", "coactivation"): {"top_k": 1}, ("moeify", "param_cluster"): {"top_k": 1},
     ("moeify", "routing"): {"routing": "dense"},
-    ("prune", "gmp"): {"sparsity": 0.5, "profile": "owl"}, ("prune", "magnitude"): {"sparsity": 0.5, "profile": "owl"},
+    ("prune", "gmp"): {"sparsity": 0.5, "profile": "owl", "train": {"steps": 2}}, ("prune", "magnitude"): {"sparsity": 0.5, "profile": "owl"},
     ("prune", "nmg"): {}, ("prune", "sparsegpt"): {"sparsity": 0.5}, ("prune", "wanda"): {"sparsity": 0.5},
     ("regularize", "blockwise_l1"): {"l1": 0.1},
     ("regularize", "lte"): {"stage1_steps": 1, "train": {"steps": 2}},
@@ -189,10 +187,7 @@ PARAMS: dict[tuple[str, str], dict] = {
 def _stage_yaml(kind: str, method: str, params: dict) -> str:
     import json
 
-    text = f"  - kind: {kind}\n    method: {method}\n    params: {json.dumps(params)}\n"
-    if method == "gmp":
-        text += "  - kind: train\n    method: finetune\n    params: {train: {steps: 2}}\n"
-    return text
+    return f"  - kind: {kind}\n    method: {method}\n    params: {json.dumps(params)}\n"
 
 
 def test_the_split_sweep_covers_every_built_in_method():
@@ -224,12 +219,13 @@ def test_the_stages_known_to_read_splits_say_so():
     reads = {m: {s for _, s in _reads(k, m)} for k, m in PARAMS}
     assert reads["wanda"] == reads["sparsegpt"] == reads["cats"] == reads["fatrelu"] == {"calibration"}
     assert reads["finetune"] == reads["progressive_l1"] == reads["lte"] == reads["blockwise_l1"] == {"train"}
+    assert reads["gmp"] == {"train", "calibration"}  # its training loop, and the owl profile
     assert reads["ssd"] == {"train", "calibration"} and reads["activation_sparse_ffn"] == {"calibration"}
     assert reads["coactivation"] == reads["param_cluster"] == {"calibration"}
     # conditional: magnitude and gmp read calibration data for the owl profile only
-    for kind, method in (("prune", "magnitude"), ("prune", "gmp")):
-        cls = catalog().methods[(kind, method)]
-        assert cls().data_splits(cls.Params(sparsity=0.5)) == []
+    magnitude, gmp = catalog().methods[("prune", "magnitude")], catalog().methods[("prune", "gmp")]
+    assert magnitude().data_splits(magnitude.Params(sparsity=0.5)) == []
+    assert gmp().data_splits(gmp.Params(sparsity=0.5, train={"steps": 2})) == [(("train", "split"), "train")]
     fatrelu = catalog().methods[("substitute_activation", "fatrelu")]
     assert fatrelu().data_splits(fatrelu.Params(threshold=0.1)) == []
 

@@ -52,7 +52,7 @@ def _ctx(model, tmp_path):
 
 def test_run_convert_save_load_matches_unconverted(workdir):
     """`sparsify run` with layout_convert stages; the loaded output matches the same model unconverted."""
-    from sparsify_plugins.layouts import NMGPrune
+    from sparsify_plugins.prune import NMGPrune
     write(workdir / "conv.yaml", CONVERT_RECIPE)
     proc = sparsify("run", "conv.yaml", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
@@ -71,7 +71,8 @@ def test_run_convert_save_load_matches_unconverted(workdir):
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
 def test_convert_in_process_and_rebuild(tmp_path, arch):
     """Every conversion on plain (Conv1D and Linear) and gated FFNs, then rebuild + load_state_dict."""
-    from sparsify_plugins.layouts import ActivationSparseFFNConvert, NMGPrune
+    from sparsify_plugins.layouts import ActivationSparseFFNConvert
+    from sparsify_plugins.prune import NMGPrune
     from sparsify_plugins.layouts.convert import weight_methods
 
     model = _tiny(arch)

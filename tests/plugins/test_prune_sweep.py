@@ -30,9 +30,8 @@ from pydantic import ValidationError
 from sparsify_core import Method
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import prunable_modules, transformer_layers, weight_out_in
-from sparsify_core.training import TrainConfig, train
 from sparsify_core.plugin_manager import catalog
-from sparsify_plugins.prune import GMP, Magnitude, PruneParams, SparseGPT, Wanda
+from sparsify_plugins.prune import GMP, Magnitude, PruneParams, ScorePruner, SparseGPT, Wanda
 from sparsify_plugins.prune.masks import prune_count, structured_mask
 from sparsify_plugins.prune.selection import assign_sparsities, prior_pruned, record_mask, select_targets, summary
 
@@ -77,8 +76,19 @@ class ScoredByHash(Method):
         return summary(ctx, targets, per_layer)
 
 
+class HashTemplate(ScorePruner):
+    """The same criterion on the public template: it writes ``scores`` and nothing else (compared per row)."""
+
+    name = "hash_template"
+    group = "row"
+
+    def scores(self, ctx, params, targets, layer=None):
+        return {t.name: (torch.arange(t.weight().numel()).reshape(t.weight().shape) * 2654435761 % 1000003).float()
+                for t in targets}
+
+
 METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gmp": GMP,
-           "scored_by_hash": ScoredByHash}
+           "scored_by_hash": ScoredByHash, "hash_template": HashTemplate}
 SCOPED = {"magnitude", "gmp"}  # methods with a scope parameter
 LAYERWISE = {"wanda", "sparsegpt"}  # calibrate layer by layer: targets must sit inside the layers
 
@@ -98,8 +108,9 @@ def build_params(method, scope, pattern, profile, restriction, arch):
         kw["scope"] = scope
     if method == "sparsegpt":
         kw["block_size"] = 16  # several blocks per matrix: the block budgets are exercised
-    if method == "gmp":
-        kw.update(start=0.0, end=1.0, every=2)
+    if method == "gmp":  # 4 steps: real training in one case, a stand-in loop otherwise (run_stage)
+        kw.update(start=0.0, end=1.0, every=2,
+                  train={"steps": 4, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0, "log_every": 1})
     if pattern != "unstructured":
         kw["pattern"] = pattern
     else:
@@ -122,37 +133,32 @@ def expected_error(method, scope, pattern, profile, restriction, arch):
     return None
 
 
-def run_stage(method, ctx, params, *, real_training=False):
-    """Run one prune stage in process; gmp prunes during the training stage after it.
-
-    For gmp, ``real_training`` runs the shared training loop; otherwise the
-    loop is stood in for (fast): between the schedule's steps the targeted
-    weights are rescaled at random, as optimizer steps would move them, so
-    masks chosen at different steps must still nest and add up.
-    """
-    cls = METHODS[method]
-    result = cls().apply(ctx, params)
-    if method != "gmp":
-        return result, None
-    schedule = cls().training_callback(ctx, params, result)
-    steps = 4
-    schedule.logged = []  # the training stage's metrics: gmp reports its final sparsity there
-    ctx.log_callback = lambda stage, step, values: schedule.logged.append((step, values))
-    if real_training:
-        train(ctx, TrainConfig(steps=steps, batch_size=2, lr=1e-3, checkpoint_every=0, log_every=1), [schedule])
-        return result, schedule
-    modules = dict(ctx.model.named_modules())
-    schedule.start(SimpleNamespace(ctx=ctx, model=ctx.model, cfg=SimpleNamespace(steps=steps)))
+def _stand_in_loop(ctx, cfg, callbacks):
+    """The shared loop stood in for (fast): between the schedule's steps the targeted weights are rescaled at
+    random, as optimizer steps would move them, so masks chosen at different steps must still nest and add up."""
+    (schedule,) = callbacks
+    schedule.start(SimpleNamespace(ctx=ctx, model=ctx.model, cfg=cfg))
     g = torch.Generator().manual_seed(0)
-    for step in range(steps):
+    for step in range(cfg.steps):
         with torch.no_grad():
-            for name in result.info["module_sparsity"]:
-                w = modules[name].weight
-                w.mul_(1 + 0.5 * torch.randn(w.shape, generator=g))
+            for t in schedule.targets:
+                t.module.weight.mul_(1 + 0.5 * torch.randn(t.module.weight.shape, generator=g))
         ctx.masks.apply(ctx.model)  # as the loop does after every optimizer step
         schedule.after_step(step)
     schedule.stop()
-    return result, schedule
+    return {}
+
+
+def run_stage(method, ctx, params, monkeypatch, *, real_training=False):
+    """Run one prune stage in process; gmp prunes while it trains.
+
+    For gmp, ``real_training`` runs the shared training loop; otherwise the
+    loop is stood in for (``_stand_in_loop``).
+    """
+    if method == "gmp" and not real_training:
+        monkeypatch.setattr("sparsify_plugins.prune.gmp.train", lambda ctx, cfg, callbacks: _stand_in_loop(
+            ctx, cfg, callbacks))
+    return METHODS[method]().apply(ctx, params)
 
 
 def layer_of(model):
@@ -168,7 +174,7 @@ def check_nm(module, n, m):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("method,scope,pattern,profile,restriction", list(combos()))
-def test_sparsity_delivered_over_targets(tmp_path, method, scope, pattern, profile, restriction, arch):
+def test_sparsity_delivered_over_targets(tmp_path, monkeypatch, method, scope, pattern, profile, restriction, arch):
     error = expected_error(method, scope, pattern, profile, restriction, arch)
     if error is not None and error[0] is ValidationError:
         with pytest.raises(ValidationError, match=error[1]):
@@ -182,7 +188,7 @@ def test_sparsity_delivered_over_targets(tmp_path, method, scope, pattern, profi
             METHODS[method]().apply(ctx, params)
         return
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    result, schedule = run_stage(method, ctx, params)
+    result = run_stage(method, ctx, params, monkeypatch)
 
     layer = layer_of(model)
     targets = prunable_modules(model, params.targets, params.exclude)
@@ -231,13 +237,10 @@ def test_sparsity_delivered_over_targets(tmp_path, method, scope, pattern, profi
             assert name not in ctx.masks and torch.equal(p, before[name]), name
 
     measured = sum(zeros.values()) / total
+    assert result.metrics["sparsity"] == pytest.approx(measured, abs=1e-12)
+    assert result.metrics["weights_pruned"] == sum(zeros.values())
     if method == "gmp":
         assert result.metrics["target_sparsity"] == pytest.approx(requested / total, abs=1e-9)
-        assert schedule.sparsity == pytest.approx(measured, abs=1e-12)
-        assert [v["gmp_sparsity"] for step, v in schedule.logged if step is None] == [pytest.approx(measured)]
-    else:
-        assert result.metrics["sparsity"] == pytest.approx(measured, abs=1e-12)
-        assert result.metrics["weights_pruned"] == sum(zeros.values())
 
 
 # -- weights pruned by an earlier stage count towards the request ----------------------------------
@@ -248,8 +251,9 @@ def test_sparsity_delivered_over_targets(tmp_path, method, scope, pattern, profi
     ("magnitude", "per_layer", "2:4"), ("wanda", "per_layer", "unstructured"), ("wanda", "per_layer", "2:4"),
     ("sparsegpt", "per_layer", "unstructured"), ("sparsegpt", "per_layer", "2:4"),
     ("gmp", "per_layer", "unstructured"), ("gmp", "global", "unstructured"), ("gmp", "per_layer", "2:4"),
-    ("scored_by_hash", "per_layer", "unstructured"), ("scored_by_hash", "per_layer", "2:4")])
-def test_earlier_zeros_count_towards_the_request(tmp_path, method, scope, pattern, arch):
+    ("scored_by_hash", "per_layer", "unstructured"), ("scored_by_hash", "per_layer", "2:4"),
+    ("hash_template", "per_layer", "unstructured"), ("hash_template", "per_layer", "2:4")])
+def test_earlier_zeros_count_towards_the_request(tmp_path, monkeypatch, method, scope, pattern, arch):
     """An earlier stage pruned 25% (3:4 before 2:4, so the groups stay feasible); the stage asked for 60%
     (or 2:4) ends exactly there, the earlier zeros among its zeros, its metric the measured fraction."""
     model = tiny_model(arch)
@@ -263,7 +267,7 @@ def test_earlier_zeros_count_towards_the_request(tmp_path, method, scope, patter
     params = build_params(method, scope, pattern, "uniform", "unequal", arch)
     # one gmp case trains for real (the loop applies masks and the schedule); the rest stand the loop in
     real = method == "gmp" and scope == "per_layer" and pattern == "unstructured" and arch == "llama"
-    result, schedule = run_stage(method, ctx, params, real_training=real)
+    result = run_stage(method, ctx, params, monkeypatch, real_training=real)
     targets = prunable_modules(model, params.targets, params.exclude)
     total = sum(m.weight.numel() for _, m in targets)
     zeros = 0
@@ -277,9 +281,7 @@ def test_earlier_zeros_count_towards_the_request(tmp_path, method, scope, patter
             check_nm(module, 2, 4)
     if scope == "global":
         assert zeros == prune_count(total, REQUEST)
-    reported = result.metrics["sparsity"] if method != "gmp" else next(
-        v["gmp_sparsity"] for step, v in schedule.logged if step is None)
-    assert reported == pytest.approx(zeros / total, abs=1e-12)
+    assert result.metrics["sparsity"] == pytest.approx(zeros / total, abs=1e-12)
 
 
 def test_request_below_earlier_sparsity_keeps_the_masks(tmp_path):
@@ -299,8 +301,9 @@ def test_request_below_earlier_sparsity_keeps_the_masks(tmp_path):
 def test_nm_refused_where_earlier_zeros_break_the_groups(tmp_path, method):
     ctx = make_ctx(tmp_path, tiny_model("gpt2"), samples=4, seq_len=16)
     Magnitude().apply(ctx, Magnitude.Params(sparsity=0.6))
+    trains = {"train": {"steps": 2}} if method == "gmp" else {}  # refused before it trains
     with pytest.raises(SparsifyError, match=r"groups of 4 inputs already have more than 2 weights pruned"):
-        METHODS[method]().apply(ctx, METHODS[method].Params(pattern="2:4"))
+        METHODS[method]().apply(ctx, METHODS[method].Params(pattern="2:4", **trains))
 
 
 def test_tied_lm_head_is_pruned_with_its_embedding_and_said_so(tmp_path):

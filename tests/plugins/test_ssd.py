@@ -164,13 +164,22 @@ class _UpdateCheck(TrainCallback):
         return {}
 
 
-def test_ssd_goes_dense_sparse_dense_records_switches_and_flops_and_loads_back(tmp_path):
+def _also(monkeypatch, *extra: TrainCallback) -> None:
+    """SSD's training loop runs ``extra`` after its own callbacks (test probes)."""
+    import sparsify_plugins.ssd.method as ssd_method
+    from sparsify_core.training import train
+
+    monkeypatch.setattr(ssd_method, "train", lambda ctx, cfg, callbacks=None: train(ctx, cfg, [*(callbacks or []),
+                                                                                           *extra]))
+
+
+def test_ssd_goes_dense_sparse_dense_records_switches_and_flops_and_loads_back(tmp_path, monkeypatch):
     model = tiny_model()
     ctx = make_ctx(tmp_path, model)
     logged = []
     ctx.log_callback = lambda stage, step, values: logged.append((step, values))
     check = _UpdateCheck(ctx)
-    ctx.train_callbacks = [check]
+    _also(monkeypatch, check)
     params = _params()
     result = SSD().apply(ctx, params)
     m = result.metrics
@@ -226,15 +235,16 @@ class _Crash(TrainCallback):
 
 # checkpoint at step 3 (dense, monitor pattern pending) or 5 (sparse), crash before the next one
 @pytest.mark.parametrize("checkpoint_every,crash", [(3, 4), (5, 7)])
-def test_ssd_resumes_mid_stage_like_an_uninterrupted_run(tmp_path, checkpoint_every, crash):
+def test_ssd_resumes_mid_stage_like_an_uninterrupted_run(tmp_path, monkeypatch, checkpoint_every, crash):
     params = _params(train={"steps": STEPS, "batch_size": 1, "lr": 1e-2, "checkpoint_every": checkpoint_every})
     full = tiny_model()
     expected = SSD().apply(make_ctx(tmp_path / "a", full), params)
 
     ctx = make_ctx(tmp_path / "b", tiny_model())
-    ctx.train_callbacks = [_Crash(crash)]
-    with pytest.raises(_Stop):
-        SSD().apply(ctx, params)
+    with monkeypatch.context() as patch:
+        _also(patch, _Crash(crash))
+        with pytest.raises(_Stop):
+            SSD().apply(ctx, params)
     resumed = tiny_model()  # a fresh process loads the dense model anew
     ctx = make_ctx(tmp_path / "b", resumed)
     ctx.resume_stage = ctx.stage_index
