@@ -150,7 +150,7 @@ def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30
     """
     from torch import nn
 
-    from sparsify_plugins.moe.modules import LTERouter, RoutedFFN
+    from sparsify_plugins.moeify.modules import LTERouter, RoutedFFN
 
     from .modules import MoEFFN
 

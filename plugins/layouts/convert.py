@@ -402,7 +402,9 @@ class _LayoutAlias(WeightConvert):
 def _weight_method(layout_cls):
     name = f"{layout_cls.__name__}ConvertParams"  # also its name in `sparsify schema`
     P = type(name, (WeightLayoutParams, layout_cls.Params), {"__module__": __name__, "__qualname__": name})
-    return type(f"{layout_cls.__name__}Convert", (_LayoutAlias,), {
+    cls_name = f"{layout_cls.__name__}Convert"
+    return type(cls_name, (_LayoutAlias,), {
+        "__module__": __name__, "__qualname__": cls_name,  # where it is defined, not abc's metaclass module
         "__doc__": f"Hold Linear weights in the {layout_cls.name} layout: the same as `method: weight` with "
                    f"`layout: {layout_cls.name}` (exact; prune first). {layout_cls.describe()}",
         "name": layout_cls.name, "layout_name": layout_cls.name, "Params": P})

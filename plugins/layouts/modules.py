@@ -10,7 +10,7 @@
 - ``ActivationSparseFFN``: a gated FFN block (gate/up/down/act) that computes
   the gate, then only the active neurons' up rows and down rows; with an
   ``ActivationPredictor`` (approximate), only the predicted neurons' gate rows.
-- ``MoEFFN``: a ``RoutedFFN`` (``plugins/moe``) whose weights are stored by
+- ``MoEFFN``: a ``RoutedFFN`` (``plugins/moeify``) whose weights are stored by
   neuron rows (W_down transposed), so each token reads only its selected
   experts' gate, up and down rows.
 
@@ -34,7 +34,7 @@ from sparsify_core import Layout
 from sparsify_core.errors import SparsifyError
 from sparsify_core.layout import find_layout
 from sparsify_kernels import ffn as ffn_kernels
-from sparsify_plugins.moe.modules import RoutedFFN, Router
+from sparsify_plugins.moeify.modules import RoutedFFN, Router
 
 _warned: set[str] = set()
 

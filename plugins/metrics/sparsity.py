@@ -20,7 +20,7 @@ def _has_ffn_blocks(model) -> bool:
 
 
 def is_routed(block: FFNBlock) -> bool:
-    """True for FFN blocks split into experts with a router (the routed-FFN protocol of ``plugins/moe``).
+    """True for FFN blocks split into experts with a router (the routed-FFN protocol of ``plugins/moeify``).
 
     Such a block module has ``num_experts``, ``expert_size`` (expert e is the
     neurons ``[e*size, (e+1)*size)``), ``register_selection_hook(fn)`` (``fn(module,

@@ -8,11 +8,11 @@ from pydantic import ValidationError
 
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks
-from sparsify_plugins.moe import Coactivation, ParamCluster, RoutedFFN
-from sparsify_plugins.moe.clustering import (balanced_assign, balanced_kmeans, balanced_partition, cluster_rows,
+from sparsify_plugins.moeify import Coactivation, ParamCluster, RoutedFFN
+from sparsify_plugins.moeify.clustering import (balanced_assign, balanced_kmeans, balanced_partition, cluster_rows,
                                              expert_permutation, intra_weight)
-from sparsify_plugins.moe.methods import fit_router, router_recall
-from sparsify_plugins.moe.modules import LTERouter, MLPRouter
+from sparsify_plugins.moeify.methods import fit_router, router_recall
+from sparsify_plugins.moeify.modules import LTERouter, MLPRouter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -124,7 +124,7 @@ def test_unrouted_moe_ffn_equals_dense_ffn(arch):
 
 
 def test_equality_check_scales_with_the_output_not_elementwise():
-    from sparsify_plugins.moe.modules import _same_output
+    from sparsify_plugins.moeify.modules import _same_output
 
     big = torch.tensor([300.0, -250.0, 1e-3])
     assert _same_output(big + torch.tensor([0.0, 0.0, 9e-4]), big)  # rounding of large sums near a zero entry
@@ -202,9 +202,9 @@ def test_ffn_inlined_in_its_layer_is_refused():
 
 
 def test_bases_are_abstract_and_concrete_classes_instantiate():
-    from sparsify_plugins.moe.methods import _MoEify
-    from sparsify_plugins.moe.metrics import ExpertSparsity, RouterRecall, _RoutedMetric
-    from sparsify_plugins.moe.modules import Router
+    from sparsify_plugins.moeify.methods import _MoEify
+    from sparsify_plugins.moeify.metrics import ExpertSparsity, RouterRecall, _RoutedMetric
+    from sparsify_plugins.moeify.modules import Router
 
     with pytest.raises(TypeError, match="abstract methods flops_per_token, logits"):
         Router(16, 4)
@@ -227,7 +227,7 @@ def test_router_recall_definition():
 
 @pytest.mark.parametrize("router_cls", [MLPRouter, LTERouter])
 def test_fitted_router_beats_chance_on_learnable_routing(router_cls):
-    from sparsify_plugins.moe.methods import RouterFit
+    from sparsify_plugins.moeify.methods import RouterFit
 
     gen = torch.Generator().manual_seed(0)
     d, E = 16, 8
@@ -296,7 +296,7 @@ def test_coactivation_needs_zeros_or_an_active_fraction(tmp_path):
 def test_metrics_expert_sparsity_recall_and_flops(tmp_path):
     from sparsify_core.evaluation import evaluate
     from sparsify_plugins.metrics import FFNFlops
-    from sparsify_plugins.moe import ExpertSparsity, RouterRecall
+    from sparsify_plugins.moeify import ExpertSparsity, RouterRecall
 
     model = tiny_model("llama")
     ctx = make_ctx(tmp_path, model, samples=8)

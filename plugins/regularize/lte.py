@@ -47,10 +47,9 @@ from pydantic import ConfigDict, Field, model_validator
 
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import find_ffn_blocks
 from sparsify_core.training import TrainCallback, TrainConfig, train
 
-from .modules import RoutedFFN
+from ..moeify.modules import RoutedFFN, routed_modules
 
 
 def _reduce(per_expert: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -66,11 +65,6 @@ def separability_loss(scores: torch.Tensor, tau: float, eps: float = 1e-4, reduc
     """LTE's L_sep of one layer: ``1 / (G - tau)^2`` (squared distance floored at ``eps``) averaged over tokens
     and averaged (or summed) over experts."""
     return _reduce((scores.float() - tau).pow(2).clamp_min(eps).reciprocal(), reduction)
-
-
-def routed_modules(model) -> list[RoutedFFN]:
-    """The model's routed FFNs, in layer order."""
-    return [b.module for b in find_ffn_blocks(model) if isinstance(b.module, RoutedFFN)]
 
 
 class LTECallback(TrainCallback):

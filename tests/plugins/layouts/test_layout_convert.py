@@ -171,7 +171,7 @@ def test_sparse_linear_kernel_matches_layout_reference(T):
 
 def _routed_ffn(kind, routing, d=16, size=8, E=5, bias=False, dtype=torch.float32):
     """A RoutedFFN on random weights (LLaMA or GPT-2 attribute names) and its kernel-backed MoEFFN."""
-    from sparsify_plugins.moe.modules import LTERouter, MLPRouter, RoutedFFN
+    from sparsify_plugins.moeify.modules import LTERouter, MLPRouter, RoutedFFN
     torch.manual_seed(0)
     dff = E * size
     if kind == "gated":
@@ -224,7 +224,7 @@ def _moeify_tiny(arch, routing, size=8, seed=0):
     """The tiny model with every FFN split into random experts and routed (top_k 3 of 8, or tau 0.5)."""
     from sparsify_core.ffn import find_ffn_blocks
     from sparsify_plugins.layouts.convert import _set_module
-    from sparsify_plugins.moe.modules import LTERouter, MLPRouter, RoutedFFN
+    from sparsify_plugins.moeify.modules import LTERouter, MLPRouter, RoutedFFN
     from sparsify_plugins.sources.models import Tiny
     p = Tiny.Params(arch=arch, hidden_size=32, intermediate_size=64, layers=2, heads=4)
     model = Tiny().load(p, device=torch.device("cpu"), dtype=torch.float32).model.eval()
@@ -247,7 +247,7 @@ def _moeify_tiny(arch, routing, size=8, seed=0):
 def test_moe_ffn_convert_matches_routed_model_and_rebuilds(monkeypatch, tmp_path, arch, routing):
     """layout_convert/moe_ffn on gated (llama) and plain Conv1D (gpt2) FFNs: same logits, decode included."""
     from sparsify_plugins.layouts import MoEFFNConvert
-    from sparsify_plugins.moe import RoutedFFN
+    from sparsify_plugins.moeify import RoutedFFN
     model = _moeify_tiny(arch, routing)
     routed = copy.deepcopy(model)
     ctx = _ctx(model, tmp_path)

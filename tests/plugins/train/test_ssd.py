@@ -10,12 +10,13 @@ from sparsify_core import StageResult
 from sparsify_core.ffn import find_ffn_blocks
 from sparsify_core.output import load_output, save_output
 from sparsify_core.training import TrainCallback
-from sparsify_plugins.moe import RoutedFFN
-from sparsify_plugins.ssd import SSD, Routing, SSDParams
-from sparsify_plugins.ssd.flops import FFNShape, dense_training_flops, ffn_forward_flops, ffn_training_flops
-from sparsify_plugins.ssd.method import neuron_dim
-from sparsify_plugins.ssd.monitor import active_neurons, jaccard, pack_pattern, pattern_similarity, unpack_pattern
-from sparsify_plugins.ssd.schedule import SwitchRule, phase_at, switch_reason
+from sparsify_plugins.moeify import RoutedFFN
+from sparsify_plugins.moeify import Routing
+from sparsify_plugins.train.ssd import SSD, SSDParams
+from sparsify_plugins.train.ssd.flops import FFNShape, dense_training_flops, ffn_forward_flops, ffn_training_flops
+from sparsify_plugins.train.ssd.method import neuron_dim
+from sparsify_plugins.train.ssd.monitor import active_neurons, jaccard, pack_pattern, pattern_similarity, unpack_pattern
+from sparsify_plugins.train.ssd.schedule import SwitchRule, phase_at, switch_reason
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -166,7 +167,7 @@ class _UpdateCheck(TrainCallback):
 
 def _also(monkeypatch, *extra: TrainCallback) -> None:
     """SSD's training loop runs ``extra`` after its own callbacks (test probes)."""
-    import sparsify_plugins.ssd.method as ssd_method
+    import sparsify_plugins.train.ssd.method as ssd_method
     from sparsify_core.training import train
 
     monkeypatch.setattr(ssd_method, "train", lambda ctx, cfg, callbacks=None: train(ctx, cfg, [*(callbacks or []),

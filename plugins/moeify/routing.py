@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from sparsify_core import Method, Params, StageResult
 from sparsify_core.errors import SparsifyError
-from sparsify_plugins.moe.lte import routed_modules
+from .modules import routed_modules
 
 
 class RoutingParams(Params):

@@ -142,7 +142,7 @@ def test_activation_sparse_ffn_changes_no_metric(tmp_path, one_thread, arch, pre
 def _split_into_experts(model, routing: str) -> int:
     """Every FFN of ``model`` as a RoutedFFN of random experts (8 neurons); returns the routers' parameter count."""
     from sparsify_plugins.layouts.convert import _set_module
-    from sparsify_plugins.moe.modules import LTERouter, RoutedFFN
+    from sparsify_plugins.moeify.modules import LTERouter, RoutedFFN
     gen = torch.Generator().manual_seed(0)
     added = 0
     for b in find_ffn_blocks(model):

@@ -14,7 +14,7 @@ not a one-shot conversion (not ``moeify``). A recipe reads "train with SSD".
    latest, at ``max_dense``), every FFN is MoE-ified the MoEfication way by
    the ``moeify`` method named in ``clustering`` with the ``experts`` params
    (experts by balanced k-means or co-activation, routers fitted on the
-   calibration activations; ``plugins/moe``), and training goes on sparsely:
+   calibration activations; ``plugins/moeify``), and training goes on sparsely:
    each token computes only its selected experts (``RoutedFFN``'s gather
    path), so unselected experts get no gradient. The optimizer state is
    permuted with the neurons, and an expert that no token selected in a step
@@ -51,8 +51,8 @@ from sparsify_core import distributed as dist
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import capture_intermediates, find_ffn_blocks, is_conv1d
 from sparsify_core.training import TrainCallback, TrainConfig, train
-from sparsify_plugins.moe import Coactivation, ParamCluster, RoutedFFN
-from sparsify_plugins.moe.methods import CoactivationParams, collect_router_data, fit_router, sharpen_router
+from ...moeify import Coactivation, ParamCluster, RoutedFFN
+from ...moeify.methods import CoactivationParams, collect_router_data, fit_router, sharpen_router
 
 from .flops import FFNShape, dense_training_flops, ffn_forward_flops, ffn_training_flops
 from .monitor import active_neurons, pack_pattern, pattern_similarity, unpack_pattern

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import FFNBlock, linear_shape, weight_out_in
+from sparsify_core.ffn import FFNBlock, find_ffn_blocks, linear_shape, weight_out_in
 
 ROUTINGS = ("dense", "top_k", "threshold", "soft")
 
@@ -397,3 +397,8 @@ def permute_neurons(block: FFNBlock, perm: torch.Tensor) -> None:
             b.copy_(b[perm].clone())
     w = weight_out_in(block.down)
     w.copy_(w[:, perm].clone())
+
+
+def routed_modules(model) -> list[RoutedFFN]:
+    """The model's routed FFNs, in layer order."""
+    return [b.module for b in find_ffn_blocks(model) if isinstance(b.module, RoutedFFN)]

@@ -8,8 +8,10 @@ from pydantic import ValidationError
 
 from sparsify_core.errors import SparsifyError
 from sparsify_core.training import TrainCallback, TrainConfig, train
-from sparsify_plugins.moe import LTE, ParamCluster
-from sparsify_plugins.moe.lte import LTECallback, efficiency_loss, routed_modules, separability_loss
+from sparsify_plugins.moeify import ParamCluster
+from sparsify_plugins.regularize import LTE
+from sparsify_plugins.moeify import routed_modules
+from sparsify_plugins.regularize.lte import LTECallback, efficiency_loss, separability_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -100,7 +102,7 @@ def test_penalty_reaches_the_model_only_when_asked(tmp_path, to_model):
 
 def test_larger_eta_gives_higher_expert_sparsity(tmp_path):
     from sparsify_core.evaluation import evaluate
-    from sparsify_plugins.moe import ExpertSparsity
+    from sparsify_plugins.moeify import ExpertSparsity
 
     sparsity = []
     for eta in (0.0, 5.0):
