@@ -31,9 +31,11 @@ class StageResult:
     ``MaskSet.replace``, so that pruned weights can be followed across it.
 
     ``metric_info`` says what a metric in ``metrics`` is (direction, unit,
-    fraction: ``MetricInfo``); a name not in it is recorded as
-    ``MetricInfo()``: no direction, no unit, not a fraction. The engine adds
-    ``stage_seconds`` and ``peak_memory_mb`` (``STAGE_METRICS``) itself.
+    fraction: ``MetricInfo``). Every built-in method declares every name it
+    reports; a name left out (a third-party method that does not declare) is
+    recorded without a declaration, and reports show it as ``MetricInfo()``:
+    no direction, no unit, not a fraction. The engine adds ``stage_seconds``
+    and ``peak_memory_mb`` (``STAGE_METRICS``) itself.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -42,8 +44,12 @@ class StageResult:
     metric_info: dict[str, MetricInfo] = field(default_factory=dict)
 
     def recorded_info(self) -> dict[str, MetricInfo]:
-        """What each of ``metrics`` is: its ``metric_info`` entry, else ``MetricInfo()``."""
-        return {name: self.metric_info.get(name, MetricInfo()) for name in self.metrics}
+        """The declarations the engine records: ``metric_info`` of the names in ``metrics`` (others: none)."""
+        return {name: self.metric_info[name] for name in self.metrics if name in self.metric_info}
+
+    def undeclared(self) -> list[str]:
+        """Names in ``metrics`` that ``metric_info`` does not declare, in order."""
+        return [name for name in self.metrics if name not in self.metric_info]
 
 
 # Numbers the engine records for every stage (runner), besides the method's own.

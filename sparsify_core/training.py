@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from . import distributed as dist
 from .errors import SparsifyError
 from .fsutil import replace_dir, tmp_for
+from .metric import MetricInfo
 from .params import Params, check_regexes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -187,6 +188,40 @@ def _load(ctx, loop: TrainLoop, optimizer, callbacks) -> bool:
 
 def _forward_logits(model, ids):
     return model(input_ids=ids, use_cache=False).logits
+
+
+_LOSS = MetricInfo(higher_is_better=False, unit="nats")
+
+# What the numbers ``train`` returns are (averages over the last logging window; a callback adds its own).
+TRAIN_METRICS: dict[str, MetricInfo] = {
+    "loss": _LOSS,  # the whole objective: weighted LM and KD losses plus any callback's penalty
+    "lm_loss": _LOSS,  # next-token cross-entropy
+    "kd_loss": _LOSS,  # distillation loss against the frozen dense model (kd_loss)
+    "grad_norm": MetricInfo(),  # before clipping
+    "lr": MetricInfo(),
+    "tokens_per_s": MetricInfo(higher_is_better=True, unit="tokens/s"),
+    "replica_max_abs_diff": MetricInfo(higher_is_better=False),  # DDP only: 0 when every replica is equal
+}
+FINAL_LOSSES = ("loss", "lm_loss", "kd_loss")  # what a training method reports as final_<name>
+
+
+def final_metrics(final: Mapping[str, float], extra: Mapping[str, MetricInfo] | None = None
+                  ) -> tuple[dict[str, float], dict[str, MetricInfo]]:
+    """What a method that trained with ``train`` reports of it, and what each number is.
+
+    ``final`` is what ``train`` returned. Returns ``(metrics, metric_info)``
+    for ``StageResult``: ``final_<name>`` for each of ``FINAL_LOSSES`` and of
+    ``extra`` (the names the method's callbacks add, with what they are) that
+    ``final`` holds, and ``replica_max_abs_diff`` when training ran on
+    several processes; ``metric_info`` declares each of them.
+    """
+    wanted = {name: TRAIN_METRICS[name] for name in FINAL_LOSSES} | dict(extra or {})
+    metrics = {f"final_{k}": v for k, v in final.items() if k in wanted}
+    info = {f"final_{k}": wanted[k] for k in final if k in wanted}
+    if "replica_max_abs_diff" in final:
+        metrics["replica_max_abs_diff"] = final["replica_max_abs_diff"]
+        info["replica_max_abs_diff"] = TRAIN_METRICS["replica_max_abs_diff"]
+    return metrics, info
 
 
 def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | None = None) -> dict[str, float]:

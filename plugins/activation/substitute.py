@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 from torch import nn
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks
 from sparsify_core.method import LayerIndices
@@ -64,7 +64,7 @@ class SubstituteActivation(Method):
         if len(wanted) == len(blocks) and self.config_value is not None and config is not None:
             config_fields = update_config_activation(config, self.config_value)
         return StageResult(
-            metrics={"layers_replaced": float(len(wanted))},
+            metrics={"layers_replaced": float(len(wanted))}, metric_info={"layers_replaced": MetricInfo(unit="layers")},
             info={"layers": [blocks[i].name for i in wanted], "replaced": previous,
                   "config_fields_updated": config_fields})
 

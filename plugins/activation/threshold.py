@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import FFNBlock, find_ffn_blocks
 from sparsify_core.method import LayerIndices
@@ -161,7 +161,9 @@ class _Thresholded(Method):
         t = torch.tensor(thresholds, dtype=torch.float64)
         ctx.info(f"{self.name}: thresholds {float(t.min()):.3g}..{float(t.max()):.3g} over {len(blocks)} layers")
         return StageResult(metrics={"threshold_mean": float(t.mean()), "threshold_max": float(t.max())},
-                           state={"thresholds": t}, info={"layers": [b.name for b in blocks]})
+                           state={"thresholds": t}, info={"layers": [b.name for b in blocks]},
+                           # a threshold is in the score's own scale, and neither higher nor lower is better
+                           metric_info={"threshold_mean": MetricInfo(), "threshold_max": MetricInfo()})
 
     def _swap(self, blocks, thresholds):
         for block, t in zip(blocks, thresholds):

@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from torch import nn
 
 from sparsify_core.method import LayerIndices, check_regexes
-from sparsify_core import Layout, Method, Params, StageResult
+from sparsify_core import Layout, Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import ParamsError, SparsifyError
 from sparsify_core.layout import find_layout
 from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weight_out_in
@@ -38,6 +38,18 @@ from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weig
 from . import predictor as P
 from .modules import (ActivationPredictor, ActivationSparseFFN, MoEFFN, RoutedFFN, SparseLinear, TransposedLinear,
                       activation_spec, is_sparse_activation)
+
+# What the conversions report (each stage reports the names of its own conversion).
+CONVERT_METRICS: dict[str, MetricInfo] = {
+    "blocks_converted": MetricInfo(unit="blocks"),
+    "modules_converted": MetricInfo(unit="modules"),
+    "weight_bytes_ratio": MetricInfo(higher_is_better=False),  # stored bytes / dense bytes: above 1 can happen
+    # activation predictors, means over blocks on held-out calibration tokens (predictor.coverage)
+    "predictor_recall": MetricInfo(higher_is_better=True, fraction=True),  # active neurons computed
+    "predictor_mass_recall": MetricInfo(higher_is_better=True, fraction=True),  # activation mass computed
+    "predictor_computed_fraction": MetricInfo(higher_is_better=False, fraction=True),  # neurons computed
+    "predictor_active_fraction": MetricInfo(fraction=True),  # neurons truly active: the model, not the predictor
+}
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -182,7 +194,7 @@ class ActivationSparseFFNConvert(Method):
             ctx.info(f"activation predictors in {len(stats)} blocks: recall {metrics['predictor_recall']:.3f}, "
                      f"computing {metrics['predictor_computed_fraction']:.1%} of neurons "
                      f"({metrics['predictor_active_fraction']:.1%} active)")
-        return StageResult(metrics=metrics, info=info)
+        return StageResult(metrics=metrics, info=info, metric_info=CONVERT_METRICS)
 
     def rebuild(self, ctx, params, result) -> None:
         self._convert(ctx.model, params)
@@ -285,7 +297,8 @@ class MoEFFNConvert(Method):
         rules = sorted({f"top_k={c['top_k']}" if c["routing"] == "top_k" else f"tau={c['tau']:g}"
                         for c in done.values()})
         ctx.info(f"MoE FFN layout in {len(done)} blocks (routing {', '.join(rules)})")
-        return StageResult(metrics={"blocks_converted": float(len(done))}, info={"blocks": done})
+        return StageResult(metrics={"blocks_converted": float(len(done))}, info={"blocks": done},
+                           metric_info=CONVERT_METRICS)
 
     def rebuild(self, ctx, params, result) -> None:
         self._convert(ctx.model, params, routing=result.info["blocks"])
@@ -379,7 +392,7 @@ class WeightConvert(Method):
         _rewrite_masks(ctx, change)
         return StageResult(metrics={"modules_converted": float(len(modules)),
                                     "weight_bytes_ratio": sparse_bytes / max(dense_bytes, 1)},
-                           info={"modules": specs})
+                           info={"modules": specs}, metric_info=CONVERT_METRICS)
 
     def rebuild(self, ctx, params, result) -> None:
         layout_cls, lp = self.resolve(params)

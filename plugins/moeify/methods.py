@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import FFNBlock, capture_intermediates, find_ffn_blocks, is_conv1d
 from sparsify_core.method import LayerIndices
@@ -199,6 +199,13 @@ def sharpen_router(router: Router, x: torch.Tensor, margin: float) -> float:
     return factor
 
 
+# What fit_router's numbers are (means over blocks, reported with a prefix: calibration_, refit_...).
+ROUTER_FIT_METRICS = {
+    "router_recall": MetricInfo(higher_is_better=True, fraction=True),
+    "expert_sparsity": MetricInfo(fraction=True),  # set by the routing (k, tau) more than by the fit: no direction
+}
+
+
 def fit_router(router: Router, x: torch.Tensor, mass: torch.Tensor, select, fit: RouterFit, *,
                init_fraction: float = 0.5, seed: int = 0) -> dict[str, float]:
     """Fit ``router`` (BCE-with-logits, Adam) on inputs ``x`` and expert masses ``mass``.
@@ -341,7 +348,9 @@ class _MoEify(Method):
                  f"held-out router recall {metrics['calibration_router_recall']:.3f} at expert sparsity "
                  f"{metrics['calibration_expert_sparsity']:.3f}")
         info = {"blocks": {b.name: m.config() for b, m in zip(blocks, modules)}}
-        return StageResult(metrics=metrics, state=state, info=info)
+        declared = {"blocks_converted": MetricInfo(unit="blocks"), "experts_per_ffn": MetricInfo(unit="experts"),
+                    **{f"calibration_{k}": v for k, v in ROUTER_FIT_METRICS.items()}}
+        return StageResult(metrics=metrics, state=state, info=info, metric_info=declared)
 
     def rebuild(self, ctx, params, result) -> None:
         by_name = {b.name: b for b in find_ffn_blocks(ctx.model)}

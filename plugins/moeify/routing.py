@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from .modules import routed_modules
 
@@ -48,7 +48,10 @@ class Routing(Method):
             raise SparsifyError("moeify/routing needs FFNs split into experts (a moeify stage or train/ssd before it)")
         self.rebuild(ctx, params, StageResult())
         k = [m.top_k for m in modules if m.top_k is not None]
-        return StageResult(metrics={"experts_per_token": sum(k) / len(k)} if params.routing == "top_k" else {})
+        if params.routing != "top_k":
+            return StageResult()
+        return StageResult(metrics={"experts_per_token": sum(k) / len(k)},
+                           metric_info={"experts_per_token": MetricInfo(unit="experts")})
 
     def rebuild(self, ctx, params: RoutingParams, result: StageResult) -> None:
         for m in routed_modules(ctx.model):

@@ -25,13 +25,13 @@ import torch
 from pydantic import Field, model_validator
 
 from sparsify_core import Method, MetricInfo, StageResult
-from sparsify_core.training import TrainCallback, TrainConfig, train
+from sparsify_core.training import TrainCallback, TrainConfig, final_metrics, train
 
 from .pruner import ScopedPruneParams, score_masks
 from .schedule import cubic_sparsity, is_pruning_step, nm_keep, pruning_progress, pruning_window
-from .selection import Target, assign_sparsities, check_targets, prior_pruned, record_mask, select_targets
+from .selection import (PRUNE_METRICS, Target, assign_sparsities, check_targets, prior_pruned, record_mask,
+                        select_targets)
 
-_REPORTED = ("loss", "lm_loss", "kd_loss")  # the loop's averages over its last logging window
 
 OLD_RECIPE = ("prune/gmp trains itself now and needs a train: block in its params (e.g. params: {sparsity: 0.5, "
               "train: {steps: 100}}); from an older recipe, move the train: block of the training stage after gmp "
@@ -171,7 +171,7 @@ class GMP(Method):
         label = params.pattern if params.nm else f"{mean:.3g} ({params.scope})"
         ctx.info(f"{len(targets)} matrices to prune to {label} between {params.start:.0%} and {params.end:.0%} "
                  f"of {params.train.steps} training steps, every {params.every} steps")
-        final = train(ctx, params.train, callbacks=[schedule])
+        final, declared = final_metrics(train(ctx, params.train, callbacks=[schedule]))
         per_module, pruned = {}, 0
         for t, n in zip(targets, sizes):
             keep = ctx.masks.get(t.param)
@@ -179,12 +179,8 @@ class GMP(Method):
             per_module[t.name], pruned = zeros / n, pruned + zeros
         metrics = {"sparsity": pruned / max(sum(sizes), 1), "target_sparsity": mean, "weights_pruned": float(pruned),
                    "modules_pruned": float(len(targets))}
-        metrics.update({f"final_{k}": v for k, v in final.items() if k in _REPORTED})
         info = {"module_sparsity": per_module}
         if schedule.layer_sparsity is not None:
             info["layer_sparsity"] = schedule.layer_sparsity
-        loss = MetricInfo(higher_is_better=False, unit="nats")
-        declared = {"sparsity": MetricInfo(fraction=True), "target_sparsity": MetricInfo(fraction=True),
-                    "weights_pruned": MetricInfo(unit="params"), "modules_pruned": MetricInfo(unit="modules"),
-                    **{f"final_{k}": loss for k in _REPORTED}}
-        return StageResult(metrics=metrics, info=info, metric_info=declared)
+        return StageResult(metrics={**metrics, **final}, info=info,
+                           metric_info={**PRUNE_METRICS, "target_sparsity": MetricInfo(fraction=True), **declared})

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -344,14 +344,25 @@ def record_mask(ctx, target: Target, keep: torch.Tensor) -> None:
     w.masked_fill_(~ctx.masks.get(target.param).to(w.device), 0)
 
 
-def summary(ctx, targets: list[Target], per_layer: list[float | None] | None = None,
-            **metrics: float) -> StageResult:
+# What pruning stages report (``summary``; gmp reports the first three too).
+PRUNE_METRICS: dict[str, MetricInfo] = {
+    "sparsity": MetricInfo(fraction=True),  # measured, of the targeted weights; the recipe sets the goal
+    "weights_pruned": MetricInfo(unit="params"),
+    "modules_pruned": MetricInfo(unit="modules"),
+    "calibration_tokens": MetricInfo(unit="tokens"),  # methods that calibrate: tokens the model was run on
+}
+
+
+def summary(ctx, targets: list[Target], per_layer: list[float | None] | None = None, *,
+            metric_info: Mapping[str, MetricInfo] | None = None, **metrics: float) -> StageResult:
     """The stage result of a pruning method: overall and per-module sparsity of the targets' masks.
 
     ``sparsity`` is the measured fraction of all targeted weights that are
     masked (earlier stages' masks included), ``weights_pruned`` their
     number; ``info`` holds ``module_sparsity`` and, when given,
     ``layer_sparsity`` (the profile; ``None`` for layers without targets).
+    ``metrics`` are the method's own numbers, declared by ``metric_info``
+    (``calibration_tokens`` is declared here, in ``PRUNE_METRICS``).
     """
     per_module, pruned, total = {}, 0, 0
     for t in targets:
@@ -364,5 +375,4 @@ def summary(ctx, targets: list[Target], per_layer: list[float | None] | None = N
         info["layer_sparsity"] = per_layer
     return StageResult(metrics={"sparsity": pruned / total, "weights_pruned": float(pruned),
                                 "modules_pruned": float(len(targets)), **metrics}, info=info,
-                       metric_info={"sparsity": MetricInfo(fraction=True), "weights_pruned": MetricInfo(unit="params"),
-                                    "modules_pruned": MetricInfo(unit="modules")})
+                       metric_info={**PRUNE_METRICS, **(metric_info or {})})

@@ -37,7 +37,7 @@ import math
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from sparsify_core import Method, StageResult
+from sparsify_core import Method, MetricInfo, StageResult
 from sparsify_core.calibration import CalibrationLayer, calibrate
 from sparsify_core.errors import SparsifyError
 
@@ -318,7 +318,8 @@ class SparseGPT(Method):
         tokens = calibrate(ctx, visit, split=params.calibration_split, batch_size=params.batch_size,
                            description=f"sparsegpt {params.pattern if nm else 'unstructured'}")
         result = summary(ctx, targets, per_layer if params.profile != "uniform" else None,
-                         calibration_tokens=float(tokens), dampening_raised=float(len(raised)))
+                         calibration_tokens=float(tokens), dampening_raised=float(len(raised)),
+                         metric_info={"dampening_raised": MetricInfo(unit="modules")})  # its Hessian needed more
         if raised:
             result.info["dampening_raised"] = raised
         return result

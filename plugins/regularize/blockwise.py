@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks
 
@@ -63,6 +63,16 @@ def cache_ffn_io(model, blocks, ids: torch.Tensor, batch_size: int, device, bar=
         for h in handles:
             h.remove()
     return [torch.cat(x) for x in inputs], [torch.cat(y) for y in outputs]
+
+
+# Means over the FFN layers, on the batches of each layer's fit: zero fraction of x1, and the relative
+# squared error of the block's output against the dense block's.
+BLOCKWISE_METRICS = {
+    "fit_sparsity_before": MetricInfo(fraction=True),  # at the first step: where the layer started
+    "fit_sparsity_after": MetricInfo(higher_is_better=True, fraction=True),  # the aim of the stage
+    "fit_rel_err_mean": MetricInfo(higher_is_better=False),
+    "fit_rel_err_max": MetricInfo(higher_is_better=False),
+}
 
 
 class BlockwiseL1(Method):
@@ -122,4 +132,5 @@ class BlockwiseL1(Method):
         n = len(blocks)
         return StageResult(metrics={"fit_sparsity_before": sum(zeros_before) / n,
                                     "fit_sparsity_after": sum(zeros_after) / n,
-                                    "fit_rel_err_mean": sum(errors) / n, "fit_rel_err_max": max(errors)})
+                                    "fit_rel_err_mean": sum(errors) / n, "fit_rel_err_max": max(errors)},
+                           metric_info=BLOCKWISE_METRICS)

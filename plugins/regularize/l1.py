@@ -6,9 +6,9 @@ from contextlib import ExitStack
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.ffn import capture_intermediates
-from sparsify_core.training import TrainCallback, TrainConfig, train
+from sparsify_core.training import TrainCallback, TrainConfig, final_metrics, train
 
 from .schedules import progressive_lambda
 
@@ -67,6 +67,13 @@ class L1Callback(TrainCallback):
             self._stack = None
 
 
+# The callback's numbers the stage reports as final_<name> (final_metrics).
+L1_METRICS = {
+    "l1": MetricInfo(higher_is_better=False),  # sum over layers of mean |x1|: what the penalty pushes down
+    "sparsity": MetricInfo(higher_is_better=True, fraction=True),  # zero entries of x1: the aim of the stage
+}
+
+
 class ProgressiveL1Params(Params):
     schedule: list[ScheduleStage] = Field(
         description="Algorithm 1 stages as [{lambda, steps}, ...]; the first is the constant warm-up")
@@ -101,8 +108,5 @@ class ProgressiveL1(Method):
     def apply(self, ctx, params):
         stages = [(s.lam, s.steps) for s in params.schedule]
         cb = L1Callback(ctx.ffn_blocks(), stages)
-        final = train(ctx, params.train, [cb])
-        metrics = {f"final_{k}": v for k, v in final.items() if k in ("loss", "lm_loss", "kd_loss", "l1", "sparsity")}
-        if "replica_max_abs_diff" in final:
-            metrics["replica_max_abs_diff"] = final["replica_max_abs_diff"]
-        return StageResult(metrics=metrics)
+        metrics, declared = final_metrics(train(ctx, params.train, [cb]), L1_METRICS)
+        return StageResult(metrics=metrics, metric_info=declared)

@@ -45,9 +45,9 @@ from typing import Literal
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
-from sparsify_core.training import TrainCallback, TrainConfig, train
+from sparsify_core.training import TrainCallback, TrainConfig, final_metrics, train
 
 from ..moeify.modules import RoutedFFN, routed_modules
 
@@ -127,6 +127,10 @@ class LTECallback(TrainCallback):
                 p.requires_grad_(True)
 
 
+# The callback's number the stage reports as final_sparsity (final_metrics): tokens' unselected experts.
+LTE_METRICS = {"sparsity": MetricInfo(higher_is_better=True, fraction=True)}
+
+
 class LTEParams(Params):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # saved params use "lam"
 
@@ -177,12 +181,8 @@ class LTE(Method):
         cb = LTECallback(modules, eta=params.eta, lam=params.lam, tau=params.tau,
                          stage1_steps=params.stage1_steps, sep_eps=params.sep_eps,
                          expert_reduction=params.expert_reduction, penalty_to_model=params.penalty_to_model)
-        final = train(ctx, params.train, [cb])
-        keep = ("loss", "lm_loss", "kd_loss", "sparsity")
-        metrics = {f"final_{k}": v for k, v in final.items() if k in keep}
-        if "replica_max_abs_diff" in final:
-            metrics["replica_max_abs_diff"] = final["replica_max_abs_diff"]
-        return StageResult(metrics=metrics)
+        metrics, declared = final_metrics(train(ctx, params.train, [cb]), LTE_METRICS)
+        return StageResult(metrics=metrics, metric_info=declared)
 
     def rebuild(self, ctx, params, result) -> None:
         for m in routed_modules(ctx.model):

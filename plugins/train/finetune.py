@@ -8,9 +8,7 @@ Masks recorded by earlier stages keep pruned weights at zero.
 from __future__ import annotations
 
 from sparsify_core import Method, Params, StageResult
-from sparsify_core.training import TrainConfig, train
-
-_REPORTED = ("loss", "lm_loss", "kd_loss")  # averages over the last logging window
+from sparsify_core.training import TrainConfig, final_metrics, train
 
 
 class FinetuneParams(Params):
@@ -25,8 +23,5 @@ class Finetune(Method):
     Params = FinetuneParams
 
     def apply(self, ctx, params: FinetuneParams) -> StageResult:
-        final = train(ctx, params.train)
-        metrics = {f"final_{k}": v for k, v in final.items() if k in _REPORTED}
-        if "replica_max_abs_diff" in final:
-            metrics["replica_max_abs_diff"] = final["replica_max_abs_diff"]
-        return StageResult(metrics=metrics)
+        metrics, declared = final_metrics(train(ctx, params.train))
+        return StageResult(metrics=metrics, metric_info=declared)

@@ -8,6 +8,10 @@ after the pruning, each later point must keep every pruned position zero
 state) and no module may lose zeros. The saved output loads back with the same
 zeros, and a *new* run starting from the pruned output through the ``hf`` source
 (the field case) keeps them too.
+
+Issue 15: every run here also checks that each stage declared every number it
+reported (``StageResult.metric_info``: the registry holds a declaration for it),
+and the chains run cover every built-in method.
 """
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ from helpers import tiny_recipe, write
 
 from sparsify_core import Metric, MetricValue, hookimpl, load_output
 from sparsify_core.ffn import find_ffn_blocks, is_linear, weight_out_in
+from sparsify_core.method import STAGE_METRICS
 from sparsify_core.output import read_checkpoint
 from sparsify_core.plugin_manager import catalog, register, unregister
 from sparsify_core.recipe import load_recipe
-from sparsify_core.registry import Registry
+from sparsify_core.registry import Registry, stage_values
 from sparsify_core.runner import Runner
 
 T = "{steps: 3, batch_size: 2, lr: 1.0e-2, checkpoint_every: 0}"
@@ -159,7 +164,23 @@ def _recipe(stages: list[str], *, model: dict | None = None, source: dict | None
 
 def _run(workdir, text: str, name: str) -> str:
     path = write(workdir / f"{name}.yaml", text)
-    return Runner(load_recipe(path), Registry(f"sqlite:///{workdir}/registry.db"), runs_dir=workdir / "runs").run()
+    registry = Registry(f"sqlite:///{workdir}/registry.db")
+    run_id = Runner(load_recipe(path), registry, runs_dir=workdir / "runs").run()
+    _check_declared(registry, run_id)
+    return run_id
+
+
+def _check_declared(registry: Registry, run_id: str) -> None:
+    """Every number a stage of the run reported has a declaration recorded with the run (issue 15).
+
+    The engine records only what ``StageResult.metric_info`` declares (and its own ``STAGE_METRICS``), so a
+    name without a row here is one the method left undeclared, shown without unit or direction.
+    """
+    record = registry.get_run(run_id)
+    methods = {s.idx: f"{s.kind}/{s.method}" for s in record.stages}
+    for idx, values in stage_values(record).items():
+        undeclared = sorted(n for n in values if n not in record.metric_info and n not in STAGE_METRICS)
+        assert not undeclared, f"{methods[idx]} reports numbers it does not declare: {undeclared}"
 
 
 def _permute(zeros: dict[str, torch.Tensor], blocks: dict[str, dict[str, str]],
@@ -244,7 +265,8 @@ def pruned_output(tmp_path_factory):
     text = _recipe(_prune_stages("magnitude", False), out=str(folder / "out")).replace("[zero_witness]",
                                                                                     "[weight_sparsity]")
     path = write(folder / "prune.yaml", text)
-    Runner(load_recipe(path), Registry(f"sqlite:///{folder}/registry.db"), runs_dir=folder / "runs").run()
+    registry = Registry(f"sqlite:///{folder}/registry.db")
+    _check_declared(registry, Runner(load_recipe(path), registry, runs_dir=folder / "runs").run())
     return folder / "out"
 
 
@@ -264,6 +286,15 @@ def test_every_installed_method_is_swept():
     swept = {k.split("+")[0] for k in LATER}
     assert installed <= swept, f"methods missing from the mask sweep: {sorted(installed - swept)}"
     assert {n for k, n in catalog().methods if k == "prune"} <= set(PRUNE_METHODS)
+
+
+def test_the_chains_run_here_cover_every_built_in_method():
+    """Every built-in method runs in some chain of ``LATER`` (each chain runs through ``_run``, which checks
+    the declarations), so a new built-in method that reports an undeclared number fails here."""
+    built_in = {f"{k}/{n}" for (k, n), cls in catalog().methods.items()
+                if cls.__module__.startswith("sparsify_plugins.")}
+    covered = {m for stages in LATER.values() for m in _methods(stages)}
+    assert covered == built_in
 
 
 class _FailOnce:
@@ -308,6 +339,7 @@ def test_resume_after_a_crash_keeps_the_zeros(witness, workdir):
             Runner(load_recipe(path), registry, runs_dir=workdir / "runs").run()
         (run,) = registry.find_runs()
         run_id = Runner(load_recipe(path), registry, resume_id=run.id, runs_dir=workdir / "runs").run()
+        _check_declared(registry, run_id)  # a resumed run's stages are recorded the same way
     finally:
         unregister(plugin)
     assert [p["index"] for p in witness] == [-1, 0, 1, 2, 3]  # the resumed run evaluated stages 2 and 3

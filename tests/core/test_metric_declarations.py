@@ -52,8 +52,11 @@ def test_every_metric_declares_what_it_is(cls):
 def test_the_engine_declares_its_stage_metrics():
     assert STAGE_METRICS["stage_seconds"] == MetricInfo(higher_is_better=False, unit="s")
     assert STAGE_METRICS["peak_memory_mb"].unit == "MiB"
-    result = StageResult(metrics={"sparsity": 0.5, "other": 1.0}, metric_info={"sparsity": MetricInfo(fraction=True)})
-    assert result.recorded_info() == {"sparsity": MetricInfo(fraction=True), "other": MetricInfo()}
+    result = StageResult(metrics={"sparsity": 0.5, "other": 1.0},
+                         metric_info={"sparsity": MetricInfo(fraction=True), "absent": MetricInfo(unit="s")})
+    # only declarations of reported names are recorded; an undeclared name is recorded without one
+    assert result.recorded_info() == {"sparsity": MetricInfo(fraction=True)}
+    assert result.undeclared() == ["other"]
 
 
 def _declared_run(reg: Registry, infos: dict[str, MetricInfo]) -> str:
@@ -117,3 +120,35 @@ def test_a_stage_reporting_evaluation_names_is_not_an_evaluation(tmp_path):
                                     1: {"perplexity": 5.0, "weight_sparsity": 0.9}}
     (_, row) = report.compare_table([record])[1]
     assert row["evaluated_at"] == "prune" and row["perplexity"] == 22.0
+
+
+@pytest.mark.parametrize("replicas", [False, True])
+@pytest.mark.parametrize("extra", [None, {"sparsity": MetricInfo(higher_is_better=True, fraction=True)}])
+def test_a_training_methods_final_numbers_are_declared(extra, replicas):
+    """``final_metrics``: each reported number is declared, losses by the shared loop (TRAIN_METRICS)."""
+    from sparsify_core.training import FINAL_LOSSES, TRAIN_METRICS, final_metrics
+
+    final = {"loss": 2.0, "lm_loss": 1.5, "kd_loss": 0.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 9.0,
+             "sparsity": 0.25, **({"replica_max_abs_diff": 0.0} if replicas else {})}
+    metrics, declared = final_metrics(final, extra)
+    want = {f"final_{k}" for k in FINAL_LOSSES} | ({"final_sparsity"} if extra else set())
+    assert set(metrics) == set(declared) == want | ({"replica_max_abs_diff"} if replicas else set())
+    assert metrics["final_loss"] == 2.0 and metrics["final_kd_loss"] == 0.5
+    assert declared["final_loss"] == TRAIN_METRICS["loss"] == MetricInfo(higher_is_better=False, unit="nats")
+    if extra:
+        assert metrics["final_sparsity"] == 0.25 and declared["final_sparsity"] == extra["sparsity"]
+    # a loop without KD reports no final_kd_loss, and declares nothing it does not report
+    metrics, declared = final_metrics({"loss": 1.0, "lm_loss": 1.0})
+    assert set(metrics) == set(declared) == {"final_loss", "final_lm_loss"}
+
+
+def test_an_undeclared_stage_number_is_recorded_without_a_declaration(tmp_path):
+    """A third-party method that does not declare keeps working: its number shows as ``MetricInfo()``."""
+    result = StageResult(metrics={"mine": 0.5, "sparsity": 0.5}, metric_info={"sparsity": MetricInfo(fraction=True)})
+    with Registry(str(tmp_path / "r.db")) as reg:
+        run = reg.create_run(recipe_name="r", recipe_hash=None, recipe_text=None, recipe_json={}, overrides=[],
+                             model="tiny", data="pydoc", seed=0, output_dir=None, workdir=None)
+        reg.log_metrics(run, "x", 0, result.metrics, origin="stage", info={**result.recorded_info(), **STAGE_METRICS})
+        record = reg.get_run(run)
+    assert "mine" not in record.metric_info and metric_info_for(record, "mine") == MetricInfo()
+    assert record.metric_info["sparsity"] == MetricInfo(fraction=True)

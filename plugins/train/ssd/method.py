@@ -46,13 +46,13 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from sparsify_core import Method, Params, StageResult
+from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core import distributed as dist
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import capture_intermediates, find_ffn_blocks, is_conv1d
-from sparsify_core.training import TrainCallback, TrainConfig, train
+from sparsify_core.training import TrainCallback, TrainConfig, final_metrics, train
 from ...moeify import Coactivation, ParamCluster, RoutedFFN
-from ...moeify.methods import CoactivationParams, collect_router_data, fit_router, sharpen_router
+from ...moeify.methods import ROUTER_FIT_METRICS, CoactivationParams, collect_router_data, fit_router, sharpen_router
 
 from .flops import FFNShape, dense_training_flops, ffn_forward_flops, ffn_training_flops
 from .monitor import active_neurons, pack_pattern, pattern_similarity, unpack_pattern
@@ -374,6 +374,22 @@ class SSDCallback(TrainCallback):
 
 
 
+_FLOPS, _STEPS = MetricInfo(higher_is_better=False, unit="FLOPs"), MetricInfo(unit="steps")
+# What SSD reports besides the final losses (final_metrics); FLOPs of FFNs, summed over processes.
+SSD_METRICS: dict[str, MetricInfo] = {
+    "ffn_train_flops": _FLOPS, "ffn_overhead_flops": _FLOPS,  # spent training; monitor, switch and refits
+    "ffn_train_flops_dense": MetricInfo(unit="FLOPs"),  # the same steps trained dense: the reference
+    "ffn_train_flops_saved": MetricInfo(higher_is_better=True, fraction=True),
+    "ffn_train_flops_saved_with_overhead": MetricInfo(higher_is_better=True, fraction=True),
+    "monitor_points": MetricInfo(unit="points"),
+    "switched_when_stable": MetricInfo(),  # 1 when the pattern was stable, 0 when max_dense forced the switch
+    "last_pattern_similarity": MetricInfo(fraction=True),
+    "switch_to_sparse_step": _STEPS, "switch_to_dense_step": _STEPS, "sparse_steps": _STEPS,
+    **{f"switch_calibration_{k}": v for k, v in ROUTER_FIT_METRICS.items()},  # the moeify fit at the switch
+    **{f"refit_{k}": v for k, v in ROUTER_FIT_METRICS.items()},  # refit_routers
+}
+
+
 class SSD(Method):
     """SSD: dense training until the activation pattern is stable, sparse MoE training, dense again at the end.
 
@@ -388,10 +404,7 @@ class SSD(Method):
 
     def apply(self, ctx, params: SSDParams) -> StageResult:
         cb = SSDCallback(ctx, params)
-        final = train(ctx, params.train, [cb])
-        metrics = {f"final_{k}": v for k, v in final.items() if k in ("loss", "lm_loss", "kd_loss")}
-        if "replica_max_abs_diff" in final:
-            metrics["replica_max_abs_diff"] = final["replica_max_abs_diff"]
+        metrics, declared = final_metrics(train(ctx, params.train, [cb]))
         modules = list(cb.routed.values())
         if modules and params.refit_routers:
             metrics.update(refit_routers(ctx, modules, params))
@@ -409,7 +422,7 @@ class SSD(Method):
         # the neurons moved when the FFNs were split into experts: masks moved with them, and anyone
         # tracking individual weights across this stage needs the permutation (StageResult convention)
         state = {f"perm.{name}": torch.tensor(perm, dtype=torch.long) for name, perm in cb.perms.items()}
-        return StageResult(metrics=metrics, state=state, info=info)
+        return StageResult(metrics=metrics, state=state, info=info, metric_info={**SSD_METRICS, **declared})
 
     @staticmethod
     def _summary(cb: SSDCallback, params: SSDParams) -> dict[str, float]:
