@@ -1,0 +1,221 @@
+"""How an output's weights lie on disk: ``dense`` (plain transformers) or ``compressed`` (sparsify only).
+
+Pure functions on tensors and on the weight files of a folder; they know no
+method, layout or model class.
+
+- ``dense``: ``model.safetensors`` (or transformers' shards) written by
+  ``save_pretrained``: every tensor as the model holds it, masks in
+  ``sparsify/masks.safetensors`` as one uint8 per weight. Plain
+  ``transformers`` loads a pruned output (stages that swapped modules still
+  need ``load_output``, as ever).
+- ``compressed``: one file, ``model.sparsify.safetensors``, and no
+  ``model.safetensors``: plain ``transformers`` fails clearly on the folder
+  ("no file named model.safetensors") instead of loading garbage. A sparse
+  tensor (a masked weight, or any float tensor whose zeros make it smaller)
+  is stored as ``NAME::bits`` (its *support*, every entry whose bits are not
+  all zero, packed 8 per byte, little bit order as ``numpy.packbits(...,
+  bitorder="little")``) plus ``NAME::values`` (those entries in row-major
+  order); everything else under its own name. Weights that a stage moved
+  into a layout (``SparseLinear``'s ``crow``/``col``/``val``, ``val``/``idx``
+  ...) are already compact and are stored as the layout holds them, so a
+  third-party layout stores itself. Masks are no separate file: a mask equal
+  to its weight's support costs nothing more, another is ``NAME::keep`` bits.
+
+Why one bitmask for unstructured, n:m and n:m:g masks alike: at 1 bit per
+weight it is as small as the n:m packed form (2:4 needs 2 bits per kept
+weight, i.e. 1 bit per weight) and smaller than the layouts' in-memory
+index tensors (uint8 per kept weight for ``nm``, int16 per vector for
+``nmg``), and it keeps the mask exact even where a kept weight is zero.
+
+Both forms are exact: every tensor, -0.0 and NaN bits included, and every
+mask come back bit for bit (``decode_tensor``). ``sparsify.json`` describes
+the storage under ``"storage"`` (``{"form", "version", "tensors", "masks"}``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+STORAGES = ("dense", "compressed")
+STORAGE_VERSION = 1
+COMPRESSED_FILE = "model.sparsify.safetensors"
+DENSE_MASKS = "sparsify/masks.safetensors"
+#: Tensors smaller than this stay dense: norms and biases gain nothing worth an entry.
+MIN_NUMEL = 1024
+
+_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# --------------------------------------------------------------------------- bits
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor of any shape as uint8 ``[ceil(numel / 8)]``, 8 entries per byte, little bit order."""
+    flat = mask.detach().reshape(-1).to(torch.bool).cpu().numpy()
+    return torch.from_numpy(np.packbits(flat, bitorder="little"))
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    """The bool tensor of ``shape`` that ``pack_bits`` packed (``ValueError`` if ``bits`` is too short)."""
+    numel = int(np.prod(shape)) if len(shape) else 1
+    if bits.numel() * 8 < numel:
+        raise ValueError(f"{bits.numel()} bytes of bits cannot hold {numel} entries")
+    flat = np.unpackbits(bits.cpu().numpy(), count=numel, bitorder="little").astype(bool)
+    return torch.from_numpy(flat).reshape(tuple(shape))
+
+
+def support(t: torch.Tensor) -> torch.Tensor:
+    """``True`` where ``t``'s bits are not all zero (so -0.0 counts: it differs from 0.0 by a bit)."""
+    if t.dtype == torch.bool:
+        return t
+    return t.view(_INT_OF[t.element_size()]) != 0 if t.is_floating_point() else t != 0
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def encode_tensor(name: str, t: torch.Tensor, keep: torch.Tensor | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The stored tensors of ``t`` and its manifest entry (``None``: stored densely under ``name``).
+
+    A float tensor is stored as bits plus values when it has a mask ``keep``
+    (bool, ``t``'s shape) or when that is smaller than dense; ``keep`` not
+    equal to the support is stored too (``NAME::keep``)."""
+    t = t.detach().cpu().contiguous()
+    if keep is None and (not t.is_floating_point() or t.numel() < MIN_NUMEL):
+        return {name: t}, None
+    if not t.is_floating_point():  # a masked integer tensor: as it is, and its mask alone
+        return {name: t, f"{name}::keep": pack_bits(keep)}, None
+    sup = support(t)
+    nnz = int(sup.sum())
+    if keep is None and nnz * t.element_size() + t.numel() / 8 >= 0.9 * t.numel() * t.element_size():
+        return {name: t}, None
+    out = {f"{name}::bits": pack_bits(sup), f"{name}::values": t[sup].contiguous()}
+    entry = {"form": "bitmask", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if keep is not None and not torch.equal(keep.to(torch.bool), sup):
+        out[f"{name}::keep"] = pack_bits(keep)
+    return out, entry
+
+
+def decode_tensor(name: str, entry: dict | None, get) -> torch.Tensor:
+    """Tensor ``name`` back, bit for bit, from ``get(key)`` (a stored tensor) and its entry.
+
+    Raises ``ValueError`` for an unknown form (an output written by a newer sparsify)."""
+    if entry is None:
+        return get(name)
+    if entry.get("form") != "bitmask":
+        raise ValueError(f"{name}: unknown storage form {entry.get('form')!r} (written by a newer sparsify?)")
+    sup = unpack_bits(get(f"{name}::bits"), entry["shape"])
+    values = get(f"{name}::values")
+    out = torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
+    out[sup] = values
+    return out
+
+
+def decode_mask(name: str, entry: dict, get) -> torch.Tensor:
+    """The bool mask of tensor ``name``: its own ``::keep`` bits, else the support of its stored values."""
+    key = f"{name}::keep" if entry.get("keep") else f"{name}::bits"
+    return unpack_bits(get(key), entry["shape"])
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def storage_of(manifest: dict) -> dict:
+    """The manifest's storage block; outputs from before it existed are dense."""
+    return manifest.get("storage") or {"form": "dense", "version": STORAGE_VERSION}
+
+
+def dense_files(folder: Path) -> list[Path]:
+    """The top-level dense weight files (``model.safetensors`` or its shards)."""
+    return sorted(p for p in Path(folder).glob("*.safetensors") if p.name != COMPRESSED_FILE)
+
+
+def iter_tensors(folder: Path, manifest: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the model's state dict, decoded one at a time (dense form, bit for bit).
+
+    One tensor at a time, so a load holds at most one decoded tensor besides
+    the model. Raises ``ValueError`` on an unknown storage form or version."""
+    st = storage_of(manifest)
+    form = st.get("form")
+    if form == "dense":
+        for f in dense_files(folder):
+            with safe_open(f, framework="pt") as fh:
+                for key in fh.keys():
+                    yield key, fh.get_tensor(key)
+        return
+    if form != "compressed":
+        raise ValueError(f"unknown storage {form!r} (this sparsify knows {', '.join(STORAGES)})")
+    if int(st.get("version", 0)) > STORAGE_VERSION:
+        raise ValueError(f"storage version {st.get('version')} is newer than this sparsify's ({STORAGE_VERSION}); "
+                         "upgrade sparsify")
+    entries = st.get("tensors", {})
+    with safe_open(Path(folder) / COMPRESSED_FILE, framework="pt") as fh:
+        for key in fh.keys():
+            name, _, part = key.partition("::")
+            if part and part != "bits":
+                continue  # values and keep bits are read with their name's bits
+            yield name, decode_tensor(name, entries.get(name) if part else None, fh.get_tensor)
+
+
+def read_masks(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The output's masks (bool, by parameter name), from either storage form."""
+    st = storage_of(manifest)
+    if st.get("form") == "compressed":
+        masks = {}
+        with safe_open(Path(folder) / COMPRESSED_FILE, framework="pt") as fh:
+            for name, entry in st.get("masks", {}).items():
+                masks[name] = decode_mask(name, entry, fh.get_tensor)
+        return masks
+    path = Path(folder) / DENSE_MASKS
+    return {k: v.to(torch.bool) for k, v in load_file(path).items()} if path.exists() else {}
+
+
+def write_storage(folder: Path, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], storage: str) -> dict:
+    """Write a state dict and its masks into ``folder`` in ``storage`` form; returns the manifest's storage block.
+
+    ``dense`` writes ``model.safetensors`` (one file) and ``sparsify/masks.safetensors``;
+    ``compressed`` writes ``model.sparsify.safetensors``. Raises
+    ``ValueError`` for an unknown storage or a mask of a tensor not in ``tensors``."""
+    folder = Path(folder)
+    if storage not in STORAGES:
+        raise ValueError(f"unknown storage {storage!r}: choose dense or compressed")
+    missing = [m for m in masks if m not in tensors]
+    if missing:
+        raise ValueError(f"mask of {missing[0]!r}, which the model's weights do not hold")
+    if storage == "dense":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+        if masks:
+            (folder / "sparsify").mkdir(exist_ok=True)
+            save_file({k: m.to(torch.uint8).contiguous() for k, m in masks.items()}, folder / DENSE_MASKS)
+        return {"form": "dense", "version": STORAGE_VERSION}
+    out: dict[str, torch.Tensor] = {}
+    entries, mask_entries = {}, {}
+    for name, t in tensors.items():
+        stored, entry = encode_tensor(name, t, masks.get(name))
+        out.update(stored)
+        if entry is not None:
+            entries[name] = entry
+        if name in masks:
+            mask_entries[name] = {"shape": list(t.shape), "keep": f"{name}::keep" in stored}
+    save_file(out, folder / COMPRESSED_FILE, metadata={"format": "sparsify-compressed",
+                                                       "storage_version": str(STORAGE_VERSION)})
+    return {"form": "compressed", "version": STORAGE_VERSION, "tensors": entries, "masks": mask_entries}
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the weight files and masks of an output folder (what storage changes)."""
+    folder = Path(folder)
+    files = dense_files(folder) + [folder / COMPRESSED_FILE, folder / DENSE_MASKS]
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def manifest_of(folder: Path) -> dict:
+    """``sparsify.json`` of an output folder (``FileNotFoundError`` when it is not one)."""
+    return json.loads((Path(folder) / "sparsify.json").read_text())
