@@ -12,14 +12,15 @@ method, layout or model class.
   ``model.safetensors``: plain ``transformers`` fails clearly on the folder
   ("no file named model.safetensors") instead of loading garbage. A sparse
   tensor (a masked weight, or any float tensor whose zeros make it smaller)
-  is stored as ``NAME::bits`` (its *support*, every entry whose bits are not
-  all zero, packed 8 per byte, little bit order as ``numpy.packbits(...,
-  bitorder="little")``) plus ``NAME::values`` (those entries in row-major
-  order); everything else under its own name. Weights that a stage moved
+  is stored as ``NAME::bits`` (its kept and non-zero entries, packed 8 per
+  byte, little bit order as ``numpy.packbits(..., bitorder="little")``) plus
+  ``NAME::values`` (those entries in row-major order) and, when some of the
+  zeros are -0.0, ``NAME::zsign`` (their sign bits); everything else under
+  its own name. Weights that a stage moved
   into a layout (``SparseLinear``'s ``crow``/``col``/``val``, ``val``/``idx``
   ...) are already compact and are stored as the layout holds them, so a
   third-party layout stores itself. Masks are no separate file: a mask equal
-  to its weight's support costs nothing more, another is ``NAME::keep`` bits.
+  to its weight's bits costs nothing more, another is ``NAME::keep`` bits.
 
 Why one bitmask for unstructured, n:m and n:m:g masks alike: at 1 bit per
 weight it is as small as the n:m packed form (2:4 needs 2 bits per kept
@@ -70,13 +71,6 @@ def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(flat).reshape(tuple(shape))
 
 
-def support(t: torch.Tensor) -> torch.Tensor:
-    """``True`` where ``t``'s bits are not all zero (so -0.0 counts: it differs from 0.0 by a bit)."""
-    if t.dtype == torch.bool:
-        return t
-    return t.view(_INT_OF[t.element_size()]) != 0 if t.is_floating_point() else t != 0
-
-
 # --------------------------------------------------------------------------- tensors
 
 
@@ -85,41 +79,54 @@ def encode_tensor(name: str, t: torch.Tensor, keep: torch.Tensor | None = None
     """The stored tensors of ``t`` and its manifest entry (``None``: stored densely under ``name``).
 
     A float tensor is stored as bits plus values when it has a mask ``keep``
-    (bool, ``t``'s shape) or when that is smaller than dense; ``keep`` not
-    equal to the support is stored too (``NAME::keep``)."""
+    (bool, ``t``'s shape) or when that is smaller than dense: ``NAME::bits``
+    marks the stored entries (``keep`` and any non-zero outside it),
+    ``NAME::values`` holds them; the others are zeros, and ``NAME::zsign``
+    (only if one is -0.0, as ``w * mask`` leaves negative pruned weights)
+    packs their sign bits. A ``keep`` that differs from the bits is stored
+    as ``NAME::keep``."""
     t = t.detach().cpu().contiguous()
     if keep is None and (not t.is_floating_point() or t.numel() < MIN_NUMEL):
         return {name: t}, None
     if not t.is_floating_point():  # a masked integer tensor: as it is, and its mask alone
         return {name: t, f"{name}::keep": pack_bits(keep)}, None
-    sup = support(t)
-    nnz = int(sup.sum())
-    if keep is None and nnz * t.element_size() + t.numel() / 8 >= 0.9 * t.numel() * t.element_size():
+    sel = t != 0  # NaN included
+    if keep is not None:
+        sel |= keep.to(torch.bool)
+    nnz = int(sel.sum())
+    if keep is None and nnz * t.element_size() + t.numel() / 4 >= 0.9 * t.numel() * t.element_size():
         return {name: t}, None
-    out = {f"{name}::bits": pack_bits(sup), f"{name}::values": t[sup].contiguous()}
+    out = {f"{name}::bits": pack_bits(sel), f"{name}::values": t[sel].contiguous()}
+    signs = torch.signbit(t[~sel])
+    if bool(signs.any()):
+        out[f"{name}::zsign"] = pack_bits(signs)
     entry = {"form": "bitmask", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-    if keep is not None and not torch.equal(keep.to(torch.bool), sup):
+    if keep is not None and not torch.equal(keep.to(torch.bool), sel):
         out[f"{name}::keep"] = pack_bits(keep)
     return out, entry
 
 
-def decode_tensor(name: str, entry: dict | None, get) -> torch.Tensor:
+def decode_tensor(name: str, entry: dict | None, get, has=lambda key: False) -> torch.Tensor:
     """Tensor ``name`` back, bit for bit, from ``get(key)`` (a stored tensor) and its entry.
 
+    ``has(key)`` says whether an optional stored tensor (``::zsign``) exists.
     Raises ``ValueError`` for an unknown form (an output written by a newer sparsify)."""
     if entry is None:
         return get(name)
     if entry.get("form") != "bitmask":
         raise ValueError(f"{name}: unknown storage form {entry.get('form')!r} (written by a newer sparsify?)")
-    sup = unpack_bits(get(f"{name}::bits"), entry["shape"])
-    values = get(f"{name}::values")
+    sel = unpack_bits(get(f"{name}::bits"), entry["shape"])
     out = torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
-    out[sup] = values
+    out[sel] = get(f"{name}::values")
+    if has(f"{name}::zsign"):
+        rest = ~sel
+        signs = unpack_bits(get(f"{name}::zsign"), (int(rest.sum()),))
+        out[rest] = torch.where(signs, -0.0, 0.0).to(out.dtype)
     return out
 
 
 def decode_mask(name: str, entry: dict, get) -> torch.Tensor:
-    """The bool mask of tensor ``name``: its own ``::keep`` bits, else the support of its stored values."""
+    """The bool mask of tensor ``name``: its own ``::keep`` bits, else its stored entries' bits."""
     key = f"{name}::keep" if entry.get("keep") else f"{name}::bits"
     return unpack_bits(get(key), entry["shape"])
 
@@ -157,11 +164,13 @@ def iter_tensors(folder: Path, manifest: dict) -> Iterator[tuple[str, torch.Tens
                          "upgrade sparsify")
     entries = st.get("tensors", {})
     with safe_open(Path(folder) / COMPRESSED_FILE, framework="pt") as fh:
+        keys = set(fh.keys())
         for key in fh.keys():
             name, _, part = key.partition("::")
             if part and part != "bits":
-                continue  # values and keep bits are read with their name's bits
-            yield name, decode_tensor(name, entries.get(name) if part else None, fh.get_tensor)
+                continue  # values, signs and keep bits are read with their name's bits
+            yield name, decode_tensor(name, entries.get(name) if part else None, fh.get_tensor,
+                                      lambda k: k in keys)
 
 
 def read_masks(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
