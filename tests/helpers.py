@@ -123,3 +123,31 @@ def make_ctx(tmp_path, model, *, splits=None, samples=16, seq_len=16, reference=
     dense = reference if reference is not None else copy.deepcopy(model)
     return RunContext(run_id="t", model=model, tokenizer=None, task=task, data=data, device=torch.device("cpu"),
                       dtype=torch.float32, seed=0, workdir=tmp_path, reference_loader=lambda: dense)
+
+
+def make_output(folder, arch, stages, storage=None, hidden=32, ffn=64):
+    """Run ``stages`` ((kind, method, params) triples) in process on a tiny model of ``arch`` and save it to
+    ``folder`` as the runner does (``storage`` as ``output.storage``); returns (model, masks)."""
+    import torch
+
+    from sparsify_core.method import Method
+    from sparsify_core.output import save_output
+    from sparsify_core.plugin_manager import catalog
+    from sparsify_plugins.sources.models import Tiny
+
+    p = Tiny.Params(arch=arch, hidden_size=hidden, intermediate_size=ffn, layers=2, heads=4)
+    loaded = Tiny().load(p, device=torch.device("cpu"), dtype=torch.float32)
+    task = "encoder" if arch == "bert" else "causal_lm"
+    ctx = make_ctx(folder.parent, loaded.model, samples=8, seq_len=8, task=task)
+    results, recorded = {}, []
+    for i, (kind, method, params) in enumerate(stages):
+        cls = catalog().methods[(kind, method)]
+        prm = cls.Params.model_validate(params)
+        ctx.stage_name, ctx.stage_index = f"s{i}", i
+        results[i] = cls().apply(ctx, prm)
+        ctx.masks.apply(ctx.model)
+        recorded.append({"index": i, "name": f"s{i}", "kind": kind, "method": method,
+                         "params": prm.model_dump(mode="json"), "rebuild": cls.rebuild is not Method.rebuild})
+    manifest = {"run_id": "t", "recipe": "t", "task": task, "seed": 0, "stages": recorded}
+    save_output(folder, ctx.model, loaded.tokenizer, ctx.masks, manifest, "name: t\n", results, storage=storage)
+    return ctx.model.eval(), ctx.masks

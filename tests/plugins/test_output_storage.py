@@ -8,11 +8,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import make_ctx
+from helpers import make_output
 from sparsify_core.errors import SparsifyError
-from sparsify_core.method import Method
 from sparsify_core.output import export_output, load_output, save_output
-from sparsify_core.plugin_manager import catalog
 from sparsify_core.storage import COMPRESSED_FILE, folder_bytes, iter_tensors
 
 PRUNE50 = ("prune", "magnitude", {"sparsity": 0.5})
@@ -36,28 +34,6 @@ FORMS = {
     "MoE FFN": ([PRUNE50] + MOE, ["llama", "gpt2"]),
 }
 CASES = [(form, arch) for form, (_, archs) in FORMS.items() for arch in archs]
-
-
-def make_output(folder, arch, stages, storage=None, hidden=32, ffn=64):
-    """Run ``stages`` in process on a tiny model and save it as the runner does; returns (model, masks)."""
-    from sparsify_plugins.sources.models import Tiny
-
-    p = Tiny.Params(arch=arch, hidden_size=hidden, intermediate_size=ffn, layers=2, heads=4)
-    loaded = Tiny().load(p, device=torch.device("cpu"), dtype=torch.float32)
-    task = "encoder" if arch == "bert" else "causal_lm"
-    ctx = make_ctx(folder.parent, loaded.model, samples=8, seq_len=8, task=task)
-    results, recorded = {}, []
-    for i, (kind, method, params) in enumerate(stages):
-        cls = catalog().methods[(kind, method)]
-        prm = cls.Params.model_validate(params)
-        ctx.stage_name, ctx.stage_index = f"s{i}", i
-        results[i] = cls().apply(ctx, prm)
-        ctx.masks.apply(ctx.model)
-        recorded.append({"index": i, "name": f"s{i}", "kind": kind, "method": method,
-                         "params": prm.model_dump(mode="json"), "rebuild": cls.rebuild is not Method.rebuild})
-    manifest = {"run_id": "t", "recipe": "t", "task": task, "seed": 0, "stages": recorded}
-    save_output(folder, ctx.model, loaded.tokenizer, ctx.masks, manifest, "name: t\n", results, storage=storage)
-    return ctx.model.eval(), ctx.masks
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
