@@ -67,7 +67,7 @@ def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
     numel = int(np.prod(shape)) if len(shape) else 1
     if bits.numel() * 8 < numel:
         raise ValueError(f"{bits.numel()} bytes of bits cannot hold {numel} entries")
-    flat = np.unpackbits(bits.cpu().numpy(), count=numel, bitorder="little").astype(bool)
+    flat = np.unpackbits(bits.cpu().numpy(), count=numel, bitorder="little").view(bool)  # 0/1 bytes: no copy
     return torch.from_numpy(flat).reshape(tuple(shape))
 
 
@@ -117,11 +117,12 @@ def decode_tensor(name: str, entry: dict | None, get, has=lambda key: False) -> 
         raise ValueError(f"{name}: unknown storage form {entry.get('form')!r} (written by a newer sparsify?)")
     sel = unpack_bits(get(f"{name}::bits"), entry["shape"])
     out = torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
-    out[sel] = get(f"{name}::values")
+    # masked_scatter_ fills in row-major order without the int64 indices that out[sel] = ... would build
+    out.masked_scatter_(sel, get(f"{name}::values"))
     if has(f"{name}::zsign"):
         rest = ~sel
         signs = unpack_bits(get(f"{name}::zsign"), (int(rest.sum()),))
-        out[rest] = torch.where(signs, -0.0, 0.0).to(out.dtype)
+        out.masked_scatter_(rest, torch.zeros(signs.shape, dtype=out.dtype).masked_fill_(signs, -0.0))
     return out
 
 
@@ -163,14 +164,56 @@ def iter_tensors(folder: Path, manifest: dict) -> Iterator[tuple[str, torch.Tens
         raise ValueError(f"storage version {st.get('version')} is newer than this sparsify's ({STORAGE_VERSION}); "
                          "upgrade sparsify")
     entries = st.get("tensors", {})
-    with safe_open(Path(folder) / COMPRESSED_FILE, framework="pt") as fh:
-        keys = set(fh.keys())
+    with _Reader(Path(folder) / COMPRESSED_FILE) as fh:
         for key in fh.keys():
             name, _, part = key.partition("::")
             if part and part != "bits":
                 continue  # values, signs and keep bits are read with their name's bits
-            yield name, decode_tensor(name, entries.get(name) if part else None, fh.get_tensor,
-                                      lambda k: k in keys)
+            yield name, decode_tensor(name, entries.get(name) if part else None, fh.get_tensor, fh.has)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class _Reader:
+    """Reads tensors of a safetensors file one at a time with plain reads, not a memory map.
+
+    A compressed tensor is decoded into a new one, so its stored bytes are
+    needed only for a moment: read through a memory map, every page read
+    would stay resident (and counted) until the file closes, doubling the
+    load's peak memory. Raises ``ValueError`` on a dtype it does not know."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "rb")
+        n = int.from_bytes(self._f.read(8), "little")
+        header = json.loads(self._f.read(n))
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self._header = header
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def keys(self) -> list[str]:
+        return sorted(self._header, key=lambda k: self._header[k]["data_offsets"][0])  # file order
+
+    def has(self, key: str) -> bool:
+        return key in self._header
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{key}: unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._f.seek(self._start + begin)
+        self._f.readinto(memoryview(buf.numpy()))
+        return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def read_masks(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
@@ -178,7 +221,7 @@ def read_masks(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
     st = storage_of(manifest)
     if st.get("form") == "compressed":
         masks = {}
-        with safe_open(Path(folder) / COMPRESSED_FILE, framework="pt") as fh:
+        with _Reader(Path(folder) / COMPRESSED_FILE) as fh:
             for name, entry in st.get("masks", {}).items():
                 masks[name] = decode_mask(name, entry, fh.get_tensor)
         return masks
