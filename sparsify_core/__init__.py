@@ -9,7 +9,7 @@ The public API for plugin authors and users:
 - ``Layout``: sparse storage layouts.
 - ``RunContext``: what methods and metrics receive.
 - ``find_ffn_blocks``: the one way to find FFN blocks in a model.
-- ``load_output``: load any sparsify output folder back.
+- ``load_output``: load any sparsify output folder back (``fast=True``: with its fast modules).
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ def find_ffn_blocks(model):
     return _find(model)
 
 
-def load_output(path, device="cpu"):
-    """Load a sparsify output folder back, modified modules included (see ``sparsify_core.output``)."""
+def load_output(path, device="cpu", fast: bool = False):
+    """Load a sparsify output folder (dense or compressed) back, modified modules included; with ``fast``,
+    the plugins' fast modules swapped in (see ``sparsify_core.output.load_output``)."""
     from .output import load_output as _load
-    return _load(path, device=device)
+    return _load(path, device=device, fast=fast)
 
 
 __all__ = [

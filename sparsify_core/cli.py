@@ -1,4 +1,5 @@
-"""The ``sparsify`` command line: run, validate, schema, plugins, runs, sweeps, show, compare, fit.
+"""The ``sparsify`` command line: run, validate, schema, plugins, runs, sweeps, show, compare, fit, bench,
+generate, export.
 
 Errors reach users as one line and a non-zero exit status (2 for bad input,
 1 for a failed run, 130 for an interrupted one); ``--debug`` shows tracebacks.
@@ -361,6 +362,99 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
     if record:
         run_id = _bench.record(_registry(), result, json_path)
         err.print(f"recorded as {run_id}; see `sparsify show {run_id}`", highlight=False)
+
+
+@app.command()
+def export(output: Path = typer.Argument(..., help="a sparsify output folder"),
+           dest: Path = typer.Argument(..., help="the new folder (replaced atomically if it exists)"),
+           storage: str = typer.Option(..., "--storage", help="dense (plain transformers loads it) or compressed "
+                                       "(sparse weights as bitmask plus values; sparsify only)")):
+    """Copy an output with its weights stored dense or compressed; every weight and mask bit-identical."""
+    from .output import export_output
+    from .storage import folder_bytes
+
+    before = folder_bytes(output) if (output / "sparsify.json").is_file() else 0
+    export_output(output, dest, storage)
+    err.print(f"exported {output} -> {dest} ({storage}): weights {before / 1e6:.1f} MB -> "
+              f"{folder_bytes(dest) / 1e6:.1f} MB", highlight=False, markup=False)
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@app.command()
+def generate(output: Path = typer.Argument(..., help="a sparsify output folder (causal LM)"),
+             prompt: Optional[str] = typer.Option(None, "--prompt", help="the prompt text"),
+             prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the prompt from this file"),
+             max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="stop after this many tokens"),
+             chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+             compare_dense: bool = typer.Option(False, "--compare-dense", help="also run the prompt without the fast "
+                                                "modules; print the speed-up and whether the tokens match"),
+             device: str = typer.Option("auto", "--device", help="cpu, cuda or auto [default: cuda if available]")):
+    """Stream greedy text from an output with its fast modules; tokens/s of prefill and decode on the last line.
+
+    The fast modules are those ``load_output(fast=True)`` picks (activation-
+    sparse FFNs, MoE FFNs; layouts a recipe converted to). Text streams to
+    stdout; the numbers are the last line of stdout.
+    """
+    import torch
+
+    from .generation import timed_generate
+    from .output import load_output
+
+    if (prompt is None) == (prompt_file is None):
+        raise SparsifyError("give the prompt as --prompt TEXT or --prompt-file FILE (one of them)")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text()
+        except OSError as exc:
+            raise SparsifyError(f"--prompt-file {prompt_file}: {exc.strerror or exc}") from None
+    dev = _pick_device(device)
+    loaded = load_output(output, device=dev, fast=True)
+    tok = loaded.tokenizer
+    if loaded.manifest.get("task", "causal_lm") != "causal_lm" or not hasattr(loaded.model, "generate"):
+        raise SparsifyError(f"{output}: an encoder model; generate needs a causal LM output")
+    if tok is None:
+        raise SparsifyError(f"{output}: no tokenizer in the output folder")
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise SparsifyError(f"{output}: --chat, but the tokenizer has no chat template")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids
+    ids = ids.to(dev)
+    tty = sys.stdout.isatty()
+    for line in loaded.manifest.get("fast_modules") or ["no fast modules: computing as saved"]:
+        err.print(f"[dim]{line}[/dim]" if tty else line, highlight=False)
+    if tty:
+        out.print(f"[bold]{prompt}[/bold]", end="" if not chat else "\n", highlight=False)
+    else:
+        sys.stdout.write(prompt + ("\n" if chat else ""))
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    stats = timed_generate(loaded.model, ids, max_new_tokens, tok, write=write)
+    line = stats.summary()
+    if compare_dense:
+        del loaded
+        dense = load_output(output, device=dev, fast=False)
+        ref = timed_generate(dense.model, ids, max_new_tokens, tok)
+        same = torch.equal(ref.ids, stats.ids)
+        line += (f"; without fast modules: prefill {ref.prefill_tokens_per_s:.1f} tok/s, decode "
+                 f"{ref.decode_tokens_per_s:.1f} tok/s; decode speed-up "
+                 f"{stats.decode_tokens_per_s / ref.decode_tokens_per_s:.2f}x; tokens "
+                 + ("identical" if same else "DIFFER"))
+    if tty:
+        out.print(f"[green]{line}[/green]", highlight=False)
+    else:
+        print(line, flush=True)
 
 
 def main() -> None:

@@ -90,6 +90,18 @@ def sparsify_layouts():
 
 
 @hookspec
+def sparsify_fast_modules(model, masks, device):
+    """Swap modules of a loaded ``model`` for the ones that compute fastest on ``device``, exactly.
+
+    Called by ``load_output(..., fast=True)`` (and so by ``sparsify
+    generate``) on a model in eval mode on ``device``; ``masks`` is its
+    ``MaskSet``, to be kept in step with any weight a swap moves. An
+    implementation changes only modules it owns the fast form of, leaves the
+    model computing the same function (to float tolerance), and returns a
+    list of one-line descriptions of what it changed (empty or ``None``: nothing)."""
+
+
+@hookspec
 def sparsify_bench_cases():
     """Return benchmark cases for ``sparsify bench``: ``sparsify_core.bench.BenchCase`` objects.
 

@@ -5,8 +5,12 @@ and every completed stage's ``StageResult`` state and info; resuming loads the
 model from its source, lets each completed stage ``rebuild`` its structural
 changes, then loads the weights. The output folder is a transformers folder
 (``config.json``, safetensors, tokenizer) plus ``sparsify.json`` (the
-manifest), ``recipe.yaml`` and a ``sparsify/`` folder with masks and stage
-states; ``load_output`` rebuilds any modified modules the same way.
+manifest), ``recipe.yaml`` and a ``sparsify/`` folder with stage states;
+its weights and masks are stored ``dense`` (plain transformers) or
+``compressed`` (sparsify only; see ``storage``). ``load_output`` rebuilds any
+modified modules the same way, on the meta device, and fills them from the
+stored tensors one at a time, so no second copy of the weights exists during
+a load; ``export_output`` converts between the two storages.
 """
 from __future__ import annotations
 
@@ -22,9 +26,13 @@ from .errors import SparsifyError
 from .fsutil import replace_dir, tmp_for
 from .masks import MaskSet
 from .method import StageResult
+from . import storage as S
 
 MANIFEST = "sparsify.json"
-FORMAT_VERSION = 1
+#: Version of the output folder's layout (``sparsify.json`` ``format``); 2 added ``storage``.
+FORMAT_VERSION = 2
+#: Version of a checkpoint folder (``checkpoint.json`` ``format``).
+CHECKPOINT_VERSION = 1
 
 
 def _save_results(folder: Path, results: dict[int, StageResult]) -> list[dict]:
@@ -66,7 +74,7 @@ def write_checkpoint(workdir: Path, model: torch.nn.Module, masks: MaskSet, comp
     if len(masks):
         save_file(masks.state_dict(), tmp / "masks.safetensors")
     entries = _save_results(tmp / "stages", results)
-    meta = {"format": FORMAT_VERSION, "completed": completed, "stages": entries, "extra": extra or {}}
+    meta = {"format": CHECKPOINT_VERSION, "completed": completed, "stages": entries, "extra": extra or {}}
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))
     replace_dir(tmp, final)
     return final
@@ -96,23 +104,105 @@ def restore_weights(checkpoint: Checkpoint, model: torch.nn.Module, masks: MaskS
 # --------------------------------------------------------------------------- outputs
 
 
+def default_storage(masks: MaskSet, manifest: dict) -> str:
+    """``compressed`` when the model has masks or modules a stage swapped (plain transformers
+    cannot load those as they are anyway), else ``dense``."""
+    rebuilt = any(st.get("rebuild", True) for st in manifest.get("stages", []))
+    return "compressed" if len(masks) or rebuilt else "dense"
+
+
 def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, recipe_text: str,
-                results: dict[int, StageResult]) -> Path:
-    """Write the output folder atomically; returns its path."""
+                results: dict[int, StageResult], storage: str | None = None) -> Path:
+    """Write the output folder atomically; returns its path.
+
+    ``storage`` is ``dense`` or ``compressed`` (``storage`` module); ``None``
+    picks ``default_storage``. Raises ``SparsifyError`` for another value."""
     folder = Path(folder)
+    storage = storage or default_storage(masks, manifest)
+    if storage not in S.STORAGES:
+        raise SparsifyError(f"unknown output storage {storage!r}: choose dense or compressed")
     tmp = tmp_for(folder)
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     extra = tmp / "sparsify"
     extra.mkdir()
-    if len(masks):
-        save_file(masks.state_dict(), extra / "masks.safetensors")
-    manifest = dict(manifest, format=FORMAT_VERSION, stage_results=_save_results(extra, results))
+    if storage == "dense":
+        if len(masks):
+            save_file(masks.state_dict(), tmp / S.DENSE_MASKS)
+        block = {"form": "dense", "version": S.STORAGE_VERSION}
+    else:  # the same tensors save_pretrained wrote (tied copies dropped), re-encoded
+        block = _recompress(tmp, dict(masks.items()))
+    manifest = dict(manifest, format=FORMAT_VERSION, storage=block, stage_results=_save_results(extra, results))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     (tmp / "recipe.yaml").write_text(recipe_text)
     replace_dir(tmp, folder)
     return folder
+
+
+def _recompress(folder: Path, masks: dict[str, torch.Tensor]) -> dict:
+    """Replace the dense weight files in ``folder`` by the compressed file; returns the storage block."""
+    tensors = dict(S.iter_tensors(folder, {}))
+    for f in S.dense_files(folder):
+        f.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    return S.write_storage(folder, tensors, masks, "compressed")
+
+
+def read_manifest(path) -> tuple[Path, dict]:
+    """An output folder and its ``sparsify.json``; ``SparsifyError`` naming the folder when it is not one."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SparsifyError(f"{folder}: no such output folder")
+    if not (folder / MANIFEST).exists():
+        raise SparsifyError(f"{folder}: not a sparsify output (no {MANIFEST})")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except ValueError as exc:
+        raise SparsifyError(f"{folder / MANIFEST}: not valid JSON ({exc})") from None
+    form = S.storage_of(manifest).get("form")
+    if form not in S.STORAGES:
+        raise SparsifyError(f"{folder / MANIFEST}: storage.form: unknown storage {form!r} "
+                            f"(this sparsify knows {', '.join(S.STORAGES)})")
+    return folder, manifest
+
+
+def export_output(src, dest, storage: str) -> Path:
+    """Copy output ``src`` to ``dest`` with its weights and masks stored as ``storage``; returns ``dest``.
+
+    Tensor by tensor, without building the model, so every weight and mask
+    is bit-identical; the rest of the folder (config, tokenizer, recipe,
+    stage states) is copied as is. Written atomically (``dest`` appears
+    complete or not at all; an existing ``dest`` is replaced). Raises
+    ``SparsifyError`` when ``src`` is not an output, ``storage`` is unknown or
+    ``dest`` is ``src``."""
+    import shutil
+
+    src, manifest = read_manifest(src)
+    dest = Path(dest)
+    if storage not in S.STORAGES:
+        raise SparsifyError(f"unknown storage {storage!r}: choose dense or compressed")
+    if dest.resolve() == src.resolve():
+        raise SparsifyError(f"{dest}: export into a new folder, not onto the output itself")
+    try:
+        tensors = dict(S.iter_tensors(src, manifest))
+        masks = S.read_masks(src, manifest)
+    except (ValueError, OSError) as exc:
+        raise SparsifyError(f"{src}: {exc}") from None
+    tmp = tmp_for(dest)
+    weights = {p.name for p in S.dense_files(src)} | {S.COMPRESSED_FILE, "model.safetensors.index.json", MANIFEST}
+    for p in src.iterdir():
+        if p.name in weights:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name, ignore=shutil.ignore_patterns(Path(S.DENSE_MASKS).name))
+        else:
+            shutil.copy2(p, tmp / p.name)
+    block = S.write_storage(tmp, tensors, masks, storage)
+    (tmp / MANIFEST).write_text(json.dumps(dict(manifest, format=FORMAT_VERSION, storage=block), indent=1,
+                                           default=str))
+    replace_dir(tmp, dest)
+    return dest
 
 
 @dataclass
@@ -125,58 +215,89 @@ class LoadedOutput:
     masks: MaskSet
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SparsifyError(f"{folder}: no safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
-
-
-def load_output(path, device="cpu") -> LoadedOutput:
-    """Load any sparsify output folder: architecture, stage rebuilds, weights, masks.
+def load_output(path, device="cpu", fast: bool = False) -> LoadedOutput:
+    """Load any sparsify output folder, dense or compressed: architecture, stage rebuilds, weights, masks.
 
     Works for outputs whose modules were modified by stages (their methods'
     ``rebuild`` redoes the structure) as long as the plugins that made them are
-    installed.
+    installed. The model is built on the meta device and takes the stored
+    tensors as they are decoded, one at a time: no random initialisation and
+    no second copy of the weights, and a layout's storage (``SparseLinear``)
+    is never densified. Floating tensors keep the dtype the fresh model has
+    (as ``load_state_dict`` would copy them).
+
+    With ``fast``, the installed plugins then swap in the modules that compute
+    fastest on ``device`` (``sparsify_fast_modules``: e.g. activation-sparse
+    FFNs for ReLU/FATReLU FFNs, ``MoEFFN`` for FFNs split into experts),
+    exactly; ``LoadedOutput.manifest["fast_modules"]`` lists what changed.
+
+    Raises ``SparsifyError`` (one line naming the folder) when ``path`` is not
+    an output, its storage is unknown, a plugin it needs is missing, or its
+    weights do not fit the rebuilt model.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from .context import RunContext
-    from .plugin_manager import catalog
+    from .plugin_manager import catalog, plugin_manager
 
-    folder = Path(path)
-    if not (folder / MANIFEST).exists():
-        raise SparsifyError(f"{folder}: not a sparsify output (no {MANIFEST})")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    folder, manifest = read_manifest(path)
     config = AutoConfig.from_pretrained(folder)
     auto = AutoModelForCausalLM if manifest.get("task", "causal_lm") == "causal_lm" else AutoModel
-    model = auto.from_config(config)
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     results = _load_results(folder / "sparsify", manifest.get("stage_results", []))
-    ctx = RunContext(run_id=manifest.get("run_id", "?"), model=model, tokenizer=tokenizer,
-                     task=manifest.get("task", "causal_lm"), data={}, device=torch.device(device),
-                     dtype=next(model.parameters()).dtype, seed=manifest.get("seed", 0), workdir=folder)
-    cat = catalog()
-    for st in manifest.get("stages", []):
-        if not st.get("rebuild", True):
-            continue
-        cls = cat.methods.get((st["kind"], st["method"]))
-        if cls is None:
-            raise SparsifyError(f"{folder}: stage {st['name']!r} used {st['kind']}/{st['method']}, "
-                                "which no installed plugin provides; install the plugin that provides it")
-        ctx.stage_name, ctx.stage_index = st["name"], st["index"]
-        cls().rebuild(ctx, cls.Params.model_validate(st["params"]), results.get(st["index"], StageResult()))
-    missing, unexpected = model.load_state_dict(_weights(folder), strict=False)
+    # Parameters on the meta device (buffers real: rotary tables are computed, not stored).
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config)
+        ctx = RunContext(run_id=manifest.get("run_id", "?"), model=model, tokenizer=tokenizer,
+                         task=manifest.get("task", "causal_lm"), data={}, device=torch.device(device),
+                         dtype=next(model.parameters()).dtype, seed=manifest.get("seed", 0), workdir=folder)
+        cat = catalog()
+        for st in manifest.get("stages", []):
+            if not st.get("rebuild", True):
+                continue
+            cls = cat.methods.get((st["kind"], st["method"]))
+            if cls is None:
+                raise SparsifyError(f"{folder}: stage {st['name']!r} used {st['kind']}/{st['method']}, "
+                                    "which no installed plugin provides; install the plugin that provides it")
+            ctx.stage_name, ctx.stage_index = st["name"], st["index"]
+            cls().rebuild(ctx, cls.Params.model_validate(st["params"]), results.get(st["index"], StageResult()))
+    expected = model.state_dict()
+    state, unexpected = {}, []
+    try:
+        for name, t in S.iter_tensors(folder, manifest):
+            ref = expected.get(name)
+            if ref is None:
+                unexpected.append(name)
+                continue
+            state[name] = t.to(ref.dtype) if t.is_floating_point() and ref.is_floating_point() else t
+        masks_state = S.read_masks(folder, manifest)
+    except (ValueError, OSError) as exc:
+        raise SparsifyError(f"{folder}: {exc}") from None
+    if not state:
+        raise SparsifyError(f"{folder}: no weights (no model.safetensors or {S.COMPRESSED_FILE})")
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
     model.tie_weights()
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in expected if k not in tied and _is_meta(model, k)]
     if missing or unexpected:
         raise SparsifyError(f"{folder}: weights do not match the rebuilt model "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     masks = MaskSet()
-    if (folder / "sparsify" / "masks.safetensors").exists():
-        masks.load_state_dict(load_file(folder / "sparsify" / "masks.safetensors"))
-    return LoadedOutput(model=model.to(device).eval(), tokenizer=tokenizer, manifest=manifest, masks=masks)
+    masks.load_state_dict(masks_state)
+    model = model.to(device).eval()
+    if fast:
+        changed = []
+        for done in plugin_manager()[0].hook.sparsify_fast_modules(model=model, masks=masks,
+                                                                    device=torch.device(device)):
+            changed += done or []
+        manifest = dict(manifest, fast_modules=changed)
+    return LoadedOutput(model=model, tokenizer=tokenizer, manifest=manifest, masks=masks)
+
+
+def _is_meta(model: torch.nn.Module, key: str) -> bool:
+    """Whether the parameter or buffer ``key`` of ``model`` was never filled (still on the meta device)."""
+    owner, _, attr = key.rpartition(".")
+    t = getattr(model.get_submodule(owner) if owner else model, attr, None)
+    return t is None or t.is_meta

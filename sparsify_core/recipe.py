@@ -147,6 +147,11 @@ class OutputSpec(_Strict):
 
     dir: str = Field("outputs/{name}-{run_id}", description="folder; {name} and {run_id} are filled in")
     save: bool = True
+    storage: Literal["dense", "compressed"] | None = Field(
+        None, description="dense: weights as transformers saves them (plain from_pretrained loads a pruned "
+                          "output); compressed: sparse weights as a bitmask plus values, loadable by sparsify "
+                          "only (load_output, sparsify generate); default: compressed when the model has masks "
+                          "or swapped modules, else dense. `sparsify export` converts between them")
 
 
 class SweepSpec(_Strict):

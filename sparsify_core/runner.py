@@ -350,7 +350,8 @@ class Runner:
         manifest = {"sparsify": _version(), "run_id": self.run_id, "recipe": rec.name, "task": ctx.task,
                     "seed": rec.seed, "model": rec.model.model_dump(mode="json"), "stages": stages}
         with ctx.progress("save output"):
-            path = save_output(folder, ctx.model, ctx.tokenizer, ctx.masks, manifest, self.loaded.text, results)
+            path = save_output(folder, ctx.model, ctx.tokenizer, ctx.masks, manifest, self.loaded.text, results,
+                               storage=rec.output.storage)
         self.registry.add_artifact(self.run_id, "output", str(path.resolve()))
         progress.info(f"saved {path}")
 

@@ -133,3 +133,31 @@ def import_example_plugin():
     if str(EXAMPLE_PLUGIN) not in sys.path:
         sys.path.insert(0, str(EXAMPLE_PLUGIN))
     return importlib.import_module("sparsify_example_plugin")
+
+
+def make_output(folder, arch, stages, storage=None, hidden=32, ffn=64):
+    """Run ``stages`` ((kind, method, params) triples) in process on a tiny model of ``arch`` and save it to
+    ``folder`` as the runner does (``storage`` as ``output.storage``); returns (model, masks)."""
+    import torch
+
+    from sparsify_core.method import Method
+    from sparsify_core.output import save_output
+    from sparsify_core.plugin_manager import catalog
+    from sparsify_plugins.sources.models import Tiny
+
+    p = Tiny.Params(arch=arch, hidden_size=hidden, intermediate_size=ffn, layers=2, heads=4)
+    loaded = Tiny().load(p, device=torch.device("cpu"), dtype=torch.float32)
+    task = "encoder" if arch == "bert" else "causal_lm"
+    ctx = make_ctx(folder.parent, loaded.model, samples=8, seq_len=8, task=task)
+    results, recorded = {}, []
+    for i, (kind, method, params) in enumerate(stages):
+        cls = catalog().methods[(kind, method)]
+        prm = cls.Params.model_validate(params)
+        ctx.stage_name, ctx.stage_index = f"s{i}", i
+        results[i] = cls().apply(ctx, prm)
+        ctx.masks.apply(ctx.model)
+        recorded.append({"index": i, "name": f"s{i}", "kind": kind, "method": method,
+                         "params": prm.model_dump(mode="json"), "rebuild": cls.rebuild is not Method.rebuild})
+    manifest = {"run_id": "t", "recipe": "t", "task": task, "seed": 0, "stages": recorded}
+    save_output(folder, ctx.model, loaded.tokenizer, ctx.masks, manifest, "name: t\n", results, storage=storage)
+    return ctx.model.eval(), ctx.masks

@@ -8,7 +8,9 @@ Formats are pure functions (``formats``), layouts wrap them and hand out the
 fast kernels of ``sparsify_kernels`` (``weight``), modules hold layouts and
 compute with their kernels (``modules``), stage methods swap modules in a
 model (``convert``: ``weight`` takes any catalog layout by name),
-and predictors are fitted by pure functions (``predictor``). Their benchmark
+the fast modules of a loaded model are chosen in one place (``fast``:
+``sparsify generate``, ``load_output(fast=True)`` and bench case 4), and
+predictors are fitted by pure functions (``predictor``). Their benchmark
 cases for ``sparsify bench`` are in ``bench``. (``prune/nmg``, which prunes
 into the n:m:g structure, is the prune plugin's.)
 """
@@ -34,6 +36,14 @@ def sparsify_layouts():
 def sparsify_methods():
     """``layout_convert`` methods (activation-sparse FFN, MoE FFN, ``weight`` and its aliases)."""
     return [ActivationSparseFFNConvert, MoEFFNConvert, *weight_methods()]
+
+
+@hookimpl
+def sparsify_fast_modules(model, masks, device):
+    """Activation-sparse FFNs and MoE FFNs where a loaded model can skip work (``fast.fast_modules``)."""
+    from .fast import fast_modules
+
+    return fast_modules(model, masks, device)
 
 
 @hookimpl

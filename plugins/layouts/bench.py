@@ -290,7 +290,10 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
     import copy
 
     from sparsify_core.context import RunContext
+    from sparsify_core.generation import greedy_generate
     from sparsify_core.plugin_manager import catalog
+
+    from .fast import fast_modules
 
     cat = catalog()
     if model_dir is not None:
@@ -310,9 +313,7 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
         relu().apply(ctx, relu.Params())
     moe = bool(_routed(model))
     sparse = copy.deepcopy(model)
-    conv = cat.methods[("layout_convert", "moe_ffn" if moe else "activation_sparse_ffn")]
-    ctx.model = sparse
-    conv().apply(ctx, conv.Params())
+    fast_modules(sparse)  # the conversion `sparsify generate` uses
     fns = {"ours": sparse}
     if moe:  # dense: the same weights computing every expert; torch_moe: the routed model in plain torch
         dense = copy.deepcopy(model)
@@ -323,10 +324,8 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
     outs = {}
 
     def gen(m, name):
-        def run():
-            with torch.no_grad():
-                outs[name] = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                        pad_token_id=tok.eos_token_id)
+        def run():  # the generation call of `sparsify generate`, every token forced (no early EOS)
+            outs[name] = greedy_generate(m, ids, new_tokens, tok, min_new_tokens=new_tokens)
         return run
 
     t = interleaved({"dense": gen(model, "dense"), **{k: gen(m, k) for k, m in fns.items()}}, rounds, warmup=1)

@@ -98,6 +98,27 @@ SAVED_MASKS = "sparsify/masks.safetensors"
 PRUNED_ZERO_FRACTION = 0.01
 
 
+def _manifest(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "sparsify.json").read_text()) if (folder / "sparsify.json").is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _compressed(folder: Path) -> bool:
+    """A sparsify output stored ``compressed`` (``sparsify_core.storage``): loaded through ``load_output``."""
+    return (_manifest(folder).get("storage") or {}).get("form") == "compressed"
+
+
+def _has_saved_masks(folder: Path) -> bool:
+    """Whether a sparsify output holds masks, in either storage."""
+    if _compressed(folder):
+        return bool(_manifest(folder)["storage"].get("masks"))
+    return (folder / SAVED_MASKS).is_file()
+
+
 def _pruned_zeros(model, min_fraction: float) -> dict[str, torch.Tensor]:
     """Keep-masks from the exact zeros of the transformer layers' Linear/Conv1D weights (``prunable_modules``).
 
@@ -116,13 +137,13 @@ def _pruned_zeros(model, min_fraction: float) -> dict[str, torch.Tensor]:
 
 
 def _saved_masks(folder: Path, model, label: str) -> dict[str, torch.Tensor]:
-    """A sparsify output's ``sparsify/masks.safetensors``, checked against the model it belongs to."""
-    from safetensors.torch import load_file
-
+    """A sparsify output's masks (``sparsify/masks.safetensors``, or in its compressed weights), checked
+    against the model it belongs to."""
     from sparsify_core.masks import MaskSet
+    from sparsify_core.storage import read_masks
 
     masks = MaskSet()
-    masks.load_state_dict(load_file(folder / SAVED_MASKS))
+    masks.load_state_dict(read_masks(folder, _manifest(folder)))
     try:
         masks.check(model, "the model")
     except ValueError as exc:
@@ -173,8 +194,13 @@ class HFModel(ModelSource):
         kw = {"revision": params.revision, "trust_remote_code": params.trust_remote_code}
 
         try:  # never the network: a run uses what is on this machine, and fails fast when it is not
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kw)
-            model = model_cls.from_pretrained(where, local_files_only=True, **kw, **_dtype_kwargs(dtype))
+            if local and _compressed(folder):  # sparsify's own storage: transformers cannot read it
+                from sparsify_core.output import load_output
+                out = load_output(folder)
+                tokenizer, model = out.tokenizer, out.model
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kw)
+                model = model_cls.from_pretrained(where, local_files_only=True, **kw, **_dtype_kwargs(dtype))
         except OSError as exc:
             if local:
                 raise SparsifyError(f"hf model: cannot load {where}: {_first_line(exc)}") from None
@@ -191,13 +217,14 @@ class HFModel(ModelSource):
     @staticmethod
     def _masks(params: Params, model, folder: Path | None) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The pruning already in the model, per ``params.masks``, and where it came from (one line)."""
-        saved = folder is not None and (folder / SAVED_MASKS).is_file()
+        saved = folder is not None and _has_saved_masks(folder)
         if params.masks == "saved" and not saved:
             raise SparsifyError(f"hf model: {params.path}: masks: saved, but there is no {SAVED_MASKS} "
                                 "(use masks: zeros to take the weights' zeros as the mask)")
         if params.masks in ("saved", "auto") and saved:
             masks = _saved_masks(folder, model, params.path)
-            return masks, f"{_describe_masks(masks)} from {params.path}/{SAVED_MASKS}"
+            where = "its compressed weights" if _compressed(folder) else SAVED_MASKS
+            return masks, f"{_describe_masks(masks)} from {params.path}/{where}"
         if params.masks == "none":
             looks = _pruned_zeros(model, PRUNED_ZERO_FRACTION)
             if saved or looks:

@@ -55,12 +55,17 @@ def test_quickstart_end_to_end(workdir):
     assert run.metric_info["stage_seconds"] == STAGE_METRICS["stage_seconds"]
     assert run.metric_info["sparsity"].fraction  # declared by the magnitude method
 
-    # The output loads back with sparsify and with plain transformers.
+    # The output is compressed (it has masks): sparsify loads it, plain transformers refuses it clearly;
+    # exported dense, plain transformers loads it too.
     (art,) = [a for a in run.artifacts if a.kind == "output"]
     out = load_output(art.path)
     assert out.manifest["run_id"] == run.id and len(out.masks) > 0
+    assert out.manifest["storage"]["form"] == "compressed"
     from transformers import AutoModelForCausalLM
-    plain = AutoModelForCausalLM.from_pretrained(art.path)
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(art.path)
+    from sparsify_core.output import export_output
+    plain = AutoModelForCausalLM.from_pretrained(export_output(art.path, workdir / "dense", "dense"))
     assert plain.config.hidden_act == "relu"
     ids = torch.randint(0, 200, (1, 16))
     with torch.no_grad():

@@ -87,9 +87,13 @@ def test_run_killed_after_moe_stages_resumes_saves_and_loads_back(workdir):
     out = load_output(workdir / "out")
     modules = [b.module for b in find_ffn_blocks(out.model)]
     assert all(type(m).__name__ == "RoutedFFN" and m.routing == "threshold" for m in modules)
-    # The saved folder is also a plain transformers model: the dense FFN with permuted neurons.
+    # Stored compressed (the default for swapped modules); exported dense, it is also a plain transformers
+    # model: the dense FFN with permuted neurons.
     from transformers import AutoModelForCausalLM
-    plain = AutoModelForCausalLM.from_pretrained(workdir / "out")
+
+    from sparsify_core.output import export_output
+    assert out.manifest["storage"]["form"] == "compressed"
+    plain = AutoModelForCausalLM.from_pretrained(export_output(workdir / "out", workdir / "dense", "dense"))
     ids = torch.randint(0, 200, (1, 16))
     with torch.no_grad():
         routed = out.model(ids).logits

@@ -1,6 +1,7 @@
 """A pruned model used as the start of a new run keeps its zeros (issue 11, kind 1; field case 01)."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,9 @@ from helpers import sparsify, tiny_recipe, write
 from safetensors.torch import load_file, save_file
 
 from sparsify_core.errors import SparsifyError
+from sparsify_core.output import export_output
 from sparsify_core.registry import Registry
+from sparsify_core.storage import iter_tensors
 from sparsify_plugins.sources.models import HFModel
 
 SPLITS = {"calibration": {"samples": 4}, "train": {"samples": 16, "offset": 4}, "eval": {"samples": 4}}
@@ -55,8 +58,9 @@ def pruned(workdir, pruned_once):
 
 
 def _zeros(folder) -> dict[str, torch.Tensor]:
-    return {n: w == 0 for n, w in load_file(folder / "model.safetensors").items()
-            if ".layers." in n and n.endswith("proj.weight")}
+    """Exact zeros of the saved projection weights, in either storage."""
+    tensors = iter_tensors(folder, json.loads((folder / "sparsify.json").read_text()))
+    return {n: w == 0 for n, w in tensors if ".layers." in n and n.endswith("proj.weight")}
 
 
 def test_finetune_from_a_pruned_output_keeps_its_sparsity(workdir, pruned):
@@ -83,9 +87,15 @@ def _load(folder, masks="auto"):
 
 
 def test_mask_modes(workdir, pruned, capsys):
+    # The output is compressed (the default with masks): its masks come from its compressed weights.
+    compressed = _load(pruned)
+    assert len(compressed.masks) == 14 and "its compressed weights" in compressed.masks_origin
+    # The rest is about the dense storage's masks file.
+    pruned = export_output(pruned, workdir / "pruned-dense", "dense")
     saved = _load(pruned)
     assert len(saved.masks) == 14 and "sparsify/masks.safetensors" in saved.masks_origin
     assert sum(int((~k).sum()) for k in saved.masks.values()) == 10240
+    assert all(torch.equal(k, compressed.masks[n]) for n, k in saved.masks.items())
 
     # A folder pruned elsewhere (no masks file): auto takes the exact zeros as the mask.
     bare = workdir / "bare"

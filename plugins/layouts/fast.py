@@ -1,0 +1,73 @@
+"""The fast modules of a loaded model: the one conversion ``sparsify generate``, ``load_output(fast=True)``
+and ``sparsify bench`` case 4 use.
+
+``fast_modules`` swaps, exactly, every FFN that can skip work for its fast
+form: FFNs split into experts with ``top_k``/``threshold`` routing become
+``MoEFFN`` (``layout_convert/moe_ffn``), FFNs whose activation has exact
+zeros (ReLU, FATReLU, CATS) become activation-sparse
+(``layout_convert/activation_sparse_ffn``). Weights already held in a layout
+(``SparseLinear``) compute with their kernels as they are. Masks of moved
+weights follow them, as in the stages.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import find_ffn_blocks
+from sparsify_core.masks import MaskSet
+
+from .convert import ActivationSparseFFNConvert, MoEFFNConvert, _rewrite_masks
+from .modules import MoEFFN, TransposedLinear, activation_spec, is_sparse_activation
+
+
+def routed_blocks(model) -> list[int]:
+    """Indices of the FFN blocks split into experts whose routing skips experts (``top_k``/``threshold``)."""
+    return [i for i, b in enumerate(find_ffn_blocks(model))
+            if callable(getattr(b.module, "set_routing", None)) and not isinstance(b.module, MoEFFN)
+            and getattr(b.module, "routing", None) in ("top_k", "threshold")]
+
+
+def sparse_activation_blocks(model) -> list[int]:
+    """Indices of the unconverted FFN blocks whose activation has exact zeros."""
+    out = []
+    for i, b in enumerate(find_ffn_blocks(model)):
+        if callable(getattr(b.module, "set_routing", None)) or isinstance(b.down, TransposedLinear):
+            continue
+        if is_sparse_activation(activation_spec(b.activation)):
+            out.append(i)
+    return out
+
+
+def fast_modules(model: torch.nn.Module, masks: MaskSet | None = None, device=None) -> list[str]:
+    """Swap ``model``'s FFNs for their fast, exact forms in place; one line per kind of change.
+
+    ``masks`` (optional) is rewritten for the weights that change orientation.
+    ``device`` is where the model runs; the modules pick their kernels per
+    input (CPU kernels, Triton on CUDA, torch otherwise), so it only labels
+    the result. A block whose structure a conversion does not support (a
+    gated FFN without ``gate_proj``) is left as it is and reported.
+    """
+    masks = masks if masks is not None else MaskSet()
+    done: list[str] = []
+    change: dict = {}
+    moe = routed_blocks(model)
+    if moe:
+        MoEFFNConvert()._convert(model, MoEFFNConvert.Params(layers=moe), change)
+        done.append(f"MoE FFN in {len(moe)} blocks")
+    act = sparse_activation_blocks(model)
+    converted, skipped = [], []
+    for i in act:
+        try:
+            ActivationSparseFFNConvert()._convert(model, ActivationSparseFFNConvert.Params(layers=[i]), change)
+            converted.append(i)
+        except SparsifyError as exc:
+            skipped.append(f"layer {i}: {exc}")
+    if converted:
+        done.append(f"activation-sparse FFN in {len(converted)} blocks")
+    if skipped:
+        done.append(f"left dense: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    _rewrite_masks(SimpleNamespace(masks=masks), change)
+    return done
