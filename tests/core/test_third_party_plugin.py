@@ -148,6 +148,31 @@ def test_the_example_plugin_implements_every_hookspec():
     assert set(provided) == PROVIDERS and all(p and p[0] for p in provided.values()), provided
 
 
+def test_the_example_fast_modules_hook_swaps_all_zero_linears_exactly():
+    """``sparsify_fast_modules``: an all-zero Linear computes its bias only, the model's output unchanged."""
+    import torch
+
+    from sparsify_core.masks import MaskSet
+
+    pm = pluggy.PluginManager("sparsify")
+    pm.add_hookspecs(hookspecs)
+    pm.register(import_example_plugin(), name="example")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    masks = MaskSet()
+    masks.set("0.weight", torch.zeros(16, 8, dtype=torch.bool))
+    masks.apply(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = model(x)
+        (done,) = pm.hook.sparsify_fast_modules(model=model, masks=masks, device=torch.device("cpu"))
+        after = model(x)
+    assert done == ["0: all-zero weight, bias only (ZeroLinear)"]
+    assert type(model[0]).__name__ == "ZeroLinear" and type(model[2]) is torch.nn.Linear  # only the zero one
+    assert "0.weight" not in masks
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
 #: The hooks that return what a plugin provides (the others observe a run's lifecycle).
 PROVIDERS = {"sparsify_methods", "sparsify_model_sources", "sparsify_data_sources", "sparsify_metrics",
              "sparsify_layouts", "sparsify_bench_cases"}

@@ -11,6 +11,8 @@
   uses (``layout.py``);
 - ``sparsify_bench_cases``: case 101, that layout's kernel against dense
   (``bench.py``);
+- ``sparsify_fast_modules``: a Linear whose weight is entirely zero becomes a
+  ``ZeroLinear`` that computes only its bias (``fast.py``);
 - the lifecycle hooks: a tracker that appends one JSON line per call to the
   file named by ``SPARSIFY_EXAMPLE_LOG`` (nothing without it), the way a
   plugin would forward a run to an experiment tracker.
@@ -59,6 +61,14 @@ def sparsify_metrics():
 def sparsify_layouts():
     """``example_coo``."""
     return [COO]
+
+
+@hookimpl
+def sparsify_fast_modules(model, masks, device):
+    """All-zero Linear weights compute only their bias (``ZeroLinear``)."""
+    from .fast import zero_linears
+
+    return zero_linears(model, masks)
 
 
 @hookimpl
