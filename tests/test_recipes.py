@@ -1,13 +1,13 @@
 """The gmp and scaling-sweep recipes: valid as shipped, and sized as their comments say."""
 from __future__ import annotations
 
-from helpers import RECIPES, sparsify
+from helpers import RECIPES, sparsify_here
 
 from sparsify_core.recipe import load_recipe, load_sweep
 
 
 def test_gmp_recipe_validates(tmp_path):
-    proc = sparsify("validate", RECIPES / "gmp.yaml", cwd=tmp_path)
+    proc = sparsify_here("validate", RECIPES / "gmp.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "gmp (prune/gmp)" in proc.stdout and "finetune" not in proc.stdout
     loaded = load_recipe(RECIPES / "gmp.yaml")
@@ -19,7 +19,7 @@ def test_gmp_recipe_validates(tmp_path):
 
 
 def test_scaling_sweep_validates_and_can_fit_seven_coefficients(tmp_path):
-    proc = sparsify("validate", RECIPES / "scaling-sweep.yaml", cwd=tmp_path)
+    proc = sparsify_here("validate", RECIPES / "scaling-sweep.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "sweep scaling-sweep of 36 runs" in proc.stdout
     plan = load_sweep(RECIPES / "scaling-sweep.yaml")

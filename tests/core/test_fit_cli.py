@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import sparsify
+from helpers import sparsify_here
 
 from sparsify_core.registry import Registry
 from sparsify_core.scaling_law import PUBLISHED
@@ -39,7 +39,7 @@ def _record_sweep(reg: Registry, noise: float = 0.002) -> str:
 
 def test_fit_reports_coefficients_errors_optimum_and_plot(workdir):
     sweep_id = _record_sweep(Registry(str(workdir / "registry.db")))
-    proc = sparsify("fit", sweep_id[:16], "--d-unit", "1e5", "--restarts", "2", "--bootstrap", "3", "--folds", "2",
+    proc = sparsify_here("fit", sweep_id[:16], "--d-unit", "1e5", "--restarts", "2", "--bootstrap", "3", "--folds", "2",
                     "--budget-data", "5e4", "--budget-data", "5e7", "--json", "fit.json", "--plot", "fit.png",
                     cwd=workdir)
     assert proc.returncode == 0, proc.stderr
@@ -55,5 +55,5 @@ def test_fit_reports_coefficients_errors_optimum_and_plot(workdir):
     assert high["L_opt"] <= high["L_dense"] + 1e-12
     assert (workdir / "fit.png").read_bytes()[:4] == b"\x89PNG"
 
-    none = sparsify("fit", "sweep-nope", cwd=workdir)
+    none = sparsify_here("fit", "sweep-nope", cwd=workdir)
     assert none.returncode == 1 and "no sweep 'sweep-nope'" in none.stderr and "Traceback" not in none.stderr

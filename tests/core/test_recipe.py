@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import RECIPES, TINY_RECIPE, sparsify, tiny_recipe, write
+from helpers import RECIPES, TINY_RECIPE, sparsify, tiny_recipe, write, sparsify_here
 
 from sparsify_core.errors import RecipeError
 from sparsify_core.recipe import json_schema, load_recipe
@@ -122,14 +122,14 @@ def test_schema_has_every_method():
 def test_cli_validate_exit_codes(tmp_path):
     good = write(tmp_path / "good.yaml", TINY_RECIPE)
     bad = write(tmp_path / "bad.yaml", TINY_RECIPE.replace("sparsity: 0.5", "sparsty: 0.5"))
-    ok = sparsify("validate", good)
+    ok = sparsify_here("validate", good)
     assert ok.returncode == 0, ok.stderr
     proc = sparsify("validate", bad)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.yaml:18" in lines[0] and "sparsity" in lines[0]
     assert "Traceback" not in proc.stderr
-    proc = sparsify("validate", tmp_path / "missing.yaml")
+    proc = sparsify_here("validate", tmp_path / "missing.yaml")
     assert proc.returncode == 2 and "no such file" in proc.stderr
 
 

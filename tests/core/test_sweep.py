@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import sparsify, write
+from helpers import sparsify, write, sparsify_here
 
 from sparsify_core.errors import RecipeError
 from sparsify_core.recipe import load_recipe, load_sweep
@@ -85,9 +85,9 @@ def test_errors_name_file_line_and_field(tmp_path, change, where):
 
 
 def test_validate_cli_checks_every_point(workdir):
-    ok = sparsify("validate", write(workdir / "sw.yaml", SWEEP), cwd=workdir)
+    ok = sparsify_here("validate", write(workdir / "sw.yaml", SWEEP), cwd=workdir)
     assert ok.returncode == 0 and "sweep sw of 6 runs" in ok.stdout, ok.stderr
-    bad = sparsify("validate", write(workdir / "bad.yaml", SWEEP.replace("0.75]", "0.75, 1.0]")), cwd=workdir)
+    bad = sparsify_here("validate", write(workdir / "bad.yaml", SWEEP.replace("0.75]", "0.75, 1.0]")), cwd=workdir)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "bad.yaml:23: stages.0.params.sparsity: Input should be less than 1" in bad.stderr
 
@@ -142,10 +142,10 @@ def test_sweep_runs_resume_run_by_run(workdir, monkeypatch):
         assert by_name[name].attempts == (1 if before.status == "finished" else 2)
     assert {json.dumps(r.sweep_point, sort_keys=True) for r in runs} == {p.key for p in plan.points}
 
-    listed = sparsify("runs", "--sweep", sweep.id[:16], cwd=workdir)
+    listed = sparsify_here("runs", "--sweep", sweep.id[:16], cwd=workdir)
     assert listed.returncode == 0 and all(r.id in listed.stdout for r in runs), listed.stderr
-    cmp = sparsify("compare", "--sweep", sweep.id, "--format", "json", cwd=workdir)
+    cmp = sparsify_here("compare", "--sweep", sweep.id, "--format", "json", cwd=workdir)
     assert cmp.returncode == 0 and len(json.loads(cmp.stdout)) >= 4, cmp.stderr
-    table = sparsify("sweeps", cwd=workdir)
+    table = sparsify_here("sweeps", cwd=workdir)
     row = next(line for line in table.stdout.splitlines() if sweep.id in line)
     assert [c.strip() for c in row.split("│")][3:6] == ["4", "4", "0"], row  # runs, finished, failed

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from helpers import RECIPES, plugin_env, sparsify, tiny_recipe, write
+from helpers import RECIPES, plugin_env, sparsify, tiny_recipe, write, sparsify_here
 
 from sparsify_core import load_output
 from sparsify_core.ffn import find_ffn_blocks
@@ -38,13 +38,13 @@ def _recipe(extra_stages: str = "") -> str:
 
 @pytest.mark.parametrize("name", ["lte", "moefication", "moefication-smollm2"])
 def test_recipes_validate(name):
-    proc = sparsify("validate", RECIPES / f"{name}.yaml")
+    proc = sparsify_here("validate", RECIPES / f"{name}.yaml")
     assert proc.returncode == 0, proc.stderr
 
 
 def test_bad_moe_params_are_one_line_errors(workdir):
     path = write(workdir / "r.yaml", _recipe().replace("router: lte,", "router: lte, top_k: 3,"))
-    proc = sparsify("validate", path)
+    proc = sparsify_here("validate", path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "top_k" in proc.stderr and "r.yaml" in proc.stderr
 
