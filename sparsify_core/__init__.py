@@ -9,7 +9,7 @@ The public API for plugin authors and users:
 - ``Layout``: sparse storage layouts.
 - ``RunContext``: what methods and metrics receive.
 - ``find_ffn_blocks``: the one way to find FFN blocks in a model.
-- ``load_output``: load any sparsify output folder back (``fast=True``: with its fast modules).
+- ``load_output``: load any sparsify output folder back, with its fast modules (``fast=False``: as saved).
 """
 from __future__ import annotations
 

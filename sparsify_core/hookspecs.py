@@ -93,7 +93,7 @@ def sparsify_layouts():
 def sparsify_fast_modules(model, masks, device):
     """Swap modules of a loaded ``model`` for the ones that compute fastest on ``device``, exactly.
 
-    Called by ``load_output(..., fast=True)`` (and so by ``sparsify
+    Called by ``load_output`` (unless ``fast=False``) (and so by ``sparsify
     generate``) on a model in eval mode on ``device``; ``masks`` is its
     ``MaskSet``, to be kept in step with any weight a swap moves. An
     implementation changes only modules it owns the fast form of, leaves the

@@ -215,7 +215,7 @@ class LoadedOutput:
     masks: MaskSet
 
 
-def load_output(path, device="cpu", fast: bool = False) -> LoadedOutput:
+def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
     """Load any sparsify output folder, dense or compressed: architecture, stage rebuilds, weights, masks.
 
     Works for outputs whose modules were modified by stages (their methods'
@@ -226,10 +226,12 @@ def load_output(path, device="cpu", fast: bool = False) -> LoadedOutput:
     is never densified. Floating tensors keep the dtype the fresh model has
     (as ``load_state_dict`` would copy them).
 
-    With ``fast``, the installed plugins then swap in the modules that compute
-    fastest on ``device`` (``sparsify_fast_modules``: e.g. activation-sparse
-    FFNs for ReLU/FATReLU FFNs, ``MoEFFN`` for FFNs split into experts),
-    exactly; ``LoadedOutput.manifest["fast_modules"]`` lists what changed.
+    With ``fast`` (the default), the installed plugins then swap in the
+    modules that compute fastest on ``device`` (``sparsify_fast_modules``:
+    e.g. activation-sparse FFNs for ReLU/FATReLU FFNs, ``MoEFFN`` for FFNs
+    split into experts), exactly; ``LoadedOutput.manifest["fast_modules"]``
+    lists what changed. ``fast=False`` keeps the modules as saved (to train
+    further, or to inspect the structure the stages left).
 
     Raises ``SparsifyError`` (one line naming the folder) when ``path`` is not
     an output, its storage is unknown, a plugin it needs is missing, or its

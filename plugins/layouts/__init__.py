@@ -9,7 +9,7 @@ fast kernels of ``sparsify_kernels`` (``weight``), modules hold layouts and
 compute with their kernels (``modules``), stage methods swap modules in a
 model (``convert``: ``weight`` takes any catalog layout by name),
 the fast modules of a loaded model are chosen in one place (``fast``:
-``sparsify generate``, ``load_output(fast=True)`` and bench case 4), and
+``sparsify generate``, ``load_output`` and bench case 4), and
 predictors are fitted by pure functions (``predictor``). Their benchmark
 cases for ``sparsify bench`` are in ``bench``. (``prune/nmg``, which prunes
 into the n:m:g structure, is the prune plugin's.)

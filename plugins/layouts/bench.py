@@ -299,7 +299,7 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
     if model_dir is not None:
         from sparsify_core.output import load_output
 
-        loaded = load_output(model_dir)
+        loaded = load_output(model_dir, fast=False)  # converted below, the dense copy kept for timing
         note = f"sparsify output {model_dir}"
     else:
         src = cat.model_sources["smollm2-135m"]

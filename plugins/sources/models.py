@@ -196,7 +196,7 @@ class HFModel(ModelSource):
         try:  # never the network: a run uses what is on this machine, and fails fast when it is not
             if local and _compressed(folder):  # sparsify's own storage: transformers cannot read it
                 from sparsify_core.output import load_output
-                out = load_output(folder)
+                out = load_output(folder, fast=False)  # training continues: the modules as saved
                 tokenizer, model = out.tokenizer, out.model
             else:
                 tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kw)
