@@ -14,6 +14,7 @@ candidate time``.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -21,7 +22,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -285,6 +286,44 @@ def record(registry, result: dict, json_path: str | os.PathLike | None = None) -
         registry.add_artifact(run_id, "bench_json", os.path.abspath(json_path))
     registry.set_run_status(run_id, "finished")
     return run_id
+
+
+def read_result(path: str | os.PathLike) -> dict:
+    """A result ``sparsify bench --json`` wrote. Raises ``SparsifyError`` (one line naming the file) otherwise."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except OSError as exc:
+        raise SparsifyError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise SparsifyError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) \
+            or not isinstance(result.get("environment"), dict):
+        raise SparsifyError(f"{path}: not a `sparsify bench --json` result (no rows and environment)")
+    return result
+
+
+def describe_machine(env: dict) -> str:
+    """One line: ``AMD EPYC, avx2, 2 threads, torch 2.13.0`` (what a ratio depends on)."""
+    return ", ".join(str(v) for v in (env.get("cpu_model") or "unknown CPU", env.get("isa"),
+                                      f"{env.get('threads')} threads", f"torch {env.get('torch')}"))
+
+
+def compare_results(results: Sequence[dict]) -> list[list[str]]:
+    """Rows of strings putting saved results side by side: case, config, then per result the best ratio
+    (``nm 1.83x``, dense ms in brackets) or ``-`` where that result lacks the configuration.
+
+    Configurations are matched by (case, config) and listed in the order they first appear."""
+    keyed = [{(r["case"], r["config"]): r for r in res["rows"]} for res in results]
+    keys = list(dict.fromkeys(k for rows in keyed for k in rows))
+    out = []
+    for case, config in keys:
+        cells = []
+        for rows in keyed:
+            r = rows.get((case, config))
+            cells.append("-" if r is None else f"{r['best']} {r['best_ratio']:.2f}x ({r['dense_ms']:.3g} ms)")
+        out.append([str(case), config, *cells])
+    return out
 
 
 def format_table(result: dict) -> list[list[str]]:

@@ -331,14 +331,33 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
                                       "(`sparsify runs` lists them, `sparsify show ID` shows them)"),
           model: Optional[Path] = typer.Option(None, "--model", help="for the cases that run a whole model (case 4): "
                                                "a sparsify output folder with ReLU/FATReLU FFNs (e.g. from "
-                                               "recipes/prosparse.yaml) [default: SmolLM2-135M with ReLU, untrained]")):
+                                               "recipes/prosparse.yaml) [default: SmolLM2-135M with ReLU, untrained]"),
+          compare: Optional[list[Path]] = typer.Option(None, "--compare", help="put results saved with --json side "
+                                                       "by side (repeat the option; runs nothing)")):
     """Time sparse kernels against dense compute, interleaved in one process.
 
     The cases come from plugins (the ``sparsify_bench_cases`` hook); the
-    harness is sparsify_core/bench.py.
+    harness is sparsify_core/bench.py. ``--compare A.json --compare B.json``
+    shows saved results side by side (e.g. one build on two machines), each
+    with the CPU, ISA, threads and torch it ran with.
     """
     from . import bench as _bench
 
+    if compare:
+        if case or json_path or record or model or quick or threads:
+            raise SparsifyError("--compare shows saved results and runs nothing: leave out --case, --json, "
+                                "--record, --model, --quick and --threads")
+        results = [_bench.read_result(p) for p in compare]
+        table = Table(title="sparsify bench: best ratio dense / ours (dense ms), side by side")
+        table.add_column("case")
+        table.add_column("config")
+        for i, (path, res) in enumerate(zip(compare, results)):
+            quick_note = ", --quick" if res.get("quick") else ""
+            table.add_column(f"[{i + 1}] {path.name}\n{_bench.describe_machine(res['environment'])}{quick_note}")
+        for row in _bench.compare_results(results):
+            table.add_row(*row)
+        out.print(table)
+        return
     available = _bench.cases()
     numbers = case or [n for n, c in available.items() if c.default]
     bad = [c for c in numbers if c not in available]

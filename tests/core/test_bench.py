@@ -124,3 +124,34 @@ def test_cli_bench_record_then_runs_and_show(workdir):
     assert "case 1" in shown and "speedup" in shown and "machine" in shown
     resume = sparsify("run", "--resume", run_id, cwd=workdir)
     assert resume.returncode == 1 and "not a recipe run" in resume.stderr
+
+
+def test_compare_puts_saved_results_side_by_side(tmp_path):
+    """``--compare``: each result's machine in its column, configurations matched by (case, config), ``-`` where
+    one result lacks it; bad files are one-line errors; nothing runs."""
+    from helpers import sparsify_here
+
+    one = bench.run((97,), available={97: CASE})
+    two = json.loads(json.dumps(one))  # as read back from --json
+    two["environment"].update(cpu_model="Other CPU", isa="avx512", threads=4)
+    two["rows"][0].update(best_ratio=3.5, dense_ms=2.0)
+    two["rows"].append(dict(two["rows"][0], case=98, config="only here"))
+    rows = bench.compare_results([one, two])
+    assert rows[0][:2] == ["97", "n=200"] and rows[0][3] == "ours 3.50x (2 ms)"
+    assert rows[0][2] == f"ours {one['rows'][0]['best_ratio']:.2f}x ({one['rows'][0]['dense_ms']:.3g} ms)"
+    assert rows[1] == ["98", "only here", "-", "ours 3.50x (2 ms)"]
+    assert bench.describe_machine(two["environment"]).startswith("Other CPU, avx512, 4 threads, torch ")
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(one))
+    b.write_text(json.dumps(two))
+    proc = sparsify_here("bench", "--compare", a, "--compare", b)
+    assert proc.returncode == 0, proc.stderr
+    assert "Other CPU, avx512, 4 threads" in proc.stdout and "only here" in proc.stdout
+    (tmp_path / "c.json").write_text("{}")
+    for args, message in ((("--compare", tmp_path / "c.json"), "not a `sparsify bench --json` result"),
+                          (("--compare", tmp_path / "none.json"), "none.json"),
+                          (("--compare", a, "--case", "1"), "runs nothing")):
+        proc = sparsify_here("bench", *args)
+        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
