@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 import torch
 
-from helpers import make_output, sparsify
-from sparsify_core.cli import main
+from helpers import make_output, sparsify, sparsify_here
 from sparsify_core.generation import greedy_generate, timed_generate
 from sparsify_core.output import load_output
 
@@ -25,14 +23,9 @@ def output(tmp_path_factory):
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["sparsify", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    got = capsys.readouterr()
-    return code, got.out, got.err
+    """Run the CLI in this process as a user would: (exit status, stdout, stderr)."""
+    proc = sparsify_here(*args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_generate_subprocess_streams_tokens_and_ends_with_numbers(output):

@@ -140,3 +140,15 @@ def test_nm_patterns_and_exponents_read_as_meant():
     assert safe_load("a: 2:4\nb: 1e-4\nc: 12\nd: 0.5\ne: '2:4'") == {"a": "2:4", "b": 1e-4, "c": 12, "d": 0.5, "e": "2:4"}
     assert parse_override("stages.0.params.pattern=2:4") == ("stages.0.params.pattern", "2:4")
     assert parse_override("stages.0.params.train.lr=3e-4") == ("stages.0.params.train.lr", 3e-4)
+
+
+def test_recipe_yaml_builds_no_python_objects():
+    """The recipe loader is a SafeLoader: python tags are refused, never constructed."""
+    import yaml
+
+    from sparsify_core.recipe import RecipeLoader, safe_load
+
+    assert issubclass(RecipeLoader, yaml.SafeLoader)
+    for text in ("x: !!python/object/apply:os.system ['true']", "x: !!python/name:os.system", "x: !!python/tuple [1]"):
+        with pytest.raises(yaml.constructor.ConstructorError):
+            safe_load(text)

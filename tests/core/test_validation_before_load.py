@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import enum
 import re
-import sys
 import typing
 from typing import Annotated, Any, Literal
 
 import pytest
 import torch
 import yaml
-from helpers import TINY_SPLITS, make_ctx, tiny_model, tiny_recipe, write
+from helpers import TINY_SPLITS, make_ctx, tiny_model, tiny_recipe, write, sparsify_here
 from pydantic import BaseModel, TypeAdapter
 
-from sparsify_core.cli import main
 from sparsify_core.errors import RecipeError, SparsifyError
 from sparsify_core.plugin_manager import catalog
 from sparsify_core.recipe import Recipe, check_model, load_recipe, safe_load
@@ -34,14 +32,8 @@ from sparsify_core.training import TrainCallback, TrainConfig, train
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run the CLI in this process as a user would: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["sparsify", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    proc = sparsify_here(*args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture
