@@ -59,6 +59,10 @@ class TrainConfig(Params):
         "regexes (re.search) of parameter names kept fixed during this stage, e.g. ['embed_tokens', 'lm_head']"))
     gradient_checkpointing: bool = False
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(
+        "data parallelism under torchrun: ddp (every rank holds the whole model and optimizer state), "
+        "fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded across ranks), "
+        "auto (fsdp when launched with more than one process and the model is large, ddp otherwise)"))
 
     @field_validator("freeze")
     @classmethod
