@@ -2,9 +2,11 @@
 
 ``sparsify run`` under ``torchrun --nproc_per_node N`` (or accelerate launch)
 finds ``WORLD_SIZE``/``RANK`` in its environment, joins the process group
-(NCCL on GPUs, gloo on CPU), shards training batches by rank and wraps the
-model in DDP inside the training loop. Only rank 0 writes the registry,
-checkpoints and outputs.
+(NCCL on GPUs, gloo on CPU), shards training batches by rank and, inside the
+training loop, wraps the model in DDP or shards it with FSDP2
+(``choose_parallel``, ``fully_shard_model``, ``unshard_model``). Only rank 0
+writes the registry, stage checkpoints and outputs; every rank writes its
+part of the sharded mid-stage checkpoints.
 """
 from __future__ import annotations
 
@@ -111,7 +113,8 @@ def choose_parallel(requested: str, world: int, n_params: int, memory: int) -> t
     need, limit = n_params * TRAIN_BYTES_PER_PARAM, memory * FSDP_AUTO_FRACTION
     gib = 2 ** 30
     verdict = ("fsdp", "exceeds") if need > limit else ("ddp", "fits in")
-    return verdict[0], (f"auto: {n_params / 1e6:.3g}M params x {TRAIN_BYTES_PER_PARAM} bytes = {need / gib:.3g} GiB "
+    count = f"{n_params / 1e9:.3g}B" if n_params >= 1e9 else f"{n_params / 1e6:.3g}M"
+    return verdict[0], (f"auto: {count} params x {TRAIN_BYTES_PER_PARAM} bytes = {need / gib:.3g} GiB "
                         f"{verdict[1]} {FSDP_AUTO_FRACTION:.0%} of one rank's {memory / gib:.3g} GiB")
 
 

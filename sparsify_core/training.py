@@ -239,12 +239,20 @@ def _load(ctx, loop: TrainLoop, optimizer, meta: dict) -> None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True))
     else:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
         model_state, optim_state = get_state_dict(loop.model, optimizer)  # the layout to load into
+        # get_state_dict gives every trainable parameter AdamW state; keep only what the checkpoint has, so a
+        # parameter that had none (no gradient yet, e.g. an unselected router) starts fresh as it would have
+        saved = set(dcp.FileSystemReader(path / "state").read_metadata().state_dict_metadata)
+        optim_state["state"] = {fqn: kept for fqn, entries in optim_state["state"].items()
+                                if (kept := {k: v for k, v in entries.items()
+                                             if f"optimizer.state.{fqn}.{k}" in saved})}
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=path / "state", no_dist=dist.world_size() == 1)
-        set_state_dict(loop.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_model_state_dict(loop.model, state["model"])  # strict: every weight must be there
+        set_optimizer_state_dict(loop.model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
         rng = path / f"rng-{dist.rank()}.pt"
         if rng.exists():  # absent when resumed on more ranks than wrote it: that rank keeps its seeded RNG
             _set_rng_state(torch.load(rng, weights_only=False))

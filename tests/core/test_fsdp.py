@@ -95,7 +95,8 @@ GMP = """\
       every: 1
       start: 0.0
       end: 0.5
-      train: {{steps: 8, batch_size: {batch}, lr: 1.0e-3, checkpoint_every: {every}, parallel: fsdp}}
+      train: {{steps: 8, batch_size: {batch}, lr: 1.0e-3, checkpoint_every: {every}, parallel: fsdp,
+               gradient_checkpointing: {gc}}}
 """
 
 
@@ -109,7 +110,7 @@ def _single_process(workdir, stages: str):
     from sparsify_core.recipe import load_recipe
     from sparsify_core.runner import Runner
 
-    path = _recipe(workdir, stages.format(batch=4, every=0), "single")
+    path = _recipe(workdir, stages.format(batch=4, every=0, gc="false"), "single")
     Runner(load_recipe(path), Registry(f"sqlite:///{workdir}/single.db"), runs_dir=workdir / "single-runs").run()
     return _saved(workdir / "out" / "single")
 
@@ -141,9 +142,9 @@ ENV = dict(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
 
 def test_fsdp_gives_the_single_process_result(workdir, one_thread):
     """The acceptance recipe: `train: {parallel: fsdp}` under torchrun; progressive_l1 (with a freeze list)
-    then gmp, whose masks change mid-stage."""
+    then gmp, whose masks change mid-stage, with activation checkpointing per block."""
     stages = L1 + GMP
-    recipe = _recipe(workdir, stages.format(batch=2, every=0), "fsdp")
+    recipe = _recipe(workdir, stages.format(batch=2, every=0, gc="true"), "fsdp")
     proc = subprocess.run(_torchrun(recipe), cwd=workdir, env=dict(os.environ, **ENV), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -159,7 +160,7 @@ def test_kill_one_rank_mid_stage_then_resume(workdir, one_thread):
     """kill -9 of rank 1 once gmp wrote its first sharded checkpoint; `--resume` finishes the stage from it."""
     import psutil
 
-    recipe = _recipe(workdir, GMP.format(batch=2, every=2), "fsdp")
+    recipe = _recipe(workdir, GMP.format(batch=2, every=2, gc="false"), "fsdp")
     env = dict(os.environ, **ENV)
     proc = subprocess.Popen(_torchrun(recipe), cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
