@@ -223,8 +223,8 @@ def _load(ctx, loop: TrainLoop, optimizer, meta: dict) -> None:
     """Load weights, masks, optimizer state and RNG of the checkpoint ``meta`` describes into the (possibly
     sharded) model and its optimizer; the callbacks got their states before the model was wrapped.
 
-    A checkpoint resharded on load: it may come from another world size or parallelism. Format 1
-    (before sharded checkpoints: ``model.safetensors`` + ``optimizer.pt``) loads on an unsharded model.
+    Format 1 (written before sharded checkpoints: ``model.safetensors`` + ``optimizer.pt``) still loads
+    into an unsharded model (one process, ddp); into a sharded one it raises ``SparsifyError``.
     """
     from safetensors.torch import load_file
 
@@ -233,8 +233,9 @@ def _load(ctx, loop: TrainLoop, optimizer, meta: dict) -> None:
         from safetensors.torch import load_model
 
         if loop.parallel == "fsdp":
-            raise SparsifyError(f"stage {ctx.stage_name!r}: the checkpoint in {path} predates sharded checkpoints; "
-                                f"resume it with train.parallel ddp (or in one process)")
+            raise SparsifyError(f"stage {ctx.stage_name!r}: the checkpoint in {path} predates sharded checkpoints "
+                                f"and cannot load into an fsdp model; resume in one process, or delete that folder "
+                                f"to restart the stage")
         load_model(loop.model, str(path / "model.safetensors"), strict=True)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True))
     else:

@@ -101,7 +101,8 @@ GMP = """\
 
 
 def _recipe(workdir, stages: str, name: str):
-    return write(workdir / f"{name}.yaml", tiny_recipe(stages, name=name, evaluate={"after": "none"},
+    # evaluated after the last stage: rank 0 alone runs the model, which must be whole and unhooked again
+    return write(workdir / f"{name}.yaml", tiny_recipe(stages, name=name, evaluate={"after": "last"},
                                                        output={"dir": str(workdir / "out" / "{name}")}))
 
 
