@@ -85,7 +85,8 @@ FSDP_AUTO_FRACTION = 0.5
 
 
 def device_memory(device: torch.device) -> int:
-    """Bytes one rank may use: the CUDA device's total memory, or on CPU the available RAM split across this node's ranks."""
+    """Bytes one rank may use: the CUDA device's total memory, or on CPU the available RAM split across
+    this node's ranks (``LOCAL_WORLD_SIZE``)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     import psutil
@@ -139,7 +140,8 @@ def fully_shard_model(model: torch.nn.Module, *, bf16: bool) -> int:
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
     blocks = transformer_blocks(model)
     for block in blocks:
         fully_shard(block, mp_policy=mp)
