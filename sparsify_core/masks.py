@@ -9,12 +9,15 @@ class MaskSet:
 
     Pruning methods ``set`` masks; the engine re-applies them after every
     stage, the shared training loop after every optimizer step, so pruned
-    weights stay exactly zero. A new mask for a parameter is intersected with
+    weights stay exactly zero. Masks are whole tensors on the CPU; for a
+    parameter FSDP shards, ``apply`` zeroes this rank's shard with its slice
+    of the mask. A new mask for a parameter is intersected with
     the old one: once pruned, a weight stays pruned.
     """
 
     def __init__(self) -> None:
         self._masks: dict[str, torch.Tensor] = {}
+        self._shards: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (mask, its local shard)
 
     def __contains__(self, name: str) -> bool:
         return name in self._masks
@@ -79,7 +82,21 @@ class MaskSet:
             p = params.get(name)
             if p is None:
                 raise KeyError(f"mask for {name!r} but the model has no such parameter")
-            p.mul_(keep.to(device=p.device, dtype=p.dtype))
+            p.mul_(self._beside(name, keep, p))
+
+    def _beside(self, name: str, keep: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``keep`` as a multiplier laid out like ``p``: for a parameter sharded by FSDP (a DTensor), this
+        rank's slice of it, cut locally (every rank holds the same whole mask) and kept until the mask changes."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not isinstance(p, DTensor):
+            return keep.to(device=p.device, dtype=p.dtype)
+        cached = self._shards.get(name)
+        if cached is None or cached[0] is not keep or cached[1].placements != p.placements:
+            local = distribute_tensor(keep.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements,
+                                      src_data_rank=None)
+            self._shards[name] = cached = (keep, local)
+        return cached[1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Masks as uint8 tensors (safetensors has no bool on every version)."""

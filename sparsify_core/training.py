@@ -8,9 +8,13 @@ next-token distribution to the model's, at a temperature) plus whatever the
 callbacks add. Callbacks are how methods hook in: a penalty (the L1 of
 ProSparse), a schedule (lambda, pruning), extra metrics. Pruned weights are
 re-masked after every optimizer step. A checkpoint every
-``checkpoint_every`` steps (weights, masks, optimizer, callback states) lets
-``sparsify run --resume`` continue mid-stage.
-Under torchrun the model is wrapped in DDP and batches are sharded by rank.
+``checkpoint_every`` steps (weights, masks, optimizer, callback states, RNG;
+sharded with ``torch.distributed.checkpoint``, each rank writing its part)
+lets ``sparsify run --resume`` continue mid-stage.
+Under torchrun batches are sharded by rank (``batch_size`` is per process) and
+the model is wrapped in DDP or sharded with FSDP2 (``train.parallel``,
+``distributed.choose_parallel``); after the loop a sharded model is whole
+again on every rank, so the rest of the run sees a plain model.
 """
 from __future__ import annotations
 
@@ -87,6 +91,12 @@ class TrainCallback:
     runs before the checkpoint's weights are loaded, so a callback that changed
     the model's structure mid-stage (SSD swaps FFNs for routed ones) rebuilds
     it first.
+
+    Under ``parallel: fsdp`` the model's parameters are shards (DTensors)
+    while the loop runs: forward hooks (activation penalties, routers) work
+    as usual; a callback that reads whole weights (a pruning schedule) does
+    so inside ``loop.full_parameters()``, read only, and records masks in
+    ``ctx.masks``, which the loop applies to the shards after ``after_step``.
     """
 
     def start(self, loop: "TrainLoop") -> None: ...
@@ -105,6 +115,10 @@ class TrainCallback:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    # False: the callback rebuilds modules or moves optimizer state mid-stage (SSD's switch), which FSDP's
+    # sharded parameters cannot follow; ``parallel: auto`` then picks ddp and ``fsdp`` is refused.
+    shardable: bool = True
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -148,46 +162,117 @@ class TrainLoop:
 
     ctx: "RunContext"
     cfg: TrainConfig
-    model: torch.nn.Module  # the plain model (not the DDP wrapper)
+    model: torch.nn.Module  # the model itself (not the DDP wrapper; sharded in place under fsdp)
     optimizer: torch.optim.Optimizer | None = None  # e.g. to re-order its state when neurons are permuted
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    parallel: str = "none"  # none (one process), ddp or fsdp
+
+    def full_parameters(self):
+        """Context manager: whole parameters on every rank inside, read only (under fsdp they are gathered;
+        every rank must enter it at the same step); a no-op when the model is not sharded."""
+        return dist.full_parameters(self.model)
 
 
 def _checkpoint_dir(ctx: "RunContext") -> Path:
     return Path(ctx.workdir) / f"train-stage-{ctx.stage_index}"
 
 
+CHECKPOINT_FORMAT = 2  # 2: torch.distributed.checkpoint (sharded); 1: model.safetensors + optimizer.pt
+
+
 def _save(ctx, loop: TrainLoop, optimizer, callbacks) -> Path:
-    from safetensors.torch import save_file, save_model
+    """Write the mid-stage checkpoint; collective: every rank calls it at the same step.
+
+    Layout of ``train-stage-<i>/``: ``state/`` (``torch.distributed.checkpoint``:
+    model and optimizer state dicts keyed by parameter name, each rank writing
+    its shards; replicated tensors once), ``masks.safetensors`` (whole masks,
+    rank 0), ``rng-<rank>.pt`` (each rank's torch RNG) and ``loop.json``
+    (format, step, callback states, world size). Built in a temporary folder
+    and swapped in by rank 0, so a crash keeps the previous checkpoint; with
+    several nodes the run folder must be on a filesystem they share.
+    """
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     final = _checkpoint_dir(ctx)
-    tmp = tmp_for(final)
-    save_model(loop.model, str(tmp / "model.safetensors"))
-    if len(ctx.masks):  # schedules (gradual pruning) change the masks mid-stage
-        save_file(ctx.masks.state_dict(), str(tmp / "masks.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    meta = {"step": loop.step, "callbacks": [cb.state_dict() for cb in callbacks]}
-    (tmp / "loop.json").write_text(json.dumps(meta))
-    replace_dir(tmp, final)
+    tmp = Path(dist.broadcast(str(tmp_for(final)) if dist.is_main() else None))
+    state = {"model": get_model_state_dict(loop.model), "optimizer": get_optimizer_state_dict(loop.model, optimizer)}
+    dcp.save(state, checkpoint_id=tmp / "state", no_dist=dist.world_size() == 1)
+    torch.save(_rng_state(), tmp / f"rng-{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        if len(ctx.masks):  # schedules (gradual pruning) change the masks mid-stage
+            save_file(ctx.masks.state_dict(), str(tmp / "masks.safetensors"))
+        meta = {"format": CHECKPOINT_FORMAT, "step": loop.step, "callbacks": [cb.state_dict() for cb in callbacks],
+                "world_size": dist.world_size(), "parallel": loop.parallel}
+        (tmp / "loop.json").write_text(json.dumps(meta))
+        replace_dir(tmp, final)
+    dist.barrier()
     return final
 
 
-def _load(ctx, loop: TrainLoop, optimizer, callbacks) -> bool:
-    from safetensors.torch import load_file, load_model
+def _checkpoint_meta(ctx) -> dict | None:
+    """``loop.json`` of this stage's mid-stage checkpoint, or ``None`` when there is none."""
+    path = _checkpoint_dir(ctx) / "loop.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _load(ctx, loop: TrainLoop, optimizer, meta: dict) -> None:
+    """Load weights, masks, optimizer state and RNG of the checkpoint ``meta`` describes into the (possibly
+    sharded) model and its optimizer; the callbacks got their states before the model was wrapped.
+
+    Format 1 (written before sharded checkpoints: ``model.safetensors`` + ``optimizer.pt``) still loads
+    into an unsharded model (one process, ddp); into a sharded one it raises ``SparsifyError``.
+    """
+    from safetensors.torch import load_file
 
     path = _checkpoint_dir(ctx)
-    if not (path / "loop.json").exists():
-        return False
-    meta = json.loads((path / "loop.json").read_text())
-    for cb, state in zip(callbacks, meta["callbacks"]):  # first: it may rebuild the structure the weights fit
-        cb.load_state_dict(state)
-    load_model(loop.model, str(path / "model.safetensors"), strict=True)
+    if meta.get("format", 1) == 1:
+        from safetensors.torch import load_model
+
+        if loop.parallel == "fsdp":
+            raise SparsifyError(f"stage {ctx.stage_name!r}: the checkpoint in {path} predates sharded checkpoints "
+                                f"and cannot load into an fsdp model; resume in one process, or delete that folder "
+                                f"to restart the stage")
+        load_model(loop.model, str(path / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True))
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        model_state, optim_state = get_state_dict(loop.model, optimizer)  # the layout to load into
+        # get_state_dict gives every trainable parameter AdamW state; keep only what the checkpoint has, so a
+        # parameter that had none (no gradient yet, e.g. an unselected router) starts fresh as it would have
+        saved = set(dcp.FileSystemReader(path / "state").read_metadata().state_dict_metadata)
+        optim_state["state"] = {fqn: kept for fqn, entries in optim_state["state"].items()
+                                if (kept := {k: v for k, v in entries.items()
+                                             if f"optimizer.state.{fqn}.{k}" in saved})}
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=path / "state", no_dist=dist.world_size() == 1)
+        set_model_state_dict(loop.model, state["model"])  # strict: every weight must be there
+        set_optimizer_state_dict(loop.model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        rng = path / f"rng-{dist.rank()}.pt"
+        if rng.exists():  # absent when resumed on more ranks than wrote it: that rank keeps its seeded RNG
+            _set_rng_state(torch.load(rng, weights_only=False))
     if (path / "masks.safetensors").exists():
         ctx.masks.load_state_dict(load_file(str(path / "masks.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ctx.device, weights_only=True))
     loop.step = meta["step"]
-    return True
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _forward_logits(model, ids):
@@ -239,35 +324,45 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
     callbacks = list(callbacks or [])
     model = ctx.model
     data = ctx.split(cfg.split)
-    frozen = [p for name, p in model.named_parameters()
+    frozen = [name for name, p in model.named_parameters()
               if p.requires_grad and any(re.search(f, name) for f in cfg.freeze)]
-    for p in frozen:  # restored in the finally below
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        for p in frozen:
-            p.requires_grad_(True)
+    _set_requires_grad(model, frozen, False)  # restored in the finally below (by name: fsdp swaps the tensors)
+    if not any(p.requires_grad for p in model.parameters()):
+        _set_requires_grad(model, frozen, True)
         raise SparsifyError(f"stage {ctx.stage_name!r}: no trainable parameters")
+    use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and ctx.device.type == "cuda"
+                                          and torch.cuda.is_bf16_supported())
+    world, rank = dist.world_size(), dist.rank()
+    parallel = _choose_parallel(ctx, cfg, model, callbacks)
+    meta = _checkpoint_meta(ctx) if ctx.resume_stage == ctx.stage_index else None
+    if meta is not None:  # first: a callback may rebuild the structure the weights fit (before any sharding)
+        for cb, state in zip(callbacks, meta["callbacks"]):
+            cb.load_state_dict(state)
+    if parallel == "fsdp":
+        blocks = dist.fully_shard_model(model, bf16=use_bf16)
+        if dist.is_main():
+            ctx.info(f"fsdp: {blocks} blocks and the root sharded across {world} ranks"
+                     + (", bf16 parameters, fp32 gradient reduction" if use_bf16 else ""))
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the DTensors the optimizer owns
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    loop = TrainLoop(ctx=ctx, cfg=cfg, model=model, optimizer=optimizer)
-    if ctx.resume_stage == ctx.stage_index and _load(ctx, loop, optimizer, callbacks):
+    loop = TrainLoop(ctx=ctx, cfg=cfg, model=model, optimizer=optimizer, parallel=parallel)
+    if meta is not None:
+        _load(ctx, loop, optimizer, meta)
         ctx.info(f"resuming training at step {loop.step} of {cfg.steps}")
     elif dist.is_main():
         shutil.rmtree(_checkpoint_dir(ctx), ignore_errors=True)
     dist.barrier()
 
-    world, rank = dist.world_size(), dist.rank()
     wrapped = model
-    if world > 1:
+    if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
-    use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and ctx.device.type == "cuda"
-                                          and torch.cuda.is_bf16_supported())
+        # per transformer block; non-reentrant, the variant FSDP's re-gathering in backward supports
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = ctx.reference_model() if cfg.kd_weight > 0 else None
     was_training = model.training
     model.train()
@@ -324,12 +419,15 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
                     raise SparsifyError(f"stage {ctx.stage_name!r}: the loss became {parts['loss']} at step "
                                         f"{step}{keep}; {advice}")
                 if cfg.max_grad_norm is not None:
-                    parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # global norm, DTensors too
+                    parts["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 optimizer.step()
                 ctx.masks.apply(model)
                 loop.step = step + 1
                 for cb in callbacks:
                     parts.update(cb.after_step(step))
+                if parallel == "fsdp":  # masks a callback just recorded: its writes to gathered weights were lost
+                    ctx.masks.apply(model)
                 parts["lr"] = lr
                 for k, v in parts.items():
                     window[k] = window.get(k, 0.0) + v
@@ -343,21 +441,49 @@ def train(ctx: "RunContext", cfg: TrainConfig, callbacks: list[TrainCallback] | 
                     ctx.log(shown, step=loop.step)
                     window, window_n = {}, 0
                 if cfg.checkpoint_every and loop.step % cfg.checkpoint_every == 0 and loop.step < cfg.steps:
-                    if dist.is_main():
-                        _save(ctx, loop, optimizer, callbacks)
-                    dist.barrier()
+                    _save(ctx, loop, optimizer, callbacks)
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         for cb in callbacks:
             cb.stop()
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
             model.gradient_checkpointing_disable()
         model.train(was_training)
+        _set_requires_grad(model, frozen, True)
+    if parallel == "fsdp":  # whole again on every rank: evaluation, checkpoints and outputs see a plain model
+        optimizer.state.clear()
+        dist.unshard_model(model)
     if world > 1:
         shown["replica_max_abs_diff"] = _replica_difference(model, ctx.device)
     loop.metrics = shown
     return shown
+
+
+def _set_requires_grad(model: torch.nn.Module, names: list[str], flag: bool) -> None:
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(flag)
+
+
+def _choose_parallel(ctx, cfg: TrainConfig, model: torch.nn.Module, callbacks: list[TrainCallback]) -> str:
+    """``none``, ``ddp`` or ``fsdp`` for this stage (``distributed.choose_parallel``, rank 0's choice on every
+    rank), logged with the reason; refuses (``SparsifyError``) fsdp for a callback that cannot run sharded."""
+    world = dist.world_size()
+    if world <= 1:
+        return "none"
+    unshardable = [type(cb).__name__ for cb in callbacks if not cb.shardable]
+    if unshardable and cfg.parallel == "fsdp":
+        raise SparsifyError(f"stage {ctx.stage_name!r}: train.parallel fsdp is not supported by "
+                            f"{', '.join(unshardable)} (it changes the model's structure or optimizer state "
+                            f"mid-stage); use parallel ddp or auto")
+    if unshardable:
+        choice, why = "ddp", f"{', '.join(unshardable)} cannot run sharded"
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        choice, why = dist.choose_parallel(cfg.parallel, world, n, dist.device_memory(ctx.device))
+    choice, why = dist.broadcast((choice, why))  # every rank must wrap alike, whatever RAM each one measured
+    if dist.is_main():
+        ctx.info(f"data parallel over {world} processes: {choice} ({why})")
+    return choice
 
 
 def _replica_difference(model: torch.nn.Module, device: torch.device) -> float:

@@ -77,10 +77,10 @@ class GMPSchedule(TrainCallback):
     def __init__(self, params: GMPParams, targets: list[Target], layer_sparsity: list[float | None] | None = None):
         self.params, self.targets, self.layer_sparsity = params, list(targets), layer_sparsity
         self.pruned_at, self.sparsity = 0, 0.0
-        self.ctx = None  # the run context, from the loop at start
+        self.ctx = self.loop = None  # the run context and the loop, from the loop at start
 
     def start(self, loop) -> None:
-        self.ctx = loop.ctx
+        self.ctx, self.loop = loop.ctx, loop
         self.first, self.last = pruning_window(loop.cfg.steps, self.params.start, self.params.end)
         self.sparsity = self._measured()
 
@@ -96,19 +96,21 @@ class GMPSchedule(TrainCallback):
         p, nm = self.params, self.params.nm
         # masks so far (earlier stages', this schedule's earlier steps) count towards each step's target
         prior = [prior_pruned(self.ctx, t) for t in self.targets]
-        weights = [t.weight() for t in self.targets]
-        if nm is not None:
-            keep_n = nm_keep(nm[0], nm[1], progress)
-            if keep_n == nm[1]:  # no zero per group yet
-                return
-            masks = score_masks(weights, [0.0] * len(weights), prior, nm=(keep_n, nm[1]))
-        else:
-            masks = score_masks(weights, [cubic_sparsity(t.sparsity, progress) for t in self.targets], prior,
-                                global_sparsity=(cubic_sparsity(float(p.sparsity or 0.0), progress)
-                                                 if p.scope == "global" else None))
-        for t, keep in zip(self.targets, masks):
-            if not (bool(keep.all()) and t.param not in self.ctx.masks):
-                record_mask(self.ctx, t, keep)
+        # whole weights even when the loop shards them (fsdp); the loop applies the recorded masks to the shards
+        with self.loop.full_parameters():
+            weights = [t.weight() for t in self.targets]
+            if nm is not None:
+                keep_n = nm_keep(nm[0], nm[1], progress)
+                if keep_n == nm[1]:  # no zero per group yet
+                    return
+                masks = score_masks(weights, [0.0] * len(weights), prior, nm=(keep_n, nm[1]))
+            else:
+                masks = score_masks(weights, [cubic_sparsity(t.sparsity, progress) for t in self.targets], prior,
+                                    global_sparsity=(cubic_sparsity(float(p.sparsity or 0.0), progress)
+                                                     if p.scope == "global" else None))
+            for t, keep in zip(self.targets, masks):
+                if not (bool(keep.all()) and t.param not in self.ctx.masks):
+                    record_mask(self.ctx, t, keep)
         self.sparsity = self._measured()
 
     def _measured(self) -> float:

@@ -1,4 +1,5 @@
-"""The same recipe under torchrun: two gloo processes on loopback, one registry run, equal replicas."""
+"""The same recipe under torchrun: two gloo processes on loopback, one registry run, equal replicas (DDP, which
+``parallel: auto`` picks for a tiny model; FSDP is tests/core/test_fsdp.py)."""
 from __future__ import annotations
 
 import os
@@ -29,6 +30,7 @@ def test_two_processes_with_gloo(workdir):
     assert len(runs) == 1, "rank 1 must not record a run of its own"
     (run,) = runs
     assert run.status == "finished" and "2 processes" in proc.stderr
+    assert "data parallel over 2 processes: ddp (auto: " in proc.stderr  # a tiny model: auto keeps DDP
     assert [s.status for s in run.stages] == ["completed"] * 3
     stage = {m.name: m.value for m in run.metrics if m.stage == "progressive_l1" and m.step is None}
     assert stage["replica_max_abs_diff"] == 0.0  # DDP kept both ranks' weights identical

@@ -123,3 +123,37 @@ def test_mid_stage_resume_matches_an_uninterrupted_run(tmp_path):
     assert steps == [12]  # continued from the step-8 checkpoint: only steps 9-12 ran
     for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, msg=n)
+
+
+def test_a_checkpoint_of_the_first_format_still_resumes(tmp_path):
+    """Mid-stage checkpoints written before sharded ones (model.safetensors, optimizer.pt, loop.json without
+    "format") resume a run in one process to the uninterrupted result."""
+    import json
+
+    from safetensors.torch import save_model
+
+    full = tiny_model()
+    train(make_ctx(tmp_path / "a", full), _cfg())
+
+    class OldWriter(TrainCallback):  # what _save wrote in format 1, at step 8, then the process dies
+        def start(self, loop):
+            self.loop = loop
+
+        def after_step(self, step):
+            if step == 7:
+                folder = tmp_path / "b" / "train-stage--1"
+                folder.mkdir(parents=True)
+                save_model(self.loop.model, str(folder / "model.safetensors"))
+                torch.save(self.loop.optimizer.state_dict(), folder / "optimizer.pt")
+                (folder / "loop.json").write_text(json.dumps({"step": 8, "callbacks": []}))
+                raise _Stop()
+            return {}
+
+    with pytest.raises(_Stop):
+        train(make_ctx(tmp_path / "b", tiny_model()), _cfg(checkpoint_every=0), [OldWriter()])
+    resumed = tiny_model()
+    ctx = make_ctx(tmp_path / "b", resumed)
+    ctx.resume_stage = ctx.stage_index
+    train(ctx, _cfg(checkpoint_every=0))
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, msg=n)

@@ -148,6 +148,8 @@ def _neuron_tensors(module: RoutedFFN, optimizer: torch.optim.Optimizer | None, 
 class SSDCallback(TrainCallback):
     """Monitor, switch and account FLOPs inside the shared loop (see the module docs)."""
 
+    shardable = False  # the switch swaps FFNs for routed ones and moves Adam's moments with their neurons
+
     def __init__(self, ctx, params: SSDParams):
         self.ctx, self.params = ctx, params
         self.moeify = MOEIFY[params.clustering]()
