@@ -2,9 +2,13 @@
 
 This module is the one place that knows the registry schema. The engine
 records through ``Registry`` methods; ``show``/``compare``/``runs`` read
-``RunRecord`` objects back. Any SQLAlchemy URL works (a team can share one
-database server); the default is a SQLite file, ``registry.db`` in the working
-directory, or ``$SPARSIFY_REGISTRY``.
+``RunRecord`` objects back. Any SQLAlchemy URL works; SQLite and PostgreSQL
+(``postgresql+psycopg://...``, a server a team shares) are tested. The default
+is a SQLite file, ``registry.db`` in the working directory, or
+``$SPARSIFY_REGISTRY``. Nothing here is SQLite-only: upserts are ``INSERT ...
+ON CONFLICT`` (both databases), times are ISO strings or the database's own
+clock, and lock conflicts (SQLite busy, PostgreSQL deadlock or serialization
+failure) retry the whole transaction.
 
 SQLite is set up for several processes writing at once: WAL journal (readers
 never block the writer), a long busy timeout, and write transactions that
@@ -12,7 +16,11 @@ start with ``BEGIN IMMEDIATE`` so they queue for the write lock at their start
 instead of failing when a reader upgrades to a writer mid-transaction.
 
 Sweeps (a recipe's grid of runs) have a table of their own; their runs
-point back to them (``runs.sweep_id``, ``runs.sweep_point``). Benchmark
+point back to them (``runs.sweep_id``, ``runs.sweep_point``). Each point of a
+sweep is a row of ``sweep_points`` (v8) that processes claim atomically
+(``claim_sweep_point``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, a
+compare-and-set ``UPDATE`` everywhere) and keep alive with heartbeats on the
+database's clock, so several workers on several machines share one sweep. Benchmark
 records (``sparsify bench --record``) are runs of kind ``bench`` (a stage per
 case, the ratios as metrics) whose machine (CPU model, ISA flags, threads,
 torch, load) is a row of ``bench_machines``.
@@ -1221,15 +1229,20 @@ class Registry:
                            reason: str | None = None) -> bool:
         """End a claim: the point ``finished`` or ``failed`` by ``run_id``, or ``pending`` again (released).
 
+        ``reason`` (why it failed or was released) replaces the point's note;
+        without one the note the claim left stays.
+
         Returns False (and changes nothing) when the claim was lost to
         another claimant meanwhile. Raises ``SparsifyError`` for another status.
         """
         _check_status(status, ("finished", "failed", "pending"), "sweep point")
 
         def settle(conn: Connection) -> bool:
-            values: dict[str, Any] = dict(status=status, reason=reason, token=None)
+            values: dict[str, Any] = dict(status=status, token=None)
             if run_id is not None:
                 values["run_id"] = run_id
+            if reason is not None:  # else the claim's own note stays (whom it was reclaimed from)
+                values["reason"] = reason
             return conn.execute(update(sweep_points).where(*_held(claim)).values(**values)).rowcount == 1
 
         return self._write(settle)

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from sparsify_core.errors import SparsifyError
-from sparsify_core.metric import MetricValue
+from sparsify_core.metric import MetricInfo, MetricValue
 from sparsify_core.registry import (
     DEAD_PROCESS_REASON, SCHEMA_VERSION, Registry, default_url, make_engine, metadata, migrate, new_run_id,
     schema_version,
@@ -249,6 +249,28 @@ def test_v5_bench_runs_get_their_machine_fields_in_v6(url):
         assert (recipe.machine, recipe.model, recipe.data) == (None, "tiny", "pydoc")
         assert recipe.stages[0].params == {"threshold": 0.1}
         assert [r.machine.isa for r in reg.find_runs(kinds=["bench"], details=False)] == ["avx2"]
+
+
+@pytest.mark.parametrize("start", [7, None])  # a v7 registry migrated to v8, and a fresh one
+def test_long_names_are_stored_whole(url, start):
+    """SQLite never enforced VARCHAR lengths; on PostgreSQL v8 makes the free-text columns TEXT."""
+    if start is not None:
+        engine = make_engine(url)
+        migrate(engine, target=start)
+        engine.dispose()
+    long = "x" * 700
+    with Registry(url) as reg:
+        run = _create(reg, name="sweep-" + long, model="/models/" + long, data=long)
+        reg.start_stage(run, 0, name=long, kind=long, method=long, params={})
+        reg.log_metrics(run, long, 0, [MetricValue(long, 1.0, layer=long)],
+                        info={long: MetricInfo(unit=long)})
+        reg.record_evaluation(run, long, 1, {"perplexity": 3.0}, split=long)
+        reg.add_artifact(run, long, "/tmp/x")
+        got = reg.get_run(run)
+    assert (got.recipe_name, got.model, got.data) == ("sweep-" + long, "/models/" + long, long)
+    assert (got.stages[0].name, got.stages[0].method, got.metrics[0].name, got.metrics[0].layer) == (long,) * 4
+    assert got.metric_info[long].unit == long and got.evaluations[0].split == long
+    assert got.artifacts[0].kind == long
 
 
 def test_registry_from_a_newer_sparsify_is_refused(url):
