@@ -217,3 +217,28 @@ def test_three_workers_one_killed_finish_every_point_exactly_once(registry_url, 
         for w in workers:
             if w.poll() is None:
                 w.kill()
+
+
+def test_points_of_a_sweep_recorded_before_v8_take_their_state_from_its_runs(reg):
+    sid = reg.create_sweep(name="sw", recipe_text=None, recipe_path=None, overrides=[], grid={"seed": [0]}, points=4)
+    done, stopped, busy = (_run_of(reg, sid, p) for p in POINTS[:3])
+    reg.set_run_status(done, "finished")
+    reg.set_run_status(stopped, "interrupted", "Ctrl-C")
+    reg.add_sweep_points(sid, POINTS[:4])  # what opening such a sweep with this release does
+    state = reg.sweep_points(sid)
+    assert [(s.status, s.run_id) for s in state] == [("finished", done), ("pending", None), ("running", None),
+                                                      ("pending", None)]
+    assert state[2].worker.endswith(f":{os.getpid()}")  # the process its run recorded
+    claim = reg.claim_sweep_point(sid)
+    assert (claim.idx, claim.resume_run) == (1, stopped)  # continues the interrupted run
+    assert reg.claim_sweep_point(sid).idx == 3 and reg.claim_sweep_point(sid) is None  # `busy`'s process is alive
+
+
+def test_worker_needs_a_sweep(tmp_path, monkeypatch):
+    from helpers import TINY_RECIPE, sparsify_here
+
+    monkeypatch.setenv("SPARSIFY_REGISTRY", f"sqlite:///{tmp_path}/r.db")
+    plain = sparsify_here("run", write(tmp_path / "r.yaml", TINY_RECIPE), "--worker", cwd=tmp_path)
+    assert plain.returncode != 0 and "--worker works on a sweep" in plain.stderr and "Traceback" not in plain.stderr
+    run = sparsify_here("run", "--resume", "20260101-0000-abcdef", "--worker", cwd=tmp_path)
+    assert run.returncode != 0 and "is a run id, not a sweep id" in run.stderr
