@@ -20,10 +20,10 @@ point back to them (``runs.sweep_id``, ``runs.sweep_point``). Each point of a
 sweep is a row of ``sweep_points`` (v8) that processes claim atomically
 (``claim_sweep_point``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, a
 compare-and-set ``UPDATE`` everywhere) and keep alive with heartbeats on the
-database's clock, so several workers on several machines share one sweep. Benchmark
-records (``sparsify bench --record``) are runs of kind ``bench`` (a stage per
-case, the ratios as metrics) whose machine (CPU model, ISA flags, threads,
-torch, load) is a row of ``bench_machines``.
+database's clock, so several workers on several machines share one sweep.
+Benchmark records (``sparsify bench --record``) are runs of kind ``bench`` (a
+stage per case, the ratios as metrics) whose machine (CPU model, ISA flags,
+threads, torch, load) is a row of ``bench_machines``.
 
 Evaluations are recorded explicitly (v7): each is a row of ``evaluations``
 (the ``reference`` evaluation of the dense model, stage index -1, or the
@@ -454,6 +454,9 @@ def make_engine(url: str) -> Engine:
     except ArgumentError as exc:
         raise SparsifyError(f"invalid registry URL {url!r}: {exc}") from None
     is_sqlite = parsed.get_backend_name() == "sqlite"
+    if parsed.drivername == "postgresql" and _has_module("psycopg") and not _has_module("psycopg2"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; the `postgres` extra installs psycopg 3
+        parsed = parsed.set(drivername="postgresql+psycopg")
     memory = is_sqlite and parsed.database in (None, "", ":memory:")
     kwargs: dict[str, Any] = {}
     if is_sqlite:
@@ -463,10 +466,18 @@ def make_engine(url: str) -> Engine:
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as exc:
-        raise SparsifyError(f"cannot open registry {_safe(url)}: {exc} (is its database driver installed?)") from None
+        hint = ("pip install 'sparsify[postgres]' installs psycopg" if parsed.get_backend_name() == "postgresql"
+                else "is its database driver installed?")
+        raise SparsifyError(f"cannot open registry {_safe(url)}: {exc} ({hint})") from None
     if is_sqlite:
         _configure_sqlite(engine, wal=not memory)
     return engine
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _configure_sqlite(engine: Engine, *, wal: bool) -> None:

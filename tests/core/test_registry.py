@@ -52,6 +52,14 @@ def test_a_plain_path_names_a_sqlite_file(tmp_path):
     assert path.exists()
 
 
+def test_a_plain_postgresql_url_uses_psycopg(pg_url):
+    """``postgresql://`` means psycopg2 to SQLAlchemy; the ``postgres`` extra installs psycopg 3, which is used."""
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with Registry(plain) as reg:
+        assert reg.engine.dialect.driver == "psycopg"
+        assert reg.get_run(_create(reg)).status == "running"
+
+
 def test_run_id_is_short_and_sortable_by_start():
     from datetime import datetime, timezone
 
