@@ -45,7 +45,12 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
         set_: list[str] = typer.Option([], "--set", help="override a recipe value: stages.1.params.lr=3e-4"),
         resume: Optional[str] = typer.Option(None, "--resume", help="continue run RUN_ID from its last completed "
                                              "stage, or sweep SWEEP_ID from its unfinished runs"),
-        runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where run checkpoints live [default: ./runs]")):
+        runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where run checkpoints live [default: ./runs]"),
+        worker: bool = typer.Option(False, "--worker", help="work on the sweep together with other processes sharing "
+                                    "the registry: claim points one at a time until every point is done"),
+        heartbeat_timeout: float = typer.Option(300.0, "--heartbeat-timeout", envvar="SPARSIFY_HEARTBEAT_TIMEOUT",
+                                                help="seconds without a heartbeat after which another worker takes "
+                                                "a sweep point over", min=0.1)):
     """Validate a recipe, run its stages, evaluate, save the model and record the run (every run of a sweep)."""
     from .recipe import load_recipe, load_sweep
     from .runner import Runner, default_runs_dir
@@ -56,8 +61,11 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
             raise SparsifyError("--resume takes the recipe and overrides recorded with the run; give no RECIPE or --set")
         if resume.startswith("sweep-"):
             from .sweep import plan_from_record
-            _run_sweep(plan_from_record(reg.get_sweep(resume)), reg, runs_dir or default_runs_dir(), resume)
+            _run_sweep(plan_from_record(reg.get_sweep(resume)), reg, runs_dir or default_runs_dir(), resume,
+                       worker=worker, stale_after=heartbeat_timeout)
             return
+        if worker:
+            raise SparsifyError(f"--worker works on a sweep: {resume} is a run id, not a sweep id (sweep-...)")
         prev = reg.get_run(resume)
         if prev.kind != "recipe":
             raise SparsifyError(f"run {prev.id} is a {prev.kind} record, not a recipe run: nothing to resume")
@@ -69,17 +77,20 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
             raise SparsifyError("give a RECIPE file, or --resume RUN_ID")
         plan = load_sweep(recipe, set_)
         if plan is not None:
-            _run_sweep(plan, reg, runs_dir or default_runs_dir(), None)
+            _run_sweep(plan, reg, runs_dir or default_runs_dir(), None, worker=worker, stale_after=heartbeat_timeout)
             return
+        if worker:
+            raise SparsifyError(f"--worker works on a sweep: {recipe} has no `sweep:`")
         loaded = load_recipe(recipe, set_)
     run_id = Runner(loaded, reg, resume_id=resume, runs_dir=runs_dir or default_runs_dir()).run()
     err.print(f"run {run_id} finished; see `sparsify show {run_id}` and `sparsify compare {run_id}`", highlight=False)
 
 
-def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str]) -> None:
+def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str], *, worker: bool = False,
+               stale_after: float = 300.0) -> None:
     from .sweep import run_sweep
 
-    done = run_sweep(plan, reg, runs_dir=runs_dir, resume_id=resume)
+    done = run_sweep(plan, reg, runs_dir=runs_dir, resume_id=resume, worker=worker, stale_after=stale_after)
     summary = (f"sweep {done.sweep_id}: {len(done.finished)} runs finished now, {len(done.skipped)} already done, "
                f"{len(done.failed)} failed")
     if done.failed:

@@ -2,9 +2,13 @@
 
 This module is the one place that knows the registry schema. The engine
 records through ``Registry`` methods; ``show``/``compare``/``runs`` read
-``RunRecord`` objects back. Any SQLAlchemy URL works (a team can share one
-database server); the default is a SQLite file, ``registry.db`` in the working
-directory, or ``$SPARSIFY_REGISTRY``.
+``RunRecord`` objects back. Any SQLAlchemy URL works; SQLite and PostgreSQL
+(``postgresql+psycopg://...``, a server a team shares) are tested. The default
+is a SQLite file, ``registry.db`` in the working directory, or
+``$SPARSIFY_REGISTRY``. Nothing here is SQLite-only: upserts are ``INSERT ...
+ON CONFLICT`` (both databases), times are ISO strings or the database's own
+clock, and lock conflicts (SQLite busy, PostgreSQL deadlock or serialization
+failure) retry the whole transaction.
 
 SQLite is set up for several processes writing at once: WAL journal (readers
 never block the writer), a long busy timeout, and write transactions that
@@ -12,10 +16,14 @@ start with ``BEGIN IMMEDIATE`` so they queue for the write lock at their start
 instead of failing when a reader upgrades to a writer mid-transaction.
 
 Sweeps (a recipe's grid of runs) have a table of their own; their runs
-point back to them (``runs.sweep_id``, ``runs.sweep_point``). Benchmark
-records (``sparsify bench --record``) are runs of kind ``bench`` (a stage per
-case, the ratios as metrics) whose machine (CPU model, ISA flags, threads,
-torch, load) is a row of ``bench_machines``.
+point back to them (``runs.sweep_id``, ``runs.sweep_point``). Each point of a
+sweep is a row of ``sweep_points`` (v8) that processes claim atomically
+(``claim_sweep_point``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, a
+compare-and-set ``UPDATE`` everywhere) and keep alive with heartbeats on the
+database's clock, so several workers on several machines share one sweep.
+Benchmark records (``sparsify bench --record``) are runs of kind ``bench`` (a
+stage per case, the ratios as metrics) whose machine (CPU model, ISA flags,
+threads, torch, load) is a row of ``bench_machines``.
 
 Evaluations are recorded explicitly (v7): each is a row of ``evaluations``
 (the ``reference`` evaluation of the dense model, stage index -1, or the
@@ -62,6 +70,7 @@ from .errors import SparsifyError
 from .metric import MetricInfo
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
+SWEEP_POINT_STATUSES = ("pending", "running", "finished", "failed")
 STAGE_STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 EVALUATION_STATUSES = ("running", "completed", "failed", "interrupted")
 EVALUATION_KINDS = ("reference", "stage")  # the dense model's baseline, or the model after a stage
@@ -71,6 +80,7 @@ DEAD_PROCESS_REASON = "the process ended without reporting (killed?)"
 DENSE_STAGE, DENSE_INDEX = "dense", -1
 
 BUSY_TIMEOUT_S = 60
+STALE_AFTER_S = 300.0  # default: a sweep point whose claimant sent no heartbeat for this long is reclaimed
 _LOCK_RETRIES = 6  # on top of the busy timeout, for lock errors SQLite reports without waiting
 
 T = TypeVar("T")
@@ -99,13 +109,13 @@ schema_info = Table(
 runs = Table(
     "runs", metadata,
     Column("id", String(64), primary_key=True),
-    Column("recipe_name", String(200), nullable=False),
+    Column("recipe_name", Text, nullable=False),
     Column("recipe_hash", String(64)),
     Column("recipe_text", Text),
     Column("recipe_json", Text),
     Column("overrides", Text),  # JSON list of "key=value" strings
-    Column("model", String(500)),
-    Column("data", String(500)),
+    Column("model", Text),
+    Column("data", Text),
     Column("seed", Integer),
     Column("status", String(16), nullable=False),
     Column("reason", Text),
@@ -113,7 +123,7 @@ runs = Table(
     Column("ended_at", String(40)),
     Column("versions", Text),  # JSON: python, torch, transformers, sparsify, platform
     Column("git_commit", String(64)),
-    Column("host", String(255)),
+    Column("host", Text),
     Column("pid", Integer),
     Column("output_dir", Text),
     Column("workdir", Text),
@@ -133,7 +143,7 @@ runs = Table(
 sweeps = Table(
     "sweeps", metadata,
     Column("id", String(64), primary_key=True),
-    Column("name", String(200), nullable=False),
+    Column("name", Text, nullable=False),
     Column("recipe_text", Text),
     Column("recipe_path", Text),
     Column("overrides", Text),  # JSON list of "key=value" strings
@@ -147,9 +157,9 @@ stages = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("idx", Integer, nullable=False),
-    Column("name", String(200), nullable=False),
-    Column("kind", String(100)),
-    Column("method", String(100)),
+    Column("name", Text, nullable=False),
+    Column("kind", Text),
+    Column("method", Text),
     Column("params", Text),  # JSON
     Column("status", String(16), nullable=False),
     Column("reason", Text),
@@ -164,11 +174,11 @@ metrics = Table(
     "metrics", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
-    Column("stage", String(200), nullable=False),
+    Column("stage", Text, nullable=False),
     Column("stage_idx", Integer, nullable=False),
-    Column("name", String(200), nullable=False),
+    Column("name", Text, nullable=False),
     Column("value", Double),  # NULL stands for NaN (SQLite cannot store NaN)
-    Column("layer", String(500)),
+    Column("layer", Text),
     Column("created_at", String(40), nullable=False),
     # v2
     Column("step", Integer),
@@ -184,9 +194,9 @@ evaluations = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("stage_idx", Integer, nullable=False),
-    Column("stage", String(200), nullable=False),
+    Column("stage", Text, nullable=False),
     Column("kind", String(16), nullable=False),  # reference or stage
-    Column("split", String(200)),  # the data split evaluated on
+    Column("split", Text),  # the data split evaluated on
     Column("sequences", Integer),
     Column("tokens", Integer),  # sequences x sequence length
     Column("status", String(16), nullable=False),  # EVALUATION_STATUSES
@@ -200,9 +210,9 @@ evaluations = Table(
 metric_info = Table(
     "metric_info", metadata,
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
-    Column("name", String(200), primary_key=True),
+    Column("name", Text, primary_key=True),
     Column("higher_is_better", Integer),  # 1, 0, or NULL for neither
-    Column("unit", String(64), nullable=False, server_default=text("''")),
+    Column("unit", Text, nullable=False, server_default=text("''")),
     Column("fraction", Integer, nullable=False, server_default=text("0")),
 )
 
@@ -211,7 +221,7 @@ artifacts = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("stage_idx", Integer),
-    Column("kind", String(50), nullable=False),
+    Column("kind", Text, nullable=False),
     Column("path", Text, nullable=False),
     Column("created_at", String(40), nullable=False),
 )
@@ -220,15 +230,34 @@ artifacts = Table(
 bench_machines = Table(
     "bench_machines", metadata,
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
-    Column("cpu_model", String(255)),
-    Column("isa", String(32)),  # the widest vector ISA: avx512, avx2, neon, generic
+    Column("cpu_model", Text),
+    Column("isa", Text),  # the widest vector ISA: avx512, avx2, neon, generic
     Column("isa_flags", Text),  # JSON list of the CPU's vector-ISA flags (avx2, avx512f, ...)
     Column("threads", Integer),  # torch threads the cases ran with
     Column("cpus", Integer),
-    Column("torch_version", String(64)),
+    Column("torch_version", Text),
     Column("load_before", Double),  # 1-minute load average before and after the cases
     Column("load_after", Double),
     Column("quick", Integer, nullable=False, server_default=text("0")),  # 1: smoke sizes, not a measurement
+)
+
+# v8: each point of a sweep and who works on it; a claimant keeps ``heartbeat_at`` fresh while it runs it
+sweep_points = Table(
+    "sweep_points", metadata,
+    Column("sweep_id", String(64), ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),  # the point's index in the expanded grid
+    Column("point", Text, nullable=False),  # canonical JSON of its grid values (``runs.sweep_point``)
+    Column("status", String(16), nullable=False),  # SWEEP_POINT_STATUSES
+    Column("run_id", String(64)),  # the run that finished or failed it last
+    Column("attempts", Integer, nullable=False, server_default=text("0")),  # claims so far
+    Column("token", String(32)),  # the current claim's random id: only its holder may beat or settle it
+    Column("worker_host", Text),
+    Column("worker_pid", Integer),
+    Column("worker_started", Double),  # the claimant's process start time (tells a reused pid)
+    Column("claimed_at", Double),  # database clock, seconds since the epoch
+    Column("heartbeat_at", Double),  # database clock, seconds since the epoch
+    Column("stale_after", Double),  # seconds without a heartbeat after which the claim is dead
+    Column("reason", Text),  # why it failed, or whom it was reclaimed from
 )
 
 
@@ -373,8 +402,39 @@ def _migration_7(conn: Connection) -> None:
     m.create_all(conn, tables=[evaluations_v7, info_v7])
 
 
+# Free-text columns that migrations 1-7 declared VARCHAR(n): SQLite never enforced n, PostgreSQL does.
+_TEXT_SINCE_V8 = {"runs": ("recipe_name", "model", "data", "host"), "sweeps": ("name",),
+                  "stages": ("name", "kind", "method"), "metrics": ("stage", "name", "layer"),
+                  "evaluations": ("stage", "split"), "metric_info": ("name", "unit"), "artifacts": ("kind",),
+                  "bench_machines": ("cpu_model", "isa", "torch_version")}
+
+
+def _migration_8(conn: Connection) -> None:
+    """Shared registries: a ``sweep_points`` table that workers claim points from, and free text unbounded.
+
+    On PostgreSQL the names, model and data sources, layers and units
+    become TEXT, so a long name is stored as SQLite always stored it
+    (SQLite ignores VARCHAR lengths: nothing to change there).
+    """
+    if conn.dialect.name == "postgresql":
+        for table, columns in _TEXT_SINCE_V8.items():
+            for column in columns:
+                conn.exec_driver_sql(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE TEXT')
+    m = MetaData()
+    Table("sweeps", m, Column("id", String(64), primary_key=True))  # exists: named for the foreign key only
+    points_v8 = Table("sweep_points", m,
+          Column("sweep_id", String(64), ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True),
+          Column("idx", Integer, primary_key=True), Column("point", Text, nullable=False),
+          Column("status", String(16), nullable=False), Column("run_id", String(64)),
+          Column("attempts", Integer, nullable=False, server_default=text("0")), Column("token", String(32)),
+          Column("worker_host", Text), Column("worker_pid", Integer), Column("worker_started", Double),
+          Column("claimed_at", Double), Column("heartbeat_at", Double), Column("stale_after", Double),
+          Column("reason", Text))
+    m.create_all(conn, tables=[points_v8])
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                  _migration_5, _migration_6, _migration_7]
+                                                  _migration_5, _migration_6, _migration_7, _migration_8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -394,6 +454,9 @@ def make_engine(url: str) -> Engine:
     except ArgumentError as exc:
         raise SparsifyError(f"invalid registry URL {url!r}: {exc}") from None
     is_sqlite = parsed.get_backend_name() == "sqlite"
+    if parsed.drivername == "postgresql" and _has_module("psycopg") and not _has_module("psycopg2"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; the `postgres` extra installs psycopg 3
+        parsed = parsed.set(drivername="postgresql+psycopg")
     memory = is_sqlite and parsed.database in (None, "", ":memory:")
     kwargs: dict[str, Any] = {}
     if is_sqlite:
@@ -403,10 +466,18 @@ def make_engine(url: str) -> Engine:
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as exc:
-        raise SparsifyError(f"cannot open registry {_safe(url)}: {exc} (is its database driver installed?)") from None
+        hint = ("pip install 'sparsify[postgres]' installs psycopg" if parsed.get_backend_name() == "postgresql"
+                else "is its database driver installed?")
+        raise SparsifyError(f"cannot open registry {_safe(url)}: {exc} ({hint})") from None
     if is_sqlite:
         _configure_sqlite(engine, wal=not memory)
     return engine
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
@@ -436,8 +507,16 @@ def _writer(engine: Engine) -> Engine:
     return engine.execution_options(sparsify_write=True)
 
 
+# PostgreSQL's answers that mean "try the transaction again": serialization failure, deadlock detected
+_PG_RETRY_CODES = ("40001", "40P01")
+
+
 def _is_locked(exc: BaseException) -> bool:
-    text = str(getattr(exc, "orig", None) or exc).lower()
+    """A lock conflict that a retry of the whole transaction resolves (SQLite busy, PostgreSQL deadlock)."""
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "sqlstate", None) in _PG_RETRY_CODES or getattr(orig, "pgcode", None) in _PG_RETRY_CODES:
+        return True
+    text = str(orig).lower()
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
 
 
@@ -445,10 +524,12 @@ def _retry_locked(fn: Callable[[], T]) -> T:
     """Run ``fn``, retrying a few times with backoff when the database is locked."""
     import sqlite3
 
+    from sqlalchemy.exc import DBAPIError
+
     for attempt in range(_LOCK_RETRIES):
         try:
             return fn()
-        except (OperationalError, sqlite3.OperationalError) as exc:
+        except (DBAPIError, sqlite3.OperationalError) as exc:
             if not _is_locked(exc) or attempt == _LOCK_RETRIES - 1:
                 raise
             time.sleep(0.05 * 2 ** attempt + secrets.randbelow(50) / 1000)
@@ -607,6 +688,44 @@ class SweepRecord:
     grid: dict
     points: int
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class SweepPointRecord:
+    """A point of a sweep and its claim: ``status`` is one of ``SWEEP_POINT_STATUSES``.
+
+    ``heartbeat_age_s`` is how long ago (database clock, seconds) its
+    claimant last reported; ``run_id`` the run that finished or failed it last.
+    """
+
+    idx: int
+    point: str
+    status: str
+    run_id: str | None
+    attempts: int
+    worker: str | None  # "host:pid" of the latest claimant
+    heartbeat_age_s: float | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A sweep point claimed by this process (``Registry.claim_sweep_point``).
+
+    ``resume_run`` is the point's latest unfinished run (``interrupted`` or
+    ``failed``) to continue from its checkpoints, None if the point never ran
+    or its last run finished. ``reclaimed_from`` names the claimant whose
+    heartbeat stopped, when this claim took the point over from it.
+    """
+
+    sweep_id: str
+    idx: int
+    point: str
+    token: str
+    attempts: int
+    stale_after: float
+    resume_run: str | None = None
+    reclaimed_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -862,12 +981,7 @@ class Registry:
                       status="running", reason=None, started_at=_iso(_utcnow()), ended_at=None,
                       duration_s=None, peak_memory_mb=None)
 
-        def start(conn: Connection) -> None:
-            res = conn.execute(update(stages).where(stages.c.run_id == run_id, stages.c.idx == idx).values(**values))
-            if res.rowcount == 0:
-                conn.execute(insert(stages).values(run_id=run_id, idx=idx, **values))
-
-        self._write(start)
+        self._write(lambda conn: _upsert(conn, stages, dict(run_id=run_id, idx=idx), values))
 
     def finish_stage(self, run_id: str, idx: int, status: str, *, duration_s: float | None = None,
                      peak_memory_mb: float | None = None, reason: str | None = None) -> None:
@@ -947,9 +1061,7 @@ class Registry:
                       reason=None, started_at=_iso(_utcnow()), ended_at=None)
 
         def start(conn: Connection) -> None:
-            where = (evaluations.c.run_id == run_id, evaluations.c.stage_idx == stage_idx)
-            if conn.execute(update(evaluations).where(*where).values(**values)).rowcount == 0:
-                conn.execute(insert(evaluations).values(run_id=run_id, stage_idx=stage_idx, **values))
+            _upsert(conn, evaluations, dict(run_id=run_id, stage_idx=stage_idx), values)
             # a re-run evaluation replaces the values of the earlier one
             conn.execute(metrics.delete().where(metrics.c.run_id == run_id, metrics.c.stage_idx == stage_idx,
                                                 metrics.c.origin == "evaluation"))
@@ -999,6 +1111,181 @@ class Registry:
         """Record a file or folder the run produced."""
         self._write(lambda conn: conn.execute(insert(artifacts).values(
             run_id=run_id, kind=kind, path=str(path), stage_idx=stage_idx, created_at=_iso(_utcnow()))))
+
+    # -- sweep points: how several processes share a sweep --
+
+    def add_sweep_points(self, sweep_id: str, points: Sequence[str]) -> None:
+        """Record the points of sweep ``sweep_id`` (canonical JSON of each one's grid values, in grid order).
+
+        Idempotent: points recorded before stay as they are. Points of sweeps
+        started before schema v8 take their state from the runs recorded for
+        them: ``finished`` if one finished, ``running`` (to be reclaimed once
+        ``STALE_AFTER_S`` passes without a heartbeat) if one is running,
+        else ``pending``. Raises ``SparsifyError`` when a recorded point
+        differs from the one given at its index (the sweep's recipe changed).
+        """
+        def add(conn: Connection) -> None:
+            known = {r.idx: r.point for r in conn.execute(
+                select(sweep_points.c.idx, sweep_points.c.point).where(sweep_points.c.sweep_id == sweep_id))}
+            for idx, point in enumerate(points):
+                if idx in known:
+                    if known[idx] != point:
+                        raise SparsifyError(f"sweep {sweep_id}: point {idx} is recorded as {known[idx]}, "
+                                            f"but its recipe now expands it to {point}")
+                    continue
+                latest = conn.execute(select(runs.c.id, runs.c.status, runs.c.host, runs.c.pid,
+                                             runs.c.pid_started_at)
+                                      .where(runs.c.sweep_id == sweep_id, runs.c.sweep_point == point)
+                                      .order_by((runs.c.status == "finished").desc(), runs.c.started_at.desc())
+                                      .limit(1)).first()
+                row = dict(point=point, status="pending", attempts=0)
+                if latest is not None and latest.status == "finished":
+                    row.update(status="finished", run_id=latest.id)
+                elif latest is not None and latest.status == "running":  # recorded by a process without heartbeats
+                    row.update(status="running", token=secrets.token_hex(8), worker_host=latest.host,
+                               worker_pid=latest.pid, worker_started=latest.pid_started_at,
+                               heartbeat_at=_db_seconds(conn), stale_after=STALE_AFTER_S, attempts=1)
+                # another process may add the same points at the same moment: the first one's rows stay
+                _upsert(conn, sweep_points, dict(sweep_id=sweep_id, idx=idx), row, replace=False)
+
+        self._write(add)
+
+    def sweep_points(self, sweep_id: str) -> list[SweepPointRecord]:
+        """The recorded points of sweep ``sweep_id`` in grid order (empty if none are recorded yet)."""
+        def read(conn: Connection) -> list[SweepPointRecord]:
+            now = _db_seconds(conn)
+            return [SweepPointRecord(
+                idx=r.idx, point=r.point, status=r.status, run_id=r.run_id, attempts=r.attempts,
+                worker=f"{r.worker_host}:{r.worker_pid}" if r.worker_host else None,
+                heartbeat_age_s=None if r.heartbeat_at is None else max(0.0, now - r.heartbeat_at), reason=r.reason)
+                for r in conn.execute(select(sweep_points).where(sweep_points.c.sweep_id == sweep_id)
+                                      .order_by(sweep_points.c.idx))]
+
+        return self._read(read)
+
+    def retry_failed_sweep_points(self, sweep_id: str) -> int:
+        """Make the ``failed`` points of sweep ``sweep_id`` ``pending`` again; returns how many."""
+        return self._write(lambda conn: conn.execute(
+            update(sweep_points).where(sweep_points.c.sweep_id == sweep_id, sweep_points.c.status == "failed")
+            .values(status="pending", token=None)).rowcount)
+
+    def claim_sweep_point(self, sweep_id: str, *, stale_after: float = STALE_AFTER_S) -> Claim | None:
+        """Claim the first point of sweep ``sweep_id`` nobody works on; None when there is none.
+
+        Claimable are ``pending`` points and ``running`` ones whose claimant
+        is dead: no heartbeat for that claim's own ``stale_after`` seconds
+        (database clock, so the machines' clocks do not matter), or a process
+        on this host that has ended. Atomic across processes and machines:
+        ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL (concurrent
+        claimants take different rows without waiting) and, on every
+        database, an ``UPDATE`` that succeeds only if the row is still in the
+        state it was read in. A reclaimed point's runs still marked
+        ``running`` become ``interrupted``, with whose heartbeat stopped.
+        The claimant must ``beat_sweep_point`` well within ``stale_after``
+        seconds and end with ``settle_sweep_point``.
+        """
+        host, me = socket.gethostname(), _this_process()
+        self._expire_dead_claims(sweep_id, host)
+
+        def claim(conn: Connection) -> Claim | None:
+            now = _db_seconds(conn)
+            for _ in range(32):  # each miss means another claimant won that row: try the next one
+                row = conn.execute(
+                    select(sweep_points).where(
+                        sweep_points.c.sweep_id == sweep_id,
+                        (sweep_points.c.status == "pending")
+                        | ((sweep_points.c.status == "running")
+                           & (sweep_points.c.heartbeat_at + sweep_points.c.stale_after < now)))
+                    .order_by(sweep_points.c.idx).limit(1).with_for_update(skip_locked=True)).first()
+                if row is None:
+                    return None
+                token = secrets.token_hex(8)
+                won = conn.execute(update(sweep_points).where(
+                    sweep_points.c.sweep_id == sweep_id, sweep_points.c.idx == row.idx,
+                    sweep_points.c.status == row.status, _same(sweep_points.c.token, row.token))
+                    .values(status="running", token=token, attempts=sweep_points.c.attempts + 1,
+                            worker_host=me["host"], worker_pid=me["pid"], worker_started=me["pid_started_at"],
+                            claimed_at=now, heartbeat_at=now, stale_after=float(stale_after), reason=None)).rowcount
+                if not won:
+                    continue
+                reclaimed = None
+                if row.status == "running":
+                    reclaimed = f"{row.worker_host}:{row.worker_pid}"
+                    age = now - (row.heartbeat_at or now)
+                    why = (f"its worker {reclaimed} stopped (no heartbeat for {age:.0f} s); the sweep point was "
+                           f"reclaimed by {me['host']}:{me['pid']}")
+                    conn.execute(update(sweep_points).where(sweep_points.c.sweep_id == sweep_id,
+                                                            sweep_points.c.idx == row.idx)
+                                 .values(reason=f"reclaimed from {reclaimed} (no heartbeat for {age:.0f} s)"))
+                    self._interrupt_point_runs(conn, sweep_id, row.point, why)
+                latest = conn.execute(select(runs.c.id, runs.c.status)
+                                      .where(runs.c.sweep_id == sweep_id, runs.c.sweep_point == row.point)
+                                      .order_by(runs.c.started_at.desc()).limit(1)).first()
+                resume = latest.id if latest is not None and latest.status in ("interrupted", "failed") else None
+                return Claim(sweep_id, row.idx, row.point, token, row.attempts + 1, float(stale_after), resume,
+                             reclaimed)
+            return None
+
+        return self._write(claim)
+
+    def beat_sweep_point(self, claim: Claim) -> bool:
+        """The heartbeat of a claimed point; False when the claim was lost (reclaimed after a stall)."""
+        def beat(conn: Connection) -> bool:
+            return conn.execute(update(sweep_points).where(*_held(claim))
+                                .values(heartbeat_at=_db_seconds(conn))).rowcount == 1
+
+        return self._write(beat)
+
+    def settle_sweep_point(self, claim: Claim, status: str, *, run_id: str | None = None,
+                           reason: str | None = None) -> bool:
+        """End a claim: the point ``finished`` or ``failed`` by ``run_id``, or ``pending`` again (released).
+
+        ``reason`` (why it failed or was released) replaces the point's note;
+        without one the note the claim left stays.
+
+        Returns False (and changes nothing) when the claim was lost to
+        another claimant meanwhile. Raises ``SparsifyError`` for another status.
+        """
+        _check_status(status, ("finished", "failed", "pending"), "sweep point")
+
+        def settle(conn: Connection) -> bool:
+            values: dict[str, Any] = dict(status=status, token=None)
+            if run_id is not None:
+                values["run_id"] = run_id
+            if reason is not None:  # else the claim's own note stays (whom it was reclaimed from)
+                values["reason"] = reason
+            return conn.execute(update(sweep_points).where(*_held(claim)).values(**values)).rowcount == 1
+
+        return self._write(settle)
+
+    def _expire_dead_claims(self, sweep_id: str, host: str) -> None:
+        """Claims of processes on this host that have ended need not wait out their heartbeat timeout."""
+        rows = self._read(lambda conn: conn.execute(
+            select(sweep_points.c.idx, sweep_points.c.token, sweep_points.c.worker_pid,
+                   sweep_points.c.worker_started)
+            .where(sweep_points.c.sweep_id == sweep_id, sweep_points.c.status == "running",
+                   sweep_points.c.worker_host == host)).all())
+        dead = [r for r in rows if r.worker_pid is not None and not _process_alive(r.worker_pid, r.worker_started)]
+        if dead:
+            def expire(conn: Connection) -> None:
+                for r in dead:
+                    conn.execute(update(sweep_points).where(
+                        sweep_points.c.sweep_id == sweep_id, sweep_points.c.idx == r.idx,
+                        sweep_points.c.status == "running", sweep_points.c.token == r.token)
+                        .values(heartbeat_at=0.0))  # the epoch: stale for any timeout
+            self._write(expire)
+
+    @staticmethod
+    def _interrupt_point_runs(conn: Connection, sweep_id: str, point: str, reason: str) -> None:
+        now = _iso(_utcnow())
+        ids = conn.execute(select(runs.c.id).where(runs.c.sweep_id == sweep_id, runs.c.sweep_point == point,
+                                                   runs.c.status == "running")).scalars().all()
+        for run_id in ids:
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "running")
+                         .values(status="interrupted", reason=reason, ended_at=now))
+            for table in (stages, evaluations):
+                conn.execute(update(table).where(table.c.run_id == run_id, table.c.status == "running")
+                             .values(status="interrupted", reason=reason, ended_at=now))
 
     # -- reading --
 
@@ -1271,9 +1558,33 @@ def _upsert_info(conn: Connection, run_id: str, info: Mapping[str, MetricInfo]) 
     for name, i in info.items():
         values = dict(higher_is_better=None if i.higher_is_better is None else int(bool(i.higher_is_better)),
                       unit=str(i.unit or ""), fraction=int(bool(i.fraction)))
-        where = (metric_info.c.run_id == run_id, metric_info.c.name == str(name))
-        if conn.execute(update(metric_info).where(*where).values(**values)).rowcount == 0:
-            conn.execute(insert(metric_info).values(run_id=run_id, name=str(name), **values))
+        _upsert(conn, metric_info, dict(run_id=run_id, name=str(name)), values)
+
+
+def _upsert(conn: Connection, table: Table, keys: Mapping[str, Any], values: Mapping[str, Any], *,
+            replace: bool = True) -> None:
+    """Insert the row ``keys`` + ``values``; where ``keys`` exists, update ``values`` (``replace``) or keep it.
+
+    One ``INSERT ... ON CONFLICT`` statement on SQLite and PostgreSQL, so two
+    writers of the same new key cannot both insert it (nor fail on it);
+    other databases look first and then update or insert.
+    """
+    if conn.dialect.name in ("sqlite", "postgresql"):
+        if conn.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        stmt = dialect_insert(table).values(**keys, **values)
+        stmt = (stmt.on_conflict_do_update(index_elements=list(keys), set_=dict(values)) if replace
+                else stmt.on_conflict_do_nothing(index_elements=list(keys)))
+        conn.execute(stmt)
+        return
+    where = [table.c[k] == v for k, v in keys.items()]
+    if conn.execute(select(*[table.c[k] for k in keys]).where(*where)).first():
+        if replace:
+            conn.execute(update(table).where(*where).values(**values))
+        return
+    conn.execute(insert(table).values(**keys, **values))
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -1372,6 +1683,30 @@ def _sweep_record(r) -> SweepRecord:
     return SweepRecord(id=r.id, name=r.name, recipe_text=r.recipe_text, recipe_path=r.recipe_path,
                        overrides=_loads(r.overrides, []), grid=_loads(r.grid, {}), points=r.points,
                        created_at=_parse(r.created_at))
+
+
+def _held(claim: Claim) -> tuple:
+    """The WHERE clause of a claim that is still this claimant's."""
+    return (sweep_points.c.sweep_id == claim.sweep_id, sweep_points.c.idx == claim.idx,
+            sweep_points.c.status == "running", sweep_points.c.token == claim.token)
+
+
+def _same(column, value):
+    """``column = value``, or ``column IS NULL`` for None (SQL's ``= NULL`` is never true)."""
+    return column.is_(None) if value is None else column == value
+
+
+def _db_seconds(conn: Connection) -> float:
+    """The database's clock in seconds since the epoch: one clock for every machine sharing the registry.
+
+    Databases without a known expression for it fall back to this machine's clock.
+    """
+    name = conn.dialect.name
+    if name == "postgresql":
+        return float(conn.exec_driver_sql("SELECT extract(epoch from clock_timestamp())").scalar())
+    if name == "sqlite":
+        return float(conn.exec_driver_sql("SELECT (julianday('now') - 2440587.5) * 86400.0").scalar())
+    return time.time()
 
 
 def _chunks(items: list, n: int):

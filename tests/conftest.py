@@ -23,6 +23,57 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+# -- registries on SQLite and on a PostgreSQL server --------------------------------------------
+
+PG_ENV, PG_REQUIRED_ENV = "SPARSIFY_TEST_PG_URL", "SPARSIFY_REQUIRE_PG"
+
+
+def _pg_unavailable(reason: str):
+    """Skip (saying why), or fail where the PostgreSQL tests must run (``.ci/run`` sets SPARSIFY_REQUIRE_PG=1)."""
+    if os.environ.get(PG_REQUIRED_ENV) == "1":
+        pytest.fail(f"PostgreSQL required ({PG_REQUIRED_ENV}=1) but {reason}")
+    pytest.skip(f"PostgreSQL registry tests: {reason} (`.ci/postgres start DIR` starts a server and prints the URL "
+                f"to put in {PG_ENV})")
+
+
+@pytest.fixture
+def pg_url():
+    """The URL of a fresh, empty database on the server ``$SPARSIFY_TEST_PG_URL`` names, dropped afterwards."""
+    base = os.environ.get(PG_ENV)
+    if not base:
+        _pg_unavailable(f"{PG_ENV} is not set")
+    import secrets
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _pg_unavailable("the psycopg driver is not installed (pip install -e '.[postgres]')")
+    admin = create_engine(make_url(base), isolation_level="AUTOCOMMIT")
+    name = f"sparsify_test_{secrets.token_hex(6)}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any reason the server cannot be used is reported
+        admin.dispose()
+        _pg_unavailable(f"cannot create a database on {make_url(base).render_as_string()}: "
+                        f"{str(exc).splitlines()[0]}")
+    try:
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request, tmp_path):
+    """A fresh registry URL: a SQLite file, and (second parameter) a database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/r.db"
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

@@ -6,6 +6,11 @@ final point, ``compare --format json``, ``show``, and the scaling-law fit of
 its sweep. Runs recorded before evaluations were (``RunRecord.schema`` None)
 go through the fallback of ``registry.evaluation_points``/``final_evaluation``/
 ``metric_info_for``; new runs recorded next to them go through the records.
+
+On PostgreSQL the same history is replayed: the migration chain builds the
+v6 schema on the server, the fixture's rows are copied into it as they are,
+and opening it with this release migrates it from there. That is the path a
+team's v6 registry server takes (the file itself is SQLite).
 """
 from __future__ import annotations
 
@@ -17,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Console
-from sqlalchemy import inspect
+from sqlalchemy import MetaData, create_engine, func, inspect, select, text
 
 from sparsify_core import report
 from sparsify_core.metric import MetricInfo, MetricValue
-from sparsify_core.registry import (SCHEMA_VERSION, Registry, final_evaluation, metric_info_for, reference_evaluation,
-                                    schema_version, stage_values)
+from sparsify_core.registry import (SCHEMA_VERSION, Registry, final_evaluation, make_engine, metric_info_for, migrate,
+                                    reference_evaluation, schema_version, stage_values)
 from sparsify_core.scaling_law import fit_runs
 
 DATA = Path(__file__).parent / "data"
@@ -30,12 +35,40 @@ EXPECTED = json.loads((DATA / "registry-v6-expected.json").read_text())
 FIT = dict(data="recipe:stages.1.params.train.steps", d_unit=1e5, restarts=2, seed=0)
 
 
-@pytest.fixture
-def old(tmp_path):
-    """The v6 registry (a copy: opening migrates it), opened with this release."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def old(request, tmp_path):
+    """The v6 registry (a copy: opening migrates it), opened with this release, on SQLite and on PostgreSQL."""
     shutil.copy(DATA / "registry-v6.db", tmp_path / "registry.db")
-    with Registry(str(tmp_path / "registry.db")) as reg:
+    url = str(tmp_path / "registry.db")
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        _copy_v6(f"sqlite:///{tmp_path / 'registry.db'}", url)
+    with Registry(url) as reg:
         yield reg
+
+
+def _copy_v6(source: str, url: str) -> None:
+    """The v6 schema built on ``url`` by the migration chain, then every row of ``source`` copied in."""
+    engine = make_engine(url)
+    assert migrate(engine, target=6) == 6
+    src_engine = create_engine(source)
+    src, dst = MetaData(), MetaData()
+    src.reflect(bind=src_engine)
+    dst.reflect(bind=engine)
+    with src_engine.connect() as read, engine.begin() as write:
+        assert read.execute(text("SELECT version FROM schema_info")).scalar() == 6
+        for table in src.sorted_tables:  # parents before children
+            if table.name == "schema_info":
+                continue
+            rows = [dict(r._mapping) for r in read.execute(select(table))]
+            if rows:
+                write.execute(dst.tables[table.name].insert(), rows)
+            if "id" in table.c and table.c.id.type.python_type is int and rows:
+                # rows keep their ids: move the serial past them, as SQLite's autoincrement is
+                top = write.execute(select(func.max(dst.tables[table.name].c.id))).scalar()
+                write.execute(text(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), {top})"))
+    src_engine.dispose()
+    engine.dispose()
 
 
 def test_it_migrates_to_the_latest_schema(old):
