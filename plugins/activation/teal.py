@@ -23,7 +23,7 @@ from torch import nn
 
 from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import find_ffn_blocks, is_conv1d, transformer_layers, weight_numel
+from sparsify_core.ffn import find_ffn_blocks, is_linear, transformer_layers, weight_numel
 from sparsify_core.method import LayerIndices
 
 
@@ -194,8 +194,18 @@ class TEAL(Method):
         routed = [b.name for b in find_ffn_blocks(model) if callable(getattr(b.module, "set_routing", None))]
         if routed:
             raise SparsifyError(f"{routed[0]}: TEAL does not threshold FFNs split into experts (moeify); "
-                                "run teal before moeify is not supported either")
-        return [layers[i] for i in wanted]
+                                "moeify and teal do not combine")
+        chosen = [layers[i] for i in wanted]
+        for name, layer in chosen:  # refuse before anything changes, not halfway through a layer
+            for sub, m in layer.named_modules():
+                if is_linear(m) and not isinstance(m, _InputThreshold) and type(m) not in (nn.Linear, _conv1d_cls()):
+                    raise SparsifyError(f"{name}.{sub}: TEAL thresholds the inputs of nn.Linear and Conv1D modules, "
+                                        f"not {type(m).__name__}; run teal before layout conversions")
+        return chosen
+
+    def check(self, model, params) -> None:
+        """Refuse layers out of range, FFNs split into experts and projections that are not Linear/Conv1D."""
+        self._layers(model, params)
 
     def apply(self, ctx, params) -> StageResult:
         from sparsify_core.calibration import calibrate

@@ -378,6 +378,9 @@ class WeightConvert(Method):
         specs, change, dense_bytes, sparse_bytes = {}, {}, 0, 0
         with ctx.progress(f"{layout_cls.name} conversion", total=len(modules)) as task:
             for name, module in modules:
+                if input_threshold(module) is not None:  # a layout's kernel would skip the threshold
+                    raise SparsifyError(f"{name}: thresholds its input (TEAL), which a weight layout's kernel "
+                                        "would skip; weight layouts and teal do not combine")
                 w = weight_out_in(module).detach()
                 try:
                     layout = layout_cls.from_dense(w, lp)

@@ -197,3 +197,31 @@ def test_teal_recipe_runs_on_the_tiny_model(workdir):
     values = {(m.stage_idx, m.name): m.value for m in record.metrics if m.layer is None and m.step is None}
     assert values[(0, "allocated_sparsity")] == pytest.approx(0.3, abs=0.08)
     assert values[(0, "perplexity")] > 0 and values[(0, "block_error")] > 0
+
+
+def _stage(name, params):
+    from sparsify_core.plugin_manager import catalog
+    kind, method = name.split("/")
+    cls = catalog().methods[(kind, method)]
+    return cls(), cls.Params.model_validate(params)
+
+
+@pytest.mark.parametrize("first,then,message", [
+    ("substitute_activation/teal", "moeify/param_cluster", "moeify and teal do not combine"),
+    ("moeify/param_cluster", "substitute_activation/teal", "moeify and teal do not combine"),
+    ("substitute_activation/teal", "layout_convert/csr", "weight layouts and teal do not combine"),
+    ("layout_convert/csr", "substitute_activation/teal", "run teal before layout conversions"),
+])
+def test_teal_refuses_what_would_skip_its_thresholds(tmp_path, first, then, message):
+    """Every stage that would compute a thresholded projection from its weight alone refuses, either order."""
+    params = {"substitute_activation/teal": dict(sparsity=0.3, **FAST),
+              "moeify/param_cluster": {"expert_size": 16, "selection": "top_k", "top_k": 2, "fit": {"epochs": 1}},
+              "layout_convert/csr": {}}
+    model = tiny_model("llama").eval()
+    ctx = make_ctx(tmp_path, model, samples=4)
+    method, p = _stage(first, params[first])
+    method.apply(ctx, p)
+    method, p = _stage(then, params[then])
+    with pytest.raises(SparsifyError, match=message):
+        method.check(model, p)
+        method.apply(ctx, p)
