@@ -181,7 +181,8 @@ def test_drelu_kernels_match_reference(d, dff, T, bias):
     w = weights(d, dff, True, bias)
     x = torch.randn(T, d)
     ref = K.ffn_reference(x, up_relu=True, **w)
-    gate, up = torch.relu(x @ w["w_in"].T + (w["b_in"] if bias else 0)), torch.relu(x @ w["w_up"].T + (w["b_up"] if bias else 0))
+    gate = torch.relu(x @ w["w_in"].T + (w["b_in"] if bias else 0))
+    up = torch.relu(x @ w["w_up"].T + (w["b_up"] if bias else 0))
     hand = gate * up @ w["w_down_t"] + (w["b_down"] if bias else 0)
     torch.testing.assert_close(ref, hand, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ref, K.ffn_reference(x, **w))  # the up ReLU matters

@@ -37,7 +37,8 @@ def test_drelu_is_sparser_than_relu_and_active_means_both_positive(tmp_path):
 
     def zeros(model):
         z = []
-        with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), lambda b, x1: z.append((x1 == 0).float().mean())):
+        record = lambda b, x1: z.append((x1 == 0).float().mean())  # noqa: E731
+        with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), record):
             model(input_ids=ids)
         return float(sum(z) / len(z))
     relu, drelu = tiny_model("llama").eval(), tiny_model("llama").eval()
