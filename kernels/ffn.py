@@ -5,7 +5,9 @@ fc1 (plain FFN), ``w_up`` the up projection (gated only), ``w_down_t`` the
 down projection *transposed* (``[d_ff, d]``), so that neuron j's up row and
 down column are both contiguous rows. ``act`` names the activation
 (``relu`` with an optional FATReLU ``threshold``, ``silu``, ``gelu``,
-``gelu_tanh``); ``cut`` zeroes activations with ``|a| < cut`` (CATS).
+``gelu_tanh``); ``cut`` zeroes activations with ``|a| < cut`` (CATS);
+``up_relu`` passes the up projection's value through ReLU as well (dReLU,
+Turbo Sparse: a neuron is active only where gate and up are both positive).
 ``ranges`` lists the neurons to compute as ``[n, 2]`` half-open ranges
 (experts stored contiguously); ``None`` means every neuron.
 
@@ -35,6 +37,7 @@ from . import native
 
 ACTIVATIONS = {"relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
 MAX_TOKENS = 16  # the kernel keeps one gate value per token in registers
+UP_RELU = 16  # or-ed into the activation code: ReLU on the up value too (csrc/ffn.cpp kUpReLU)
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -71,8 +74,17 @@ def predict(x, p_in, p_out, p_bias, p_threshold: float) -> torch.Tensor:
     return F.linear(F.linear(x, p_in), p_out, p_bias) >= p_threshold
 
 
+def _up(x, w_up, b_up, up_relu: bool) -> torch.Tensor:
+    u = F.linear(x, w_up, b_up)
+    return torch.relu(u) if up_relu else u
+
+
+def _code(act: str, up_relu: bool) -> int:
+    return ACTIVATIONS[act] | (UP_RELU if up_relu else 0)
+
+
 def ffn_reference(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0,
-                  ranges=None, select=None) -> torch.Tensor:
+                  ranges=None, select=None, up_relu: bool = False) -> torch.Tensor:
     """Plain-torch FFN output over the listed neurons (all by default): the definition kernels match.
 
     ``select`` (boolean ``[..., d_ff]``, e.g. from ``predict``) zeroes each
@@ -83,7 +95,7 @@ def ffn_reference(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
             raise ValueError("select and ranges cannot be combined")
         h = activation(act, F.linear(x, w_in, b_in), threshold, cut) * select.to(x.dtype)
         if w_up is not None:
-            h = h * F.linear(x, w_up, b_up)
+            h = h * _up(x, w_up, b_up, up_relu)
         y = h @ w_down_t
         return y + b_down if b_down is not None else y
     if ranges is not None:
@@ -95,7 +107,7 @@ def ffn_reference(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
             b_up = b_up[idx] if b_up is not None else None
     h = activation(act, F.linear(x, w_in, b_in), threshold, cut)
     if w_up is not None:
-        h = h * F.linear(x, w_up, b_up)
+        h = h * _up(x, w_up, b_up, up_relu)
     y = h @ w_down_t
     return y + b_down if b_down is not None else y
 
@@ -155,7 +167,7 @@ def _tokens(x: torch.Tensor, d: int, act: str) -> torch.Tensor | None:
 
 
 def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0,
-               ranges=None) -> torch.Tensor | None:
+               ranges=None, up_relu: bool = False) -> torch.Tensor | None:
     """The FFN computing only non-zero activations (and only ``ranges``), or ``None`` if the CPU kernel cannot.
 
     ``x`` is ``[..., d]`` with at most ``MAX_TOKENS`` tokens, float32, on the
@@ -179,15 +191,15 @@ def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshol
     y = torch.empty(T, d, dtype=torch.float32)
     rc = lib.sp_ffn_decode_f32(x2.data_ptr(), T, d, w_in.data_ptr(), _ptr(b_in), _ptr(w_up), _ptr(b_up),
                                w_down_t.data_ptr(), _ptr(b_down), ranges_ptr, n_ranges,
-                               ACTIVATIONS[act], float(threshold), float(cut), y.data_ptr(), native.threads())
+                               _code(act, up_relu), float(threshold), float(cut), y.data_ptr(), native.threads())
     if rc != 0:
         return None
     return y.reshape(*x.shape[:-1], d)
 
 
 def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0, *,
-                  p_in, p_out, p_bias=None, p_threshold: float = 0.0, counts: list | None = None
-                  ) -> torch.Tensor | None:
+                  p_in, p_out, p_bias=None, p_threshold: float = 0.0, counts: list | None = None,
+                  up_relu: bool = False) -> torch.Tensor | None:
     """The FFN over the neurons the predictor chooses per token (see ``predict``); ``None`` if the CPU kernel cannot.
 
     Same conditions as ``ffn_sparse``, and float32 contiguous predictor
@@ -207,7 +219,7 @@ def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
     y = torch.empty(T, d, dtype=torch.float32)
     n_sel = ctypes.c_int64(0)
     rc = lib.sp_ffn_predicted_f32(x2.data_ptr(), T, d, w_in.data_ptr(), _ptr(b_in), _ptr(w_up), _ptr(b_up),
-                                  w_down_t.data_ptr(), _ptr(b_down), w_in.shape[0], ACTIVATIONS[act],
+                                  w_down_t.data_ptr(), _ptr(b_down), w_in.shape[0], _code(act, up_relu),
                                   float(threshold), float(cut), p_in.data_ptr(), p_out.data_ptr(), _ptr(p_bias),
                                   p_in.shape[0], float(p_threshold), y.data_ptr(), ctypes.addressof(n_sel),
                                   native.threads())
@@ -219,7 +231,7 @@ def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
 
 
 def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0, *,
-            experts, expert_size: int, counts: list | None = None) -> torch.Tensor | None:
+            experts, expert_size: int, counts: list | None = None, up_relu: bool = False) -> torch.Tensor | None:
     """The FFN over each token's selected experts only; ``None`` if the CPU kernel cannot.
 
     ``experts`` is boolean ``[..., E]`` over the same leading dims as ``x``
@@ -246,7 +258,8 @@ def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0
     y = torch.empty(T, d, dtype=torch.float32)
     n_listed = ctypes.c_int64(0)
     rc = lib.sp_ffn_moe_f32(x2.data_ptr(), T, d, w_in.data_ptr(), _ptr(b_in), _ptr(w_up), _ptr(b_up),
-                            w_down_t.data_ptr(), _ptr(b_down), sel.data_ptr(), E, int(expert_size), ACTIVATIONS[act],
+                            w_down_t.data_ptr(), _ptr(b_down), sel.data_ptr(), E, int(expert_size),
+                            _code(act, up_relu),
                             float(threshold), float(cut), y.data_ptr(), ctypes.addressof(n_listed), native.threads())
     if rc != 0:
         return None

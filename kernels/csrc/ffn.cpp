@@ -20,6 +20,9 @@
 namespace {
 
 enum Act { RELU = 0, SILU = 1, GELU = 2, GELU_TANH = 3 };
+// A flag or-ed into `act`: the up projection's value goes through ReLU too (dReLU,
+// Turbo Sparse), so a neuron counts only where gate and up are both positive.
+constexpr int kUpReLU = 16;
 
 inline float activate_raw(int act, float v, float threshold) {
     switch (act) {
@@ -53,6 +56,8 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
               const float* b_up, const float* w_outT, const float* b_out, int64_t total, Neurons neurons,
               const uint8_t* sel, int64_t sel_stride, int64_t sel_group, int act, float threshold, float cut,
               float* y, int threads) {
+    const bool up_relu = (act & kUpReLU) != 0;
+    act &= ~kUpReLU;
     const int64_t n_chunks = (total + kChunk - 1) / kChunk;
     const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
     std::vector<float> acc((size_t)n_threads * T * d, 0.0f);
@@ -93,8 +98,11 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
             float* g = gs[q];
             if (w_up) {
                 const float* ui = w_up + j * d;
-                for (int64_t t = 0; t < T; ++t)
-                    if (g[t] != 0.0f) g[t] *= sp::dot(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
+                for (int64_t t = 0; t < T; ++t) {
+                    if (g[t] == 0.0f) continue;
+                    const float u = sp::dot(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
+                    g[t] *= up_relu && u < 0.0f ? 0.0f : u;
+                }
             }
             const float* oi = w_outT + j * d;
             for (int64_t t = 0; t < T; ++t)
@@ -118,7 +126,8 @@ extern "C" {
 //   gated: x1[t, j] = act(W_in[j] . x[t] + b_in[j]) * (W_up[j] . x[t] + b_up[j])
 //   plain: x1[t, j] = act(W_in[j] . x[t] + b_in[j])          (w_up == nullptr)
 // act: 0 FATReLU with `threshold` (0: ReLU), 1 SiLU, 2 GELU, 3 GELU (tanh);
-// then |act| < cut is zeroed (CATS; cut 0 keeps every non-zero).
+// then |act| < cut is zeroed (CATS; cut 0 keeps every non-zero). act | kUpReLU
+// (16) also passes the up value through ReLU (dReLU).
 // Neurons are the half-open ranges ranges[2i], ranges[2i+1]. Any bias may be
 // null. Rows have stride d; x and y are [T, d] contiguous; T <= 16.
 int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d,

@@ -3,7 +3,9 @@
 Weight layouts (``csr``, ``bsr``, ``nm``, ``nmg``) store a Linear's weight;
 the activation-sparse FFN computes only the active neurons of an FFN block
 (optionally only those an activation predictor chooses: ``predictor``); the
-MoE FFN reads only the experts a token's router selects (``moe_ffn``).
+MoE FFN reads only the experts a token's router selects (``moe_ffn``); the
+input-sparse Linear reads only the weight rows of inputs that pass a TEAL
+threshold (chosen by ``fast``).
 Formats are pure functions (``formats``), layouts wrap them and hand out the
 fast kernels of ``sparsify_kernels`` (``weight``), modules hold layouts and
 compute with their kernels (``modules``), stage methods swap modules in a
@@ -19,11 +21,12 @@ from __future__ import annotations
 from sparsify_core import hookimpl
 
 from .convert import ActivationSparseFFNConvert, MoEFFNConvert, WeightConvert, weight_methods
-from .modules import ActivationPredictor, ActivationSparseFFN, MoEFFN, SparseLinear, TransposedLinear
+from .modules import (ActivationPredictor, ActivationSparseFFN, InputSparseLinear, MoEFFN, SparseLinear,
+                      TransposedLinear)
 from .weight import BSR, CSR, NM, NMG, WEIGHT_LAYOUTS, StoredLayout
 
 __all__ = ["BSR", "CSR", "NM", "NMG", "StoredLayout", "WEIGHT_LAYOUTS", "ActivationPredictor", "ActivationSparseFFN",
-           "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "WeightConvert"]
+           "InputSparseLinear", "MoEFFN", "SparseLinear", "TransposedLinear", "ActivationSparseFFNConvert", "MoEFFNConvert", "WeightConvert"]
 
 
 @hookimpl

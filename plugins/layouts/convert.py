@@ -37,7 +37,7 @@ from sparsify_core.ffn import find_ffn_blocks, is_conv1d, prunable_modules, weig
 
 from . import predictor as P
 from .modules import (ActivationPredictor, ActivationSparseFFN, MoEFFN, RoutedFFN, SparseLinear, TransposedLinear,
-                      activation_spec, is_sparse_activation)
+                      activation_spec, input_threshold, is_sparse_activation)
 
 # What the conversions report (each stage reports the names of its own conversion).
 CONVERT_METRICS: dict[str, MetricInfo] = {
@@ -122,6 +122,9 @@ class ActivationSparseFFNConvert(Method):
             if isinstance(b.down, TransposedLinear):
                 continue  # already converted
             spec = activation_spec(b.activation)
+            if any(input_threshold(m) is not None for m in b.projections().values()):
+                raise SparsifyError(f"{b.name}: its projections threshold their inputs (TEAL), which the "
+                                    "activation-sparse FFN kernels do not apply; load it with fast modules instead")
             if not is_sparse_activation(spec):
                 raise SparsifyError(f"{b.name}: activation {type(b.activation).__name__} has no exact zeros; "
                                     "substitute ReLU/FATReLU (or CATS) before activation_sparse_ffn")
@@ -375,6 +378,9 @@ class WeightConvert(Method):
         specs, change, dense_bytes, sparse_bytes = {}, {}, 0, 0
         with ctx.progress(f"{layout_cls.name} conversion", total=len(modules)) as task:
             for name, module in modules:
+                if input_threshold(module) is not None:  # a layout's kernel would skip the threshold
+                    raise SparsifyError(f"{name}: thresholds its input (TEAL), which a weight layout's kernel "
+                                        "would skip; weight layouts and teal do not combine")
                 w = weight_out_in(module).detach()
                 try:
                     layout = layout_cls.from_dense(w, lp)

@@ -4,8 +4,10 @@ and ``sparsify bench`` case 4 use.
 ``fast_modules`` swaps, exactly, every FFN that can skip work for its fast
 form: FFNs split into experts with ``top_k``/``threshold`` routing become
 ``MoEFFN`` (``layout_convert/moe_ffn``), FFNs whose activation has exact
-zeros (ReLU, FATReLU, CATS) become activation-sparse
-(``layout_convert/activation_sparse_ffn``). Weights already held in a layout
+zeros (ReLU, FATReLU, CATS, dReLU) become activation-sparse
+(``layout_convert/activation_sparse_ffn``), and every Linear that thresholds
+its own input (TEAL) becomes an ``InputSparseLinear`` (the input-sparse GEMV).
+Weights already held in a layout
 (``SparseLinear``) compute with their kernels as they are. Masks of moved
 weights follow them, as in the stages.
 """
@@ -20,7 +22,9 @@ from sparsify_core.ffn import find_ffn_blocks
 from sparsify_core.masks import MaskSet
 
 from .convert import ActivationSparseFFNConvert, MoEFFNConvert, _rewrite_masks
-from .modules import MoEFFN, TransposedLinear, activation_spec, is_sparse_activation
+from .convert import _set_module
+from .modules import (InputSparseLinear, MoEFFN, TransposedLinear, activation_spec, input_threshold,
+                      is_sparse_activation)
 
 
 def routed_blocks(model) -> list[int]:
@@ -36,9 +40,17 @@ def sparse_activation_blocks(model) -> list[int]:
     for i, b in enumerate(find_ffn_blocks(model)):
         if callable(getattr(b.module, "set_routing", None)) or isinstance(b.down, TransposedLinear):
             continue
+        if any(input_threshold(m) is not None for m in b.projections().values()):
+            continue  # TEAL thresholds the projections' inputs: each becomes an InputSparseLinear instead
         if is_sparse_activation(activation_spec(b.activation)):
             out.append(i)
     return out
+
+
+def input_sparse_linears(model) -> list[tuple[str, torch.nn.Module]]:
+    """``(path, module)`` of the Linear/Conv1D modules that threshold their own input (TEAL), unconverted."""
+    return [(n, m) for n, m in model.named_modules()
+            if input_threshold(m) is not None and not isinstance(m, InputSparseLinear)]
 
 
 def fast_modules(model: torch.nn.Module, masks: MaskSet | None = None, device=None) -> list[str]:
@@ -67,6 +79,13 @@ def fast_modules(model: torch.nn.Module, masks: MaskSet | None = None, device=No
             skipped.append(f"layer {i}: {exc}")
     if converted:
         done.append(f"activation-sparse FFN in {len(converted)} blocks")
+    thresholded = input_sparse_linears(model)
+    for path, module in thresholded:
+        _set_module(model, path, InputSparseLinear.from_thresholded(module))
+        if isinstance(module, torch.nn.Linear):
+            change[f"{path}.weight"] = "t"
+    if thresholded:
+        done.append(f"input-sparse Linear in {len(thresholded)} modules")
     if skipped:
         done.append(f"left dense: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
     _rewrite_masks(SimpleNamespace(masks=masks), change)

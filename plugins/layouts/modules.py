@@ -10,6 +10,10 @@
 - ``ActivationSparseFFN``: a gated FFN block (gate/up/down/act) that computes
   the gate, then only the active neurons' up rows and down rows; with an
   ``ActivationPredictor`` (approximate), only the predicted neurons' gate rows.
+  An up projection marked ``output_relu`` (dReLU) has its value rectified too.
+- ``InputSparseLinear``: a ``TransposedLinear`` that first zeroes inputs with
+  ``|x| < input_threshold`` (TEAL), so the input-sparse GEMV skips the weight
+  rows of the zeroed inputs.
 - ``MoEFFN``: a ``RoutedFFN`` (``plugins/moeify``) whose weights are stored by
   neuron rows (W_down transposed), so each token reads only its selected
   experts' gate, up and down rows.
@@ -192,6 +196,43 @@ class TransposedLinear(nn.Module):
         return f"{self.nx} -> {self.nf}, stored transposed"
 
 
+class InputSparseLinear(TransposedLinear):
+    """``y = s(x) W^T + b`` with ``s(x) = x where |x| >= input_threshold, else 0`` (TEAL), stored ``[in, out]``.
+
+    The fast form of a Linear whose input is magnitude-thresholded (any module
+    with a float ``input_threshold``, e.g. TEAL's ``ThresholdedLinear``):
+    with few tokens on the CPU the input-sparse GEMV reads only the weight rows
+    of the inputs that survive the threshold; otherwise a dense matmul of the
+    thresholded input (the same result). ``x`` is ``[..., in_features]``.
+    """
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, input_threshold: float,
+                 strict: bool = False):
+        super().__init__(weight_t, bias, strict)
+        self.input_threshold = float(input_threshold)
+
+    @classmethod
+    def from_thresholded(cls, module: nn.Module, strict: bool = False) -> "InputSparseLinear":
+        """From an ``nn.Linear`` or Conv1D carrying ``input_threshold`` (its weight shared or transposed)."""
+        t = TransposedLinear.from_linear(module, strict)
+        return cls(t.weight.data, t.bias, module.input_threshold, strict)
+
+    def forward(self, x):
+        t = self.input_threshold
+        if t > 0:
+            x = x * (x.abs() >= t).to(x.dtype)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input_threshold={self.input_threshold:.6g}"
+
+
+def input_threshold(module: nn.Module) -> float | None:
+    """The magnitude threshold a Linear applies to its own input (TEAL), or ``None``; read by structure."""
+    t = getattr(module, "input_threshold", None)
+    return float(t) if isinstance(t, float) else None
+
+
 def activation_spec(act) -> tuple[str, float, float] | None:
     """``(name, threshold, cut)`` of an activation module the kernels know, else ``None``.
 
@@ -302,15 +343,18 @@ class ActivationSparseFFN(nn.Module):
         p = self.predictor
         if p is not None:
             args.update(p_in=p.p_in, p_out=p.p_out, p_bias=p.p_bias, p_threshold=p.threshold_value())
+        up_relu = getattr(self.up_proj, "output_relu", False)  # dReLU
+        if up_relu:
+            args.update(up_relu=True)
         if x.device.type == "cpu":
             y = ffn_kernels.ffn_sparse(x, **args) if p is None else ffn_kernels.ffn_predicted(x, **args)
             if y is None:
                 fallback("activation-sparse FFN", f"for cpu/{str(x.dtype).removeprefix('torch.')}", self.strict)
             return y
-        if _triton_ok(x):
+        if _triton_ok(x) and not up_relu:
             from sparsify_kernels import triton_kernels
             return triton_kernels.ffn_sparse(x, **args) if p is None else triton_kernels.ffn_predicted(x, **args)
-        fallback("activation-sparse FFN", f"for {x.device.type}", self.strict)
+        fallback("activation-sparse FFN", f"for {x.device.type}" + (" with dReLU" if up_relu else ""), self.strict)
         return None
 
     def forward(self, x):
@@ -386,15 +430,18 @@ class MoEFFN(RoutedFFN):
         args = dict(w_in=first.weight, b_in=first.bias, w_up=up.weight if gate is not None else None,
                     b_up=up.bias if gate is not None else None, w_down_t=down.weight, b_down=down.bias,
                     act=spec[0], threshold=spec[1], cut=spec[2], experts=selected, expert_size=self.expert_size)
+        up_relu = gate is not None and getattr(up, "output_relu", False)  # dReLU
+        if up_relu:
+            args.update(up_relu=True)
         if x.device.type == "cpu":
             y = ffn_kernels.ffn_moe(x, **args)
             if y is None:
                 fallback("MoE FFN", f"for cpu/{str(x.dtype).removeprefix('torch.')}", self.strict)
             return y
-        if _triton_ok(x):
+        if _triton_ok(x) and not up_relu:
             from sparsify_kernels import triton_kernels
             return triton_kernels.ffn_moe(x, **args)
-        fallback("MoE FFN", f"for {x.device.type}", self.strict)
+        fallback("MoE FFN", f"for {x.device.type}" + (" with dReLU" if up_relu else ""), self.strict)
         return None
 
     def extra_repr(self) -> str:

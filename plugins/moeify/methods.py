@@ -268,6 +268,12 @@ def _blocks(model, params) -> list[FFNBlock]:
     routed = [b.name for b in chosen if isinstance(b.module, RoutedFFN)]
     if routed:
         raise SparsifyError(f"FFN blocks already split into experts: {', '.join(routed)}")
+    # TEAL: a projection that thresholds its own input; the expert gather and kernels read the weights alone
+    cut = [b.name for b in chosen if any(isinstance(getattr(m, "input_threshold", None), float)
+                                         for m in b.projections().values())]
+    if cut:
+        raise SparsifyError(f"{cut[0]}: its projections threshold their inputs (TEAL), which the expert "
+                            "kernels would skip; moeify and teal do not combine")
     return chosen
 
 

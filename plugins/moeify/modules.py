@@ -246,6 +246,8 @@ class RoutedFFN(nn.Module):
             xe = x2.index_select(0, idx)
             s = self.expert_slice(e)
             u = F.linear(xe, w_up[s], None if b_up is None else b_up[s])
+            if getattr(up, "output_relu", False):  # dReLU's up projection: ReLU on its output too
+                u = torch.relu(u)
             if w_gate is None:
                 h = act(u)
             else:  # gated: act(gate) * up

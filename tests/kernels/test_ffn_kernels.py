@@ -172,3 +172,27 @@ def test_predicted_ffn_declines_what_it_cannot_do():
     p = predictor(8, 16, 2, torch.randn(1, 8))
     assert K.ffn_predicted(torch.randn(K.MAX_TOKENS + 1, 8), **p, **w) is None
     assert K.ffn_predicted(torch.randn(1, 8), **dict(p, p_in=p["p_in"].double()), **w) is None
+
+
+@pytest.mark.parametrize("d,dff,T", [(17, 45, 1), (64, 256, 3), (100, 37, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_drelu_kernels_match_reference(d, dff, T, bias):
+    """dReLU (``up_relu``): relu(gate) * relu(up), through the exact, predicted and MoE kernels."""
+    w = weights(d, dff, True, bias)
+    x = torch.randn(T, d)
+    ref = K.ffn_reference(x, up_relu=True, **w)
+    gate = torch.relu(x @ w["w_in"].T + (w["b_in"] if bias else 0))
+    up = torch.relu(x @ w["w_up"].T + (w["b_up"] if bias else 0))
+    hand = gate * up @ w["w_down_t"] + (w["b_down"] if bias else 0)
+    torch.testing.assert_close(ref, hand, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref, K.ffn_reference(x, **w))  # the up ReLU matters
+    torch.testing.assert_close(K.ffn_sparse(x, up_relu=True, **w), ref, atol=1e-4, rtol=1e-4)
+    p_in, p_out = torch.randn(8, d), torch.randn(dff, 8)
+    select = K.predict(x, p_in, p_out, None, 0.0)
+    torch.testing.assert_close(K.ffn_predicted(x, up_relu=True, p_in=p_in, p_out=p_out, **w),
+                               K.ffn_reference(x, up_relu=True, select=select, **w), atol=1e-4, rtol=1e-4)
+    if dff % 5 == 0:
+        experts = torch.rand(T, 5) < 0.5
+        torch.testing.assert_close(
+            K.ffn_moe(x, up_relu=True, experts=experts, expert_size=dff // 5, **w),
+            K.ffn_reference(x, up_relu=True, select=K.expert_neurons(experts, dff // 5), **w), atol=1e-4, rtol=1e-4)
