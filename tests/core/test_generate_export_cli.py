@@ -93,8 +93,11 @@ def test_timed_generate_matches_greedy_generate(output):
     assert torch.equal(stats.ids, greedy_generate(loaded.model, ids, 4, loaded.tokenizer, min_new_tokens=4))
     assert "".join(pieces).strip() == loaded.tokenizer.decode(stats.ids[0, ids.shape[1]:],
                                                               skip_special_tokens=True).strip()
+    assert stats.path == "lean"
+    # a batch decodes on the lean path; HF generate (the fallback) takes one prompt at a time
+    assert timed_generate(loaded.model, ids.repeat(2, 1), 2, loaded.tokenizer).ids.shape == (2, ids.shape[1] + 2)
     with pytest.raises(ValueError, match="one prompt at a time"):
-        timed_generate(loaded.model, ids.repeat(2, 1), 2, loaded.tokenizer)
+        timed_generate(loaded.model, ids.repeat(2, 1), 2, loaded.tokenizer, path="hf")
 
 
 def test_recipe_storage_field_is_validated(tmp_path):
