@@ -144,6 +144,9 @@ def write_gguf(model: nn.Module, tokenizer, dest, qtype: str = "f32", allow_silu
 
     if qtype not in QTYPES:
         raise SparsifyError(f"unknown GGUF type {qtype!r}: choose {', '.join(QTYPES)}")
+    if qtype != "f32" and not callable(getattr(getattr(gguf, "quants", None), "quantize", None)):
+        raise SparsifyError(f"gguf {getattr(gguf, '__version__', '(old)')} cannot quantize to {qtype}: "
+                            "pip install 'sparsify[gguf]'")
     cfg = model.config
     if getattr(cfg, "model_type", None) != "llama":
         raise SparsifyError(f"a {getattr(cfg, 'model_type', type(model).__name__)} model: the GGUF export "

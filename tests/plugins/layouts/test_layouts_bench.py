@@ -42,18 +42,53 @@ def test_moe_case_times_the_converted_module(monkeypatch):
 
 def test_decode_case_runs_on_a_sparsify_output(workdir):
     """Case 4 on a saved ReLU model (as users pass their ProSparse output): same tokens, sparsity reported."""
-    from helpers import tiny_recipe, write
+    from helpers import make_output, sparsify_here
 
-    # the tiny recipe's ReLU stage only (no pruning), saved where case 4 can find it
-    stages = "  - kind: substitute_activation\n    method: relu\n"
-    write(workdir / "r.yaml", tiny_recipe(stages, output={"dir": "out", "save": True}))
-    sparsify("run", "r.yaml", cwd=workdir, check=True)
+    # a tiny llama with ReLU FFNs (no pruning), saved as the runner saves outputs, in process
+    make_output(workdir / "out", "llama", [("substitute_activation", "relu", {})])
     result = bench.run((4,), quick=True, threads=1, model_dir=workdir / "out")
-    (row,) = result["rows"]
-    assert row["extra"]["identical_tokens"] is True
+    rows = {r["config"]: r for r in result["rows"]}
+    row = rows["decode B=1, 4 tokens"]
+    assert row["extra"]["identical_tokens"] is True and row["extra"]["identical_tokens_to_hf_generate"] is True
+    assert row["extra"]["path"] == "lean" and set(row["ratio"]) == {"ours"}
     assert 0.3 < row["extra"]["activation_sparsity"] < 1 and "out" in row["extra"]["note"]
-    bad = sparsify("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
+    # bytes per token: the sparse side reads less, and the bound is their ratio
+    mb = row["extra"]["weight_MB_per_token"]
+    assert mb["ours"] < mb["dense"] and row["bound"] == pytest.approx(mb["dense"] / mb["ours"])
+    assert set(row["extra"]["profile_ms_per_token_ours"]) == {"attention", "ffn", "head", "rest"}
+    assert set(rows["decode B=1 vs HF generate dense"]["ratio"]) == {"ours", "lean_dense"}
+    assert any(c.startswith("prefill ") for c in rows)
+    batch = rows["decode B=2 (ms per step)"]
+    assert batch["extra"]["identical_tokens"] is True and 0 <= batch["extra"]["union_sparsity"] <= 1
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:  # the column is left out, and the row says how to get it
+        assert "pip install 'sparsify[bench-llamacpp]'" in row["extra"]["llama_cpp"]
+    bad = sparsify_here("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
     assert bad.returncode != 0 and "not a sparsify output folder" in bad.stderr
+
+
+def test_union_sparsity_of_a_batch_is_at_most_each_sequence_s(one_thread):
+    """A neuron idle for the batch is idle for every sequence: union <= each sequence's own sparsity."""
+    import torch
+
+    from helpers import tiny_model
+    from sparsify_plugins.layouts.bench_decode import union_sparsity
+
+    model = tiny_model("llama").eval()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.ReLU()
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    u = union_sparsity(model, ids, 4)
+    alone = [union_sparsity(model, ids[i:i + 1], 4) for i in range(3)]
+    assert 0 < u <= min(alone) and max(alone) < 1
+    # by hand for one sequence: zeros of the down projection's input over the decode positions 4..10
+    zeros = []
+    with torch.no_grad():
+        from sparsify_core.ffn import capture_intermediates, find_ffn_blocks
+        with capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append((x1[0, 4:11] == 0).float().mean())):
+            model(ids[:1])
+    assert alone[0] == pytest.approx(float(sum(zeros) / len(zeros)))
 
 
 def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
@@ -65,7 +100,7 @@ def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
     write(workdir / "m.yaml", tiny_recipe(stages, output={"dir": "moe", "save": True}))
     sparsify("run", "m.yaml", cwd=workdir, check=True)
     result = bench.run((4,), quick=True, threads=1, model_dir=workdir / "moe")
-    (row,) = result["rows"]
+    row = result["rows"][0]
     assert set(row["ratio"]) == {"ours", "torch_moe"} and row["best"] == "ours"
     assert row["extra"]["identical_tokens"] is True and row["config"].endswith("(MoE)")
     assert 0.2 < row["extra"]["expert_sparsity"] < 0.9
