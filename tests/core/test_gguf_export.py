@@ -129,3 +129,15 @@ def test_export_cli_gguf_and_its_errors(tmp_path):
     assert gguf.GGUFReader(str(tmp_path / "m.gguf")).get_tensor(1).tensor_type.name in ("Q8_0", "F32")
     proc = sparsify_here("export", out, tmp_path / "d", "--format", "gguf", "--storage", "dense")
     assert proc.returncode == 1 and "--storage is for --format sparsify" in proc.stderr
+
+
+@pytest.mark.parametrize("kv_heads,tied,qtype", [(2, False, "f32"), (4, True, "f32"), (2, False, "q8_0")])
+def test_transformers_gguf_loader_reads_back_the_same_model(tmp_path, one_thread, kv_heads, tied, qtype):
+    """transformers' GGUF loader (its own implementation of llama.cpp's conventions) gives the same logits."""
+    model = _llama(kv_heads, tied)
+    write_gguf(model, None, tmp_path / "m.gguf", qtype)
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (back(ids).logits - model(ids).logits).abs().max().item()
+    assert diff == 0.0 if qtype == "f32" else diff < 0.05

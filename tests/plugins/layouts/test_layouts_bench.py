@@ -104,3 +104,60 @@ def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
     assert set(row["ratio"]) == {"ours", "torch_moe"} and row["best"] == "ours"
     assert row["extra"]["identical_tokens"] is True and row["config"].endswith("(MoE)")
     assert 0.2 < row["extra"]["expert_sparsity"] < 0.9
+
+
+class _FakeLlama:
+    """llama-cpp-python's ``Llama`` as case 4 drives it (``reset``, ``eval``, ``scores``, ``n_tokens``), computed
+    by transformers' GGUF loader from the file sparsify wrote: the llama.cpp rows' plumbing without llama.cpp."""
+
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, n_batch, verbose):
+        import numpy as np
+        import torch
+        import transformers as T
+        from pathlib import Path
+
+        p = Path(model_path)
+        self.model = T.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+        self.scores = np.zeros((n_ctx, self.model.config.vocab_size), dtype=np.float32)
+        self.tokens: list[int] = []
+
+    @property
+    def n_tokens(self):
+        return len(self.tokens)
+
+    def reset(self):
+        self.tokens = []
+
+    def eval(self, tokens):
+        import torch
+
+        self.tokens += list(tokens)
+        with torch.no_grad():
+            self.scores[self.n_tokens - 1] = self.model(torch.tensor([self.tokens])).logits[0, -1].numpy()
+
+
+def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
+    import sys
+    import types
+
+    import torch
+
+    from helpers import tiny_model
+    from sparsify_plugins.layouts import bench_decode as D
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama))
+    model = tiny_model("llama").eval()
+    for layer in model.model.layers:  # a ReLU model: llama.cpp's graph computes its SiLU twin
+        layer.mlp.act_fn = torch.nn.ReLU()
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, None
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    store: list = []
+    rows, skipped = D._llamacpp_rows(model, Tok(), ids, 6, 2, D._timed(model, ids, 6, Tok(), "lean", store), store,
+                                     threads=1, quick=True)
+    assert skipped == "" and [r.config for r in rows] == ["decode B=1 vs llama.cpp f32"]
+    (row,) = rows
+    assert row.extra["identical_tokens_to_silu_twin"] is True and row.target == 1.3
+    assert row.ratio["ours"] == pytest.approx(row.dense_ms / row.ours_ms["ours"])
