@@ -13,9 +13,10 @@ What it does: a static KV cache allocated once per call (``[layers, batch,
 kv heads, prompt + new tokens, head dim]``), rotary tables computed once by
 the model's own rotary module, and one step per layer that calls the HF
 modules' weights directly (``F.linear`` on ``q/k/v/o_proj``, the RMSNorm
-formula of ``LlamaRMSNorm``) and the FFN *as a module* (``layer.mlp(x)``),
-so whatever a stage or ``fast_modules`` put there (an activation-sparse FFN,
-``MoEFFN``, a ``SparseLinear`` projection) computes as it would under HF.
+formula of ``LlamaRMSNorm``, HF's dense ``LlamaMLP`` inline) and any other FFN
+*as a module* (``layer.mlp(x)``), so whatever a stage or ``fast_modules`` put
+there (an activation-sparse FFN, ``MoEFFN``, a ``SparseLinear`` projection)
+computes as it would under HF; so does a block with hooks.
 Projections and heads that are not plain ``nn.Linear`` are called as modules
 too.
 
@@ -106,6 +107,21 @@ def _rms_norm(module: nn.Module):
     return norm
 
 
+def _hooked(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _ffn(mlp: nn.Module):
+    """A callable computing an FFN block: HF's ``LlamaMLP`` of plain Linears inline (the same operations,
+    without four module calls), anything else (a sparse or MoE FFN, a hooked block) as the module."""
+    parts = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+    if type(mlp).__name__ != "LlamaMLP" or any(type(p) is not nn.Linear for p in parts) or _hooked(mlp):
+        return mlp
+    gate, up, down = (_linear(p) for p in parts)
+    act = mlp.act_fn
+    return lambda x: down(act(gate(x)) * up(x))
+
+
 @dataclass
 class DecodeResult:
     """One greedy decode: ``ids`` ``[B, T + n]`` (prompt and new tokens), ``n`` new tokens, seconds.
@@ -151,7 +167,7 @@ class LeanDecoder:
         self.gqa = self.n_kv != self.n_heads
         self.layers = [(_rms_norm(l.input_layernorm), _linear(l.self_attn.q_proj), _linear(l.self_attn.k_proj),
                         _linear(l.self_attn.v_proj), _linear(l.self_attn.o_proj),
-                        _rms_norm(l.post_attention_layernorm), l.mlp)
+                        _rms_norm(l.post_attention_layernorm), _ffn(l.mlp))
                        for l in inner.layers[: cfg.num_hidden_layers]]
         self.norm = _rms_norm(inner.norm)
         self.head = _linear(model.lm_head)

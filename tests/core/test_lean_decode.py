@@ -129,3 +129,15 @@ def test_profile_splits_the_decode_time_and_weight_bytes_add_up(relu_output, one
     assert full["attention"] + full["ffn"] == params
     half = lean.weight_bytes(dense.model, ffn_density=0.5)
     assert half["ffn"] == pytest.approx(full["ffn"] * (1 + 0.5 * 2) / 3)
+
+
+def test_hooks_on_ffn_parts_still_run(one_thread):
+    """A dense LlamaMLP runs inline, unless something hooks it (then as the module, so the hook sees each step)."""
+    model = _llama(2)
+    seen = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    ids = torch.tensor([[3, 4, 5]])
+    res = lean.LeanDecoder(model).generate(ids, 4, eos_token_id=None)
+    handle.remove()
+    assert seen == [(1, 3, 64)] + [(1, 1, 64)] * 3
+    assert torch.equal(res.ids, lean.LeanDecoder(model).generate(ids, 4, eos_token_id=None).ids)
