@@ -396,13 +396,34 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
 
 @app.command()
 def export(output: Path = typer.Argument(..., help="a sparsify output folder"),
-           dest: Path = typer.Argument(..., help="the new folder (replaced atomically if it exists)"),
-           storage: str = typer.Option(..., "--storage", help="dense (plain transformers loads it) or compressed "
-                                       "(sparse weights as bitmask plus values; sparsify only)")):
-    """Copy an output with its weights stored dense or compressed; every weight and mask bit-identical."""
+           dest: Path = typer.Argument(..., help="the new folder (replaced atomically if it exists), or the .gguf "
+                                       "file with --format gguf"),
+           storage: Optional[str] = typer.Option(None, "--storage", help="dense (plain transformers loads it) or "
+                                                 "compressed (sparse weights as bitmask plus values; sparsify only)"),
+           format_: str = typer.Option("sparsify", "--format", help="sparsify (an output folder, with --storage) or "
+                                       "gguf (one file llama.cpp loads; llama-architecture models)"),
+           gguf_type: str = typer.Option("f32", "--gguf-type", help="with --format gguf: f32, q8_0 or q4_1"),
+           allow_silu: bool = typer.Option(False, "--allow-silu", help="with --format gguf: write a model whose FFN "
+                                           "activation is not SiLU anyway (llama.cpp then computes SiLU: for speed "
+                                           "comparisons only)")):
+    """Copy an output with its weights stored dense or compressed (every weight and mask bit-identical),
+    or write it as a GGUF file for llama.cpp (``--format gguf``)."""
     from .output import export_output
     from .storage import folder_bytes
 
+    if format_ == "gguf":
+        from .gguf_export import export_gguf
+
+        if storage is not None:
+            raise SparsifyError("--storage is for --format sparsify; a GGUF file has its own (--gguf-type)")
+        export_gguf(output, dest, gguf_type, allow_silu)
+        err.print(f"exported {output} -> {dest} (GGUF {gguf_type}, {dest.stat().st_size / 1e6:.1f} MB)",
+                  highlight=False, markup=False)
+        return
+    if format_ != "sparsify":
+        raise SparsifyError(f"--format {format_}: choose sparsify or gguf")
+    if storage is None:
+        raise SparsifyError("--storage dense or --storage compressed is needed with --format sparsify")
     before = folder_bytes(output) if (output / "sparsify.json").is_file() else 0
     export_output(output, dest, storage)
     err.print(f"exported {output} -> {dest} ({storage}): weights {before / 1e6:.1f} MB -> "
@@ -424,11 +445,16 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
              chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
              compare_dense: bool = typer.Option(False, "--compare-dense", help="also run the prompt without the fast "
                                                 "modules; print the speed-up and whether the tokens match"),
-             device: str = typer.Option("auto", "--device", help="cpu, cuda or auto [default: cuda if available]")):
+             device: str = typer.Option("auto", "--device", help="cpu, cuda or auto [default: cuda if available]"),
+             decode_path: str = typer.Option("auto", "--decode-path", help="auto (the lean path where it covers the "
+                                             "model, else HF generate), lean or hf; --compare-dense uses the same")):
     """Stream greedy text from an output with its fast modules; tokens/s of prefill and decode on the last line.
 
     The fast modules are those ``load_output(fast=True)`` picks (activation-
-    sparse FFNs, MoE FFNs; layouts a recipe converted to). Text streams to
+    sparse FFNs, MoE FFNs; layouts a recipe converted to). Decoding runs on
+    the lean path (``sparsify_core.lean``: static KV cache, one plain step per
+    layer) for llama-style models, as ``sparsify bench`` case 4 does, and
+    through HF ``generate`` otherwise; stderr names the path. Text streams to
     stdout; the numbers are the last line of stdout.
     """
     import torch
@@ -436,8 +462,12 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
     from .generation import timed_generate
     from .output import load_output
 
+    from .generation import PATHS
+
     if (prompt is None) == (prompt_file is None):
         raise SparsifyError("give the prompt as --prompt TEXT or --prompt-file FILE (one of them)")
+    if decode_path not in PATHS:
+        raise SparsifyError(f"--decode-path {decode_path}: choose {', '.join(PATHS)}")
     if prompt_file is not None:
         try:
             prompt = prompt_file.read_text()
@@ -470,12 +500,16 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    stats = timed_generate(loaded.model, ids, max_new_tokens, tok, write=write)
+    try:
+        stats = timed_generate(loaded.model, ids, max_new_tokens, tok, write=write, path=decode_path)
+    except ValueError as exc:  # --decode-path lean on a model the lean path does not cover
+        raise SparsifyError(f"{output}: {exc}") from None
+    err.print(f"decode path: {stats.path}", highlight=False, markup=False)
     line = stats.summary()
     if compare_dense:
         del loaded
         dense = load_output(output, device=dev, fast=False)
-        ref = timed_generate(dense.model, ids, max_new_tokens, tok)
+        ref = timed_generate(dense.model, ids, max_new_tokens, tok, path=decode_path)
         same = torch.equal(ref.ids, stats.ids)
         line += (f"; without fast modules: prefill {ref.prefill_tokens_per_s:.1f} tok/s, decode "
                  f"{ref.decode_tokens_per_s:.1f} tok/s; decode speed-up "

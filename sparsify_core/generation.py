@@ -1,15 +1,17 @@
 """Greedy generation, timed: what ``sparsify generate`` prints and ``sparsify bench`` case 4 times.
 
-One generation call (``greedy_generate``) for both, so the tokens/s that
-``generate`` reports and the bench's come from the same code; the bench
-times whole calls interleaved with the dense model, ``generate`` splits one
-call into prefill (the prompt's forward, up to the first new token) and
-decode (every later token) with a streamer's timestamps.
+One call (``timed_generate``) for both, so the tokens/s that ``generate``
+reports and the bench's come from the same code. It decodes on the lean path
+(``sparsify_core.lean``: static KV cache, one plain step per layer) when the
+model is llama-shaped, and through HF ``generate`` otherwise
+(``greedy_generate``); ``GenerationStats.path`` says which ran. Prefill (the
+prompt's forward, up to the first new token) and decode (every later token)
+are timed apart.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -28,15 +30,25 @@ def greedy_generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer, st
                               top_k=None, pad_token_id=pad, streamer=streamer)
 
 
+#: ``timed_generate``'s ``path`` values: ``auto`` (lean where it covers the model), ``lean``, ``hf``.
+PATHS = ("auto", "lean", "hf")
+
+
 @dataclass
 class GenerationStats:
-    """One timed generation: ``ids`` ``[1, T + n]``, prompt length ``T``, ``n`` new tokens, seconds."""
+    """One timed generation: ``ids`` ``[B, T + n]``, prompt length ``T``, ``n`` new tokens, seconds.
+
+    ``path`` is ``lean`` or ``hf generate (<why not lean>)``; ``profile``
+    (lean path with ``profile=True``) splits the decode seconds into
+    ``attention``, ``ffn``, ``head`` and ``rest``."""
 
     ids: torch.Tensor
     prompt_tokens: int
     new_tokens: int
     prefill_s: float  # from the call to the first new token: the prompt's forward (and one sampling step)
     decode_s: float  # from the first new token to the last: new_tokens - 1 decoding steps
+    path: str = "lean"
+    profile: dict = field(default_factory=dict)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -81,12 +93,44 @@ class _Clock:
 
 
 def timed_generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer,
-                   write: Callable[[str], None] | None = None, min_new_tokens: int | None = None) -> GenerationStats:
-    """Generate greedily from ``ids`` ``[1, T]``, streaming text to ``write`` (if given); timed.
+                   write: Callable[[str], None] | None = None, min_new_tokens: int | None = None,
+                   path: str = "auto", profile: bool = False) -> GenerationStats:
+    """Generate greedily from ``ids`` ``[B, T]``, streaming text to ``write`` (if given, batch 1 only); timed.
 
-    Raises ``ValueError`` for a batch of more than one prompt."""
-    if ids.dim() != 2 or ids.shape[0] != 1:
-        raise ValueError(f"one prompt at a time: ids of shape [1, T], got {list(ids.shape)}")
+    ``path``: ``auto`` decodes on the lean path when ``lean.supports(model)``
+    and through HF ``generate`` otherwise; ``lean`` insists (``ValueError``
+    with the reason when the model is not covered); ``hf`` always uses HF
+    ``generate`` (batch 1). The tokens are the same either way (greedy, fp32:
+    tested). ``min_new_tokens`` forces that many tokens (no early end of
+    sequence: what a benchmark wants). Raises ``ValueError`` for an unknown
+    ``path``, for a batch on the HF path or with ``write``."""
+    from . import lean
+
+    if path not in PATHS:
+        raise ValueError(f"unknown decode path {path!r}: choose {', '.join(PATHS)}")
+    if ids.dim() != 2:
+        raise ValueError(f"prompt ids of shape [batch, tokens], got {list(ids.shape)}")
+    reason = lean.unsupported_reason(model) if path != "hf" else "asked for"
+    if path == "lean" and reason is not None:
+        raise ValueError(f"the lean decode path does not cover this model: {reason}")
+    if reason is None:
+        if write is not None and ids.shape[0] != 1:
+            raise ValueError("streaming text needs one prompt: ids of shape [1, T]")
+        text = _Clock(tokenizer, write) if write is not None else None
+        if text is not None:
+            text.put(ids.cpu())
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # the end-of-sequence ids HF generate stops at: the generation config's, not the tokenizer's
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        res = lean.LeanDecoder(model).generate(ids, max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                               min_new_tokens=min_new_tokens, profile=profile,
+                                               on_token=None if text is None else lambda t: text.put(t.cpu()))
+        if text is not None:
+            text.end()
+        return GenerationStats(ids=res.ids.cpu(), prompt_tokens=res.prompt_tokens, new_tokens=res.new_tokens,
+                               prefill_s=res.prefill_s, decode_s=res.decode_s, path="lean", profile=res.profile)
+    if ids.shape[0] != 1:
+        raise ValueError(f"one prompt at a time on the HF path: ids of shape [1, T], got {list(ids.shape)}")
     clock = _Clock(tokenizer, write)
     start = time.perf_counter()
     out = greedy_generate(model, ids, max_new_tokens, tokenizer, streamer=clock, min_new_tokens=min_new_tokens)
@@ -95,4 +139,4 @@ def timed_generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer,
     stamps = clock.times[1:]  # one per new token
     first = stamps[0] if stamps else end
     return GenerationStats(ids=out.cpu(), prompt_tokens=ids.shape[1], new_tokens=new, prefill_s=first - start,
-                           decode_s=(stamps[-1] - first) if stamps else 0.0)
+                           decode_s=(stamps[-1] - first) if stamps else 0.0, path=f"hf generate ({reason})")

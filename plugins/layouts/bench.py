@@ -19,9 +19,9 @@ our time``. Cases (fp32, the CPU threads torch uses):
 3. sparse Linear, BERT-base FFN shapes, 1/128/1024 tokens, 50/75/90% weight
    sparsity: each layout (given a weight with the structure it needs at that
    sparsity) against dense torch and torch.sparse CSR / BSR.
-4. end to end: greedy decoding on SmolLM2-135M with ReLU substituted (no
-   ProSparse training: its activation sparsity is what ReLU alone gives),
-   activation-sparse FFN layout vs the same model dense; tokens must match.
+4. end to end (``bench_decode``): greedy decoding, the fast modules against
+   the same model dense on one lean decode path, HF ``generate`` and llama.cpp,
+   prefill and decode apart, batch 1 / 4 / 16 with the batch's union sparsity.
 
 Kernels come from ``sparsify_kernels``, layouts from the plugin catalog.
 The cases reach ``sparsify bench`` through this plugin's ``sparsify_bench_cases``
@@ -31,13 +31,13 @@ hook (``CASES``); the timing harness and the recording are the engine's
 from __future__ import annotations
 
 import gc
-import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from sparsify_core.bench import BenchCase, BenchOptions, Row, flush_caches, interleaved
+
+from .bench_decode import case_decode
 
 
 # -- case 1 and 2: FFN decode ----------------------------------------------------------
@@ -268,97 +268,6 @@ def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024),
     return rows
 
 
-# -- case 4: end-to-end decode ----------------------------------------------------------
-
-def _routed(model) -> list:
-    """The FFNs a ``moeify`` stage split into experts (anything with the RoutedFFN routing API)."""
-    return [m for m in model.modules() if callable(getattr(m, "set_routing", None)) and hasattr(m, "num_experts")]
-
-
-def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.PathLike | None = None) -> list[Row]:
-    """Case 4: greedy decoding with the fast layouts vs the same model dense, batch 1.
-
-    ``model_dir`` is a sparsify output folder: with ReLU/FATReLU FFNs (the
-    output of ``recipes/prosparse.yaml``) the FFNs become activation-sparse,
-    exact, and the tokens must be identical; with FFNs split into experts
-    (``recipes/lte.yaml``, MoEfication) they become ``MoEFFN`` modules, timed
-    against the same weights computing every expert (dense) and against the
-    plain-torch MoE (``torch_moe``), whose tokens they must reproduce. Without
-    it, SmolLM2-135M with ReLU substituted and no training stands in (less
-    sparse, so a lower bound).
-    """
-    import copy
-
-    from sparsify_core.context import RunContext
-    from sparsify_core.generation import greedy_generate
-    from sparsify_core.plugin_manager import catalog
-
-    from .fast import fast_modules
-
-    cat = catalog()
-    if model_dir is not None:
-        from sparsify_core.output import load_output
-
-        loaded = load_output(model_dir, fast=False)  # converted below, the dense copy kept for timing
-        note = f"sparsify output {model_dir}"
-    else:
-        src = cat.model_sources["smollm2-135m"]
-        loaded = src().load(src.Params(), device=torch.device("cpu"), dtype=torch.float32)
-        note = "ReLU-substituted, not ProSparse-trained"
-    model, tok = loaded.model.eval(), loaded.tokenizer
-    ctx = RunContext(run_id="bench", model=model, tokenizer=tok, task="causal_lm", data={},
-                     device=torch.device("cpu"), dtype=torch.float32, seed=0, workdir=os.getcwd())
-    if model_dir is None:
-        relu = cat.methods[("substitute_activation", "relu")]
-        relu().apply(ctx, relu.Params())
-    moe = bool(_routed(model))
-    sparse = copy.deepcopy(model)
-    fast_modules(sparse)  # the conversion `sparsify generate` uses
-    fns = {"ours": sparse}
-    if moe:  # dense: the same weights computing every expert; torch_moe: the routed model in plain torch
-        dense = copy.deepcopy(model)
-        for m in _routed(dense):
-            m.set_routing("dense")
-        fns, model = {"ours": sparse, "torch_moe": model}, dense
-    ids = tok("The history of sparse neural networks", return_tensors="pt").input_ids
-    outs = {}
-
-    def gen(m, name):
-        def run():  # the generation call of `sparsify generate`, every token forced (no early EOS)
-            outs[name] = greedy_generate(m, ids, new_tokens, tok, min_new_tokens=new_tokens)
-        return run
-
-    t = interleaved({"dense": gen(model, "dense"), **{k: gen(m, k) for k, m in fns.items()}}, rounds, warmup=1)
-    extra = {"tokens_per_s_dense": new_tokens / t["dense"], "tokens_per_s_ours": new_tokens / t["ours"],
-             "note": note}
-    if moe:
-        extra["identical_tokens"] = bool(torch.equal(outs["torch_moe"], outs["ours"]))
-        extra["identical_tokens_to_dense"] = bool(torch.equal(outs["dense"], outs["ours"]))
-        selected = []
-
-        def hook(module, x, scores, chosen):
-            selected.append(chosen.float().mean().item())
-
-        plain = fns["torch_moe"]
-        handles = [m.register_selection_hook(hook) for m in _routed(plain)]
-        with torch.no_grad():
-            plain(outs["ours"])
-        for h in handles:
-            h.remove()
-        extra["expert_sparsity"] = 1.0 - statistics.mean(selected)
-    else:
-        extra["identical_tokens"] = bool(torch.equal(outs["dense"], outs["ours"]))
-        # activation sparsity of the model on the generated text
-        from sparsify_core.ffn import capture_intermediates, find_ffn_blocks
-        zeros = []
-        with torch.no_grad(), capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append(
-                (x1 == 0).float().mean().item())):
-            model(outs["dense"])
-        extra["activation_sparsity"] = statistics.mean(zeros)
-    return [Row(4, f"decode {new_tokens} tokens" + (" (MoE)" if moe else ""), t["dense"] * 1e3,
-                {k: t[k] * 1e3 for k in fns}, {k: t["dense"] / t[k] for k in fns}, 1.3, None, extra)]
-
-
 def _options(options: BenchOptions, quick: dict, full: dict | None = None) -> dict:
     """The keyword arguments of a case for ``options``: smoke sizes when ``quick``."""
     return quick if options.quick else (full or {})
@@ -375,6 +284,7 @@ CASES = [
               lambda o: case_sparse_linear(**_options(o, dict(shapes=((256, 128),), tokens=(1, 70),
                                                               sparsities=(0.5,), repeats=3)))),
     BenchCase(4, "end-to-end decode", case_decode.__doc__.splitlines()[0],
-              lambda o: case_decode(**_options(o, dict(new_tokens=4, rounds=1)), model_dir=o.model_dir),
+              lambda o: case_decode(**_options(o, dict(new_tokens=4, rounds=1, batches=(1, 2), batch_rounds=1)),
+                                    model_dir=o.model_dir, quick=o.quick),
               default=False),
 ]

@@ -93,8 +93,11 @@ def test_timed_generate_matches_greedy_generate(output):
     assert torch.equal(stats.ids, greedy_generate(loaded.model, ids, 4, loaded.tokenizer, min_new_tokens=4))
     assert "".join(pieces).strip() == loaded.tokenizer.decode(stats.ids[0, ids.shape[1]:],
                                                               skip_special_tokens=True).strip()
+    assert stats.path == "lean"
+    # a batch decodes on the lean path; HF generate (the fallback) takes one prompt at a time
+    assert timed_generate(loaded.model, ids.repeat(2, 1), 2, loaded.tokenizer).ids.shape == (2, ids.shape[1] + 2)
     with pytest.raises(ValueError, match="one prompt at a time"):
-        timed_generate(loaded.model, ids.repeat(2, 1), 2, loaded.tokenizer)
+        timed_generate(loaded.model, ids.repeat(2, 1), 2, loaded.tokenizer, path="hf")
 
 
 def test_recipe_storage_field_is_validated(tmp_path):
@@ -106,3 +109,15 @@ def test_recipe_storage_field_is_validated(tmp_path):
     with pytest.raises(RecipeError, match=r"r\.yaml:4: output\.storage: Input should be .dense. or .compressed."):
         load_recipe(tmp_path / "r.yaml")
     assert load_recipe(tmp_path / "r.yaml", ["output.storage=dense"]).recipe.output.storage == "dense"
+
+
+def test_generate_names_the_decode_path_and_compare_dense_uses_it_too(output, monkeypatch, capsys):
+    code, out, err = _cli(monkeypatch, capsys, "generate", output, "--prompt", "abc", "--max-new-tokens", "4",
+                          "--compare-dense", "--device", "cpu", "--decode-path", "hf")
+    assert code == 0 and "decode path: hf generate (asked for)" in err, err
+    assert out.rstrip("\n").splitlines()[-1].endswith("tokens identical")
+    code, out, err = _cli(monkeypatch, capsys, "generate", output, "--prompt", "abc", "--max-new-tokens", "2",
+                          "--device", "cpu")
+    assert code == 0 and "decode path: lean" in err
+    code, out, err = _cli(monkeypatch, capsys, "generate", output, "--prompt", "abc", "--decode-path", "fast")
+    assert code == 1 and err.strip() == "error: --decode-path fast: choose auto, lean, hf"

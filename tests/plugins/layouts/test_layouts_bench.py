@@ -42,18 +42,53 @@ def test_moe_case_times_the_converted_module(monkeypatch):
 
 def test_decode_case_runs_on_a_sparsify_output(workdir):
     """Case 4 on a saved ReLU model (as users pass their ProSparse output): same tokens, sparsity reported."""
-    from helpers import tiny_recipe, write
+    from helpers import make_output, sparsify_here
 
-    # the tiny recipe's ReLU stage only (no pruning), saved where case 4 can find it
-    stages = "  - kind: substitute_activation\n    method: relu\n"
-    write(workdir / "r.yaml", tiny_recipe(stages, output={"dir": "out", "save": True}))
-    sparsify("run", "r.yaml", cwd=workdir, check=True)
+    # a tiny llama with ReLU FFNs (no pruning), saved as the runner saves outputs, in process
+    make_output(workdir / "out", "llama", [("substitute_activation", "relu", {})])
     result = bench.run((4,), quick=True, threads=1, model_dir=workdir / "out")
-    (row,) = result["rows"]
-    assert row["extra"]["identical_tokens"] is True
+    rows = {r["config"]: r for r in result["rows"]}
+    row = rows["decode B=1, 4 tokens"]
+    assert row["extra"]["identical_tokens"] is True and row["extra"]["identical_tokens_to_hf_generate"] is True
+    assert row["extra"]["path"] == "lean" and set(row["ratio"]) == {"ours"}
     assert 0.3 < row["extra"]["activation_sparsity"] < 1 and "out" in row["extra"]["note"]
-    bad = sparsify("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
+    # bytes per token: the sparse side reads less, and the bound is their ratio
+    mb = row["extra"]["weight_MB_per_token"]
+    assert mb["ours"] < mb["dense"] and row["bound"] == pytest.approx(mb["dense"] / mb["ours"])
+    assert set(row["extra"]["profile_ms_per_token_ours"]) == {"attention", "ffn", "head", "rest"}
+    assert set(rows["decode B=1 vs HF generate dense"]["ratio"]) == {"ours", "lean_dense"}
+    assert any(c.startswith("prefill ") for c in rows)
+    batch = rows["decode B=2 (ms per step)"]
+    assert batch["extra"]["identical_tokens"] is True and 0 <= batch["extra"]["union_sparsity"] <= 1
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:  # the column is left out, and the row says how to get it
+        assert "pip install 'sparsify[bench-llamacpp]'" in row["extra"]["llama_cpp"]
+    bad = sparsify_here("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
     assert bad.returncode != 0 and "not a sparsify output folder" in bad.stderr
+
+
+def test_union_sparsity_of_a_batch_is_at_most_each_sequence_s(one_thread):
+    """A neuron idle for the batch is idle for every sequence: union <= each sequence's own sparsity."""
+    import torch
+
+    from helpers import tiny_model
+    from sparsify_plugins.layouts.bench_decode import union_sparsity
+
+    model = tiny_model("llama").eval()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.ReLU()
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    u = union_sparsity(model, ids, 4)
+    alone = [union_sparsity(model, ids[i:i + 1], 4) for i in range(3)]
+    assert 0 < u <= min(alone) and max(alone) < 1
+    # by hand for one sequence: zeros of the down projection's input over the decode positions 4..10
+    zeros = []
+    with torch.no_grad():
+        from sparsify_core.ffn import capture_intermediates, find_ffn_blocks
+        with capture_intermediates(find_ffn_blocks(model), lambda b, x1: zeros.append((x1[0, 4:11] == 0).float().mean())):
+            model(ids[:1])
+    assert alone[0] == pytest.approx(float(sum(zeros) / len(zeros)))
 
 
 def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
@@ -65,7 +100,64 @@ def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
     write(workdir / "m.yaml", tiny_recipe(stages, output={"dir": "moe", "save": True}))
     sparsify("run", "m.yaml", cwd=workdir, check=True)
     result = bench.run((4,), quick=True, threads=1, model_dir=workdir / "moe")
-    (row,) = result["rows"]
+    row = result["rows"][0]
     assert set(row["ratio"]) == {"ours", "torch_moe"} and row["best"] == "ours"
     assert row["extra"]["identical_tokens"] is True and row["config"].endswith("(MoE)")
     assert 0.2 < row["extra"]["expert_sparsity"] < 0.9
+
+
+class _FakeLlama:
+    """llama-cpp-python's ``Llama`` as case 4 drives it (``reset``, ``eval``, ``scores``, ``n_tokens``), computed
+    by transformers' GGUF loader from the file sparsify wrote: the llama.cpp rows' plumbing without llama.cpp."""
+
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, n_batch, verbose):
+        import numpy as np
+        import torch
+        import transformers as T
+        from pathlib import Path
+
+        p = Path(model_path)
+        self.model = T.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+        self.scores = np.zeros((n_ctx, self.model.config.vocab_size), dtype=np.float32)
+        self.tokens: list[int] = []
+
+    @property
+    def n_tokens(self):
+        return len(self.tokens)
+
+    def reset(self):
+        self.tokens = []
+
+    def eval(self, tokens):
+        import torch
+
+        self.tokens += list(tokens)
+        with torch.no_grad():
+            self.scores[self.n_tokens - 1] = self.model(torch.tensor([self.tokens])).logits[0, -1].numpy()
+
+
+def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
+    import sys
+    import types
+
+    import torch
+
+    from helpers import tiny_model
+    from sparsify_plugins.layouts import bench_decode as D
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama))
+    model = tiny_model("llama").eval()
+    for layer in model.model.layers:  # a ReLU model: llama.cpp's graph computes its SiLU twin
+        layer.mlp.act_fn = torch.nn.ReLU()
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, None
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    store: list = []
+    rows, skipped = D._llamacpp_rows(model, Tok(), ids, 6, 2, D._timed(model, ids, 6, Tok(), "lean", store), store,
+                                     threads=1, quick=True)
+    assert skipped == "" and [r.config for r in rows] == ["decode B=1 vs llama.cpp f32"]
+    (row,) = rows
+    assert row.extra["identical_tokens_to_silu_twin"] is True and row.target == 1.3
+    assert row.ratio["ours"] == pytest.approx(row.dense_ms / row.ours_ms["ours"])
