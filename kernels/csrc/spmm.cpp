@@ -142,6 +142,41 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
                 for (int64_t o = lo; o < hi; ++o)
                     Y[t * n_out + o] = _mm512_reduce_add_ps(acc[o - lo]) + (bias ? bias[o] : 0.0f);
             }
+#elif defined(__AVX2__)
+            // AVX2 has no two-table permute: each group of 8 non-zeros gathers its
+            // activations from the panel (L1-resident); two accumulators per row
+            // hide the gather latency.
+            __m256 acc[64];
+            for (int64_t t = 0; t < T; ++t) {
+                const float* x = X + t * n_in;
+                for (int64_t o = lo; o < hi; ++o) acc[o - lo] = _mm256_setzero_ps();
+                for (int64_t p = 0; p < n_panels; ++p) {
+                    const float* xp = x + p * KP;
+                    const int64_t* rp = rowptr + p * (n_out + 1);
+                    for (int64_t o = lo; o < hi; ++o) {
+                        const int64_t b = rp[o], e = rp[o + 1];
+                        if (b == e) continue;
+                        __m256 a0 = acc[o - lo], a1 = _mm256_setzero_ps();
+                        int64_t k = b;
+                        for (; k + 16 <= e; k += 16) {
+                            const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(off + k)));
+                            const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(off + k + 8)));
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(xp, i0, 4), a0);
+                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(xp, i1, 4), a1);
+                        }
+                        for (; k < e; k += 8) {  // masked lanes are neither loaded nor gathered
+                            const __m256i m = sp::mask8(e - k);
+                            const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(off + k)));
+                            const __m256 xs = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xp, i0,
+                                                                       _mm256_castsi256_ps(m), 4);
+                            a1 = _mm256_fmadd_ps(_mm256_maskload_ps(val + k, m), xs, a1);
+                        }
+                        acc[o - lo] = _mm256_add_ps(a0, a1);
+                    }
+                }
+                for (int64_t o = lo; o < hi; ++o)
+                    Y[t * n_out + o] = sp::hsum(acc[o - lo]) + (bias ? bias[o] : 0.0f);
+            }
 #else
             for (int64_t t = 0; t < T; ++t) {
                 const float* x = X + t * n_in;
@@ -226,6 +261,21 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
                     _mm512_storeu_ps(a0 + 32, x02); _mm512_storeu_ps(a0 + 48, x03);
                     _mm512_storeu_ps(a1, x10); _mm512_storeu_ps(a1 + 16, x11);
                     _mm512_storeu_ps(a1 + 32, x12); _mm512_storeu_ps(a1 + 48, x13);
+                }
+#elif defined(__AVX2__)
+                // 16 ymm registers: one row at a time, its 64 outputs in 8
+                // accumulators (enough independent chains to cover FMA latency).
+                for (; r < rows; ++r) {
+                    const int64_t o = lo + r;
+                    float* a = acc + r * TB;
+                    __m256 c[8];
+                    for (int h = 0; h < 8; ++h) c[h] = _mm256_loadu_ps(a + 8 * h);
+                    for (int64_t i = rp[o]; i < rp[o + 1]; ++i) {
+                        const float* p0 = xp + (int64_t)off[i] * TB;
+                        const __m256 v = _mm256_broadcast_ss(val + i);
+                        for (int h = 0; h < 8; ++h) c[h] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p0 + 8 * h), c[h]);
+                    }
+                    for (int h = 0; h < 8; ++h) _mm256_storeu_ps(a + 8 * h, c[h]);
                 }
 #endif
                 for (; r < rows; ++r) {  // portable path (and the odd last row)
@@ -347,10 +397,58 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         }
     });
     return 0;
+#elif defined(__AVX2__)
+    // 16 ymm registers: four rows x 16 tokens (8 accumulators, 2 activation
+    // vectors, 4 broadcasts) per pass, four passes over the 64-token tile
+    // (only the passes holding tokens); the tiles are re-read from L1/L2.
+    if (br % 4 != 0) return 2;
+    threads = std::max(1, threads);
+    const int64_t R = (n_out + br - 1) / br;
+    const int64_t n_pad = ((n_in + bc - 1) / bc) * bc + 16;
+    const int64_t n_pad16 = (n_pad + 15) / 16 * 16;
+    const int64_t n_tiles = (T + TB - 1) / TB;
+    std::vector<float> xt_buf((size_t)n_tiles * n_pad16 * TB);
+    float* xt = xt_buf.data();
+    pack_tiles(X, T, n_in, n_pad16, xt, threads);
+    sp::Pool::get().run(n_tiles * R, threads, [&](int64_t item, int) {
+        const int64_t tile = item / R, rb = item % R;
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        const float* xtile = xt + tile * n_pad16 * TB;
+        thread_local std::vector<float> out;
+        out.resize((size_t)br * TB);
+        for (int64_t r0 = 0; r0 < br; r0 += 4) {
+            for (int64_t h0 = 0; h0 < tb; h0 += 16) {
+                __m256 c[4][2];
+                for (int q = 0; q < 4; ++q) c[q][0] = c[q][1] = _mm256_setzero_ps();
+                for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                    const float* tv = val + b * br * bc + r0 * bc;
+                    const float* xc = xtile + (int64_t)col[b] * bc * TB + h0;
+                    for (int64_t k = 0; k < bc; ++k) {
+                        const __m256 x0 = _mm256_loadu_ps(xc + k * TB), x1 = _mm256_loadu_ps(xc + k * TB + 8);
+                        for (int q = 0; q < 4; ++q) {
+                            const __m256 v = _mm256_broadcast_ss(tv + q * bc + k);
+                            c[q][0] = _mm256_fmadd_ps(v, x0, c[q][0]);
+                            c[q][1] = _mm256_fmadd_ps(v, x1, c[q][1]);
+                        }
+                    }
+                }
+                for (int q = 0; q < 4; ++q) {
+                    _mm256_storeu_ps(out.data() + (r0 + q) * TB + h0, c[q][0]);
+                    _mm256_storeu_ps(out.data() + (r0 + q) * TB + h0 + 8, c[q][1]);
+                }
+            }
+        }
+        const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
+        for (int64_t t = 0; t < tb; ++t) {
+            float* yr = Y + (t0 + t) * n_out + o0;
+            for (int64_t r = 0; r < rows; ++r) yr[r] = out[r * TB + t] + (bias ? bias[o0 + r] : 0.0f);
+        }
+    });
+    return 0;
 #else
     (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
     (void)bias; (void)Y; (void)threads;
-    return 2;  // needs AVX-512: callers use the panel kernel
+    return 2;  // needs AVX2 or AVX-512: callers use the panel kernel
 #endif
 }
 
@@ -391,10 +489,47 @@ int sp_bsr_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         }
     });
     return 0;
+#elif defined(__AVX2__)
+    // Eight rows at a time (8 accumulators, the activation segment, the tile
+    // row as a memory operand): the same stream as the AVX-512 path.
+    const int64_t R = (n_out + br - 1) / br;
+    sp::Pool::get().run(R, std::max(1, threads), [&](int64_t rb, int) {
+        for (int64_t t = 0; t < T; ++t) {
+            const float* x = X + t * n_in;
+            for (int64_t r0 = 0; r0 < br; r0 += 8) {
+                const int64_t nr = std::min<int64_t>(8, br - r0);
+                __m256 acc[8];
+                for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+                for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                    const int64_t c0 = (int64_t)col[b] * bc;
+                    const float* tile = val + b * br * bc + r0 * bc;
+                    for (int64_t s0 = 0; s0 < bc; s0 += 8) {
+                        const int64_t w = std::min<int64_t>(8, bc - s0);
+                        const int64_t in_x = std::max<int64_t>(0, std::min<int64_t>(w, n_in - c0 - s0));
+                        const __m256 xs = in_x == 8 ? _mm256_loadu_ps(x + c0 + s0)
+                                                    : _mm256_maskload_ps(x + c0 + s0, sp::mask8(in_x));
+                        if (w == 8 && nr == 8) {
+                            for (int q = 0; q < 8; ++q)
+                                acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(tile + q * bc + s0), xs, acc[q]);
+                        } else {
+                            const __m256i mw = sp::mask8(w);
+                            for (int64_t q = 0; q < nr; ++q)
+                                acc[q] = _mm256_fmadd_ps(_mm256_maskload_ps(tile + q * bc + s0, mw), xs, acc[q]);
+                        }
+                    }
+                }
+                for (int64_t q = 0; q < nr; ++q) {
+                    const int64_t o = rb * br + r0 + q;
+                    if (o < n_out) Y[t * n_out + o] = sp::hsum(acc[q]) + (bias ? bias[o] : 0.0f);
+                }
+            }
+        }
+    });
+    return 0;
 #else
     (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
     (void)bias; (void)Y; (void)threads;
-    return 2;
+    return 2;  // needs AVX2 or AVX-512: callers use the panel kernel
 #endif
 }
 
