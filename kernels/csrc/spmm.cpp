@@ -490,9 +490,65 @@ int sp_bsr_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     });
     return 0;
 #elif defined(__AVX2__)
-    // Eight rows at a time (8 accumulators, the activation segment, the tile
-    // row as a memory operand): the same stream as the AVX-512 path.
     const int64_t R = (n_out + br - 1) / br;
+    if (br % 8 == 0 && br <= 64) {
+        // Tiles streamed once, in storage order: per tile and 8 rows, 8 partial
+        // vectors (tile row x activation segment) are reduced to one vector of 8
+        // row sums (hadd tree) and added to that row group's accumulator. (The
+        // AVX-512 layout, one accumulator per row across all tiles, needs 16+
+        // registers; two passes of 8 rows each re-walk the tiles half-read, which
+        // the hardware prefetcher serves badly.)
+        sp::Pool::get().run(R, std::max(1, threads), [&](int64_t rb, int) {
+            const int64_t ng = br / 8;
+            for (int64_t t = 0; t < T; ++t) {
+                const float* x = X + t * n_in;
+                __m256 yacc[8];
+                for (int64_t gq = 0; gq < ng; ++gq) yacc[gq] = _mm256_setzero_ps();
+                for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                    const int64_t c0 = (int64_t)col[b] * bc;
+                    const float* tile = val + b * br * bc;
+                    if (b + 1 < crow[rb + 1])
+                        for (int64_t k = 0; k < br * bc; k += 16) __builtin_prefetch(tile + br * bc + k, 0, 3);
+                    for (int64_t gq = 0; gq < ng; ++gq) {
+                        __m256 a[8];
+                        for (int q = 0; q < 8; ++q) a[q] = _mm256_setzero_ps();
+                        const float* tg = tile + gq * 8 * bc;
+                        for (int64_t s0 = 0; s0 < bc; s0 += 8) {
+                            const int64_t w = std::min<int64_t>(8, bc - s0);
+                            const int64_t in_x = std::max<int64_t>(0, std::min<int64_t>(w, n_in - c0 - s0));
+                            const __m256 xs = in_x == 8 ? _mm256_loadu_ps(x + c0 + s0)
+                                                        : _mm256_maskload_ps(x + c0 + s0, sp::mask8(in_x));
+                            if (w == 8) {
+                                for (int q = 0; q < 8; ++q)
+                                    a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(tg + q * bc + s0), xs, a[q]);
+                            } else {
+                                const __m256i mw = sp::mask8(w);
+                                for (int q = 0; q < 8; ++q)
+                                    a[q] = _mm256_fmadd_ps(_mm256_maskload_ps(tg + q * bc + s0, mw), xs, a[q]);
+                            }
+                        }
+                        // a[q] -> lane q of one vector: row sums of the 8 rows
+                        const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+                        const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+                        const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+                        const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+                        const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+                        yacc[gq] = _mm256_add_ps(yacc[gq], _mm256_add_ps(lo, hi));
+                    }
+                }
+                for (int64_t gq = 0; gq < ng; ++gq) {
+                    float r[8];
+                    _mm256_storeu_ps(r, yacc[gq]);
+                    for (int q = 0; q < 8; ++q) {
+                        const int64_t o = rb * br + gq * 8 + q;
+                        if (o < n_out) Y[t * n_out + o] = r[q] + (bias ? bias[o] : 0.0f);
+                    }
+                }
+            }
+        });
+        return 0;
+    }
+    // Other tile heights: eight rows at a time, one accumulator per row.
     sp::Pool::get().run(R, std::max(1, threads), [&](int64_t rb, int) {
         for (int64_t t = 0; t < T; ++t) {
             const float* x = X + t * n_in;
