@@ -143,3 +143,15 @@ def test_auto_in_a_recipe_names_file_line_and_field(workdir):
         load_recipe(path)
     text = str(exc.value)
     assert "auto.yaml" in text and "tokens" in text and "\n" not in text.strip()
+
+
+def test_bench_case_3_fills_the_table_auto_reads(monkeypatch, tmp_path):
+    from sparsify_plugins.layouts.bench import case_sparse_linear
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path))
+    rows = case_sparse_linear(shapes=((32, 32),), tokens=(1,), sparsities=(0.5,), layouts=("csr", "bsr"), repeats=2,
+                              budget_s=0.05)
+    (row,) = rows
+    tab = TBL.LayoutTable.load()
+    assert set(tab.entries) == {'csr{} 32x32 d=0.50 T=1', 'bsr{"block":[16,16]} 32x32 d=0.50 T=1'}
+    assert tab.entries['csr{} 32x32 d=0.50 T=1'] == row.ratio["csr"]
+    assert row.extra["kernel_isa"] in {"avx512", "avx2", "portable", "torch"}
