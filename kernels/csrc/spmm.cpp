@@ -143,9 +143,9 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
                     Y[t * n_out + o] = _mm512_reduce_add_ps(acc[o - lo]) + (bias ? bias[o] : 0.0f);
             }
 #elif defined(__AVX2__)
-            // AVX2 has no two-table permute: each group of 8 non-zeros gathers its
-            // activations from the panel (L1-resident); two accumulators per row
-            // hide the gather latency.
+            // AVX2 has no two-table permute: each group of 8 non-zeros collects its
+            // activations from the panel (L1-resident) with scalar loads, which
+            // measured faster than vgatherdps on Zen 3; two accumulators per row.
             __m256 acc[64];
             for (int64_t t = 0; t < T; ++t) {
                 const float* x = X + t * n_in;
@@ -159,19 +159,24 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
                         __m256 a0 = acc[o - lo], a1 = _mm256_setzero_ps();
                         int64_t k = b;
                         for (; k + 16 <= e; k += 16) {
-                            const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(off + k)));
-                            const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(off + k + 8)));
-                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(xp, i0, 4), a0);
-                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(xp, i1, 4), a1);
+                            const uint8_t* f = off + k;
+                            const __m256 g0 = _mm256_setr_ps(xp[f[0]], xp[f[1]], xp[f[2]], xp[f[3]], xp[f[4]],
+                                                             xp[f[5]], xp[f[6]], xp[f[7]]);
+                            const __m256 g1 = _mm256_setr_ps(xp[f[8]], xp[f[9]], xp[f[10]], xp[f[11]], xp[f[12]],
+                                                             xp[f[13]], xp[f[14]], xp[f[15]]);
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), g0, a0);
+                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), g1, a1);
                         }
-                        for (; k < e; k += 8) {  // masked lanes are neither loaded nor gathered
-                            const __m256i m = sp::mask8(e - k);
-                            const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(off + k)));
-                            const __m256 xs = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xp, i0,
-                                                                       _mm256_castsi256_ps(m), 4);
-                            a1 = _mm256_fmadd_ps(_mm256_maskload_ps(val + k, m), xs, a1);
+                        if (k + 8 <= e) {
+                            const uint8_t* f = off + k;
+                            const __m256 g0 = _mm256_setr_ps(xp[f[0]], xp[f[1]], xp[f[2]], xp[f[3]], xp[f[4]],
+                                                             xp[f[5]], xp[f[6]], xp[f[7]]);
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), g0, a0);
+                            k += 8;
                         }
-                        acc[o - lo] = _mm256_add_ps(a0, a1);
+                        float r = 0.0f;
+                        for (; k < e; ++k) r += val[k] * xp[off[k]];
+                        acc[o - lo] = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_setr_ps(r, 0, 0, 0, 0, 0, 0, 0));
                     }
                 }
                 for (int64_t o = lo; o < hi; ++o)
