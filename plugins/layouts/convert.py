@@ -425,7 +425,7 @@ class WeightConvert(Method):
         if not modules:
             raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets} "
                                 f"outside exclude={params.exclude}")
-        if params.layout == AUTO:
+        if getattr(params, "layout", None) == AUTO:  # the fixed-layout aliases have no `layout`
             return self._apply_auto(ctx, params, modules)
         layout_cls, lp = self.resolve(params)
         specs, change, dense_bytes, sparse_bytes = {}, {}, 0, 0
@@ -510,7 +510,7 @@ class WeightConvert(Method):
                            metric_info=CONVERT_METRICS)
 
     def rebuild(self, ctx, params, result) -> None:
-        fixed = None if params.layout == AUTO else self.resolve(params)
+        fixed = None if getattr(params, "layout", None) == AUTO else self.resolve(params)
         for name, spec in result.info["modules"].items():
             if fixed is None:  # auto: each module's own choice, recorded with its params
                 layout_cls = find_layout(spec["layout"])

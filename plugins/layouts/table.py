@@ -48,7 +48,8 @@ def machine_key() -> str:
     from sparsify_kernels import native
 
     path = native.loaded_isa() or "torch"
-    return f"{machine()['cpu_model'] or 'unknown CPU'} | {path} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    cpu = machine()["cpu_model"] or "unknown CPU"
+    return f"{cpu} | {path} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
 def stored_density(layout: Layout) -> float:

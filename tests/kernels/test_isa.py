@@ -1,4 +1,4 @@
-"""ISA variants of the native kernels: choice, forcing, errors, and every runnable variant against torch on odd shapes."""
+"""ISA variants of the native kernels: choice, forcing, errors; every runnable variant against torch, odd shapes."""
 from __future__ import annotations
 
 import pytest
