@@ -1,15 +1,18 @@
-"""Build-on-first-use C++ kernels, loaded through ctypes.
+"""Build-on-first-use C++ kernels, one build per instruction set, loaded through ctypes.
 
 The C++ sources in ``csrc/`` have a plain C ABI and no Python or torch
 headers, so they compile in a few seconds with the system's ``g++`` (or
 ``$CXX``, or ``c++``/``clang++``) and need neither ninja nor a Python dev
-package. They are built into one shared library, cached under
-``$SPARSIFY_CACHE`` (default ``~/.cache/sparsify``) and keyed by the sources,
-the flags and the machine, so a machine builds it once. The vector width is
-chosen from the CPU's flags (AVX-512, else AVX2+FMA, else portable C++).
-Threads come from the library's own pool (``csrc/pool.h``), not OpenMP.
-Where no compiler works, ``library()`` returns ``None`` after one warning and
-callers use their torch paths.
+package. Each ISA variant (``ISAS``: ``avx512``, ``avx2`` = AVX2+FMA,
+``portable`` = plain C++ the compiler vectorises for the baseline target) is
+built into its own shared library, cached under ``$SPARSIFY_CACHE`` (default
+``~/.cache/sparsify``) and keyed by the sources, the flags and the machine,
+so a machine builds each variant once, when first used. ``isa()`` is the
+variant in use: the widest the CPU runs (``/proc/cpuinfo`` flags), or the one
+``SPARSIFY_ISA=avx512|avx2|portable`` forces (an ``ISAError``, one line,
+where the CPU cannot run it). Threads come from each library's own pool
+(``csrc/pool.h``), not OpenMP. Where no compiler works, ``library()`` returns
+``None`` after one warning and callers use their torch paths.
 """
 from __future__ import annotations
 
@@ -25,8 +28,22 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from sparsify_core.errors import SparsifyError
+
 CSRC = Path(__file__).resolve().parent / "csrc"
+ISAS = ("avx512", "avx2", "portable")  #: the kernel variants, widest first
+ENV = "SPARSIFY_ISA"
 _lock = threading.Lock()
+_X86 = platform.machine() in ("x86_64", "AMD64")
+# The CPU flags each variant needs (x86); the portable build runs everywhere.
+_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+          "avx2": {"avx2", "fma", "f16c"}, "portable": set()}
+_ARCH = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+         "avx2": ["-mavx2", "-mfma", "-mf16c"], "portable": []}
+
+
+class ISAError(SparsifyError):
+    """``SPARSIFY_ISA`` names an unknown instruction set, or one this CPU cannot run."""
 
 
 def cache_dir() -> Path:
@@ -47,24 +64,41 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def supported_isas(flags: frozenset[str] | None = None) -> list[str]:
+    """The variants of ``ISAS`` this CPU (or one with ``flags``) can run, widest first; ``portable`` always."""
+    if flags is None:
+        if not _X86:
+            return ["portable"]
+        flags = cpu_flags()
+    return [name for name in ISAS if _NEEDS[name] <= flags]
+
+
 def isa() -> str:
-    """The widest vector ISA the kernels use here: ``avx512``, ``avx2`` or ``generic``."""
-    f = cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl"} <= f:
-        return "avx512"
-    if {"avx2", "fma"} <= f:
-        return "avx2"
-    return "generic"
+    """The kernel variant in use: ``$SPARSIFY_ISA`` if set, else the widest this CPU runs.
+
+    Raises ``ISAError`` (one line) when ``SPARSIFY_ISA`` is not one of
+    ``ISAS`` or names an ISA the CPU lacks. Read at every call, so a test (or
+    a user) can switch variants inside one process.
+    """
+    forced = os.environ.get(ENV, "").strip().lower()
+    runnable = supported_isas()
+    if not forced:
+        return runnable[0]
+    if forced not in ISAS:
+        raise ISAError(f"{ENV}={forced!r}: choose one of {', '.join(ISAS)}")
+    if forced not in runnable:
+        missing = sorted(_NEEDS[forced] - cpu_flags()) if _X86 else ["an x86-64 CPU"]
+        raise ISAError(f"{ENV}={forced}: this CPU cannot run it (lacks {', '.join(missing)}); "
+                       f"it runs {', '.join(runnable)}")
+    return forced
 
 
-def _flag_sets() -> list[list[str]]:
+def flags_for(name: str) -> list[str]:
+    """The compiler flags of variant ``name`` (``-shared`` build; ``-mcpu=native`` for portable on ARM)."""
     base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread"]
-    arch = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
-            "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}[isa()]
-    if platform.machine() not in ("x86_64", "AMD64"):
-        arch = ["-mcpu=native"] if platform.machine() in ("aarch64", "arm64") else []
-    # Most capable first; the portable set is the last resort.
-    return [base + arch, base]
+    if not _X86:
+        return base + (["-mcpu=native"] if platform.machine() in ("aarch64", "arm64") else [])
+    return base + _ARCH[name]
 
 
 def _compile(srcs: list[Path], out: Path, flags: list[str]) -> str | None:
@@ -87,38 +121,74 @@ def _compile(srcs: list[Path], out: Path, flags: list[str]) -> str | None:
             os.unlink(tmp)
 
 
+def build(name: str) -> tuple[Path | None, str | None]:
+    """Compile variant ``name`` into the cache if it is not there; ``(path, None)`` or ``(None, error)``.
+
+    Builds without loading, so any variant the compiler can target builds on
+    any x86 machine (an AVX-512 library builds here even where it cannot run).
+    """
+    if name not in ISAS:
+        raise ISAError(f"unknown kernel ISA {name!r}: choose one of {', '.join(ISAS)}")
+    srcs = sorted(CSRC.glob("*.cpp"))
+    # The key covers every source and header, so editing one rebuilds.
+    text = b"".join(p.read_bytes() for p in srcs + sorted(CSRC.glob("*.h")))
+    flags = flags_for(name)
+    key = hashlib.sha256(text + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
+    out = cache_dir() / f"sparsify_cpu-{name}-{key}.so"
+    with _lock:
+        if not out.exists():
+            err = _compile(srcs, out, flags)
+            if err is not None:
+                return None, err
+    return out, None
+
+
 _failure: list[str] = []
+_loaded: dict[str, str] = {}  # requested variant -> the variant actually loaded (a failed build falls back)
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels (every ``csrc/*.cpp``), building them if needed; ``None`` (one warning) if impossible.
+def library(name: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels of variant ``name`` (default ``isa()``), built if needed; ``None`` if impossible.
 
-    ``SPARSIFY_NO_NATIVE=1`` disables them (the torch paths are used).
+    A variant that does not build (an old compiler) falls back to
+    ``portable`` (``loaded_isa()`` says which one runs); where nothing builds,
+    one warning and ``None``. ``SPARSIFY_NO_NATIVE=1`` disables them (the
+    torch paths are used). Raises ``ISAError`` as ``isa()`` does, or when
+    ``name`` is a variant this CPU cannot run.
     """
     if os.environ.get("SPARSIFY_NO_NATIVE") == "1":
         return None
-    return _library()
+    if name is None:
+        name = isa()
+    elif name not in supported_isas():
+        raise ISAError(f"kernel ISA {name!r}: this CPU runs only {', '.join(supported_isas())}")
+    return _library(name)
 
 
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    srcs = sorted(CSRC.glob("*.cpp"))
-    # The key covers every source and header, so editing one rebuilds.
-    text = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")))
+def loaded_isa(name: str | None = None) -> str | None:
+    """The variant that computes when ``name`` (default ``isa()``) is asked for; ``None`` without kernels."""
+    lib = library(name)
+    return None if lib is None else _loaded.get(name or isa())
+
+
+@lru_cache(maxsize=None)
+def _library(name: str) -> ctypes.CDLL | None:
     errors = []
-    with _lock:
-        for flags in _flag_sets():
-            key = hashlib.sha256(text + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
-            out = cache_dir() / f"sparsify_cpu-{key}.so"
-            if not out.exists():
-                err = _compile(srcs, out, flags)
-                if err is not None:
-                    errors.append(f"{' '.join(flags[6:]) or 'portable'}: {err}")
-                    continue
-            try:
-                return ctypes.CDLL(str(out))
-            except OSError as exc:
-                errors.append(str(exc))
+    for variant in dict.fromkeys([name, "portable"]):
+        path, err = build(variant)
+        if path is None:
+            errors.append(f"{variant}: {err}")
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            errors.append(f"{variant}: {exc}")
+            continue
+        _loaded[name] = variant
+        if variant != name:
+            warnings.warn(f"sparsify: could not build the {name} kernels ({errors[0]}); using the portable ones",
+                          RuntimeWarning, stacklevel=3)
+        return lib
     _failure[:] = ["; ".join(errors)]
     warnings.warn(f"sparsify: could not build the native CPU kernels ({_failure[0]}); "
                   "using the slower torch paths", RuntimeWarning, stacklevel=3)

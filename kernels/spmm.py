@@ -134,7 +134,7 @@ def pack_nm(val: torch.Tensor, idx: torch.Tensor, n: int, m: int, shape) -> Pack
 
 
 def nm_matmul(packed: PackedNM, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ W.T + b`` for few tokens (< 16) of float32 on the CPU with the permute kernel, else ``None``."""
+    """``x @ W.T + b`` for few tokens (< 16), float32, CPU, with the permute kernel (AVX-512 builds), else ``None``."""
     out, n_in = packed.shape
     if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
         return None
@@ -165,7 +165,8 @@ def bsr_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape, 
 
     16+ tokens (``br`` a multiple of 4): four rows of a tile share every
     activation load. Fewer tokens: tile rows stream into one accumulator per
-    row. ``None`` where the kernels do not apply (other dtype or device, no AVX-512).
+    row. ``None`` where the kernels do not apply (other dtype or device, the
+    portable build: these kernels need AVX2+FMA or AVX-512).
     """
     out, n_in = shape
     br, bc = val.shape[1:]

@@ -210,7 +210,10 @@ def run(numbers=(1, 2, 3), quick: bool = False, threads: int | None = None,
         available: dict[int, BenchCase] | None = None) -> dict:
     """Run the cases ``numbers`` (of ``available``, default: the plugins' ``cases()``); returns the result dict.
 
-    ``quick`` runs every case at smoke sizes (plumbing, numbers not
+    The environment records the machine (``machine()``); where rows report
+    the kernel ISA variant they ran (extra ``kernel_isa``), ``isa`` is that
+    path (e.g. ``avx2`` forced by ``SPARSIFY_ISA`` on an AVX-512 CPU) and
+    ``cpu_isa`` the CPU's widest. ``quick`` runs every case at smoke sizes (plumbing, numbers not
     meaningful: the targets are dropped). ``threads`` sets
     ``torch.set_num_threads`` for dense torch and the candidates alike. On a
     machine other processes load, one thread gives the stable per-core
@@ -238,6 +241,11 @@ def run(numbers=(1, 2, 3), quick: bool = False, threads: int | None = None,
                 for r in got:
                     r.target = None
             rows += got
+    # The ISA that computed: cases whose kernels pick an ISA variant at run time report it per row
+    # (extra "kernel_isa"); the CPU's widest stays recorded as cpu_isa.
+    paths = sorted({r.extra["kernel_isa"] for r in rows if isinstance(r.extra.get("kernel_isa"), str)})
+    if paths:
+        before = before | {"cpu_isa": before["isa"], "isa": "/".join(paths)}
     return {"environment": before, "load_average_1m_after": machine()["load_average_1m"], "quick": quick,
             "case_seconds": seconds, "cases": {n: available[n].name for n in numbers},
             "rows": [asdict(r) | {"best": r.best[0], "best_ratio": r.best[1], "met": r.met} for r in rows]}

@@ -231,7 +231,7 @@ bench_machines = Table(
     "bench_machines", metadata,
     Column("run_id", String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
     Column("cpu_model", Text),
-    Column("isa", Text),  # the widest vector ISA: avx512, avx2, neon, generic
+    Column("isa", Text),  # the kernels' ISA path (avx512, avx2, portable), else the CPU's widest: neon, generic
     Column("isa_flags", Text),  # JSON list of the CPU's vector-ISA flags (avx2, avx512f, ...)
     Column("threads", Integer),  # torch threads the cases ran with
     Column("cpus", Integer),

@@ -69,7 +69,27 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
         float gs[kChunk][kMaxTokens];
         int64_t live[kChunk];
         int n_live = 0;
-        for (int q = 0; q < n; ++q) {
+        int q = 0;
+        if (T == 1) {
+            // One token: four gate rows at a time (sp::dot4), where all four are selected.
+            for (; q + 4 <= n; q += 4) {
+                const float* rows[4];
+                bool all = true;
+                for (int k = 0; k < 4; ++k) {
+                    rows[k] = w_in + js[q + k] * d;
+                    all &= !sel || sel[js[q + k] / sel_group] != 0;
+                }
+                if (!all) break;
+                float v[4];
+                sp::dot4(rows, x, d, v);
+                for (int k = 0; k < 4; ++k) {
+                    const int64_t j = js[q + k];
+                    gs[n_live][0] = activate(act, v[k] + (b_in ? b_in[j] : 0.0f), threshold, cut);
+                    if (gs[n_live][0] != 0.0f) live[n_live++] = j;
+                }
+            }
+        }
+        for (; q < n; ++q) {
             const int64_t j = js[q];
             const float* gi = w_in + j * d;
             const uint8_t* sj = sel ? sel + j / sel_group : nullptr;

@@ -142,6 +142,46 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
                 for (int64_t o = lo; o < hi; ++o)
                     Y[t * n_out + o] = _mm512_reduce_add_ps(acc[o - lo]) + (bias ? bias[o] : 0.0f);
             }
+#elif defined(__AVX2__)
+            // AVX2 has no two-table permute: each group of 8 non-zeros collects its
+            // activations from the panel (L1-resident) with scalar loads, which
+            // measured faster than vgatherdps on Zen 3; two accumulators per row.
+            __m256 acc[64];
+            for (int64_t t = 0; t < T; ++t) {
+                const float* x = X + t * n_in;
+                for (int64_t o = lo; o < hi; ++o) acc[o - lo] = _mm256_setzero_ps();
+                for (int64_t p = 0; p < n_panels; ++p) {
+                    const float* xp = x + p * KP;
+                    const int64_t* rp = rowptr + p * (n_out + 1);
+                    for (int64_t o = lo; o < hi; ++o) {
+                        const int64_t b = rp[o], e = rp[o + 1];
+                        if (b == e) continue;
+                        __m256 a0 = acc[o - lo], a1 = _mm256_setzero_ps();
+                        int64_t k = b;
+                        for (; k + 16 <= e; k += 16) {
+                            const uint8_t* f = off + k;
+                            const __m256 g0 = _mm256_setr_ps(xp[f[0]], xp[f[1]], xp[f[2]], xp[f[3]], xp[f[4]],
+                                                             xp[f[5]], xp[f[6]], xp[f[7]]);
+                            const __m256 g1 = _mm256_setr_ps(xp[f[8]], xp[f[9]], xp[f[10]], xp[f[11]], xp[f[12]],
+                                                             xp[f[13]], xp[f[14]], xp[f[15]]);
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), g0, a0);
+                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), g1, a1);
+                        }
+                        if (k + 8 <= e) {
+                            const uint8_t* f = off + k;
+                            const __m256 g0 = _mm256_setr_ps(xp[f[0]], xp[f[1]], xp[f[2]], xp[f[3]], xp[f[4]],
+                                                             xp[f[5]], xp[f[6]], xp[f[7]]);
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), g0, a0);
+                            k += 8;
+                        }
+                        float r = 0.0f;
+                        for (; k < e; ++k) r += val[k] * xp[off[k]];
+                        acc[o - lo] = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_setr_ps(r, 0, 0, 0, 0, 0, 0, 0));
+                    }
+                }
+                for (int64_t o = lo; o < hi; ++o)
+                    Y[t * n_out + o] = sp::hsum(acc[o - lo]) + (bias ? bias[o] : 0.0f);
+            }
 #else
             for (int64_t t = 0; t < T; ++t) {
                 const float* x = X + t * n_in;
@@ -226,6 +266,21 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
                     _mm512_storeu_ps(a0 + 32, x02); _mm512_storeu_ps(a0 + 48, x03);
                     _mm512_storeu_ps(a1, x10); _mm512_storeu_ps(a1 + 16, x11);
                     _mm512_storeu_ps(a1 + 32, x12); _mm512_storeu_ps(a1 + 48, x13);
+                }
+#elif defined(__AVX2__)
+                // 16 ymm registers: one row at a time, its 64 outputs in 8
+                // accumulators (enough independent chains to cover FMA latency).
+                for (; r < rows; ++r) {
+                    const int64_t o = lo + r;
+                    float* a = acc + r * TB;
+                    __m256 c[8];
+                    for (int h = 0; h < 8; ++h) c[h] = _mm256_loadu_ps(a + 8 * h);
+                    for (int64_t i = rp[o]; i < rp[o + 1]; ++i) {
+                        const float* p0 = xp + (int64_t)off[i] * TB;
+                        const __m256 v = _mm256_broadcast_ss(val + i);
+                        for (int h = 0; h < 8; ++h) c[h] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p0 + 8 * h), c[h]);
+                    }
+                    for (int h = 0; h < 8; ++h) _mm256_storeu_ps(a + 8 * h, c[h]);
                 }
 #endif
                 for (; r < rows; ++r) {  // portable path (and the odd last row)
@@ -347,10 +402,64 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         }
     });
     return 0;
+#elif defined(__AVX2__)
+    // 16 ymm registers: four rows x 16 tokens (8 accumulators, 2 activation
+    // vectors, 4 broadcasts: 6 loads per 8 multiply-adds). Tiles outermost,
+    // the item's [br, 64] outputs in an L1 buffer: each tile's 16 x 64
+    // activations (4 KB) are fetched from L2 once per item and reused from L1
+    // by every row group and token group.
+    if (br % 4 != 0) return 2;
+    threads = std::max(1, threads);
+    const int64_t R = (n_out + br - 1) / br;
+    const int64_t n_pad = ((n_in + bc - 1) / bc) * bc + 16;
+    const int64_t n_pad16 = (n_pad + 15) / 16 * 16;
+    const int64_t n_tiles = (T + TB - 1) / TB;
+    std::vector<float> xt_buf((size_t)n_tiles * n_pad16 * TB);
+    float* xt = xt_buf.data();
+    pack_tiles(X, T, n_in, n_pad16, xt, threads);
+    sp::Pool::get().run(n_tiles * R, threads, [&](int64_t item, int) {
+        const int64_t tile = item / R, rb = item % R;
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        const float* xtile = xt + tile * n_pad16 * TB;
+        thread_local std::vector<float> out;
+        out.assign((size_t)br * TB, 0.0f);
+        for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+            const float* xc = xtile + (int64_t)col[b] * bc * TB;
+            for (int64_t r0 = 0; r0 < br; r0 += 4) {
+                const float* tv = val + b * br * bc + r0 * bc;
+                for (int64_t h0 = 0; h0 < tb; h0 += 16) {
+                    float* o = out.data() + r0 * TB + h0;
+                    __m256 c[4][2];
+                    for (int q = 0; q < 4; ++q) {
+                        c[q][0] = _mm256_loadu_ps(o + q * TB);
+                        c[q][1] = _mm256_loadu_ps(o + q * TB + 8);
+                    }
+                    for (int64_t k = 0; k < bc; ++k) {
+                        const __m256 x0 = _mm256_loadu_ps(xc + k * TB + h0), x1 = _mm256_loadu_ps(xc + k * TB + h0 + 8);
+                        for (int q = 0; q < 4; ++q) {
+                            const __m256 v = _mm256_broadcast_ss(tv + q * bc + k);
+                            c[q][0] = _mm256_fmadd_ps(v, x0, c[q][0]);
+                            c[q][1] = _mm256_fmadd_ps(v, x1, c[q][1]);
+                        }
+                    }
+                    for (int q = 0; q < 4; ++q) {
+                        _mm256_storeu_ps(o + q * TB, c[q][0]);
+                        _mm256_storeu_ps(o + q * TB + 8, c[q][1]);
+                    }
+                }
+            }
+        }
+        const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
+        for (int64_t t = 0; t < tb; ++t) {
+            float* yr = Y + (t0 + t) * n_out + o0;
+            for (int64_t r = 0; r < rows; ++r) yr[r] = out[r * TB + t] + (bias ? bias[o0 + r] : 0.0f);
+        }
+    });
+    return 0;
 #else
     (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
     (void)bias; (void)Y; (void)threads;
-    return 2;  // needs AVX-512: callers use the panel kernel
+    return 2;  // needs AVX2 or AVX-512: callers use the panel kernel
 #endif
 }
 
@@ -391,10 +500,103 @@ int sp_bsr_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         }
     });
     return 0;
+#elif defined(__AVX2__)
+    const int64_t R = (n_out + br - 1) / br;
+    if (br % 8 == 0 && br <= 64) {
+        // Tiles streamed once, in storage order: per tile and 8 rows, 8 partial
+        // vectors (tile row x activation segment) are reduced to one vector of 8
+        // row sums (hadd tree) and added to that row group's accumulator. (The
+        // AVX-512 layout, one accumulator per row across all tiles, needs 16+
+        // registers; two passes of 8 rows each re-walk the tiles half-read, which
+        // the hardware prefetcher serves badly.)
+        sp::Pool::get().run(R, std::max(1, threads), [&](int64_t rb, int) {
+            const int64_t ng = br / 8;
+            for (int64_t t = 0; t < T; ++t) {
+                const float* x = X + t * n_in;
+                __m256 yacc[8];
+                for (int64_t gq = 0; gq < ng; ++gq) yacc[gq] = _mm256_setzero_ps();
+                for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                    const int64_t c0 = (int64_t)col[b] * bc;
+                    const float* tile = val + b * br * bc;
+                    if (b + 1 < crow[rb + 1])
+                        for (int64_t k = 0; k < br * bc; k += 16) __builtin_prefetch(tile + br * bc + k, 0, 3);
+                    for (int64_t gq = 0; gq < ng; ++gq) {
+                        __m256 a[8];
+                        for (int q = 0; q < 8; ++q) a[q] = _mm256_setzero_ps();
+                        const float* tg = tile + gq * 8 * bc;
+                        for (int64_t s0 = 0; s0 < bc; s0 += 8) {
+                            const int64_t w = std::min<int64_t>(8, bc - s0);
+                            const int64_t in_x = std::max<int64_t>(0, std::min<int64_t>(w, n_in - c0 - s0));
+                            const __m256 xs = in_x == 8 ? _mm256_loadu_ps(x + c0 + s0)
+                                                        : _mm256_maskload_ps(x + c0 + s0, sp::mask8(in_x));
+                            if (w == 8) {
+                                for (int q = 0; q < 8; ++q)
+                                    a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(tg + q * bc + s0), xs, a[q]);
+                            } else {
+                                const __m256i mw = sp::mask8(w);
+                                for (int q = 0; q < 8; ++q)
+                                    a[q] = _mm256_fmadd_ps(_mm256_maskload_ps(tg + q * bc + s0, mw), xs, a[q]);
+                            }
+                        }
+                        // a[q] -> lane q of one vector: row sums of the 8 rows
+                        const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+                        const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+                        const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+                        const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+                        const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+                        yacc[gq] = _mm256_add_ps(yacc[gq], _mm256_add_ps(lo, hi));
+                    }
+                }
+                for (int64_t gq = 0; gq < ng; ++gq) {
+                    float r[8];
+                    _mm256_storeu_ps(r, yacc[gq]);
+                    for (int q = 0; q < 8; ++q) {
+                        const int64_t o = rb * br + gq * 8 + q;
+                        if (o < n_out) Y[t * n_out + o] = r[q] + (bias ? bias[o] : 0.0f);
+                    }
+                }
+            }
+        });
+        return 0;
+    }
+    // Other tile heights: eight rows at a time, one accumulator per row.
+    sp::Pool::get().run(R, std::max(1, threads), [&](int64_t rb, int) {
+        for (int64_t t = 0; t < T; ++t) {
+            const float* x = X + t * n_in;
+            for (int64_t r0 = 0; r0 < br; r0 += 8) {
+                const int64_t nr = std::min<int64_t>(8, br - r0);
+                __m256 acc[8];
+                for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+                for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                    const int64_t c0 = (int64_t)col[b] * bc;
+                    const float* tile = val + b * br * bc + r0 * bc;
+                    for (int64_t s0 = 0; s0 < bc; s0 += 8) {
+                        const int64_t w = std::min<int64_t>(8, bc - s0);
+                        const int64_t in_x = std::max<int64_t>(0, std::min<int64_t>(w, n_in - c0 - s0));
+                        const __m256 xs = in_x == 8 ? _mm256_loadu_ps(x + c0 + s0)
+                                                    : _mm256_maskload_ps(x + c0 + s0, sp::mask8(in_x));
+                        if (w == 8 && nr == 8) {
+                            for (int q = 0; q < 8; ++q)
+                                acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(tile + q * bc + s0), xs, acc[q]);
+                        } else {
+                            const __m256i mw = sp::mask8(w);
+                            for (int64_t q = 0; q < nr; ++q)
+                                acc[q] = _mm256_fmadd_ps(_mm256_maskload_ps(tile + q * bc + s0, mw), xs, acc[q]);
+                        }
+                    }
+                }
+                for (int64_t q = 0; q < nr; ++q) {
+                    const int64_t o = rb * br + r0 + q;
+                    if (o < n_out) Y[t * n_out + o] = sp::hsum(acc[q]) + (bias ? bias[o] : 0.0f);
+                }
+            }
+        }
+    });
+    return 0;
 #else
     (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
     (void)bias; (void)Y; (void)threads;
-    return 2;
+    return 2;  // needs AVX2 or AVX-512: callers use the panel kernel
 #endif
 }
 

@@ -1,5 +1,7 @@
 // Small vector helpers shared by the CPU kernels: dot products and axpy with
 // several independent accumulators (AVX-512, AVX2+FMA, or portable C++).
+// Which one is compiled is the build's ISA variant (sparsify_kernels/native.py
+// builds one library per variant and picks at run time).
 #pragma once
 #include <cstdint>
 #include <cmath>
@@ -41,6 +43,10 @@ static inline float dot(const float* __restrict a, const float* __restrict b, in
 #elif defined(__AVX2__)
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (; i + 32 <= n; i += 32) {
+#if SP_PREFETCH
+        __builtin_prefetch(a + i + SP_PREFETCH, 0, 3);
+        __builtin_prefetch(a + i + SP_PREFETCH + 16, 0, 3);
+#endif
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
         s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
@@ -60,6 +66,39 @@ static inline float dot(const float* __restrict a, const float* __restrict b, in
     float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     for (; i < n; ++i) r += a[i] * b[i];
     return r;
+#endif
+}
+
+// r[i] = a[i] . b over n floats, for four rows a[0..3] at once: b is loaded once
+// for the four, and four streams in flight keep more memory requests
+// outstanding than one (AVX2; elsewhere four dot() calls).
+static inline void dot4(const float* const a[4], const float* __restrict b, int64_t n, float r[4]) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    __m256 s[8];
+    for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+#if SP_PREFETCH
+        if ((i & 31) == 0)
+            for (int k = 0; k < 4; ++k) __builtin_prefetch(a[k] + i + SP_PREFETCH, 0, 3);
+#endif
+        const __m256 b0 = _mm256_loadu_ps(b + i), b1 = _mm256_loadu_ps(b + i + 8);
+        for (int k = 0; k < 4; ++k) {
+            s[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a[k] + i), b0, s[k]);
+            s[4 + k] = _mm256_fmadd_ps(_mm256_loadu_ps(a[k] + i + 8), b1, s[4 + k]);
+        }
+    }
+    for (int k = 0; k < 4; ++k) {
+        __m256 t = _mm256_add_ps(s[k], s[4 + k]);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        float v = _mm_cvtss_f32(h);
+        for (int64_t j = i; j < n; ++j) v += a[k][j] * b[j];
+        r[k] = v;
+    }
+#else
+    for (int k = 0; k < 4; ++k) r[k] = dot(a[k], b, n);
 #endif
 }
 
@@ -84,6 +123,16 @@ static inline void axpy(float* __restrict y, float a, const float* __restrict x,
     }
 #elif defined(__AVX2__)
     __m256 va = _mm256_set1_ps(a);
+    for (; i + 32 <= n; i += 32) {
+#if SP_PREFETCH
+        __builtin_prefetch(x + i + SP_PREFETCH, 0, 3);
+        __builtin_prefetch(x + i + SP_PREFETCH + 16, 0, 3);
+#endif
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+        _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8)));
+        _mm256_storeu_ps(y + i + 16, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(y + i + 16)));
+        _mm256_storeu_ps(y + i + 24, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(y + i + 24)));
+    }
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; ++i) y[i] += a * x[i];
@@ -91,5 +140,18 @@ static inline void axpy(float* __restrict y, float a, const float* __restrict x,
     for (; i < n; ++i) y[i] += a * x[i];
 #endif
 }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2 helpers: the first n (0..8) lanes set, and a horizontal sum.
+static inline __m256i mask8(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 0 ? 0 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline float hsum(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
 
 }  // namespace sp

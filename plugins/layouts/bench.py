@@ -18,7 +18,9 @@ our time``. Cases (fp32, the CPU threads torch uses):
    ``layout_convert/moe_ffn`` puts in a model, router included.
 3. sparse Linear, BERT-base FFN shapes, 1/128/1024 tokens, 50/75/90% weight
    sparsity: each layout (given a weight with the structure it needs at that
-   sparsity) against dense torch and torch.sparse CSR / BSR.
+   sparsity) against dense torch and torch.sparse CSR / BSR. Each layout's
+   ratio also goes into this machine's layout table (``table.py``), which
+   ``layout: auto`` reads; layouts slower than dense are listed per row.
 4. end to end (``bench_decode``): greedy decoding, the fast modules against
    the same model dense on one lean decode path, HF ``generate`` and llama.cpp,
    prefill and decode apart, batch 1 / 4 / 16 with the batch's union sparsity.
@@ -56,8 +58,9 @@ def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11
     from sparsify_kernels import ffn as K
     from sparsify_kernels import native
 
-    # which kernel "ours" is: the ISA the native kernels were built for, or torch's fallback (JSON only)
-    kernels = f"native {native.isa()}" if K.cpu_kernel_available() else "torch fallback"
+    # which kernel "ours" is: the ISA variant of the native kernels in use, or torch's fallback (JSON only)
+    isa = native.loaded_isa() if K.cpu_kernel_available() else None
+    kernels = f"native {isa}" if isa else "torch fallback"
 
     w_gate, w_up, w_down = _ffn_weights(d, dff)
     w_down_t = w_down.t().contiguous()
@@ -84,7 +87,7 @@ def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11
         bound = 1 / (1 / 3 + 2 / 3 * (1 - s))
         rows.append(Row(1, f"s={s:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
                         {"ours": m["dense"] / m["ours"]}, targets.get(s), bound,
-                        {"active": active, "max_abs_err": err, "kernels": kernels,
+                        {"active": active, "max_abs_err": err, "kernels": kernels, "kernel_isa": isa or "torch",
                          "dense_GBps": 3 * d * dff * 4 / m["dense"] / 1e9,
                          "ours_GBps": 4 * d * (dff + 2 * active) / m["ours"] / 1e9}))
     if predictor_sparsities:
@@ -150,6 +153,7 @@ def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30
     """
     from torch import nn
 
+    from sparsify_kernels import native
     from sparsify_plugins.moeify.modules import LTERouter, RoutedFFN
 
     from .modules import MoEFFN
@@ -189,7 +193,7 @@ def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30
             m = interleaved({"dense": dense, "ours": lambda moe=moe: moe(x)}, repeats)
         rows.append(Row(2, f"skip={sk:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
                         {"ours": m["dense"] / m["ours"]}, targets.get(sk), 1 / (1 - sk),
-                        {"experts": f"{selected}/{E}", "rel_err": err}))
+                        {"experts": f"{selected}/{E}", "rel_err": err, "kernel_isa": native.loaded_isa() or "torch"}))
         del moe
         gc.collect()
     return rows
@@ -224,11 +228,17 @@ def _structured(w: torch.Tensor, layout: str, s: float):
 
 
 def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024), sparsities=(0.5, 0.75, 0.9),
-                       layouts=("csr", "bsr", "nm", "nmg"), repeats=15, budget_s=6.0) -> list[Row]:
+                       layouts=("csr", "bsr", "nm", "nmg"), repeats=15, budget_s=6.0,
+                       record_table: bool = True) -> list[Row]:
     """Case 3: each layout's SparseLinear vs dense torch, and torch.sparse CSR / BSR (separate loops)."""
     from sparsify_core.plugin_manager import catalog
+    from sparsify_kernels import native
 
     from .modules import SparseLinear
+    from .table import LayoutTable
+
+    table = LayoutTable.load() if record_table else None
+    isa = native.loaded_isa() or "torch"
 
     targets = {(128, 0.5): 1.4, (128, 0.75): 2.8, (128, 0.9): 4.5, (1024, 0.5): 1.6, (1024, 0.75): 3.0,
                (1024, 0.9): 5.5, (1, 0.5): 1.3}
@@ -237,11 +247,12 @@ def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024),
     for out, n_in in shapes:
         w = torch.randn(out, n_in, generator=gen) / n_in ** 0.5
         for s in sparsities:
-            mods, weights = {}, {}
+            mods, weights, held = {}, {}, {}
             for name in layouts:
                 ws, params = _structured(w, name, s)
                 weights[name] = ws
-                mods[name] = SparseLinear(catalog().layouts[name].from_dense(ws, params))
+                held[name] = catalog().layouts[name].from_dense(ws, params)
+                mods[name] = SparseLinear(held[name])
             t_csr = weights["csr"].to_sparse_csr() if "csr" in weights else w.to_sparse_csr()
             t_bsr = (weights["bsr"] if "bsr" in weights else weights[layouts[0]]).to_sparse_bsr((16, 16))
             w_dense = weights[layouts[0]]  # any of them: dense compute ignores the zeros
@@ -260,11 +271,17 @@ def case_sparse_linear(shapes=((3072, 768), (768, 3072)), tokens=(1, 128, 1024),
                                                        "torch_bsr": mt["torch_bsr"] * 1e3}
                 ratio = {k: m["dense"] / m[k] for k in mods} | {"torch_csr": mt["dense"] / mt["torch_csr"],
                                                               "torch_bsr": mt["dense"] / mt["torch_bsr"]}
+                if table is not None:
+                    for k in mods:
+                        table.record(held[k], T, ratio[k])
                 rows.append(Row(3, f"{n_in}->{out} T={T} s={s:.0%}", m["dense"] * 1e3, ours, ratio,
                                 targets.get((T, s)), 1 / (1 - s),
                                 {"dense_GFLOPs": 2 * out * n_in * T / m["dense"] / 1e9,
-                                 "max_abs_err": max(errs.values())}))
+                                 "max_abs_err": max(errs.values()), "kernel_isa": isa,
+                                 "slower_than_dense": ", ".join(k for k in mods if ratio[k] < 1) or "none"}))
             gc.collect()
+    if table is not None:
+        table.save()
     return rows
 
 
@@ -282,7 +299,7 @@ CASES = [
               lambda o: case_moe(**_options(o, dict(skipped=(0.5,), d=512, dff=1376, repeats=5)))),
     BenchCase(3, "sparse Linear", case_sparse_linear.__doc__.splitlines()[0],
               lambda o: case_sparse_linear(**_options(o, dict(shapes=((256, 128),), tokens=(1, 70),
-                                                              sparsities=(0.5,), repeats=3)))),
+                                                              sparsities=(0.5,), repeats=3, record_table=False)))),
     BenchCase(4, "end-to-end decode", case_decode.__doc__.splitlines()[0],
               lambda o: case_decode(**_options(o, dict(new_tokens=4, rounds=1, batches=(1, 2), batch_rounds=1)),
                                     model_dir=o.model_dir, quick=o.quick),

@@ -15,7 +15,11 @@
   plugin's. The conversion is exact: a weight that does not fit the format
   (e.g. ``nm`` on a weight that was not pruned n:m) is an error naming the
   module, never a silent pruning. ``csr``, ``bsr``, ``nm``, ``nmg`` are the
-  same method with the layout fixed, kept for existing recipes.
+  same method with the layout fixed, kept for existing recipes. ``layout:
+  auto`` picks, per module, the candidate layout that holds the weight
+  exactly and beats dense by the most on this machine, from the measured
+  table of ``table.py`` (measuring missing entries); none faster: the module
+  stays dense, and the stage result says why.
 
 Masks of converted weights follow them: transposed with the down projection,
 dropped for weights held in a layout (the layout itself keeps the zeros).
@@ -44,6 +48,9 @@ CONVERT_METRICS: dict[str, MetricInfo] = {
     "blocks_converted": MetricInfo(unit="blocks"),
     "modules_converted": MetricInfo(unit="modules"),
     "weight_bytes_ratio": MetricInfo(higher_is_better=False),  # stored bytes / dense bytes: above 1 can happen
+    # layout: auto: modules left dense (no layout beat dense), and the mean measured dense/ours ratio (dense: 1)
+    "modules_kept_dense": MetricInfo(unit="modules"),
+    "measured_speedup": MetricInfo(higher_is_better=True, unit="x"),
     # activation predictors, means over blocks on held-out calibration tokens (predictor.coverage)
     "predictor_recall": MetricInfo(higher_is_better=True, fraction=True),  # active neurons computed
     "predictor_mass_recall": MetricInfo(higher_is_better=True, fraction=True),  # activation mass computed
@@ -320,6 +327,44 @@ class WeightLayoutParams(Params):
         return check_regexes(v)
 
 
+AUTO = "auto"
+
+
+class AutoLayoutParams(Params):
+    """``layout: auto``: the candidates, and the token count the model will be run with."""
+
+    candidates: list[str] = Field(["csr", "bsr", "nm", "nmg"], min_length=1,
+                                  description="layouts to consider, each with its default params unless `params` "
+                                              "gives them; one that cannot hold a weight exactly is skipped for it")
+    params: dict[str, dict] = Field({}, description="params of candidate layouts by name, e.g. {bsr: {block: [8, 8]}}")
+    tokens: int = Field(1, ge=1, description="tokens per call to optimise for (1: decoding one sequence)")
+    measure: bool = Field(True, description="measure missing table entries on this machine (float32, CPU, about a "
+                                            "second each); false: a missing entry is an error")
+    margin: float = Field(1.0, ge=0, description="measured dense/layout ratio a layout must exceed to replace dense")
+
+    @model_validator(mode="after")
+    def _known(self):
+        for name in self.candidates:
+            try:
+                layout = find_layout(name)
+            except SparsifyError as exc:
+                raise ValueError(str(exc)) from None
+            try:
+                layout.Params.model_validate(self.params.get(name, {}))
+            except ValidationError as exc:
+                raise ValueError(f"params of the {name} layout: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())) from None
+        extra = sorted(set(self.params) - set(self.candidates))
+        if extra:
+            raise ValueError(f"params given for {extra}, which are not among the candidates {self.candidates}")
+        return self
+
+    def layouts(self) -> list[tuple[type[Layout], Params]]:
+        """The candidate layout classes with their validated params."""
+        return [(find_layout(n), find_layout(n).Params.model_validate(self.params.get(n, {})))
+                for n in self.candidates]
+
+
 class WeightConvertParams(WeightLayoutParams):
     """``layout`` names a layout of the plugin catalog; the other keys not listed here are its params.
 
@@ -328,10 +373,19 @@ class WeightConvertParams(WeightLayoutParams):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     layout: str = Field(description="name of the layout (`sparsify plugins` lists them): csr, bsr, nm, nmg or "
-                                    "a plugin's; its own params (e.g. n, m for nm) go next to it")
+                                    "a plugin's; its own params (e.g. n, m for nm) go next to it; or `auto`: the "
+                                    "fastest on this machine from the measured layout table (its params: "
+                                    "AutoLayoutParams)")
 
     @model_validator(mode="after")
     def _layout_params(self):
+        if self.layout == AUTO:
+            try:
+                AutoLayoutParams.model_validate(self.model_extra or {})
+            except ValidationError as exc:
+                raise ValueError("params of layout auto: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())) from None
+            return self
         try:
             layout = find_layout(self.layout)
         except SparsifyError as exc:
@@ -374,6 +428,8 @@ class WeightConvert(Method):
         if not modules:
             raise SparsifyError(f"no Linear/Conv1D module matches targets={params.targets} "
                                 f"outside exclude={params.exclude}")
+        if getattr(params, "layout", None) == AUTO:  # the fixed-layout aliases have no `layout`
+            return self._apply_auto(ctx, params, modules)
         layout_cls, lp = self.resolve(params)
         specs, change, dense_bytes, sparse_bytes = {}, {}, 0, 0
         with ctx.progress(f"{layout_cls.name} conversion", total=len(modules)) as task:
@@ -386,11 +442,7 @@ class WeightConvert(Method):
                     layout = layout_cls.from_dense(w, lp)
                 except ValueError as exc:
                     raise SparsifyError(f"{name}: {exc}") from None
-                new = SparseLinear(layout, getattr(module, "bias", None), params.strict)
-                _set_module(ctx.model, name, new)
-                specs[name] = {"shape": list(layout.shape), "storage": new.storage_spec(),
-                               "bias": module.bias is not None if hasattr(module, "bias") else False,
-                               "dtype": str(w.dtype).removeprefix("torch.")}
+                specs[name] = self._swap(ctx, name, module, layout, params.strict)
                 change[f"{name}.weight"] = None
                 dense_bytes += w.numel() * w.element_size()
                 sparse_bytes += layout.nbytes()
@@ -400,9 +452,77 @@ class WeightConvert(Method):
                                     "weight_bytes_ratio": sparse_bytes / max(dense_bytes, 1)},
                            info={"modules": specs}, metric_info=CONVERT_METRICS)
 
+    @staticmethod
+    def _swap(ctx, name, module, layout, strict) -> dict:
+        """Put ``SparseLinear(layout)`` in place of ``module``; its spec for ``rebuild``."""
+        w = weight_out_in(module)
+        new = SparseLinear(layout, getattr(module, "bias", None), strict)
+        _set_module(ctx.model, name, new)
+        return {"shape": list(layout.shape), "storage": new.storage_spec(),
+                "bias": module.bias is not None if hasattr(module, "bias") else False,
+                "dtype": str(w.dtype).removeprefix("torch.")}
+
+    def _apply_auto(self, ctx, params, modules) -> StageResult:
+        """``layout: auto``: per module, the candidate the measured table rates fastest, or dense if none wins."""
+        from . import table as TBL
+
+        ap = AutoLayoutParams.model_validate(params.model_extra or {})
+        candidates = ap.layouts()
+        tab = TBL.LayoutTable.load()
+        specs, change, decisions, dense_bytes, sparse_bytes, ratios_used = {}, {}, {}, 0, 0, []
+        with ctx.progress("layout auto", total=len(modules)) as task:
+            for name, module in modules:
+                w = weight_out_in(module).detach()
+                ratios, held = {}, {}
+                for layout_cls, lp in candidates:
+                    try:
+                        layout = layout_cls.from_dense(w, lp)
+                    except ValueError:
+                        continue  # the weight does not fit this format exactly: not a candidate for it
+                    r = tab.ratio(layout, ap.tokens)
+                    if r is None:
+                        key = TBL.entry_key(layout, ap.tokens)
+                        if not ap.measure:
+                            raise SparsifyError(f"{name}: the layout table {tab.path} has no entry {key!r} for "
+                                                f"{tab.key}; set measure: true (or run `sparsify bench --case 3` "
+                                                "for its shapes)")
+                        ctx.info(f"layout auto: measuring {key}")
+                        r = TBL.measure(layout, ap.tokens)
+                        tab.record(layout, ap.tokens, r)
+                        tab.save()
+                    ratios[layout_cls.name], held[layout_cls.name] = r, layout
+                chosen, ratio, why = TBL.choose(ratios, ap.margin)
+                ctx.info(f"layout auto: {name}: {why}")
+                decisions[name] = {"layout": chosen or "dense", "ratio": ratio, "candidates": ratios,
+                                   "tokens": ap.tokens, "why": why}
+                dense_bytes += w.numel() * w.element_size()
+                if chosen is None:
+                    sparse_bytes += w.numel() * w.element_size()
+                    ratios_used.append(1.0)
+                else:
+                    layout = held[chosen]
+                    specs[name] = self._swap(ctx, name, module, layout, params.strict) | {
+                        "layout": chosen, "layout_params": layout.params.model_dump(mode="json")}
+                    change[f"{name}.weight"] = None
+                    sparse_bytes += layout.nbytes()
+                    ratios_used.append(ratio)
+                task.advance(1)
+        _rewrite_masks(ctx, change)
+        return StageResult(metrics={"modules_converted": float(len(specs)),
+                                    "modules_kept_dense": float(len(modules) - len(specs)),
+                                    "measured_speedup": sum(ratios_used) / len(ratios_used),
+                                    "weight_bytes_ratio": sparse_bytes / max(dense_bytes, 1)},
+                           info={"modules": specs, "auto": decisions, "machine": tab.key, "table": str(tab.path)},
+                           metric_info=CONVERT_METRICS)
+
     def rebuild(self, ctx, params, result) -> None:
-        layout_cls, lp = self.resolve(params)
+        fixed = None if getattr(params, "layout", None) == AUTO else self.resolve(params)
         for name, spec in result.info["modules"].items():
+            if fixed is None:  # auto: each module's own choice, recorded with its params
+                layout_cls = find_layout(spec["layout"])
+                lp = layout_cls.Params.model_validate(spec["layout_params"])
+            else:
+                layout_cls, lp = fixed
             module = SparseLinear.empty(layout_cls.name, lp, tuple(spec["shape"]), spec["storage"], spec["bias"],
                                         getattr(torch, spec["dtype"]), params.strict)
             _set_module(ctx.model, name, module)

@@ -68,6 +68,16 @@ def test_run_passes_the_options_and_drops_targets_when_quick(tmp_path):
         bench.run((98,), available=cases)
 
 
+def test_the_recorded_isa_is_the_kernel_path_the_rows_report():
+    def rows(options):
+        return [bench.Row(96, "x", 1.0, {"ours": 1.0}, {"ours": 1.0}, extra={"kernel_isa": "portable"})]
+
+    env = bench.run((96,), available={96: bench.BenchCase(96, "isa", "", rows)})["environment"]
+    assert env["isa"] == "portable" and env["cpu_isa"] == bench.widest_isa(bench._cpuinfo()[1])
+    env = bench.run((97,), available={97: CASE})["environment"]  # no kernel path reported: the CPU's widest
+    assert env["isa"] == bench.widest_isa(bench._cpuinfo()[1]) and "cpu_isa" not in env
+
+
 def test_widest_isa():
     assert bench.widest_isa({"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}) == "avx512"
     assert bench.widest_isa({"avx512f", "avx2", "fma"}) == "avx2"

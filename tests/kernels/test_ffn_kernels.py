@@ -6,7 +6,8 @@ import torch
 
 from sparsify_kernels import ffn as K
 
-pytestmark = pytest.mark.skipif(not K.cpu_kernel_available(), reason="no C++ compiler: native kernels unavailable")
+pytestmark = [pytest.mark.skipif(not K.cpu_kernel_available(), reason="no C++ compiler: native kernels unavailable"),
+              pytest.mark.usefixtures("isa")]  # every test once per ISA variant the CPU runs (conftest.py)
 
 
 def weights(d, dff, gated=True, bias=False, seed=0):

@@ -1,0 +1,128 @@
+"""ISA variants of the native kernels: choice, forcing, errors; every runnable variant against torch, odd shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsify_core.errors import SparsifyError, one_line
+from sparsify_kernels import ffn as K
+from sparsify_kernels import native, spmm
+
+
+def test_default_is_the_widest_variant_the_cpu_runs(monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    assert native.isa() == native.supported_isas()[0]
+    assert native.supported_isas()[-1] == "portable"
+
+
+def test_supported_isas_follow_the_flags():
+    if not native._X86:
+        pytest.skip("the AVX variants are x86-64 only")
+    avx512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"})
+    assert native.supported_isas(avx512) == ["avx512", "avx2", "portable"]
+    assert native.supported_isas(frozenset({"avx2", "fma", "f16c"})) == ["avx2", "portable"]
+    assert native.supported_isas(frozenset({"avx2"})) == ["portable"]  # AVX2 without FMA: portable only
+    assert native.supported_isas(frozenset()) == ["portable"]
+
+
+def test_forcing_a_variant_loads_that_variant(isa):
+    assert native.isa() == isa
+    assert native.loaded_isa() == isa
+    assert native.library() is native.library(isa)
+
+
+def test_forcing_an_isa_the_cpu_lacks_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.setattr(native, "_X86", True)
+    monkeypatch.setenv(native.ENV, "avx512")
+    with pytest.raises(native.ISAError) as exc:
+        native.isa()
+    msg = one_line(exc.value)
+    assert isinstance(exc.value, SparsifyError) and "\n" not in msg
+    assert "SPARSIFY_ISA=avx512" in msg and "avx512f" in msg and "avx2, portable" in msg
+    with pytest.raises(native.ISAError):
+        native.library()  # the kernels refuse too, never silently run another ISA
+    monkeypatch.setenv(native.ENV, "AVX2")  # case-insensitive
+    assert native.isa() == "avx2"
+
+
+def test_unknown_isa_name_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv(native.ENV, "sse9")
+    with pytest.raises(native.ISAError, match=r"SPARSIFY_ISA='sse9': choose one of avx512, avx2, portable"):
+        native.isa()
+
+
+def test_a_variant_the_cpu_lacks_is_refused_by_library():
+    lacking = [n for n in native.ISAS if n not in native.supported_isas()]
+    if not lacking:
+        pytest.skip("this CPU runs every variant")
+    with pytest.raises(native.ISAError, match="this CPU runs only"):
+        native.library(lacking[0])
+
+
+# -- every runnable variant against the torch reference, odd shapes ------------------------------------------
+
+def _weight(out, n_in, pattern, g):
+    w = torch.randn(out, n_in, generator=g)
+    if pattern == "zero":
+        return torch.zeros(out, n_in)
+    if pattern == "dense":
+        return w
+    w = w * (torch.rand(out, n_in, generator=g) < 0.3)
+    w[::3] = 0  # empty rows
+    w[:, 1::4] = 0  # empty columns
+    return w
+
+
+SHAPES = [(1, 1), (5, 13), (37, 131), (19, 258), (24, 9)]
+PATTERNS = ["sparse", "zero", "dense"]
+
+
+@pytest.mark.parametrize("out,n_in", SHAPES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_panel_csr_odd_shapes(isa, out, n_in, pattern):
+    g = torch.Generator().manual_seed(out * 7 + n_in)
+    w = _weight(out, n_in, pattern, g)
+    packed = spmm.pack(w)
+    b = torch.randn(out, generator=g)
+    for T in (1, 3, 17):
+        x = torch.randn(T, n_in, generator=g)
+        torch.testing.assert_close(spmm.matmul(packed, x, b), spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(spmm.matmul(packed, x), spmm.reference(w, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("out,n_in", SHAPES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("block", [(16, 16), (8, 8), (3, 5)])
+def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
+    from sparsify_plugins.layouts import BSR
+    from sparsify_plugins.layouts.weight import BSRParams
+    g = torch.Generator().manual_seed(out * 11 + n_in + block[0])
+    w = _weight(out, n_in, pattern, g)
+    layout = BSR.from_dense(w, BSRParams(block=block))
+    b = torch.randn(out, generator=g)
+    for T in (1, 3, 17):
+        x = torch.randn(T, n_in, generator=g)
+        y = spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b)
+        if isa == "portable" or (T >= 16 and block[0] % 4):
+            assert y is None  # declined: the layout's kernel uses panel CSR instead
+            continue
+        torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d,dff", [(1, 1), (13, 37), (67, 130)])
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("live", [0.0, 0.3, 1.0])
+def test_ffn_odd_shapes(isa, d, dff, T, live):
+    g = torch.Generator().manual_seed(d + dff + T)
+    w_in, w_up, w_down_t = (torch.randn(dff, d, generator=g) / d ** 0.5 for _ in range(3))
+    x = torch.randn(T, d, generator=g)
+    # FATReLU threshold leaving about `live` of the (token, neuron) gates active (0: none, 1: all), halfway
+    # between two gate values so float rounding cannot flip a neuron
+    pre = (x @ w_in.T).flatten().sort().values
+    k = max(1, min(pre.numel() - 1, int((1 - live) * pre.numel())))
+    live = 1.0 if pre.numel() == 1 and live else live
+    t = float(pre[0]) - 1 if live == 1.0 else float(pre[-1]) + 1 if live == 0.0 else float(pre[k - 1] + pre[k]) / 2
+    args = dict(w_in=w_in, b_in=None, w_up=w_up, b_up=None, w_down_t=w_down_t, b_down=torch.randn(d, generator=g))
+    ref = K.ffn_reference(x, act="relu", threshold=t, **args)
+    torch.testing.assert_close(K.ffn_sparse(x, act="relu", threshold=t, **args), ref, atol=1e-4, rtol=1e-4)
