@@ -4,8 +4,9 @@
 // W_in[j] is dotted with the tokens; only where some token's activation is
 // non-zero are the up row W_up[j] and the down row W_outT[j] (W_down stored
 // transposed, so it is a row too) read, each contiguously and once for all
-// tokens. Threads (pool.h) take chunks of neurons dynamically and accumulate
-// into their own output buffer, summed at the end. Memory traffic is the gate
+// tokens. Threads (pool.h) take fixed groups of neuron chunks dynamically,
+// each group accumulating into its own output buffer, summed in group order
+// at the end (deterministic at any thread count). Memory traffic is the gate
 // matrix (or only the listed neurons' gate rows, for experts) plus the
 // active neurons' two rows: the bytes bound of activation sparsity. With an
 // activation predictor (a rank-r map from x to neuron logits, a few MB), only
@@ -51,6 +52,20 @@ constexpr int64_t kChunk = 16;
 // sel[t, j / sel_group] is set (a predictor's choice of neurons, group 1, or a
 // router's choice of experts, group = expert size): elsewhere its activation
 // counts as zero and its gate row is not even read for that token.
+// Deterministic split of the chunks: kGroups fixed, contiguous groups of
+// chunks, each summed in chunk order into its own buffer, the buffers then
+// added in group order. Which thread takes a group changes from call to call;
+// the float sums do not, at any thread count (so greedy tokens repeat exactly).
+constexpr int64_t kGroups = 16;
+
+template <class Chunk>
+void run_groups(int64_t n_chunks, int64_t n_groups, int n_threads, int64_t group_size, float* acc, Chunk chunk) {
+    sp::Pool::get().run(n_groups, n_threads, [&](int64_t g, int) {
+        float* my = acc + (size_t)g * group_size;
+        for (int64_t c = g * n_chunks / n_groups; c < (g + 1) * n_chunks / n_groups; ++c) chunk(c, my);
+    });
+}
+
 template <class Neurons>
 void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in, const float* w_up,
               const float* b_up, const float* w_outT, const float* b_out, int64_t total, Neurons neurons,
@@ -59,10 +74,10 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
     const bool up_relu = (act & kUpReLU) != 0;
     act &= ~kUpReLU;
     const int64_t n_chunks = (total + kChunk - 1) / kChunk;
-    const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
-    std::vector<float> acc((size_t)n_threads * T * d, 0.0f);
-    sp::Pool::get().run(n_chunks, n_threads, [&](int64_t c, int slot) {
-        float* my = acc.data() + (size_t)slot * T * d;
+    const int64_t n_groups = std::min<int64_t>(n_chunks, kGroups);
+    const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_groups));
+    std::vector<float> acc((size_t)n_groups * T * d, 0.0f);
+    auto chunk = [&](int64_t c, float* my) {
         // Neurons of this chunk, then (phase 1) their gates: one contiguous stream.
         int64_t js[kChunk];
         const int n = neurons(c, js);
@@ -128,12 +143,13 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
             for (int64_t t = 0; t < T; ++t)
                 if (g[t] != 0.0f) sp::axpy(my + t * d, g[t], oi, d);
         }
-    });
-    // Sum the per-thread buffers (a few KB).
+    };
+    run_groups(n_chunks, n_groups, n_threads, T * d, acc.data(), chunk);
+    // Sum the per-group buffers in group order (a few KB).
     const int64_t n_out = T * d;
     for (int64_t i = 0; i < n_out; ++i) {
         float s = b_out ? b_out[i % d] : 0.0f;
-        for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * n_out + i];
+        for (int64_t k = 0; k < n_groups; ++k) s += acc[(size_t)k * n_out + i];
         y[i] = s;
     }
 }
@@ -270,10 +286,10 @@ int sp_sparse_input_linear_f32(const float* x1, int64_t T, int64_t n_in, const f
                                int64_t n_out, float* y, int threads) {
     if (T < 1 || T > kMaxTokens) return 1;
     const int64_t n_chunks = (n_in + kChunk - 1) / kChunk;
-    const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
-    std::vector<float> acc((size_t)n_threads * T * n_out, 0.0f);
-    sp::Pool::get().run(n_chunks, n_threads, [&](int64_t c, int slot) {
-        float* my = acc.data() + (size_t)slot * T * n_out;
+    const int64_t n_groups = std::min<int64_t>(n_chunks, kGroups);
+    const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_groups));
+    std::vector<float> acc((size_t)n_groups * T * n_out, 0.0f);
+    run_groups(n_chunks, n_groups, n_threads, T * n_out, acc.data(), [&](int64_t c, float* my) {
         for (int64_t j = c * kChunk; j < std::min(n_in, c * kChunk + kChunk); ++j) {
             for (int64_t t = 0; t < T; ++t) {
                 float v = x1[t * n_in + j];
@@ -284,7 +300,7 @@ int sp_sparse_input_linear_f32(const float* x1, int64_t T, int64_t n_in, const f
     const int64_t total = T * n_out;
     for (int64_t i = 0; i < total; ++i) {
         float s = b ? b[i % n_out] : 0.0f;
-        for (int k = 0; k < n_threads; ++k) s += acc[(size_t)k * total + i];
+        for (int64_t k = 0; k < n_groups; ++k) s += acc[(size_t)k * total + i];
         y[i] = s;
     }
     return 0;

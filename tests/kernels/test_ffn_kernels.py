@@ -197,3 +197,32 @@ def test_drelu_kernels_match_reference(d, dff, T, bias):
         torch.testing.assert_close(
             K.ffn_moe(x, up_relu=True, experts=experts, expert_size=dff // 5, **w),
             K.ffn_reference(x, up_relu=True, select=K.expert_neurons(experts, dff // 5), **w), atol=1e-4, rtol=1e-4)
+
+
+def _same_bits_at_any_thread_count(call):
+    """``call()`` gives bit-identical outputs in 1 thread, and in 2 threads over repeats (fixed summation order)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = call()
+        torch.set_num_threads(2)
+        outs = [call() for _ in range(30)]
+    finally:
+        torch.set_num_threads(before)
+    for out in outs:
+        assert torch.equal(out, one)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_kernels_are_deterministic_at_any_thread_count(T):
+    # Greedy decoding compares tokens between runs and paths: a sum whose order depends on
+    # which thread took which chunk flips near-tied tokens (seen with 2 threads).
+    d, dff = 96, 2000  # 125 chunks of 16 neurons: many more than groups and threads
+    w = weights(d, dff, gated=True, bias=True)
+    x = torch.randn(T, d)
+    _same_bits_at_any_thread_count(lambda: K.ffn_sparse(x, act="relu", **w))
+    experts = _experts(T, 20, 0.5)
+    _same_bits_at_any_thread_count(lambda: K.ffn_moe(x, act="relu", experts=experts, expert_size=100, **w))
+    x1 = torch.relu(torch.randn(T, dff))
+    w_t, b = torch.randn(dff, 70), torch.randn(70)
+    _same_bits_at_any_thread_count(lambda: K.sparse_input_linear(x1, w_t, b))
