@@ -140,9 +140,10 @@ class Runner:
         return out
 
     def _metrics(self):
-        names = self.recipe.evaluate.metrics
         table = self.catalog.metrics
-        return [table[n]() for n in (sorted(table) if names == "all" else names)]
+        if self.loaded.metrics is None:  # metrics: all
+            return [table[n]() for n in sorted(table) if table[n].in_all]
+        return [table[n](params) for n, params in self.loaded.metrics]
 
     def _evaluate_after(self, index: int) -> bool:
         after = self.recipe.evaluate.after
@@ -327,9 +328,13 @@ class Runner:
                                        split=split.name, sequences=len(split), tokens=split.tokens)
         values = evaluate(ctx, metrics, split, batch_size=self.recipe.evaluate.batch_size, is_reference=is_reference)
         ctx.stage_name = saved
-        info = {name: i for m in metrics for name, i in m.value_info().items()}
-        self.registry.log_metrics(self.run_id, stage, index, values, origin="evaluation",
-                                  info={v.name: info.get(v.name, MetricInfo()) for v in values})
+        owner = {name: m for m in metrics for name in m.value_info()}
+        owner.update({m.name: m for m in metrics})
+        info = {}
+        for v in values:  # names a metric makes up as it goes start with its own (lm_eval/<task>/acc ...)
+            m = owner.get(v.name) or owner.get(v.name.split("/")[0])
+            info[v.name] = m.info_of(v.name) if m is not None else MetricInfo()
+        self.registry.log_metrics(self.run_id, stage, index, values, origin="evaluation", info=info)
         self.registry.finish_evaluation(self.run_id, index, "completed")
         for v in values:  # recorded as failed; the run goes on
             if v.error is not None:
