@@ -214,7 +214,12 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
             sweep: Optional[str] = typer.Option(None, "--sweep", help="select the runs of this sweep (all of them)"),
             fmt: str = typer.Option("table", "--format", help="table, json or csv"),
             limit: int = typer.Option(10, help="at most this many runs when none are named"),
-            plot: Optional[Path] = typer.Option(None, "--plot", help="draw the sparsity / quality trade-off to this PNG")):
+            plot: Optional[Path] = typer.Option(None, "--plot", help="draw the sparsity / quality trade-off to this PNG"),
+            x: Optional[str] = typer.Option(None, "--x", help="metric on the plot's x axis (default: activation or "
+                                                              "weight sparsity), e.g. bytes_per_token: one cost axis "
+                                                              "for every family"),
+            y: Optional[str] = typer.Option(None, "--y", help="metric on the plot's y axis (default: perplexity, "
+                                                              "else kl_divergence), e.g. lm_eval/sparsify_pydoc_next/acc")):
     """Put runs side by side against their dense baselines."""
     from .report import format_compare, plot_tradeoff
 
@@ -233,7 +238,7 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
         raise SparsifyError("no runs match")
     sys.stdout.write(format_compare(records, fmt).rstrip("\n") + "\n")
     if plot:
-        plot_tradeoff(records, plot)
+        plot_tradeoff(records, plot, x=x, y=y)
         err.print(f"wrote {plot}", highlight=False)
 
 
