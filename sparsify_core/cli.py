@@ -76,6 +76,30 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
     err.print(f"run {run_id} finished; see `sparsify show {run_id}` and `sparsify compare {run_id}`", highlight=False)
 
 
+@app.command()
+def search(recipe: Path = typer.Argument(..., help="recipe YAML"),
+           vary: str = typer.Option(..., "--vary", help="the parameter to maximise: stages.N.params.NAME"),
+           budget: str = typer.Option(..., "--budget", help="what every answer must meet: kl_divergence<=0.1, "
+                                                            "perplexity<=1.05*dense (also >=, <, >)"),
+           lo: float = typer.Option(0.0, "--lo", help="smallest value tried"),
+           hi: float = typer.Option(1.0, "--hi", help="largest value tried"),
+           tol: float = typer.Option(0.01, "--tol", help="stop when the bracket is this narrow"),
+           max_runs: int = typer.Option(8, "--max-runs", help="at most this many runs (the reused first stages "
+                                                              "not counted)"),
+           set_: list[str] = typer.Option([], "--set", help="override a recipe value: stages.0.params.lr=3e-4"),
+           runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where run checkpoints live [default: ./runs]")):
+    """Find the largest value of one parameter whose run meets a quality budget (bisection over real runs, one sweep)."""
+    from .runner import default_runs_dir
+    from .search import parse_budget, search as run_search
+
+    parsed = parse_budget(budget)
+    outcome = run_search(recipe, vary, parsed, _registry(), lo=lo, hi=hi, tol=tol, max_runs=max_runs,
+                         overrides=set_, runs_dir=runs_dir or default_runs_dir())
+    sys.stdout.write(outcome.report() + "\n")
+    if outcome.answer is None:
+        raise typer.Exit(1)
+
+
 def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str]) -> None:
     from .sweep import run_sweep
 
