@@ -210,7 +210,7 @@ def search(path: str | Path, vary: str, budget: Budget, registry, *, lo: float =
         outcome.above = bottom
         return outcome
     good, bad = bottom, top
-    while bad.value - good.value > tol and len(outcome.points) < max_runs:
+    while bad.value - good.value > tol * (1 + 1e-9) and len(outcome.points) < max_runs:  # 0.4 - 0.3 > 0.1 in floats
         mid = (good.value + bad.value) / 2
         if integer:
             mid = (good.value + bad.value) // 2
