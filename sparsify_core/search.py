@@ -126,6 +126,22 @@ def _stage_index(vary: str, loaded) -> tuple[int, str]:
     return index, name
 
 
+def _check_measured(base, budget: Budget) -> None:
+    """The budget's metric is among what the recipe evaluates after its last stage (else one-line ``SparsifyError``)."""
+    from .plugin_manager import catalog
+
+    table = catalog().metrics
+    chosen = ([table[n] for n, _ in base.metrics] if base.metrics is not None
+              else [c for c in table.values() if c.in_all])
+    names = {c.name for c in chosen} | {n for c in chosen for n in c.value_info()}
+    if budget.metric not in names and budget.metric.split("/")[0] not in names:
+        raise SparsifyError(f"--budget: {budget.metric!r} is not among the recipe's evaluate.metrics "
+                            f"({', '.join(sorted(names))})")
+    if base.recipe.evaluate.after == "none":
+        raise SparsifyError("--budget: the recipe's evaluate.after is none; search reads the evaluation after the "
+                            "last stage")
+
+
 def _metric_of(run_id: str, registry, metric: str) -> tuple[float, float | None]:
     from .registry import final_evaluation, reference_evaluation
 
@@ -161,6 +177,7 @@ def search(path: str | Path, vary: str, budget: Budget, registry, *, lo: float =
     if base.recipe.sweep is not None:
         raise SparsifyError(f"{path}: the recipe has a sweep; search varies one parameter itself (remove sweep:)")
     index, name = _stage_index(vary, base)
+    _check_measured(base, budget)
 
     def loaded_at(value):
         return load_recipe(path, [*overrides, f"{vary}={value}"])

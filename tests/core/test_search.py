@@ -65,5 +65,8 @@ def test_search_cli_errors_are_one_line(workdir):
         proc = sparsify_here("search", path, *args, *budget, cwd=workdir)
         assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = sparsify_here("search", path, "--vary", "stages.1.params.sparsity", "--budget", "perplexity<=30",
+                         cwd=workdir)
+    assert proc.returncode != 0 and "'perplexity' is not among the recipe's evaluate.metrics" in proc.stderr
     proc = sparsify_here("search", path, "--vary", "stages.1.params.sparsity", "--budget", "ws=0.3", cwd=workdir)
     assert proc.returncode != 0 and "--budget 'ws=0.3'" in proc.stderr

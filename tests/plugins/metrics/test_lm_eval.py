@@ -154,3 +154,30 @@ def test_values_from_lm_eval_results_skip_text_and_na():
     assert [(v.name, v.value) for v in values] == [("lm_eval/boolq/acc", 0.5),
                                                    ("lm_eval/boolq/exact_match@strict", 0.25)]
     assert not math.isnan(values[0].value)
+
+
+@needs_lm_eval
+def test_run_records_task_accuracy_and_show_compare_list_it(workdir, one_thread):
+    """End to end: a recipe asks for lm_eval; the run records it with its info; show and compare print it."""
+    from helpers import sparsify_here, tiny_recipe
+    from sparsify_core.registry import Registry, final_evaluation, metric_info_for
+    from sparsify_core.runner import Runner
+
+    text = tiny_recipe("""\
+  - kind: prune
+    method: magnitude
+    params: {sparsity: 0.5}
+""", splits={"eval": {"samples": 2}}, output={"save": False},
+        evaluate={"metrics": ["perplexity", "bytes_per_token", {"lm_eval": {"limit": 8, "batch_size": 8}}],
+                  "after": "last"})
+    with Registry(f"sqlite:///{workdir}/registry.db") as reg:
+        run_id = Runner(load_recipe(write(workdir / "r.yaml", text)), reg, runs_dir=workdir / "runs").run()
+        rec = reg.get_run(run_id)
+        acc = f"lm_eval/{SHIPPED_TASK}/acc"
+        final = final_evaluation(rec).values
+        assert 0 <= final[acc] <= 1 and final["bytes_per_token"] < final["bytes_per_token_dense"]
+        info = metric_info_for([rec], acc)
+        assert info.higher_is_better is True and info.fraction
+    for cmd in (("show", run_id), ("compare", run_id)):
+        proc = sparsify_here(*cmd, cwd=workdir)
+        assert proc.returncode == 0 and acc in proc.stdout and "bytes_per_token" in proc.stdout, proc.stdout
