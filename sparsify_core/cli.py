@@ -86,6 +86,30 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
     err.print(f"run {run_id} finished; see `sparsify show {run_id}` and `sparsify compare {run_id}`", highlight=False)
 
 
+@app.command()
+def search(recipe: Path = typer.Argument(..., help="recipe YAML"),
+           vary: str = typer.Option(..., "--vary", help="the parameter to maximise: stages.N.params.NAME"),
+           budget: str = typer.Option(..., "--budget", help="what every answer must meet: kl_divergence<=0.1, "
+                                                            "perplexity<=1.05*dense (also >=, <, >)"),
+           lo: float = typer.Option(0.0, "--lo", help="smallest value tried"),
+           hi: float = typer.Option(1.0, "--hi", help="largest value tried"),
+           tol: float = typer.Option(0.01, "--tol", help="stop when the bracket is this narrow"),
+           max_runs: int = typer.Option(8, "--max-runs", help="at most this many runs (the reused first stages "
+                                                              "not counted)"),
+           set_: list[str] = typer.Option([], "--set", help="override a recipe value: stages.0.params.lr=3e-4"),
+           runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where run checkpoints live [default: ./runs]")):
+    """Find the largest value of one parameter whose run meets a quality budget (bisection over real runs, one sweep)."""
+    from .runner import default_runs_dir
+    from .search import parse_budget, search as run_search
+
+    parsed = parse_budget(budget)
+    outcome = run_search(recipe, vary, parsed, _registry(), lo=lo, hi=hi, tol=tol, max_runs=max_runs,
+                         overrides=set_, runs_dir=runs_dir or default_runs_dir())
+    sys.stdout.write(outcome.report() + "\n")
+    if outcome.answer is None:
+        raise typer.Exit(1)
+
+
 def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str], *, worker: bool = False,
                stale_after: float = 300.0) -> None:
     from .sweep import run_sweep
@@ -225,7 +249,12 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
             sweep: Optional[str] = typer.Option(None, "--sweep", help="select the runs of this sweep (all of them)"),
             fmt: str = typer.Option("table", "--format", help="table, json or csv"),
             limit: int = typer.Option(10, help="at most this many runs when none are named"),
-            plot: Optional[Path] = typer.Option(None, "--plot", help="draw the sparsity / quality trade-off to this PNG")):
+            plot: Optional[Path] = typer.Option(None, "--plot", help="draw the sparsity / quality trade-off to this PNG"),
+            x: Optional[str] = typer.Option(None, "--x", help="metric on the plot's x axis (default: activation or "
+                                                              "weight sparsity), e.g. bytes_per_token: one cost axis "
+                                                              "for every family"),
+            y: Optional[str] = typer.Option(None, "--y", help="metric on the plot's y axis (default: perplexity, "
+                                                              "else kl_divergence), e.g. lm_eval/sparsify_pydoc_next/acc")):
     """Put runs side by side against their dense baselines."""
     from .report import format_compare, plot_tradeoff
 
@@ -244,7 +273,7 @@ def compare(run_ids: list[str] = typer.Argument(None, help="run ids (or unique p
         raise SparsifyError("no runs match")
     sys.stdout.write(format_compare(records, fmt).rstrip("\n") + "\n")
     if plot:
-        plot_tradeoff(records, plot)
+        plot_tradeoff(records, plot, x=x, y=y)
         err.print(f"wrote {plot}", highlight=False)
 
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from .params import Params
+
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext
 
@@ -58,6 +60,14 @@ class Metric(ABC):
     records values under more names than its own (``<name>_dense``...)
     declares each in ``value_info``.
 
+    A metric may take parameters: ``Params`` (a pydantic model, unknown keys
+    refused) validated from ``evaluate.metrics: [{name: {params}}]`` in a
+    recipe; ``check(params)`` refuses, before anything loads, what cannot
+    work here (a missing optional package). A metric with ``in_all = False``
+    (one too costly to run unasked) is left out of ``metrics: all``. A metric
+    whose value names depend on its parameters or results declares what they
+    are in ``info_of`` instead of ``value_info``.
+
     A metric that raises fails alone: evaluation records it as failed with
     its one-line reason and measures the others (``evaluation.evaluate``).
     Models may hold weights in sparse layouts: read weights through
@@ -72,6 +82,19 @@ class Metric(ABC):
     higher_is_better: ClassVar[bool | None] = None
     unit: ClassVar[str] = ""
     fraction: ClassVar[bool] = False
+    Params: ClassVar[type[Params]] = Params
+    in_all: ClassVar[bool] = True
+
+    def __init__(self, params: Params | None = None):
+        self.params = params if params is not None else self.Params()
+
+    @classmethod
+    def check(cls, params: Params) -> None:
+        """Raise ``ValueError`` (one line) when the metric cannot run with ``params`` here (default: nothing)."""
+
+    def info_of(self, value_name: str) -> MetricInfo:
+        """What the values recorded under ``value_name`` are (default: ``value_info``, else an undeclared one)."""
+        return self.value_info().get(value_name, MetricInfo())
 
     @classmethod
     def info(cls) -> MetricInfo:

@@ -135,7 +135,9 @@ class StageSpec(_Strict):
 class EvaluateSpec(_Strict):
     """What to measure, and when. The dense model is always evaluated before the first stage."""
 
-    metrics: list[str] | Literal["all"] = "all"
+    metrics: list[str | dict[str, dict[str, Any]]] | Literal["all"] = Field("all", description=(
+        "metric names, or {name: {params}} for a metric that takes parameters (e.g. {lm_eval: {tasks: "
+        "[sparsify_pydoc_next]}}); all: every installed metric that needs no parameters"))
     after: list[str] | Literal["all", "last", "none"] = Field(
         "last", description="stage names after which to evaluate, or all / last / none")
     split: str = "eval"
@@ -245,6 +247,7 @@ class LoadedRecipe:
     stages: list[ResolvedStage]
     model_params: Params
     data_params: Params
+    metrics: list[tuple[str, Params]] | None = None  # evaluate.metrics resolved; None: all that apply by default
     raw: dict = field(repr=False, default_factory=dict)
     lines: "_Lines | None" = field(repr=False, default=None)  # for errors found later (check_model)
 
@@ -498,18 +501,40 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
                 raise RecipeError(f"no stage named {n!r}; stages: {', '.join(names) or 'none'}", file=file,
                                   line=lines.line(("evaluate", "after", j)), field=f"evaluate.after.{j}",
                                   suggestions=_closest(n, names))
+    metrics = None
     if isinstance(recipe.evaluate.metrics, list):
-        for j, n in enumerate(recipe.evaluate.metrics):
+        metrics = []
+        for j, entry in enumerate(recipe.evaluate.metrics):
+            path = ("evaluate", "metrics", j)
+            if isinstance(entry, dict):
+                if len(entry) != 1:
+                    raise RecipeError(f"a metric with parameters is one {{name: {{params}}}} mapping, got keys "
+                                      f"{', '.join(map(str, entry)) or 'none'}", file=file, line=lines.line(path),
+                                      field=_dotted(path))
+                (n, params), = entry.items()
+                where = path + (n,)
+            else:
+                n, params, where = entry, {}, path
             if n not in cat.metrics:
                 raise RecipeError(f"unknown metric {n!r}; installed: {', '.join(sorted(cat.metrics))}", file=file,
-                                  line=lines.line(("evaluate", "metrics", j)), field=f"evaluate.metrics.{j}",
-                                  suggestions=_closest(n, cat.metrics))
+                                  line=lines.line(where), field=_dotted(where), suggestions=_closest(n, cat.metrics))
+            cls = cat.metrics[n]
+            try:
+                p = cls.Params.model_validate(params or {})
+            except ValidationError as exc:
+                raise _pydantic_error(exc, cls.Params, where, lines, file) from None
+            try:
+                cls.check(p)
+            except (ValueError, SparsifyError) as exc:
+                raise RecipeError(f"metric {n}: {exc}", file=file, line=lines.line(where), field=_dotted(where)) \
+                    from None
+            metrics.append((n, p))
     if recipe.evaluate.split not in recipe.data.splits:
         raise RecipeError(f"no data split {recipe.evaluate.split!r}; splits: {', '.join(recipe.data.splits)}",
                           file=file, line=lines.line(("evaluate", "split")), field="evaluate.split",
                           suggestions=_closest(recipe.evaluate.split, recipe.data.splits))
     return LoadedRecipe(recipe=recipe, text=text, path=file, overrides=overrides, stages=stages,
-                        model_params=model_params, data_params=data_params, raw=raw, lines=lines)
+                        model_params=model_params, data_params=data_params, metrics=metrics, raw=raw, lines=lines)
 
 
 def check_model(loaded: LoadedRecipe) -> None:
@@ -797,7 +822,8 @@ def json_schema() -> dict:
         fields["data"] = _tagged(source_variants(DataSpec, cat.data_sources, "Data"), source_tag(DataSpec))
     if cat.metrics:
         metric = Literal[tuple(sorted(cat.metrics))]
-        fields["evaluate"] = _variant(EvaluateSpec, "Evaluate", metrics=list[metric] | Literal["all"])
+        fields["evaluate"] = _variant(EvaluateSpec, "Evaluate",
+                                      metrics=list[metric | dict[metric, dict[str, Any]]] | Literal["all"])
     schema = _variant(Recipe, "Recipe", **fields).model_json_schema(schema_generator=_FactoryDefaults)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "sparsify recipe"

@@ -100,7 +100,13 @@ class Runner:
     """Runs one recipe (fresh, or resuming ``resume_id``) against a registry."""
 
     def __init__(self, loaded: LoadedRecipe, registry, *, resume_id: str | None = None,
-                 runs_dir: str | Path = "runs", sweep_id: str | None = None, sweep_point: str | None = None):
+                 runs_dir: str | Path = "runs", sweep_id: str | None = None, sweep_point: str | None = None,
+                 reuse: "tuple[str, Path] | None" = None):
+        """``reuse=(run_id, workdir)``: a fresh run starts from that run's checkpoint (its completed stages
+        must be this recipe's first stages, as ``search`` makes them): after the dense baseline, those
+        stages are rebuilt and their weights and masks restored instead of run again, and recorded as
+        completed here with a note of where they came from."""
+        self.reuse = reuse
         self.loaded = loaded
         self.sweep_id, self.sweep_point = sweep_id, sweep_point  # set for the runs of a sweep
         self.recipe = loaded.recipe
@@ -140,9 +146,10 @@ class Runner:
         return out
 
     def _metrics(self):
-        names = self.recipe.evaluate.metrics
         table = self.catalog.metrics
-        return [table[n]() for n in (sorted(table) if names == "all" else names)]
+        if self.loaded.metrics is None:  # metrics: all
+            return [table[n]() for n in sorted(table) if table[n].in_all]
+        return [table[n](params) for n, params in self.loaded.metrics]
 
     def _evaluate_after(self, index: int) -> bool:
         after = self.recipe.evaluate.after
@@ -279,6 +286,8 @@ class Runner:
             ctx.resume_stage = start
         if not dense_done:
             self._evaluate(ctx, metrics, "dense", -1, is_reference=True)
+        if self.reuse is not None and ckpt is None:
+            results, start = self._reuse_stages(ctx)
 
         for stage in self.loaded.stages[start:]:
             i, st, params, method = stage.index, stage.spec, stage.params, stage.method_cls()
@@ -313,6 +322,25 @@ class Runner:
             self._save(ctx, results)
         dist.barrier()
 
+    def _reuse_stages(self, ctx: RunContext) -> tuple[dict[int, StageResult], int]:
+        """Start from the checkpoint of ``self.reuse``: its completed stages rebuilt, restored and recorded."""
+        source, workdir = self.reuse
+        ckpt = read_checkpoint(Path(workdir))
+        if ckpt is None:
+            raise SparsifyError(f"run {source} left no checkpoint in {workdir} to start from")
+        for stage in self.loaded.stages[:ckpt.completed]:
+            i, method = stage.index, stage.method_cls()
+            ctx.stage_name, ctx.stage_index = stage.name, i
+            method.rebuild(ctx, stage.params, ckpt.results.get(i, StageResult()))
+        restore_weights(ckpt, ctx.model, ctx.masks)
+        for stage in self.loaded.stages[:ckpt.completed]:
+            st = stage.spec
+            self.registry.start_stage(self.run_id, stage.index, name=st.name, kind=st.kind, method=st.method,
+                                      params=stage.params.model_dump(mode="json"))
+            self.registry.finish_stage(self.run_id, stage.index, "completed", duration_s=0.0)
+        progress.info(f"stages 1-{ckpt.completed} reused from run {source} (its checkpoint {ckpt.extra['path']})")
+        return dict(ckpt.results), ckpt.completed
+
     def _evaluate(self, ctx: RunContext, metrics, stage: str, index: int, *, is_reference: bool = False) -> None:
         from .evaluation import evaluate
 
@@ -327,9 +355,13 @@ class Runner:
                                        split=split.name, sequences=len(split), tokens=split.tokens)
         values = evaluate(ctx, metrics, split, batch_size=self.recipe.evaluate.batch_size, is_reference=is_reference)
         ctx.stage_name = saved
-        info = {name: i for m in metrics for name, i in m.value_info().items()}
-        self.registry.log_metrics(self.run_id, stage, index, values, origin="evaluation",
-                                  info={v.name: info.get(v.name, MetricInfo()) for v in values})
+        owner = {name: m for m in metrics for name in m.value_info()}
+        owner.update({m.name: m for m in metrics})
+        info = {}
+        for v in values:  # names a metric makes up as it goes start with its own (lm_eval/<task>/acc ...)
+            m = owner.get(v.name) or owner.get(v.name.split("/")[0])
+            info[v.name] = m.info_of(v.name) if m is not None else MetricInfo()
+        self.registry.log_metrics(self.run_id, stage, index, values, origin="evaluation", info=info)
         self.registry.finish_evaluation(self.run_id, index, "completed")
         for v in values:  # recorded as failed; the run goes on
             if v.error is not None:

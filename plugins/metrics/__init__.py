@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from sparsify_core import hookimpl
 
+from .cost import BytesPerToken
+from .downstream import LMEval
 from .language import EmbeddingSimilarity, KLDivergence, Perplexity
 from .size import NonzeroParameters, Parameters
 from .sparsity import ActivationSparsity, FFNFlops, WeightSparsity
 
-__all__ = ["ActivationSparsity", "EmbeddingSimilarity", "FFNFlops", "KLDivergence", "NonzeroParameters",
+__all__ = ["ActivationSparsity", "BytesPerToken", "EmbeddingSimilarity", "FFNFlops", "LMEval", "KLDivergence", "NonzeroParameters",
            "Parameters", "Perplexity", "WeightSparsity"]
 
 
@@ -15,4 +17,4 @@ __all__ = ["ActivationSparsity", "EmbeddingSimilarity", "FFNFlops", "KLDivergenc
 def sparsify_metrics():
     """The built-in metrics."""
     return [Perplexity, KLDivergence, EmbeddingSimilarity, ActivationSparsity, WeightSparsity, FFNFlops,
-            Parameters, NonzeroParameters]
+            Parameters, NonzeroParameters, BytesPerToken, LMEval]

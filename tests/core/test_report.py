@@ -153,6 +153,17 @@ def test_plot_tradeoff(tmp_path):
         report.plot_tradeoff([runs[3]], tmp_path / "x.png")
 
 
+def test_plot_tradeoff_of_any_quality_metric_against_bytes_per_token(tmp_path):
+    """One cost axis for every family: accuracy (higher is better) against bytes read (lower is better)."""
+    acc = "lm_eval/sparsify_pydoc_next/acc"
+    runs = [_run(f"20260101-000{i}-aaaaa{i}", name, metrics=[("dense", -1, acc, 0.40), ("dense", -1, "bytes_per_token", 1e6),
+                                                             ("s", 0, acc, a), ("s", 0, "bytes_per_token", b)])
+            for i, (name, a, b) in enumerate([("wanda", 0.38, 6e5), ("cats", 0.36, 4e5), ("lte", 0.30, 5e5)])]
+    _assert_png(report.plot_tradeoff(runs, tmp_path / "cost.png", x="bytes_per_token", y=acc))
+    with pytest.raises(SparsifyError, match="recorded both 'bytes_per_token' and 'nope'"):
+        report.plot_tradeoff(runs, tmp_path / "x.png", x="bytes_per_token", y="nope")
+
+
 def test_pareto_front():
     pts = [(0.0, 20.0), (0.5, 30.0), (0.6, 25.0), (0.9, 40.0), (0.7, 50.0)]
     assert report.pareto_front(pts) == [(0.0, 20.0), (0.6, 25.0), (0.9, 40.0)]
