@@ -157,7 +157,7 @@ def _describe_masks(masks: dict[str, torch.Tensor]) -> str:
     return f"{pruned:,} pruned weights in {len(masks)} matrices ({pruned / max(total, 1):.1%} of them)"
 
 
-#: Published config.json of well-known hub models (``<org>/<name>/config.json``), so that ``sparsify validate``
+#: Published config.json of well-known hub models (``<org>--<name>.json``), so that ``sparsify validate``
 #: and ``sparsify run --dry-run`` can shape a model that is not downloaded yet; loading still needs the model.
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -258,10 +258,10 @@ class HFModel(ModelSource):
                                                 revision=params.revision, **kw)
             return _meta_model(config, params.task, **kw)
         except (OSError, ValueError, KeyError):
-            packaged = PACKAGED_CONFIGS / params.path / "config.json"
+            packaged = PACKAGED_CONFIGS / (params.path.replace("/", "--") + ".json")
             if not folder.is_dir() and params.revision is None and packaged.is_file():
                 # a well-known hub model not on this machine: its published config still shapes the skeleton
-                return _meta_model(AutoConfig.from_pretrained(packaged.parent), params.task, **kw)
+                return _meta_model(AutoConfig.from_pretrained(str(packaged)), params.task, **kw)
             return None  # ``load`` reports a missing or unreadable model with its own message
 
 
