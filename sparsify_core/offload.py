@@ -144,7 +144,10 @@ class Offload:
         if copies is None:
             return
         homes = self._homes.setdefault(name, {})
-        for key, t in _tensors(layer).items():
+        tensors = _tensors(layer)
+        for key in set(homes) - set(tensors):  # a swapped-out module's weights: let them go
+            del homes[key]
+        for key, t in tensors.items():
             home = homes.get(key)
             copy, version = copies.get(key, (None, None))
             if home is not None and home.shape == t.shape and home.dtype == t.dtype:

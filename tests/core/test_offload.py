@@ -128,3 +128,42 @@ def test_offload_refuses_stages_that_train(tmp_path):
         load_recipe(write(tmp_path / "r.yaml", text))
     assert exc.value.field == "model.offload" and exc.value.line == 4
     assert "stage 'finetune' (train/finetune) trains" in str(exc.value)
+
+
+ONE_SHOT = {  # every family of one-shot stage: layer-wise pruning, OWL profiles, threshold calibration, MoEfication
+    "owl": [("prune", "wanda", {"sparsity": 0.5, "profile": "owl", "owl_lambda": 0.1})],
+    "cats": [("substitute_activation", "cats", {"target_sparsity": 0.8})],
+    "fatrelu": [("substitute_activation", "relu", {}), ("substitute_activation", "fatrelu", {"target_sparsity": 0.8})],
+    "moefication": [("substitute_activation", "relu", {}),
+                    ("moeify", "param_cluster", {"expert_size": 16, "router": "mlp", "selection": "top_k",
+                                                 "expert_fraction": 0.5, "fit": {"epochs": 2, "batch_size": 64}})],
+}
+
+
+def _apply_all(tmp_path, model, stages, offload=None):
+    from sparsify_core.plugin_manager import catalog
+
+    ctx = make_ctx(tmp_path, model, samples=8, seq_len=16)
+    ctx.offload = offload
+    for i, (kind, method, params) in enumerate(stages):
+        cls = catalog().methods[(kind, method)]
+        ctx.stage_name, ctx.stage_index = method, i
+        torch.manual_seed(0)
+        cls().apply(ctx, cls.Params.model_validate(params))
+        ctx.masks.apply(ctx.model)
+    return ctx
+
+
+@pytest.mark.parametrize("name", sorted(ONE_SHOT))
+def test_every_one_shot_family_gives_the_in_memory_model_when_offloaded(tmp_path, name):
+    """Stages that swap modules inside the layers (activations, experts) too: the new modules go home with them."""
+    ref = _apply_all(tmp_path / "ref", _model(layers=2), ONE_SHOT[name])
+    model = _model(layers=2)
+    offload = Offload(model, CPU, "cpu")
+    _apply_all(tmp_path / "off", model, ONE_SHOT[name], offload)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref.model(ids).logits, rtol=0, atol=1e-6)
+    at_rest = device_bytes(model, CPU, offload)
+    outside = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." not in n)
+    assert at_rest <= outside + 1024  # every layer tensor, new modules' included, is back home
