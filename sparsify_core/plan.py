@@ -264,11 +264,12 @@ def make_plan(loaded: LoadedRecipe, skeleton: torch.nn.Module, devices: Devices)
             samples = rec.data.splits[split].samples
             est = calibrate_estimate(label, shape, dtype, samples, _seq_len(loaded, split), batch, rec.model.offload)
         else:
-            est = Estimate(label, "apply", "-", weights=shape.parameters * _DTYPE_BYTES[dtype] + shape.buffers * 4)
+            held = shape.outside_layers + shape.layer_parameters if rec.model.offload != "none" else shape.parameters
+            est = Estimate(label, "apply", "-", weights=held * _DTYPE_BYTES[dtype] + shape.buffers * 4)
         rows.append(est)
         if est.total > cap and not problem:
             if est.what != "calibrate":
-                fix = "use a device with more memory"
+                fix = "set model.offload: cpu" if rec.model.offload == "none" else "use a device with more memory"
             elif rec.model.offload == "none" and calibrate_estimate(
                     label, shape, dtype, samples, _seq_len(loaded, split), batch, "cpu").total <= cap:
                 fix = "set model.offload: cpu (one layer on the device at a time)"
