@@ -19,6 +19,11 @@ activations:
    layer is calibrated on the outputs of the layers already processed, as the
    Wanda and SparseGPT reference implementations do.
 
+With ``model.offload`` (``sparsify_core.offload``) the layers live off the
+device: each one is held on it only while it is visited and re-run, so the
+device holds one layer plus the calibration hidden states. ``DevicePeak``
+records the peak of what the device holds (``device_memory_mb``).
+
 Assumption, true of transformers decoder and encoder layers: a layer's output
 is its first return value (a tensor, or the first element of a tuple) and has
 the shape of its hidden-state input.
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 
 from .ffn import is_linear, transformer_layers
+from .offload import Offload, device_bytes
 
 # fn(names, x): ``names`` are the modules that received the very tensor ``x`` in
 # this batch (q/k/v share one input, gate/up another); ``x`` is [tokens, in_features].
@@ -85,6 +91,25 @@ class LayerInputs:
     def tokens(self) -> int:
         return self.hidden.shape[0] * self.hidden.shape[1]
 
+    def nbytes(self) -> int:
+        """Bytes of the hidden states and of the distinct tensors among the batches' other arguments."""
+        seen: dict[int, int] = {}
+
+        def walk(x):
+            if isinstance(x, torch.Tensor):
+                seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            elif isinstance(x, (tuple, list)):
+                for y in x:
+                    walk(y)
+            elif isinstance(x, dict):
+                for y in x.values():
+                    walk(y)
+
+        walk(self.hidden)
+        for extra in {id(e): e for e in self.extras}.values():
+            walk(extra)
+        return sum(seen.values())
+
 
 def _forward_kwargs(model: nn.Module) -> dict:
     """``use_cache=False`` where the model takes it: a KV cache would grow across layer re-runs."""
@@ -123,7 +148,8 @@ def capture_first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, *, bat
         raise _Captured
 
     extra_kwargs = _forward_kwargs(model)
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    # prepended: it stops the forward before any other pre-hook (offload's) moves the layer to the device
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         for start in range(0, n, batch_size):
             box.clear()
@@ -240,6 +266,29 @@ class CalibrationLayer:
             hidden[rows] = out
 
 
+@dataclass
+class DevicePeak:
+    """The most bytes a calibration held on the compute device: model tensors there plus calibration buffers.
+
+    A tensor-bytes probe (``offload.device_bytes`` plus the hidden states and
+    per-batch arguments), sampled after the first layer's inputs are captured
+    and after each layer's visit, while that layer is on the device. It leaves
+    out what one batch's forward through one layer allocates and frees again
+    (and a method's own statistics, such as SparseGPT's Hessians), so it is a
+    lower bound of the allocator's peak; it is the same on CPU and GPU, which
+    is what lets an in-memory and an offloaded run be compared on a CPU.
+    """
+
+    bytes: int = 0
+
+    def sample(self, model: nn.Module, device: torch.device, inputs: "LayerInputs", offload: Offload | None) -> None:
+        self.bytes = max(self.bytes, device_bytes(model, device, offload) + inputs.nbytes())
+
+    @property
+    def mib(self) -> float:
+        return self.bytes / 2**20
+
+
 def _no_progress(description: str, total: float | None = None):
     class _Task:
         def advance(self, n: float = 1, **fields) -> None: ...
@@ -249,7 +298,8 @@ def _no_progress(description: str, total: float | None = None):
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, input_ids: torch.Tensor, visit: Callable[[CalibrationLayer], None], *,
                         batch_size: int = 8, layers: list[tuple[str, nn.Module]] | None = None,
-                        progress: Callable | None = None, description: str = "calibrate") -> int:
+                        progress: Callable | None = None, description: str = "calibrate",
+                        offload: Offload | None = None, peak: DevicePeak | None = None) -> int:
     """Call ``visit`` on each transformer layer in order, feeding each the outputs of the ones before.
 
     ``input_ids`` (``[samples, seq_len]``, on the model's device) is cut into
@@ -259,7 +309,11 @@ def calibrate_layerwise(model: nn.Module, input_ids: torch.Tensor, visit: Callab
     and its outputs become the next layer's inputs. ``layers`` defaults to
     ``transformer_layers(model)``; ``progress`` is a ``ctx.progress``-like
     context-manager factory. Memory: one layer's hidden states (updated in
-    place) plus what one batch's forward through one layer needs. The model
+    place) plus what one batch's forward through one layer needs, plus the
+    model's weights on the device: all of them, or with ``offload`` (the
+    model's ``Offload``) only what lives outside the layers and the layer
+    being visited, held there from ``visit`` to its re-run. ``peak``, when
+    given, records the most the device held (``DevicePeak``). The model
     is put in eval mode for the duration (its modes are restored). Returns the
     number of calibration tokens.
     """
@@ -269,23 +323,34 @@ def calibrate_layerwise(model: nn.Module, input_ids: torch.Tensor, visit: Callab
     model.eval()
     try:
         inputs = capture_first_layer_inputs(model, input_ids, batch_size=batch_size, layer=layers[0][1])
+        device = inputs.hidden.device
+        if peak is not None:
+            peak.sample(model, device, inputs, offload)
         with progress(description, total=len(layers)) as task:
             for index, (name, module) in enumerate(layers):
-                linears = {f"{name}.{sub}": m for sub, m in module.named_modules() if sub and is_linear(m)}
-                layer = CalibrationLayer(index, name, module, linears, inputs)
-                visit(layer)
-                if index + 1 < len(layers):  # the last layer's outputs feed nothing we calibrate
-                    layer.advance()
+                with offload.held(name, module) if offload is not None else nullcontext():
+                    linears = {f"{name}.{sub}": m for sub, m in module.named_modules() if sub and is_linear(m)}
+                    layer = CalibrationLayer(index, name, module, linears, inputs)
+                    visit(layer)
+                    if peak is not None:
+                        peak.sample(model, device, inputs, offload)
+                    if index + 1 < len(layers):  # the last layer's outputs feed nothing we calibrate
+                        layer.advance()
                 task.advance(1)
         return inputs.tokens
     finally:
+        if offload is not None:
+            offload.release()
         for m, mode in modes.items():
             m.training = mode
 
 
 def calibrate(ctx, visit: Callable[[CalibrationLayer], None], *, split: str = "calibration",
               batch_size: int = 8, description: str = "calibrate") -> int:
-    """``calibrate_layerwise`` on ``ctx.model`` over the ``split`` data split, with ``ctx.progress``."""
+    """``calibrate_layerwise`` on ``ctx.model`` over the ``split`` data split, with ``ctx.progress``.
+
+    Uses the run's offload (``ctx.offload``) and records the device peak in ``ctx.device_peak``.
+    """
     ids = ctx.split(split).input_ids.to(ctx.device)
     return calibrate_layerwise(ctx.model, ids, visit, batch_size=batch_size, progress=ctx.progress,
-                               description=description)
+                               description=description, offload=ctx.offload, peak=ctx.device_peak)

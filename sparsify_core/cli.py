@@ -50,11 +50,25 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (not nee
                                     "the registry: claim points one at a time until every point is done"),
         heartbeat_timeout: float = typer.Option(300.0, "--heartbeat-timeout", envvar="SPARSIFY_HEARTBEAT_TIMEOUT",
                                                 help="seconds without a heartbeat after which another worker takes "
-                                                "a sweep point over", min=0.1)):
+                                                "a sweep point over", min=0.1),
+        dry_run: bool = typer.Option(False, "--dry-run", help="run nothing: print the memory plan per stage and rank "
+                                     "(from the model's config, no weights) and fail if it does not fit"),
+        nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="with --dry-run: plan for this many ranks "
+                                            "[default: the GPUs this machine sees, else 1]"),
+        device_memory: Optional[str] = typer.Option(None, "--device-memory", help="with --dry-run: memory of each "
+                                                    "device, e.g. 80GB (binary units) [default: the smallest "
+                                                    "visible GPU's, else the machine's RAM]")):
     """Validate a recipe, run its stages, evaluate, save the model and record the run (every run of a sweep)."""
     from .recipe import load_recipe, load_sweep
     from .runner import Runner, default_runs_dir
 
+    if dry_run or nproc is not None or device_memory is not None:
+        if not dry_run:
+            raise SparsifyError("--nproc and --device-memory plan a run: add --dry-run")
+        if recipe is None or resume:
+            raise SparsifyError("--dry-run plans a RECIPE file (not --resume)")
+        _dry_run(recipe, set_, nproc, device_memory)
+        return
     reg = _registry()
     if resume:
         if recipe is not None or set_:
@@ -108,6 +122,32 @@ def search(recipe: Path = typer.Argument(..., help="recipe YAML"),
     sys.stdout.write(outcome.report() + "\n")
     if outcome.answer is None:
         raise typer.Exit(1)
+
+
+def _dry_run(recipe: Path, set_: list[str], nproc: Optional[int], device_memory: Optional[str]) -> None:
+    """Print the memory plan of a recipe (each run of a sweep); ``SparsifyError`` naming the stage when one does not fit."""
+    from .plan import Devices, format_plan, parse_memory, plan_recipe, visible_devices
+    from .recipe import load_recipe, load_sweep
+
+    seen = visible_devices()
+    try:
+        memory = parse_memory(device_memory) if device_memory is not None else seen.memory
+    except ValueError as exc:
+        raise SparsifyError(f"--device-memory: {exc}") from None
+    kind = "cuda" if device_memory is not None or nproc is not None else seen.kind
+    devices = Devices(nproc or (seen.count if kind == seen.kind else 1), memory, kind)
+    sweep = load_sweep(recipe, set_)
+    runs = [p.loaded for p in sweep.points] if sweep is not None else [load_recipe(recipe, set_)]
+    problems = []
+    for loaded in runs:
+        plan = plan_recipe(loaded, devices)
+        for line in format_plan(plan):
+            out.print(line, highlight=False, markup=False)
+        if plan.problem:
+            problems.append(f"{loaded.recipe.name}: {plan.problem}" if sweep is not None else plan.problem)
+    if problems:
+        raise SparsifyError(f"{recipe}: the plan does not fit: {problems[0]}"
+                            + (f" (+{len(problems) - 1} more runs)" if len(problems) > 1 else ""))
 
 
 def _run_sweep(plan, reg, runs_dir: Path, resume: Optional[str], *, worker: bool = False,

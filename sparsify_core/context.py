@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from . import progress as _progress
+from .calibration import DevicePeak
 from .masks import MaskSet
 from .sources import TokenSplit
 
@@ -34,6 +35,8 @@ class RunContext:
         workdir: a scratch folder of this run (kept with its checkpoints).
         stage_name, stage_index: the stage being run (``dense`` / -1 outside stages).
         resume_stage: when resuming, the index of the stage the run restarts in.
+        offload: the ``offload.Offload`` keeping the layers off the device (``model.offload``), or ``None``.
+        device_peak: the most bytes layer-wise calibration held on the device in this stage (reset per stage).
     """
 
     run_id: str
@@ -51,6 +54,8 @@ class RunContext:
     resume_stage: int | None = None  # the stage a resumed run restarts in (mid-stage checkpoints apply)
     reference_loader: Callable[[], torch.nn.Module] | None = None
     log_callback: Callable[[str, int | None, dict[str, float]], None] | None = None
+    offload: Any = None
+    device_peak: DevicePeak = field(default_factory=DevicePeak)
     _reference: torch.nn.Module | None = field(default=None, repr=False)
 
     def split(self, name: str) -> TokenSplit:

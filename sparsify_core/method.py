@@ -35,7 +35,8 @@ class StageResult:
     reports; a name left out (a third-party method that does not declare) is
     recorded without a declaration, and reports show it as ``MetricInfo()``:
     no direction, no unit, not a fraction. The engine adds ``stage_seconds``
-    and ``peak_memory_mb`` (``STAGE_METRICS``) itself.
+    and ``peak_memory_mb`` (and, for stages that calibrate layer by layer, ``device_memory_mb``:
+    ``STAGE_METRICS``) itself.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -56,6 +57,8 @@ class StageResult:
 STAGE_METRICS: dict[str, MetricInfo] = {
     "stage_seconds": MetricInfo(higher_is_better=False, unit="s"),  # wall time of the stage's apply
     "peak_memory_mb": MetricInfo(higher_is_better=False, unit="MiB"),  # peak device (or process) memory
+    # stages that calibrate layer by layer: the most the device held (model tensors + calibration buffers)
+    "device_memory_mb": MetricInfo(higher_is_better=False, unit="MiB"),
 }
 
 

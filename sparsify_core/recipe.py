@@ -78,6 +78,10 @@ class ModelSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="parameters of the model source")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    offload: Literal["none", "cpu", "disk"] = Field("none", description=(
+        "models larger than the device, for one-shot stages: keep the transformer layers' weights in host memory "
+        "(cpu) or memory-mapped from a safetensors file in the run's work folder (disk), and move one layer at a "
+        "time to the device while it runs; stages that train need every weight on the device and refuse it"))
 
     @field_validator("device")
     @classmethod
@@ -483,6 +487,15 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
                     "AdamW, whose eps and squared gradients underflow in float16 (NaN within a few steps, whatever "
                     "the learning rate); use dtype bfloat16 (or float32)", file=file,
                     line=lines.line(("model", "dtype")), field="model.dtype")
+
+    if recipe.model.offload != "none":
+        for stage in stages:
+            if stage.method_cls.uses_optimizer():
+                raise RecipeError(
+                    f"offload {recipe.model.offload} serves one-shot stages, but {stage.label} trains with AdamW, "
+                    "which needs every weight on the device at once: use offload none for this recipe (and "
+                    "train.parallel: fsdp to shard a model too large for one device)", file=file,
+                    line=lines.line(("model", "offload")), field="model.offload")
 
     for stage in stages:
         for path, split in stage.method_cls().data_splits(stage.params):

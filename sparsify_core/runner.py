@@ -20,6 +20,7 @@ import torch
 
 from . import distributed as dist
 from . import progress
+from .calibration import DevicePeak
 from .context import RunContext
 from .errors import RunInterrupted, SparsifyError
 from .errors import one_line as _one_line
@@ -125,6 +126,13 @@ class Runner:
     def _load_model(self, device, dtype):
         src = self.catalog.model_sources[self.recipe.model.source]()
         return src.load(self.loaded.model_params, device=device, dtype=dtype)
+
+    def _load_offloaded(self, device, dtype, mode: str, folder: Path | None = None):
+        """The model with its layers offloaded (``model.offload``): loaded on the CPU, then split by ``Offload``."""
+        from .offload import Offload
+
+        loaded = self._load_model(torch.device("cpu"), dtype)
+        return loaded, Offload(loaded.model, device, mode, folder)  # its forward hooks keep it alive
 
     def _load_data(self, tokenizer) -> dict[str, TokenSplit]:
         d = self.recipe.data
@@ -259,12 +267,22 @@ class Runner:
         rec = self.recipe
         seed_everything(rec.seed)
         device, dtype = self.device, DTYPES[rec.model.dtype]
-        progress.info(f"model: {rec.model.source} on {device} ({rec.model.dtype})")
-        loaded = self._load_model(device, dtype)
+        offload = None
+        if rec.model.offload == "none":
+            progress.info(f"model: {rec.model.source} on {device} ({rec.model.dtype})")
+            loaded = self._load_model(device, dtype)
+            reference_loader = lambda: self._load_model(device, dtype).model  # noqa: E731
+        else:
+            where = "host memory" if rec.model.offload == "cpu" else "a memory-mapped file"
+            progress.info(f"model: {rec.model.source} ({rec.model.dtype}), layers in {where}, one at a time on "
+                          f"{device}")
+            loaded, offload = self._load_offloaded(device, dtype, rec.model.offload, self.workdir / "offload")
+            # the dense reference (metrics that compare to it) streams its layers from host memory too
+            reference_loader = lambda: self._load_offloaded(device, dtype, "cpu")[0].model  # noqa: E731
         data = self._load_data(loaded.tokenizer)
         ctx = RunContext(run_id=self.run_id, model=loaded.model, tokenizer=loaded.tokenizer, task=loaded.task,
                          data=data, device=device, dtype=dtype, seed=rec.seed, workdir=self.workdir,
-                         masks=MaskSet(), reference_loader=lambda: self._load_model(device, dtype).model)
+                         masks=MaskSet(), reference_loader=reference_loader, offload=offload)
         if loaded.masks:  # pruned before this run: those zeros hold through every stage here too
             ctx.masks.load_state_dict(loaded.masks)
             ctx.masks.apply(ctx.model)
@@ -299,12 +317,15 @@ class Runner:
             self.hooks.sparsify_stage_started(run_id=self.run_id, index=i, stage=st)
             progress.info(f"stage {i + 1}/{len(rec.stages)}: {st.name} ({st.kind}/{st.method})")
             t0 = time.perf_counter()
+            ctx.device_peak = DevicePeak()
             with _peak_memory(device) as mem:
                 result = method.apply(ctx, params) or StageResult()
                 ctx.masks.apply(ctx.model)  # pruned weights stay zero whatever the stage did
             seconds = time.perf_counter() - t0
             results[i] = result
             stage_metrics = dict(result.metrics, stage_seconds=seconds, peak_memory_mb=mem["peak"])
+            if ctx.device_peak.bytes:  # the stage calibrated layer by layer
+                stage_metrics["device_memory_mb"] = ctx.device_peak.mib
             self.registry.log_metrics(self.run_id, st.name, i, stage_metrics, origin="stage",
                                       info={**result.recorded_info(), **STAGE_METRICS})
             if dist.is_main():
@@ -320,6 +341,9 @@ class Runner:
         ctx.stage_name, ctx.stage_index = "output", len(rec.stages)
         if rec.output.save and dist.is_main():
             self._save(ctx, results)
+        if offload is not None and offload.file is not None:  # the live weights of this run only: saved above
+            offload.close()
+            shutil.rmtree(offload.file.parent, ignore_errors=True)
         dist.barrier()
 
     def _reuse_stages(self, ctx: RunContext) -> tuple[dict[int, StageResult], int]:

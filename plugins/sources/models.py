@@ -157,6 +157,11 @@ def _describe_masks(masks: dict[str, torch.Tensor]) -> str:
     return f"{pruned:,} pruned weights in {len(masks)} matrices ({pruned / max(total, 1):.1%} of them)"
 
 
+#: Published config.json of well-known hub models (``<org>--<name>.json``), so that ``sparsify validate``
+#: and ``sparsify run --dry-run`` can shape a model that is not downloaded yet; loading still needs the model.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 class HFModel(ModelSource):
     """A transformers model: a local folder, or a hub id already in the local Hugging Face cache.
 
@@ -238,7 +243,10 @@ class HFModel(ModelSource):
         return masks, f"{_describe_masks(masks)} from the exact zeros of {params.path}'s weights"
 
     def skeleton(self, params: Params):
-        """From the folder's (or the cached hub model's) config; ``None`` when it is not on this machine."""
+        """From the folder's (or the cached hub model's) config, else the copy shipped in ``PACKAGED_CONFIGS``.
+
+        ``None`` when none of them is on this machine.
+        """
         from transformers import AutoConfig
 
         folder = Path(params.path).expanduser()
@@ -250,6 +258,10 @@ class HFModel(ModelSource):
                                                 revision=params.revision, **kw)
             return _meta_model(config, params.task, **kw)
         except (OSError, ValueError, KeyError):
+            packaged = PACKAGED_CONFIGS / (params.path.replace("/", "--") + ".json")
+            if not folder.is_dir() and params.revision is None and packaged.is_file():
+                # a well-known hub model not on this machine: its published config still shapes the skeleton
+                return _meta_model(AutoConfig.from_pretrained(str(packaged)), params.task, **kw)
             return None  # ``load`` reports a missing or unreadable model with its own message
 
 
