@@ -42,6 +42,16 @@ from .errors import SparsifyError
 #   conversion (``prunable_modules`` lists it only when asked: ``stored=True``).
 
 
+def zero_small_inputs(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``x`` with the entries ``|x| < threshold`` set to zero (same shape and dtype); ``x`` itself when ``threshold <= 0``.
+
+    The input rule of a projection that carries ``input_threshold`` (TEAL, Liu et al.
+    2025): its own module and its input-sparse fast module both apply it, identically."""
+    if threshold <= 0:
+        return x
+    return x * (x.abs() >= threshold).to(x.dtype)
+
+
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D

@@ -23,7 +23,8 @@ from torch import nn
 
 from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import find_ffn_blocks, is_linear, transformer_layers, weight_numel
+from sparsify_core.ffn import (find_ffn_blocks, is_linear, transformer_layers, weight_numel,
+                               zero_small_inputs)
 from sparsify_core.method import LayerIndices
 
 
@@ -104,10 +105,7 @@ class _InputThreshold:
     input_threshold: float = 0.0
 
     def forward(self, x):
-        t = self.input_threshold
-        if t > 0:
-            x = x * (x.abs() >= t).to(x.dtype)
-        return super().forward(x)
+        return super().forward(zero_small_inputs(x, self.input_threshold))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input_threshold={self.input_threshold:.6g}"

@@ -36,6 +36,7 @@ from torch import nn
 
 from sparsify_core import Layout
 from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import zero_small_inputs
 from sparsify_core.layout import find_layout
 from sparsify_kernels import ffn as ffn_kernels
 from sparsify_plugins.moeify.modules import RoutedFFN, Router
@@ -218,10 +219,7 @@ class InputSparseLinear(TransposedLinear):
         return cls(t.weight.data, t.bias, module.input_threshold, strict)
 
     def forward(self, x):
-        t = self.input_threshold
-        if t > 0:
-            x = x * (x.abs() >= t).to(x.dtype)
-        return super().forward(x)
+        return super().forward(zero_small_inputs(x, self.input_threshold))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input_threshold={self.input_threshold:.6g}"

@@ -38,6 +38,9 @@ LATER: dict[str, list[str]] = {
     "substitute_activation/relu": [RELU],
     "substitute_activation/fatrelu": ["{kind: substitute_activation, method: fatrelu, params: {threshold: 0.05}}"],
     "substitute_activation/cats": ["{kind: substitute_activation, method: cats, params: {target_sparsity: 0.5}}"],
+    "substitute_activation/drelu": ["{kind: substitute_activation, method: drelu}"],
+    "substitute_activation/teal": ["{kind: substitute_activation, method: teal, params: {sparsity: 0.4, step: 0.2, "
+                                   "error_samples: 2}}"],
     "regularize/progressive_l1": [RELU, "{kind: regularize, method: progressive_l1, params: "
                                         "{schedule: [{lambda: 0.01, steps: 3}], train: %s}}" % T],
     "regularize/blockwise_l1": [RELU, "{kind: regularize, method: blockwise_l1, params: "

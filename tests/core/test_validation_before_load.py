@@ -172,6 +172,7 @@ PARAMS: dict[tuple[str, str], dict] = {
     ("regularize", "progressive_l1"): {"schedule": [{"lambda": 0.1, "steps": 2}], "train": {"steps": 2}},
     ("substitute_activation", "cats"): {"target_sparsity": 0.5},
     ("substitute_activation", "fatrelu"): {"target_sparsity": 0.5}, ("substitute_activation", "relu"): {},
+    ("substitute_activation", "drelu"): {}, ("substitute_activation", "teal"): {"sparsity": 0.4},
     ("train", "finetune"): {"train": {"steps": 2}}, ("train", "ssd"): {"train": {"steps": 2}},
 }
 

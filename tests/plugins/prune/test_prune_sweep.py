@@ -20,7 +20,6 @@ zero and count towards the request.
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from sparsify_core import Method
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import prunable_modules, transformer_layers, weight_out_in
 from sparsify_core.plugin_manager import catalog
+from sparsify_core.training import TrainLoop
 from sparsify_plugins.prune import GMP, Magnitude, PruneParams, ScorePruner, SparseGPT, Wanda
 from sparsify_plugins.prune.masks import prune_count, structured_mask
 from sparsify_plugins.prune.selection import assign_sparsities, prior_pruned, record_mask, select_targets, summary
@@ -137,7 +137,7 @@ def _stand_in_loop(ctx, cfg, callbacks):
     """The shared loop stood in for (fast): between the schedule's steps the targeted weights are rescaled at
     random, as optimizer steps would move them, so masks chosen at different steps must still nest and add up."""
     (schedule,) = callbacks
-    schedule.start(SimpleNamespace(ctx=ctx, model=ctx.model, cfg=cfg))
+    schedule.start(TrainLoop(ctx=ctx, cfg=cfg, model=ctx.model))  # the real loop state, untrained
     g = torch.Generator().manual_seed(0)
     for step in range(cfg.steps):
         with torch.no_grad():
