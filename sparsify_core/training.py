@@ -187,7 +187,7 @@ def _save(ctx, loop: TrainLoop, optimizer, callbacks) -> Path:
     Layout of ``train-stage-<i>/``: ``state/`` (``torch.distributed.checkpoint``:
     model and optimizer state dicts keyed by parameter name, each rank writing
     its shards; replicated tensors once), ``masks.safetensors`` (whole masks,
-    rank 0), ``rng-<rank>.pt`` (each rank's torch RNG) and ``loop.json``
+    rank 0), ``rng-<rank>.safetensors`` (each rank's torch RNG) and ``loop.json``
     (format, step, callback states, world size). Built in a temporary folder
     and swapped in by rank 0, so a crash keeps the previous checkpoint; with
     several nodes the run folder must be on a filesystem they share.
@@ -200,7 +200,7 @@ def _save(ctx, loop: TrainLoop, optimizer, callbacks) -> Path:
     tmp = Path(dist.broadcast(str(tmp_for(final)) if dist.is_main() else None))
     state = {"model": get_model_state_dict(loop.model), "optimizer": get_optimizer_state_dict(loop.model, optimizer)}
     dcp.save(state, checkpoint_id=tmp / "state", no_dist=dist.world_size() == 1)
-    torch.save(_rng_state(), tmp / f"rng-{dist.rank()}.pt")
+    save_file(_rng_state(), str(tmp / f"rng-{dist.rank()}.safetensors"))  # tensors only: no pickle
     dist.barrier()
     if dist.is_main():
         if len(ctx.masks):  # schedules (gradual pruning) change the masks mid-stage
@@ -254,9 +254,9 @@ def _load(ctx, loop: TrainLoop, optimizer, meta: dict) -> None:
         dcp.load(state, checkpoint_id=path / "state", no_dist=dist.world_size() == 1)
         set_model_state_dict(loop.model, state["model"])  # strict: every weight must be there
         set_optimizer_state_dict(loop.model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
-        rng = path / f"rng-{dist.rank()}.pt"
+        rng = path / f"rng-{dist.rank()}.safetensors"
         if rng.exists():  # absent when resumed on more ranks than wrote it: that rank keeps its seeded RNG
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(load_file(str(rng)))
     if (path / "masks.safetensors").exists():
         ctx.masks.load_state_dict(load_file(str(path / "masks.safetensors")))
     loop.step = meta["step"]
