@@ -23,8 +23,10 @@ from .errors import RecipeError, SparsifyError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make large language models sparse with declarative recipes.")
 # Piped output is not squeezed to 80 columns: ids and numbers must stay whole.
-out = Console(width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True, soft_wrap=True)
+# markup=False: recorded names, overrides, prompts and error text may contain "[...]" that rich would
+# otherwise eat as a style tag; styling is applied with Text objects instead.
+out = Console(width=None if sys.stdout.isatty() else 240, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 _state = {"registry": None, "debug": False}
 
 
@@ -559,9 +561,9 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
     ids = ids.to(dev)
     tty = sys.stdout.isatty()
     for line in loaded.manifest.get("fast_modules") or ["no fast modules: computing as saved"]:
-        err.print(f"[dim]{line}[/dim]" if tty else line, highlight=False)
+        err.print(Text(line, style="dim" if tty else ""), highlight=False)
     if tty:
-        out.print(f"[bold]{prompt}[/bold]", end="" if not chat else "\n", highlight=False)
+        out.print(Text(prompt, style="bold"), end="" if not chat else "\n", highlight=False)
     else:
         sys.stdout.write(prompt + ("\n" if chat else ""))
 
@@ -585,7 +587,7 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
                  f"{stats.decode_tokens_per_s / ref.decode_tokens_per_s:.2f}x; tokens "
                  + ("identical" if same else "DIFFER"))
     if tty:
-        out.print(f"[green]{line}[/green]", highlight=False)
+        out.print(Text(line, style="green"), highlight=False)
     else:
         print(line, flush=True)
 

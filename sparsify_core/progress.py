@@ -9,7 +9,7 @@ from typing import Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, markup=False)  # stage names are user text, not markup
 
 
 class Task:
@@ -53,8 +53,8 @@ class Task:
 def task(description: str, total: float | None = None) -> Iterator[Task]:
     """Show progress of one piece of work; a rich bar when stderr is a terminal."""
     if console.is_terminal:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False)]
         with Progress(*columns, console=console, transient=False) as p:
             tid = p.add_task(description, total=total, info="")
             yield Task(p, tid, description, total)

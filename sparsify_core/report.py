@@ -47,6 +47,12 @@ _STATUS_STYLE = {"finished": "green", "completed": "green", "running": "cyan", "
 
 # -- evaluation points -------------------------------------------------------------------------
 
+
+def _add_row(table: Table, *cells, **kw) -> None:
+    """``table.add_row`` with every ``str`` cell as plain ``Text``: names, paths, overrides and reasons are
+    recorded user text, and rich would otherwise parse ``[...]`` in them as markup and drop it."""
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kw)
+
 def relative_change(value: float | None, baseline: float | None) -> float | None:
     """``(value - baseline) / |baseline|``; None when undefined (no baseline, zero, not finite)."""
     if value is None or baseline is None or not _finite(value) or not _finite(baseline) or baseline == 0:
@@ -107,7 +113,7 @@ def _header(r: RunRecord) -> RenderableType:
             ("torch", mc.torch_version), ("load", load)]
     for key, value in rows:
         if value is not None and value != "":
-            grid.add_row(key, value if isinstance(value, Text) else str(value))
+            _add_row(grid, key, value if isinstance(value, Text) else str(value))
     return grid
 
 
@@ -122,14 +128,14 @@ def _stage_table(r: RunRecord) -> RenderableType:
         s = recorded.get(idx)
         if s is None:  # in the recipe but never started
             p = planned[idx]
-            table.add_row(str(idx), str(p.get("name", "")), _kind_method(p.get("kind"), p.get("method")),
+            _add_row(table, str(idx), str(p.get("name", "")), _kind_method(p.get("kind"), p.get("method")),
                           Text("not started", style="dim"), "", "", "")
             continue
-        table.add_row(str(idx), s.name, _kind_method(s.kind, s.method),
+        _add_row(table, str(idx), s.name, _kind_method(s.kind, s.method),
                       Text(s.status, style=_STATUS_STYLE.get(s.status, "")),
                       _fmt_duration(s.duration_s), _fmt_memory(s.peak_memory_mb), s.reason or "")
     if not table.rows:
-        table.add_row("", Text("no stages recorded", style="dim"), "", "", "", "", "")
+        _add_row(table, "", Text("no stages recorded", style="dim"), "", "", "", "", "")
     return table
 
 
@@ -158,7 +164,7 @@ def _metric_table(r: RunRecord) -> RenderableType | None:
                    f"{name}_change": relative_change(final.values.get(name), dense.values.get(name))}
             baseline = {"run": r.id, "evaluated_at": "dense", name: dense.values.get(name)}
             cells.append(_change_note(name, info, row, [baseline]).strip(" ()"))
-        table.add_row(_label(name, info), *cells)
+        _add_row(table, _label(name, info), *cells)
     return table
 
 
@@ -174,7 +180,7 @@ def _stage_metric_table(r: RunRecord) -> RenderableType | None:
         table.add_column(f"{names.get(idx, f'stage {idx}')} [{idx}]", justify="right")
     for name in _ordered_names(n for v in values.values() for n in v):
         info = metric_info_for(r, name)
-        table.add_row(_label(name, info), *(_fmt_value(info, v.get(name)) for v in values.values()))
+        _add_row(table, _label(name, info), *(_fmt_value(info, v.get(name)) for v in values.values()))
     return table
 
 
@@ -188,7 +194,7 @@ def _failure_table(r: RunRecord) -> RenderableType | None:
     table.add_column("reason", overflow="fold")
     for e in failed:
         for name, reason in e.failures.items():
-            table.add_row(e.stage, name, Text(reason, style="red"))
+            _add_row(table, e.stage, name, Text(reason, style="red"))
     return table
 
 
@@ -201,7 +207,7 @@ def _layer_table(r: RunRecord) -> RenderableType | None:
     for m in layered:
         if m.stage_idx == idx:
             by_name[m.name][m.layer] = m.value
-    table = Table(title=f"per-layer values at {_stage_name(r, idx)}", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title=Text(f"per-layer values at {_stage_name(r, idx)}"), title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in (("metric", "left"), ("layers", "right"), ("min", "right"), ("mean", "right"),
                           ("max", "right"), ("lowest at", "left"), ("highest at", "left")):
         table.add_column(name, justify=justify, overflow="fold")
@@ -209,11 +215,11 @@ def _layer_table(r: RunRecord) -> RenderableType | None:
         values = {k: v for k, v in by_name[name].items() if _finite(v)}
         info = metric_info_for(r, name)
         if not values:
-            table.add_row(_label(name, info), str(len(by_name[name])), "nan", "", "", "", "")
+            _add_row(table, _label(name, info), str(len(by_name[name])), "nan", "", "", "", "")
             continue
         low, high = min(values, key=values.get), max(values, key=values.get)
         mean = sum(values.values()) / len(values)
-        table.add_row(_label(name, info), str(len(by_name[name])), _fmt_value(info, values[low]),
+        _add_row(table, _label(name, info), str(len(by_name[name])), _fmt_value(info, values[low]),
                       _fmt_value(info, mean), _fmt_value(info, values[high]), low, high)
     return table
 
@@ -229,7 +235,7 @@ def _curve_table(r: RunRecord) -> RenderableType | None:
     for (stage, name), pts in curves.items():
         values = [v for _, v in pts if _finite(v)]
         info = metric_info_for(r, name.split("[", 1)[0])  # a per-layer curve is labelled name[layer]
-        table.add_row(stage, _label(name, info), str(len(pts)), f"{pts[0][0]}-{pts[-1][0]}",
+        _add_row(table, stage, _label(name, info), str(len(pts)), f"{pts[0][0]}-{pts[-1][0]}",
                       _fmt_value(info, pts[0][1]), _fmt_value(info, pts[-1][1]),
                       _fmt_value(info, min(values) if values else None),
                       _fmt_value(info, max(values) if values else None))
@@ -244,7 +250,7 @@ def _artifact_table(r: RunRecord) -> RenderableType | None:
     table.add_column("stage")
     table.add_column("path", overflow="fold")
     for a in r.artifacts:
-        table.add_row(a.kind, "" if a.stage_idx is None else _stage_name(r, a.stage_idx), a.path)
+        _add_row(table, a.kind, "" if a.stage_idx is None else _stage_name(r, a.stage_idx), a.path)
     return table
 
 
@@ -317,7 +323,7 @@ def compare_renderable(records: Sequence[RunRecord], *, narrow: bool = False) ->
     names = [n for n in names if n not in same]
     caption = "same in every row: " + ", ".join(f"{_label(n, infos[n])} {_fmt_value(infos[n], rows[0][n])}"
                                                 for n in same) if same else None
-    table = Table(box=box.SIMPLE_HEAD, caption=caption, caption_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, caption=Text(caption) if caption else None, caption_justify="left")
     for label in ("run", "recipe", "model", "status", "at"):
         table.add_column(label, no_wrap=label == "run")  # ids stay whole, to be copied
     for n in names:  # short of space, a value wraps before its change: "26" over "(+30%)"
@@ -331,7 +337,7 @@ def compare_renderable(records: Sequence[RunRecord], *, narrow: bool = False) ->
         for n in names:
             cells.append(Text("failed", style="red") if n in row["_failed"]
                          else Text(_fmt_value(infos[n], row[n]) + _change_note(n, infos[n], row, rows)))
-        table.add_row(*cells, end_section=last_of_run)
+        _add_row(table, *cells, end_section=last_of_run)
     return table
 
 
@@ -358,7 +364,7 @@ def format_compare(records: Sequence[RunRecord], fmt: str = "table", *, width: i
         if width is None and sys.stdout.isatty():
             width = shutil.get_terminal_size().columns
         unbounded = 100_000
-        console = Console(file=io.StringIO(), width=unbounded, color_system=None, soft_wrap=False)
+        console = Console(file=io.StringIO(), width=unbounded, color_system=None, soft_wrap=False, markup=False)
         table = compare_renderable(records)
         if width is not None and console.measure(table).maximum > width:
             narrow = compare_renderable(records, narrow=True)

@@ -180,3 +180,35 @@ def test_show_run_prints_to_a_console():
     console = Console(file=io.StringIO(), width=120, color_system=None)
     report.show_run(_sparsified(), console)
     assert "finetune" in console.file.getvalue()
+
+
+# Every place a recorded user string reaches the screen: rich must print "[...]" literally, not parse it as a tag
+# (a `--set 'evaluate.metrics=[..., {lm_eval: {tasks: [task]}}]'` override once lost its task list in `show`).
+BRACKETED = "[bold]x[/bold] [sparsify_pydoc_next]"
+
+
+def test_show_and_compare_print_bracketed_user_text_literally(tmp_path):
+    stages = [StageRecord(0, BRACKETED, "activation", "relu", {}, "completed", duration_s=1.0)]
+    r = _run(status="failed", reason=BRACKETED, overrides=[f"evaluate.metrics={BRACKETED}"], recipe=BRACKETED,
+             stages=stages, metrics=[("dense", -1, "perplexity", 20.0), (BRACKETED, 0, "perplexity", 30.0),
+                                     (BRACKETED, 0, "activation_sparsity", 0.4, "layers.0.mlp")])
+    for width in (160, 400):
+        text = _text(report.show_run(r), width=width)  # a console with markup on, as a library user's would be
+        assert text.count(BRACKETED) >= 4, text  # recipe, overrides, reason, stage row, per-layer title
+    assert BRACKETED in _text(report.compare_renderable([r]), width=400)  # the recipe column
+
+
+def test_cli_consoles_print_bracketed_text_literally(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sparsify_core.cli import app
+    db = tmp_path / "r.db"
+    with Registry(f"sqlite:///{db}") as reg:
+        run_id = reg.create_run(recipe_name=BRACKETED, recipe_hash="h", recipe_text="", recipe_json="{}",
+                                overrides=[f"x={BRACKETED}"], model="tiny", data="pydoc", seed=0, output_dir=None,
+                                workdir=None)
+        reg.record_evaluation(run_id, "dense", -1, [MetricValue("perplexity", 20.0)])
+    for args in (["runs"], ["show", run_id], ["compare", run_id]):
+        res = CliRunner().invoke(app, ["--registry", str(db), *args])
+        assert res.exit_code == 0, res.output
+        assert "[bold]x" in res.output and "[sparsify_pydoc_next]" in res.output, (args, res.output)
