@@ -354,3 +354,31 @@ def test_the_recipe_learns_a_mask_better_than_random_and_saves_exact_2of4(workdi
     for name, keep in out.masks.items():
         assert _groups_valid(keep, 2, 4) and (params[name][~keep] == 0).all(), name
     assert kl["learned"] < 0.8 * kl["random"], kl
+
+
+def _stage(params: str) -> str:
+    return tiny_recipe(f"  - kind: prune\n    method: maskllm\n    params:\n{params}")
+
+
+def _line(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_bad_params_are_refused_before_load_naming_file_line_and_field():
+    from sparsify_core.errors import RecipeError
+    from sparsify_core.recipe import check_model, load_recipe
+
+    text = _stage("      pattern: unstructured\n      train: {steps: 2}\n")
+    with pytest.raises(RecipeError, match="must be n:m") as err:
+        load_recipe("m.yaml", text=text)
+    assert (err.value.field, err.value.line) == ("stages.0.params.pattern", _line(text, "pattern: unstructured"))
+    # from the model's config: a calibrating prior cannot reach the LM head; odd widths for m = 8
+    text = _stage("      prior: wanda\n      targets: [lm_head]\n      exclude: []\n      train: {steps: 2}\n")
+    with pytest.raises(RecipeError, match="outside the transformer layers") as err:
+        check_model(load_recipe("m.yaml", text=text))
+    assert err.value.field == "stages.0.params.targets"
+    text = tiny_recipe("  - kind: prune\n    method: maskllm\n    params: {pattern: '4:8', train: {steps: 2}}\n",
+                       model={"hidden_size": 36, "heads": 6, "intermediate_size": 64})
+    with pytest.raises(RecipeError, match="not a multiple of 8") as err:
+        check_model(load_recipe("m.yaml", text=text))
+    assert err.value.field == "stages.0.params.pattern"
