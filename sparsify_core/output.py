@@ -132,7 +132,7 @@ def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, 
             save_file(masks.state_dict(), tmp / S.DENSE_MASKS)
         block = {"form": "dense", "version": S.STORAGE_VERSION}
     else:  # the same tensors save_pretrained wrote (tied copies dropped), re-encoded
-        block = _recompress(tmp, dict(masks.items()))
+        block = _recompress(tmp, dict(masks.items()), model)
     manifest = dict(manifest, format=FORMAT_VERSION, storage=block, stage_results=_save_results(extra, results))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     (tmp / "recipe.yaml").write_text(recipe_text)
@@ -140,9 +140,28 @@ def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, 
     return folder
 
 
-def _recompress(folder: Path, masks: dict[str, torch.Tensor]) -> dict:
-    """Replace the dense weight files in ``folder`` by the compressed file; returns the storage block."""
+def _saved_names(model, masks: dict[str, torch.Tensor], saved: set[str]) -> dict[str, torch.Tensor]:
+    """``masks`` keyed by the names the saved weights hold: the mask of a tied parameter whose name
+    ``save_pretrained`` dropped (a pruned ``lm_head.weight`` tied to the embedding) goes under the tied name it
+    kept. The loaded model resolves either name to the one tensor, so the mask applies the same."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    aliases = {name: group for group in names.values() for name in group}
+    out = {}
+    for name, keep in masks.items():
+        kept = next((a for a in aliases.get(name, [name]) if a in saved), name) if name not in saved else name
+        out[kept] = keep if kept not in out else (out[kept] & keep)  # two names of one tensor: both prunings
+    return out
+
+
+def _recompress(folder: Path, masks: dict[str, torch.Tensor], model=None) -> dict:
+    """Replace the dense weight files in ``folder`` by the compressed file; returns the storage block.
+
+    ``model`` (the one just saved) resolves masks of tied parameters to the names saved (``_saved_names``)."""
     tensors = dict(S.iter_tensors(folder, {}))
+    if model is not None:
+        masks = _saved_names(model, masks, set(tensors))
     for f in S.dense_files(folder):
         f.unlink()
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)

@@ -46,3 +46,20 @@ def test_every_recipe_validates_against_its_model_config():
         plan = load_sweep(path)
         for loaded in [p.loaded for p in plan.points] if plan else [load_recipe(path)]:
             check_model(loaded)
+
+
+def test_maskllm_recipe_validates_and_compares_with_the_one_shot_2of4_recipes(tmp_path):
+    proc = sparsify_here("validate", RECIPES / "maskllm.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    loaded = load_recipe(RECIPES / "maskllm.yaml")
+    for other in ("wanda-2of4.yaml", "sparsegpt-50.yaml"):  # side by side: same model, eval split, calibration
+        one_shot = load_recipe(RECIPES / other)
+        assert loaded.recipe.model == one_shot.recipe.model
+        assert loaded.recipe.data.splits["eval"] == one_shot.recipe.data.splits["eval"]
+        assert loaded.recipe.data.splits["calibration"] == one_shot.recipe.data.splits["calibration"]
+        assert loaded.recipe.data.seq_len == one_shot.recipe.data.seq_len
+    params = loaded.stages[0].params
+    assert params.pattern == "2:4" and params.prior in ("sparsegpt", "wanda")
+    train, split = params.train, loaded.recipe.data.splits["train"]
+    assert train.steps * train.batch_size <= split.samples  # one pass, no sequence seen twice
+    assert split.offset * split.seq_len >= loaded.recipe.data.splits["calibration"].samples * loaded.recipe.data.seq_len

@@ -1,4 +1,5 @@
-"""Weight-pruning methods: ``prune/magnitude``, ``prune/wanda``, ``prune/sparsegpt``, ``prune/nmg``, ``prune/gmp``.
+"""Weight-pruning methods: ``prune/magnitude``, ``prune/wanda``, ``prune/sparsegpt``, ``prune/nmg``, ``prune/gmp``,
+``prune/maskllm``.
 
 ``ScorePruner`` (``pruner``) is the public template of a pruning method: a
 criterion implements ``scores`` and inherits the targets, profiles,
@@ -9,7 +10,9 @@ masks, the masks and the metrics (``prune/magnitude``, ``prune/wanda`` and
 ``profile`` uniform / owl / explicit, module ``targets``) but ``prune/nmg``
 (n, m, g); the mask math (``masks``, ``profiles``, ``schedule``) and
 SparseGPT's reconstruction (``sparsegpt_prune``) are pure functions on
-tensors. ``prune/gmp`` trains with the shared loop while its schedule prunes.
+tensors. ``prune/gmp`` trains with the shared loop while its schedule prunes;
+``prune/maskllm`` learns n:m masks (Gumbel-softmax over each group's
+patterns, ``maskllm``'s pure functions) with the shared loop, weights frozen.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from sparsify_core import hookimpl
 
 from .gmp import GMP, GMPSchedule
 from .magnitude import Magnitude
+from .maskllm import MaskLLM, MaskLearner, hard_nm_mask, nm_patterns, prior_bonus, soft_nm_mask
 from .masks import (global_magnitude_masks, global_threshold, magnitude_mask, magnitude_ranks, nm_mask, nm_overflow,
                     parse_pattern, row_mask, row_quotas, wanda_scores)
 from .nmg import NMGPrune, nmg_keep_mask
@@ -32,10 +36,11 @@ __all__ = ["ScorePruner", "ScopedPruneParams", "Target", "score_masks", "Magnitu
            "pruning_progress", "pruning_window", "global_magnitude_masks", "global_threshold", "magnitude_mask",
            "magnitude_ranks", "nm_mask", "nm_overflow", "parse_pattern", "row_mask", "row_quotas", "wanda_scores",
            "layer_sparsities", "outlier_ratio", "owl_sparsities", "damped_factor", "hessian_factor",
-           "reconstruction_error", "sparsegpt_prune"]
+           "reconstruction_error", "sparsegpt_prune", "MaskLLM", "MaskLearner", "nm_patterns", "soft_nm_mask",
+           "hard_nm_mask", "prior_bonus"]
 
 
 @hookimpl
 def sparsify_methods():
     """Weight-pruning methods."""
-    return [Magnitude, Wanda, SparseGPT, NMGPrune, GMP]
+    return [Magnitude, Wanda, SparseGPT, NMGPrune, GMP, MaskLLM]

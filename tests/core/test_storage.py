@@ -88,3 +88,28 @@ def test_write_and_read_back_both_storages(tmp_path):
         S.write_storage(tmp_path, tensors, {"b.weight": keep}, "compressed")
     with pytest.raises(ValueError, match="newer than this sparsify"):
         list(S.iter_tensors(tmp_path / "compressed", {"storage": {"form": "compressed", "version": 99}}))
+
+
+@pytest.mark.parametrize("storage", ["dense", "compressed"])
+def test_a_pruned_tied_lm_head_saves_and_loads_with_its_mask(workdir, one_thread, storage):
+    """save_pretrained keeps one name of a tied tensor (the embedding's): the mask recorded under
+    ``lm_head.weight`` is saved under that name (compressed form) and still covers the one tensor when loaded."""
+    from helpers import tiny_recipe, write
+
+    from sparsify_core import load_output
+    from sparsify_core.recipe import load_recipe
+    from sparsify_core.registry import Registry
+    from sparsify_core.runner import Runner
+
+    text = tiny_recipe("  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5, targets: [lm_head], "
+                       "exclude: []}\n", evaluate={"after": "last", "metrics": ["weight_sparsity"]},
+                       output={"dir": str(workdir / "out"), "save": True, "storage": storage})
+    Runner(load_recipe(write(workdir / "tied.yaml", text)), Registry(f"sqlite:///{workdir}/r.db"),
+           runs_dir=workdir / "runs").run()
+    out = load_output(workdir / "out")
+    head = out.model.get_output_embeddings().weight
+    assert head is out.model.get_input_embeddings().weight  # still tied
+    (name, keep), = out.masks.items()
+    assert name in ("lm_head.weight", "model.embed_tokens.weight")
+    assert float((~keep).float().mean()) == pytest.approx(0.5, abs=1e-3) and bool((head[~keep] == 0).all())
+    out.masks.check(out.model)

@@ -107,7 +107,7 @@ def test_half_precision_that_does_not_train_and_bfloat16_that_does_validate():
 
 def test_every_method_with_an_optimizer_is_known_to_need_it():
     uses = {name for (_, name), cls in catalog().methods.items() if cls.uses_optimizer()}
-    assert {"finetune", "progressive_l1", "lte", "ssd", "blockwise_l1"} <= uses
+    assert {"finetune", "progressive_l1", "lte", "ssd", "blockwise_l1", "gmp", "maskllm"} <= uses
     assert not uses & {"magnitude", "wanda", "sparsegpt", "relu", "nm"}
 
 
@@ -167,6 +167,7 @@ PARAMS: dict[tuple[str, str], dict] = {
     ("moeify", "routing"): {"routing": "dense"},
     ("prune", "gmp"): {"sparsity": 0.5, "profile": "owl", "train": {"steps": 2}}, ("prune", "magnitude"): {"sparsity": 0.5, "profile": "owl"},
     ("prune", "nmg"): {}, ("prune", "sparsegpt"): {"sparsity": 0.5}, ("prune", "wanda"): {"sparsity": 0.5},
+    ("prune", "maskllm"): {"train": {"steps": 2}},
     ("regularize", "blockwise_l1"): {"l1": 0.1},
     ("regularize", "lte"): {"stage1_steps": 1, "train": {"steps": 2}},
     ("regularize", "progressive_l1"): {"schedule": [{"lambda": 0.1, "steps": 2}], "train": {"steps": 2}},
@@ -213,6 +214,7 @@ def test_the_stages_known_to_read_splits_say_so():
     assert reads["wanda"] == reads["sparsegpt"] == reads["cats"] == reads["fatrelu"] == {"calibration"}
     assert reads["finetune"] == reads["progressive_l1"] == reads["lte"] == reads["blockwise_l1"] == {"train"}
     assert reads["gmp"] == {"train", "calibration"}  # its training loop, and the owl profile
+    assert reads["maskllm"] == {"train", "calibration"}  # its training loop, and the default sparsegpt prior
     assert reads["ssd"] == {"train", "calibration"} and reads["activation_sparse_ffn"] == {"calibration"}
     assert reads["coactivation"] == reads["param_cluster"] == {"calibration"}
     # conditional: magnitude and gmp read calibration data for the owl profile only

@@ -297,13 +297,14 @@ def test_request_below_earlier_sparsity_keeps_the_masks(tmp_path):
     assert any("already sparser than 0.5" in line for line in lines)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gmp"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gmp", "maskllm"])
 def test_nm_refused_where_earlier_zeros_break_the_groups(tmp_path, method):
     ctx = make_ctx(tmp_path, tiny_model("gpt2"), samples=4, seq_len=16)
     Magnitude().apply(ctx, Magnitude.Params(sparsity=0.6))
-    trains = {"train": {"steps": 2}} if method == "gmp" else {}  # refused before it trains
+    trains = {"train": {"steps": 2}} if method in ("gmp", "maskllm") else {}  # refused before it trains
+    cls = catalog().methods[("prune", method)]
     with pytest.raises(SparsifyError, match=r"groups of 4 inputs already have more than 2 weights pruned"):
-        METHODS[method]().apply(ctx, METHODS[method].Params(pattern="2:4", **trains))
+        cls().apply(ctx, cls.Params(pattern="2:4", **trains))
 
 
 def test_tied_lm_head_is_pruned_with_its_embedding_and_said_so(tmp_path):
@@ -341,7 +342,8 @@ def test_every_installed_prune_method_is_swept():
     """A prune method added to the installed plugins must join this sweep (or get its own check below)."""
     installed = {e.key.split("/", 1)[1] for e in catalog().entries
                  if e.category == "method" and e.key.startswith("prune/") and e.distribution != "<in-process>"}
-    assert installed <= set(METHODS) | {"nmg"}, sorted(installed - set(METHODS) - {"nmg"})
+    own = {"nmg", "maskllm"}  # their own checks below: no sparsity, no profile
+    assert installed <= set(METHODS) | own, sorted(installed - set(METHODS) - own)
 
 
 def _nmg(ctx, **kw):
@@ -385,3 +387,33 @@ def test_nmg_keeps_earlier_zeros_and_reports_what_it_delivers(tmp_path, capsys):
     assert result.metrics["sparsity"] == pytest.approx(zeros / total, abs=1e-12)
     assert result.metrics["sparsity"] > 0.5
     assert "they stay pruned, so the grouped 2:4 leaves" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("restriction", ["default", "unequal", "one_layer", "lm_head"])
+def test_maskllm_learns_its_pattern_over_exactly_the_targets(tmp_path, arch, restriction):
+    """prune/maskllm (learned n:m) has no sparsity or profile: its pattern fixes 1 - n/m over the targets; the
+    weights stay frozen (kept ones unchanged), untargeted ones untouched."""
+    cls = catalog().methods[("prune", "maskllm")]
+    model = tiny_model(arch)
+    ctx = make_ctx(tmp_path, model, samples=4, seq_len=16)
+    kw = RESTRICTIONS[arch][restriction]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prior = "magnitude" if restriction == "lm_head" else "wanda"  # wanda calibrates inside the layers only
+    result = cls().apply(ctx, cls.Params(prior=prior, train={"steps": 2, "batch_size": 2, "checkpoint_every": 0},
+                                         **kw))
+    targets = prunable_modules(model, kw.get("targets"), kw.get("exclude", ["lm_head"]))
+    targeted = {f"{name}.weight" for name, _ in targets}
+    for _, module in targets:
+        check_nm(module, 2, 4)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in targets)
+    total = sum(m.weight.numel() for _, m in targets)
+    assert zeros * 2 == total and result.metrics["sparsity"] == pytest.approx(zeros / total, abs=1e-12)
+    tied = {"lm_head.weight", "model.embed_tokens.weight", "transformer.wte.weight"} if "lm_head" in kw.get(
+        "targets", []) else set()
+    for name, p in model.named_parameters():
+        if name in targeted:
+            keep = ctx.masks.get(name)
+            assert torch.equal(p.detach(), before[name] * keep), name  # frozen: only the mask changed them
+        elif name not in tied:
+            assert name not in ctx.masks and torch.equal(p, before[name]), name
