@@ -16,6 +16,10 @@ or ``predicted`` (the same over the neurons a low-rank predictor chooses, DejaVu
 as ``ffn.ffn_predicted``). The activations are ``ffn.ACTIVATIONS`` (FATReLU ``threshold``, CATS ``cut``,
 dReLU ``up_relu``).
 
+Sources of the formulas: HF transformers' ``LlamaDecoderLayer`` / ``LlamaRMSNorm`` / ``apply_rotary_pos_emb``
+(RMSNorm: Zhang & Sennrich 2019; RoPE: Su et al. 2021, RoFormer; grouped-query attention: Ainslie et al.
+2023); the activation-sparse FFN as in ``ffn.py`` (ProSparse, Turbo Sparse's dReLU, DejaVu's predictor).
+
 ``decode_step_reference`` is the plain-torch definition the kernel is tested against; ``DecodeStep`` runs
 the kernel. Sums run in another order than torch's (per-row dot products with several accumulators), so
 the two agree to fp32 rounding, not bit for bit.

@@ -33,6 +33,9 @@ Exactness: the same operations in the same order as HF's llama forward
 scale), so greedy tokens equal HF ``generate``'s; the logits agree to fp32
 rounding (tested: max abs difference <= 1e-4 on tiny llamas), not bit for
 bit, because SDPA may pick another kernel for the grouped key/value heads.
+The native step computes the same formulas with its own order of sums
+(per-row dot products): logits within 1e-4 of the torch step's at every
+position and the same greedy tokens on tiny llamas (tested per ISA).
 
 Coverage: ``supports(model)`` says whether a model can decode here
 (``LlamaForCausalLM``-shaped: ``model.model.layers`` of decoder layers with
@@ -151,6 +154,9 @@ class DecodeResult:
 
 class LeanDecoder:
     """Greedy decoding of a llama-style causal LM with a static KV cache and one plain step per layer.
+
+    ``native`` (default ``True``): one-token steps run on a plugin's native
+    step where one covers the model (``native_step``; ``path`` names it).
 
     ``model`` must pass ``supports`` (``ValueError`` naming the reason
     otherwise); its weights are used in place (no copy), so a decoder built
@@ -275,7 +281,9 @@ class LeanDecoder:
             if step is not None and x.shape[1] == 1:  # one C++ call: layers, norm, head, argmax
                 if profile and n == 1:
                     step.seconds(reset=True)  # the prefill's call is not a decode step
-                nxt = step(x[:, 0].contiguous(), pos, k_cache, v_cache, cos_n, sin_n, eos_t if hold_eos else None)
+                # a copy: the step overwrites its input, which must never alias the embedding's weights
+                nxt = step(x[:, 0].clone().contiguous(), pos, k_cache, v_cache, cos_n, sin_n,
+                           eos_t if hold_eos else None)
                 pos += 1
             else:
                 x = self._forward(x, pos, k_cache, v_cache, cos, sin, prof if n > 0 else None)
