@@ -518,13 +518,15 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
                                                 "modules; print the speed-up and whether the tokens match"),
              device: str = typer.Option("auto", "--device", help="cpu, cuda or auto [default: cuda if available]"),
              decode_path: str = typer.Option("auto", "--decode-path", help="auto (the lean path where it covers the "
-                                             "model, else HF generate), lean or hf; --compare-dense uses the same")):
+                                             "model, else HF generate), lean, lean-torch (the lean path without "
+                                             "its native step) or hf; --compare-dense uses the same")):
     """Stream greedy text from an output with its fast modules; tokens/s of prefill and decode on the last line.
 
     The fast modules are those ``load_output(fast=True)`` picks (activation-
     sparse FFNs, MoE FFNs; layouts a recipe converted to). Decoding runs on
-    the lean path (``sparsify_core.lean``: static KV cache, one plain step per
-    layer) for llama-style models, as ``sparsify bench`` case 4 does, and
+    the lean path (``sparsify_core.lean``: static KV cache, one native call per
+    token where the kernels cover the model, else one plain step per layer)
+    for llama-style models, as ``sparsify bench`` case 4 does, and
     through HF ``generate`` otherwise; stderr names the path. Text streams to
     stdout; the numbers are the last line of stdout.
     """

@@ -2,7 +2,8 @@
 
 One call (``timed_generate``) for both, so the tokens/s that ``generate``
 reports and the bench's come from the same code. It decodes on the lean path
-(``sparsify_core.lean``: static KV cache, one plain step per layer) when the
+(``sparsify_core.lean``: static KV cache, one native call or one plain torch
+step per layer per token) when the
 model is llama-shaped, and through HF ``generate`` otherwise
 (``greedy_generate``); ``GenerationStats.path`` says which ran. Prefill (the
 prompt's forward, up to the first new token) and decode (every later token)
@@ -30,15 +31,17 @@ def greedy_generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer, st
                               top_k=None, pad_token_id=pad, streamer=streamer)
 
 
-#: ``timed_generate``'s ``path`` values: ``auto`` (lean where it covers the model), ``lean``, ``hf``.
-PATHS = ("auto", "lean", "hf")
+#: ``timed_generate``'s ``path`` values: ``auto`` (lean where it covers the model), ``lean``, ``lean-torch``
+#: (the lean path without its native step), ``hf``.
+PATHS = ("auto", "lean", "lean-torch", "hf")
 
 
 @dataclass
 class GenerationStats:
     """One timed generation: ``ids`` ``[B, T + n]``, prompt length ``T``, ``n`` new tokens, seconds.
 
-    ``path`` is ``lean`` or ``hf generate (<why not lean>)``; ``profile``
+    ``path`` is ``lean native (<isa>)``, ``lean torch (<why not native>)`` or
+    ``hf generate (<why not lean>)``; ``profile``
     (lean path with ``profile=True``) splits the decode seconds into
     ``attention``, ``ffn``, ``head`` and ``rest``."""
 
@@ -99,7 +102,9 @@ def timed_generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer,
 
     ``path``: ``auto`` decodes on the lean path when ``lean.supports(model)``
     and through HF ``generate`` otherwise; ``lean`` insists (``ValueError``
-    with the reason when the model is not covered); ``hf`` always uses HF
+    with the reason when the model is not covered); ``lean-torch`` too, with
+    the torch step even where a native one covers the model (one C++ call per
+    token, ``lean.native_step``); ``hf`` always uses HF
     ``generate`` (batch 1). The tokens are the same either way (greedy, fp32:
     tested). ``min_new_tokens`` forces that many tokens (no early end of
     sequence: what a benchmark wants). Raises ``ValueError`` for an unknown
@@ -111,7 +116,7 @@ def timed_generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer,
     if ids.dim() != 2:
         raise ValueError(f"prompt ids of shape [batch, tokens], got {list(ids.shape)}")
     reason = lean.unsupported_reason(model) if path != "hf" else "asked for"
-    if path == "lean" and reason is not None:
+    if path in ("lean", "lean-torch") and reason is not None:
         raise ValueError(f"the lean decode path does not cover this model: {reason}")
     if reason is None:
         if write is not None and ids.shape[0] != 1:
@@ -122,13 +127,15 @@ def timed_generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer,
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # the end-of-sequence ids HF generate stops at: the generation config's, not the tokenizer's
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        res = lean.LeanDecoder(model).generate(ids, max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                               min_new_tokens=min_new_tokens, profile=profile,
-                                               on_token=None if text is None else lambda t: text.put(t.cpu()))
+        decoder = lean.LeanDecoder(model, native=path != "lean-torch")
+        res = decoder.generate(ids, max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                               min_new_tokens=min_new_tokens, profile=profile,
+                               on_token=None if text is None else lambda t: text.put(t.cpu()))
         if text is not None:
             text.end()
         return GenerationStats(ids=res.ids.cpu(), prompt_tokens=res.prompt_tokens, new_tokens=res.new_tokens,
-                               prefill_s=res.prefill_s, decode_s=res.decode_s, path="lean", profile=res.profile)
+                               prefill_s=res.prefill_s, decode_s=res.decode_s, path=decoder.path,
+                               profile=res.profile)
     if ids.shape[0] != 1:
         raise ValueError(f"one prompt at a time on the HF path: ids of shape [1, T], got {list(ids.shape)}")
     clock = _Clock(tokenizer, write)

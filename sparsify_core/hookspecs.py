@@ -102,6 +102,30 @@ def sparsify_fast_modules(model, masks, device):
 
 
 @hookspec
+def sparsify_lean_step(model):
+    """Return a native decode step for the lean decode path of a loaded ``model``, a reason it cannot, or ``None``.
+
+    Called once per ``sparsify_core.lean.LeanDecoder`` (so by ``sparsify
+    generate`` and ``sparsify bench`` case 4) on a model the lean path covers
+    (llama-shaped, ``lean.supports``). ``None``: not this plugin's concern; a
+    string: one phrase saying why it cannot compute this model (said in the
+    decode path, e.g. ``lean torch (layer 3: a hooked FFN)``); else a step, an
+    object with ``name`` (a short label, e.g. the ISA: ``lean native (avx2)``),
+    ``max_batch`` (the most sequences one call takes), ``seconds(reset=False)``
+    (a dict of the seconds spent in ``attention``, ``ffn`` and ``head``) and
+    ``__call__(x, pos, k_cache, v_cache, cos, sin, banned) -> next ids [B]``:
+    one greedy step of every layer, the final norm, the LM head and the argmax
+    for the new tokens' embeddings ``x`` ``[B, d]`` at position ``pos``, over
+    the lean path's static caches ``[layers, B, kv heads, length, head dim]``
+    (positions ``< pos`` filled; it writes ``pos``) and rotary tables ``cos``,
+    ``sin`` ``[length, head dim]``, never choosing an id in ``banned`` (int64
+    tensor or ``None``). It must give the lean torch step's tokens (to fp32
+    rounding) and compute the model's modules as they are at the call (their
+    weights borrowed, not copied). The first step returned is used.
+    """
+
+
+@hookspec
 def sparsify_bench_cases():
     """Return benchmark cases for ``sparsify bench``: ``sparsify_core.bench.BenchCase`` objects.
 

@@ -20,11 +20,22 @@ computes as it would under HF; so does a block with hooks.
 Projections and heads that are not plain ``nn.Linear`` are called as modules
 too.
 
+Native step: where a plugin provides one (hook ``sparsify_lean_step``; the
+layouts plugin's runs every layer, the final norm, the LM head and the argmax
+in one C++ call per token, for dense FFNs and activation-sparse ones alike),
+each one-token step (every decode step, and a one-token prompt) runs there;
+prompts of several tokens, and models or batches it does not cover, take the
+torch step. ``LeanDecoder.path`` says which: ``lean native (avx2)`` or
+``lean torch (<why>)``. ``native=False`` asks for the torch step.
+
 Exactness: the same operations in the same order as HF's llama forward
 (fp32 RMSNorm, ``rotate_half`` rotary, SDPA with the ``1/sqrt(head_dim)``
 scale), so greedy tokens equal HF ``generate``'s; the logits agree to fp32
 rounding (tested: max abs difference <= 1e-4 on tiny llamas), not bit for
 bit, because SDPA may pick another kernel for the grouped key/value heads.
+The native step computes the same formulas with its own order of sums
+(per-row dot products): logits within 1e-4 of the torch step's at every
+position and the same greedy tokens on tiny llamas (tested per ISA).
 
 Coverage: ``supports(model)`` says whether a model can decode here
 (``LlamaForCausalLM``-shaped: ``model.model.layers`` of decoder layers with
@@ -144,6 +155,9 @@ class DecodeResult:
 class LeanDecoder:
     """Greedy decoding of a llama-style causal LM with a static KV cache and one plain step per layer.
 
+    ``native`` (default ``True``): one-token steps run on a plugin's native
+    step where one covers the model (``native_step``; ``path`` names it).
+
     ``model`` must pass ``supports`` (``ValueError`` naming the reason
     otherwise); its weights are used in place (no copy), so a decoder built
     before ``fast_modules`` swapped the FFNs still calls the new ones only if
@@ -151,11 +165,12 @@ class LeanDecoder:
     model's device, in its dtype.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, native: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the lean decode path does not cover this model: {reason}")
         self.model = model
+        self.step, self.step_reason = native_step(model) if native else (None, "asked for")
         cfg = model.config
         inner = model.model
         self.embed = inner.embed_tokens
@@ -173,6 +188,11 @@ class LeanDecoder:
         self.head = _linear(model.lm_head)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+
+    @property
+    def path(self) -> str:
+        """Which step decodes: ``lean native (<step name>)`` or ``lean torch (<why not native>)``."""
+        return f"lean native ({self.step.name})" if self.step is not None else f"lean torch ({self.step_reason})"
 
     @staticmethod
     def _rope(x, cos, sin):
@@ -227,7 +247,9 @@ class LeanDecoder:
         decoding stops when every sequence ended or after ``max_new_tokens``.
         EOS is not chosen before ``min_new_tokens`` tokens. ``on_token(t)``
         receives each step's new tokens ``[B]`` (for streaming). Raises
-        ``ValueError`` for ids that are not ``[B, T]`` with ``T >= 1``.
+        ``ValueError`` for ids that are not ``[B, T]`` with ``T >= 1``. One-token
+        steps run on the native step (``path``) unless the batch exceeds its
+        ``max_batch``.
         """
         if ids.dim() != 2 or ids.shape[1] < 1:
             raise ValueError(f"prompt ids of shape [batch, tokens], got {list(ids.shape)}")
@@ -242,6 +264,10 @@ class LeanDecoder:
         positions = torch.arange(total, device=self.device)[None]
         cos, sin = self.rotary(k_cache[0, :1, 0], positions)  # [1, total, D], the model's own tables
         eos_t = torch.tensor(eos, device=self.device, dtype=torch.long) if eos else None
+        step = self.step if self.step is not None and B <= self.step.max_batch else None
+        if step is not None:
+            cos_n, sin_n = cos[0].contiguous(), sin[0].contiguous()  # [total, D]
+            step.seconds(reset=True)
         prof = dict.fromkeys(("attention", "ffn", "head", "rest"), 0.0) if profile else None
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -251,15 +277,24 @@ class LeanDecoder:
         pos, n, prefill_s = 0, 0, 0.0
         while n < max_new_tokens:
             t_step = time.perf_counter()
-            x = self._forward(x, pos, k_cache, v_cache, cos, sin, prof if n > 0 else None)
-            pos += x.shape[1]
-            t_head = time.perf_counter()
-            logits = self.head(self.norm(x[:, -1]))
-            if profile and n > 0:
-                prof["head"] += time.perf_counter() - t_head
-            if eos_t is not None and min_new_tokens is not None and n < min_new_tokens:
-                logits[:, eos_t] = float("-inf")
-            nxt = logits.argmax(-1)
+            hold_eos = eos_t is not None and min_new_tokens is not None and n < min_new_tokens
+            if step is not None and x.shape[1] == 1:  # one C++ call: layers, norm, head, argmax
+                if profile and n == 1:
+                    step.seconds(reset=True)  # the prefill's call is not a decode step
+                # a copy: the step overwrites its input, which must never alias the embedding's weights
+                nxt = step(x[:, 0].clone().contiguous(), pos, k_cache, v_cache, cos_n, sin_n,
+                           eos_t if hold_eos else None)
+                pos += 1
+            else:
+                x = self._forward(x, pos, k_cache, v_cache, cos, sin, prof if n > 0 else None)
+                pos += x.shape[1]
+                t_head = time.perf_counter()
+                logits = self.head(self.norm(x[:, -1]))
+                if profile and n > 0:
+                    prof["head"] += time.perf_counter() - t_head
+                if hold_eos:
+                    logits[:, eos_t] = float("-inf")
+                nxt = logits.argmax(-1)
             if eos_t is not None:
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 done = done | torch.isin(nxt, eos_t)
@@ -276,10 +311,27 @@ class LeanDecoder:
                 break
             x = self.embed(nxt[:, None])
         decode_s = sum(step_s)
+        if prof is not None and step is not None:
+            for part, seconds in step.seconds().items():
+                prof[part] += seconds
         if prof is not None:
             prof["rest"] = max(decode_s - prof["attention"] - prof["ffn"] - prof["head"], 0.0)
         return DecodeResult(ids=torch.cat([ids, out[:, :n]], 1), prompt_tokens=T, new_tokens=n,
                             prefill_s=prefill_s, decode_s=decode_s, step_s=step_s, profile=prof or {})
+
+
+def native_step(model: nn.Module):
+    """``(step, None)``: the first native decode step a plugin provides for ``model`` (hook
+    ``sparsify_lean_step``); ``(None, reason)`` where none does (the plugins' reasons, joined)."""
+    from .plugin_manager import plugin_manager
+
+    reasons = []
+    for got in plugin_manager()[0].hook.sparsify_lean_step(model=model):
+        if isinstance(got, str):
+            reasons.append(got)
+        elif got is not None:
+            return got, None
+    return None, "; ".join(reasons) or "no plugin provides a native step"
 
 
 def weight_bytes(model: nn.Module, ffn_density: float | None = None) -> dict[str, float]:

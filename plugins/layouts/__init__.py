@@ -11,7 +11,8 @@ fast kernels of ``sparsify_kernels`` (``weight``), modules hold layouts and
 compute with their kernels (``modules``), stage methods swap modules in a
 model (``convert``: ``weight`` takes any catalog layout by name),
 the fast modules of a loaded model are chosen in one place (``fast``:
-``sparsify generate``, ``load_output`` and bench case 4), and
+``sparsify generate``, ``load_output`` and bench case 4), the lean decode
+path's native step is built in one place (``lean_step``), and
 predictors are fitted by pure functions (``predictor``). Their benchmark
 cases for ``sparsify bench`` are in ``bench``. (``prune/nmg``, which prunes
 into the n:m:g structure, is the prune plugin's.)
@@ -47,6 +48,14 @@ def sparsify_fast_modules(model, masks, device):
     from .fast import fast_modules
 
     return fast_modules(model, masks, device)
+
+
+@hookimpl
+def sparsify_lean_step(model):
+    """The native decode step (``lean_step``): dense and activation-sparse llama FFNs, one C++ call per token."""
+    from .lean_step import lean_step
+
+    return lean_step(model)
 
 
 @hookimpl

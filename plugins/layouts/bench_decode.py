@@ -2,13 +2,18 @@
 
 Every sparsify column decodes with ``sparsify_core.generation.timed_generate``
 (the call ``sparsify generate`` makes), on the lean path for llama-style
-models (static KV cache, one plain step per layer; HF ``generate`` for other
-architectures, named in the row's ``path``), so the ratio ``dense / ours``
-measures sparsity, not Python overhead. Columns:
+models (static KV cache; one native C++ call per token where the kernels
+cover the model, dense FFNs and activation-sparse ones alike (``lean_step``),
+else one plain torch step per layer; HF ``generate`` for other
+architectures; the row's ``path`` names each side's), so the ratio ``dense /
+ours`` measures sparsity, not Python overhead. Columns:
 
 - ``dense``: the model as loaded, lean path (the baseline of every ratio);
 - ``ours``: the same model with its fast modules (``fast_modules``: activation-
   sparse FFNs, ``MoEFFN``), lean path; tokens must equal ``dense``'s;
+- ``torch_step_dense``, ``torch_step_ours`` (where the native step ran): the
+  same two on the lean path's torch step (``path="lean-torch"``), what the
+  native step saves;
 - ``hf_generate``: the dense model through HF ``generate`` (what a user gets
   from transformers); target: ``ours`` >= 2x;
 - ``torch_moe`` (MoE outputs): the routed model in plain torch;
@@ -228,6 +233,7 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
             m.set_routing("dense")
     path = "lean" if lean.supports(dense) else "hf"
     path_note = "lean" if path == "lean" else f"hf generate ({lean.unsupported_reason(dense)})"
+    native_ran = path == "lean" and lean.native_step(dense)[0] is not None
     threads = torch.get_num_threads()
 
     ids = _prompt_ids(tok, 1)
@@ -238,11 +244,17 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
     if moe:
         stores["torch_moe"] = []
         fns["torch_moe"] = _timed(plain, ids, new_tokens, tok, path, stores["torch_moe"])
+    if native_ran:  # what the native step saves: the same two models on the torch step
+        for k, m in (("torch_step_dense", dense), ("torch_step_ours", sparse)):
+            stores[k] = []
+            fns[k] = _timed(m, ids, new_tokens, tok, "lean-torch", stores[k])
     interleaved(fns, rounds, warmup=1)
     st = {k: v[1:] for k, v in stores.items()}  # the warm-up call left out
     ms = {k: _per_token_ms(v) for k, v in st.items()}
     pre = {k: statistics.median(s.prefill_s for s in v) * 1e3 for k, v in st.items()}
     out_dense, out_ours = st["dense"][0].ids, st["ours"][0].ids
+    if path == "lean":
+        path_note = {k: v[0].path for k, v in st.items() if k != "hf_generate"}
     extra = {"tokens_per_s": {k: 1e3 / v for k, v in ms.items()}, "path": path_note, "threads": threads,
              "prompt_tokens": ids.shape[1], "note": note,
              "identical_tokens_to_hf_generate": bool(torch.equal(out_dense, st["hf_generate"][0].ids))}
@@ -260,6 +272,8 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
         extra["expert_sparsity"] = 1.0 - statistics.mean(selected)
     else:
         extra["identical_tokens"] = bool(torch.equal(out_dense, out_ours))
+        if native_ran:
+            extra["identical_tokens_to_torch_step"] = bool(torch.equal(out_ours, st["torch_step_ours"][0].ids))
         s = union_sparsity(dense, out_dense, ids.shape[1])
         extra["activation_sparsity"] = s
         if path == "lean":

@@ -93,7 +93,7 @@ def test_timed_generate_matches_greedy_generate(output):
     assert torch.equal(stats.ids, greedy_generate(loaded.model, ids, 4, loaded.tokenizer, min_new_tokens=4))
     assert "".join(pieces).strip() == loaded.tokenizer.decode(stats.ids[0, ids.shape[1]:],
                                                               skip_special_tokens=True).strip()
-    assert stats.path == "lean"
+    assert stats.path.startswith("lean native (") or stats.path.startswith("lean torch (")
     # a batch decodes on the lean path; HF generate (the fallback) takes one prompt at a time
     assert timed_generate(loaded.model, ids.repeat(2, 1), 2, loaded.tokenizer).ids.shape == (2, ids.shape[1] + 2)
     with pytest.raises(ValueError, match="one prompt at a time"):
@@ -120,4 +120,7 @@ def test_generate_names_the_decode_path_and_compare_dense_uses_it_too(output, mo
                           "--device", "cpu")
     assert code == 0 and "decode path: lean" in err
     code, out, err = _cli(monkeypatch, capsys, "generate", output, "--prompt", "abc", "--decode-path", "fast")
-    assert code == 1 and err.strip() == "error: --decode-path fast: choose auto, lean, hf"
+    assert code == 1 and err.strip() == "error: --decode-path fast: choose auto, lean, lean-torch, hf"
+    code, out, err = _cli(monkeypatch, capsys, "generate", output, "--prompt", "abc", "--max-new-tokens", "2",
+                          "--device", "cpu", "--decode-path", "lean-torch")
+    assert code == 0 and "decode path: lean torch (asked for)" in err

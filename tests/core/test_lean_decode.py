@@ -34,12 +34,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_lean_tokens_equal_hf_generate(one_thread, kv_heads, tied, batch):
-    """Multi-head, grouped and single key/value heads; tied head or not; one prompt or a batch."""
+@pytest.mark.parametrize("native", [True, False])
+def test_lean_tokens_equal_hf_generate(one_thread, kv_heads, tied, batch, native):
+    """Multi-head, grouped and single key/value heads; tied head or not; one prompt or a batch; the native step
+    (where a plugin provides one) and the torch step."""
     model = _llama(kv_heads, tied, seed=kv_heads)
     ids = torch.randint(0, 100, (batch, 6), generator=torch.Generator().manual_seed(batch))
     ref = _hf(model, ids, 12)
-    res = lean.LeanDecoder(model).generate(ids, 12, eos_token_id=5, pad_token_id=0)
+    res = lean.LeanDecoder(model, native=native).generate(ids, 12, eos_token_id=5, pad_token_id=0)
     assert torch.equal(res.ids, ref)
     assert res.new_tokens == ref.shape[1] - 6 and len(res.step_s) == res.new_tokens - 1
 
@@ -53,7 +55,8 @@ def test_lean_logits_match_hf_forward_within_fp32_rounding(one_thread):
         assert (got - ref).abs().max().item() <= 1e-4
 
 
-def test_lean_end_of_sequence_padding_and_min_new_tokens(one_thread):
+@pytest.mark.parametrize("native", [True, False])
+def test_lean_end_of_sequence_padding_and_min_new_tokens(one_thread, native):
     """A sequence that ends is padded while the others go on; EOS is held back before min_new_tokens."""
     model = _llama(2, seed=3)
     ids = torch.randint(0, 100, (4, 5), generator=torch.Generator().manual_seed(1))
@@ -63,7 +66,8 @@ def test_lean_end_of_sequence_padding_and_min_new_tokens(one_thread):
     model.generation_config.eos_token_id = eos
     for min_new in (None, 4):
         ref = _hf(model, ids, 10, min_new)
-        res = lean.LeanDecoder(model).generate(ids, 10, eos_token_id=eos, pad_token_id=0, min_new_tokens=min_new)
+        res = lean.LeanDecoder(model, native=native).generate(ids, 10, eos_token_id=eos, pad_token_id=0,
+                                                              min_new_tokens=min_new)
         assert torch.equal(res.ids, ref), min_new
     assert (free[:, 5] == eos).any()
 
@@ -112,7 +116,7 @@ def test_sparse_lean_tokens_equal_dense_hf_generate(relu_output, one_thread):
     for batch in (ids[:1], ids):
         sparse = timed_generate(fast.model, batch, 8, tok, min_new_tokens=8)
         lean_dense = timed_generate(dense.model, batch, 8, tok, min_new_tokens=8)
-        assert sparse.path == lean_dense.path == "lean"
+        assert sparse.path == lean_dense.path and sparse.path.startswith("lean ")
         assert torch.equal(sparse.ids, lean_dense.ids)
     hf = greedy_generate(dense.model, ids[:1], 8, tok, min_new_tokens=8)
     assert torch.equal(timed_generate(fast.model, ids[:1], 8, tok, min_new_tokens=8).ids, hf)

@@ -13,6 +13,9 @@
   (``bench.py``);
 - ``sparsify_fast_modules``: a Linear whose weight is entirely zero becomes a
   ``ZeroLinear`` that computes only its bias (``fast.py``);
+- ``sparsify_lean_step``: a lean-path decode step in plain torch through the
+  model's own modules, offered when ``SPARSIFY_EXAMPLE_LEAN_STEP=1``
+  (``decode_step.py``);
 - the lifecycle hooks: a tracker that appends one JSON line per call to the
   file named by ``SPARSIFY_EXAMPLE_LOG`` (nothing without it), the way a
   plugin would forward a run to an experiment tracker.
@@ -69,6 +72,16 @@ def sparsify_fast_modules(model, masks, device):
     from .fast import zero_linears
 
     return zero_linears(model, masks)
+
+
+@hookimpl
+def sparsify_lean_step(model):
+    """A decode step in plain torch (``decode_step.TorchStep``) when ``SPARSIFY_EXAMPLE_LEAN_STEP=1``."""
+    if os.environ.get("SPARSIFY_EXAMPLE_LEAN_STEP") != "1":
+        return None
+    from .decode_step import TorchStep
+
+    return TorchStep(model)
 
 
 @hookimpl

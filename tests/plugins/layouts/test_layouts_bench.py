@@ -50,7 +50,13 @@ def test_decode_case_runs_on_a_sparsify_output(workdir):
     rows = {r["config"]: r for r in result["rows"]}
     row = rows["decode B=1, 4 tokens"]
     assert row["extra"]["identical_tokens"] is True and row["extra"]["identical_tokens_to_hf_generate"] is True
-    assert row["extra"]["path"] == "lean" and set(row["ratio"]) == {"ours"}
+    paths = row["extra"]["path"]
+    native = paths["dense"].startswith("lean native")
+    assert paths["ours"] == paths["dense"] and (native or paths["dense"].startswith("lean torch"))
+    assert set(row["ratio"]) == ({"ours", "torch_step_dense", "torch_step_ours"} if native else {"ours"})
+    if native:
+        assert paths["torch_step_ours"] == "lean torch (asked for)"
+        assert row["extra"]["identical_tokens_to_torch_step"] is True
     assert 0.3 < row["extra"]["activation_sparsity"] < 1 and "out" in row["extra"]["note"]
     # bytes per token: the sparse side reads less, and the bound is their ratio
     mb = row["extra"]["weight_MB_per_token"]

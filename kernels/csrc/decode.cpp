@@ -1,0 +1,345 @@
+// One greedy decode step of a llama-style decoder, natively: every layer, the
+// final norm, the LM head and the argmax in one call (one new token per
+// sequence, B sequences at the same position).
+//
+// Why: at batch 1 a small model's step is a few hundred small GEMVs and
+// element-wise ops; through torch each costs a dispatch and a thread-pool
+// fork-join that, on a 2-core CPU, take longer than streaming its weights.
+// Here each GEMV reads its weight once for all B tokens, rows split across
+// the pool (pool.h) in fixed blocks, each row's dot product computed by one
+// thread (so the result does not depend on the thread count), and the small
+// ops (RMSNorm, RoPE, the cache write, residuals) run on the calling thread.
+//
+// Per layer (HF LlamaDecoderLayer, eval):
+//   h = RMSNorm(x; w1, eps1)            fp32 statistics, as LlamaRMSNorm
+//   q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv       (one fused pass)
+//   q, k = RoPE(q, k) at `pos`          rotate_half layout, the model's cos/sin
+//   K[pos], V[pos] = k, v               the caller's static cache
+//   a = softmax(q K^T / sqrt(hd)) V     per head; GQA: head h reads kv head h / (H / KV)
+//   x = x + a Wo^T + bo
+//   h = RMSNorm(x; w2, eps2)
+//   x = x + FFN(h)                      dense gated (gate/up fused, then down), or
+//                                        the activation-sparse kernel of ffn.cpp (sp_ffn_decode_f32 /
+//                                        sp_ffn_predicted_f32): gate for all neurons, up/down for active ones
+// then logits = RMSNorm(x) Wh^T + bh and next = argmax (banned ids excluded).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#include "pool.h"
+#include "vec.h"
+
+// The activation-sparse FFN kernels (ffn.cpp, same library).
+extern "C" int sp_ffn_decode_f32(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in,
+                                 const float* w_up, const float* b_up, const float* w_outT, const float* b_out,
+                                 const int64_t* ranges, int64_t n_ranges, int act, float threshold, float cut,
+                                 float* y, int threads);
+extern "C" int sp_ffn_predicted_f32(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in,
+                                    const float* w_up, const float* b_up, const float* w_outT, const float* b_out,
+                                    int64_t dff, int act, float threshold, float cut, const float* p_in,
+                                    const float* p_out, const float* p_bias, int64_t r, float p_threshold, float* y,
+                                    int64_t* n_selected, int threads);
+
+namespace {
+
+enum FfnKind { DENSE = 0, SPARSE = 1, PREDICTED = 2 };
+enum Act { RELU = 0, SILU = 1, GELU = 2, GELU_TANH = 3 };
+constexpr int kUpReLU = 16;  // as ffn.cpp: ReLU on the up value too (dReLU)
+constexpr int64_t kMaxSparseTokens = 16;  // ffn.cpp's kMaxTokens
+
+// The activations of ffn.cpp (same formulas), for the dense FFN.
+inline float activate(int act, float v, float threshold, float cut) {
+    float y;
+    switch (act) {
+        case RELU: y = v >= threshold ? v : 0.0f; break;  // FATReLU; threshold 0 is ReLU
+        case SILU: y = v / (1.0f + std::exp(-v)); break;
+        case GELU: y = 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); break;
+        default: {
+            float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+            y = 0.5f * v * (1.0f + std::tanh(u));
+        }
+    }
+    return std::fabs(y) >= cut ? y : 0.0f;
+}
+
+// r[k] = a[k] . b for four rows.
+inline void dot4(const float* const a[4], const float* __restrict b, int64_t n, float r[4]) {
+#if defined(__AVX512F__)
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(b + i);
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a[0] + i), x, s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a[1] + i), x, s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a[2] + i), x, s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a[3] + i), x, s3);
+    }
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 x = _mm512_maskz_loadu_ps(m, b + i);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a[0] + i), x, s0);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a[1] + i), x, s1);
+        s2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a[2] + i), x, s2);
+        s3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a[3] + i), x, s3);
+    }
+    r[0] = _mm512_reduce_add_ps(s0);
+    r[1] = _mm512_reduce_add_ps(s1);
+    r[2] = _mm512_reduce_add_ps(s2);
+    r[3] = _mm512_reduce_add_ps(s3);
+#else
+    sp::dot4(a, b, n, r);  // AVX2: eight accumulators over four rows; portable: four dot()s
+#endif
+}
+
+// One weight matrix of a fused GEMV: y[b, r] (+)= W[r] . x[b] + bias[r].
+struct Mat {
+    const float* w;
+    const float* bias;  // may be null
+    int64_t rows;
+    float* y;
+    int64_t y_stride;
+    bool add;  // accumulate into y (a residual) instead of writing it
+};
+
+// Every row of every matrix in `mats` against the B vectors x[b] (stride x_stride, length n), in
+// blocks of rows spread over the pool; each block's rows are read from memory once for all B.
+void gemv(const Mat* mats, int n_mats, const float* x, int64_t x_stride, int64_t B, int64_t n, int threads) {
+    int64_t total = 0;
+    for (int m = 0; m < n_mats; ++m) total += mats[m].rows;
+    // Blocks of rows: enough items for dynamic balance, few enough that claiming one costs nothing.
+    const int64_t block = total >= 8192 ? 64 : 16;
+    int64_t starts[8], n_blocks = 0;
+    for (int m = 0; m < n_mats; ++m) {
+        starts[m] = n_blocks;
+        n_blocks += (mats[m].rows + block - 1) / block;
+    }
+    sp::Pool::get().run(n_blocks, threads, [&](int64_t item, int) {
+        int m = n_mats - 1;
+        while (starts[m] > item) --m;
+        const Mat& M = mats[m];
+        const int64_t r0 = (item - starts[m]) * block, r1 = std::min(M.rows, r0 + block);
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4) {
+            const float* rows[4] = {M.w + r * n, M.w + (r + 1) * n, M.w + (r + 2) * n, M.w + (r + 3) * n};
+            for (int64_t b = 0; b < B; ++b) {
+                float v[4];
+                dot4(rows, x + b * x_stride, n, v);
+                float* y = M.y + b * M.y_stride + r;
+                for (int k = 0; k < 4; ++k) {
+                    const float val = v[k] + (M.bias ? M.bias[r + k] : 0.0f);
+                    y[k] = M.add ? y[k] + val : val;
+                }
+            }
+        }
+        for (; r < r1; ++r)
+            for (int64_t b = 0; b < B; ++b) {
+                const float val = sp::dot(M.w + r * n, x + b * x_stride, n) + (M.bias ? M.bias[r] : 0.0f);
+                float* y = M.y + b * M.y_stride + r;
+                *y = M.add ? *y + val : val;
+            }
+    });
+}
+
+// LlamaRMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)), statistics in fp32.
+void rms_norm(const float* x, const float* w, float eps, int64_t B, int64_t d, float* y) {
+    for (int64_t b = 0; b < B; ++b) {
+        const float* xb = x + b * d;
+        const float inv = 1.0f / std::sqrt(sp::dot(xb, xb, d) / (float)d + eps);
+        for (int64_t i = 0; i < d; ++i) y[b * d + i] = w[i] * (xb[i] * inv);
+    }
+}
+
+// HF apply_rotary_pos_emb on one head vector: x * cos + rotate_half(x) * sin.
+void rope(float* x, const float* cos, const float* sin, int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+struct Layer {
+    const float *ln1, *ln2, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
+    const float *w_gate, *b_gate, *w_up, *b_up, *w_down, *b_down, *p_in, *p_out, *p_bias;
+    float eps1, eps2, threshold, cut, p_threshold;
+    int kind, act;
+    int64_t p_rank;
+};
+
+struct Decoder {
+    int64_t n_layers, d, heads, kv_heads, head_dim, dff, vocab;
+    const float *norm, *head_w, *head_b;
+    float eps;
+    std::vector<Layer> layers;
+    std::vector<float> scratch;
+};
+
+using Clock = std::chrono::steady_clock;
+inline double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+}  // namespace
+
+extern "C" {
+
+// A decoder of n_layers llama layers (dimensions as named) whose final RMSNorm is `norm` (eps) and whose LM
+// head is head_w [vocab, d] (+ head_b, may be null). Weights are borrowed: the caller keeps them alive and
+// unchanged in place while the decoder is used. Returns null for a bad dimension.
+void* sp_decoder_new(int64_t n_layers, int64_t d, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t dff,
+                     int64_t vocab, const float* norm, float eps, const float* head_w, const float* head_b) {
+    if (n_layers < 1 || d < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || head_dim < 2 || head_dim % 2 ||
+        dff < 1 || vocab < 1)
+        return nullptr;
+    auto* dec = new Decoder{n_layers, d, heads, kv_heads, head_dim, dff, vocab, norm, head_w, head_b, eps, {}, {}};
+    dec->layers.resize(n_layers);
+    return dec;
+}
+
+void sp_decoder_free(void* handle) { delete static_cast<Decoder*>(handle); }
+
+// Layer i's weights. ptrs (19, any bias/predictor entry may be null): ln1, ln2, Wq, bq, Wk, bk, Wv, bv, Wo,
+// bo, W_gate, b_gate, W_up, b_up, W_down, b_down, P_in, P_out, p_bias; W_down is [d, dff] (nn.Linear) for a
+// dense FFN and [dff, d] (transposed) for a sparse one. fparams (5): eps1, eps2, threshold, cut, p_threshold.
+// iparams (3): kind (0 dense gated, 1 activation-sparse, 2 activation-sparse with a predictor of rank
+// p_rank), act (ffn.cpp's code, | 16 for dReLU), p_rank. Returns non-zero for a bad index or kind.
+int sp_decoder_set_layer(void* handle, int64_t i, const float* const* ptrs, const float* fparams,
+                         const int64_t* iparams) {
+    auto* dec = static_cast<Decoder*>(handle);
+    if (i < 0 || i >= dec->n_layers || iparams[0] < DENSE || iparams[0] > PREDICTED) return 1;
+    if (iparams[0] == PREDICTED && (iparams[2] < 1 || !ptrs[16] || !ptrs[17])) return 1;
+    Layer& L = dec->layers[i];
+    const float** p[19] = {&L.ln1, &L.ln2, &L.wq, &L.bq, &L.wk, &L.bk, &L.wv, &L.bv, &L.wo, &L.bo, &L.w_gate,
+                           &L.b_gate, &L.w_up, &L.b_up, &L.w_down, &L.b_down, &L.p_in, &L.p_out, &L.p_bias};
+    for (int k = 0; k < 19; ++k) *p[k] = ptrs[k];
+    L.eps1 = fparams[0], L.eps2 = fparams[1], L.threshold = fparams[2], L.cut = fparams[3];
+    L.p_threshold = fparams[4];
+    L.kind = (int)iparams[0], L.act = (int)iparams[1], L.p_rank = iparams[2];
+    return 0;
+}
+
+// One decode step for B sequences at position `pos` (their new tokens' embeddings in x [B, d], overwritten
+// with the last hidden state before the final norm). k_cache / v_cache: [n_layers, B, kv_heads, cache_len,
+// head_dim] contiguous, positions < pos already filled; position pos is written. cos / sin: [cache_len,
+// head_dim] rotary tables. logits [B, vocab] receives the head's output; next [B] its argmax over ids not in
+// banned[0:n_banned] (the lowest id among equal maxima). seconds (3, may be null) accumulates the time in
+// attention (norm to residual), FFN (norm to residual) and head (norm, GEMV, argmax). Returns non-zero
+// for pos outside the cache, B < 1, or B > 16 with an activation-sparse FFN.
+int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cache, float* v_cache,
+                    int64_t cache_len, const float* cos, const float* sin, float* logits, const int64_t* banned,
+                    int64_t n_banned, int64_t* next, double* seconds, int threads) {
+    auto* dec = static_cast<Decoder*>(handle);
+    const int64_t d = dec->d, H = dec->heads, KV = dec->kv_heads, hd = dec->head_dim, dff = dec->dff;
+    if (B < 1 || pos < 0 || pos >= cache_len) return 1;
+    for (const Layer& L : dec->layers)
+        if (L.kind != DENSE && B > kMaxSparseTokens) return 1;
+    const int64_t n_ctx = pos + 1, group = H / KV;
+    // Scratch: h [B, d], q [B, H hd], k, v [B, KV hd], att [B, H hd], scores [B H, n_ctx], g, u [B, dff], f [B, d].
+    const int64_t sizes[] = {B * d, B * H * hd, B * KV * hd, B * KV * hd, B * H * hd, B * H * n_ctx, B * dff,
+                             B * dff, B * d};
+    int64_t need = 0;
+    for (int64_t s : sizes) need += s;
+    if ((int64_t)dec->scratch.size() < need) dec->scratch.resize(need);
+    float* buf[9];
+    float* at = dec->scratch.data();
+    for (int k = 0; k < 9; ++k) buf[k] = at, at += sizes[k];
+    float *h = buf[0], *q = buf[1], *k = buf[2], *v = buf[3], *att = buf[4], *scores = buf[5], *g = buf[6],
+          *u = buf[7], *f = buf[8];
+    const float* c = cos + pos * hd;
+    const float* s = sin + pos * hd;
+    const float scale = 1.0f / std::sqrt((float)hd);
+    double t_attn = 0.0, t_ffn = 0.0;
+    for (int64_t li = 0; li < dec->n_layers; ++li) {
+        const Layer& L = dec->layers[li];
+        Clock::time_point t0 = Clock::now();
+        rms_norm(x, L.ln1, L.eps1, B, d, h);
+        const Mat qkv[3] = {{L.wq, L.bq, H * hd, q, H * hd, false}, {L.wk, L.bk, KV * hd, k, KV * hd, false},
+                            {L.wv, L.bv, KV * hd, v, KV * hd, false}};
+        gemv(qkv, 3, h, d, B, d, threads);
+        // RoPE, then the new key/value into the cache: [layer, b, kv head, position, hd].
+        const int64_t layer_off = li * B * KV * cache_len * hd;
+        for (int64_t b = 0; b < B; ++b) {
+            for (int64_t hh = 0; hh < H; ++hh) rope(q + (b * H + hh) * hd, c, s, hd);
+            for (int64_t kh = 0; kh < KV; ++kh) {
+                float* kb = k + (b * KV + kh) * hd;
+                rope(kb, c, s, hd);
+                const int64_t off = layer_off + ((b * KV + kh) * cache_len + pos) * hd;
+                std::memcpy(k_cache + off, kb, hd * sizeof(float));
+                std::memcpy(v_cache + off, v + (b * KV + kh) * hd, hd * sizeof(float));
+            }
+        }
+        // Attention over positions 0..pos, one (sequence, head) per item.
+        sp::Pool::get().run(B * H, threads, [&](int64_t item, int) {
+            const int64_t b = item / H, hh = item % H, kh = hh / group;
+            const float* qv = q + (b * H + hh) * hd;
+            const float* K = k_cache + layer_off + (b * KV + kh) * cache_len * hd;
+            const float* V = v_cache + layer_off + (b * KV + kh) * cache_len * hd;
+            float* sc = scores + item * n_ctx;
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t t = 0; t < n_ctx; ++t) {
+                sc[t] = sp::dot(qv, K + t * hd, hd) * scale;
+                mx = std::max(mx, sc[t]);
+            }
+            float sum = 0.0f;
+            for (int64_t t = 0; t < n_ctx; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+            float* out = att + (b * H + hh) * hd;
+            std::fill(out, out + hd, 0.0f);
+            const float inv = 1.0f / sum;
+            for (int64_t t = 0; t < n_ctx; ++t) sp::axpy(out, sc[t] * inv, V + t * hd, hd);
+        });
+        const Mat o = {L.wo, L.bo, d, x, d, true};  // the residual: x += a Wo^T + bo
+        gemv(&o, 1, att, H * hd, B, H * hd, threads);
+        Clock::time_point t1 = Clock::now();
+        t_attn += std::chrono::duration<double>(t1 - t0).count();
+        rms_norm(x, L.ln2, L.eps2, B, d, h);
+        if (L.kind == DENSE) {
+            const Mat gu[2] = {{L.w_gate, L.b_gate, dff, g, dff, false}, {L.w_up, L.b_up, dff, u, dff, false}};
+            gemv(gu, 2, h, d, B, d, threads);
+            const bool up_relu = (L.act & kUpReLU) != 0;
+            const int act = L.act & ~kUpReLU;
+            for (int64_t i = 0; i < B * dff; ++i) {
+                const float up = up_relu && u[i] < 0.0f ? 0.0f : u[i];
+                g[i] = activate(act, g[i], L.threshold, L.cut) * up;
+            }
+            const Mat down = {L.w_down, L.b_down, d, x, d, true};
+            gemv(&down, 1, g, dff, B, dff, threads);
+        } else {
+            int rc;
+            if (L.kind == SPARSE) {
+                const int64_t all[2] = {0, dff};
+                rc = sp_ffn_decode_f32(h, B, d, L.w_gate, L.b_gate, L.w_up, L.b_up, L.w_down, L.b_down, all, 1,
+                                       L.act, L.threshold, L.cut, f, threads);
+            } else {
+                rc = sp_ffn_predicted_f32(h, B, d, L.w_gate, L.b_gate, L.w_up, L.b_up, L.w_down, L.b_down, dff,
+                                          L.act, L.threshold, L.cut, L.p_in, L.p_out, L.p_bias, L.p_rank,
+                                          L.p_threshold, f, nullptr, threads);
+            }
+            if (rc != 0) return rc;
+            for (int64_t i = 0; i < B * d; ++i) x[i] += f[i];
+        }
+        t_ffn += since(t1);
+    }
+    Clock::time_point t2 = Clock::now();
+    rms_norm(x, dec->norm, dec->eps, B, d, h);
+    const Mat head = {dec->head_w, dec->head_b, dec->vocab, logits, dec->vocab, false};
+    gemv(&head, 1, h, d, B, d, threads);
+    for (int64_t b = 0; b < B; ++b) {
+        float* lb = logits + b * dec->vocab;
+        for (int64_t j = 0; j < n_banned; ++j)
+            if (banned[j] >= 0 && banned[j] < dec->vocab) lb[banned[j]] = -std::numeric_limits<float>::infinity();
+        int64_t best = 0;
+        for (int64_t j = 1; j < dec->vocab; ++j)
+            if (lb[j] > lb[best]) best = j;
+        next[b] = best;
+    }
+    if (seconds) {
+        seconds[0] += t_attn;
+        seconds[1] += t_ffn;
+        seconds[2] += since(t2);
+    }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,102 @@
+"""The native decode step (sparsify_kernels.decode) against its plain-torch definition, per ISA, odd shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsify_kernels import decode as D
+
+
+def _layers(n, d, heads, kv, hd, dff, ffn, act, bias, gen, threshold=0.0, up_relu=False, rank=5):
+    def w(*shape, scale=None):
+        return torch.randn(*shape, generator=gen) * (scale or shape[-1] ** -0.5)
+
+    out = []
+    for _ in range(n):
+        b = (lambda m: w(m, scale=0.1)) if bias else (lambda m: None)
+        L = D.LayerWeights(ln1=1 + 0.1 * w(d, scale=1), eps1=1e-5, wq=w(heads * hd, d), wk=w(kv * hd, d),
+                           wv=w(kv * hd, d), wo=w(d, heads * hd), ln2=1 + 0.1 * w(d, scale=1), eps2=1e-6,
+                           w_gate=w(dff, d), w_up=w(dff, d), w_down=w(d, dff) if ffn == "dense" else w(dff, d),
+                           ffn=ffn, act=act, threshold=threshold, up_relu=up_relu, bq=b(heads * hd), bk=b(kv * hd),
+                           bv=b(kv * hd), bo=b(d), b_gate=b(dff), b_up=b(dff), b_down=b(d))
+        if ffn == "predicted":
+            L.p_in, L.p_out, L.p_bias, L.p_threshold = w(rank, d), w(dff, rank), w(dff, scale=0.1), 0.0
+        out.append(L)
+    return out
+
+
+def _tables(L, hd):
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    f = torch.outer(torch.arange(L).float(), inv)
+    emb = torch.cat([f, f], -1)
+    return emb.cos().contiguous(), emb.sin().contiguous()
+
+
+# (d, heads, kv heads, head_dim, dff): d and head_dim off the 8/16-float vector widths, GQA, MQA, plain MHA
+SHAPES = [(36, 3, 1, 12, 50), (40, 4, 2, 10, 72), (70, 5, 5, 14, 33), (64, 4, 2, 16, 128)]
+FFNS = [("dense", "silu", 0.0, False), ("dense", "relu", 0.0, False), ("dense", "gelu_tanh", 0.0, True),
+        ("sparse", "relu", 0.0, False), ("sparse", "relu", 0.05, False), ("sparse", "relu", 0.0, True),
+        ("predicted", "relu", 0.0, False)]
+
+
+# every FFN kind on each shape in turn (the attention part sees every shape several times)
+CASES = [(SHAPES[i % len(SHAPES)], *f) for i, f in enumerate(FFNS)] + [(SHAPES[2], *FFNS[3]), (SHAPES[3], *FFNS[0])]
+
+
+@pytest.mark.parametrize("shape,ffn,act,threshold,up_relu", CASES)
+def test_decode_step_matches_the_torch_definition(isa, shape, ffn, act, threshold, up_relu):
+    d, heads, kv, hd, dff = shape
+    gen = torch.Generator().manual_seed(hash((shape, ffn, act)) % 1000)
+    layers = _layers(2, d, heads, kv, hd, dff, ffn, act, bias=shape[0] % 20 == 0, gen=gen, threshold=threshold,
+                     up_relu=up_relu)
+    vocab = 37
+    norm, head_w = 1 + 0.1 * torch.randn(d, generator=gen), torch.randn(vocab, d, generator=gen) * d ** -0.5
+    step = D.DecodeStep(layers, norm, 1e-5, head_w, None, heads, kv, hd)
+    assert step.name == isa
+    L = 6
+    cos, sin = _tables(L, hd)
+    for B in (1, 3):
+        kc, vc = torch.zeros(2, B, kv, L, hd), torch.zeros(2, B, kv, L, hd)
+        kr, vr = kc.clone(), vc.clone()
+        for pos in range(L):  # several context lengths, the cache filled by the steps themselves
+            x = torch.randn(B, d, generator=gen)
+            banned = torch.tensor([3, 5]) if pos % 2 else None
+            ref_logits, ref_next = D.decode_step_reference(layers, norm, 1e-5, head_w, None, heads, kv, x.clone(),
+                                                           pos, kr, vr, cos, sin, banned)
+            logits = torch.empty(B, vocab)
+            nxt = step(x.clone(), pos, kc, vc, cos, sin, banned, logits)
+            torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(vc, vr, atol=1e-5, rtol=1e-5)
+            top2 = ref_logits.topk(2, -1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # near-ties may break either way under another sum order
+            assert torch.equal(nxt[clear], ref_next[clear])
+            if banned is not None:
+                assert not torch.isin(nxt, banned).any()
+
+
+def test_decode_step_profile_and_refusals(isa):
+    gen = torch.Generator().manual_seed(0)
+    d, heads, kv, hd, dff = SHAPES[0]
+    layers = _layers(1, d, heads, kv, hd, dff, "sparse", "relu", False, gen)
+    step = D.DecodeStep(layers, torch.ones(d), 1e-5, torch.randn(11, d, generator=gen), None, heads, kv, hd)
+    assert step.max_batch == 16
+    cos, sin = _tables(4, hd)
+    kc = torch.zeros(1, 1, kv, 4, hd)
+    step(torch.randn(1, d), 0, kc, kc.clone(), cos, sin)
+    spent = step.seconds(reset=True)
+    assert set(spent) == {"attention", "ffn", "head"} and all(v > 0 for v in spent.values())
+    assert sum(step.seconds().values()) == 0
+    with pytest.raises(ValueError, match="position 4 outside a cache of 4"):
+        step(torch.randn(1, d), 4, kc, kc.clone(), cos, sin)
+    big = torch.zeros(1, 17, kv, 4, hd)
+    with pytest.raises(ValueError, match="batch 17 over 16"):
+        step(torch.randn(17, d), 0, big, big.clone(), cos, sin)
+    with pytest.raises(ValueError, match="layer 0 wq: shape"):
+        bad = _layers(1, d, heads, kv, hd, dff, "dense", "silu", False, gen)
+        bad[0].wq = bad[0].wq[:, :-1].contiguous()
+        D.DecodeStep(bad, torch.ones(d), 1e-5, torch.randn(11, d), None, heads, kv, hd)
+    with pytest.raises(ValueError, match="contiguous float32 CPU"):
+        bad = _layers(1, d, heads, kv, hd, dff, "dense", "silu", False, gen)
+        bad[0].wo = bad[0].wo.double()
+        D.DecodeStep(bad, torch.ones(d), 1e-5, torch.randn(11, d), None, heads, kv, hd)
