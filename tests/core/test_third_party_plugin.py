@@ -8,7 +8,6 @@ them through the CLI (installed) or in-process (registered from its folder).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
