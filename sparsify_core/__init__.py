@@ -5,13 +5,20 @@ The public API for plugin authors and users:
 - ``hookimpl``: decorator for plugin hook implementations (see ``hookspecs``).
 - ``Method``, ``StageResult``, ``Params``: stage methods.
 - ``ModelSource``, ``LoadedModel``, ``DataSource``: sources.
-- ``Metric``, ``MetricValue``, ``MetricInfo``: evaluation metrics and what their numbers are.
+- ``Metric``, ``MetricInfo``, ``MetricValue``: evaluation metrics and what their numbers are.
 - ``Layout``: sparse storage layouts.
 - ``RunContext``: what methods and metrics receive.
 - ``find_ffn_blocks``: the one way to find FFN blocks in a model.
 - ``load_output``: load any sparsify output folder back, with its fast modules (``fast=False``: as saved).
+
+The classes are imported on first use (PEP 562 ``__getattr__``), so that importing a light submodule
+(``sparsify_core.registry``, ``sparsify_core.cli``) does not pay for torch: ``sparsify runs``, ``show`` and
+``compare`` and every process that only records start in a fraction of a second.
 """
 from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -19,13 +26,37 @@ __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("sparsify")
 
-from .context import RunContext  # noqa: E402
-from .errors import RecipeError, SparsifyError  # noqa: E402
-from .layout import Layout  # noqa: E402
-from .masks import MaskSet  # noqa: E402
-from .method import Method, Params, StageResult  # noqa: E402
-from .metric import Metric, MetricInfo, MetricValue  # noqa: E402
-from .sources import DataSource, LoadedModel, ModelSource, TokenSplit  # noqa: E402
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "RunContext": "context", "RecipeError": "errors", "SparsifyError": "errors", "Layout": "layout",
+    "MaskSet": "masks", "Method": "method", "Params": "method", "StageResult": "method", "Metric": "metric",
+    "MetricInfo": "metric", "MetricValue": "metric", "DataSource": "sources", "LoadedModel": "sources",
+    "ModelSource": "sources", "TokenSplit": "sources",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
+    from .context import RunContext
+    from .errors import RecipeError, SparsifyError
+    from .layout import Layout
+    from .masks import MaskSet
+    from .method import Method, Params, StageResult
+    from .metric import Metric, MetricInfo, MetricValue
+    from .sources import DataSource, LoadedModel, ModelSource, TokenSplit
+
+
+def __getattr__(name: str):
+    """``sparsify_core.X`` for an exported class ``X``: imports its submodule once. Raises ``AttributeError``
+    for any other name."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 def find_ffn_blocks(model):

@@ -596,7 +596,7 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
 
 def main() -> None:
     """Console entry point: one-line errors, meaningful exit codes."""
-    from .runner import RunInterrupted
+    from .errors import RunInterrupted
 
     debug = "--debug" in sys.argv or os.environ.get("SPARSIFY_DEBUG") == "1"
     try:

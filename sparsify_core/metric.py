@@ -5,11 +5,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 from .params import Params
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .context import RunContext
 
 

@@ -77,6 +77,17 @@ def registry_url(request, tmp_path):
 
 
 @pytest.fixture
+def shared_registry_url(request, tmp_path):
+    """One fresh registry URL for a heavy multi-process scenario (several `sparsify` interpreters): the test
+    PostgreSQL server's when ``$SPARSIFY_TEST_PG_URL`` is set (CI; required with ``SPARSIFY_REQUIRE_PG=1``),
+    else a SQLite file. Running it on both costs ~20 s more for no new path: SQLite's cross-process locking
+    keeps its own cheaper tests (registry-only worker processes, parametrised with ``registry_url``)."""
+    if os.environ.get(PG_ENV) or os.environ.get(PG_REQUIRED_ENV) == "1":
+        return request.getfixturevalue("pg_url")
+    return f"sqlite:///{tmp_path}/r.db"
+
+
+@pytest.fixture
 def one_thread():
     """Tiny tensors: one torch thread (two threads on a shared 2-core machine mostly wait on each other)."""
     import torch
@@ -85,6 +96,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def test_stages():
+    """``tests/fixture_plugins`` (test stage methods: wait_for_file, fail) registered in this process, for runs in
+    process; subprocesses get it through ``helpers.plugin_env``."""
+    import sys
+
+    from helpers import FIXTURE_PLUGINS
+
+    sys.path.insert(0, str(FIXTURE_PLUGINS))
+    import sparsify_test_stages
+
+    from sparsify_core.plugin_manager import plugin_manager, register, unregister
+
+    ours = not plugin_manager()[0].is_registered(sparsify_test_stages)
+    if ours:
+        register(sparsify_test_stages, name="test-stages", distribution="sparsify-test-stages (in-process)")
+    yield
+    if ours:
+        unregister(sparsify_test_stages)
+    sys.path.remove(str(FIXTURE_PLUGINS))
 
 
 @pytest.fixture

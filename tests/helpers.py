@@ -50,6 +50,25 @@ def sparsify_here(*args, cwd=None):
     return subprocess.CompletedProcess(["sparsify", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
+def run_here(recipe, cwd=None, registry=None, runs_dir=None) -> str:
+    """Run the recipe file ``recipe`` in this process through the Runner, as ``sparsify run`` does, from ``cwd``
+    (relative output dirs land there; default: the current folder); returns the run id and raises what the run
+    raised. For tests of what a run does, not of the CLI process: no ~5 s of imports per run. The registry and
+    runs folder default to ``$SPARSIFY_REGISTRY`` and ``$SPARSIFY_RUNS_DIR`` (the ``workdir`` fixture's)."""
+    from sparsify_core.recipe import load_recipe
+    from sparsify_core.registry import Registry
+    from sparsify_core.runner import Runner, default_runs_dir
+
+    here = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with Registry(registry) as reg:
+            return Runner(load_recipe(Path(recipe).resolve()), reg, runs_dir=runs_dir or default_runs_dir()).run()
+    finally:
+        os.chdir(here)
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -105,18 +124,23 @@ TINY_RECIPE = tiny_recipe("""\
 FIXTURE_PLUGINS = Path(__file__).resolve().parent / "fixture_plugins"
 
 
-def plugin_env(tmp_path: Path) -> dict:
-    """Environment that makes ``tests/fixture_plugins`` an installed plugin for subprocesses.
+def plugin_env(tmp_path: Path, *, example: bool = False) -> dict:
+    """Environment that makes ``tests/fixture_plugins`` (and, with ``example``, the example plugin of
+    ``tests/example_plugin``) installed plugins for subprocesses.
 
-    A minimal ``.dist-info`` folder with an entry point, on PYTHONPATH: the
-    same discovery path a pip-installed plugin takes.
+    A minimal ``.dist-info`` folder with an entry point per plugin, on PYTHONPATH: the
+    same discovery path a pip-installed plugin takes (without pip's seconds per install).
     """
     site = tmp_path / "site"
-    info = site / "sparsify_test_stages-0.0.0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sparsify-test-stages\nVersion: 0.0.0\n")
-    (info / "entry_points.txt").write_text("[sparsify.plugins]\ntest-stages = sparsify_test_stages\n")
-    path = os.pathsep.join([str(site), str(FIXTURE_PLUGINS), os.environ.get("PYTHONPATH", "")])
+    plugins = [("sparsify-test-stages", "test-stages = sparsify_test_stages", FIXTURE_PLUGINS)]
+    if example:
+        plugins.append(("sparsify-example-plugin", "example = sparsify_example_plugin", EXAMPLE_PLUGIN))
+    for name, entry_point, _ in plugins:
+        info = site / f"{name.replace('-', '_')}-0.0.0.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.0\n")
+        (info / "entry_points.txt").write_text(f"[sparsify.plugins]\n{entry_point}\n")
+    path = os.pathsep.join([str(site), *(str(folder) for *_, folder in plugins), os.environ.get("PYTHONPATH", "")])
     return {"PYTHONPATH": path}
 
 

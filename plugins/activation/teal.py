@@ -15,6 +15,7 @@ Pure math (``greedy_allocation``, ``effective_sparsity``, ``level_threshold``,
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -120,8 +121,22 @@ def _conv1d_cls():
     return Conv1D
 
 
-class ThresholdedConv1D(_InputThreshold, _conv1d_cls()):
-    """GPT-2 ``Conv1D`` of the magnitude-thresholded input (TEAL)."""
+@functools.cache
+def _thresholded_conv1d() -> type:
+    """``ThresholdedConv1D``, made on first use: it subclasses transformers' ``Conv1D``, and importing transformers
+    when the plugin loads would cost every ``sparsify`` command ~2 s (``plugins``, ``schema``, ``runs``...)."""
+    cls = type("ThresholdedConv1D", (_InputThreshold, _conv1d_cls()),
+               {"__doc__": "GPT-2 ``Conv1D`` of the magnitude-thresholded input (TEAL).", "__module__": __name__,
+                "__qualname__": "ThresholdedConv1D"})
+    globals()["ThresholdedConv1D"] = cls  # importable (and picklable) by name from now on
+    return cls
+
+
+def __getattr__(name: str):
+    """``ThresholdedConv1D`` on first access (PEP 562); ``AttributeError`` for any other missing name."""
+    if name == "ThresholdedConv1D":
+        return _thresholded_conv1d()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def set_input_threshold(module: nn.Module, threshold: float, where: str) -> None:
@@ -136,7 +151,7 @@ def set_input_threshold(module: nn.Module, threshold: float, where: str) -> None
         if type(module) is nn.Linear:
             module.__class__ = ThresholdedLinear
         elif type(module) is _conv1d_cls():
-            module.__class__ = ThresholdedConv1D
+            module.__class__ = _thresholded_conv1d()
         else:
             raise SparsifyError(f"{where}: TEAL thresholds the inputs of nn.Linear and Conv1D modules, "
                                 f"not {type(module).__name__}")

@@ -6,7 +6,7 @@ import json
 import pytest
 from rich.console import Console
 
-from helpers import sparsify
+from helpers import sparsify, sparsify_here
 from sparsify_core import bench, hookimpl
 from sparsify_core.errors import SparsifyError
 from sparsify_core.plugin_manager import register, unregister
@@ -114,7 +114,7 @@ def test_record_stores_a_bench_record_with_its_machine_apart_from_recipe_runs(tm
 
 
 def test_cli_bench_refuses_an_unknown_case(workdir):
-    bad = sparsify("bench", "--case", "98", "--quick", cwd=workdir)
+    bad = sparsify_here("bench", "--case", "98", "--quick", cwd=workdir)  # refused before anything runs
     assert bad.returncode == 1 and "unknown case(s) [98]" in bad.stderr
 
 
@@ -128,19 +128,20 @@ def test_cli_bench_record_then_runs_and_show(workdir):
     assert "s=90%" in proc.stdout and "1 threads" in proc.stdout
     run_id = proc.stderr.split("recorded as ")[1].split(";")[0].strip()
     assert json.loads((workdir / "b.json").read_text())["rows"]
-    listed = sparsify("runs", cwd=workdir, check=True).stdout
-    assert run_id in listed and "bench" in listed and "1 threads" in listed
-    shown = sparsify("show", run_id, cwd=workdir, check=True).stdout
-    assert "case 1" in shown and "speedup" in shown and "machine" in shown
-    resume = sparsify("run", "--resume", run_id, cwd=workdir)
+    # The record read back in this process: only the bench itself needed a process of its own (--threads).
+    listed = sparsify_here("runs", cwd=workdir)
+    assert listed.returncode == 0, listed.stderr
+    assert run_id in listed.stdout and "bench" in listed.stdout and "1 threads" in listed.stdout
+    shown = sparsify_here("show", run_id, cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    assert "case 1" in shown.stdout and "speedup" in shown.stdout and "machine" in shown.stdout
+    resume = sparsify_here("run", "--resume", run_id, cwd=workdir)
     assert resume.returncode == 1 and "not a recipe run" in resume.stderr
 
 
 def test_compare_puts_saved_results_side_by_side(tmp_path):
     """``--compare``: each result's machine in its column, configurations matched by (case, config), ``-`` where
     one result lacks it; bad files are one-line errors; nothing runs."""
-    from helpers import sparsify_here
-
     one = bench.run((97,), available={97: CASE})
     two = json.loads(json.dumps(one))  # as read back from --json
     two["environment"].update(cpu_model="Other CPU", isa="avx512", threads=4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import RECIPES, TINY_RECIPE, sparsify, tiny_recipe, write, sparsify_here
+from helpers import RECIPES, TINY_RECIPE, sparsify_here, tiny_recipe, write
 
 from sparsify_core.errors import RecipeError
 from sparsify_core.recipe import json_schema, load_recipe
@@ -124,7 +124,7 @@ def test_cli_validate_exit_codes(tmp_path):
     bad = write(tmp_path / "bad.yaml", TINY_RECIPE.replace("sparsity: 0.5", "sparsty: 0.5"))
     ok = sparsify_here("validate", good)
     assert ok.returncode == 0, ok.stderr
-    proc = sparsify("validate", bad)
+    proc = sparsify_here("validate", bad)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.yaml:18" in lines[0] and "sparsity" in lines[0]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import RECIPES, TINY_RECIPE, plugin_env, sparsify, write
+from helpers import RECIPES, TINY_RECIPE, plugin_env, sparsify, sparsify_here, write
 
 from sparsify_core import load_output
 from sparsify_core.method import STAGE_METRICS
@@ -74,20 +74,20 @@ def test_quickstart_end_to_end(workdir):
         w = dict(out.model.named_parameters())[name]
         assert torch.all(w[~keep] == 0)
 
-    # show and compare read it back.
-    shown = sparsify("show", run.id[:8], cwd=workdir)
+    # show and compare read it back (in this process: the run above is the one `sparsify` subprocess needed).
+    shown = sparsify_here("show", run.id[:8], cwd=workdir)
     assert shown.returncode == 0 and "magnitude" in shown.stdout, shown.stderr
-    cmp = sparsify("compare", "--format", "json", "--plot", workdir / "cmp.png", cwd=workdir)
+    cmp = sparsify_here("compare", "--format", "json", "--plot", workdir / "cmp.png", cwd=workdir)
     assert cmp.returncode == 0, cmp.stderr
     rows = json.loads(cmp.stdout)
     assert len(rows) == 2  # dense baseline + final point
     assert (workdir / "cmp.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_failure_is_recorded_and_one_line(workdir):
+def test_failure_is_recorded_and_one_line(workdir, test_stages):
     recipe = write(workdir / "r.yaml", TINY_RECIPE.replace(
         "evaluate:", "  - kind: test\n    method: fail\n    params: {message: kaput}\nevaluate:"))
-    proc = sparsify("run", recipe, cwd=workdir, env=plugin_env(workdir))
+    proc = sparsify_here("run", recipe, cwd=workdir)  # cli.main in this process: its exit code and one line
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: run ")
@@ -131,7 +131,7 @@ def test_signals_mark_the_run_interrupted(workdir, sig, status):
     assert [s.status for s in run.stages] == ["completed", "interrupted"]
 
 
-def test_sigkill_then_resume_finishes_one_run(workdir):
+def test_sigkill_then_resume_finishes_one_run(workdir, test_stages):
     proc, release = _start_waiting_run(workdir, factor=2.0)
     proc.kill()
     proc.wait(timeout=30)
@@ -141,7 +141,7 @@ def test_sigkill_then_resume_finishes_one_run(workdir):
     assert run.status == "interrupted"
     assert not any(s.status == "running" for s in run.stages)
     release.write_text("go")
-    done = sparsify("run", "--resume", run.id, cwd=workdir, env=plugin_env(workdir))
+    done = sparsify_here("run", "--resume", run.id, cwd=workdir)  # the kill needed a process; the resume does not
     assert done.returncode == 0, done.stderr
     assert "resuming after stage 1" in done.stderr
     (run,) = reg.find_runs()
@@ -155,29 +155,37 @@ def test_sigkill_then_resume_finishes_one_run(workdir):
 
 
 def test_resume_refuses_finished_and_unknown(workdir):
-    assert sparsify("run", RECIPES / "quickstart.yaml", cwd=workdir).returncode == 0
-    (run,) = _registry(workdir).find_runs()
-    proc = sparsify("run", "--resume", run.id, cwd=workdir)
+    from sparsify_core.recipe import load_recipe
+    from sparsify_core.runner import Runner
+
+    # A finished run, made in this process (the refusals below are what is tested, not the run itself).
+    recipe = write(workdir / "r.yaml", TINY_RECIPE.replace("  after: all", "  after: last\n  metrics: [perplexity]"))
+    run_id = Runner(load_recipe(recipe), _registry(workdir), runs_dir=workdir / "runs").run()
+    assert _registry(workdir).get_run(run_id).status == "finished"
+    proc = sparsify_here("run", "--resume", run_id, cwd=workdir)
     assert proc.returncode == 1 and "already finished" in proc.stderr
-    proc = sparsify("run", "--resume", "nope", cwd=workdir)
+    proc = sparsify_here("run", "--resume", "nope", cwd=workdir)
     assert proc.returncode == 1 and "no run" in proc.stderr
 
 
-def test_eight_concurrent_runs_are_all_recorded(workdir):
+N_CONCURRENT_RUNS = 4  # more than the 2 cores CI has; 8 concurrent writers are tested in test_registry
+
+
+def test_concurrent_runs_are_all_recorded(workdir):
     recipe = write(workdir / "r.yaml", TINY_RECIPE.replace("  after: all", "  after: last\n  metrics: [perplexity]"))
     env = dict(os.environ)
     procs = [subprocess.Popen([sys.executable, "-m", "sparsify_core.cli", "run", str(recipe), "--set", f"seed={i}"],
                               cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(8)]
+             for i in range(N_CONCURRENT_RUNS)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     runs = _registry(workdir).find_runs()
-    assert len(runs) == 8 and {r.status for r in runs} == {"finished"}
-    assert sorted(r.seed for r in runs) == list(range(8))
+    assert len(runs) == N_CONCURRENT_RUNS and {r.status for r in runs} == {"finished"}
+    assert sorted(r.seed for r in runs) == list(range(N_CONCURRENT_RUNS))
 
 
 def test_recipe_errors_leave_no_run(workdir):
     bad = write(workdir / "bad.yaml", TINY_RECIPE.replace("kind: prune", "kind: prun"))
-    proc = sparsify("run", bad, cwd=workdir)
+    proc = sparsify_here("run", bad, cwd=workdir)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert _registry(workdir).find_runs() == []

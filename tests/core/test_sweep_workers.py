@@ -1,6 +1,8 @@
 """Sweeps worked by several processes: atomic claims, heartbeats, reclaiming the points of dead workers.
 
-Every test runs on a SQLite file and on a PostgreSQL server (``conftest.registry_url``).
+Every test runs on a SQLite file and on a PostgreSQL server (``conftest.registry_url``), except the heavy
+scenario of three `sparsify` workers, which runs once (``conftest.shared_registry_url``: PostgreSQL where the
+tests have a server, else SQLite); the claim processes below keep SQLite's cross-process locking tested.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import time
 from collections import Counter
 
 import pytest
-from helpers import FIXTURE_PLUGINS, plugin_env, write
+from helpers import plugin_env, write
 from sqlalchemy import update
 
 from sparsify_core.registry import Registry, sweep_points
@@ -92,6 +94,46 @@ def test_concurrent_claimants_take_every_point_exactly_once(reg):
     assert {s.status for s in reg.sweep_points(sid)} == {"finished"}
 
 
+# Each claimant is a separate interpreter, as a `sparsify run --worker` is, with only the registry imported.
+CLAIMANT = """
+import json, os, sys, time
+url, sid, go, out = sys.argv[1:5]
+from sparsify_core.registry import Registry
+open(out + ".ready", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.002)
+taken = []
+with Registry(url) as reg:
+    while (claim := reg.claim_sweep_point(sid)) is not None:
+        taken.append(claim.idx)
+        time.sleep(0.02)  # the point's "work": the other claimants come in meanwhile
+        reg.settle_sweep_point(claim, "finished")
+with open(out, "w") as f:
+    json.dump(taken, f)
+"""
+
+
+def test_claimant_processes_take_every_point_exactly_once(registry_url, reg, tmp_path):
+    points = [json.dumps({"seed": i}) for i in range(24)]
+    sid = _sweep(reg, points)
+    go, outs = tmp_path / "go", [tmp_path / f"taken-{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMANT, registry_url, sid, str(go), str(out)],
+                              stderr=subprocess.PIPE, text=True) for out in outs]
+    deadline = time.monotonic() + 120
+    while not all(out.with_name(out.name + ".ready").exists() for out in outs):  # all imported: claim at once
+        assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(errors)
+    taken = [idx for out in outs for idx in json.loads(out.read_text())]
+    assert sorted(taken) == list(range(len(points)))  # every point once, across processes
+    state = reg.sweep_points(sid)
+    assert {s.status for s in state} == {"finished"} and {s.attempts for s in state} == {1}
+    assert len({s.worker for s in state}) > 1  # the claims really were spread over processes
+
+
 def test_a_point_whose_heartbeat_stopped_is_reclaimed_and_its_run_marked(reg):
     sid = _sweep(reg)
     first = reg.claim_sweep_point(sid, stale_after=0.5)
@@ -144,38 +186,21 @@ sweep:
 """
 
 
-@pytest.fixture
-def test_stages():
-    """``tests/fixture_plugins`` registered in this process too (the workers get it through ``plugin_env``)."""
-    sys.path.insert(0, str(FIXTURE_PLUGINS))
-    import sparsify_test_stages
-
-    from sparsify_core.plugin_manager import plugin_manager, register, unregister
-
-    ours = not plugin_manager()[0].is_registered(sparsify_test_stages)
-    if ours:
-        register(sparsify_test_stages, name="test-stages", distribution="sparsify-test-stages (in-process)")
-    yield
-    if ours:
-        unregister(sparsify_test_stages)
-    sys.path.remove(str(FIXTURE_PLUGINS))
-
-
 @pytest.mark.timeout(900)  # three interpreters importing torch: minutes on a loaded 2-core machine
-def test_three_workers_one_killed_finish_every_point_exactly_once(registry_url, tmp_path, test_stages):
+def test_three_workers_one_killed_finish_every_point_exactly_once(shared_registry_url, tmp_path, test_stages):
     from sparsify_core.recipe import load_sweep
     from sparsify_core.sweep import record_sweep
 
     plan = load_sweep(write(tmp_path / "sw.yaml", SWEEP.format(dir=tmp_path)))
-    with Registry(registry_url) as reg:
+    with Registry(shared_registry_url) as reg:
         sid = record_sweep(plan, reg)
-    env = dict(os.environ, **plugin_env(tmp_path), SPARSIFY_REGISTRY=registry_url, COLUMNS="200")
+    env = dict(os.environ, **plugin_env(tmp_path), SPARSIFY_REGISTRY=shared_registry_url, COLUMNS="200")
     workers = [subprocess.Popen([sys.executable, "-m", "sparsify_core.cli", "run", "--resume", sid, "--worker",
                                  "--heartbeat-timeout", "3", "--runs-dir", str(tmp_path / "runs")],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(3)]
     try:
-        with Registry(registry_url) as reg:
+        with Registry(shared_registry_url) as reg:
             deadline = time.monotonic() + 600
             while True:  # all three are inside a point's stage (waiting for the release file)
                 waiting = [r for r in reg.find_runs(sweep_id=sid) if r.stages and r.stages[0].status == "running"]

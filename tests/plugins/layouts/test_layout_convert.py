@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import sparsify, tiny_recipe, write
+from helpers import run_here, tiny_recipe, write
 from sparsify_core import load_output
 from sparsify_core.errors import SparsifyError
 from sparsify_kernels import ffn as ffn_kernels
@@ -54,8 +54,7 @@ def test_run_convert_save_load_matches_unconverted(workdir):
     """`sparsify run` with layout_convert stages; the loaded output matches the same model unconverted."""
     from sparsify_plugins.prune import NMGPrune
     write(workdir / "conv.yaml", CONVERT_RECIPE)
-    proc = sparsify("run", "conv.yaml", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr
+    run_here(workdir / "conv.yaml")
     conv = load_output(workdir / "out-conv")
     kinds = {type(m).__name__ for m in conv.model.modules()}
     assert {"SparseLinear", "ActivationSparseFFN", "TransposedLinear"} <= kinds
@@ -305,8 +304,7 @@ def test_run_moeify_then_moe_ffn_layout_matches_and_loads_back(workdir):
     """`sparsify run`: moeify -> layout_convert/moe_ffn evaluates as before the conversion, and loads back."""
     from sparsify_core.registry import Registry
     write(workdir / "moe.yaml", MOE_RECIPE)
-    proc = sparsify("run", "moe.yaml", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr
+    run_here(workdir / "moe.yaml")
     (run,) = Registry(f"sqlite:///{workdir}/registry.db").find_runs()
     metrics = {}
     for m in run.metrics:

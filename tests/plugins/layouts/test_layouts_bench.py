@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import sparsify
+from helpers import sparsify_here
 from sparsify_core import bench
 from sparsify_kernels import ffn as K
 from sparsify_plugins.layouts import bench as layout_bench
@@ -99,12 +99,12 @@ def test_union_sparsity_of_a_batch_is_at_most_each_sequence_s(one_thread):
 
 def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
     """Case 4 on a saved MoE (as users pass their LTE output): MoEFFN reproduces the plain-torch MoE's tokens."""
-    from helpers import tiny_recipe, write
+    from helpers import run_here, tiny_recipe, write
 
     stages = ("  - kind: moeify\n    method: param_cluster\n"
               "    params: {expert_size: 8, router: lte, fit: {epochs: 2}}\n")
     write(workdir / "m.yaml", tiny_recipe(stages, output={"dir": "moe", "save": True}))
-    sparsify("run", "m.yaml", cwd=workdir, check=True)
+    run_here(workdir / "m.yaml")
     result = bench.run((4,), quick=True, threads=1, model_dir=workdir / "moe")
     row = result["rows"][0]
     assert set(row["ratio"]) == {"ours", "torch_moe"} and row["best"] == "ours"

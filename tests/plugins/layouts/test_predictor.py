@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_ctx, sparsify, tiny_model, tiny_recipe, write
+from helpers import make_ctx, run_here, tiny_model, tiny_recipe, write
 from sparsify_core import load_output
 from sparsify_kernels import ffn as K
 from sparsify_plugins.layouts import ActivationPredictor, ActivationSparseFFN, ActivationSparseFFNConvert
@@ -141,8 +141,7 @@ RECIPE = tiny_recipe("""\
 
 def test_run_saves_and_loads_the_predictors(workdir):
     write(workdir / "p.yaml", RECIPE)
-    proc = sparsify("run", "p.yaml", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr
+    run_here(workdir / "p.yaml")
     out = load_output(workdir / "out")
     ffns = [m for m in out.model.modules() if isinstance(m, ActivationSparseFFN)]
     assert len(ffns) == 2 and all(f.predictor is not None and f.predictor.rank == 8 for f in ffns)

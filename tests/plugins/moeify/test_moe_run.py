@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from helpers import RECIPES, plugin_env, sparsify, tiny_recipe, write, sparsify_here
+from helpers import RECIPES, plugin_env, sparsify_here, tiny_recipe, write
 
 from sparsify_core import load_output
 from sparsify_core.ffn import find_ffn_blocks
@@ -53,7 +53,7 @@ def _metrics(run, stage):
     return {m.name: m.value for m in run.metrics if m.stage == stage and m.layer is None and m.step is None}
 
 
-def test_run_killed_after_moe_stages_resumes_saves_and_loads_back(workdir):
+def test_run_killed_after_moe_stages_resumes_saves_and_loads_back(workdir, test_stages):
     started, release = workdir / "started", workdir / "release"
     wait = f"""  - kind: test
     method: wait_for_file
@@ -74,7 +74,7 @@ def test_run_killed_after_moe_stages_resumes_saves_and_loads_back(workdir):
     reg.reconcile()
     (run,) = reg.find_runs()
     release.write_text("go")
-    done = sparsify("run", "--resume", run.id, cwd=workdir, env=plugin_env(workdir))
+    done = sparsify_here("run", "--resume", run.id, cwd=workdir)  # the kill needed a process; the resume does not
     assert done.returncode == 0, done.stderr
     assert "resuming after stage 2" in done.stderr
     (run,) = reg.find_runs()

@@ -1,4 +1,9 @@
-"""A pruned model used as the start of a new run keeps its zeros (issue 11, kind 1; field case 01)."""
+"""A pruned model used as the start of a new run keeps its zeros (issue 11, kind 1; field case 01).
+
+The runs go through the Runner in this process, as ``sparsify run`` calls it: what is tested is the model source and
+the masks, not the CLI (tests/core/test_runner.py runs that as a subprocess), and each subprocess costs ~5 s of
+imports.
+"""
 from __future__ import annotations
 
 import json
@@ -6,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import sparsify, tiny_recipe, write
+from helpers import run_here, tiny_recipe, write
 from safetensors.torch import load_file, save_file
 
 from sparsify_core.errors import SparsifyError
@@ -45,8 +50,7 @@ def pruned_once(tmp_path_factory):
     folder = tmp_path_factory.mktemp("case01")
     write(folder / "p.yaml", tiny_recipe("  - {kind: prune, method: magnitude, params: {sparsity: 0.5}}\n",
                                          model=MODEL, splits=SPLITS, output={"dir": "pruned", "save": True}))
-    sparsify("run", "p.yaml", cwd=folder, check=True,
-             env={"SPARSIFY_REGISTRY": f"sqlite:///{folder}/registry.db", "SPARSIFY_RUNS_DIR": str(folder / "runs")})
+    run_here(folder / "p.yaml", cwd=folder, registry=f"sqlite:///{folder}/registry.db", runs_dir=folder / "runs")
     return folder / "pruned"
 
 
@@ -63,17 +67,18 @@ def _zeros(folder) -> dict[str, torch.Tensor]:
     return {n: w == 0 for n, w in tensors if ".layers." in n and n.endswith("proj.weight")}
 
 
-def test_finetune_from_a_pruned_output_keeps_its_sparsity(workdir, pruned):
+def test_finetune_from_a_pruned_output_keeps_its_sparsity(workdir, pruned, capsys):
     write(workdir / "f.yaml", _from(pruned, "  - {kind: train, method: finetune, params: {train: %s}}\n" % TRAIN))
-    proc = sparsify("run", "f.yaml", cwd=workdir, check=True)
-    assert "masks: 10,240 pruned weights in 14 matrices (50.0% of them) from" in proc.stderr + proc.stdout
+    run_here(workdir / "f.yaml")
+    said = capsys.readouterr()
+    assert "masks: 10,240 pruned weights in 14 matrices (50.0% of them) from" in said.err + said.out
     assert _final(workdir, "finetune") == pytest.approx(0.5, abs=1e-9)  # was 0.0 before the fix
 
 
 def test_gmp_on_a_pruned_output_regrows_nothing(workdir, pruned):
     stages = "  - {kind: prune, method: gmp, params: {sparsity: 0.6, start: 0.5, end: 1.0, every: 1, train: %s}}\n" % TRAIN
     write(workdir / "g.yaml", _from(pruned, stages, out="gmp"))
-    sparsify("run", "g.yaml", cwd=workdir, check=True)
+    run_here(workdir / "g.yaml")
     before, after = _zeros(pruned), _zeros(workdir / "gmp")
     assert sum(int(z.sum()) for z in before.values()) == 10240
     regrown = sum(int((before[n] & ~after[n]).sum()) for n in before)
