@@ -467,7 +467,8 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
 def export(output: Path = typer.Argument(..., help="a sparsify output folder"),
            dest: Path = typer.Argument(..., help="the new folder (replaced atomically if it exists), or the .gguf "
                                        "file with --format gguf"),
-           storage: Optional[str] = typer.Option(None, "--storage", help="dense (plain transformers loads it) or "
+           storage: Optional[str] = typer.Option(None, "--storage", help="dense (plain transformers loads it: layouts "
+                                                 "densified; refused where the architecture changed, e.g. experts) or "
                                                  "compressed (sparse weights as bitmask plus values; sparsify only)"),
            format_: str = typer.Option("sparsify", "--format", help="sparsify (an output folder, with --storage) or "
                                        "gguf (one file llama.cpp loads; llama-architecture models)"),

@@ -6,7 +6,8 @@ model from its source, lets each completed stage ``rebuild`` its structural
 changes, then loads the weights. The output folder is a transformers folder
 (``config.json``, safetensors, tokenizer) plus ``sparsify.json`` (the
 manifest), ``recipe.yaml`` and a ``sparsify/`` folder with stage states;
-its weights and masks are stored ``dense`` (plain transformers) or
+its weights and masks are stored ``dense`` (plain transformers: every
+module in its plain form, see ``plain``) or
 ``compressed`` (sparsify only; see ``storage``). ``load_output`` rebuilds any
 modified modules the same way, on the meta device, and fills them from the
 stored tensors one at a time, so no second copy of the weights exists during

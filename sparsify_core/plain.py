@@ -56,6 +56,12 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
+def no_plain_form(path: str, module: nn.Module, like: nn.Module) -> str:
+    """The one-line refusal for a module with no plain form."""
+    return (f"{path or 'the model'}: a {type(module).__name__} where plain transformers has a {type(like).__name__}, "
+            "with no plain form (the architecture changed); keep the output compressed")
+
+
 def differing(model: nn.Module, plain: nn.Module) -> list[str]:
     """Paths of ``model``'s modules that are not as in ``plain`` (a skeleton), children before parents.
 
@@ -75,9 +81,7 @@ def differing(model: nn.Module, plain: nn.Module) -> list[str]:
         while owner not in theirs:
             owner = owner.rpartition(".")[0]
         if not callable(getattr(ours[owner], "plain_module", None)):
-            raise SparsifyError(f"{owner or type(model).__name__}: holds a {type(ours[path]).__name__} that a plain "
-                                "transformers model of this config does not have (the architecture changed; keep "
-                                "the output compressed)")
+            raise SparsifyError(no_plain_form(owner, ours[owner], theirs[owner]))
     missing = [p for p in theirs if p not in ours]
     if missing:
         raise SparsifyError(f"{missing[0]}: a plain transformers model of this config has a module there and "
@@ -98,9 +102,7 @@ def to_plain(model: nn.Module, masks: dict[str, torch.Tensor], plain: nn.Module
     for path in paths:  # check all before changing anything
         module = model.get_submodule(path)
         if not callable(getattr(module, "plain_module", None)):
-            raise SparsifyError(f"{path}: a {type(module).__name__} where plain transformers has a "
-                                f"{type(plain.get_submodule(path)).__name__}, with no plain form (the "
-                                "architecture changed; keep the output compressed)")
+            raise SparsifyError(no_plain_form(path, module, plain.get_submodule(path)))
     state = dict(masks)
     originals: dict[str, nn.Module] = {}
     try:
