@@ -255,7 +255,11 @@ class LoadedOutput:
     masks: MaskSet
 
 
-def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
+#: What ``load_output(layouts=...)`` accepts: weight layouts chosen per Linear, or weights as saved.
+LAYOUT_CHOICES = ("auto", "none")
+
+
+def load_output(path, device="cpu", fast: bool = True, layouts: str = "auto") -> LoadedOutput:
     """Load any sparsify output folder, dense or compressed: architecture, stage rebuilds, weights, masks.
 
     Works for outputs whose modules were modified by stages (their methods'
@@ -271,12 +275,19 @@ def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
     e.g. activation-sparse FFNs for ReLU/FATReLU FFNs, ``MoEFFN`` for FFNs
     split into experts), exactly; ``LoadedOutput.manifest["fast_modules"]``
     lists what changed. ``fast=False`` keeps the modules as saved (to train
-    further, or to inspect the structure the stages left).
+    further, or to inspect the structure the stages left). ``layouts``
+    (with ``fast``): ``"auto"`` (the default) lets the plugins also move
+    pruned Linear weights into the layout their measured table rates fastest
+    on this machine for decoding (one token), keeping dense where no layout
+    wins, and say which; ``"none"`` keeps every weight as saved.
 
     Raises ``SparsifyError`` (one line naming the folder) when ``path`` is not
     an output, its storage is unknown, a plugin it needs is missing, or its
-    weights do not fit the rebuilt model.
+    weights do not fit the rebuilt model; (one line) for a ``layouts`` not
+    in ``LAYOUT_CHOICES``.
     """
+    if layouts not in LAYOUT_CHOICES:
+        raise SparsifyError(f"layouts {layouts!r}: choose {' or '.join(LAYOUT_CHOICES)}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -346,7 +357,7 @@ def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
     if fast:
         changed = []
         for done in plugin_manager()[0].hook.sparsify_fast_modules(model=model, masks=masks,
-                                                                    device=torch.device(device)):
+                                                                    device=torch.device(device), layouts=layouts):
             changed += done or []
         manifest = dict(manifest, fast_modules=changed)
     return LoadedOutput(model=model, tokenizer=tokenizer, manifest=manifest, masks=masks)
