@@ -21,10 +21,15 @@ def pruned(tmp_path_factory):
     return folder
 
 
+def _table_at(monkeypatch, path) -> None:
+    # the table file alone: a fresh SPARSIFY_CACHE would also rebuild the native kernels (minutes)
+    monkeypatch.setattr(TBL, "table_path", lambda: path)
+
+
 def _inject(monkeypatch, tmp_path, folder, rate) -> None:
     """A table (in a fresh cache) whose entry for every candidate that holds each pruned weight is
     ``rate(layout_name, shape)``; ``None`` leaves the entry out."""
-    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "cache"))
+    _table_at(monkeypatch, tmp_path / "table.json")
     tab = TBL.LayoutTable.load()
     model = load_output(folder, fast=False).model
     for _name, module in prunable_modules(model):
@@ -73,7 +78,7 @@ def test_dense_everywhere_when_no_layout_wins_or_the_table_is_empty(pruned, monk
     loaded = load_output(pruned)  # auto is the default
     assert not _layouts(loaded.model)
     assert "layouts auto: 14 pruned Linears: 14 dense (no layout beats dense for T=1" in loaded.manifest["fast_modules"][-1]
-    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "empty"))
+    _table_at(monkeypatch, tmp_path / "empty.json")
     line = load_output(pruned).manifest["fast_modules"][-1]
     assert line.startswith("layouts auto: 14 pruned Linears: 14 dense (no table entry for T=1") and "--case 3" in line
 
