@@ -469,7 +469,8 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
 def export(output: Path = typer.Argument(..., help="a sparsify output folder"),
            dest: Path = typer.Argument(..., help="the new folder (replaced atomically if it exists), or the .gguf "
                                        "file with --format gguf"),
-           storage: Optional[str] = typer.Option(None, "--storage", help="dense (plain transformers loads it) or "
+           storage: Optional[str] = typer.Option(None, "--storage", help="dense (plain transformers loads it: layouts "
+                                                 "densified; refused where the architecture changed, e.g. experts) or "
                                                  "compressed (sparse weights as bitmask plus values; sparsify only)"),
            format_: str = typer.Option("sparsify", "--format", help="sparsify (an output folder, with --storage) or "
                                        "gguf (one file llama.cpp loads; llama-architecture models)"),
@@ -519,11 +520,15 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
              device: str = typer.Option("auto", "--device", help="cpu, cuda or auto [default: cuda if available]"),
              decode_path: str = typer.Option("auto", "--decode-path", help="auto (the lean path where it covers the "
                                              "model, else HF generate), lean, lean-torch (the lean path without "
-                                             "its native step) or hf; --compare-dense uses the same")):
+                                             "its native step) or hf; --compare-dense uses the same"),
+             layouts: str = typer.Option("auto", "--layouts", help="auto (pruned weights in the layout measured "
+                                         "fastest here for decoding, dense where none wins) or none (as saved)")):
     """Stream greedy text from an output with its fast modules; tokens/s of prefill and decode on the last line.
 
-    The fast modules are those ``load_output(fast=True)`` picks (activation-
-    sparse FFNs, MoE FFNs; layouts a recipe converted to). Decoding runs on
+    The fast modules are those ``load_output(fast=True, layouts=...)`` picks
+    (activation-sparse FFNs, MoE FFNs; layouts a recipe converted to; with
+    ``--layouts auto``, pruned weights in the layout the measured table rates
+    fastest, or dense, which stderr says). Decoding runs on
     the lean path (``sparsify_core.lean``: static KV cache, one native call per
     token where the kernels cover the model, else one plain step per layer)
     for llama-style models, as ``sparsify bench`` case 4 does, and
@@ -541,13 +546,15 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
         raise SparsifyError("give the prompt as --prompt TEXT or --prompt-file FILE (one of them)")
     if decode_path not in PATHS:
         raise SparsifyError(f"--decode-path {decode_path}: choose {', '.join(PATHS)}")
+    if layouts not in ("auto", "none"):
+        raise SparsifyError(f"--layouts {layouts}: choose auto or none")
     if prompt_file is not None:
         try:
             prompt = prompt_file.read_text()
         except OSError as exc:
             raise SparsifyError(f"--prompt-file {prompt_file}: {exc.strerror or exc}") from None
     dev = _pick_device(device)
-    loaded = load_output(output, device=dev, fast=True)
+    loaded = load_output(output, device=dev, fast=True, layouts=layouts)
     tok = loaded.tokenizer
     if loaded.manifest.get("task", "causal_lm") != "causal_lm" or not hasattr(loaded.model, "generate"):
         raise SparsifyError(f"{output}: an encoder model; generate needs a causal LM output")

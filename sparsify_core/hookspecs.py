@@ -90,12 +90,16 @@ def sparsify_layouts():
 
 
 @hookspec
-def sparsify_fast_modules(model, masks, device):
+def sparsify_fast_modules(model, masks, device, layouts):
     """Swap modules of a loaded ``model`` for the ones that compute fastest on ``device``, exactly.
 
     Called by ``load_output`` (unless ``fast=False``) (and so by ``sparsify
     generate``) on a model in eval mode on ``device``; ``masks`` is its
-    ``MaskSet``, to be kept in step with any weight a swap moves. An
+    ``MaskSet``, to be kept in step with any weight a swap moves.
+    ``layouts`` is ``"auto"`` (a pruned Linear may move into the weight
+    layout measured fastest for its shape and density, or stay dense when
+    none wins) or ``"none"`` (weights stay as saved); an implementation may
+    leave the parameter out. An
     implementation changes only modules it owns the fast form of, leaves the
     model computing the same function (to float tolerance), and returns a
     list of one-line descriptions of what it changed (empty or ``None``: nothing)."""

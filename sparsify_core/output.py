@@ -6,7 +6,8 @@ model from its source, lets each completed stage ``rebuild`` its structural
 changes, then loads the weights. The output folder is a transformers folder
 (``config.json``, safetensors, tokenizer) plus ``sparsify.json`` (the
 manifest), ``recipe.yaml`` and a ``sparsify/`` folder with stage states;
-its weights and masks are stored ``dense`` (plain transformers) or
+its weights and masks are stored ``dense`` (plain transformers: every
+module in its plain form, see ``plain``) or
 ``compressed`` (sparsify only; see ``storage``). ``load_output`` rebuilds any
 modified modules the same way, on the meta device, and fills them from the
 stored tensors one at a time, so no second copy of the weights exists during
@@ -26,6 +27,7 @@ from .errors import SparsifyError
 from .fsutil import replace_dir, tmp_for
 from .masks import MaskSet
 from .method import StageResult
+from . import plain as P
 from . import storage as S
 
 MANIFEST = "sparsify.json"
@@ -116,21 +118,37 @@ def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, 
     """Write the output folder atomically; returns its path.
 
     ``storage`` is ``dense`` or ``compressed`` (``storage`` module); ``None``
-    picks ``default_storage``. Raises ``SparsifyError`` for another value."""
+    picks ``default_storage``. ``dense`` writes every module in its plain
+    form (``plain``: layouts densified, exactly), so plain transformers loads
+    the folder and computes the same function; the storage block lists the
+    modules written so (``"plain"``), for ``load_output`` to rebuild them. The
+    model is left as it was. Raises ``SparsifyError`` for another value, and
+    for ``dense`` when a module has no plain form (experts, a thresholded
+    input or activation: the architecture changed), naming it."""
     folder = Path(folder)
     storage = storage or default_storage(masks, manifest)
     if storage not in S.STORAGES:
         raise SparsifyError(f"unknown output storage {storage!r}: choose dense or compressed")
     tmp = tmp_for(folder)
-    model.save_pretrained(tmp, safe_serialization=True)
+    plain, plain_masks = [], dict(masks.items()) if masks is not None else {}
+    if storage == "dense":  # plain transformers loads it: modules in their plain form while it is written
+        originals, plain_masks = P.to_plain(model, plain_masks, P.skeleton(model.config, manifest.get("task",
+                                                                                                    "causal_lm")))
+        plain = list(originals)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            P.restore(model, originals)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     extra = tmp / "sparsify"
     extra.mkdir()
     if storage == "dense":
-        if len(masks):
-            save_file(masks.state_dict(), tmp / S.DENSE_MASKS)
-        block = {"form": "dense", "version": S.STORAGE_VERSION}
+        if plain_masks:
+            save_file({k: m.to(torch.uint8).contiguous() for k, m in plain_masks.items()}, tmp / S.DENSE_MASKS)
+        block = {"form": "dense", "version": S.STORAGE_VERSION, "plain": plain}
     else:  # the same tensors save_pretrained wrote (tied copies dropped), re-encoded
         block = _recompress(tmp, dict(masks.items()), model)
     manifest = dict(manifest, format=FORMAT_VERSION, storage=block, stage_results=_save_results(extra, results))
@@ -190,7 +208,11 @@ def export_output(src, dest, storage: str) -> Path:
     """Copy output ``src`` to ``dest`` with its weights and masks stored as ``storage``; returns ``dest``.
 
     Tensor by tensor, without building the model, so every weight and mask
-    is bit-identical; the rest of the folder (config, tokenizer, recipe,
+    is bit-identical; except ``dense`` from an output whose stages swapped
+    modules in sparsify's own form: the model is loaded and written in its
+    plain form (``save_output``: weights densified from their layouts, bit
+    for bit, so plain transformers loads it; ``SparsifyError`` naming a
+    module with no plain form, e.g. experts). The rest of the folder (config, tokenizer, recipe,
     stage states) is copied as is. Written atomically (``dest`` appears
     complete or not at all; an existing ``dest`` is replaced). Raises
     ``SparsifyError`` when ``src`` is not an output, ``storage`` is unknown or
@@ -203,11 +225,16 @@ def export_output(src, dest, storage: str) -> Path:
         raise SparsifyError(f"unknown storage {storage!r}: choose dense or compressed")
     if dest.resolve() == src.resolve():
         raise SparsifyError(f"{dest}: export into a new folder, not onto the output itself")
-    try:
-        tensors = dict(S.iter_tensors(src, manifest))
-        masks = S.read_masks(src, manifest)
-    except (ValueError, OSError) as exc:
-        raise SparsifyError(f"{src}: {exc}") from None
+    plain = S.storage_of(manifest).get("plain", [])
+    rebuilt = any(st.get("rebuild", True) for st in manifest.get("stages", []))
+    if storage == "dense" and rebuilt and "plain" not in S.storage_of(manifest):
+        tensors, masks, plain = _plain_tensors(src)  # modules a stage swapped: their plain form
+    else:  # plain already (or compressed, which stores any form): tensor by tensor
+        try:
+            tensors = dict(S.iter_tensors(src, manifest))
+            masks = S.read_masks(src, manifest)
+        except (ValueError, OSError) as exc:
+            raise SparsifyError(f"{src}: {exc}") from None
     tmp = tmp_for(dest)
     weights = {p.name for p in S.dense_files(src)} | {S.COMPRESSED_FILE, "model.safetensors.index.json", MANIFEST}
     for p in src.iterdir():
@@ -217,11 +244,24 @@ def export_output(src, dest, storage: str) -> Path:
             shutil.copytree(p, tmp / p.name, ignore=shutil.ignore_patterns(Path(S.DENSE_MASKS).name))
         else:
             shutil.copy2(p, tmp / p.name)
-    block = S.write_storage(tmp, tensors, masks, storage)
+    block = S.write_storage(tmp, tensors, masks, storage) | ({"plain": plain} if plain or storage == "dense" else {})
     (tmp / MANIFEST).write_text(json.dumps(dict(manifest, format=FORMAT_VERSION, storage=block), indent=1,
                                            default=str))
     replace_dir(tmp, dest)
     return dest
+
+
+def _plain_tensors(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """The state dict (tied copies dropped) and masks of output ``src`` with every module in its plain form,
+    and the paths of the modules converted (``plain.to_plain``; ``SparsifyError`` naming one with none)."""
+    loaded = load_output(src, fast=False)
+    model = loaded.model
+    originals, masks = P.to_plain(model, dict(loaded.masks.items()),
+                                  P.skeleton(model.config, loaded.manifest.get("task", "causal_lm")))
+    names = dict(model.named_parameters(remove_duplicate=False))
+    tied = set(names) - {n for n, _ in model.named_parameters()}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    return tensors, masks, list(originals)
 
 
 @dataclass
@@ -234,7 +274,11 @@ class LoadedOutput:
     masks: MaskSet
 
 
-def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
+#: What ``load_output(layouts=...)`` accepts: weight layouts chosen per Linear, or weights as saved.
+LAYOUT_CHOICES = ("auto", "none")
+
+
+def load_output(path, device="cpu", fast: bool = True, layouts: str = "auto") -> LoadedOutput:
     """Load any sparsify output folder, dense or compressed: architecture, stage rebuilds, weights, masks.
 
     Works for outputs whose modules were modified by stages (their methods'
@@ -250,12 +294,19 @@ def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
     e.g. activation-sparse FFNs for ReLU/FATReLU FFNs, ``MoEFFN`` for FFNs
     split into experts), exactly; ``LoadedOutput.manifest["fast_modules"]``
     lists what changed. ``fast=False`` keeps the modules as saved (to train
-    further, or to inspect the structure the stages left).
+    further, or to inspect the structure the stages left). ``layouts``
+    (with ``fast``): ``"auto"`` (the default) lets the plugins also move
+    pruned Linear weights into the layout their measured table rates fastest
+    on this machine for decoding (one token), keeping dense where no layout
+    wins, and say which; ``"none"`` keeps every weight as saved.
 
     Raises ``SparsifyError`` (one line naming the folder) when ``path`` is not
     an output, its storage is unknown, a plugin it needs is missing, or its
-    weights do not fit the rebuilt model.
+    weights do not fit the rebuilt model; (one line) for a ``layouts`` not
+    in ``LAYOUT_CHOICES``.
     """
+    if layouts not in LAYOUT_CHOICES:
+        raise SparsifyError(f"layouts {layouts!r}: choose {' or '.join(LAYOUT_CHOICES)}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -283,19 +334,31 @@ def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
                                     "which no installed plugin provides; install the plugin that provides it")
             ctx.stage_name, ctx.stage_index = st["name"], st["index"]
             cls().rebuild(ctx, cls.Params.model_validate(st["params"]), results.get(st["index"], StageResult()))
+    plain = S.storage_of(manifest).get("plain", [])
+    stored = S.iter_tensors(folder, manifest)
+    masks_state = None
+    if plain:  # modules written in their plain form: take them back into the form the stages left
+        try:
+            stored = dict(stored)
+            masks_state = S.read_masks(folder, manifest)
+        except (ValueError, OSError) as exc:
+            raise SparsifyError(f"{folder}: {exc}") from None
+        P.load_plain(model, plain, P.skeleton(config, manifest.get("task", "causal_lm")), stored, masks_state)
+        stored = stored.items()
     expected = model.state_dict()
     state, unexpected = {}, []
     try:
-        for name, t in S.iter_tensors(folder, manifest):
+        for name, t in stored:
             ref = expected.get(name)
             if ref is None:
                 unexpected.append(name)
                 continue
             state[name] = t.to(ref.dtype) if t.is_floating_point() and ref.is_floating_point() else t
-        masks_state = S.read_masks(folder, manifest)
+        if masks_state is None:
+            masks_state = S.read_masks(folder, manifest)
     except (ValueError, OSError) as exc:
         raise SparsifyError(f"{folder}: {exc}") from None
-    if not state:
+    if not state and not plain:
         raise SparsifyError(f"{folder}: no weights (no model.safetensors or {S.COMPRESSED_FILE})")
     model.load_state_dict(state, strict=False, assign=True)
     del state
@@ -313,7 +376,7 @@ def load_output(path, device="cpu", fast: bool = True) -> LoadedOutput:
     if fast:
         changed = []
         for done in plugin_manager()[0].hook.sparsify_fast_modules(model=model, masks=masks,
-                                                                    device=torch.device(device)):
+                                                                    device=torch.device(device), layouts=layouts):
             changed += done or []
         manifest = dict(manifest, fast_modules=changed)
     return LoadedOutput(model=model, tokenizer=tokenizer, manifest=manifest, masks=masks)

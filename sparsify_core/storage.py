@@ -6,8 +6,8 @@ method, layout or model class.
 - ``dense``: ``model.safetensors`` (or transformers' shards) written by
   ``save_pretrained``: every tensor as the model holds it, masks in
   ``sparsify/masks.safetensors`` as one uint8 per weight. Plain
-  ``transformers`` loads a pruned output (stages that swapped modules still
-  need ``load_output``, as ever).
+  ``transformers`` loads it: modules stages swapped are written in their
+  plain form (``plain``; the manifest's ``storage.plain`` lists them).
 - ``compressed``: one file, ``model.sparsify.safetensors``, and no
   ``model.safetensors``: plain ``transformers`` fails clearly on the folder
   ("no file named model.safetensors") instead of loading garbage. A sparse

@@ -43,11 +43,15 @@ def sparsify_methods():
 
 
 @hookimpl
-def sparsify_fast_modules(model, masks, device):
-    """Activation-sparse FFNs and MoE FFNs where a loaded model can skip work (``fast.fast_modules``)."""
-    from .fast import fast_modules
+def sparsify_fast_modules(model, masks, device, layouts):
+    """Activation-sparse FFNs and MoE FFNs where a loaded model can skip work (``fast.fast_modules``); with
+    ``layouts="auto"``, pruned Linears in the layout the measured table rates fastest (``fast.auto_layouts``)."""
+    from .fast import auto_layouts, fast_modules
 
-    return fast_modules(model, masks, device)
+    done = fast_modules(model, masks, device)
+    if layouts == "auto":
+        done += auto_layouts(model, masks)
+    return done
 
 
 @hookimpl

@@ -90,3 +90,62 @@ def fast_modules(model: torch.nn.Module, masks: MaskSet | None = None, device=No
         done.append(f"left dense: {skipped[0]}" + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
     _rewrite_masks(SimpleNamespace(masks=masks), change)
     return done
+
+
+def auto_layouts(model: torch.nn.Module, masks: MaskSet | None = None, tokens: int = 1) -> list[str]:
+    """Move each pruned Linear/Conv1D (one with a mask) into the weight layout the measured table rates fastest.
+
+    The decision is ``layout: auto``'s (``table.choose`` over the default
+    candidates, each with its default params, margin 1), read from this
+    machine's table (``table.LayoutTable.load``) for ``tokens`` tokens per
+    call (1: decoding): a layout replaces the dense weight only where its
+    entry says it beats dense; entries missing from the table are not
+    measured at load time (``sparsify bench --case 3`` or a ``layout: auto``
+    stage measures them), and a weight with none stays dense. Exact: the
+    layout holds the weight's zeros (``from_dense``), and the masks of moved
+    weights are dropped, as in ``layout_convert``. Returns one line saying
+    how many modules went into which layout and how many stayed dense, and
+    why. Raises ``SparsifyError`` when the table file is not a table.
+    """
+    from sparsify_core.ffn import prunable_modules, weight_out_in
+
+    from . import table as TBL
+    from .convert import AutoLayoutParams
+    from .modules import SparseLinear
+
+    masks = masks if masks is not None else MaskSet()
+    pruned = [(n, m) for n, m in prunable_modules(model) if f"{n}.weight" in masks
+              and not isinstance(m, TransposedLinear) and input_threshold(m) is None]
+    if not pruned:
+        return []
+    tab = TBL.LayoutTable.load()
+    candidates = AutoLayoutParams().layouts()
+    chosen: dict[str, int] = {}
+    dense_reasons: dict[str, int] = {}
+    change: dict = {}
+    for name, module in pruned:
+        w = weight_out_in(module).detach().contiguous()
+        ratios, held = {}, {}
+        for layout_cls, lp in candidates:
+            try:
+                layout = layout_cls.from_dense(w, lp)
+            except ValueError:
+                continue  # does not hold this weight exactly
+            r = tab.ratio(layout, tokens)
+            if r is not None:
+                ratios[layout_cls.name], held[layout_cls.name] = r, layout
+        best, _ratio, _why = TBL.choose(ratios)
+        if best is None:
+            why = "no table entry" if not ratios else "no layout beats dense"
+            dense_reasons[why] = dense_reasons.get(why, 0) + 1
+            continue
+        _set_module(model, name, SparseLinear(held[best], getattr(module, "bias", None)).to(w.device))
+        change[f"{name}.weight"] = None
+        chosen[best] = chosen.get(best, 0) + 1
+    _rewrite_masks(SimpleNamespace(masks=masks), change)
+    parts = [f"{n} in {k}" for k, n in sorted(chosen.items())]
+    parts += [f"{n} dense ({why} for T={tokens} on this machine)" for why, n in sorted(dense_reasons.items())]
+    line = f"layouts auto: {len(pruned)} pruned Linears: " + ", ".join(parts)
+    if dense_reasons.get("no table entry"):
+        line += "; `sparsify bench --case 3` measures the table"
+    return [line]

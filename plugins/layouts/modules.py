@@ -71,6 +71,30 @@ def _triton_ok(x: torch.Tensor) -> bool:
     return triton_kernels.available()
 
 
+def _plain_linear(like: nn.Module, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A copy of ``like`` (an ``nn.Linear`` or ``Conv1D`` of a plain model, on meta) holding this weight and bias.
+
+    The plain-form protocol (``sparsify_core.plain``); ``ValueError`` when
+    ``like`` is not linear or the shapes or the bias do not fit."""
+    import copy
+
+    from sparsify_core.ffn import is_conv1d
+
+    conv1d = is_conv1d(like)
+    if not (conv1d or isinstance(like, nn.Linear)):
+        raise ValueError(f"plain transformers has a {type(like).__name__} here, not a linear layer")
+    w = weight_out_in.detach().t() if conv1d else weight_out_in.detach()
+    if tuple(w.shape) != tuple(like.weight.shape):
+        raise ValueError(f"weight {list(w.shape)} where plain transformers has {list(like.weight.shape)}")
+    if (bias is None) != (getattr(like, "bias", None) is None):
+        raise ValueError("bias " + ("missing" if bias is None else "where plain transformers has none"))
+    new = copy.deepcopy(like)
+    new.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return new
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored in a weight layout (buffers named after its tensors).
 
@@ -133,6 +157,24 @@ class SparseLinear(nn.Module):
         bias = torch.zeros(shape[0], dtype=dtype) if has_bias else None
         return cls(layout_cls.from_tensors(shape, params, tensors), bias, strict)
 
+    def plain_module(self, like: nn.Module) -> nn.Module:
+        """The plain-form protocol (``sparsify_core.plain``): the ``nn.Linear``/``Conv1D`` ``like`` holding
+        ``dense_weight()`` (bit for bit, zeros stored) and the bias."""
+        return _plain_linear(like, self.dense_weight(), self.bias)
+
+    def load_plain(self, plain: nn.Module) -> None:
+        """The inverse of ``plain_module``: this layout's storage (same params) of ``plain``'s weight, in place.
+
+        ``ValueError`` when the weight does not fit the layout (it was not the one ``plain_module`` wrote)."""
+        from sparsify_core.ffn import weight_out_in
+
+        layout = self.layout_cls.from_dense(weight_out_in(plain).detach().contiguous(), self.layout_params)
+        for k, t in layout.tensors().items():
+            self._buffers[k] = t
+        bias = getattr(plain, "bias", None)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        self._forget()
+
     def storage_spec(self) -> dict:
         """Shapes and dtypes of the storage tensors (what ``empty`` needs to rebuild)."""
         return {k: [list(getattr(self, k).shape), str(getattr(self, k).dtype).removeprefix("torch.")]
@@ -182,6 +224,24 @@ class TransposedLinear(nn.Module):
         w = module.weight if is_conv1d(module) else module.weight.t()
         return cls(w.detach().contiguous(), getattr(module, "bias", None), strict)
 
+    def plain_module(self, like: nn.Module) -> nn.Module:
+        """The plain-form protocol (``sparsify_core.plain``): the ``nn.Linear`` (weight transposed back) or
+        ``Conv1D`` (as stored) ``like`` holding this weight and bias."""
+        return _plain_linear(like, self.weight.t(), self.bias)
+
+    def plain_transposed(self, like: nn.Module) -> bool:
+        """Whether ``like``'s weight (and so its mask) is this one's transpose: yes for an ``nn.Linear``."""
+        from sparsify_core.ffn import is_conv1d
+        return not is_conv1d(like)
+
+    def load_plain(self, plain: nn.Module) -> None:
+        """The inverse of ``plain_module``, in place (``[in, out]`` again)."""
+        from sparsify_core.ffn import weight_out_in
+
+        self.weight = nn.Parameter(weight_out_in(plain).detach().t().contiguous(), requires_grad=False)
+        bias = getattr(plain, "bias", None)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
     def forward(self, x):
         if _inference(x) and x[..., 0].numel() <= ffn_kernels.MAX_TOKENS:  # decoding: where skipping pays
             if x.device.type == "cpu" and x.dtype == torch.float32:
@@ -217,6 +277,11 @@ class InputSparseLinear(TransposedLinear):
         """From an ``nn.Linear`` or Conv1D carrying ``input_threshold`` (its weight shared or transposed)."""
         t = TransposedLinear.from_linear(module, strict)
         return cls(t.weight.data, t.bias, module.input_threshold, strict)
+
+    def plain_module(self, like: nn.Module) -> nn.Module:
+        """No plain form: plain transformers would not threshold the input (``ValueError``)."""
+        raise ValueError(f"it zeroes inputs below {self.input_threshold:.6g} (TEAL), which plain transformers "
+                         "does not")
 
     def forward(self, x):
         return super().forward(zero_small_inputs(x, self.input_threshold))
@@ -325,6 +390,22 @@ class ActivationSparseFFN(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.strict = strict
         self.predictor = predictor
+
+    def plain_module(self, like: nn.Module) -> nn.Module:
+        """The plain-form protocol (``sparsify_core.plain``): a copy of ``like`` (the architecture's FFN block)
+        with these children (already plain). ``ValueError`` with a predictor (approximate: plain
+        transformers computes every neuron) or when ``like`` has other children."""
+        import copy
+
+        if self.predictor is not None:
+            raise ValueError("its activation predictor computes only the neurons it predicts (approximate); "
+                             "plain transformers computes them all")
+        new = copy.deepcopy(like)
+        for name in like._modules:
+            if not hasattr(self, name):
+                raise ValueError(f"plain transformers' {type(like).__name__} has a {name!r} this block lacks")
+            setattr(new, name, getattr(self, name))
+        return new
 
     def _hooked(self) -> bool:
         return any(m._forward_pre_hooks or m._forward_hooks for m in (self.gate_proj, self.up_proj, self.down_proj))

@@ -3,6 +3,7 @@ architecture it applies to, loads without densifying layouts, exports both ways,
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import make_output
 from sparsify_core.errors import SparsifyError
+from sparsify_core.ffn import weight_out_in
+from sparsify_core.masks import MaskSet
 from sparsify_core.output import export_output, load_output, save_output
 from sparsify_core.storage import COMPRESSED_FILE, folder_bytes, iter_tensors
 
@@ -24,7 +27,7 @@ LAYOUTS = [NMG, ("layout_convert", "nmg", {"n": 2, "m": 4, "g": 2, "targets": ["
 MOE = [("moeify", "param_cluster", {"expert_size": 16, "router": "mlp", "top_k": 2, "batch_size": 4}),
        ("layout_convert", "moe_ffn", {})]
 
-#: storage form -> (stages, architectures it applies to)
+#: storage form -> (stages, architectures it applies to); every one but MoE has a plain transformers form
 FORMS = {
     "unstructured": ([PRUNE50], ["llama", "gpt2", "opt", "bert"]),
     "n:m": ([PRUNE24], ["llama", "gpt2", "opt", "bert"]),
@@ -50,21 +53,90 @@ def assert_identical(model, masks, loaded):
     assert len(loaded.masks) == len(masks)
 
 
+def _plain_model(folder, arch):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return (AutoModel if arch == "bert" else AutoModelForCausalLM).from_pretrained(folder).eval()
+
+
+def _outputs(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _dense_files_identical(a, b) -> bool:
+    want, got = dict(iter_tensors(a, {})), dict(iter_tensors(b, {}))
+    return set(want) == set(got) and all(torch.equal(_bits(want[k]), _bits(got[k])) for k in want)
+
+
 @pytest.mark.parametrize("form,arch", CASES, ids=[f"{f}-{a}" for f, a in CASES])
 def test_round_trip_every_storage_form(tmp_path, form, arch):
-    """Saved compressed (the default with masks), loaded, exported dense and back: bit-identical throughout."""
+    """Saved compressed (the default with masks), loaded, exported dense and back: bit-identical throughout;
+    the dense export is a plain transformers model with the same outputs (every layout, every architecture)."""
     model, masks = make_output(tmp_path / "c", arch, FORMS[form][0])
     manifest = json.loads((tmp_path / "c" / "sparsify.json").read_text())
     assert manifest["format"] == 2 and manifest["storage"]["form"] == "compressed"
     assert (tmp_path / "c" / COMPRESSED_FILE).exists() and not (tmp_path / "c" / "model.safetensors").exists()
     assert_identical(model, masks, load_output(tmp_path / "c", fast=False))
+    if form == "MoE FFN":  # experts and a router: no plain transformers form, so no dense export
+        with pytest.raises(SparsifyError) as err:
+            export_output(tmp_path / "c", tmp_path / "d", "dense")
+        assert re.match(r"(model|transformer)\.\S*mlp: a MoEFFN where plain transformers has a \w+MLP, with no plain form", str(err.value))
+        assert "\n" not in str(err.value) and not (tmp_path / "d").exists()
+        return
     export_output(tmp_path / "c", tmp_path / "d", "dense")
     assert (tmp_path / "d" / "model.safetensors").exists() and not (tmp_path / "d" / COMPRESSED_FILE).exists()
-    assert_identical(model, masks, load_output(tmp_path / "d", fast=False))
+    assert_identical(model, masks, load_output(tmp_path / "d", fast=False))  # sparsify rebuilds its modules
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    plain = _plain_model(tmp_path / "d", arch)
+    assert not {type(m).__name__ for m in plain.modules()} & {"SparseLinear", "TransposedLinear",
+                                                              "ActivationSparseFFN"}
+    torch.testing.assert_close(_outputs(plain, ids), _outputs(model, ids), atol=1e-5, rtol=1e-5)
+    for name, m in model.named_modules():  # layouts densified bit for bit
+        if hasattr(m, "dense_weight"):
+            like = plain.get_submodule(name.removeprefix(f"{plain.base_model_prefix}.") if arch == "bert" else name)
+            assert torch.equal(_bits(weight_out_in(like)), _bits(m.dense_weight())), name
     export_output(tmp_path / "d", tmp_path / "c2", "compressed")
     assert_identical(model, masks, load_output(tmp_path / "c2", fast=False))
+    export_output(tmp_path / "c2", tmp_path / "d2", "dense")
+    assert _dense_files_identical(tmp_path / "d", tmp_path / "d2")
     if masks:  # pruned: the compressed folder is smaller
         assert folder_bytes(tmp_path / "c2") < folder_bytes(tmp_path / "d")
+
+
+@pytest.mark.parametrize("stages,refused", [
+    ([("substitute_activation", "fatrelu", {"threshold": 0.01})], "act_fn: a FATReLUModule where plain transformers has a"),
+    ([RELU, ("layout_convert", "activation_sparse_ffn", {"predictor": {"rank": 4, "max_tokens": 64}})],
+     "mlp: a ActivationSparseFFN with no plain form: its activation predictor"),
+])
+def test_dense_refuses_what_plain_transformers_cannot_compute(tmp_path, stages, refused):
+    """An output whose function plain transformers cannot compute: one line naming the module, nothing written,
+    both when saved dense and when exported dense; the model saved is left as it was."""
+    model, _ = make_output(tmp_path / "c", "llama", stages)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SparsifyError, match=refused) as err:
+        export_output(tmp_path / "c", tmp_path / "d", "dense")
+    assert "\n" not in str(err.value) and not (tmp_path / "d").exists()
+    with pytest.raises(SparsifyError, match=refused):
+        save_output(tmp_path / "d", model, None, MaskSet(), json.loads((tmp_path / "c" / "sparsify.json").read_text()),
+                    "", {}, storage="dense")
+    assert not (tmp_path / "d").exists()
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_saved_dense_is_plain_and_the_model_is_left_as_it_was(tmp_path):
+    """output.storage: dense on a layout-converted model: plain transformers loads it; the live model keeps
+    its layouts (the plain modules are swapped in only while the folder is written)."""
+    model, masks = make_output(tmp_path / "d", "llama", LAYOUTS, storage="dense")
+    assert sum(type(m).__name__ == "SparseLinear" for m in model.modules()) == 14
+    block = json.loads((tmp_path / "d" / "sparsify.json").read_text())["storage"]
+    assert block["form"] == "dense" and len(block["plain"]) == 14
+    ids = torch.randint(0, 100, (1, 9))
+    torch.testing.assert_close(_outputs(_plain_model(tmp_path / "d", "llama"), ids), _outputs(model, ids),
+                               atol=1e-5, rtol=1e-5)
+    assert_identical(model, masks, load_output(tmp_path / "d", fast=False))
 
 
 def test_dense_storage_loads_in_plain_transformers_and_compressed_refuses(tmp_path):
@@ -102,9 +174,12 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("storage", ["compressed", "dense"])
+@pytest.mark.parametrize("storage", ["compressed"])
 def test_load_never_densifies_layouts(tmp_path, storage):
-    """Every FFN weight in a layout (48 x 40, a shape nothing else has): no tensor of its dense shape is made."""
+    """Every FFN weight in a layout (48 x 40, a shape nothing else has): no tensor of its dense shape is made.
+
+    (Compressed only: ``dense`` stores the plain, densified weights, which a load reads before it rebuilds
+    the layouts.)"""
     stages = [NMG, ("layout_convert", "csr", {"targets": ["gate_proj|down_proj"]}),
               ("layout_convert", "nm", {"n": 2, "m": 4, "targets": ["up_proj"]})]
     model, masks = make_output(tmp_path / "o", "llama", stages, storage=storage, hidden=40, ffn=48)
