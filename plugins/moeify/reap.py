@@ -15,9 +15,11 @@ Two kinds of mixture are pruned, physically:
   whose experts are packed 3-D parameters ``[E, ...]`` and whose router is a
   softmax over ``x W_r^T`` followed by top-k): the experts' slices and the
   router's rows go, and the config's expert count shrinks, so the saved model
-  is a plain transformers folder. ``g_j`` is the router's softmax probability
-  of ``j`` over all experts (the reference code's default, not the top-k
-  renormalised weight).
+  is a plain transformers folder. ``g_j`` is the weight the block gives
+  ``j``'s output: its softmax probability, renormalised over the token's
+  top-k where the model renormalises (Mixtral; Qwen/OLMoE with
+  ``norm_topk_prob``), as the reference code does with
+  ``renormalize_router_weights`` (the setting of its published checkpoints).
 - FFNs split into experts by ``moeify`` (``RoutedFFN``: experts of neurons,
   LTE or MoEfication router, sparsify's output format): the experts' neurons
   (rows of W_gate/W_up, columns of W_down) and the router's output rows go.
@@ -240,12 +242,12 @@ def set_expert_count(model: nn.Module, old: int, new: int) -> None:
 
 @torch.no_grad()
 def _native_hook(block: NativeMoE, stats: ExpertStats, chunk: int = 4096):
-    """Forward hook on the router: each token's top-k experts, their softmax gates and output norms."""
+    """Forward hook on the router: each token's top-k experts, the gate weights it applies, the output norms."""
     def hook(router, args, output):
         x = args[0].reshape(-1, args[0].shape[-1])
-        logits, idx = output[0], output[2]
+        weights, idx = output[1], output[2]  # [T, k] each: the router's own top-k rule
         E, k = stats.num_experts, idx.shape[-1]
-        probs = torch.softmax(logits.float(), dim=-1)  # g_j over all experts (REAP's reference default)
+        gates = torch.zeros(x.shape[0], E, device=x.device).scatter_(-1, idx, weights.float())
         routed = torch.zeros(x.shape[0], E, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
         norms = torch.zeros(x.shape[0], E, device=x.device)
         pairs_tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
@@ -254,7 +256,7 @@ def _native_hook(block: NativeMoE, stats: ExpertStats, chunk: int = 4096):
             t, e = pairs_tok[s:s + chunk], pairs_exp[s:s + chunk]
             out = block.experts(x[t], e[:, None], torch.ones(t.numel(), 1, dtype=x.dtype, device=x.device))
             norms[t, e] = out.float().norm(dim=-1)
-        stats.add(probs, norms, routed)
+        stats.add(gates, norms, routed)
     return hook
 
 

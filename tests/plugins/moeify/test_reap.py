@@ -102,16 +102,18 @@ def _expected_saliency(model, ctx, criterion):
 
         def pre(module, args, name=b.name):
             x = args[0].reshape(-1, args[0].shape[-1])
-            logits = x @ module.gate.weight.t()
-            probs = logits.softmax(-1)
-            idx = probs.topk(module.gate.top_k, dim=-1).indices
+            probs = (x @ module.gate.weight.t()).softmax(-1)
+            top, idx = probs.topk(module.gate.top_k, dim=-1)
+            if getattr(module.gate, "norm_topk_prob", True):  # the weight the block applies (Mixtral: always)
+                top = top / top.sum(-1, keepdim=True)
+            gates = torch.zeros_like(probs).scatter_(-1, idx, top)
             routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, idx, True)
             norms = torch.zeros_like(probs)
             ex = module.experts
             for j in range(probs.shape[-1]):
                 gate, up = (x @ ex.gate_up_proj[j].t()).chunk(2, dim=-1)
                 norms[:, j] = ((ex.act_fn(gate) * up) @ ex.down_proj[j].t()).norm(dim=-1)
-            stats[name].add(probs, norms, routed)
+            stats[name].add(gates, norms, routed)
         handles.append(b.module.register_forward_pre_hook(pre))
     with torch.no_grad():
         for batch in ctx.split("calibration").batches(8):
@@ -288,3 +290,44 @@ def test_unsupported_moe_layouts_are_refused_by_name():
         native_moe_blocks(Block(nn.ModuleList([nn.Linear(8, 8)]), SigmoidRouter()))
     with pytest.raises(SparsifyError, match="router SigmoidRouter is not a plain softmax top-k router"):
         native_moe_blocks(Block(nn.Linear(8, 8), SigmoidRouter()))
+
+
+# -- recipes through the engine ---------------------------------------------------------------------
+
+
+def _run(workdir, text: str):
+    from sparsify_core.registry import Registry
+    from sparsify_core.runner import Runner
+
+    registry = Registry(f"sqlite:///{workdir}/registry.db")
+    run_id = Runner(load_recipe(write(workdir / "r.yaml", text)), registry, runs_dir=workdir / "runs").run()
+    run = registry.get_run(run_id)
+    assert run.status == "finished"
+    return {(m.stage, m.name): m.value for m in run.metrics if m.layer is None}
+
+
+def test_recipe_on_a_tiny_moeified_llama_evaluates_the_moe_metrics(workdir):
+    stages = ("  - {kind: moeify, method: param_cluster, params: {expert_size: 8, router: mlp, top_k: 2, "
+              "fit: {epochs: 2}}}\n  - {kind: moeify, method: reap, params: {experts_keep: 0.75}}\n")
+    metrics = ["perplexity", "expert_sparsity", "router_recall", "ffn_flops_per_token", "parameters"]
+    got = _run(workdir, tiny_recipe(stages, evaluate={"metrics": metrics, "after": "all"}))
+    assert got[("reap", "experts_pruned")] == 4 and got[("reap", "experts_per_layer")] == 6
+    assert got[("reap", "expert_sparsity")] == pytest.approx(1 - 2 / 6)
+    assert got[("param_cluster", "expert_sparsity")] == pytest.approx(1 - 2 / 8)
+    # 2 experts x 8 neurons x 3 projections x 32 wide gone per layer; the MLP router loses 2 rows of its second layer
+    assert got[("param_cluster", "parameters")] - got[("reap", "parameters")] == 2 * (2 * 8 * 3 * 32 + 2 * 8)
+    assert all(v == v for v in got.values())  # no metric failed (NaN)
+
+
+def test_recipe_on_a_tiny_mixtral_saves_a_model_the_hf_source_takes_again(workdir):
+    text = tiny_recipe("  - {kind: moeify, method: reap, params: {prune_experts: 2, criterion: frequency}}\n",
+                       model=MIXTRAL, evaluate={"metrics": ["perplexity", "kl_divergence", "parameters"],
+                                                "after": "all"}, output={"dir": str(workdir / "out")})
+    got = _run(workdir, text)
+    assert got[("reap", "experts_pruned_fraction")] == pytest.approx(1 / 3)
+    assert got[("reap", "parameters")] < got[("dense", "parameters")] and got[("reap", "kl_divergence")] > 0
+    again = text.replace("  source: tiny\n", "  source: hf\n").replace(
+        text.split("\n")[text.split("\n").index("  source: tiny") + 1], f"  params: {{path: '{workdir / 'out'}'}}")
+    check_model(load_recipe("again.yaml", text=again.replace("prune_experts: 2", "prune_experts: 1")))
+    with pytest.raises(RecipeError, match="leaves 1 of 4 experts"):  # the saved config's count, 6 - 2
+        check_model(load_recipe("again.yaml", text=again.replace("prune_experts: 2", "prune_experts: 3")))
