@@ -29,6 +29,8 @@ class StageResult:
     ``state["perm.<block path>"]`` (``[d_ff]`` long: neuron ``j`` after the
     stage is neuron ``perm[j]`` before it), and moves the block's masks with
     ``MaskSet.replace``, so that pruned weights can be followed across it.
+    A stage that removes neurons reports the ones left the same way
+    (``[d_ff after]`` long, a selection rather than a permutation).
 
     ``metric_info`` says what a metric in ``metrics`` is (direction, unit,
     fraction: ``MetricInfo``). Every built-in method declares every name it
@@ -84,6 +86,17 @@ class Method(ABC):
 
     def rebuild(self, ctx: "RunContext", params: Params, result: StageResult) -> None:
         """Redo structural changes on a fresh model (default: none)."""
+
+    def needs_rebuild(self, params: Params, result: StageResult) -> bool:
+        """Whether loading a saved output must call ``rebuild`` for this stage (default: it has one).
+
+        Recorded per stage in the output's manifest. A method whose change is
+        wholly recorded in the saved ``config.json`` for this result (fewer
+        experts in a native MoE model) says False: the output then stays a
+        plain transformers folder. Resuming from a checkpoint, which reloads
+        the model from its source, still calls ``rebuild``.
+        """
+        return type(self).rebuild is not Method.rebuild
 
     @classmethod
     def trains(cls) -> bool:

@@ -136,11 +136,11 @@ def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, 
                                                                                                     "causal_lm")))
         plain = list(originals)
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, **_own_names())
         finally:
             P.restore(model, originals)
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **_own_names())
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     extra = tmp / "sparsify"
@@ -156,6 +156,19 @@ def save_output(folder: Path, model, tokenizer, masks: MaskSet, manifest: dict, 
     (tmp / "recipe.yaml").write_text(recipe_text)
     replace_dir(tmp, folder)
     return folder
+
+
+def _own_names() -> dict:
+    """Keep the model's own tensor names in the saved weights (transformers >= 5 would otherwise rename some
+    models' tensors back to their original checkpoint layout on save, e.g. Mixtral's packed experts into
+    ``experts.<j>.w1``): the masks, the compressed storage and ``load_output`` all key tensors by those names,
+    and transformers >= 5 loads them as they are."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    takes = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+    return {"save_original_format": False} if takes else {}
 
 
 def _saved_names(model, masks: dict[str, torch.Tensor], saved: set[str]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,9 @@
   (``methods``, ``modules``).
 - ``moeify/routing`` (``routing``): run a model split into experts dense or as
   an MoE (top-k, threshold) without changing its weights.
+- ``moeify/reap`` (``reap``): remove each layer's least salient experts (REAP,
+  or selection frequency), from native transformers MoE models or from FFNs
+  split into experts here.
 - Metrics ``expert_sparsity`` and ``router_recall`` (``metrics``); FFN FLOPs
   with routers are the built-in ``ffn_flops_per_token``.
 
@@ -19,16 +22,17 @@ from sparsify_core import hookimpl
 from .methods import Coactivation, ParamCluster
 from .metrics import ExpertSparsity, RouterRecall
 from .modules import LTERouter, MLPRouter, RoutedFFN, Router, routed_modules
+from .reap import Reap
 from .routing import Routing
 
-__all__ = ["Coactivation", "ExpertSparsity", "LTERouter", "MLPRouter", "ParamCluster", "RoutedFFN", "Router",
-           "RouterRecall", "Routing", "routed_modules"]
+__all__ = ["Coactivation", "ExpertSparsity", "LTERouter", "MLPRouter", "ParamCluster", "Reap", "RoutedFFN",
+           "Router", "RouterRecall", "Routing", "routed_modules"]
 
 
 @hookimpl
 def sparsify_methods():
-    """``moeify/param_cluster``, ``moeify/coactivation`` and ``moeify/routing``."""
-    return [ParamCluster, Coactivation, Routing]
+    """``moeify/param_cluster``, ``moeify/coactivation``, ``moeify/routing`` and ``moeify/reap``."""
+    return [ParamCluster, Coactivation, Routing, Reap]
 
 
 @hookimpl

@@ -96,20 +96,32 @@ class LTERouter(Router):
 
 
 class MLPRouter(Router):
-    """MoEfication's router: ``Linear(d, E) -> Tanh -> Linear(E, E)`` on the L2-normalised FFN input."""
+    """MoEfication's router: ``Linear(d, H) -> Tanh -> Linear(H, E)`` on the L2-normalised FFN input.
+
+    ``H`` (``hidden``) is ``E`` as built by moeify; it stays at the original
+    ``E`` when experts are later pruned (``moeify/reap`` drops rows of ``fc2``
+    only, so the remaining experts keep their scores).
+    """
 
     kind = "mlp"
 
-    def __init__(self, d_model: int, num_experts: int):
+    def __init__(self, d_model: int, num_experts: int, hidden: int | None = None):
         super().__init__(d_model, num_experts)
-        self.fc1 = nn.Linear(d_model, num_experts, bias=False)
-        self.fc2 = nn.Linear(num_experts, num_experts, bias=False)
+        self.hidden = int(hidden) if hidden is not None else self.num_experts
+        self.fc1 = nn.Linear(d_model, self.hidden, bias=False)
+        self.fc2 = nn.Linear(self.hidden, num_experts, bias=False)
 
     def logits(self, x):
         return self.fc2(torch.tanh(self.fc1(F.normalize(x, dim=-1))))
 
     def flops_per_token(self) -> float:
-        return 2.0 * (self.d_model * self.num_experts + self.num_experts ** 2)
+        return 2.0 * (self.d_model * self.hidden + self.hidden * self.num_experts)
+
+    def spec(self) -> dict[str, Any]:
+        spec = super().spec()
+        if self.hidden != self.num_experts:  # only pruned routers record it: older specs stay as they were
+            spec["hidden"] = self.hidden
+        return spec
 
 
 ROUTERS: dict[str, type[Router]] = {"lte": LTERouter, "mlp": MLPRouter}
@@ -117,7 +129,8 @@ ROUTERS: dict[str, type[Router]] = {"lte": LTERouter, "mlp": MLPRouter}
 
 def make_router(spec: dict[str, Any]) -> Router:
     """A router from its ``spec()`` (weights uninitialised until loaded or fitted)."""
-    return ROUTERS[spec["type"]](spec["d_model"], spec["num_experts"])
+    extra = {"hidden": spec["hidden"]} if "hidden" in spec else {}
+    return ROUTERS[spec["type"]](spec["d_model"], spec["num_experts"], **extra)
 
 
 SelectionHook = Callable[["RoutedFFN", torch.Tensor, "torch.Tensor | None", torch.Tensor], None]

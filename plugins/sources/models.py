@@ -403,17 +403,25 @@ class MiniLM(ModelSource):
 
 
 class Tiny(ModelSource):
-    """A tiny randomly initialised model (llama, gpt2, opt or bert) for tests and quick trials."""
+    """A tiny randomly initialised model (llama, gpt2, opt, bert or mixtral) for tests and quick trials.
+
+    ``mixtral`` is a native mixture of experts (transformers' ``MixtralForCausalLM``):
+    each layer's FFN is ``experts`` SwiGLU experts of ``intermediate_size``
+    neurons, ``experts_per_token`` of them chosen per token by a softmax router.
+    """
 
     name = "tiny"
 
     class Params(BaseParams):
-        arch: Literal["llama", "gpt2", "opt", "bert"] = "llama"
+        arch: Literal["llama", "gpt2", "opt", "bert", "mixtral"] = "llama"
         hidden_size: int = Field(64, ge=1)
         intermediate_size: int = Field(256, ge=1)
         layers: int = Field(2, ge=1)
         heads: int = Field(4, ge=1)
-        kv_heads: int | None = Field(None, ge=1, description="key/value heads (llama only; default: heads)")
+        kv_heads: int | None = Field(None, ge=1, description="key/value heads (llama, mixtral; default: heads)")
+        experts: int | None = Field(None, ge=1, description="experts per MoE layer (mixtral only; default 8)")
+        experts_per_token: int | None = Field(None, ge=1, description=(
+            "experts each token is routed to (mixtral only; default 2)"))
         max_positions: int = Field(512, ge=1)
         tokenizer: Literal["bytes", "smollm2-135m"] = "bytes"
         init_seed: int = 0
@@ -422,14 +430,25 @@ class Tiny(ModelSource):
         def _check_shapes(self):
             if self.hidden_size % self.heads:
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
-            if self.arch == "llama" and (self.hidden_size // self.heads) % 2:
-                raise ValueError("llama needs an even head size (hidden_size / heads) for rotary embeddings")
+            if self.arch in ("llama", "mixtral") and (self.hidden_size // self.heads) % 2:
+                raise ValueError(f"{self.arch} needs an even head size (hidden_size / heads) for rotary embeddings")
+            if self.arch != "mixtral" and (self.experts is not None or self.experts_per_token is not None):
+                raise ValueError("experts and experts_per_token apply to arch mixtral only")
+            if self.arch == "mixtral" and self.num_experts_per_token() > self.num_experts():
+                raise ValueError(f"experts_per_token {self.num_experts_per_token()} exceeds experts "
+                                 f"{self.num_experts()}")
             if self.kv_heads is not None:
-                if self.arch != "llama":
-                    raise ValueError("kv_heads applies to arch llama only")
+                if self.arch not in ("llama", "mixtral"):
+                    raise ValueError("kv_heads applies to arch llama and mixtral only")
                 if self.heads % self.kv_heads:
                     raise ValueError(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}")
             return self
+
+        def num_experts(self) -> int:
+            return self.experts if self.experts is not None else 8
+
+        def num_experts_per_token(self) -> int:
+            return self.experts_per_token if self.experts_per_token is not None else 2
 
     def load(self, params: Params, *, device, dtype) -> LoadedModel:
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -462,7 +481,7 @@ class Tiny(ModelSource):
 
 def tiny_config(p: Tiny.Params, tokenizer):
     """The transformers config of a tiny model; its vocabulary is the tokenizer's."""
-    from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, MixtralConfig, OPTConfig
 
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
@@ -472,6 +491,12 @@ def tiny_config(p: Tiny.Params, tokenizer):
                            num_hidden_layers=p.layers, num_attention_heads=p.heads,
                            num_key_value_heads=p.kv_heads or p.heads, max_position_embeddings=p.max_positions,
                            tie_word_embeddings=True, **special)  # tied, like SmolLM2
+    if p.arch == "mixtral":
+        return MixtralConfig(vocab_size=vocab, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                             num_hidden_layers=p.layers, num_attention_heads=p.heads,
+                             num_key_value_heads=p.kv_heads or p.heads, max_position_embeddings=p.max_positions,
+                             num_local_experts=p.num_experts(), num_experts_per_tok=p.num_experts_per_token(),
+                             tie_word_embeddings=True, **special)
     if p.arch == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=p.hidden_size, n_inner=p.intermediate_size, n_layer=p.layers,
                           n_head=p.heads, n_positions=p.max_positions, **special)

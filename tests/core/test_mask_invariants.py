@@ -50,6 +50,7 @@ LATER: dict[str, list[str]] = {
     "moeify/coactivation": [RELU, "{kind: moeify, method: coactivation, params: "
                                   "{expert_size: 8, top_k: 2, fit: {epochs: 2}}}"],
     "moeify/routing": [MOE, "{kind: moeify, method: routing, params: {routing: top_k, expert_fraction: 0.5}}"],
+    "moeify/reap": [MOE, "{kind: moeify, method: reap, params: {experts_keep: 0.75, batch_size: 2}}"],
     "prune/magnitude": ["{kind: prune, method: magnitude, params: {sparsity: 0.7}}"],
     "prune/wanda": ["{kind: prune, method: wanda, params: {sparsity: 0.7}}"],
     "prune/sparsegpt": ["{kind: prune, method: sparsegpt, params: {sparsity: 0.7}}"],

@@ -131,13 +131,16 @@ def test_offload_refuses_stages_that_train(tmp_path):
     assert "stage 'finetune' (train/finetune) trains" in str(exc.value)
 
 
-ONE_SHOT = {  # every family of one-shot stage: layer-wise pruning, OWL profiles, threshold calibration, MoEfication
+ONE_SHOT = {  # every family of one-shot stage: layer-wise pruning, OWL profiles, threshold calibration, MoEfication,
+    # expert pruning
     "owl": [("prune", "wanda", {"sparsity": 0.5, "profile": "owl", "owl_lambda": 0.1})],
     "cats": [("substitute_activation", "cats", {"target_sparsity": 0.8})],
     "fatrelu": [("substitute_activation", "relu", {}), ("substitute_activation", "fatrelu", {"target_sparsity": 0.8})],
     "moefication": [("substitute_activation", "relu", {}),
                     ("moeify", "param_cluster", {"expert_size": 16, "router": "mlp", "selection": "top_k",
                                                  "expert_fraction": 0.5, "fit": {"epochs": 2, "batch_size": 64}})],
+    "reap": [("moeify", "param_cluster", {"expert_size": 16, "router": "lte", "fit": {"epochs": 2}}),
+             ("moeify", "reap", {"prune_experts": 1})],
 }
 
 

@@ -164,7 +164,7 @@ PARAMS: dict[tuple[str, str], dict] = {
     ("layout_convert", "bsr"): {}, ("layout_convert", "csr"): {}, ("layout_convert", "moe_ffn"): {},
     ("layout_convert", "nm"): {}, ("layout_convert", "nmg"): {}, ("layout_convert", "weight"): {"layout": "csr"},
     ("moeify", "coactivation"): {"top_k": 1}, ("moeify", "param_cluster"): {"top_k": 1},
-    ("moeify", "routing"): {"routing": "dense"},
+    ("moeify", "routing"): {"routing": "dense"}, ("moeify", "reap"): {"experts_keep": 0.75},
     ("prune", "gmp"): {"sparsity": 0.5, "profile": "owl", "train": {"steps": 2}}, ("prune", "magnitude"): {"sparsity": 0.5, "profile": "owl"},
     ("prune", "nmg"): {}, ("prune", "sparsegpt"): {"sparsity": 0.5}, ("prune", "wanda"): {"sparsity": 0.5},
     ("prune", "maskllm"): {"train": {"steps": 2}},
@@ -216,7 +216,7 @@ def test_the_stages_known_to_read_splits_say_so():
     assert reads["gmp"] == {"train", "calibration"}  # its training loop, and the owl profile
     assert reads["maskllm"] == {"train", "calibration"}  # its training loop, and the default sparsegpt prior
     assert reads["ssd"] == {"train", "calibration"} and reads["activation_sparse_ffn"] == {"calibration"}
-    assert reads["coactivation"] == reads["param_cluster"] == {"calibration"}
+    assert reads["coactivation"] == reads["param_cluster"] == reads["reap"] == {"calibration"}
     # conditional: magnitude and gmp read calibration data for the owl profile only
     magnitude, gmp = catalog().methods[("prune", "magnitude")], catalog().methods[("prune", "gmp")]
     assert magnitude().data_splits(magnitude.Params(sparsity=0.5)) == []
@@ -467,13 +467,15 @@ def test_a_sweep_point_the_model_cannot_take_is_named_and_stops_the_sweep_first(
     assert loads == [] and Registry(f"sqlite:///{workdir}/registry.db").find_sweeps() == []
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "bert", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "bert", "llama", "mixtral"])
 def test_sequences_longer_than_learned_positions_are_refused(arch):
     model = {"arch": arch, "max_positions": 64}
     stage = "  - kind: prune\n    method: magnitude\n    params: {sparsity: 0.5}\n"
+    if arch == "mixtral":  # a native MoE: the stage that applies to it
+        stage = "  - kind: moeify\n    method: reap\n    params: {experts_keep: 0.5}\n"
     check_model(load_recipe("64.yaml", text=tiny_recipe(stage, model=model, seq_len=64)))
     longer = tiny_recipe(stage, model=model, seq_len=65)
-    if arch == "llama":  # rotary positions: no table to run past
+    if arch in ("llama", "mixtral"):  # rotary positions: no table to run past
         check_model(load_recipe("65.yaml", text=longer))
         return
     with pytest.raises(RecipeError, match="sequences of 65 tokens, but the model has learned positions for 64") as e:
