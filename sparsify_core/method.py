@@ -137,6 +137,29 @@ class Method(ABC):
         return cls.rebuild is Method.rebuild
 
     @classmethod
+    def rebuild_on_load(cls) -> bool:
+        """True when a saved output needs this stage's ``rebuild`` to load back (default: it implements one).
+
+        A stage whose structural change is written into the model's config
+        (a smaller width: ``prune/width``) says False: ``from_pretrained`` (and
+        ``load_output``) build the changed structure from the saved config
+        alone, so plain transformers loads the output, and it is stored
+        ``dense`` unless it has masks. Its ``rebuild`` still redoes the change
+        on a model freshly loaded from its source (checkpoints, ``--resume``).
+        """
+        return cls.rebuild is not Method.rebuild
+
+    @classmethod
+    def supports_offload(cls) -> bool:
+        """False when the stage cannot run with ``model.offload`` cpu/disk (default: True).
+
+        Offload keeps each layer's parameters as host tensors it tracks; a
+        stage that replaces them with tensors of another shape says False, and
+        validation refuses the recipe before anything loads.
+        """
+        return True
+
+    @classmethod
     def uses_optimizer(cls) -> bool:
         """True when the stage updates weights with a gradient optimizer (default: ``trains()``).
 

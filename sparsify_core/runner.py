@@ -26,7 +26,7 @@ from .errors import RunInterrupted, SparsifyError
 from .errors import one_line as _one_line
 from .masks import MaskSet
 from .metric import MetricInfo
-from .method import STAGE_METRICS, Method, StageResult
+from .method import STAGE_METRICS, StageResult
 from .output import read_checkpoint, restore_weights, save_output, write_checkpoint
 from .plugin_manager import catalog, hooks
 from .recipe import LoadedRecipe, check_model
@@ -400,8 +400,9 @@ class Runner:
         folder = Path(rec.output.dir.format(name=rec.name, run_id=self.run_id))
         stages = [{"index": s.index, "name": s.name, "kind": s.spec.kind, "method": s.spec.method,
                    "params": s.params.model_dump(mode="json"),
-                   # Only stages that change the structure are needed to load the output back.
-                   "rebuild": s.method_cls.rebuild is not Method.rebuild}
+                   # Only stages that change the structure (beyond what the config says) are needed to load
+                   # the output back.
+                   "rebuild": s.method_cls.rebuild_on_load()}
                   for s in self.loaded.stages]
         manifest = {"sparsify": _version(), "run_id": self.run_id, "recipe": rec.name, "task": ctx.task,
                     "seed": rec.seed, "model": rec.model.model_dump(mode="json"), "stages": stages}

@@ -167,7 +167,6 @@ def make_output(folder, arch, stages, storage=None, hidden=32, ffn=64):
     ``folder`` as the runner does (``storage`` as ``output.storage``); returns (model, masks)."""
     import torch
 
-    from sparsify_core.method import Method
     from sparsify_core.output import save_output
     from sparsify_core.plugin_manager import catalog
     from sparsify_plugins.sources.models import Tiny
@@ -184,7 +183,7 @@ def make_output(folder, arch, stages, storage=None, hidden=32, ffn=64):
         results[i] = cls().apply(ctx, prm)
         ctx.masks.apply(ctx.model)
         recorded.append({"index": i, "name": f"s{i}", "kind": kind, "method": method,
-                         "params": prm.model_dump(mode="json"), "rebuild": cls.rebuild is not Method.rebuild})
+                         "params": prm.model_dump(mode="json"), "rebuild": cls.rebuild_on_load()})
     manifest = {"run_id": "t", "recipe": "t", "task": task, "seed": 0, "stages": recorded}
     save_output(folder, ctx.model, loaded.tokenizer, ctx.masks, manifest, "name: t\n", results, storage=storage)
     return ctx.model.eval(), ctx.masks
