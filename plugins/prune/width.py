@@ -470,6 +470,7 @@ class Width(Method):
                 cuts[f"rows.{a.path}.q_proj"], cuts[f"cols.{a.path}.o_proj"] = q_rows, q_rows
                 if plan.kv_heads < a.kv_heads:
                     cuts[f"rows.{a.path}.k_proj"], cuts[f"rows.{a.path}.v_proj"] = kv_rows, kv_rows
+        cuts = {k: v.clone() for k, v in cuts.items()}  # one tensor per key: safetensors refuses shared storage
         cut(ctx.model, structure, cuts, ctx.masks)
         after = self._projection_numel(structure)
         a = structure.attentions[0] if "heads" not in structure.problems else None
