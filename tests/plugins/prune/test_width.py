@@ -99,7 +99,7 @@ def test_the_shrunk_llama_equals_the_original_with_removed_units_zeroed(tmp_path
         24, want_heads, want_kv, 48 // heads)
     attn = ctx.model.model.layers[0].self_attn
     assert attn.q_proj.weight.shape == (want_heads * cfg.head_dim, 48)
-    assert attn.k_proj.weight.shape == (want_kv * cfg.head_dim, 48) and attn.o_proj.in_features == want_heads * 12
+    assert attn.k_proj.weight.shape == (want_kv * cfg.head_dim, 48) and attn.o_proj.in_features == want_heads * cfg.head_dim
     assert ctx.model.model.layers[1].mlp.down_proj.weight.shape == (48, 24)
     ids = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
