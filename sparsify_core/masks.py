@@ -53,6 +53,24 @@ class MaskSet:
                              f"({int((~keep).sum())} != {int((~old).sum())})")
         self._masks[name] = keep
 
+    def select(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+        """Cut the mask of ``name`` as a structured pruning cut its weight: keep ``rows`` and ``cols`` (int indices).
+
+        For stages that remove whole rows/columns of a weight (the weight
+        shrinks with them): the entries that remain keep their masks, so a
+        weight pruned before stays pruned. ``None`` keeps every row (column).
+        No mask for ``name``: nothing to do.
+        """
+        keep = self._masks.get(name)
+        if keep is None:
+            return
+        if rows is not None:
+            keep = keep.index_select(0, rows.cpu().long())
+        if cols is not None:
+            keep = keep.index_select(1, cols.cpu().long())
+        self._masks[name] = keep.contiguous()
+        self._shards.pop(name, None)
+
     def drop(self, name: str) -> None:
         """Forget the mask of ``name``: only when its zeros are now held by the structure (a sparse layout)."""
         self._masks.pop(name, None)

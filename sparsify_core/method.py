@@ -92,8 +92,9 @@ class Method(ABC):
 
         Recorded per stage in the output's manifest. A method whose change is
         wholly recorded in the saved ``config.json`` for this result (fewer
-        experts in a native MoE model) says False: the output then stays a
-        plain transformers folder. Resuming from a checkpoint, which reloads
+        experts in a native MoE model, a smaller width from ``prune/width``)
+        says False: the output then stays a plain transformers folder, stored
+        ``dense`` unless it has masks. Resuming from a checkpoint, which reloads
         the model from its source, still calls ``rebuild``.
         """
         return type(self).rebuild is not Method.rebuild
@@ -148,6 +149,16 @@ class Method(ABC):
         activations says True.
         """
         return cls.rebuild is Method.rebuild
+
+    @classmethod
+    def supports_offload(cls) -> bool:
+        """False when the stage cannot run with ``model.offload`` cpu/disk (default: True).
+
+        Offload keeps each layer's parameters as host tensors it tracks; a
+        stage that replaces them with tensors of another shape says False, and
+        validation refuses the recipe before anything loads.
+        """
+        return True
 
     @classmethod
     def uses_optimizer(cls) -> bool:

@@ -496,6 +496,11 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
                     "which needs every weight on the device at once: use offload none for this recipe (and "
                     "train.parallel: fsdp to shard a model too large for one device)", file=file,
                     line=lines.line(("model", "offload")), field="model.offload")
+            if not stage.method_cls.supports_offload():
+                raise RecipeError(
+                    f"offload {recipe.model.offload} keeps each layer's weights as tensors it tracks, but "
+                    f"{stage.label} replaces them with smaller ones: use offload none for this recipe", file=file,
+                    line=lines.line(("model", "offload")), field="model.offload")
 
     for stage in stages:
         for path, split in stage.method_cls().data_splits(stage.params):

@@ -5,9 +5,10 @@ real engine (``Runner``, in process): a witness metric (registered as an
 in-process plugin) snapshots which logical weights are zero after every stage;
 after the pruning, each later point must keep every pruned position zero
 (mapped through the neuron permutations the stages report as ``perm.<block>``
-state) and no module may lose zeros. The saved output loads back with the same
-zeros, and a *new* run starting from the pruned output through the ``hf`` source
-(the field case) keeps them too.
+state, and the rows/columns a structured pruning kept, ``rows.<module>``/
+``cols.<module>``) and no module may lose zeros. The saved output loads back with
+the same zeros, and a *new* run starting from the pruned output through the
+``hf`` source (the field case) keeps them too.
 
 Issue 15: every run here also checks that each stage declared every number it
 reported (``StageResult.metric_info``: the registry holds a declaration for it),
@@ -59,6 +60,7 @@ LATER: dict[str, list[str]] = {
     # learned 2:4 after the 50% unstructured pruning: groups there break 2:4 (refused), so the LM head (tied)
     "prune/maskllm": ["{kind: prune, method: maskllm, params: {prior: magnitude, targets: [lm_head], exclude: [], "
                       "train: %s}}" % T],
+    "prune/width": ["{kind: prune, method: width, params: {ffn_keep: 0.5, heads_keep: 0.5}}"],
     "train/finetune": ["{kind: train, method: finetune, params: {train: %s}}" % T],
     "train/ssd": ["{kind: train, method: ssd, params: {monitor: {every: 1, threshold: 0.01, patience: 1, "
                   "samples: 2}, min_dense: 0.25, max_dense: null, final_dense: 0.25, "
@@ -91,6 +93,9 @@ def _prune_stages(method: str, nm: bool) -> list[str]:
 
 
 PRUNE_METHODS = ["magnitude", "wanda", "sparsegpt", "gmp", "nmg", "maskllm"]
+# Prune methods that mask nothing: they cut whole rows/columns out of the weights (the model shrinks), so they
+# sweep as later stages (masks of earlier pruning are cut with the weights), not as the pruning first.
+STRUCTURED = ["width"]
 
 
 def _pruning(stages: list[str]) -> set[int]:
@@ -194,18 +199,25 @@ def _check_declared(registry: Registry, run_id: str) -> None:
 
 def _permute(zeros: dict[str, torch.Tensor], blocks: dict[str, dict[str, str]],
              perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Move FFN neurons as a stage reported: neuron j after is neuron ``perm[j]`` before."""
+    """Move weights as a stage reported: FFN neuron j after is neuron ``perm[j]`` before (``perm.<block>``);
+    row (column) i of a module's ``[out, in]`` weight after is row ``rows[i]`` before (``rows.<module>``,
+    ``cols.<module>``: a structured pruning that removed the others)."""
     out = dict(zeros)
-    for block, perm in perms.items():
-        for role, path in blocks[block].items():
+    for key, index in perms.items():
+        if key.startswith(("rows.", "cols.")):
+            axis, path = key.split(".", 1)
             if path in out:
-                out[path] = out[path][:, perm] if role == "down" else out[path][perm]
+                out[path] = out[path][index] if axis == "rows" else out[path][:, index]
+            continue
+        for role, path in blocks[key].items():
+            if path in out:
+                out[path] = out[path][:, index] if role == "down" else out[path][index]
     return out
 
 
 def _perms(workdir, run_id: str) -> dict[int, dict[str, torch.Tensor]]:
     ckpt = read_checkpoint(workdir / "runs" / run_id)
-    return {i: {k[len("perm."):]: v for k, v in r.state.items() if k.startswith("perm.")}
+    return {i: {k.removeprefix("perm."): v for k, v in r.state.items() if k.startswith(("perm.", "rows.", "cols."))}
             for i, r in ckpt.results.items()}
 
 
@@ -294,7 +306,7 @@ def test_every_installed_method_is_swept():
     assert later_kinds <= set(BY_KIND), f"stage kinds missing from the sweep: {sorted(later_kinds - set(BY_KIND))}"
     swept = {k.split("+")[0] for k in LATER}
     assert installed <= swept, f"methods missing from the mask sweep: {sorted(installed - swept)}"
-    assert {n for k, n in catalog().methods if k == "prune"} <= set(PRUNE_METHODS)
+    assert {n for k, n in catalog().methods if k == "prune"} <= set(PRUNE_METHODS) | set(STRUCTURED)
 
 
 def test_the_chains_run_here_cover_every_built_in_method():

@@ -168,6 +168,7 @@ PARAMS: dict[tuple[str, str], dict] = {
     ("prune", "gmp"): {"sparsity": 0.5, "profile": "owl", "train": {"steps": 2}}, ("prune", "magnitude"): {"sparsity": 0.5, "profile": "owl"},
     ("prune", "nmg"): {}, ("prune", "sparsegpt"): {"sparsity": 0.5}, ("prune", "wanda"): {"sparsity": 0.5},
     ("prune", "maskllm"): {"train": {"steps": 2}},
+    ("prune", "width"): {"ffn_keep": 0.5},
     ("regularize", "blockwise_l1"): {"l1": 0.1},
     ("regularize", "lte"): {"stage1_steps": 1, "train": {"steps": 2}},
     ("regularize", "progressive_l1"): {"schedule": [{"lambda": 0.1, "steps": 2}], "train": {"steps": 2}},
