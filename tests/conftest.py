@@ -1,9 +1,12 @@
-"""Shared fixtures: every test runs in its own folder with its own registry."""
+"""Shared fixtures: every test runs in its own folder with its own registry; ``isa``: a kernel test runs once per
+ISA variant this CPU can run (others skipped, saying why)."""
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from sparsify_kernels import native
 
 # Without a GPU, the Triton kernels are tested under Triton's interpreter. The switch must be
 # on before triton is first imported, and loading a transformers model imports it: set it here.
@@ -12,6 +15,18 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(params=native.ISAS)
+def isa(request, monkeypatch):
+    """Force the native kernels to one ISA variant (``SPARSIFY_ISA``) for the test; skips what the CPU lacks."""
+    name = request.param
+    if name not in native.supported_isas():
+        pytest.skip(f"this CPU cannot run the {name} kernels (it runs {', '.join(native.supported_isas())})")
+    monkeypatch.setenv(native.ENV, name)
+    if native.library() is None:
+        pytest.skip(f"no C++ compiler: native kernels unavailable ({native.failure()})")
+    return name
 
 
 @pytest.fixture

@@ -13,18 +13,6 @@ from sparsify_core.output import load_output
 from sparsify_kernels import native
 
 
-@pytest.fixture(params=native.ISAS)
-def isa(request, monkeypatch):
-    """Force the native kernels to one ISA variant for the test; skips what the CPU lacks."""
-    name = request.param
-    if name not in native.supported_isas():
-        pytest.skip(f"this CPU cannot run the {name} kernels (it runs {', '.join(native.supported_isas())})")
-    monkeypatch.setenv(native.ENV, name)
-    if native.library() is None:
-        pytest.skip(f"no C++ compiler: native kernels unavailable ({native.failure()})")
-    return name
-
-
 # hidden size and head_dim off the 8/16-float vector widths; grouped (3 heads on 1 kv head) and 4 on 2, biases
 SHAPES = {"mqa36": dict(hidden_size=36, num_attention_heads=3, num_key_value_heads=1, head_dim=12,
                         intermediate_size=50),

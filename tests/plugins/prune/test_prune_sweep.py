@@ -347,6 +347,17 @@ def test_every_installed_prune_method_is_swept():
     assert installed <= set(METHODS) | own, sorted(installed - set(METHODS) - own)
 
 
+def _delivered_2of4(model, kw, result) -> set[str]:
+    """Every targeted module is exactly 2:4 and the reported sparsity counts them; returns their weight names."""
+    targets = prunable_modules(model, kw.get("targets"), kw.get("exclude", ["lm_head"]))
+    for _, module in targets:
+        check_nm(module, 2, 4)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in targets)
+    total = sum(m.weight.numel() for _, m in targets)
+    assert zeros * 2 == total and result.metrics["sparsity"] == pytest.approx(zeros / total, abs=1e-12)
+    return {f"{name}.weight" for name, _ in targets}
+
+
 def _nmg(ctx, **kw):
     cls = catalog().methods[("prune", "nmg")]
     return cls().apply(ctx, cls.Params(n=2, m=4, g=1, **kw))
@@ -361,13 +372,7 @@ def test_nmg_prunes_its_pattern_over_the_targets(tmp_path, arch, restriction):
     kw = RESTRICTIONS[arch][restriction]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     result = _nmg(ctx, **kw)
-    targets = prunable_modules(model, kw.get("targets"), kw.get("exclude", ["lm_head"]))
-    targeted = {f"{name}.weight" for name, _ in targets}
-    for _, module in targets:
-        check_nm(module, 2, 4)
-    zeros = sum(int((m.weight == 0).sum()) for _, m in targets)
-    total = sum(m.weight.numel() for _, m in targets)
-    assert zeros * 2 == total and result.metrics["sparsity"] == pytest.approx(zeros / total, abs=1e-12)
+    targeted = _delivered_2of4(model, kw, result)
     for name, p in model.named_parameters():
         if name not in targeted:
             assert name not in ctx.masks and torch.equal(p, before[name]), name
@@ -403,13 +408,7 @@ def test_maskllm_learns_its_pattern_over_exactly_the_targets(tmp_path, arch, res
     prior = "magnitude" if restriction == "lm_head" else "wanda"  # wanda calibrates inside the layers only
     result = cls().apply(ctx, cls.Params(prior=prior, train={"steps": 2, "batch_size": 2, "checkpoint_every": 0},
                                          **kw))
-    targets = prunable_modules(model, kw.get("targets"), kw.get("exclude", ["lm_head"]))
-    targeted = {f"{name}.weight" for name, _ in targets}
-    for _, module in targets:
-        check_nm(module, 2, 4)
-    zeros = sum(int((m.weight == 0).sum()) for _, m in targets)
-    total = sum(m.weight.numel() for _, m in targets)
-    assert zeros * 2 == total and result.metrics["sparsity"] == pytest.approx(zeros / total, abs=1e-12)
+    targeted = _delivered_2of4(model, kw, result)
     tied = {"lm_head.weight", "model.embed_tokens.weight", "transformer.wte.weight"} if "lm_head" in kw.get(
         "targets", []) else set()
     for name, p in model.named_parameters():
