@@ -52,6 +52,15 @@ def zero_small_inputs(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return x * (x.abs() >= threshold).to(x.dtype)
 
 
+def input_threshold(module: nn.Module) -> float | None:
+    """The magnitude threshold a projection applies to its own input (``input_threshold``, TEAL), else ``None``.
+
+    Read by structure (a float attribute), so any module may carry the rule:
+    metrics and kernels that see it count or skip the zeroed inputs."""
+    t = getattr(module, "input_threshold", None)
+    return float(t) if isinstance(t, float) else None
+
+
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D

@@ -99,6 +99,24 @@ class Method(ABC):
         """
         return type(self).rebuild is not Method.rebuild
 
+    def plain_form(self, params: Params) -> str | None:
+        """Why the model this stage leaves has no plain transformers form; ``None`` when it has one.
+
+        ``output.storage: dense`` writes every module as plain transformers
+        holds it (``sparsify_core.plain``), so a stage whose result computes
+        something transformers cannot (experts and a router, a thresholded
+        activation, an activation predictor) makes that impossible. Validation
+        asks every stage and refuses such a recipe, naming the stage and the
+        reason (one phrase, e.g. ``"experts and a router"``), before any weight
+        loads, instead of failing at save after the stages ran. The answer
+        must agree with the plain-form protocol of the modules the stage
+        leaves (``plain_module``): the mask-invariant sweep checks every
+        installed method against a real dense export. Default ``None``: the
+        stage changes weight values, or holds them in modules that convert
+        back exactly (layouts).
+        """
+        return None
+
     @classmethod
     def trains(cls) -> bool:
         """True when the method trains with the shared loop: its params embed a ``TrainConfig``."""

@@ -502,6 +502,16 @@ def _validate(raw: dict, lines: _Lines, file: str, text: str, overrides: list[st
                     f"{stage.label} replaces them with smaller ones: use offload none for this recipe", file=file,
                     line=lines.line(("model", "offload")), field="model.offload")
 
+    if recipe.output.save and recipe.output.storage == "dense":
+        for stage in stages:
+            why = stage.method_cls().plain_form(stage.params)
+            if why:
+                raise RecipeError(
+                    f"dense writes the model as plain transformers holds it, but {stage.label} leaves "
+                    f"{why}, which plain transformers cannot compute: leave storage out (compressed) and load "
+                    "the output with sparsify", file=file, line=lines.line(("output", "storage")),
+                    field="output.storage")
+
     for stage in stages:
         for path, split in stage.method_cls().data_splits(stage.params):
             if split not in recipe.data.splits:

@@ -80,6 +80,15 @@ class SubstituteActivation(Method):
         """True: only activation modules are swapped; every Linear layer stays as it was."""
         return True
 
+    def plain_form(self, params: SubstituteParams) -> str | None:
+        """None only for an activation transformers knows by name (``config_value``) set in every layer."""
+        if self.config_value is None:
+            return f"a {self.name} FFN activation"
+        if params.layers is not None:  # the config names one activation for every layer
+            return (f"{self.name} in the listed FFN layers only (leave layers out to change every layer, which "
+                    "the config can say)")
+        return None
+
     def rebuild(self, ctx, params: SubstituteParams, result: StageResult) -> None:
         self._substitute(ctx.model, params)
 

@@ -289,6 +289,9 @@ class TEAL(Method):
                    "levels": torch.tensor(levels, dtype=torch.float64)},
             info={"modules": paths, "levels_by_role": by_role_mean})
 
+    def plain_form(self, params) -> str | None:
+        return "thresholds on the input of every projection (TEAL)"
+
     def rebuild(self, ctx, params, result: StageResult) -> None:
         modules = dict(ctx.model.named_modules())
         for path, t in zip(result.info["modules"], result.state["thresholds"].tolist()):

@@ -174,6 +174,9 @@ class _Thresholded(Method):
         """True: only activation modules are swapped; every Linear layer stays as it was."""
         return True
 
+    def plain_form(self, params) -> str | None:
+        return f"a thresholded activation ({self.name})"
+
     def rebuild(self, ctx, params, result: StageResult) -> None:
         self._swap(self._blocks(ctx.model, params), result.state["thresholds"].tolist())
 

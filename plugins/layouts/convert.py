@@ -206,6 +206,9 @@ class ActivationSparseFFNConvert(Method):
                      f"({metrics['predictor_active_fraction']:.1%} active)")
         return StageResult(metrics=metrics, info=info, metric_info=CONVERT_METRICS)
 
+    def plain_form(self, params) -> str | None:
+        return "an activation predictor" if params.predictor is not None else None
+
     def rebuild(self, ctx, params, result) -> None:
         self._convert(ctx.model, params)
         for name, s in result.info.get("predictors", {}).items():
@@ -309,6 +312,9 @@ class MoEFFNConvert(Method):
         ctx.info(f"MoE FFN layout in {len(done)} blocks (routing {', '.join(rules)})")
         return StageResult(metrics={"blocks_converted": float(len(done))}, info={"blocks": done},
                            metric_info=CONVERT_METRICS)
+
+    def plain_form(self, params) -> str | None:
+        return "experts and a router"
 
     def rebuild(self, ctx, params, result) -> None:
         self._convert(ctx.model, params, routing=result.info["blocks"])

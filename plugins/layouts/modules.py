@@ -36,7 +36,7 @@ from torch import nn
 
 from sparsify_core import Layout
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import zero_small_inputs
+from sparsify_core.ffn import input_threshold, zero_small_inputs
 from sparsify_core.layout import find_layout
 from sparsify_kernels import ffn as ffn_kernels
 from sparsify_plugins.moeify.modules import RoutedFFN, Router
@@ -288,12 +288,6 @@ class InputSparseLinear(TransposedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input_threshold={self.input_threshold:.6g}"
-
-
-def input_threshold(module: nn.Module) -> float | None:
-    """The magnitude threshold a Linear applies to its own input (TEAL), or ``None``; read by structure."""
-    t = getattr(module, "input_threshold", None)
-    return float(t) if isinstance(t, float) else None
 
 
 def activation_spec(act) -> tuple[str, float, float] | None:

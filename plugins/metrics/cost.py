@@ -12,7 +12,10 @@ one axis. The accounting (``BytesPerToken``), per tensor of the model:
   ``Layout.nbytes()`` (values and indices);
 - an embedding: one row per token;
 - everything else (norms, biases, routers, activation predictors,
-  position tables): read in full every token.
+  position tables): read in full every token;
+- a projection that thresholds its own input (``input_threshold``, TEAL):
+  only the columns of the input entries that survive the threshold, for the
+  eval tokens where they do (the input-sparse GEMV skips the rest).
 
 FFN blocks (``find_ffn_blocks``) read by neuron. Neuron ``j`` is non-zero
 (``x1[j] != 0``) for a fraction ``f_j`` of the eval split's tokens; where it
@@ -35,7 +38,7 @@ from sparsify_core import Metric, MetricValue
 from sparsify_core.ffn import find_ffn_blocks, is_linear, is_stored_linear, linear_shape, weight_out_in
 from sparsify_core.metric import MetricInfo
 
-from .sparsity import _has_ffn_blocks, _NeuronActivity, ffn_flops_per_token, is_routed
+from .sparsity import _has_ffn_blocks, _InputActivity, _NeuronActivity, projection_flops, read_fractions
 
 
 def weight_read_bytes(w: torch.Tensor, itemsize: int, *, keep: torch.Tensor | None = None,
@@ -133,6 +136,7 @@ class BytesPerToken(Metric):
 
     def start(self, ctx):
         self._probe = _NeuronActivity(find_ffn_blocks(ctx.model))
+        self._inputs = _InputActivity(ctx.model)
 
     def finish(self, ctx):
         model, p = ctx.model, self._probe
@@ -141,15 +145,14 @@ class BytesPerToken(Metric):
         per_layer, total, dense, flops = [], 0.0, 0.0, 0.0
         with torch.no_grad():
             for b in p.blocks:
-                f = p.active_fraction(b)
-                c = p.computed_fraction(b)
-                first = b.gate if b.gate is not None else b.up
-                rows_in = (c if c is not None else torch.ones_like(f)) * weights.bytes(first, dim=0)
-                nbytes = float(rows_in.sum())
-                if b.gate is not None:
-                    nbytes += float((f * weights.bytes(b.up, dim=0)).sum())
-                nbytes += float((f * weights.bytes(b.down, dim=1)).sum())
-                for m in b.projections().values():
+                projections = b.projections()
+                nbytes = 0.0
+                for role, (dim, frac) in read_fractions(b, p, self._inputs).items():
+                    nbytes += float((frac * weights.bytes(projections[role], dim=dim)).sum())
+                    flops += projection_flops(projections[role], dim, frac)
+                if p.computed_fraction(b) is not None:
+                    flops += b.module.router_flops_per_token()
+                for m in projections.values():
                     counted.update(id(t) for t in weights.tensors(m))
                     dense += _full_bytes([weight_out_in(m)])
                 rest = [t for t in (*b.module.parameters(), *b.module.buffers()) if id(t) not in counted]
@@ -158,20 +161,13 @@ class BytesPerToken(Metric):
                 dense += _full_bytes(rest)
                 per_layer.append(MetricValue(self.name, nbytes, layer=b.name))
                 total += nbytes
-                up, down = b.weight("up"), b.weight("down")
-                gate = b.weight("gate") if b.gate is not None else None
-                flops += ffn_flops_per_token(
-                    (up != 0).sum(dim=1).cpu(), (down != 0).sum(dim=0).cpu(), f,
-                    float(torch.count_nonzero(gate)) if gate is not None else None, computed_fraction=c,
-                    gate_row_nnz=(gate != 0).sum(dim=1).cpu() if c is not None and gate is not None else None,
-                    router_flops=b.module.router_flops_per_token() if c is not None else 0.0)
             for m in model.modules():
                 if is_linear(m) and not any(id(t) in counted for t in weights.tensors(m)):
                     counted.update(id(t) for t in weights.tensors(m))
-                    total += weights.bytes(m)
-                    w = weight_out_in(m).detach()
-                    dense += _full_bytes([w])
-                    flops += 2.0 * float(torch.count_nonzero(w))
+                    g = self._inputs.fraction(m)  # TEAL: only the columns of surviving inputs are read
+                    total += weights.bytes(m) if g is None else float((g * weights.bytes(m, dim=1)).sum())
+                    flops += projection_flops(m) if g is None else projection_flops(m, 1, g)
+                    dense += _full_bytes([weight_out_in(m).detach()])
             rows = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Embedding)}
             for w in rows.values():  # one row per token, even when the LM head (tied) read it all
                 row = w.shape[1] * w.element_size()
@@ -184,7 +180,8 @@ class BytesPerToken(Metric):
                 MetricValue("flops_per_token", flops), *per_layer]
 
     def close(self):
-        probe = getattr(self, "_probe", None)
-        if probe is not None:
-            probe.close()
-            self._probe = None
+        for attr in ("_probe", "_inputs"):
+            probe = getattr(self, attr, None)
+            if probe is not None:
+                probe.close()
+                setattr(self, attr, None)

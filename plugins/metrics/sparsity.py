@@ -8,8 +8,8 @@ import torch
 from sparsify_core import Metric, MetricValue
 from sparsify_core.metric import MetricInfo
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import (FFNBlock, capture_intermediates, find_ffn_blocks, prunable_modules, weight_numel,
-                               weight_out_in)
+from sparsify_core.ffn import (FFNBlock, capture_intermediates, find_ffn_blocks, input_threshold, is_linear,
+                               prunable_modules, weight_numel, weight_out_in, zero_small_inputs)
 
 
 def _has_ffn_blocks(model) -> bool:
@@ -73,6 +73,69 @@ class _NeuronActivity:
 
     def close(self) -> None:
         self._stack.close()
+
+
+class _InputActivity:
+    """Counts, per projection that thresholds its own input (``input_threshold``: TEAL), the tokens where each
+    input entry survives the threshold: the weight columns an input-sparse GEMV reads for that token."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.nonzero: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, int] = {}
+        self._stack = ExitStack()
+        for m in model.modules():
+            if is_linear(m) and input_threshold(m) is not None:
+                self.nonzero[id(m)], self.tokens[id(m)] = 0, 0
+                self._stack.callback(m.register_forward_pre_hook(self._record).remove)
+
+    def _record(self, module, args) -> None:
+        x = args[0].detach()
+        nz = (zero_small_inputs(x, input_threshold(module)) != 0).reshape(-1, x.shape[-1])
+        self.nonzero[id(module)] = self.nonzero[id(module)] + nz.sum(dim=0).cpu()
+        self.tokens[id(module)] += nz.shape[0]
+
+    def fraction(self, module) -> torch.Tensor | None:
+        """Per input entry, the fraction of tokens where it is non-zero after the threshold (``[in]`` float64);
+        ``None`` for a module without one, or one no token reached."""
+        if not self.tokens.get(id(module)):
+            return None
+        return self.nonzero[id(module)].double() / self.tokens[id(module)]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def read_fractions(block: FFNBlock, neurons: _NeuronActivity,
+                   inputs: _InputActivity | None = None) -> dict[str, tuple[int, torch.Tensor]]:
+    """Per projection role of ``block``, ``(dim, fraction)``: the share of tokens that read each row (``dim`` 0)
+    or column (1) of its ``[out, in]`` weight; the accounting of ``ffn_flops_per_token``, per projection.
+
+    The gate (gated) or ``W_fc1`` (plain) is read in full, or, routed, for the tokens whose experts hold the
+    row (``c_j``); ``W_up`` rows and ``W_down`` columns for the tokens where the neuron is non-zero (``f_j``).
+    A projection that thresholds its own input (TEAL) is read by input column instead, for the tokens where
+    that entry survives (the input-sparse GEMV skips the others; for ``W_down`` this already includes the
+    neuron's own zeros).
+    """
+    f = neurons.active_fraction(block)
+    c = neurons.computed_fraction(block)
+    first = "gate" if block.gate is not None else "up"
+    out = {first: (0, c if c is not None else torch.ones_like(f)), "down": (1, f)}
+    if block.gate is not None:
+        out["up"] = (0, f)
+    for role, m in block.projections().items():
+        g = inputs.fraction(m) if inputs is not None else None
+        if role in out and g is not None:
+            out[role] = (1, g)
+    return out
+
+
+def projection_flops(module, dim: int | None = None, fraction: torch.Tensor | None = None) -> float:
+    """``2 x`` the non-zero weights of ``module`` multiplied per token: all of them, or each row (``dim`` 0) or
+    column (1) weighted by the share of tokens that read it."""
+    nz = weight_out_in(module) != 0
+    if dim is None:
+        return 2.0 * float(nz.sum())
+    return 2.0 * float((nz.sum(dim=1 - dim).cpu().double() * fraction).sum())
 
 
 def activation_sparsity(active: torch.Tensor, tokens: int) -> float:
@@ -195,7 +258,8 @@ class FFNFlops(Metric):
     Also records ``ffn_flops_per_token_dense``: ``2 x`` all FFN weights, the
     same model with no zeros at all. FFNs split into experts (``moeify``)
     count only the neurons of the experts each token selected, plus their
-    router.
+    router. A projection that thresholds its own input (TEAL) counts, per
+    input column, the tokens where that entry survives (``read_fractions``).
     """
 
     name = "ffn_flops_per_token"
@@ -214,29 +278,26 @@ class FFNFlops(Metric):
 
     def start(self, ctx):
         self._probe = _NeuronActivity(find_ffn_blocks(ctx.model))
+        self._inputs = _InputActivity(ctx.model)
 
     def finish(self, ctx):
         p = self._probe
         per_layer, dense = [], 0.0
         with torch.no_grad():
             for b in p.blocks:
-                up, down = b.weight("up"), b.weight("down")
-                gate_nnz = float(torch.count_nonzero(b.weight("gate"))) if b.gate is not None else None
-                routed = p.computed_fraction(b)
-                gate_rows = (b.weight("gate") != 0).sum(dim=1).cpu() if routed is not None and b.gate is not None \
-                    else None
-                flops = ffn_flops_per_token((up != 0).sum(dim=1).cpu(), (down != 0).sum(dim=0).cpu(),
-                                            p.active_fraction(b), gate_nnz, computed_fraction=routed,
-                                            gate_row_nnz=gate_rows,
-                                            router_flops=b.module.router_flops_per_token() if routed is not None
-                                            else 0.0)
+                projections = b.projections()
+                flops = sum(projection_flops(projections[role], dim, frac)
+                            for role, (dim, frac) in read_fractions(b, p, self._inputs).items())
+                if p.computed_fraction(b) is not None:
+                    flops += b.module.router_flops_per_token()
                 per_layer.append(MetricValue(self.name, flops, layer=b.name))
                 dense += 2.0 * sum(weight_numel(m) for m in b.projections().values())
         total = sum(v.value for v in per_layer)
         return [MetricValue(self.name, total), MetricValue(f"{self.name}_dense", dense), *per_layer]
 
     def close(self):
-        probe = getattr(self, "_probe", None)
-        if probe is not None:
-            probe.close()
-            self._probe = None
+        for attr in ("_probe", "_inputs"):
+            probe = getattr(self, attr, None)
+            if probe is not None:
+                probe.close()
+                setattr(self, attr, None)

@@ -39,7 +39,7 @@ from torch import nn
 
 from sparsify_core import Method, MetricInfo, Params, StageResult
 from sparsify_core.errors import SparsifyError
-from sparsify_core.ffn import FFNBlock, capture_intermediates, find_ffn_blocks, is_conv1d
+from sparsify_core.ffn import FFNBlock, capture_intermediates, find_ffn_blocks, input_threshold, is_conv1d
 from sparsify_core.method import LayerIndices
 
 from .clustering import balanced_partition, cluster_rows
@@ -269,8 +269,7 @@ def _blocks(model, params) -> list[FFNBlock]:
     if routed:
         raise SparsifyError(f"FFN blocks already split into experts: {', '.join(routed)}")
     # TEAL: a projection that thresholds its own input; the expert gather and kernels read the weights alone
-    cut = [b.name for b in chosen if any(isinstance(getattr(m, "input_threshold", None), float)
-                                         for m in b.projections().values())]
+    cut = [b.name for b in chosen if any(input_threshold(m) is not None for m in b.projections().values())]
     if cut:
         raise SparsifyError(f"{cut[0]}: its projections threshold their inputs (TEAL), which the expert "
                             "kernels would skip; moeify and teal do not combine")
@@ -357,6 +356,9 @@ class _MoEify(Method):
         declared = {"blocks_converted": MetricInfo(unit="blocks"), "experts_per_ffn": MetricInfo(unit="experts"),
                     **{f"calibration_{k}": v for k, v in ROUTER_FIT_METRICS.items()}}
         return StageResult(metrics=metrics, state=state, info=info, metric_info=declared)
+
+    def plain_form(self, params) -> str | None:
+        return "experts and a router"
 
     def rebuild(self, ctx, params, result) -> None:
         by_name = {b.name: b for b in find_ffn_blocks(ctx.model)}

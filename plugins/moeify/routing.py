@@ -53,6 +53,9 @@ class Routing(Method):
         return StageResult(metrics={"experts_per_token": sum(k) / len(k)},
                            metric_info={"experts_per_token": MetricInfo(unit="experts")})
 
+    def plain_form(self, params) -> str | None:
+        return "experts and a router"
+
     def rebuild(self, ctx, params: RoutingParams, result: StageResult) -> None:
         for m in routed_modules(ctx.model):
             k = None

@@ -184,6 +184,9 @@ class LTE(Method):
         metrics, declared = final_metrics(train(ctx, params.train, [cb]), LTE_METRICS)
         return StageResult(metrics=metrics, metric_info=declared)
 
+    def plain_form(self, params) -> str | None:
+        return "experts and a router"
+
     def rebuild(self, ctx, params, result) -> None:
         for m in routed_modules(ctx.model):
             m.set_routing("threshold", tau=params.tau)

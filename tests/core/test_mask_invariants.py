@@ -23,7 +23,8 @@ from helpers import tiny_recipe, write
 from sparsify_core import Metric, MetricValue, hookimpl, load_output
 from sparsify_core.ffn import find_ffn_blocks, is_linear, weight_out_in
 from sparsify_core.method import STAGE_METRICS
-from sparsify_core.output import read_checkpoint
+from sparsify_core.errors import RecipeError, SparsifyError
+from sparsify_core.output import export_output, read_checkpoint
 from sparsify_core.plugin_manager import catalog, register, unregister
 from sparsify_core.recipe import load_recipe
 from sparsify_core.registry import Registry, stage_values
@@ -162,12 +163,13 @@ def witness(workdir, one_thread):
 
 
 def _recipe(stages: list[str], *, model: dict | None = None, source: dict | None = None, out: str | None,
-            dtype: str = "float32") -> str:
+            dtype: str = "float32", storage: str | None = None) -> str:
     text = tiny_recipe("".join(f"  - {s}\n" for s in stages), model=model, seq_len=16,
                        splits={"calibration": {"samples": 4}, "train": {"samples": 4, "offset": 4},
                                "eval": {"samples": 1}},
                        evaluate={"metrics": ["zero_witness"], "after": "all", "batch_size": 1},
-                       output={"dir": out, "save": True} if out else {"save": False})
+                       output=({"dir": out, "save": True} | ({"storage": storage} if storage else {})) if out
+                       else {"save": False})
     if source is not None:  # a model source other than tiny
         lines = text.splitlines()
         i = lines.index("  source: tiny")
@@ -277,6 +279,29 @@ def test_pruned_zeros_survive_every_later_stage_and_reload(witness, workdir, pru
     params = dict(loaded.model.named_parameters())
     unmasked = [n for n in want if f"{n}.weight" in params and f"{n}.weight" not in loaded.masks]
     assert not unmasked, f"pruned weights saved without their masks: {unmasked}"
+    if prune == "magnitude":  # every later method once
+        _check_plain_form(workdir, stages)
+
+
+def _check_plain_form(workdir, stages: list[str]) -> None:
+    """What validation says of ``output.storage: dense`` (each stage's ``Method.plain_form``) agrees with what a
+    dense export of the saved output does: refused before any weight loads, in one line naming the field,
+    exactly when the export finds a module with no plain transformers form."""
+    path = write(workdir / "dense.yaml", _recipe(stages, out="dense-out", storage="dense"))
+    try:
+        load_recipe(path)
+        refused = None
+    except RecipeError as exc:
+        refused = str(exc)
+        assert "output.storage" in refused and "\n" not in refused, refused
+    try:
+        export_output(workdir / "out", workdir / "dense", "dense")
+        exported = None
+    except SparsifyError as exc:
+        exported = str(exc)
+        assert "no plain form" in exported and not (workdir / "dense").exists(), exported
+    assert (refused is None) == (exported is None), (
+        f"validation: {refused or 'accepted'}; dense export: {exported or 'written'}")
 
 
 @pytest.fixture(scope="module")

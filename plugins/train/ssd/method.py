@@ -444,6 +444,9 @@ class SSD(Method):
             out["sparse_steps"] = 0.0
         return out
 
+    def plain_form(self, params) -> str | None:
+        return "experts and a router"
+
     def rebuild(self, ctx, params: SSDParams, result: StageResult) -> None:
         if result.info.get("blocks"):
             MOEIFY[params.clustering]().rebuild(ctx, params.experts, StageResult(info={"blocks": result.info["blocks"]}))

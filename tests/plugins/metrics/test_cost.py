@@ -142,3 +142,34 @@ def test_layout_storage_counts_its_bytes(tmp_path):
     model.lm_head = SparseLinear(head)
     v = _measure(tmp_path, model)
     assert v[("bytes_per_token", None)] == EMBED_ROW + GATE + 2.5 * 16 + 2.5 * 16 + head.nbytes()
+
+
+def test_teal_thresholded_inputs_read_only_their_surviving_columns(tmp_path):
+    """TEAL (input_threshold on a projection): each weight column is read for the tokens whose input entry
+    survives the threshold, in an FFN block (gate, up, down) and outside one (the LM head); both FLOP metrics
+    count the same columns."""
+    from sparsify_plugins.activation.teal import set_input_threshold
+    from sparsify_plugins.metrics.sparsity import FFNFlops
+
+    model = Model()
+    # the FFN and head inputs are one-hot (the down projection's input never reaches 2.0, so the FFN adds 0):
+    # one column of 4 survives per token, column j for token j: a share 1/4 each
+    for path, t in (("mlp.gate_proj", 0.5), ("mlp.up_proj", 0.5), ("mlp.down_proj", 2.0), ("lm_head", 0.5)):
+        set_input_threshold(model.get_submodule(path), t, path)
+    v = _measure(tmp_path, model)
+    gate = up = 4 * 0.25 * (6 * 4)  # 4 columns of 6 float32 weights, each read by a quarter of the tokens
+    head = 4 * 0.25 * (10 * 4)
+    assert v[("bytes_per_token", "mlp")] == gate + up == 48
+    assert v[("bytes_per_token", None)] == EMBED_ROW + gate + up + 0 + head == 104
+    assert v[("bytes_per_token_dense", None)] == DENSE
+    assert v[("flops_per_token", None)] == 2 * (6 + 6 + 0 + 10)
+    data = {"eval": TokenSplit("eval", torch.tensor([[0, 1, 2, 3]]))}
+    ctx = RunContext(run_id="t", model=model, tokenizer=None, task="causal_lm", data=data,
+                     device=torch.device("cpu"), dtype=torch.float32, seed=0, workdir=tmp_path)
+    ffn = {(x.name, x.layer): x.value for x in evaluate(ctx, [FFNFlops()], ctx.split("eval"), batch_size=1)}
+    assert ffn[("ffn_flops_per_token", None)] == 2 * (6 + 6 + 0)
+    # on down alone, a threshold every non-zero input passes: its columns are read as without one (f_j)
+    model = Model()
+    set_input_threshold(model.mlp.down_proj, 0.5, "down")
+    v = _measure(tmp_path, model)
+    assert v[("bytes_per_token", None)] == EMBED_ROW + GATE + 2.5 * 16 + 2.5 * 16 + LM_HEAD == 352
