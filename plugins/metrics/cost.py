@@ -38,7 +38,8 @@ from sparsify_core import Metric, MetricValue
 from sparsify_core.ffn import find_ffn_blocks, is_linear, is_stored_linear, linear_shape, weight_out_in
 from sparsify_core.metric import MetricInfo
 
-from .sparsity import _has_ffn_blocks, _InputActivity, _NeuronActivity, projection_flops, read_fractions
+from .sparsity import (_has_ffn_blocks, _InputActivity, _NeuronActivity, close_probes, projection_flops,
+                       read_fractions)
 
 
 def weight_read_bytes(w: torch.Tensor, itemsize: int, *, keep: torch.Tensor | None = None,
@@ -180,8 +181,4 @@ class BytesPerToken(Metric):
                 MetricValue("flops_per_token", flops), *per_layer]
 
     def close(self):
-        for attr in ("_probe", "_inputs"):
-            probe = getattr(self, attr, None)
-            if probe is not None:
-                probe.close()
-                setattr(self, attr, None)
+        close_probes(self)

@@ -105,6 +105,15 @@ class _InputActivity:
         self._stack.close()
 
 
+def close_probes(metric) -> None:
+    """Remove the hooks of a metric's ``_probe`` (neurons) and ``_inputs`` (thresholded inputs); idempotent."""
+    for attr in ("_probe", "_inputs"):
+        probe = getattr(metric, attr, None)
+        if probe is not None:
+            probe.close()
+            setattr(metric, attr, None)
+
+
 def read_fractions(block: FFNBlock, neurons: _NeuronActivity,
                    inputs: _InputActivity | None = None) -> dict[str, tuple[int, torch.Tensor]]:
     """Per projection role of ``block``, ``(dim, fraction)``: the share of tokens that read each row (``dim`` 0)
@@ -296,8 +305,4 @@ class FFNFlops(Metric):
         return [MetricValue(self.name, total), MetricValue(f"{self.name}_dense", dense), *per_layer]
 
     def close(self):
-        for attr in ("_probe", "_inputs"):
-            probe = getattr(self, attr, None)
-            if probe is not None:
-                probe.close()
-                setattr(self, attr, None)
+        close_probes(self)
