@@ -522,7 +522,9 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
                                              "model, else HF generate), lean, lean-torch (the lean path without "
                                              "its native step) or hf; --compare-dense uses the same"),
              layouts: str = typer.Option("auto", "--layouts", help="auto (pruned weights in the layout measured "
-                                         "fastest here for decoding, dense where none wins) or none (as saved)")):
+                                         "fastest here for decoding, dense where none wins), measure (auto "
+                                         "after measuring the layout-table entries this machine lacks: about 1.5 s "
+                                         "each, kept for next time) or none (as saved)")):
     """Stream greedy text from an output with its fast modules; tokens/s of prefill and decode on the last line.
 
     The fast modules are those ``load_output(fast=True, layouts=...)`` picks
@@ -537,17 +539,15 @@ def generate(output: Path = typer.Argument(..., help="a sparsify output folder (
     """
     import torch
 
-    from .generation import timed_generate
-    from .output import load_output
-
-    from .generation import PATHS
+    from .generation import PATHS, timed_generate
+    from .output import LAYOUT_CHOICES, load_output
 
     if (prompt is None) == (prompt_file is None):
         raise SparsifyError("give the prompt as --prompt TEXT or --prompt-file FILE (one of them)")
     if decode_path not in PATHS:
         raise SparsifyError(f"--decode-path {decode_path}: choose {', '.join(PATHS)}")
-    if layouts not in ("auto", "none"):
-        raise SparsifyError(f"--layouts {layouts}: choose auto or none")
+    if layouts not in LAYOUT_CHOICES:
+        raise SparsifyError(f"--layouts {layouts}: choose {', '.join(LAYOUT_CHOICES[:-1])} or {LAYOUT_CHOICES[-1]}")
     if prompt_file is not None:
         try:
             prompt = prompt_file.read_text()

@@ -98,7 +98,8 @@ def sparsify_fast_modules(model, masks, device, layouts):
     ``MaskSet``, to be kept in step with any weight a swap moves.
     ``layouts`` is ``"auto"`` (a pruned Linear may move into the weight
     layout measured fastest for its shape and density, or stay dense when
-    none wins) or ``"none"`` (weights stay as saved); an implementation may
+    none wins), ``"measure"`` (the same, after measuring the entries this
+    machine's table lacks) or ``"none"`` (weights stay as saved); an implementation may
     leave the parameter out. An
     implementation changes only modules it owns the fast form of, leaves the
     model computing the same function (to float tolerance), and returns a

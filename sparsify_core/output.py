@@ -288,7 +288,7 @@ class LoadedOutput:
 
 
 #: What ``load_output(layouts=...)`` accepts: weight layouts chosen per Linear, or weights as saved.
-LAYOUT_CHOICES = ("auto", "none")
+LAYOUT_CHOICES = ("auto", "measure", "none")
 
 
 def load_output(path, device="cpu", fast: bool = True, layouts: str = "auto") -> LoadedOutput:
@@ -311,7 +311,9 @@ def load_output(path, device="cpu", fast: bool = True, layouts: str = "auto") ->
     (with ``fast``): ``"auto"`` (the default) lets the plugins also move
     pruned Linear weights into the layout their measured table rates fastest
     on this machine for decoding (one token), keeping dense where no layout
-    wins, and say which; ``"none"`` keeps every weight as saved.
+    wins, and say which; ``"measure"`` does the same after measuring the
+    entries the table lacks for these weights (seconds per layout, shape and
+    density, stored for the next load); ``"none"`` keeps every weight as saved.
 
     Raises ``SparsifyError`` (one line naming the folder) when ``path`` is not
     an output, its storage is unknown, a plugin it needs is missing, or its
@@ -319,7 +321,7 @@ def load_output(path, device="cpu", fast: bool = True, layouts: str = "auto") ->
     in ``LAYOUT_CHOICES``.
     """
     if layouts not in LAYOUT_CHOICES:
-        raise SparsifyError(f"layouts {layouts!r}: choose {' or '.join(LAYOUT_CHOICES)}")
+        raise SparsifyError(f"layouts {layouts!r}: choose {', '.join(LAYOUT_CHOICES[:-1])} or {LAYOUT_CHOICES[-1]}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 

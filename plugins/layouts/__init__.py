@@ -45,12 +45,13 @@ def sparsify_methods():
 @hookimpl
 def sparsify_fast_modules(model, masks, device, layouts):
     """Activation-sparse FFNs and MoE FFNs where a loaded model can skip work (``fast.fast_modules``); with
-    ``layouts="auto"``, pruned Linears in the layout the measured table rates fastest (``fast.auto_layouts``)."""
+    ``layouts="auto"``, pruned Linears in the layout the measured table rates fastest (``fast.auto_layouts``);
+    with ``"measure"``, the same after measuring the table's missing entries on this machine."""
     from .fast import auto_layouts, fast_modules
 
     done = fast_modules(model, masks, device)
-    if layouts == "auto":
-        done += auto_layouts(model, masks)
+    if layouts in ("auto", "measure"):
+        done += auto_layouts(model, masks, measure=layouts == "measure")
     return done
 
 

@@ -13,10 +13,12 @@ weights follow them, as in the stages.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
 
+from sparsify_core import progress as _progress
 from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import find_ffn_blocks
 from sparsify_core.masks import MaskSet
@@ -92,20 +94,25 @@ def fast_modules(model: torch.nn.Module, masks: MaskSet | None = None, device=No
     return done
 
 
-def auto_layouts(model: torch.nn.Module, masks: MaskSet | None = None, tokens: int = 1) -> list[str]:
+def auto_layouts(model: torch.nn.Module, masks: MaskSet | None = None, tokens: int = 1,
+                 measure: bool = False) -> list[str]:
     """Move each pruned Linear/Conv1D (one with a mask) into the weight layout the measured table rates fastest.
 
     The decision is ``layout: auto``'s (``table.choose`` over the default
     candidates, each with its default params, margin 1), read from this
     machine's table (``table.LayoutTable.load``) for ``tokens`` tokens per
     call (1: decoding): a layout replaces the dense weight only where its
-    entry says it beats dense; entries missing from the table are not
-    measured at load time (``sparsify bench --case 3`` or a ``layout: auto``
-    stage measures them), and a weight with none stays dense. Exact: the
-    layout holds the weight's zeros (``from_dense``), and the masks of moved
-    weights are dropped, as in ``layout_convert``. Returns one line saying
-    how many modules went into which layout and how many stayed dense, and
-    why. Raises ``SparsifyError`` when the table file is not a table.
+    entry says it beats dense. Entries missing from the table are measured
+    here first with ``measure`` (``table.measure`` on the weight itself,
+    float32 on the CPU, about 1.5 s each, progress shown; stored in the table,
+    so one per layout, shape and density, once per machine); without it they
+    are not (``sparsify bench --case 3``, a ``layout: auto`` stage or
+    ``--layouts measure`` measures them) and a weight with none stays dense.
+    Exact: the layout holds the weight's zeros (``from_dense``), and the
+    masks of moved weights are dropped, as in ``layout_convert``. Returns one
+    line saying how many modules went into which layout and how many stayed
+    dense, and why (and how many entries were measured). Raises
+    ``SparsifyError`` when the table file is not a table.
     """
     from sparsify_core.ffn import prunable_modules, weight_out_in
 
@@ -123,29 +130,43 @@ def auto_layouts(model: torch.nn.Module, masks: MaskSet | None = None, tokens: i
     chosen: dict[str, int] = {}
     dense_reasons: dict[str, int] = {}
     change: dict = {}
-    for name, module in pruned:
-        w = weight_out_in(module).detach().contiguous()
-        ratios, held = {}, {}
-        for layout_cls, lp in candidates:
-            try:
-                layout = layout_cls.from_dense(w, lp)
-            except ValueError:
-                continue  # does not hold this weight exactly
-            r = tab.ratio(layout, tokens)
-            if r is not None:
-                ratios[layout_cls.name], held[layout_cls.name] = r, layout
-        best, _ratio, _why = TBL.choose(ratios)
-        if best is None:
-            why = "no table entry" if not ratios else "no layout beats dense"
-            dense_reasons[why] = dense_reasons.get(why, 0) + 1
-            continue
-        _set_module(model, name, SparseLinear(held[best], getattr(module, "bias", None)).to(w.device))
-        change[f"{name}.weight"] = None
-        chosen[best] = chosen.get(best, 0) + 1
+    measured = 0
+    shown = _progress.task("layouts: measuring missing table entries", len(pruned)) if measure else nullcontext()
+    with shown as bar:
+        for name, module in pruned:
+            w = weight_out_in(module).detach().contiguous()
+            ratios, held = {}, {}
+            for layout_cls, lp in candidates:
+                try:
+                    layout = layout_cls.from_dense(w, lp)
+                except ValueError:
+                    continue  # does not hold this weight exactly
+                r = tab.ratio(layout, tokens)
+                if r is None and measure:
+                    # on a CPU copy: the table is a CPU measurement, whatever device the model is on
+                    cpu = layout if w.device.type == "cpu" else layout_cls.from_dense(w.float().cpu(), lp)
+                    r = TBL.measure(cpu, tokens)
+                    tab.record(cpu, tokens, r)
+                    tab.save()  # each entry as it is measured: an interrupted load keeps what it measured
+                    measured += 1
+                if r is not None:
+                    ratios[layout_cls.name], held[layout_cls.name] = r, layout
+            if bar is not None:
+                bar.advance(1, measured=measured)
+            best, _ratio, _why = TBL.choose(ratios)
+            if best is None:
+                why = "no table entry" if not ratios else "no layout beats dense"
+                dense_reasons[why] = dense_reasons.get(why, 0) + 1
+                continue
+            _set_module(model, name, SparseLinear(held[best], getattr(module, "bias", None)).to(w.device))
+            change[f"{name}.weight"] = None
+            chosen[best] = chosen.get(best, 0) + 1
     _rewrite_masks(SimpleNamespace(masks=masks), change)
     parts = [f"{n} in {k}" for k, n in sorted(chosen.items())]
     parts += [f"{n} dense ({why} for T={tokens} on this machine)" for why, n in sorted(dense_reasons.items())]
     line = f"layouts auto: {len(pruned)} pruned Linears: " + ", ".join(parts)
+    if measured:
+        line += f"; measured {measured} table entries on this machine ({tab.path})"
     if dense_reasons.get("no table entry"):
-        line += "; `sparsify bench --case 3` measures the table"
+        line += "; `--layouts measure` (or `sparsify bench --case 3`) measures the missing entries"
     return [line]

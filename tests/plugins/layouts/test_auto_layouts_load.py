@@ -84,10 +84,10 @@ def test_dense_everywhere_when_no_layout_wins_or_the_table_is_empty(pruned, monk
 
 
 def test_bad_layouts_choice_is_one_line(pruned):
-    with pytest.raises(SparsifyError, match=r"^layouts 'fast': choose auto or none$"):
+    with pytest.raises(SparsifyError, match=r"^layouts 'fast': choose auto, measure or none$"):
         load_output(pruned, layouts="fast")
     proc = sparsify_here("generate", pruned, "--prompt", "a", "--layouts", "fast")
-    assert proc.returncode == 1 and proc.stderr.strip() == "error: --layouts fast: choose auto or none"
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --layouts fast: choose auto, measure or none"
 
 
 def test_generate_says_which_layouts_it_chose(pruned, monkeypatch, tmp_path):
@@ -98,3 +98,26 @@ def test_generate_says_which_layouts_it_chose(pruned, monkeypatch, tmp_path):
     proc = sparsify_here("generate", pruned, "--prompt", "ab", "--max-new-tokens", "2", "--device", "cpu",
                          "--layouts", "none")
     assert proc.returncode == 0 and "layouts auto" not in proc.stderr, proc.stderr
+
+
+def test_measure_fills_the_missing_entries_then_chooses_from_them(pruned, monkeypatch, tmp_path):
+    """``layouts="measure"``: every missing (layout, shape, density) entry is timed once, stored, and decides."""
+    _table_at(monkeypatch, tmp_path / "m.json")
+    timed = []
+
+    def fake_measure(layout, tokens):  # the timing itself is table.measure's (tested with the table)
+        timed.append(TBL.entry_key(layout, tokens))
+        return 3.0 if layout.name == "nm" else 0.5
+
+    monkeypatch.setattr(TBL, "measure", fake_measure)
+    first = load_output(pruned, layouts="measure")
+    # 3 weight shapes (32x32, 64x32, 32x64) x the candidates holding a 2:4 weight: each timed once, not per module
+    assert len(timed) == len(set(timed)) and {k.split()[1] for k in timed} == {"32x32", "64x32", "32x64"}
+    assert set(_layouts(first.model).values()) == {"nm"} and len(_layouts(first.model)) == 14
+    line = first.manifest["fast_modules"][-1]
+    assert line.startswith("layouts auto: 14 pruned Linears: 14 in nm") and f"measured {len(timed)} table" in line
+    assert set(TBL.LayoutTable.load().entries) == set(timed)  # saved for the next load
+    _same_outputs(first.model, load_output(pruned, fast=False).model)
+    again = load_output(pruned, layouts="measure")  # nothing left to measure
+    assert len(timed) == len(set(timed)) and "measured" not in again.manifest["fast_modules"][-1]
+    assert set(_layouts(load_output(pruned, layouts="auto").model).values()) == {"nm"}
