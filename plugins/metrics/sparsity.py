@@ -218,56 +218,25 @@ class WeightSparsity(Metric):
         return [MetricValue(self.name, zeros / total), *values]
 
 
-def ffn_flops_per_token(up_row_nnz: torch.Tensor, down_col_nnz: torch.Tensor, active_fraction: torch.Tensor,
-                        gate_nnz: float | None = None, *, computed_fraction: torch.Tensor | None = None,
-                        gate_row_nnz: torch.Tensor | None = None, router_flops: float = 0.0) -> float:
-    """Effective FLOPs (2 x multiply-adds) per token of one FFN, skipping zero neurons exactly.
-
-    Neuron ``j`` is active for a fraction ``f_j`` of tokens; where it is zero,
-    its row of ``W_up`` and its column of ``W_down`` are skipped (ProSparse's
-    exact acceleration); the gate (gated) or ``W_fc1`` (plain) is always
-    computed, since it decides which neurons are zero. With ``nnz`` counting
-    non-zero weights:
-
-    - gated: ``2 * (nnz(W_gate) + sum_j f_j * (nnz(W_up[j, :]) + nnz(W_down[:, j])))``
-    - plain: ``2 * (nnz(W_fc1) + sum_j f_j * nnz(W_fc2[:, j]))``, with ``up_row_nnz`` the rows of ``W_fc1``
-
-    (pass ``gate_nnz=None`` for plain). Biases and the activation itself are not counted.
-
-    Routed (MoE) FFNs compute a neuron only for the tokens whose selected
-    experts hold it, a fraction ``c_j`` (``computed_fraction``) with
-    ``f_j <= c_j``: the gate row (gated, ``gate_row_nnz``) or the W_fc1 row
-    (plain) is weighted by ``c_j`` instead of counted always, and the
-    router's own ``router_flops`` per token are added:
-
-    - gated: ``router + 2 * sum_j (c_j * nnz(W_gate[j, :]) + f_j * (nnz(W_up[j, :]) + nnz(W_down[:, j])))``
-    - plain: ``router + 2 * sum_j (c_j * nnz(W_fc1[j, :]) + f_j * nnz(W_fc2[:, j]))``
-    """
-    f = active_fraction.double()
-    up, down = up_row_nnz.double(), down_col_nnz.double()
-    if computed_fraction is not None:
-        c = computed_fraction.double()
-        if gate_nnz is None:
-            return router_flops + 2.0 * float((c * up).sum() + (f * down).sum())
-        if gate_row_nnz is None:
-            raise ValueError("a routed gated FFN needs gate_row_nnz")
-        return router_flops + 2.0 * float((c * gate_row_nnz.double()).sum() + (f * (up + down)).sum())
-    if gate_nnz is None:
-        return router_flops + 2.0 * float(up.sum() + (f * down).sum())
-    return router_flops + 2.0 * float(gate_nnz + (f * (up + down)).sum())
-
-
 class FFNFlops(Metric):
     """Effective FFN FLOPs per token, given weight zeros and the measured activation zeros.
 
-    Per layer (``layer`` = block path) and summed over layers, by
-    ``ffn_flops_per_token``: a neuron's share of ``W_up``/``W_fc2`` work is
-    weighted by the fraction of eval tokens where it is non-zero, using its
-    own non-zero weights, so weight and activation sparsity combine exactly.
+    Per layer (``layer`` = block path) and summed over layers: neuron ``j``,
+    non-zero for a fraction ``f_j`` of the eval tokens, costs its row of
+    ``W_up`` and its column of ``W_down`` only then (ProSparse's exact
+    acceleration), counting its own non-zero weights, so weight and
+    activation sparsity combine exactly; the gate (gated) or ``W_fc1``
+    (plain) is always computed, since it decides which neurons are zero:
+
+    - gated: ``2 * (nnz(W_gate) + sum_j f_j * (nnz(W_up[j, :]) + nnz(W_down[:, j])))``
+    - plain: ``2 * (nnz(W_fc1) + sum_j f_j * nnz(W_fc2[:, j]))``
+
+    Biases and the activation itself are not counted.
     Also records ``ffn_flops_per_token_dense``: ``2 x`` all FFN weights, the
     same model with no zeros at all. FFNs split into experts (``moeify``)
-    count only the neurons of the experts each token selected, plus their
-    router. A projection that thresholds its own input (TEAL) counts, per
+    count only the neurons of the experts each token selected: the gate row
+    (W_fc1 row) of neuron ``j`` weighted by the fraction ``c_j >= f_j`` of
+    tokens whose selected experts hold it, plus the router's own FLOPs. A projection that thresholds its own input (TEAL) counts, per
     input column, the tokens where that entry survives (``read_fractions``).
     """
 
