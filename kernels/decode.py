@@ -10,7 +10,8 @@ A layer (``LayerWeights``) is HF's ``LlamaDecoderLayer`` in eval: RMSNorm with f
 GEMVs (one fused pass over the three weights), RoPE with the model's cos/sin tables (``rotate_half``
 layout), the new key/value written into the caller's static cache, grouped-query attention over the cache
 (``softmax(q k^T / sqrt(head_dim)) v``), ``o_proj`` and the residual, RMSNorm, and the FFN and its
-residual. The FFN is ``dense`` (``down(act(gate(h)) * up(h))``, all neurons), ``sparse`` (the activation-sparse
+residual. Any projection of a layer with a dense FFN may be TEAL's input-sparse one
+(``LayerWeights.input_thresholds``: input entries below a threshold zeroed, their weight rows skipped). The FFN is ``dense`` (``down(act(gate(h)) * up(h))``, all neurons), ``sparse`` (the activation-sparse
 kernel of ``ffn.py``/``csrc/ffn.cpp``: the gate for every neuron, up and down rows for the active ones only)
 or ``predicted`` (the same over the neurons a low-rank predictor chooses, DejaVu / PowerInfer: approximate,
 as ``ffn.ffn_predicted``). The activations are ``ffn.ACTIVATIONS`` (FATReLU ``threshold``, CATS ``cut``,
@@ -38,6 +39,7 @@ from .ffn import ACTIVATIONS, MAX_TOKENS, UP_RELU, activation, ffn_reference
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 FFN_KINDS = {"dense": 0, "sparse": 1, "predicted": 2}
+INPUT_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  #: ``sp_decoder_set_input_sparse``'s order
 
 
 @dataclass
@@ -49,6 +51,10 @@ class LayerWeights:
     ``[out]`` or ``None``); ``w_gate``/``w_up`` ``[F, d]``; ``w_down`` ``[d, F]`` (an ``nn.Linear``'s weight)
     for ``ffn="dense"`` and ``[F, d]`` (transposed: neuron j's down column is row j) for ``sparse`` and
     ``predicted``; ``p_in`` ``[r, d]``, ``p_out`` ``[F, r]``, ``p_bias`` ``[F]`` for ``predicted``.
+    ``input_thresholds`` (TEAL, Liu et al. 2025): projection name (``q k v o gate up down``) -> threshold
+    ``t >= 0``; that projection computes ``s(x) W + b`` with ``s`` zeroing the input entries ``|x| < t``
+    (``sparsify_core.ffn.zero_small_inputs``), its weight stored transposed, ``[in, out]``, so the rows of
+    the zeroed inputs are skipped. Only a dense FFN's projections may carry one.
     """
 
     ln1: torch.Tensor
@@ -78,12 +84,31 @@ class LayerWeights:
     p_out: torch.Tensor | None = None
     p_bias: torch.Tensor | None = None
     p_threshold: float = 0.0
+    input_thresholds: dict[str, float] | None = None
+
+    def threshold_of(self, proj: str) -> float | None:
+        """The TEAL input threshold of projection ``proj`` (one of ``INPUT_PROJECTIONS``), or ``None``: plain."""
+        return (self.input_thresholds or {}).get(proj)
+
+    @property
+    def dff(self) -> int:
+        """The FFN's neuron count (``w_gate`` is ``[F, d]``, or ``[d, F]`` when its input is thresholded)."""
+        return self.w_gate.shape[1 if self.threshold_of("gate") is not None else 0]
 
     def tensors(self) -> list[torch.Tensor | None]:
         """The 19 tensors in ``sp_decoder_set_layer``'s order."""
         return [self.ln1, self.ln2, self.wq, self.bq, self.wk, self.bk, self.wv, self.bv, self.wo, self.bo,
                 self.w_gate, self.b_gate, self.w_up, self.b_up, self.w_down, self.b_down, self.p_in, self.p_out,
                 self.p_bias]
+
+
+def _proj(x, w, b, threshold):
+    """A projection of ``decode_step_reference``: ``F.linear`` (weight ``[out, in]``), or TEAL's input-sparse
+    form (``threshold`` set: the input thresholded, the weight ``[in, out]``)."""
+    if threshold is None:
+        return F.linear(x, w, b)
+    y = (x * (x.abs() >= threshold).to(x.dtype)) @ w
+    return y + b if b is not None else y
 
 
 def _rms_norm(x, w, eps):
@@ -109,21 +134,22 @@ def decode_step_reference(layers: list[LayerWeights], norm: torch.Tensor, eps: f
     hd = cos.shape[-1]
     c, s = cos[pos], sin[pos]
     for i, L in enumerate(layers):
+        t = L.threshold_of
         h = _rms_norm(x, L.ln1, L.eps1)
-        q = _rope(F.linear(h, L.wq, L.bq).view(B, heads, hd), c, s)
-        k = _rope(F.linear(h, L.wk, L.bk).view(B, kv_heads, hd), c, s)
+        q = _rope(_proj(h, L.wq, L.bq, t("q")).view(B, heads, hd), c, s)
+        k = _rope(_proj(h, L.wk, L.bk, t("k")).view(B, kv_heads, hd), c, s)
         k_cache[i, :, :, pos] = k
-        v_cache[i, :, :, pos] = F.linear(h, L.wv, L.bv).view(B, kv_heads, hd)
+        v_cache[i, :, :, pos] = _proj(h, L.wv, L.bv, t("v")).view(B, kv_heads, hd)
         keys = k_cache[i, :, :, : pos + 1].repeat_interleave(heads // kv_heads, 1)  # [B, H, n, hd]
         vals = v_cache[i, :, :, : pos + 1].repeat_interleave(heads // kv_heads, 1)
         p = torch.softmax(torch.einsum("bhd,bhnd->bhn", q, keys) / math.sqrt(hd), -1)
-        x = x + F.linear(torch.einsum("bhn,bhnd->bhd", p, vals).reshape(B, heads * hd), L.wo, L.bo)
+        x = x + _proj(torch.einsum("bhn,bhnd->bhd", p, vals).reshape(B, heads * hd), L.wo, L.bo, t("o"))
         h = _rms_norm(x, L.ln2, L.eps2)
         if L.ffn == "dense":
-            u = F.linear(h, L.w_up, L.b_up)
+            u = _proj(h, L.w_up, L.b_up, t("up"))
             u = torch.relu(u) if L.up_relu else u
-            x = x + F.linear(activation(L.act, F.linear(h, L.w_gate, L.b_gate), L.threshold, L.cut) * u, L.w_down,
-                             L.b_down)
+            g = activation(L.act, _proj(h, L.w_gate, L.b_gate, t("gate")), L.threshold, L.cut)
+            x = x + _proj(g * u, L.w_down, L.b_down, t("down"))
         else:
             select = None
             if L.ffn == "predicted":
@@ -145,6 +171,8 @@ def _lib():
         lib.sp_decoder_free.restype = None
         lib.sp_decoder_set_layer.argtypes = [_P, _I, _P, _P, _P]
         lib.sp_decoder_set_layer.restype = ctypes.c_int
+        lib.sp_decoder_set_input_sparse.argtypes = [_P, _I, _P]
+        lib.sp_decoder_set_input_sparse.restype = ctypes.c_int
         lib.sp_decoder_step.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P, ctypes.c_int]
         lib.sp_decoder_step.restype = ctypes.c_int
         lib._decode_typed = True
@@ -183,7 +211,7 @@ class DecodeStep:
         if lib is None:
             raise RuntimeError(f"the native kernels are unavailable ({native.failure() or 'SPARSIFY_NO_NATIVE=1'})")
         vocab, d = head_w.shape
-        dff = layers[0].w_gate.shape[0]
+        dff = layers[0].dff
         self.d, self.vocab, self.heads, self.kv_heads, self.head_dim = d, vocab, heads, kv_heads, head_dim
         self.n_layers = len(layers)
         for name, t, shape in (("norm", norm, (d,)), ("lm_head.weight", head_w, None),
@@ -195,7 +223,7 @@ class DecodeStep:
         if not self._handle:
             raise ValueError(f"bad dimensions: {heads} heads, {kv_heads} kv heads, head_dim {head_dim}")
         self._lib = lib
-        self.max_batch = MAX_TOKENS if any(L.ffn != "dense" for L in layers) else 1 << 30
+        self.max_batch = MAX_TOKENS if any(L.ffn != "dense" or L.input_thresholds for L in layers) else 1 << 30
         for i, L in enumerate(layers):
             self._set_layer(i, L, d, dff)
         self.name = native.loaded_isa()
@@ -213,6 +241,16 @@ class DecodeStep:
                   "bk": (KV * hd,), "wv": (KV * hd, d), "bv": (KV * hd,), "wo": (d, H * hd), "bo": (d,),
                   "w_gate": (dff, d), "b_gate": (dff,), "w_up": (dff, d), "b_up": (dff,), "w_down": down,
                   "b_down": (d,), "p_in": (r, d), "p_out": (dff, r), "p_bias": (dff,)}
+        unknown = set(L.input_thresholds or {}) - set(INPUT_PROJECTIONS)
+        if unknown:
+            raise ValueError(f"layer {i}: input_thresholds for {sorted(unknown)}; known: {', '.join(INPUT_PROJECTIONS)}")
+        if L.ffn != "dense" and any(L.threshold_of(n) is not None for n in ("gate", "up", "down")):
+            raise ValueError(f"layer {i}: input thresholds on a {L.ffn} FFN's projections")
+        weight_of = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+        for proj, t in (L.input_thresholds or {}).items():
+            if not (isinstance(t, float) and math.isfinite(t) and t >= 0):
+                raise ValueError(f"layer {i}: input threshold of {proj} must be a finite float >= 0, got {t!r}")
+            shapes[weight_of[proj]] = shapes[weight_of[proj]][::-1]  # stored [in, out]
         for name, shape in shapes.items():
             _check(f"layer {i} {name}", getattr(L, name), shape)
         if L.ffn == "predicted" and (L.p_in is None or L.p_out is None):
@@ -225,6 +263,11 @@ class DecodeStep:
         iparams = (ctypes.c_int64 * 3)(FFN_KINDS[L.ffn], code, r)
         if self._lib.sp_decoder_set_layer(self._handle, i, ptrs, fparams, iparams) != 0:
             raise ValueError(f"layer {i}: refused by the kernel (FFN kind {L.ffn!r}, predictor rank {r})")
+        if L.input_thresholds:
+            ts = (ctypes.c_float * 7)(*[-1.0 if L.threshold_of(n) is None else L.threshold_of(n)
+                                        for n in INPUT_PROJECTIONS])
+            if self._lib.sp_decoder_set_input_sparse(self._handle, i, ts) != 0:
+                raise ValueError(f"layer {i}: input thresholds refused by the kernel")
 
     def __del__(self):
         handle = getattr(self, "_handle", None)

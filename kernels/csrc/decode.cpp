@@ -18,6 +18,8 @@
 //   a = softmax(q K^T / sqrt(hd)) V     per head; GQA: head h reads kv head h / (H / KV)
 //   x = x + a Wo^T + bo
 //   h = RMSNorm(x; w2, eps2)
+//   (TEAL: any projection may zero its input entries below its threshold first, reading only the
+//    weight rows, stored [in, out], of the entries that survive; ffn.cpp's sparse-input kernel)
 //   x = x + FFN(h)                      dense gated (gate/up fused, then down), or
 //                                        the activation-sparse kernel of ffn.cpp (sp_ffn_decode_f32 /
 //                                        sp_ffn_predicted_f32): gate for all neurons, up/down for active ones
@@ -42,6 +44,9 @@ extern "C" int sp_ffn_predicted_f32(const float* x, int64_t T, int64_t d, const 
                                     int64_t dff, int act, float threshold, float cut, const float* p_in,
                                     const float* p_out, const float* p_bias, int64_t r, float p_threshold, float* y,
                                     int64_t* n_selected, int threads);
+
+extern "C" int sp_sparse_input_linear_f32(const float* x1, int64_t T, int64_t n_in, const float* wT,
+                                          const float* b, int64_t n_out, float* y, int threads);
 
 namespace {
 
@@ -168,7 +173,13 @@ struct Layer {
     float eps1, eps2, threshold, cut, p_threshold;
     int kind, act;
     int64_t p_rank;
+    // TEAL: a projection whose input_t[p] >= 0 (p: q k v o gate up down) zeroes its input entries with
+    // |x| < input_t[p] and stores its weight transposed [in, out]; -1: a plain [out, in] weight.
+    float input_t[7] = {-1.0f, -1.0f, -1.0f, -1.0f, -1.0f, -1.0f, -1.0f};
+    bool any_input_sparse = false;
 };
+
+enum Proj { PQ = 0, PK, PV, PO, PGATE, PUP, PDOWN };
 
 struct Decoder {
     int64_t n_layers, d, heads, kv_heads, head_dim, dff, vocab;
@@ -176,7 +187,54 @@ struct Decoder {
     float eps;
     std::vector<Layer> layers;
     std::vector<float> scratch;
+    std::vector<float> sparse_in, sparse_out;  // the thresholded input and the output of an input-sparse projection
 };
+
+// y[b] (+)= s(x[b]) WT + bias with s(v) = v where |v| >= t else 0 (TEAL's rule, as zero_small_inputs):
+// the weight rows of the zeroed inputs are never read (ffn.cpp's sparse-input kernel, the same one the
+// torch path's InputSparseLinear calls, so both paths compute the same sums).
+int input_sparse_proj(Decoder* dec, const float* WT, const float* bias, float t, const float* x, int64_t x_stride,
+                      int64_t B, int64_t n_in, int64_t n_out, float* y, int64_t y_stride, bool add, int threads) {
+    if ((int64_t)dec->sparse_in.size() < B * n_in) dec->sparse_in.resize(B * n_in);
+    if ((int64_t)dec->sparse_out.size() < B * n_out) dec->sparse_out.resize(B * n_out);
+    float* xs = dec->sparse_in.data();
+    float* ys = dec->sparse_out.data();
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < n_in; ++i) {
+            const float v = x[b * x_stride + i];
+            xs[b * n_in + i] = std::fabs(v) >= t ? v : 0.0f;
+        }
+    const int rc = sp_sparse_input_linear_f32(xs, B, n_in, WT, bias, n_out, ys, threads);
+    if (rc != 0) return rc;
+    for (int64_t b = 0; b < B; ++b) {
+        float* yb = y + b * y_stride;
+        const float* src = ys + b * n_out;
+        if (add)
+            for (int64_t r = 0; r < n_out; ++r) yb[r] += src[r];
+        else
+            std::memcpy(yb, src, n_out * sizeof(float));
+    }
+    return 0;
+}
+
+// The projections of one input (q/k/v, or gate/up), each dense or input-sparse: the dense ones in one fused
+// gemv pass, the input-sparse ones one by one.
+int project(Decoder* dec, const Layer& L, const int* which, const Mat* mats, int n, const float* x, int64_t B,
+            int64_t n_in, int threads) {
+    Mat dense[8];
+    int n_dense = 0;
+    for (int m = 0; m < n; ++m)
+        if (L.input_t[which[m]] < 0.0f) dense[n_dense++] = mats[m];
+    if (n_dense) gemv(dense, n_dense, x, n_in, B, n_in, threads);
+    for (int m = 0; m < n; ++m) {
+        if (L.input_t[which[m]] < 0.0f) continue;
+        const Mat& M = mats[m];
+        const int rc = input_sparse_proj(dec, M.w, M.bias, L.input_t[which[m]], x, n_in, B, n_in, M.rows, M.y,
+                                         M.y_stride, M.add, threads);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
 
 using Clock = std::chrono::steady_clock;
 inline double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -220,6 +278,24 @@ int sp_decoder_set_layer(void* handle, int64_t i, const float* const* ptrs, cons
     return 0;
 }
 
+// TEAL input sparsity of layer i: thresholds[7] for q, k, v, o, gate, up, down; an entry >= 0 makes that
+// projection zero its input entries with |x| < threshold and read its weight (already set by
+// sp_decoder_set_layer) as [in, out], the transpose of nn.Linear's; -1 keeps it plain. Only a dense FFN's
+// gate/up/down may be input-sparse. Returns non-zero for a bad index or an input-sparse sparse-FFN projection.
+int sp_decoder_set_input_sparse(void* handle, int64_t i, const float* thresholds) {
+    auto* dec = static_cast<Decoder*>(handle);
+    if (i < 0 || i >= dec->n_layers) return 1;
+    Layer& L = dec->layers[i];
+    bool any = false;
+    for (int p = 0; p < 7; ++p) {
+        if (p >= PGATE && thresholds[p] >= 0.0f && L.kind != DENSE) return 1;
+        L.input_t[p] = thresholds[p] >= 0.0f ? thresholds[p] : -1.0f;
+        any |= thresholds[p] >= 0.0f;
+    }
+    L.any_input_sparse = any;
+    return 0;
+}
+
 // One decode step for B sequences at position `pos` (their new tokens' embeddings in x [B, d], overwritten
 // with the last hidden state before the final norm). k_cache / v_cache: [n_layers, B, kv_heads, cache_len,
 // head_dim] contiguous, positions < pos already filled; position pos is written. cos / sin: [cache_len,
@@ -234,7 +310,7 @@ int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cac
     const int64_t d = dec->d, H = dec->heads, KV = dec->kv_heads, hd = dec->head_dim, dff = dec->dff;
     if (B < 1 || pos < 0 || pos >= cache_len) return 1;
     for (const Layer& L : dec->layers)
-        if (L.kind != DENSE && B > kMaxSparseTokens) return 1;
+        if ((L.kind != DENSE || L.any_input_sparse) && B > kMaxSparseTokens) return 1;
     const int64_t n_ctx = pos + 1, group = H / KV;
     // Scratch: h [B, d], q [B, H hd], k, v [B, KV hd], att [B, H hd], scores [B H, n_ctx], g, u [B, dff], f [B, d].
     const int64_t sizes[] = {B * d, B * H * hd, B * KV * hd, B * KV * hd, B * H * hd, B * H * n_ctx, B * dff,
@@ -257,7 +333,8 @@ int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cac
         rms_norm(x, L.ln1, L.eps1, B, d, h);
         const Mat qkv[3] = {{L.wq, L.bq, H * hd, q, H * hd, false}, {L.wk, L.bk, KV * hd, k, KV * hd, false},
                             {L.wv, L.bv, KV * hd, v, KV * hd, false}};
-        gemv(qkv, 3, h, d, B, d, threads);
+        const int qkv_p[3] = {PQ, PK, PV};
+        if (const int rc = project(dec, L, qkv_p, qkv, 3, h, B, d, threads)) return rc;
         // RoPE, then the new key/value into the cache: [layer, b, kv head, position, hd].
         const int64_t layer_off = li * B * KV * cache_len * hd;
         for (int64_t b = 0; b < B; ++b) {
@@ -290,13 +367,15 @@ int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cac
             for (int64_t t = 0; t < n_ctx; ++t) sp::axpy(out, sc[t] * inv, V + t * hd, hd);
         });
         const Mat o = {L.wo, L.bo, d, x, d, true};  // the residual: x += a Wo^T + bo
-        gemv(&o, 1, att, H * hd, B, H * hd, threads);
+        const int o_p[1] = {PO};
+        if (const int rc = project(dec, L, o_p, &o, 1, att, B, H * hd, threads)) return rc;
         Clock::time_point t1 = Clock::now();
         t_attn += std::chrono::duration<double>(t1 - t0).count();
         rms_norm(x, L.ln2, L.eps2, B, d, h);
         if (L.kind == DENSE) {
             const Mat gu[2] = {{L.w_gate, L.b_gate, dff, g, dff, false}, {L.w_up, L.b_up, dff, u, dff, false}};
-            gemv(gu, 2, h, d, B, d, threads);
+            const int gu_p[2] = {PGATE, PUP};
+            if (const int rc = project(dec, L, gu_p, gu, 2, h, B, d, threads)) return rc;
             const bool up_relu = (L.act & kUpReLU) != 0;
             const int act = L.act & ~kUpReLU;
             for (int64_t i = 0; i < B * dff; ++i) {
@@ -304,7 +383,8 @@ int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cac
                 g[i] = activate(act, g[i], L.threshold, L.cut) * up;
             }
             const Mat down = {L.w_down, L.b_down, d, x, d, true};
-            gemv(&down, 1, g, dff, B, dff, threads);
+            const int down_p[1] = {PDOWN};
+            if (const int rc = project(dec, L, down_p, &down, 1, g, B, dff, threads)) return rc;
         } else {
             int rc;
             if (L.kind == SPARSE) {

@@ -5,7 +5,7 @@ One C++ call per new token computes every layer, the final norm, the LM head and
 baseline and the sparse model decode with the same attention, norms and head, and their ratio measures the
 FFN's skipped bytes, not Python overhead. A model is covered when every module the step would compute is one
 whose function it knows exactly: ``LlamaRMSNorm`` norms, plain ``nn.Linear`` projections and head (tied or
-not, biases allowed), FFNs that are HF's ``LlamaMLP`` of plain Linears (the up projection may be dReLU's
+not, biases allowed) or TEAL's ``InputSparseLinear`` projections (in layers with a dense FFN), FFNs that are HF's ``LlamaMLP`` of plain Linears (the up projection may be dReLU's
 ``RectifiedLinear``) with an activation ``activation_spec`` knows, or ``ActivationSparseFFN`` (with or without
 a predictor), no forward hooks, float32 on the CPU, and the native kernels built. Anything else gets a
 one-phrase reason and the lean path's torch step.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .modules import ActivationSparseFFN, TransposedLinear, activation_spec
+from .modules import ActivationSparseFFN, InputSparseLinear, TransposedLinear, activation_spec
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -22,11 +22,14 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _linear(module, where: str, up: bool = False):
-    """``(weight, bias, output_relu)`` of a plain Linear (or dReLU's rectified up projection), or a reason."""
+    """``(weight, bias, output_relu, input_threshold)`` of a plain Linear (or dReLU's rectified up projection),
+    or of TEAL's ``InputSparseLinear`` (weight ``[in, out]``, its threshold; else ``None``), or a reason."""
+    if type(module) is InputSparseLinear:
+        return module.weight, module.bias, False, float(module.input_threshold)
     relu = bool(getattr(module, "output_relu", False)) and up
     if not (type(module) is nn.Linear or relu and isinstance(module, nn.Linear)):
         return f"{where} is a {type(module).__name__}"
-    return module.weight, module.bias, relu
+    return module.weight, module.bias, relu, None
 
 
 def _norm(module, where: str):
@@ -47,8 +50,13 @@ def _ffn(mlp, where: str) -> dict | str:
         if isinstance(r, str):
             return r
     fields = dict(w_gate=gate[0], b_gate=gate[1], w_up=up[0], b_up=up[1], up_relu=up[2], act=spec[0],
-                  threshold=spec[1], cut=spec[2])
+                  threshold=spec[1], cut=spec[2], input_thresholds={})
+    for name, r in (("gate", gate), ("up", up)):
+        if r[3] is not None:
+            fields["input_thresholds"][name] = r[3]
     if isinstance(mlp, ActivationSparseFFN):
+        if fields["input_thresholds"]:
+            return f"{where}: an activation-sparse FFN with input-thresholded projections"
         if not isinstance(parts["down_proj"], TransposedLinear):
             return f"{where}.down_proj is a {type(parts['down_proj']).__name__}"
         fields.update(w_down=parts["down_proj"].weight, b_down=parts["down_proj"].bias, ffn="sparse")
@@ -63,6 +71,8 @@ def _ffn(mlp, where: str) -> dict | str:
     if isinstance(down, str):
         return down
     fields.update(w_down=down[0], b_down=down[1], ffn="dense")
+    if down[3] is not None:
+        fields["input_thresholds"]["down"] = down[3]
     return fields
 
 
@@ -91,17 +101,23 @@ def lean_step(model):
         bad = next((r for r in got.values() if isinstance(r, str)), None)
         if bad is not None:
             return bad
-        (wq, bq, _), (wk, bk, _), (wv, bv, _), (wo, bo, _) = (got[n] for n in ("q_proj", "k_proj", "v_proj",
-                                                                               "o_proj"))
+        (wq, bq, _, tq), (wk, bk, _, tk), (wv, bv, _, tv), (wo, bo, _, to) = (
+            got[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        ffn = dict(got["ffn"])
+        thresholds = {n: t for n, t in (("q", tq), ("k", tk), ("v", tv), ("o", to)) if t is not None}
+        thresholds.update(ffn.pop("input_thresholds"))
         layers.append(K.LayerWeights(ln1=got["ln1"][0], eps1=got["ln1"][1], ln2=got["ln2"][0], eps2=got["ln2"][1],
-                                     wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo, **got["ffn"]))
-    if len({L.w_gate.shape[0] for L in layers}) != 1:
+                                     wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo,
+                                     input_thresholds=thresholds or None, **ffn))
+    if len({L.dff for L in layers}) != 1:
         return "FFN widths differ between layers"
     norm = _norm(inner.norm, "the final norm")
     head = _linear(model.lm_head, "lm_head")
     for r in (norm, head):
         if isinstance(r, str):
             return r
+    if head[3] is not None:
+        return "lm_head thresholds its input"
     if _hooked(model.lm_head) or _hooked(inner.norm):
         return "forward hooks on the final norm or the LM head"
     try:

@@ -100,3 +100,72 @@ def test_decode_step_profile_and_refusals(isa):
         bad = _layers(1, d, heads, kv, hd, dff, "dense", "silu", False, gen)
         bad[0].wo = bad[0].wo.double()
         D.DecodeStep(bad, torch.ones(d), 1e-5, torch.randn(11, d), None, heads, kv, hd)
+
+
+# TEAL (input-sparse projections): every projection, or a few, thresholded; thresholds near the median |input|
+TEAL = [(SHAPES[0], {"q": 0.4, "k": 0.4, "v": 0.4, "o": 0.1, "gate": 0.4, "up": 0.4, "down": 0.05}, False),
+        (SHAPES[1], {"q": 0.3, "down": 0.02}, True),
+        (SHAPES[2], {"k": 0.5, "o": 0.05, "up": 0.0}, False),
+        (SHAPES[3], {"v": 0.2, "gate": 0.3, "up": 0.3}, True)]
+
+
+@pytest.mark.parametrize("shape,thresholds,bias", TEAL)
+def test_input_sparse_projections_match_the_torch_definition(isa, shape, thresholds, bias):
+    """TEAL's thresholded inputs in the native step: weights stored [in, out], zeroed inputs' rows skipped."""
+    d, heads, kv, hd, dff = shape
+    gen = torch.Generator().manual_seed(len(thresholds))
+    layers = _layers(2, d, heads, kv, hd, dff, "dense", "silu", bias=bias, gen=gen)
+    names = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+    for L in layers:
+        L.input_thresholds = dict(thresholds)
+        for proj in thresholds:
+            setattr(L, names[proj], getattr(L, names[proj]).t().contiguous())
+    vocab = 29
+    norm, head_w = 1 + 0.1 * torch.randn(d, generator=gen), torch.randn(vocab, d, generator=gen) * d ** -0.5
+    step = D.DecodeStep(layers, norm, 1e-5, head_w, None, heads, kv, hd)
+    assert step.name == isa and step.max_batch == 16
+    L = 5
+    cos, sin = _tables(L, hd)
+    for B in (1, 3):
+        kc, vc = torch.zeros(2, B, kv, L, hd), torch.zeros(2, B, kv, L, hd)
+        kr, vr = kc.clone(), vc.clone()
+        for pos in range(L):
+            x = torch.randn(B, d, generator=gen)
+            ref_logits, _ = D.decode_step_reference(layers, norm, 1e-5, head_w, None, heads, kv, x.clone(), pos, kr,
+                                                    vr, cos, sin)
+            logits = torch.empty(B, vocab)
+            step(x.clone(), pos, kc, vc, cos, sin, None, logits)
+            torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
+    # the thresholds matter: the same weights without them give other logits
+    plain = [D.LayerWeights(**{**L.__dict__, "input_thresholds": None,
+                               **{names[p]: getattr(L, names[p]).t().contiguous() for p in thresholds}})
+             for L in layers]
+    x = torch.randn(1, d, generator=gen)
+    kc = torch.zeros(2, 1, kv, L, hd)
+    a = D.decode_step_reference(plain, norm, 1e-5, head_w, None, heads, kv, x.clone(), 0, kc.clone(), kc.clone(),
+                                cos, sin)[0]
+    b = D.decode_step_reference(layers, norm, 1e-5, head_w, None, heads, kv, x.clone(), 0, kc.clone(), kc.clone(),
+                                cos, sin)[0]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_input_thresholds_are_checked(isa):
+    gen = torch.Generator().manual_seed(0)
+    d, heads, kv, hd, dff = SHAPES[0]
+    head = torch.randn(11, d, generator=gen)
+    bad = _layers(1, d, heads, kv, hd, dff, "dense", "silu", False, gen)
+    bad[0].input_thresholds = {"k": 0.1}  # wk left [out, in] (q's square shape could not tell)
+    with pytest.raises(ValueError, match=r"layer 0 wk: shape \(12, 36\), expected \(36, 12\)"):
+        D.DecodeStep(bad, torch.ones(d), 1e-5, head, None, heads, kv, hd)
+    bad[0].input_thresholds = {"qk": 0.1}
+    with pytest.raises(ValueError, match="input_thresholds for \\['qk'\\]"):
+        D.DecodeStep(bad, torch.ones(d), 1e-5, head, None, heads, kv, hd)
+    bad[0].input_thresholds = {"o": -1.0}
+    with pytest.raises(ValueError, match="input threshold of o must be a finite float >= 0"):
+        D.DecodeStep(bad, torch.ones(d), 1e-5, head, None, heads, kv, hd)
+    sparse = _layers(1, d, heads, kv, hd, dff, "sparse", "relu", False, gen)
+    sparse[0].input_thresholds = {"gate": 0.1}
+    sparse[0].w_gate = sparse[0].w_gate.t().contiguous()
+    with pytest.raises(ValueError, match="input thresholds on a sparse FFN's projections"):
+        D.DecodeStep(sparse, torch.ones(d), 1e-5, head, None, heads, kv, hd)

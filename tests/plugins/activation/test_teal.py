@@ -149,6 +149,29 @@ def test_teal_output_loads_back_with_input_sparse_linears(tmp_path):
                                        atol=1e-5, rtol=1e-5)
 
 
+def test_teal_output_decodes_on_the_native_lean_step_with_the_torch_steps_tokens(tmp_path, one_thread):
+    """Every projection input-sparse: the native decode step covers it (no fallback) and decodes the tokens
+    of the lean torch step (its InputSparseLinears) and of HF generate on the thresholded model."""
+    from sparsify_core import lean
+    from sparsify_core.generation import greedy_generate, timed_generate
+    from sparsify_kernels import decode as K
+
+    if not K.available():
+        pytest.skip("native kernels unavailable")
+    make_output(tmp_path / "out", "llama", [("substitute_activation", "teal", dict(sparsity=0.4, **FAST))])
+    fast = load_output(tmp_path / "out", fast=True)
+    step, why = lean.native_step(fast.model)
+    assert why is None and step is not None
+    ids = torch.tensor([[3, 14, 15, 92, 6]])
+    native = timed_generate(fast.model, ids, 10, fast.tokenizer, path="lean", min_new_tokens=10)
+    assert native.path.startswith("lean native")
+    torch_step = timed_generate(fast.model, ids, 10, fast.tokenizer, path="lean-torch", min_new_tokens=10)
+    assert torch_step.path.startswith("lean torch")
+    assert torch.equal(native.ids, torch_step.ids)
+    plain = load_output(tmp_path / "out", fast=False).model  # ThresholdedLinears, HF generate
+    assert torch.equal(greedy_generate(plain, ids, 10, fast.tokenizer, min_new_tokens=10), native.ids)
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 @pytest.mark.parametrize("bias", [False, True])
 def test_input_sparse_linear_equals_the_thresholded_linear(tokens, bias):
