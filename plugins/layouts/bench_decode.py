@@ -122,17 +122,25 @@ def llamacpp_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int],
     Prefill: the prompt's evaluation and the first token's choice; decode:
     the ``new_tokens - 1`` later steps, each one ``eval`` of one token and an
     argmax of its logits (as our side: no sampler)."""
+    import llama_cpp
     import numpy as np
+
+    vocab = llm.n_vocab()
+
+    def last_logits():
+        # the last evaluated token's logits from the context itself: llama-cpp-python >= 0.3 keeps
+        # ``Llama.scores`` only with logits_all=True (computing every prompt position's logits)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
 
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     t1 = time.perf_counter()
     out = [tok]
     for _ in range(new_tokens - 1):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         out.append(tok)
     return out, t1 - t0, time.perf_counter() - t1
 

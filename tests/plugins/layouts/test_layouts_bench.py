@@ -70,6 +70,9 @@ def test_decode_case_runs_on_a_sparsify_output(workdir):
         import llama_cpp  # noqa: F401
     except ImportError:  # the column is left out, and the row says how to get it
         assert "pip install 'sparsify[bench-llamacpp]'" in row["extra"]["llama_cpp"]
+    else:  # (a developer machine with the extra) llama.cpp decodes the GGUF sparsify wrote, same tokens at f32
+        ll = rows["decode B=1 vs llama.cpp f32"]
+        assert ll["extra"]["identical_tokens_to_silu_twin"] is True and ll["ratio"]["ours"] > 0
     bad = sparsify_here("bench", "--case", "4", "--model", str(workdir), cwd=workdir)
     assert bad.returncode != 0 and "not a sparsify output folder" in bad.stderr
 
