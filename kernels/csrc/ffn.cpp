@@ -66,6 +66,19 @@ void run_groups(int64_t n_chunks, int64_t n_groups, int n_threads, int64_t group
     });
 }
 
+// y = bias (a row of width w, repeated; may be null) + acc[0] + acc[1] + ... (group buffers of `total`
+// floats), summed in group order. The same sums, element by element, as one loop over groups per element,
+// but as contiguous passes the compiler vectorises: per element a strided gather of n_groups floats and an
+// integer modulo cost more than the weights' bytes on small projections (576 x 576: 2x the dense GEMV).
+inline void sum_groups(const float* acc, int64_t n_groups, int64_t total, const float* bias, int64_t w, float* y) {
+    for (int64_t i = 0; i < total; i += w)
+        for (int64_t j = 0; j < w; ++j) y[i + j] = bias ? bias[j] : 0.0f;
+    for (int64_t k = 0; k < n_groups; ++k) {
+        const float* a = acc + (size_t)k * total;
+        for (int64_t i = 0; i < total; ++i) y[i] += a[i];
+    }
+}
+
 template <class Neurons>
 void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in, const float* w_up,
               const float* b_up, const float* w_outT, const float* b_out, int64_t total, Neurons neurons,
@@ -145,13 +158,7 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
         }
     };
     run_groups(n_chunks, n_groups, n_threads, T * d, acc.data(), chunk);
-    // Sum the per-group buffers in group order (a few KB).
-    const int64_t n_out = T * d;
-    for (int64_t i = 0; i < n_out; ++i) {
-        float s = b_out ? b_out[i % d] : 0.0f;
-        for (int64_t k = 0; k < n_groups; ++k) s += acc[(size_t)k * n_out + i];
-        y[i] = s;
-    }
+    sum_groups(acc.data(), n_groups, T * d, b_out, d, y);
 }
 
 }  // namespace
@@ -297,12 +304,7 @@ int sp_sparse_input_linear_f32(const float* x1, int64_t T, int64_t n_in, const f
             }
         }
     });
-    const int64_t total = T * n_out;
-    for (int64_t i = 0; i < total; ++i) {
-        float s = b ? b[i % n_out] : 0.0f;
-        for (int64_t k = 0; k < n_groups; ++k) s += acc[(size_t)k * total + i];
-        y[i] = s;
-    }
+    sum_groups(acc.data(), n_groups, T * n_out, b, n_out, y);
     return 0;
 }
 
