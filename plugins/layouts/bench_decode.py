@@ -57,8 +57,8 @@ PROMPTS = ["The history of sparse neural networks", "Once upon a time, in a smal
            "Quantum computers differ from classical ones", "The football match ended in a draw because",
            "Write a short poem about the autumn rain:", "Dear hiring manager, I am writing to apply",
            "The three laws of thermodynamics state that", "Here is a simple Python function that sorts"]
-INSTALL_LLAMACPP = ("pip install 'sparsify[bench-llamacpp]' (builds llama.cpp from source: about 40 min "
-                    "on 2 cores)")
+INSTALL_LLAMACPP = ("pip install 'sparsify[bench-llamacpp]' (builds llama.cpp from source: minutes; 2 min "
+                    "on the 2-core AMD EPYC of the README, up to ~40 on slower machines)")
 #: SmolLM2-135M's shape: the shipped Q4_1 GGUF is the same network (its base weights) only for this shape.
 _SMOLLM2_SHAPE = (576, 1536, 30, 49152)
 
