@@ -116,8 +116,10 @@ def test_decode_case_runs_an_moe_output_against_dense_and_plain_torch(workdir):
 
 
 class _FakeLlama:
-    """llama-cpp-python's ``Llama`` as case 4 drives it (``reset``, ``eval``, ``scores``, ``n_tokens``), computed
-    by transformers' GGUF loader from the file sparsify wrote: the llama.cpp rows' plumbing without llama.cpp."""
+    """llama-cpp-python 0.3's ``Llama`` as case 4 drives it (``reset``, ``eval``, ``n_vocab()``, ``ctx``; the
+    last token's logits through the module's ``llama_get_logits_ith(ctx, -1)``; no ``scores``, which 0.3 fills
+    only with ``logits_all``), computed by transformers' GGUF loader from the file sparsify wrote: the llama.cpp
+    rows' plumbing without llama.cpp."""
 
     def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, n_batch, verbose):
         import numpy as np
@@ -127,8 +129,11 @@ class _FakeLlama:
 
         p = Path(model_path)
         self.model = T.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
-        self.scores = np.zeros((n_ctx, self.model.config.vocab_size), dtype=np.float32)
+        self.ctx = np.zeros(self.model.config.vocab_size, dtype=np.float32)  # the context: its last logits
         self.tokens: list[int] = []
+
+    def n_vocab(self):
+        return self.model.config.vocab_size
 
     @property
     def n_tokens(self):
@@ -142,7 +147,14 @@ class _FakeLlama:
 
         self.tokens += list(tokens)
         with torch.no_grad():
-            self.scores[self.n_tokens - 1] = self.model(torch.tensor([self.tokens])).logits[0, -1].numpy()
+            self.ctx[:] = self.model(torch.tensor([self.tokens])).logits[0, -1].numpy()
+
+
+def _fake_get_logits_ith(ctx, i):
+    import ctypes
+
+    assert i == -1
+    return ctx.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
 def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
@@ -154,7 +166,8 @@ def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
     from helpers import tiny_model
     from sparsify_plugins.layouts import bench_decode as D
 
-    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama))
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama,
+                                                                      llama_get_logits_ith=_fake_get_logits_ith))
     model = tiny_model("llama").eval()
     for layer in model.model.layers:  # a ReLU model: llama.cpp's graph computes its SiLU twin
         layer.mlp.act_fn = torch.nn.ReLU()
