@@ -34,12 +34,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sparsify_core.ffn import zero_small_inputs
+
 from . import native
 from .ffn import ACTIVATIONS, MAX_TOKENS, UP_RELU, activation, ffn_reference
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 FFN_KINDS = {"dense": 0, "sparse": 1, "predicted": 2}
-INPUT_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  #: ``sp_decoder_set_input_sparse``'s order
+#: TEAL projection name -> its ``LayerWeights`` weight field, in ``sp_decoder_set_input_sparse``'s order
+PROJECTION_WEIGHTS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+INPUT_PROJECTIONS = tuple(PROJECTION_WEIGHTS)
 
 
 @dataclass
@@ -107,7 +111,7 @@ def _proj(x, w, b, threshold):
     form (``threshold`` set: the input thresholded, the weight ``[in, out]``)."""
     if threshold is None:
         return F.linear(x, w, b)
-    y = (x * (x.abs() >= threshold).to(x.dtype)) @ w
+    y = zero_small_inputs(x, threshold) @ w
     return y + b if b is not None else y
 
 
@@ -246,11 +250,10 @@ class DecodeStep:
             raise ValueError(f"layer {i}: input_thresholds for {sorted(unknown)}; known: {', '.join(INPUT_PROJECTIONS)}")
         if L.ffn != "dense" and any(L.threshold_of(n) is not None for n in ("gate", "up", "down")):
             raise ValueError(f"layer {i}: input thresholds on a {L.ffn} FFN's projections")
-        weight_of = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
         for proj, t in (L.input_thresholds or {}).items():
             if not (isinstance(t, float) and math.isfinite(t) and t >= 0):
                 raise ValueError(f"layer {i}: input threshold of {proj} must be a finite float >= 0, got {t!r}")
-            shapes[weight_of[proj]] = shapes[weight_of[proj]][::-1]  # stored [in, out]
+            shapes[PROJECTION_WEIGHTS[proj]] = shapes[PROJECTION_WEIGHTS[proj]][::-1]  # stored [in, out]
         for name, shape in shapes.items():
             _check(f"layer {i} {name}", getattr(L, name), shape)
         if L.ffn == "predicted" and (L.p_in is None or L.p_out is None):

@@ -176,7 +176,11 @@ struct Layer {
     // TEAL: a projection whose input_t[p] >= 0 (p: q k v o gate up down) zeroes its input entries with
     // |x| < input_t[p] and stores its weight transposed [in, out]; -1: a plain [out, in] weight.
     float input_t[7] = {-1.0f, -1.0f, -1.0f, -1.0f, -1.0f, -1.0f, -1.0f};
-    bool any_input_sparse = false;
+    bool input_sparse() const {
+        for (float t : input_t)
+            if (t >= 0.0f) return true;
+        return false;
+    }
 };
 
 enum Proj { PQ = 0, PK, PV, PO, PGATE, PUP, PDOWN };
@@ -286,13 +290,9 @@ int sp_decoder_set_input_sparse(void* handle, int64_t i, const float* thresholds
     auto* dec = static_cast<Decoder*>(handle);
     if (i < 0 || i >= dec->n_layers) return 1;
     Layer& L = dec->layers[i];
-    bool any = false;
-    for (int p = 0; p < 7; ++p) {
-        if (p >= PGATE && thresholds[p] >= 0.0f && L.kind != DENSE) return 1;
-        L.input_t[p] = thresholds[p] >= 0.0f ? thresholds[p] : -1.0f;
-        any |= thresholds[p] >= 0.0f;
-    }
-    L.any_input_sparse = any;
+    for (int p = PGATE; p < 7; ++p)
+        if (thresholds[p] >= 0.0f && L.kind != DENSE) return 1;
+    for (int p = 0; p < 7; ++p) L.input_t[p] = thresholds[p] >= 0.0f ? thresholds[p] : -1.0f;
     return 0;
 }
 
@@ -310,7 +310,7 @@ int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cac
     const int64_t d = dec->d, H = dec->heads, KV = dec->kv_heads, hd = dec->head_dim, dff = dec->dff;
     if (B < 1 || pos < 0 || pos >= cache_len) return 1;
     for (const Layer& L : dec->layers)
-        if ((L.kind != DENSE || L.any_input_sparse) && B > kMaxSparseTokens) return 1;
+        if ((L.kind != DENSE || L.input_sparse()) && B > kMaxSparseTokens) return 1;
     const int64_t n_ctx = pos + 1, group = H / KV;
     // Scratch: h [B, d], q [B, H hd], k, v [B, KV hd], att [B, H hd], scores [B H, n_ctx], g, u [B, dff], f [B, d].
     const int64_t sizes[] = {B * d, B * H * hd, B * KV * hd, B * KV * hd, B * H * hd, B * H * n_ctx, B * dff,

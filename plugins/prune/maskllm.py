@@ -136,18 +136,15 @@ def soft_nm_mask_pmajor(gate: torch.Tensor, patterns: torch.Tensor, temperature:
     return mask.t().reshape(rows, groups * patterns.shape[1])
 
 
-def hard_nm_mask(gate: torch.Tensor, patterns: torch.Tensor, allowed: torch.Tensor | None = None,
-                 dim: int = -1) -> torch.Tensor:
+def hard_nm_mask(gate: torch.Tensor, patterns: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The argmax pattern of each group: keep-mask ``[..., G, m]`` bool (exactly n kept per group).
 
-    ``gate`` holds the ``P`` logits of each group along ``dim`` (``-1``:
-    ``[..., G, P]``; ``0``: pattern-major ``[P, ..., G]``); ``allowed`` in the
-    same layout, as in ``soft_nm_mask``. Ties go to the first pattern (``argmax``).
+    Ties go to the first pattern (``argmax``); ``allowed`` as in ``soft_nm_mask``.
     """
     logits = gate.detach().float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, -torch.inf)
-    return patterns.to(logits.device)[logits.argmax(dim)] > 0.5
+    return patterns.to(logits.device)[logits.argmax(-1)] > 0.5
 
 
 def pattern_overlap(keep: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
