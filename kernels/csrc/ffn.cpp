@@ -79,6 +79,17 @@ inline void sum_groups(const float* acc, int64_t n_groups, int64_t total, const 
     }
 }
 
+// Neuron j's up and down rows (up may be null), prefetched the moment its gate says it is active, so the
+// random reads overlap the rest of the chunk's gate stream: measured on AVX2 (2-core EPYC, 576 x 1536 x 30
+// layers, 14% active) the active rows' cost fell from 2.3 to 1.7 ms (13 -> 17 GB/s); a prefetch of only the
+// next active neuron's first lines, as before, left most of each row's latency exposed.
+inline void prefetch_rows(const float* w_up, const float* w_outT, int64_t j, int64_t d) {
+    for (int64_t k = 0; k < d; k += 16) {
+        if (w_up) __builtin_prefetch(w_up + j * d + k, 0, 3);
+        __builtin_prefetch(w_outT + j * d + k, 0, 3);
+    }
+}
+
 template <class Neurons>
 void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in, const float* w_up,
               const float* b_up, const float* w_outT, const float* b_out, int64_t total, Neurons neurons,
@@ -113,7 +124,10 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
                 for (int k = 0; k < 4; ++k) {
                     const int64_t j = js[q + k];
                     gs[n_live][0] = activate(act, v[k] + (b_in ? b_in[j] : 0.0f), threshold, cut);
-                    if (gs[n_live][0] != 0.0f) live[n_live++] = j;
+                    if (gs[n_live][0] != 0.0f) {
+                        prefetch_rows(w_up, w_outT, j, d);
+                        live[n_live++] = j;
+                    }
                 }
             }
         }
@@ -131,30 +145,26 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
                 gs[n_live][t] = activate(act, v, threshold, cut);
                 any |= gs[n_live][t] != 0.0f;
             }
-            if (any) live[n_live++] = j;  // the whole point: other neurons' up and down rows are never read
+            if (any) {  // the whole point: other neurons' up and down rows are never read
+                prefetch_rows(w_up, w_outT, j, d);
+                live[n_live++] = j;
+            }
         }
-        // Phase 2: the active neurons' up and down rows, the next ones' first lines prefetched.
+        // Phase 2: the active neurons' up and down rows (prefetched since phase 1 found them).
         for (int q = 0; q < n_live; ++q) {
             const int64_t j = live[q];
-            if (q + 1 < n_live) {
-                const int64_t jn = live[q + 1];
-                for (int64_t k = 0; k < std::min<int64_t>(d, 256); k += 16) {
-                    if (w_up) __builtin_prefetch(w_up + jn * d + k, 0, 3);
-                    __builtin_prefetch(w_outT + jn * d + k, 0, 3);
-                }
-            }
             float* g = gs[q];
             if (w_up) {
                 const float* ui = w_up + j * d;
                 for (int64_t t = 0; t < T; ++t) {
                     if (g[t] == 0.0f) continue;
-                    const float u = sp::dot(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
+                    const float u = sp::dot<false>(ui, x + t * d, d) + (b_up ? b_up[j] : 0.0f);
                     g[t] *= up_relu && u < 0.0f ? 0.0f : u;
                 }
             }
             const float* oi = w_outT + j * d;
             for (int64_t t = 0; t < T; ++t)
-                if (g[t] != 0.0f) sp::axpy(my + t * d, g[t], oi, d);
+                if (g[t] != 0.0f) sp::axpy<false>(my + t * d, g[t], oi, d);
         }
     };
     run_groups(n_chunks, n_groups, n_threads, T * d, acc.data(), chunk);
@@ -297,10 +307,23 @@ int sp_sparse_input_linear_f32(const float* x1, int64_t T, int64_t n_in, const f
     const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_groups));
     std::vector<float> acc((size_t)n_groups * T * n_out, 0.0f);
     run_groups(n_chunks, n_groups, n_threads, T * n_out, acc.data(), [&](int64_t c, float* my) {
-        for (int64_t j = c * kChunk; j < std::min(n_in, c * kChunk + kChunk); ++j) {
+        // The chunk's rows some token needs, each prefetched whole one row ahead of its use (rows are read in
+        // a data-dependent order: the far prefetch of a streamed row would fetch rows that are skipped).
+        int64_t live[kChunk];
+        int n_live = 0;
+        for (int64_t j = c * kChunk; j < std::min(n_in, c * kChunk + kChunk); ++j)
+            for (int64_t t = 0; t < T; ++t)
+                if (x1[t * n_in + j] != 0.0f) {
+                    live[n_live++] = j;
+                    break;
+                }
+        if (n_live) prefetch_rows(nullptr, wT, live[0], n_out);
+        for (int q = 0; q < n_live; ++q) {
+            const int64_t j = live[q];
+            if (q + 1 < n_live) prefetch_rows(nullptr, wT, live[q + 1], n_out);
             for (int64_t t = 0; t < T; ++t) {
-                float v = x1[t * n_in + j];
-                if (v != 0.0f) sp::axpy(my + t * n_out, v, wT + j * n_out, n_out);
+                const float v = x1[t * n_in + j];
+                if (v != 0.0f) sp::axpy<false>(my + t * n_out, v, wT + j * n_out, n_out);
             }
         }
     });

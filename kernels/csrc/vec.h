@@ -17,16 +17,22 @@ namespace sp {
 #define SP_PREFETCH 1024
 #endif
 
+// Far = true prefetches SP_PREFETCH floats past `a` (a row of a matrix streamed in order); rows read in a
+// data-dependent order (active neurons, surviving inputs) take Far = false: there the prefetch past the row
+// fetches the next rows' bytes, which are mostly never used.
+template <bool Far = true>
 static inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (; i + 64 <= n; i += 64) {
 #if SP_PREFETCH
-        __builtin_prefetch(a + i + SP_PREFETCH, 0, 3);
-        __builtin_prefetch(a + i + SP_PREFETCH + 16, 0, 3);
-        __builtin_prefetch(a + i + SP_PREFETCH + 32, 0, 3);
-        __builtin_prefetch(a + i + SP_PREFETCH + 48, 0, 3);
+        if (Far) {
+            __builtin_prefetch(a + i + SP_PREFETCH, 0, 3);
+            __builtin_prefetch(a + i + SP_PREFETCH + 16, 0, 3);
+            __builtin_prefetch(a + i + SP_PREFETCH + 32, 0, 3);
+            __builtin_prefetch(a + i + SP_PREFETCH + 48, 0, 3);
+        }
 #endif
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
         s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
@@ -44,8 +50,10 @@ static inline float dot(const float* __restrict a, const float* __restrict b, in
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (; i + 32 <= n; i += 32) {
 #if SP_PREFETCH
-        __builtin_prefetch(a + i + SP_PREFETCH, 0, 3);
-        __builtin_prefetch(a + i + SP_PREFETCH + 16, 0, 3);
+        if (Far) {
+            __builtin_prefetch(a + i + SP_PREFETCH, 0, 3);
+            __builtin_prefetch(a + i + SP_PREFETCH + 16, 0, 3);
+        }
 #endif
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
@@ -102,15 +110,18 @@ static inline void dot4(const float* const a[4], const float* __restrict b, int6
 #endif
 }
 
-// y[0:n] += a * x[0:n]
+// y[0:n] += a * x[0:n]; Far as for dot().
+template <bool Far = true>
 static inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 va = _mm512_set1_ps(a);
     for (; i + 32 <= n; i += 32) {
 #if SP_PREFETCH
-        __builtin_prefetch(x + i + SP_PREFETCH, 0, 3);
-        __builtin_prefetch(x + i + SP_PREFETCH + 16, 0, 3);
+        if (Far) {
+            __builtin_prefetch(x + i + SP_PREFETCH, 0, 3);
+            __builtin_prefetch(x + i + SP_PREFETCH + 16, 0, 3);
+        }
 #endif
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
         _mm512_storeu_ps(y + i + 16, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(y + i + 16)));
@@ -125,8 +136,10 @@ static inline void axpy(float* __restrict y, float a, const float* __restrict x,
     __m256 va = _mm256_set1_ps(a);
     for (; i + 32 <= n; i += 32) {
 #if SP_PREFETCH
-        __builtin_prefetch(x + i + SP_PREFETCH, 0, 3);
-        __builtin_prefetch(x + i + SP_PREFETCH + 16, 0, 3);
+        if (Far) {
+            __builtin_prefetch(x + i + SP_PREFETCH, 0, 3);
+            __builtin_prefetch(x + i + SP_PREFETCH + 16, 0, 3);
+        }
 #endif
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
         _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8)));
