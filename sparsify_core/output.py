@@ -369,8 +369,13 @@ def load_output(path, device="cpu", fast: bool = True, layouts: str = "auto") ->
                 unexpected.append(name)
                 continue
             state[name] = t.to(ref.dtype) if t.is_floating_point() and ref.is_floating_point() else t
-        if masks_state is None:
-            masks_state = S.read_masks(folder, manifest)
+        masks = MaskSet()
+        if masks_state is None:  # packed as stored: no bool per weight, even for a moment
+            for name, bits, shape in S.iter_masks(folder, manifest):
+                masks.set_packed(name, bits, shape)
+        else:
+            masks.load_state_dict(masks_state)
+        del masks_state
     except (ValueError, OSError) as exc:
         raise SparsifyError(f"{folder}: {exc}") from None
     if not state and not plain:
@@ -383,9 +388,6 @@ def load_output(path, device="cpu", fast: bool = True, layouts: str = "auto") ->
     if missing or unexpected:
         raise SparsifyError(f"{folder}: weights do not match the rebuilt model "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    masks = MaskSet()
-    masks.load_state_dict(masks_state)
-    del masks_state
     _release_freed_heap()
     model = model.to(device).eval()
     if fast:

@@ -126,10 +126,14 @@ def decode_tensor(name: str, entry: dict | None, get, has=lambda key: False) -> 
     return out
 
 
+def mask_key(name: str, entry: dict) -> str:
+    """The stored key of tensor ``name``'s mask bits: its own ``::keep``, else its stored entries' ``::bits``."""
+    return f"{name}::keep" if entry.get("keep") else f"{name}::bits"
+
+
 def decode_mask(name: str, entry: dict, get) -> torch.Tensor:
-    """The bool mask of tensor ``name``: its own ``::keep`` bits, else its stored entries' bits."""
-    key = f"{name}::keep" if entry.get("keep") else f"{name}::bits"
-    return unpack_bits(get(key), entry["shape"])
+    """The bool mask of tensor ``name`` (its entry in the manifest's ``masks``), from ``get(key)``."""
+    return unpack_bits(get(mask_key(name, entry)), entry["shape"])
 
 
 # --------------------------------------------------------------------------- folders
@@ -216,17 +220,33 @@ class _Reader:
         return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def read_masks(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """The output's masks (bool, by parameter name), from either storage form."""
+def iter_masks(folder: Path, manifest: dict) -> Iterator[tuple[str, torch.Tensor, tuple[int, ...]]]:
+    """The output's masks one at a time, packed: ``(parameter name, uint8 bits in pack_bits order, shape)``.
+
+    A compressed output stores them packed already (no bool tensor is made);
+    the dense form's 0/1 bytes are packed one tensor at a time."""
     st = storage_of(manifest)
     if st.get("form") == "compressed":
-        masks = {}
         with _Reader(Path(folder) / COMPRESSED_FILE) as fh:
             for name, entry in st.get("masks", {}).items():
-                masks[name] = decode_mask(name, entry, fh.get_tensor)
-        return masks
+                key = mask_key(name, entry)
+                bits, shape = fh.get_tensor(key), tuple(entry["shape"])
+                numel = int(np.prod(shape)) if len(shape) else 1
+                if bits.numel() != (numel + 7) // 8:
+                    raise ValueError(f"{key}: {bits.numel()} bytes of bits for {numel} entries")
+                yield name, bits, shape
+        return
     path = Path(folder) / DENSE_MASKS
-    return {k: v.to(torch.bool) for k, v in load_file(path).items()} if path.exists() else {}
+    if path.exists():
+        with safe_open(path, framework="pt") as fh:
+            for key in fh.keys():
+                keep = fh.get_tensor(key)
+                yield key, pack_bits(keep), tuple(keep.shape)
+
+
+def read_masks(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The output's masks (bool, by parameter name), from either storage form."""
+    return {name: unpack_bits(bits, shape) for name, bits, shape in iter_masks(folder, manifest)}
 
 
 def write_storage(folder: Path, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], storage: str) -> dict:

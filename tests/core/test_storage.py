@@ -113,3 +113,55 @@ def test_a_pruned_tied_lm_head_saves_and_loads_with_its_mask(workdir, one_thread
     assert name in ("lm_head.weight", "model.embed_tokens.weight")
     assert float((~keep).float().mean()) == pytest.approx(0.5, abs=1e-3) and bool((head[~keep] == 0).all())
     out.masks.check(out.model)
+
+
+def test_iter_masks_hands_the_stored_bits_packed_in_both_forms(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(13, 11, generator=g) > 0.3
+    keep2 = torch.rand(9, generator=g) > 0.5
+    tensors = {"a.weight": torch.randn(13, 11, generator=g) * keep, "b.weight": torch.randn(9, generator=g)}
+    for form in S.STORAGES:
+        folder = tmp_path / form
+        folder.mkdir()
+        manifest = {"storage": S.write_storage(folder, tensors, {"a.weight": keep, "b.weight": keep2}, form)}
+        got = {name: (bits, shape) for name, bits, shape in S.iter_masks(folder, manifest)}
+        assert set(got) == {"a.weight", "b.weight"}
+        for name, want in (("a.weight", keep), ("b.weight", keep2)):
+            bits, shape = got[name]
+            assert bits.dtype == torch.uint8 and bits.numel() == -(-want.numel() // 8) and shape == tuple(want.shape)
+            assert torch.equal(S.unpack_bits(bits, shape), want)
+
+
+def test_maskset_holds_bits_and_hands_out_fresh_bool_masks():
+    from sparsify_core.masks import MaskSet
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.rand(17, 5, generator=g) > 0.5, torch.rand(17, 5, generator=g) > 0.5
+    m = MaskSet()
+    m.set("w", a)
+    bits, shape = m.packed("w")
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-a.numel() // 8) and shape == (17, 5)
+    got = m.get("w")
+    got.fill_(False)  # a copy: the set does not change
+    assert torch.equal(m.get("w"), a)
+    m.set("w", b)  # intersected
+    assert torch.equal(m.get("w"), a & b) and m.pruned() == int((~(a & b)).sum())
+    with pytest.raises(ValueError, match="does not match"):
+        m.set("w", torch.ones(5, 17, dtype=torch.bool))
+    m.replace("w", (a & b).flip(0))
+    assert torch.equal(m.get("w"), (a & b).flip(0))
+    m.select("w", rows=torch.tensor([0, 3]), cols=torch.tensor([4]))
+    assert torch.equal(m.get("w"), (a & b).flip(0)[[0, 3]][:, [4]]) and m.shape("w") == (2, 1)
+    state = m.state_dict()
+    assert state["w"].dtype == torch.uint8 and state["w"].shape == (2, 1)
+    m2 = MaskSet()
+    m2.set_packed("v", S.pack_bits(a), (17, 5))
+    m2.load_state_dict(state)  # replaces everything
+    assert m2.names() == ["w"] and torch.equal(m2.get("w"), m.get("w"))
+    with pytest.raises(ValueError, match="bytes of bits"):
+        m2.set_packed("v", S.pack_bits(a)[:-1], (17, 5))
+    lin = torch.nn.Linear(5, 17, bias=False)
+    m3 = MaskSet()
+    m3.set("weight", a)
+    m3.apply(lin)
+    assert torch.equal(lin.weight != 0, a & (lin.weight != 0)) and bool((lin.weight[~a] == 0).all())
