@@ -177,6 +177,8 @@ def _lib():
         lib.sp_decoder_set_layer.restype = ctypes.c_int
         lib.sp_decoder_set_input_sparse.argtypes = [_P, _I, _P]
         lib.sp_decoder_set_input_sparse.restype = ctypes.c_int
+        lib.sp_decoder_set_head_screen.argtypes = [_P, _P, _P]
+        lib.sp_decoder_set_head_screen.restype = ctypes.c_int
         lib.sp_decoder_step.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P, ctypes.c_int]
         lib.sp_decoder_step.restype = ctypes.c_int
         lib._decode_typed = True
@@ -199,18 +201,52 @@ def _check(name: str, t: torch.Tensor | None, shape: tuple | None) -> None:
         raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {shape}")
 
 
+def truncation_screen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A screen of the rows of ``w`` (fp32 ``[rows, n]``): ``(hi, err)``, or ``None`` on a big-endian host.
+
+    ``hi`` (int16 ``[rows, n]``) holds the upper 16 bits of every weight: each
+    truncated to bfloat16, half the bytes. ``err`` (float32 ``[rows]``) bounds
+    how far a row's product with any ``x`` computed from ``hi`` can be from
+    the one computed in fp32, per unit of ``||x||_2``: ``||w_j - hi_j||_2``
+    (Cauchy-Schwarz) plus the worst-case rounding of two fp32 dot products of
+    length ``n`` (Higham's ``gamma_n``: ``2 (n + 4) 2^-24 (||w_j|| + ||w_j -
+    hi_j||)``), rounded up; ``inf`` for a row with a non-finite weight. The
+    native step uses it for the LM head of greedy decoding: the screened
+    logits bound every logit, and only the rows that can still be the
+    maximum are computed in fp32 (``DecodeStep(head_screen=True)``).
+    """
+    import sys
+
+    if sys.byteorder != "little":
+        return None
+    w = w.detach().float().contiguous()
+    hi = w.view(torch.int16).reshape(*w.shape, 2)[..., 1].contiguous()  # little-endian: the upper half is second
+    hi_f = torch.stack([torch.zeros_like(hi), hi], -1).view(torch.float32).reshape(w.shape)
+    wd = w.double()
+    r = (wd - hi_f.double()).norm(dim=1)
+    err = (r + 2 * (w.shape[1] + 4) * 2.0 ** -24 * (wd.norm(dim=1) + r)) * (1 + 2.0 ** -20)
+    err = torch.where(torch.isfinite(wd).all(dim=1) & torch.isfinite(err), err, torch.full_like(err, math.inf))
+    err32 = err.float()
+    err32 = torch.where(err32.double() < err, torch.nextafter(err32, torch.full_like(err32, math.inf)), err32)
+    return hi, err32.contiguous()
+
+
 class DecodeStep:
     """The native decode step of a llama-style decoder (``decode_step_reference`` is its definition).
 
     Weights are borrowed, not copied: keep them alive and do not replace them while the step is used (in-place
     changes are seen). ``name`` is the ISA variant that computes (``native.loaded_isa()``); ``max_batch``
     the most sequences one step takes (``ffn.MAX_TOKENS`` with an activation-sparse FFN, else unbounded).
-    Raises ``ValueError`` (naming the tensor) for a tensor that is not contiguous fp32 on the CPU or has
-    the wrong shape, an unknown FFN kind or activation, and ``RuntimeError`` when the kernels are unavailable.
+    With ``head_screen`` (the default) a call that asks for no logits reads the LM head's 16-bit high
+    halves for every row (``truncation_screen``, 2 bytes per head weight of memory) and fp32 rows only
+    where the bound leaves a row able to be the maximum: the same ids, half the head's bytes (SmolLM2-135M:
+    113 -> 57 MB per token). Raises ``ValueError`` (naming the tensor) for a tensor that is not contiguous
+    fp32 on the CPU or has the wrong shape, an unknown FFN kind or activation, and ``RuntimeError`` when the
+    kernels are unavailable.
     """
 
     def __init__(self, layers: list[LayerWeights], norm: torch.Tensor, eps: float, head_w: torch.Tensor,
-                 head_b: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int):
+                 head_b: torch.Tensor | None, heads: int, kv_heads: int, head_dim: int, head_screen: bool = True):
         lib = _lib()
         if lib is None:
             raise RuntimeError(f"the native kernels are unavailable ({native.failure() or 'SPARSIFY_NO_NATIVE=1'})")
@@ -230,6 +266,11 @@ class DecodeStep:
         self.max_batch = MAX_TOKENS if any(L.ffn != "dense" or L.input_thresholds for L in layers) else 1 << 30
         for i, L in enumerate(layers):
             self._set_layer(i, L, d, dff)
+        self.head_screen = truncation_screen(head_w) if head_screen else None
+        if self.head_screen is not None:
+            self._keep += list(self.head_screen)
+            if lib.sp_decoder_set_head_screen(self._handle, *(t.data_ptr() for t in self.head_screen)) != 0:
+                raise ValueError("the LM head's screen was refused by the kernel")
         self.name = native.loaded_isa()
         self._seconds = (ctypes.c_double * 3)()
 
@@ -298,13 +339,12 @@ class DecodeStep:
         _check("sin", sin, (L, self.head_dim))
         if not 0 <= pos < L or B > self.max_batch:
             raise ValueError(f"position {pos} outside a cache of {L}, or batch {B} over {self.max_batch}")
-        if logits is None:
-            logits = torch.empty(B, self.vocab)
-        _check("logits", logits, (B, self.vocab))
+        if logits is not None:
+            _check("logits", logits, (B, self.vocab))
         nxt = torch.empty(B, dtype=torch.int64)
         ban = banned.to(torch.int64).contiguous() if banned is not None else None
         rc = self._lib.sp_decoder_step(self._handle, x.data_ptr(), B, pos, k_cache.data_ptr(), v_cache.data_ptr(), L,
-                                       cos.data_ptr(), sin.data_ptr(), logits.data_ptr(),
+                                       cos.data_ptr(), sin.data_ptr(), None if logits is None else logits.data_ptr(),
                                        None if ban is None else ban.data_ptr(), 0 if ban is None else ban.numel(),
                                        nxt.data_ptr(), self._seconds, native.threads())
         if rc != 0:

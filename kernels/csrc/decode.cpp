@@ -99,6 +99,22 @@ inline void dot4(const float* const a[4], const float* __restrict b, int64_t n, 
 #endif
 }
 
+// One row of dot4 above, bit for bit (the same accumulation), for rows recomputed out of order.
+inline float dot4_row(const float* __restrict a, const float* __restrict b, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 s = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s);
+    }
+    return _mm512_reduce_add_ps(s);
+#else
+    return sp::dot_as_dot4(a, b, n);
+#endif
+}
+
 // One weight matrix of a fused GEMV: y[b, r] (+)= W[r] . x[b] + bias[r].
 struct Mat {
     const float* w;
@@ -109,13 +125,23 @@ struct Mat {
     bool add;  // accumulate into y (a residual) instead of writing it
 };
 
+// Blocks of rows of gemv(): enough items for dynamic balance, few enough that claiming one costs nothing.
+inline int64_t gemv_block(int64_t total_rows) { return total_rows >= 8192 ? 64 : 16; }
+
+// Row r of a lone matrix of `rows` rows . x, plus bias: the bits gemv() computes for it (dot4 for the rows of
+// a block's groups of four, dot() for the block's last rows).
+inline float gemv_row(const float* w, const float* bias, int64_t rows, int64_t r, const float* x, int64_t n) {
+    const int64_t block = gemv_block(rows), r0 = r / block * block, r1 = std::min(rows, r0 + block);
+    const float v = r - r0 < (r1 - r0) / 4 * 4 ? dot4_row(w + r * n, x, n) : sp::dot(w + r * n, x, n);
+    return v + (bias ? bias[r] : 0.0f);
+}
+
 // Every row of every matrix in `mats` against the B vectors x[b] (stride x_stride, length n), in
 // blocks of rows spread over the pool; each block's rows are read from memory once for all B.
 void gemv(const Mat* mats, int n_mats, const float* x, int64_t x_stride, int64_t B, int64_t n, int threads) {
     int64_t total = 0;
     for (int m = 0; m < n_mats; ++m) total += mats[m].rows;
-    // Blocks of rows: enough items for dynamic balance, few enough that claiming one costs nothing.
-    const int64_t block = total >= 8192 ? 64 : 16;
+    const int64_t block = gemv_block(total);
     int64_t starts[8], n_blocks = 0;
     for (int m = 0; m < n_mats; ++m) {
         starts[m] = n_blocks;
@@ -192,7 +218,74 @@ struct Decoder {
     std::vector<Layer> layers;
     std::vector<float> scratch;
     std::vector<float> sparse_in, sparse_out;  // the thresholded input and the output of an input-sparse projection
+    // Greedy-only steps (no logits asked for): the LM head's screen (see sp_decoder_set_head_screen), or null.
+    const uint16_t* head_hi = nullptr;
+    const float* head_err = nullptr;
+    std::vector<float> head_buf;    // [B, vocab]: screened values, or the logits nobody asked for
+    std::vector<uint8_t> head_ban;  // [vocab]: banned ids of the current call
 };
+
+// next[b] = argmax of the head's logits for h[b] (banned ids excluded; the lowest id among equal maxima),
+// exactly as gemv + argmax would choose, reading the head's 16-bit high halves for every row and the fp32
+// rows only of the candidates: a row whose upper bound (screened value + ||h|| err[j]) is below the best
+// lower bound cannot be the maximum. Candidates are computed with gemv's bits (gemv_row), so the winner and
+// its ties are decided on the same floats as the full GEMV.
+void screened_argmax(Decoder* dec, const float* h, int64_t B, const int64_t* banned, int64_t n_banned,
+                     int64_t* next, int threads) {
+    const int64_t V = dec->vocab, d = dec->d;
+    if ((int64_t)dec->head_buf.size() < B * V) dec->head_buf.resize(B * V);
+    float* sv = dec->head_buf.data();
+    std::vector<float> hp(B * d);
+    std::vector<double> xn(B);
+    for (int64_t b = 0; b < B; ++b) {
+        sp::hi_order(h + b * d, d, hp.data() + b * d);
+        double ss = 0.0;
+        for (int64_t i = 0; i < d; ++i) ss += (double)h[b * d + i] * (double)h[b * d + i];
+        xn[b] = std::sqrt(ss) * (1.0 + 0x1p-40);
+    }
+    const float* bias = dec->head_b;
+    const int64_t block = 64, n_blocks = (V + block - 1) / block;
+    sp::Pool::get().run(n_blocks, threads, [&](int64_t item, int) {
+        const int64_t r1 = std::min(V, (item + 1) * block);
+        int64_t r = item * block;
+        for (; r + 4 <= r1; r += 4) {
+            const uint16_t* rows[4] = {dec->head_hi + r * d, dec->head_hi + (r + 1) * d, dec->head_hi + (r + 2) * d,
+                                       dec->head_hi + (r + 3) * d};
+            for (int64_t b = 0; b < B; ++b) {
+                float v[4];
+                sp::dot_hi4(rows, hp.data() + b * d, d, v);
+                for (int k = 0; k < 4; ++k) sv[b * V + r + k] = v[k] + (bias ? bias[r + k] : 0.0f);
+            }
+        }
+        for (; r < r1; ++r)
+            for (int64_t b = 0; b < B; ++b)
+                sv[b * V + r] = sp::dot_hi(dec->head_hi + r * d, h + b * d, d) + (bias ? bias[r] : 0.0f);
+    });
+    if ((int64_t)dec->head_ban.size() < V) dec->head_ban.assign(V, 0);
+    for (int64_t j = 0; j < n_banned; ++j)
+        if (banned[j] >= 0 && banned[j] < V) dec->head_ban[banned[j]] = 1;
+    for (int64_t b = 0; b < B; ++b) {
+        const float* s = sv + b * V;
+        // |exact - s| <= ||h|| err[j] (the screen) plus the fp32 roundings of the two bias additions: padded.
+        auto slack = [&](int64_t j) {
+            const double e = xn[b] * (double)dec->head_err[j];
+            return e + (std::fabs((double)s[j]) + 2.0 * std::fabs(bias ? (double)bias[j] : 0.0) + e) * 0x1p-20;
+        };
+        double best_low = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < V; ++j)
+            if (!dec->head_ban[j]) best_low = std::max(best_low, (double)s[j] - slack(j));
+        int64_t best = -1;
+        float best_v = 0.0f;
+        for (int64_t j = 0; j < V; ++j) {
+            if (dec->head_ban[j] || !((double)s[j] + slack(j) >= best_low)) continue;
+            const float v = gemv_row(dec->head_w, bias, V, j, h + b * d, d);
+            if (best < 0 || v > best_v) best = j, best_v = v;
+        }
+        next[b] = best < 0 ? 0 : best;
+    }
+    for (int64_t j = 0; j < n_banned; ++j)
+        if (banned[j] >= 0 && banned[j] < V) dec->head_ban[banned[j]] = 0;
+}
 
 // y[b] (+)= s(x[b]) WT + bias with s(v) = v where |v| >= t else 0 (TEAL's rule, as zero_small_inputs):
 // the weight rows of the zeroed inputs are never read (ffn.cpp's sparse-input kernel, the same one the
@@ -282,6 +375,16 @@ int sp_decoder_set_layer(void* handle, int64_t i, const float* const* ptrs, cons
     return 0;
 }
 
+// The LM head's screen for greedy-only steps (both null: none): hi [vocab, d] uint16, the upper 16 bits of
+// every fp32 head weight, and err [vocab] >= ||W_h[j] - hi(W_h[j])||_2 plus the fp32 rounding of both dot
+// products (decode.py's truncation_screen). Borrowed, like the weights.
+int sp_decoder_set_head_screen(void* handle, const uint16_t* hi, const float* err) {
+    auto* dec = static_cast<Decoder*>(handle);
+    if ((hi == nullptr) != (err == nullptr)) return 1;
+    dec->head_hi = hi, dec->head_err = err;
+    return 0;
+}
+
 // TEAL input sparsity of layer i: thresholds[7] for q, k, v, o, gate, up, down; an entry >= 0 makes that
 // projection zero its input entries with |x| < threshold and read its weight (already set by
 // sp_decoder_set_layer) as [in, out], the transpose of nn.Linear's; -1 keeps it plain. Only a dense FFN's
@@ -300,7 +403,8 @@ int sp_decoder_set_input_sparse(void* handle, int64_t i, const float* thresholds
 // with the last hidden state before the final norm). k_cache / v_cache: [n_layers, B, kv_heads, cache_len,
 // head_dim] contiguous, positions < pos already filled; position pos is written. cos / sin: [cache_len,
 // head_dim] rotary tables. logits [B, vocab] receives the head's output; next [B] its argmax over ids not in
-// banned[0:n_banned] (the lowest id among equal maxima). seconds (3, may be null) accumulates the time in
+// banned[0:n_banned] (the lowest id among equal maxima). logits may be null (greedy only): then, with a head
+// screen set, only the candidates' fp32 head rows are read, and the same ids come out. seconds (3, may be null) accumulates the time in
 // attention (norm to residual), FFN (norm to residual) and head (norm, GEMV, argmax). Returns non-zero
 // for pos outside the cache, B < 1, or B > 16 with an activation-sparse FFN.
 int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cache, float* v_cache,
@@ -403,16 +507,24 @@ int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cac
     }
     Clock::time_point t2 = Clock::now();
     rms_norm(x, dec->norm, dec->eps, B, d, h);
-    const Mat head = {dec->head_w, dec->head_b, dec->vocab, logits, dec->vocab, false};
-    gemv(&head, 1, h, d, B, d, threads);
-    for (int64_t b = 0; b < B; ++b) {
-        float* lb = logits + b * dec->vocab;
-        for (int64_t j = 0; j < n_banned; ++j)
-            if (banned[j] >= 0 && banned[j] < dec->vocab) lb[banned[j]] = -std::numeric_limits<float>::infinity();
-        int64_t best = 0;
-        for (int64_t j = 1; j < dec->vocab; ++j)
-            if (lb[j] > lb[best]) best = j;
-        next[b] = best;
+    if (!logits && dec->head_hi) {
+        screened_argmax(dec, h, B, banned, n_banned, next, threads);
+    } else {
+        if (!logits) {  // greedy only, no screen: the logits go to scratch
+            if ((int64_t)dec->head_buf.size() < B * dec->vocab) dec->head_buf.resize(B * dec->vocab);
+            logits = dec->head_buf.data();
+        }
+        const Mat head = {dec->head_w, dec->head_b, dec->vocab, logits, dec->vocab, false};
+        gemv(&head, 1, h, d, B, d, threads);
+        for (int64_t b = 0; b < B; ++b) {
+            float* lb = logits + b * dec->vocab;
+            for (int64_t j = 0; j < n_banned; ++j)
+                if (banned[j] >= 0 && banned[j] < dec->vocab) lb[banned[j]] = -std::numeric_limits<float>::infinity();
+            int64_t best = 0;
+            for (int64_t j = 1; j < dec->vocab; ++j)
+                if (lb[j] > lb[best]) best = j;
+            next[b] = best;
+        }
     }
     if (seconds) {
         seconds[0] += t_attn;

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <cmath>
+#include <cstring>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -151,6 +152,98 @@ static inline void axpy(float* __restrict y, float a, const float* __restrict x,
     for (; i < n; ++i) y[i] += a * x[i];
 #else
     for (; i < n; ++i) y[i] += a * x[i];
+#endif
+}
+
+// The float whose upper 16 bits are h and lower 16 bits zero: a weight truncated to its sign, exponent and
+// top 7 mantissa bits (bfloat16 by truncation). |w - hi(w)| < 2^-7 |w|.
+static inline float hi_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// x reordered for dot_hi4 (bp, n floats): within each block of 16, entries 0-3, 8-11, 4-7, 12-15, the order
+// in which AVX2's 16-bit unpacks (lane-wise) widen a row's high halves into floats. Elsewhere a plain copy.
+static inline void hi_order(const float* __restrict b, int64_t n, float* __restrict bp) {
+    int64_t i = 0;
+#if defined(__AVX2__)
+    static const int src[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; ++k) bp[i + k] = b[i + src[k]];
+#endif
+    for (; i < n; ++i) bp[i] = b[i];
+}
+
+// r[k] = hi(a[k]) . b for four rows of high halves (uint16, see hi_float): half the bytes of the fp32 rows.
+// bp is b in hi_order. The summation order is free here (callers bound the rounding error), so the AVX2
+// code serves AVX-512 builds too; widening by unpacking zeros under each 16-bit half takes one instruction
+// per 8 weights (no shift), which keeps the pass memory-bound (in L3: 33 GB/s of halves per thread).
+static inline void dot_hi4(const uint16_t* const a[4], const float* __restrict bp, int64_t n, float r[4]) {
+    int64_t i = 0;
+    float tail[4] = {0, 0, 0, 0};
+#if defined(__AVX2__)
+    __m256 s[8];
+    for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
+    const __m256i z = _mm256_setzero_si256();
+    for (; i + 16 <= n; i += 16) {
+#if SP_PREFETCH
+        if ((i & 31) == 0)
+            for (int k = 0; k < 4; ++k) __builtin_prefetch(a[k] + i + 2 * SP_PREFETCH, 0, 3);  // 4 KB ahead
+#endif
+        const __m256 b0 = _mm256_loadu_ps(bp + i), b1 = _mm256_loadu_ps(bp + i + 8);
+        for (int k = 0; k < 4; ++k) {
+            const __m256i h = _mm256_loadu_si256((const __m256i*)(a[k] + i));
+            s[k] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h)), b0, s[k]);
+            s[4 + k] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h)), b1, s[4 + k]);
+        }
+    }
+    for (int k = 0; k < 4; ++k) {
+        __m256 t = _mm256_add_ps(s[k], s[4 + k]);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        tail[k] = _mm_cvtss_f32(h);
+    }
+#endif
+    for (int k = 0; k < 4; ++k) {
+        float v = tail[k];
+        for (int64_t j = i; j < n; ++j) v += hi_float(a[k][j]) * bp[j];
+        r[k] = v;
+    }
+}
+
+// hi(a) . b for one row (see dot_hi4; b in plain order).
+static inline float dot_hi(const uint16_t* __restrict a, const float* __restrict b, int64_t n) {
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) s[k] += hi_float(a[i + k]) * b[i + k];
+    float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; ++i) r += hi_float(a[i]) * b[i];
+    return r;
+}
+
+// One row's result of dot4 above, bit for bit (the same accumulators and order), for a row that must
+// agree exactly with the rows dot4 computes. (AVX-512 builds: dot4 is four dot()s.)
+static inline float dot_as_dot4(const float* __restrict a, const float* __restrict b, int64_t n) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    __m256 t = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float v = _mm_cvtss_f32(h);
+    for (int64_t j = i; j < n; ++j) v += a[j] * b[j];
+    return v;
+#else
+    return dot<false>(a, b, n);  // the prefetch does not change the sums
 #endif
 }
 

@@ -169,3 +169,99 @@ def test_input_thresholds_are_checked(isa):
     sparse[0].w_gate = sparse[0].w_gate.t().contiguous()
     with pytest.raises(ValueError, match="input thresholds on a sparse FFN's projections"):
         D.DecodeStep(sparse, torch.ones(d), 1e-5, head, None, heads, kv, hd)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_truncation_screen_bounds_every_row_product(scale):
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(300, 45, generator=gen) * scale
+    w[3, 4] = -0.0
+    hi, err = D.truncation_screen(w)
+    assert hi.dtype == torch.int16 and hi.shape == w.shape and err.shape == (300,)
+    hi_f = torch.stack([torch.zeros_like(hi), hi], -1).view(torch.float32).reshape(w.shape)
+    assert bool(((w - hi_f).abs() <= w.abs() * 2 ** -7).all())  # truncation keeps 8 significant bits
+    x = torch.randn(64, 45, generator=gen)
+    gap = (x.double() @ w.double().T - x.double() @ hi_f.double().T).abs()
+    assert bool((gap <= x.double().norm(dim=1, keepdim=True) * err.double()).all())
+    w[5, 0] = float("inf")
+    assert D.truncation_screen(w)[1][5] == float("inf")
+
+
+def _head_case(gen, d, vocab, bias):
+    layers = _layers(1, d, 2, 1, d // 2, 24, "dense", "silu", bias=False, gen=gen)
+    norm = 1 + 0.1 * torch.randn(d, generator=gen)
+    head_w = torch.randn(vocab, d, generator=gen) * d ** -0.5
+    head_b = torch.randn(vocab, generator=gen) * 0.1 if bias else None
+    return layers, norm, head_w, head_b
+
+
+@pytest.mark.parametrize("d,vocab,bias", [(36, 517, False), (40, 9000, True), (68, 61, True)])
+def test_greedy_step_with_the_head_screen_chooses_what_the_full_head_chooses(isa, d, vocab, bias):
+    """No logits asked for: the screened head must give the ids of the full GEMV's argmax, bit for bit,
+    with banned ids and exact ties (a duplicated best row: the lowest id wins)."""
+    gen = torch.Generator().manual_seed(d + vocab)
+    layers, norm, head_w, head_b = _head_case(gen, d, vocab, bias)
+    screened = D.DecodeStep(layers, norm, 1e-5, head_w, head_b, 2, 1, d // 2)
+    full = D.DecodeStep(layers, norm, 1e-5, head_w, head_b, 2, 1, d // 2, head_screen=False)
+    assert screened.head_screen is not None and full.head_screen is None
+    L = 5
+    cos, sin = _tables(L, d // 2)
+    for B in (1, 3):
+        caches = [(torch.zeros(1, B, 1, L, d // 2), torch.zeros(1, B, 1, L, d // 2)) for _ in range(3)]
+        for pos in range(L):
+            x = torch.randn(B, d, generator=gen)
+            banned = torch.tensor([0, vocab - 1, 7]) if pos % 2 else None
+            logits = torch.empty(B, vocab)
+            want = full(x.clone(), pos, *caches[0], cos, sin, banned, logits)
+            assert torch.equal(want, logits.argmax(-1) if banned is None else
+                               logits.index_fill(1, banned, float("-inf")).argmax(-1))
+            assert torch.equal(screened(x.clone(), pos, *caches[1], cos, sin, banned), want)
+            assert torch.equal(full(x.clone(), pos, *caches[2], cos, sin, banned), want)  # no screen, no logits
+    # an exact tie: the best row copied to a higher id; both paths keep the lower one
+    x = torch.randn(1, d, generator=gen)
+    logits = torch.empty(1, vocab)
+    best = int(full(x.clone(), 0, *(torch.zeros(1, 1, 1, L, d // 2) for _ in range(2)), cos, sin, None, logits))
+    w2 = head_w.clone()
+    w2[vocab - 2] = w2[best]
+    b2 = None if head_b is None else head_b.clone()
+    if b2 is not None:
+        b2[vocab - 2] = b2[best]
+    for hs in (True, False):
+        step = D.DecodeStep(layers, norm, 1e-5, w2, b2, 2, 1, d // 2, head_screen=hs)
+        got = step(x.clone(), 0, *(torch.zeros(1, 1, 1, L, d // 2) for _ in range(2)), cos, sin)
+        assert int(got) == min(best, vocab - 2)
+
+
+def test_the_head_screen_reads_no_fp32_row_that_cannot_win(isa):
+    """fp32 head rows whose screened upper bound is clearly below the best lower bound are never read: rows
+    there replaced by ones whose logit would be 1e6 (and win, if read) change nothing."""
+    gen = torch.Generator().manual_seed(11)
+    d, vocab = 40, 4000
+    layers, norm, head_w, head_b = _head_case(gen, d, vocab, bias=True)
+    L = 2
+    cos, sin = _tables(L, d // 2)
+    x = torch.randn(1, d, generator=gen)
+    zeros = lambda: (torch.zeros(1, 1, 1, L, d // 2) for _ in range(2))  # noqa: E731
+    clean = D.DecodeStep(layers, norm, 1e-5, head_w, head_b, 2, 1, d // 2)
+    want = clean(x.clone(), 0, *zeros(), cos, sin)
+    h = torch.empty(1, vocab)
+    D.DecodeStep(layers, norm, 1e-5, head_w, head_b, 2, 1, d // 2, head_screen=False)(x.clone(), 0, *zeros(), cos,
+                                                                                         sin, None, h)
+    # the final hidden state, from the reference (its logits are the head applied to it)
+    hidden = torch.linalg.lstsq(head_w.double(), (h[0] - head_b).double()).solution.float()
+    hi, err = clean.head_screen
+    hi_f = torch.stack([torch.zeros_like(hi), hi], -1).view(torch.float32).reshape(head_w.shape)
+    s = (hi_f.double() @ hidden.double()) + head_b.double()
+    e = hidden.double().norm() * err.double()
+    low, up = s - e, s + e
+    hopeless = up < low.max() - 0.05 * (low.max().abs() + 1)
+    assert 0.5 < float(hopeless.double().mean()) < 1.0
+    poisoned = head_w.clone()
+    poisoned[hopeless] = (hidden / hidden.norm() ** 2 * 1e6).to(poisoned.dtype)
+    step = D.DecodeStep(layers, norm, 1e-5, poisoned, head_b, 2, 1, d // 2)
+    step.head_screen = clean.head_screen  # the screen of the clean weights, the fp32 rows poisoned
+    step._keep += list(clean.head_screen)
+    step._lib.sp_decoder_set_head_screen(step._handle, *(t.data_ptr() for t in clean.head_screen))
+    assert torch.equal(step(x.clone(), 0, *zeros(), cos, sin), want)
+    full = D.DecodeStep(layers, norm, 1e-5, poisoned, head_b, 2, 1, d // 2, head_screen=False)
+    assert bool(hopeless[full(x.clone(), 0, *zeros(), cos, sin)])  # read, a poisoned row wins
