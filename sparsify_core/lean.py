@@ -334,14 +334,17 @@ def native_step(model: nn.Module):
     return None, "; ".join(reasons) or "no plugin provides a native step"
 
 
-def weight_bytes(model: nn.Module, ffn_density: float | None = None) -> dict[str, float]:
+def weight_bytes(model: nn.Module, ffn_density: float | None = None, head_screened: bool = False) -> dict[str, float]:
     """Bytes of weights one decode step reads, by part, for a llama-style ``model`` (``supports``).
 
     ``attention``: q/k/v/o projections; ``ffn``: the FFN blocks, all of it
     dense, or with ``ffn_density`` (fraction of neurons active) the gate read
     whole and the up and down rows of active neurons only (what an
-    activation-sparse FFN reads); ``head``: the LM head; ``embedding``: one
-    row per token (negligible). Norms are left out. Values in bytes."""
+    activation-sparse FFN reads); ``head``: the LM head, or with
+    ``head_screened`` half of it (the native greedy step's 16-bit screen,
+    ``sparsify_kernels.decode.truncation_screen``; the few fp32 rows it then
+    computes are left out); ``embedding``: one row per token (negligible).
+    Norms are left out. Values in bytes."""
     inner = model.model
 
     def nbytes(m):
@@ -355,7 +358,7 @@ def weight_bytes(model: nn.Module, ffn_density: float | None = None) -> dict[str
             ffn += nbytes(l.mlp)
         else:
             ffn += nbytes(parts["gate_proj"]) + ffn_density * (nbytes(parts["up_proj"]) + nbytes(parts["down_proj"]))
-    head = nbytes(model.lm_head)
+    head = nbytes(model.lm_head) / (2 if head_screened else 1)
     emb = inner.embed_tokens.weight
     return {"attention": float(attn), "ffn": float(ffn), "head": float(head),
             "embedding": float(emb.shape[1] * emb.element_size())}

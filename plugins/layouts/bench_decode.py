@@ -285,7 +285,9 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
         s = union_sparsity(dense, out_dense, ids.shape[1])
         extra["activation_sparsity"] = s
         if path == "lean":
-            full, part = lean.weight_bytes(dense), lean.weight_bytes(dense, ffn_density=1 - s)
+            # the native step screens the LM head (half its bytes, both sides); the torch step reads it whole
+            full = lean.weight_bytes(dense, head_screened=native_ran)
+            part = lean.weight_bytes(dense, ffn_density=1 - s, head_screened=native_ran)
             mb_dense, mb_ours = sum(full.values()) / 1e6, sum(part.values()) / 1e6
             bound = mb_dense / mb_ours
             extra.update(weight_MB_per_token={"dense": mb_dense, "ours": mb_ours},
