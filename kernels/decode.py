@@ -235,7 +235,7 @@ class DecodeStep:
     """The native decode step of a llama-style decoder (``decode_step_reference`` is its definition).
 
     Weights are borrowed, not copied: keep them alive and do not replace them while the step is used (in-place
-    changes are seen). ``name`` is the ISA variant that computes (``native.loaded_isa()``); ``max_batch``
+    changes are seen; the head's screen is rebuilt when the head's weight changed in place). ``name`` is the ISA variant that computes (``native.loaded_isa()``); ``max_batch``
     the most sequences one step takes (``ffn.MAX_TOKENS`` with an activation-sparse FFN, else unbounded).
     With ``head_screen`` (the default) a call that asks for no logits reads the LM head's 16-bit high
     halves for every row (``truncation_screen``, 2 bytes per head weight of memory) and fp32 rows only
@@ -266,13 +266,21 @@ class DecodeStep:
         self.max_batch = MAX_TOKENS if any(L.ffn != "dense" or L.input_thresholds for L in layers) else 1 << 30
         for i, L in enumerate(layers):
             self._set_layer(i, L, d, dff)
-        self.head_screen = truncation_screen(head_w) if head_screen else None
-        if self.head_screen is not None:
-            self._keep += list(self.head_screen)
-            if lib.sp_decoder_set_head_screen(self._handle, *(t.data_ptr() for t in self.head_screen)) != 0:
-                raise ValueError("the LM head's screen was refused by the kernel")
+        self._head_w = head_w
+        self.head_screen = None
+        if head_screen:
+            self._screen_head()
         self.name = native.loaded_isa()
         self._seconds = (ctypes.c_double * 3)()
+
+    def _screen_head(self) -> None:
+        """(Re)build the LM head's screen from its weights as they are now (``truncation_screen``)."""
+        screen = truncation_screen(self._head_w)
+        if screen is None:
+            return
+        if self._lib.sp_decoder_set_head_screen(self._handle, *(t.data_ptr() for t in screen)) != 0:
+            raise ValueError("the LM head's screen was refused by the kernel")
+        self.head_screen, self._head_version = screen, self._head_w._version  # the old screen is freed here
 
     def _set_layer(self, i: int, L: LayerWeights, d: int, dff: int) -> None:
         if L.ffn not in FFN_KINDS:
@@ -341,6 +349,8 @@ class DecodeStep:
             raise ValueError(f"position {pos} outside a cache of {L}, or batch {B} over {self.max_batch}")
         if logits is not None:
             _check("logits", logits, (B, self.vocab))
+        if self.head_screen is not None and self._head_w._version != self._head_version:
+            self._screen_head()  # the head changed in place since: a stale screen could drop the true maximum
         nxt = torch.empty(B, dtype=torch.int64)
         ban = banned.to(torch.int64).contiguous() if banned is not None else None
         rc = self._lib.sp_decoder_step(self._handle, x.data_ptr(), B, pos, k_cache.data_ptr(), v_cache.data_ptr(), L,

@@ -263,5 +263,9 @@ def test_the_head_screen_reads_no_fp32_row_that_cannot_win(isa):
     step._keep += list(clean.head_screen)
     step._lib.sp_decoder_set_head_screen(step._handle, *(t.data_ptr() for t in clean.head_screen))
     assert torch.equal(step(x.clone(), 0, *zeros(), cos, sin), want)
+    # the head changed in place (a training step, a tied embedding edited): the screen follows it
+    target = int(hopeless.nonzero()[0])
+    head_w[target] = (hidden / hidden.norm() ** 2 * 1e6).to(head_w.dtype)
+    assert int(clean(x.clone(), 0, *zeros(), cos, sin)) == target
     full = D.DecodeStep(layers, norm, 1e-5, poisoned, head_b, 2, 1, d // 2, head_screen=False)
     assert bool(hopeless[full(x.clone(), 0, *zeros(), cos, sin)])  # read, a poisoned row wins
