@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -215,8 +216,6 @@ def truncation_screen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     logits bound every logit, and only the rows that can still be the
     maximum are computed in fp32 (``DecodeStep(head_screen=True)``).
     """
-    import sys
-
     if sys.byteorder != "little":
         return None
     w = w.detach().float().contiguous()
@@ -235,8 +234,9 @@ class DecodeStep:
     """The native decode step of a llama-style decoder (``decode_step_reference`` is its definition).
 
     Weights are borrowed, not copied: keep them alive and do not replace them while the step is used (in-place
-    changes are seen; the head's screen is rebuilt when the head's weight changed in place). ``name`` is the ISA variant that computes (``native.loaded_isa()``); ``max_batch``
-    the most sequences one step takes (``ffn.MAX_TOKENS`` with an activation-sparse FFN, else unbounded).
+    changes are seen; the head's screen is rebuilt when the head's weight changed in place). ``name`` is the
+    ISA variant that computes (``native.loaded_isa()``); ``max_batch`` the most sequences one step takes
+    (``ffn.MAX_TOKENS`` with an activation-sparse FFN, else unbounded).
     With ``head_screen`` (the default) a call that asks for no logits reads the LM head's 16-bit high
     halves for every row (``truncation_screen``, 2 bytes per head weight of memory) and fp32 rows only
     where the bound leaves a row able to be the maximum: the same ids, half the head's bytes (SmolLM2-135M:

@@ -1,6 +1,8 @@
 """Weight masks that survive every later stage, checkpoints and saved outputs."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .storage import pack_bits, unpack_bits
@@ -33,14 +35,6 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self._bits)
 
-    def names(self) -> list[str]:
-        return list(self._bits)
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape of the mask of ``name`` (``None`` without one), without unpacking it."""
-        entry = self._bits.get(name)
-        return None if entry is None else entry[1]
-
     def items(self):
         """``(name, bool mask)`` pairs, each mask unpacked when reached (the set may change meanwhile)."""
         for name in list(self._bits):
@@ -61,9 +55,7 @@ class MaskSet:
         """Take a mask already packed (``storage.pack_bits`` order), as a compressed output stores it; replaces
         any mask of ``name``. ``ValueError`` if ``bits`` cannot hold ``shape``."""
         shape = tuple(int(n) for n in shape)
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         bits = bits.detach().reshape(-1).to(torch.uint8).cpu()
         if bits.numel() != (numel + 7) // 8:
             raise ValueError(f"mask for {name!r}: {bits.numel()} bytes of bits for {numel} entries")

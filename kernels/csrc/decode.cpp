@@ -404,8 +404,9 @@ int sp_decoder_set_input_sparse(void* handle, int64_t i, const float* thresholds
 // head_dim] contiguous, positions < pos already filled; position pos is written. cos / sin: [cache_len,
 // head_dim] rotary tables. logits [B, vocab] receives the head's output; next [B] its argmax over ids not in
 // banned[0:n_banned] (the lowest id among equal maxima). logits may be null (greedy only): then, with a head
-// screen set, only the candidates' fp32 head rows are read, and the same ids come out. seconds (3, may be null) accumulates the time in
-// attention (norm to residual), FFN (norm to residual) and head (norm, GEMV, argmax). Returns non-zero
+// screen set, only the candidates' fp32 head rows are read, and the same ids come out. seconds (3, may be
+// null) accumulates the time in attention (norm to residual), FFN (norm to residual) and head (norm, GEMV,
+// argmax). Returns non-zero
 // for pos outside the cache, B < 1, or B > 16 with an activation-sparse FFN.
 int sp_decoder_step(void* handle, float* x, int64_t B, int64_t pos, float* k_cache, float* v_cache,
                     int64_t cache_len, const float* cos, const float* sin, float* logits, const int64_t* banned,
