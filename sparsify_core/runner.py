@@ -208,7 +208,7 @@ class Runner:
         except (KeyboardInterrupt, RunInterrupted) as exc:
             reason = str(exc) or "interrupted (Ctrl-C)"
             self._end("interrupted", reason)
-            raise RunInterrupted(reason) from None
+            raise RunInterrupted(f"{reason}; continue with `sparsify run --resume {run_id}`") from None
         except Exception as exc:
             reason = _one_line(exc) if not isinstance(exc, SparsifyError) else str(exc)
             current = self._current

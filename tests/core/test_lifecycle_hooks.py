@@ -174,13 +174,14 @@ def test_failing_stage(tmp_path, spy, one_thread):
 
 @pytest.mark.parametrize("how,reason", [("ctrl-c", "interrupted (Ctrl-C)"), ("sigterm", "stopped by SIGTERM")])
 def test_interrupted_stage(tmp_path, spy, one_thread, how, reason):
-    with pytest.raises(RunInterrupted, match=reason.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RunInterrupted, match=reason.replace("(", r"\(").replace(")", r"\)")) as excinfo:
         _runner(tmp_path, RELU + flaky(tmp_path / "never", interrupt=how) + PRUNE).run()
     assert spy.calls == [("run_started", False), ("metrics_logged", "dense", None), *_stage(0, "relu"),
                          ("stage_started", 1, "flaky"), ("stage_finished", 1, "interrupted"),
                          ("run_finished", "interrupted", reason)]
     (run,) = Registry(f"sqlite:///{tmp_path}/registry.db").find_runs()
     assert run.status == "interrupted" and [s.status for s in run.stages] == ["completed", "interrupted"]
+    assert f"sparsify run --resume {run.id}" in str(excinfo.value)  # the user is told which run to resume
 
 
 def test_failure_then_resume(tmp_path, spy, one_thread):
