@@ -10,9 +10,11 @@ built into its own shared library, cached under ``$SPARSIFY_CACHE`` (default
 so a machine builds each variant once, when first used. ``isa()`` is the
 variant in use: the widest the CPU runs (``/proc/cpuinfo`` flags), or the one
 ``SPARSIFY_ISA=avx512|avx2|portable`` forces (an ``ISAError``, one line,
-where the CPU cannot run it). Threads come from each library's own pool
-(``csrc/pool.h``), not OpenMP. Where no compiler works, ``library()`` returns
-``None`` after one warning and callers use their torch paths.
+where the CPU cannot run it). Threads: OpenMP regions on the libgomp torch
+already loaded, so kernels and torch ops share one thread team
+(``csrc/pool.h``; a compiler without OpenMP gets the kernels' own pool
+instead). Where no compiler works, ``library()`` returns ``None`` after one
+warning and callers use their torch paths.
 """
 from __future__ import annotations
 
@@ -93,9 +95,14 @@ def isa() -> str:
     return forced
 
 
-def flags_for(name: str) -> list[str]:
-    """The compiler flags of variant ``name`` (``-shared`` build; ``-mcpu=native`` for portable on ARM)."""
-    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread"]
+def flags_for(name: str, openmp: bool = True) -> list[str]:
+    """The compiler flags of variant ``name`` (``-shared`` build; ``-mcpu=native`` for portable on ARM).
+
+    ``openmp``: build with ``-fopenmp``, so the kernels share torch's OpenMP
+    threads (``csrc/pool.h`` says why); ``build`` retries without it where
+    the compiler lacks OpenMP.
+    """
+    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread"] + (["-fopenmp"] if openmp else [])
     if not _X86:
         return base + (["-mcpu=native"] if platform.machine() in ("aarch64", "arm64") else [])
     return base + _ARCH[name]
@@ -132,15 +139,21 @@ def build(name: str) -> tuple[Path | None, str | None]:
     srcs = sorted(CSRC.glob("*.cpp"))
     # The key covers every source and header, so editing one rebuilds.
     text = b"".join(p.read_bytes() for p in srcs + sorted(CSRC.glob("*.h")))
-    flags = flags_for(name)
-    key = hashlib.sha256(text + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
-    out = cache_dir() / f"sparsify_cpu-{name}-{key}.so"
+    builds = []
+    for openmp in (True, False):  # without OpenMP the kernels use their own pool (csrc/pool.h)
+        flags = flags_for(name, openmp)
+        key = hashlib.sha256(text + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
+        builds.append((cache_dir() / f"sparsify_cpu-{name}-{key}.so", flags))
+    err = None
     with _lock:
-        if not out.exists():
+        for out, _ in builds:  # a cached build of either kind: no compiler run (nor a failing one) again
+            if out.exists():
+                return out, None
+        for out, flags in builds:
             err = _compile(srcs, out, flags)
-            if err is not None:
-                return None, err
-    return out, None
+            if err is None:
+                return out, None
+    return None, err
 
 
 _failure: list[str] = []

@@ -346,15 +346,19 @@ int sp_nm_matvec_f32(const float* xpad, int64_t T, int64_t x_stride, int64_t n_o
 }
 
 // Block-sparse weights (tiles of br x bc, br a multiple of 4), many tokens.
-// A work item is one token tile x one block row; four rows at a time keep
-// 4 x 64 outputs in 16 vector registers across all the block row's tiles,
-// and every activation vector loaded is used by the four rows (a quarter of
-// the loads per multiply-add of the row-by-row kernel). crow [R+1] (int64),
-// col [nnzb] (int32), val [nnzb, br, bc].
+// A work item is one token tile (64 tokens) x one block row; its [br, 64]
+// outputs live in an L1 buffer. Tiles outermost: each tile's bc x 64
+// activations (4 KB) come from L2 once per item and are reused from L1 by
+// every group of four rows, whose 4 x 64 outputs sit in 16 vector registers
+// for the tile's bc steps (per step: 4 activation vectors, 4 broadcasts, 16
+// multiply-adds). crow [R+1] (int64), col [nnzb] (int32), val [nnzb, br, bc].
 int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
                       const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
                       int threads) {
 #if defined(__AVX512F__)
+    // Measured on a 2-core Xeon (Emerald Rapids), 768->3072 at 50%, 128 tokens: keeping a row group's
+    // accumulators across all its tiles instead (reading each tile's activations from L2 once per row
+    // group) and writing the outputs back one float at a time ran at 0.91x dense torch.
     if (br % 4 != 0) return 2;
     threads = std::max(1, threads);
     const int64_t R = (n_out + br - 1) / br;
@@ -367,38 +371,64 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     sp::Pool::get().run(n_tiles * R, threads, [&](int64_t item, int) {
         const int64_t tile = item / R, rb = item % R;
         const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        const int64_t nh = (tb + 15) / 16;  // token vectors holding real tokens
         const float* xtile = xt + tile * n_pad16 * TB;
         thread_local std::vector<float> out;
-        out.resize((size_t)br * TB);
-        for (int64_t r0 = 0; r0 < br; r0 += 4) {
-            __m512 c[4][4];
-            for (int q = 0; q < 4; ++q)
-                for (int h = 0; h < 4; ++h) c[q][h] = _mm512_setzero_ps();
-            for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+        out.assign((size_t)br * TB, 0.0f);
+        for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+            const float* xc = xtile + (int64_t)col[b] * bc * TB;
+            for (int64_t r0 = 0; r0 < br; r0 += 4) {
                 const float* tv = val + b * br * bc + r0 * bc;  // rows r0..r0+3 of this tile
-                const float* xc = xtile + (int64_t)col[b] * bc * TB;
-                for (int64_t k = 0; k < bc; ++k) {
-                    const float* xp = xc + k * TB;
-                    const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16),
-                                 x2 = _mm512_loadu_ps(xp + 32), x3 = _mm512_loadu_ps(xp + 48);
-                    for (int q = 0; q < 4; ++q) {
-                        const __m512 v = _mm512_set1_ps(tv[q * bc + k]);
-                        c[q][0] = _mm512_fmadd_ps(v, x0, c[q][0]);
-                        c[q][1] = _mm512_fmadd_ps(v, x1, c[q][1]);
-                        c[q][2] = _mm512_fmadd_ps(v, x2, c[q][2]);
-                        c[q][3] = _mm512_fmadd_ps(v, x3, c[q][3]);
+                float* o = out.data() + r0 * TB;
+                if (nh == 4) {
+                    __m512 c[4][4];
+                    for (int q = 0; q < 4; ++q)
+                        for (int h = 0; h < 4; ++h) c[q][h] = _mm512_loadu_ps(o + q * TB + 16 * h);
+                    for (int64_t k = 0; k < bc; ++k) {
+                        const float* xp = xc + k * TB;
+                        const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16),
+                                     x2 = _mm512_loadu_ps(xp + 32), x3 = _mm512_loadu_ps(xp + 48);
+                        for (int q = 0; q < 4; ++q) {
+                            const __m512 v = _mm512_set1_ps(tv[q * bc + k]);
+                            c[q][0] = _mm512_fmadd_ps(v, x0, c[q][0]);
+                            c[q][1] = _mm512_fmadd_ps(v, x1, c[q][1]);
+                            c[q][2] = _mm512_fmadd_ps(v, x2, c[q][2]);
+                            c[q][3] = _mm512_fmadd_ps(v, x3, c[q][3]);
+                        }
+                    }
+                    for (int q = 0; q < 4; ++q)
+                        for (int h = 0; h < 4; ++h) _mm512_storeu_ps(o + q * TB + 16 * h, c[q][h]);
+                } else {  // the last, partial token tile: only the vectors holding tokens
+                    for (int64_t h = 0; h < nh; ++h) {
+                        __m512 c[4];
+                        for (int q = 0; q < 4; ++q) c[q] = _mm512_loadu_ps(o + q * TB + 16 * h);
+                        for (int64_t k = 0; k < bc; ++k) {
+                            const __m512 x0 = _mm512_loadu_ps(xc + k * TB + 16 * h);
+                            for (int q = 0; q < 4; ++q) c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
+                        }
+                        for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + q * TB + 16 * h, c[q]);
                     }
                 }
             }
-            for (int q = 0; q < 4; ++q)
-                for (int h = 0; h < 4; ++h) _mm512_storeu_ps(out.data() + (r0 + q) * TB + 16 * h, c[q][h]);
         }
-        // One pass of token-major writes per item (partial-line writes per four
-        // rows thrash L1 when the row stride is a multiple of 4 KB).
+        // Write back token-major: 16 rows x 16 tokens at a time through an in-register transpose (one
+        // float at a time cost as much as the tiles' multiply-adds at 90% sparsity).
         const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
-        for (int64_t t = 0; t < tb; ++t) {
+        int64_t r = 0;
+        for (; r + 16 <= rows; r += 16) {
+            const __m512 bv = bias ? _mm512_loadu_ps(bias + o0 + r) : _mm512_setzero_ps();
+            for (int64_t h = 0; h < nh; ++h) {
+                __m512 v[16];
+                for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(out.data() + (r + i) * TB + 16 * h);
+                transpose16(v);
+                const int64_t nt = std::min<int64_t>(16, tb - 16 * h);
+                for (int64_t i = 0; i < nt; ++i)
+                    _mm512_storeu_ps(Y + (t0 + 16 * h + i) * n_out + o0 + r, _mm512_add_ps(v[i], bv));
+            }
+        }
+        for (int64_t t = 0; r < rows && t < tb; ++t) {
             float* yr = Y + (t0 + t) * n_out + o0;
-            for (int64_t r = 0; r < rows; ++r) yr[r] = out[r * TB + t] + (bias ? bias[o0 + r] : 0.0f);
+            for (int64_t q = r; q < rows; ++q) yr[q] = out[q * TB + t] + (bias ? bias[o0 + q] : 0.0f);
         }
     });
     return 0;
