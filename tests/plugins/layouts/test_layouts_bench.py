@@ -168,6 +168,7 @@ def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
 
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama,
                                                                       llama_get_logits_ith=_fake_get_logits_ith))
+    monkeypatch.setattr(D, "_llamacpp_probe", lambda path, threads: "")  # the child process has no fake
     model = tiny_model("llama").eval()
     for layer in model.model.layers:  # a ReLU model: llama.cpp's graph computes its SiLU twin
         layer.mlp.act_fn = torch.nn.ReLU()
@@ -183,3 +184,26 @@ def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
     (row,) = rows
     assert row.extra["identical_tokens_to_silu_twin"] is True and row.target == 1.3
     assert row.ratio["ours"] == pytest.approx(row.dense_ms / row.ours_ms["ours"])
+
+
+@pytest.mark.parametrize("code,expect", [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n", "crashed with SIGILL in a probe process"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n", "crashed with SIGSEGV in a probe process"),
+    ("raise SystemExit('ggml: cannot load model')\n", "a probe process failed (ggml: cannot load model)"),
+    ("pass\n", ""),
+])
+def test_llamacpp_probe_turns_a_crash_into_a_skip_line(monkeypatch, tmp_path, code, expect):
+    """A llama.cpp build that dies (SIGILL from AMX a VM does not enable, seen on a Xeon) costs the case-4 run
+    its llama.cpp column only, with a one-line reason and the rebuild command, never the whole process."""
+    from sparsify_plugins.layouts import bench_decode as D
+
+    monkeypatch.setattr(D, "_PROBE_CODE", code)
+    why = D._llamacpp_probe(tmp_path / "f32.gguf", 1)
+    if not expect:
+        assert why == ""
+        return
+    assert why.startswith("llama.cpp column skipped: ") and expect in why and "\n" not in why
+    if "SIG" in expect:
+        assert "pip install --force-reinstall" in why and "GGML_NATIVE=OFF" in why
+    if "SIGILL" in expect:
+        assert "AMX" in why
