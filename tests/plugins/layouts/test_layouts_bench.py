@@ -181,6 +181,11 @@ def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
     rows, skipped = D._llamacpp_rows(model, Tok(), ids, 6, 2, D._timed(model, ids, 6, Tok(), "lean", store), store,
                                      threads=1, quick=True)
     assert skipped == "" and [r.config for r in rows] == ["decode B=1 vs llama.cpp f32"]
+    # a file whose probe process fails is left out with its reason; the run goes on
+    monkeypatch.setattr(D, "_llamacpp_probe", lambda path, threads: "llama.cpp column skipped: crashed")
+    none, why = D._llamacpp_rows(model, Tok(), ids, 6, 2, D._timed(model, ids, 6, Tok(), "lean", store), store,
+                                 threads=1, quick=True)
+    assert none == [] and why == "f32: llama.cpp column skipped: crashed"
     (row,) = rows
     assert row.extra["identical_tokens_to_silu_twin"] is True and row.target == 1.3
     assert row.ratio["ours"] == pytest.approx(row.dense_ms / row.ours_ms["ours"])
