@@ -28,7 +28,7 @@ from sparsify_core import report
 from sparsify_core.metric import MetricInfo, MetricValue
 from sparsify_core.registry import (SCHEMA_VERSION, Registry, final_evaluation, make_engine, metric_info_for, migrate,
                                     reference_evaluation, schema_version, stage_values)
-from sparsify_core.scaling_law import fit_runs
+from sparsify_core.scaling_law import ScalingLaw, fit_runs
 
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "registry-v6-expected.json").read_text())
@@ -108,9 +108,16 @@ def test_fit_and_the_tradeoff_plot_answer_as_before(old, tmp_path):
     for axis in "SNDL":
         np.testing.assert_allclose(getattr(result.points, axis), want[axis], rtol=1e-12)
     got = result.fit.law.as_dict()
-    # the same optimisation from the same starts; only float summation order may differ
-    for k, v in want["coefficients"].items():
-        assert got[k] == pytest.approx(v, rel=1e-3), k
+    # The same optimisation from the same starts, but these points lie on a family of laws (standard errors
+    # NaN for all but b_N): where the float summation order differs (an AVX-512 CPU against the AVX2 one that
+    # wrote the file) L-BFGS ends on another member (a_D 0.1570 vs 0.1545). What the fit answers must agree:
+    # its predictions at the points, and every coefficient the points determine.
+    p, want_law = result.points, ScalingLaw(**want["coefficients"])
+    np.testing.assert_allclose(result.fit.law(p.S, p.N, p.D), want_law(p.S, p.N, p.D), rtol=1e-6)
+    determined = [k for k in want["coefficients"] if np.isfinite(result.fit.stderr[k])]
+    assert determined  # b_N: the test keeps comparing coefficients
+    for k in determined:
+        assert got[k] == pytest.approx(want["coefficients"][k], rel=1e-3), k
     path = report.plot_tradeoff([r for r in old.find_runs() if r.kind == "recipe"], tmp_path / "t.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
