@@ -18,7 +18,8 @@ def weights(d, dff, gated=True, bias=False, seed=0):
     return dict(w_in=w_in, b_in=b(dff), w_up=w_up, b_up=b(dff) if gated else None, w_down_t=w_down_t, b_down=b(d))
 
 
-@pytest.mark.parametrize("d,dff,T", [(1, 1, 1), (17, 45, 1), (64, 256, 3), (100, 37, 16)])
+# one token: d covering each vector loop and its tail (the four-row up / down path), and a dff of many chunks
+@pytest.mark.parametrize("d,dff,T", [(1, 1, 1), (17, 45, 1), (48, 70, 1), (100, 300, 1), (64, 256, 3), (100, 37, 16)])
 @pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("act,threshold,cut", [("relu", 0.0, 0.0), ("relu", 0.3, 0.0), ("silu", 0.0, 0.0),
                                                ("silu", 0.0, 0.2), ("gelu", 0.0, 0.0), ("gelu_tanh", 0.0, 0.0)])
@@ -66,7 +67,7 @@ def _experts(T, E, p, seed=0):
     return ex
 
 
-@pytest.mark.parametrize("d,dff,size,T", [(17, 45, 9, 1), (64, 256, 32, 3), (100, 39, 13, 16), (33, 130, 10, 7)])
+@pytest.mark.parametrize("d,dff,size,T", [(17, 45, 9, 1), (100, 390, 13, 1), (64, 256, 32, 3), (100, 39, 13, 16), (33, 130, 10, 7)])
 @pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
 def test_moe_kernel_matches_reference_with_experts_per_token(d, dff, size, T, gated, bias, act):
