@@ -87,24 +87,55 @@ def cpu_kernel_available() -> bool:
     return _lib() is not None
 
 
-def matmul(packed: Packed, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ W.T + b`` from the packed weight, or ``None`` where the CPU kernel cannot (device, dtype, grad)."""
+def _takes(x: torch.Tensor, n_in: int) -> bool:
+    """``x`` is what the CPU kernels compute: float32 on the CPU, ``n_in`` features, no autograd graph to keep."""
+    return (x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == n_in
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _bias_ptr(bias: torch.Tensor | None, out: int):
+    """The bias' address (``None`` for no bias), or ``False`` where the kernels cannot take it."""
+    if bias is None:
+        return None
+    if bias.dtype != torch.float32 or not bias.is_cpu or bias.shape != (out,) or not bias.is_contiguous():
+        return False
+    return bias.data_ptr()
+
+
+def panel_kernel(packed: Packed):
+    """``run(x, bias)``: ``matmul`` over ``packed`` with the per-call Python work cut to a few checks.
+
+    Kernels are called once per token per layer when decoding, where Python
+    around a ~0.1 ms call is a visible share of it (measured on a 2-core Xeon:
+    ~50-100 us per call before, most of it right after the kernel streamed
+    the weight through the caches)."""
     out, n_in = packed.shape
-    if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
-        return None
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
-        return None
-    lib = _lib()
-    if lib is None:
-        return None
-    x2 = x.reshape(-1, n_in).contiguous()
-    y = torch.empty(x2.shape[0], out, dtype=torch.float32)
-    if x2.shape[0]:
-        b = bias.contiguous() if bias is not None else None
-        lib.sp_pcsr_matmul_f32(x2.data_ptr(), x2.shape[0], n_in, out, packed.rowptr.data_ptr(),
-                               packed.off.data_ptr(), packed.val.data_ptr(), None if b is None else b.data_ptr(),
-                               y.data_ptr(), native.threads())
-    return y.reshape(*x.shape[:-1], out)
+    rowptr, off, val = packed.rowptr, packed.off, packed.val
+    ptrs = (rowptr.data_ptr(), off.data_ptr(), val.data_ptr())
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        b = _bias_ptr(bias, out)
+        if b is False or not _takes(x, n_in):
+            return None
+        lib = _lib()
+        if lib is None:
+            return None
+        x2 = x if x.is_contiguous() else x.contiguous()
+        T = x2.numel() // n_in
+        y = torch.empty(T, out, dtype=torch.float32)  # ints, not a torch.Size: half the cost
+        if T:
+            lib.sp_pcsr_matmul_f32(x2.data_ptr(), T, n_in, out, *ptrs, b, y.data_ptr(), native.threads())
+        return y if x.dim() == 2 else y.view(x.shape[:-1] + (out,))
+    run.storage = (rowptr, off, val)  # the addresses above stay valid while run lives
+    return run
+
+
+def matmul(packed: Packed, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ W.T + b`` from the packed weight, or ``None`` where the CPU kernel cannot (device, dtype, grad).
+
+    ``x`` is ``[..., in]``, the result ``[..., out]``; a bias must be float32
+    ``[out]`` (else ``None``). Repeated calls: ``panel_kernel``."""
+    return panel_kernel(packed)(x, None if bias is None else bias.contiguous())
 
 
 @dataclass
@@ -133,30 +164,71 @@ def pack_nm(val: torch.Tensor, idx: torch.Tensor, n: int, m: int, shape) -> Pack
     return PackedNM((out, shape[1]), 16 * m // n, v.contiguous(), p.contiguous())
 
 
-def nm_matmul(packed: PackedNM, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ W.T + b`` for few tokens (< 16), float32, CPU, with the permute kernel (AVX-512 builds), else ``None``."""
+def nm_kernel(packed: PackedNM):
+    """``run(x, bias)``: ``nm_matmul`` over ``packed`` with the per-call Python work cut to a few checks."""
     out, n_in = packed.shape
-    if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
-        return None
-    lib = _lib()
-    if lib is None or not hasattr(lib, "sp_nm_matvec_f32"):
-        return None
-    x2 = x.reshape(-1, n_in)
-    T = x2.shape[0]
-    if not 1 <= T < 16:
-        return None
     groups = packed.val.shape[1] // 16
     stride = groups * packed.window + 32
-    xpad = torch.zeros(T, stride, dtype=torch.float32)
-    xpad[:, :n_in] = x2
-    y = torch.empty(T, out, dtype=torch.float32)
-    b = bias.contiguous() if bias is not None else None
-    rc = lib.sp_nm_matvec_f32(xpad.data_ptr(), T, stride, out, groups, packed.window, packed.val.data_ptr(),
-                              packed.pos.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                              native.threads())
-    if rc != 0:
+    val, pos = packed.val, packed.pos
+    ptrs = (val.data_ptr(), pos.data_ptr())
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        b = _bias_ptr(bias, out)
+        if b is False or not _takes(x, n_in):
+            return None
+        T = x.numel() // n_in
+        if not 1 <= T < 16:
+            return None
+        lib = _lib()
+        if lib is None or not hasattr(lib, "sp_nm_matvec_f32"):
+            return None
+        xpad = torch.zeros(T, stride, dtype=torch.float32)
+        xpad[:, :n_in] = x.reshape(T, n_in)
+        y = torch.empty(T, out, dtype=torch.float32)
+        rc = lib.sp_nm_matvec_f32(xpad.data_ptr(), T, stride, out, groups, packed.window, *ptrs, b, y.data_ptr(),
+                                  native.threads())
+        return None if rc != 0 else y if x.dim() == 2 else y.view(x.shape[:-1] + (out,))
+    run.storage = (val, pos)  # the addresses above stay valid while run lives
+    return run
+
+
+def nm_matmul(packed: PackedNM, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ W.T + b`` for few tokens (< 16), float32, CPU, with the permute kernel (AVX-512 builds), else ``None``.
+    Repeated calls: ``nm_kernel``."""
+    return nm_kernel(packed)(x, None if bias is None else bias.contiguous())
+
+
+def bsr_kernel(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape):
+    """``run(x, bias)``: ``bsr_matmul`` over these tiles with the per-weight work (index dtypes, addresses)
+    done once; ``None`` when the tiles are not float32."""
+    out, n_in = shape
+    br, bc = val.shape[1:]
+    if val.dtype != torch.float32:
         return None
-    return y.reshape(*x.shape[:-1], out)
+    crow = crow.to(torch.int64).contiguous()
+    col = col.to(torch.int32).contiguous()
+    val = val.contiguous()
+    ptrs = (crow.data_ptr(), col.data_ptr(), val.data_ptr())
+
+    def run(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        b = _bias_ptr(bias, out)
+        if b is False or not _takes(x, n_in):
+            return None
+        T = x.numel() // n_in
+        many = T >= 16
+        if T == 0 or (many and br % 4):
+            return None
+        lib = _lib()
+        if lib is None:
+            return None
+        x2 = x if x.is_contiguous() else x.contiguous()
+        y = torch.empty(T, out, dtype=torch.float32)
+        fn = lib.sp_bsr_matmul_f32 if many else lib.sp_bsr_matvec_f32
+        if fn(x2.data_ptr(), T, n_in, out, br, bc, *ptrs, b, y.data_ptr(), native.threads()) != 0:
+            return None
+        return y if x.dim() == 2 else y.view(x.shape[:-1] + (out,))
+    run.storage = (crow, col, val)  # the addresses above stay valid while run lives
+    return run
 
 
 def bsr_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape, x: torch.Tensor,
@@ -166,26 +238,8 @@ def bsr_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape, 
     16+ tokens (``br`` a multiple of 4): four rows of a tile share every
     activation load. Fewer tokens: tile rows stream into one accumulator per
     row. ``None`` where the kernels do not apply (other dtype or device, the
-    portable build: these kernels need AVX2+FMA or AVX-512).
+    portable build: these kernels need AVX2+FMA or AVX-512). Repeated calls:
+    ``bsr_kernel``.
     """
-    out, n_in = shape
-    br, bc = val.shape[1:]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
-        return None
-    x2 = x.reshape(-1, n_in).contiguous()
-    T = x2.shape[0]
-    many = T >= 16
-    if T == 0 or (many and br % 4) or val.dtype != torch.float32:
-        return None
-    lib = _lib()
-    if lib is None:
-        return None
-    y = torch.empty(T, out, dtype=torch.float32)
-    crow = crow.to(torch.int64).contiguous()
-    col = col.to(torch.int32).contiguous()
-    val = val.contiguous()
-    b = bias.contiguous() if bias is not None else None
-    fn = lib.sp_bsr_matmul_f32 if many else lib.sp_bsr_matvec_f32
-    rc = fn(x2.data_ptr(), T, n_in, out, br, bc, crow.data_ptr(), col.data_ptr(), val.data_ptr(),
-            None if b is None else b.data_ptr(), y.data_ptr(), native.threads())
-    return None if rc != 0 else y.reshape(*x.shape[:-1], out)
+    run = bsr_kernel(crow, col, val, shape)
+    return None if run is None else run(x, None if bias is None else bias.contiguous())

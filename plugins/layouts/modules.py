@@ -120,18 +120,18 @@ class SparseLinear(nn.Module):
             self.register_buffer(k, t)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._kernels: dict = {}  # (device, dtype) -> the layout's kernel or None, built on first use
-        self._dense = None
+        self._dense = self._last = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module._forget())
 
     def _forget(self) -> None:
-        self._kernels, self._dense = {}, None
+        self._kernels, self._dense, self._last = {}, None, None  # _last: (dtype, kernel) of the last CPU call
 
     def _apply(self, fn, *args, **kwargs):
         self._forget()  # storage moved or cast: kernels packed from the old tensors are stale
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
-        return {**super().__getstate__(), "_kernels": {}, "_dense": None}  # copies pack their own kernels
+        return {**super().__getstate__(), "_kernels": {}, "_dense": None, "_last": None}  # copies pack their own
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a new dense ``[out_features, in_features]`` tensor, bit for bit.
@@ -187,10 +187,17 @@ class SparseLinear(nn.Module):
             self._kernels[key] = self.layout().kernel(x.device, x.dtype)
         return self._kernels[key]
 
+    def _cpu_kernel(self, x: torch.Tensor):
+        run = self.kernel(x)
+        self._last = (x.dtype, run) if x.is_cpu else None
+        return run
+
     def forward(self, x):
-        if _inference(x):
-            run = self.kernel(x)
-            y = run(x, self.bias) if run is not None else None
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            # as kernel(x), minus its per-call dict key: this runs once per token per layer when decoding
+            last = self._last
+            run = last[1] if last is not None and last[0] is x.dtype and x.is_cpu else self._cpu_kernel(x)
+            y = run(x, self._parameters.get("bias")) if run is not None else None
             if y is not None:
                 return y
             fallback(f"{self.layout_name} Linear", f"for {x.device.type}/{str(x.dtype).removeprefix('torch.')}",

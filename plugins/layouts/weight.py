@@ -35,11 +35,13 @@ def _cpu_ok(device, dtype) -> bool:
 
 def _panel_kernel(dense: torch.Tensor, first=None):
     """The panel-CSR CPU kernel over ``dense``; ``first(x, bias)`` is tried before it (``None``: declined)."""
-    packed = spmm.pack(dense)
+    panel = spmm.panel_kernel(spmm.pack(dense))
+    if first is None:
+        return panel
 
     def run(x, bias):
-        y = first(x, bias) if first is not None else None
-        return y if y is not None else spmm.matmul(packed, x, bias)
+        y = first(x, bias)
+        return y if y is not None else panel(x, bias)
     return run
 
 
@@ -53,7 +55,7 @@ def _nm_kernel(layout, val, idx, device):
         val, idx = val.to(device), idx.to(device)
         return lambda x, bias: triton_kernels.nm_matmul(x, val, idx, p.n, p.m, layout.shape[1], bias)
     nm = spmm.pack_nm(val, idx, p.n, p.m, layout.shape)
-    few = (lambda x, bias: spmm.nm_matmul(nm, x, bias) if x[..., 0].numel() < 16 else None) if nm else None
+    few = spmm.nm_kernel(nm) if nm else None  # declines 16+ tokens
     return _panel_kernel(layout.to_dense(), few)
 
 
@@ -114,8 +116,7 @@ class BSR(StoredLayout):
             return None
         tiles = None
         if self.val.dtype == torch.float32:
-            crow, col, val, shape = self.crow, self.col, self.val, self.shape
-            tiles = lambda x, bias: spmm.bsr_matmul(crow, col, val, shape, x, bias)  # noqa: E731
+            tiles = spmm.bsr_kernel(self.crow, self.col, self.val, self.shape)
         return _panel_kernel(self.to_dense(), tiles)
 
 

@@ -67,3 +67,57 @@ def test_bsr_kernels(block, out, n_in, T):
         assert y is None
         return
     torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+
+
+def _bound_kernels():
+    """Each kernel bound to a weight once (what SparseLinear calls per token), with its dense weight."""
+    from sparsify_plugins.layouts import BSR, NM
+    from sparsify_plugins.layouts import formats as F
+    from sparsify_plugins.layouts.weight import BSRParams, NMParams
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 64, generator=g)
+    w_nm = w * F.nm_mask(w, 2, 4)
+    w_bsr = w * (torch.rand(6, 8, generator=g) < 0.5).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    bsr = BSR.from_dense(w_bsr, BSRParams(block=(8, 8)))
+    nm = NM.from_dense(w_nm, NMParams(n=2, m=4))
+    out = {"panel": (spmm.panel_kernel(spmm.pack(w_nm)), w_nm, 130),
+           "bsr": (spmm.bsr_kernel(bsr.crow, bsr.col, bsr.val, bsr.shape), w_bsr, 15)}
+    if spmm.native.isa() == "avx512":
+        out["nm"] = (spmm.nm_kernel(spmm.pack_nm(nm.val, nm.idx, 2, 4, nm.shape)), w_nm, 15)
+    return out
+
+
+@pytest.mark.parametrize("form", ["2d", "3d", "strided", "bias", "one token"])
+def test_bound_kernels_take_every_input_form(form):
+    g = torch.Generator().manual_seed(3)
+    for name, (run, w, max_t) in _bound_kernels().items():
+        if name == "bsr" and spmm.native.isa() == "portable":
+            continue  # the tile kernels need AVX2 or AVX-512 (declining: the next test)
+        T = 1 if form == "one token" else min(max_t, 5)
+        x = torch.randn(T, 64, generator=g)
+        b = torch.randn(48, generator=g) if form == "bias" else None
+        if form == "3d":
+            x = x.view(T, 1, 64)
+        if form == "strided":
+            x = torch.randn(64, T, generator=g).t()  # not contiguous
+        for _ in range(2):  # the second call reuses the addresses bound at the first
+            y = run(x, b)
+            assert y is not None, name
+            torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bound_kernels_decline_what_they_cannot_compute():
+    x = torch.randn(3, 64)
+    for name, (run, w, _) in _bound_kernels().items():
+        if run(x) is None:  # the portable build declines BSR altogether
+            assert spmm.native.isa() == "portable" and name == "bsr"
+            continue
+        assert run(x.double()) is None, name
+        assert run(torch.randn(3, 63)) is None, name  # wrong width: the dense path raises torch's error
+        assert run(x, torch.randn(48, dtype=torch.float64)) is None, name
+        assert run(x, torch.randn(47)) is None, name
+        assert run(x.requires_grad_()) is None, name
+        x = x.detach()
+        with torch.no_grad():
+            assert run(x.requires_grad_()) is not None, name
+        x = x.detach()
