@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from sparsify_core.ffn import zero_small_inputs
 
 from . import native
-from .ffn import ACTIVATIONS, MAX_TOKENS, UP_RELU, activation, ffn_reference
+from .ffn import ACTIVATIONS, MAX_TOKENS, UP_RELU, activation, ffn_reference, truncation_screen  # noqa: F401
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 FFN_KINDS = {"dense": 0, "sparse": 1, "predicted": 2}
@@ -200,34 +200,6 @@ def _check(name: str, t: torch.Tensor | None, shape: tuple | None) -> None:
                          + ("" if t.is_contiguous() else ", not contiguous"))
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {shape}")
-
-
-def truncation_screen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A screen of the rows of ``w`` (fp32 ``[rows, n]``): ``(hi, err)``, or ``None`` on a big-endian host.
-
-    ``hi`` (int16 ``[rows, n]``) holds the upper 16 bits of every weight: each
-    truncated to bfloat16, half the bytes. ``err`` (float32 ``[rows]``) bounds
-    how far a row's product with any ``x`` computed from ``hi`` can be from
-    the one computed in fp32, per unit of ``||x||_2``: ``||w_j - hi_j||_2``
-    (Cauchy-Schwarz) plus the worst-case rounding of two fp32 dot products of
-    length ``n`` (Higham's ``gamma_n``: ``2 (n + 4) 2^-24 (||w_j|| + ||w_j -
-    hi_j||)``), rounded up; ``inf`` for a row with a non-finite weight. The
-    native step uses it for the LM head of greedy decoding: the screened
-    logits bound every logit, and only the rows that can still be the
-    maximum are computed in fp32 (``DecodeStep(head_screen=True)``).
-    """
-    if sys.byteorder != "little":
-        return None
-    w = w.detach().float().contiguous()
-    hi = w.view(torch.int16).reshape(*w.shape, 2)[..., 1].contiguous()  # little-endian: the upper half is second
-    hi_f = torch.stack([torch.zeros_like(hi), hi], -1).view(torch.float32).reshape(w.shape)
-    wd = w.double()
-    r = (wd - hi_f.double()).norm(dim=1)
-    err = (r + 2 * (w.shape[1] + 4) * 2.0 ** -24 * (wd.norm(dim=1) + r)) * (1 + 2.0 ** -20)
-    err = torch.where(torch.isfinite(wd).all(dim=1) & torch.isfinite(err), err, torch.full_like(err, math.inf))
-    err32 = err.float()
-    err32 = torch.where(err32.double() < err, torch.nextafter(err32, torch.full_like(err32, math.inf)), err32)
-    return hi, err32.contiguous()
 
 
 class DecodeStep:

@@ -29,6 +29,8 @@ being neurons ``[e*size, (e+1)*size)``: ``ffn_moe`` is the CPU kernel, and
 from __future__ import annotations
 
 import ctypes
+import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,9 @@ def _lib():
         lib.sp_ffn_moe_f32.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_int,
                                        ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int]
         lib.sp_ffn_moe_f32.restype = ctypes.c_int
+        lib.sp_ffn_screened_f32.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int,
+                                            ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int]
+        lib.sp_ffn_screened_f32.restype = ctypes.c_int
         lib.sp_sparse_input_linear_f32.argtypes = [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int]
         lib.sp_sparse_input_linear_f32.restype = ctypes.c_int
         lib._ffn_typed = True
@@ -228,6 +233,75 @@ def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
     if counts is not None:
         counts.append(int(n_sel.value))
     return y.reshape(*x.shape[:-1], d)
+
+
+def truncation_screen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A screen of the rows of ``w`` (fp32 ``[rows, n]``): ``(hi, err)``, or ``None`` on a big-endian host.
+
+    ``hi`` (int16 ``[rows, n]``) holds the upper 16 bits of every weight: each
+    truncated to bfloat16, half the bytes. ``err`` (float32 ``[rows]``) bounds
+    how far a row's product with any ``x`` computed from ``hi`` can be from
+    the one computed in fp32, per unit of ``||x||_2``: ``||w_j - hi_j||_2``
+    (Cauchy-Schwarz) plus the worst-case rounding of two fp32 dot products of
+    length ``n`` (Higham's ``gamma_n``: ``2 (n + 4) 2^-24 (||w_j|| + ||w_j -
+    hi_j||)``), rounded up; ``inf`` for a row with a non-finite weight. The
+    native step uses it for the LM head of greedy decoding: the screened
+    logits bound every logit, and only the rows that can still be the
+    maximum are computed in fp32 (``DecodeStep(head_screen=True)``);
+    ``ffn_screened`` for the gate of a FATReLU FFN.
+    """
+    if sys.byteorder != "little":
+        return None
+    w = w.detach().float().contiguous()
+    hi = w.view(torch.int16).reshape(*w.shape, 2)[..., 1].contiguous()  # little-endian: the upper half is second
+    hi_f = torch.stack([torch.zeros_like(hi), hi], -1).view(torch.float32).reshape(w.shape)
+    wd = w.double()
+    r = (wd - hi_f.double()).norm(dim=1)
+    err = (r + 2 * (w.shape[1] + 4) * 2.0 ** -24 * (wd.norm(dim=1) + r)) * (1 + 2.0 ** -20)
+    err = torch.where(torch.isfinite(wd).all(dim=1) & torch.isfinite(err), err, torch.full_like(err, math.inf))
+    err32 = err.float()
+    err32 = torch.where(err32.double() < err, torch.nextafter(err32, torch.full_like(err32, math.inf)), err32)
+    return hi, err32.contiguous()
+
+
+def ffn_screened(x, w_in, b_in, w_up, b_up, w_down_t, b_down, threshold=0.0, cut=0.0, *, screen,
+                 counts: list | None = None, up_relu: bool = False) -> torch.Tensor | None:
+    """The exact FATReLU / ReLU FFN for one token, its gate screened by ``screen = truncation_screen(w_in)``.
+
+    The gate's 16-bit high halves are read for every neuron; a neuron whose
+    screened gate plus its bound (``||x||_2 err[j]``) stays below
+    ``threshold`` cannot be active, and only the others (the candidates) get
+    their fp32 gate row, then their up and down rows where active: the same
+    neurons and gate values as ``ffn_sparse``, for half the gate's bytes
+    plus the candidates' rows (``csrc/ffn.cpp``, ``sp_ffn_screened_f32``).
+    The result equals ``ffn_sparse``'s up to the order of the final sums.
+    ``x`` is ``[..., d]`` holding one token; ``None`` where the kernel cannot
+    (more tokens, other dtype or device, no screen). With ``counts`` (a list),
+    the number of candidates is appended. Costs ``2 d_ff d`` bytes of memory
+    for ``screen``.
+    """
+    d = w_in.shape[1]
+    if screen is None or x.numel() != d:
+        return None
+    x2 = _tokens(x, d, "relu")
+    hi, err = screen
+    if x2 is None or not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, err) or hi.dtype != torch.int16 \
+            or not hi.is_contiguous() or hi.shape != w_in.shape or err.shape != (w_in.shape[0],):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    y = torch.empty(1, d, dtype=torch.float32)
+    n_cand = ctypes.c_int64(0)
+    rc = lib.sp_ffn_screened_f32(x2.data_ptr(), d, w_in.data_ptr(), hi.data_ptr(), err.data_ptr(), _ptr(b_in),
+                                 _ptr(w_up), _ptr(b_up), w_down_t.data_ptr(), _ptr(b_down), w_in.shape[0],
+                                 _code("relu", up_relu), float(threshold), float(cut), y.data_ptr(),
+                                 ctypes.addressof(n_cand), native.threads())
+    if rc != 0:
+        return None
+    if counts is not None:
+        counts.append(int(n_cand.value))
+    return y.reshape(x.shape)
 
 
 def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0, *,

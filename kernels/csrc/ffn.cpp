@@ -147,7 +147,9 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
                     gs[n_live][t] = 0.0f;
                     continue;
                 }
-                float v = sp::dot(gi, x + t * d, d) + (b_in ? b_in[j] : 0.0f);
+                // One token: dot4's bits for every row (dot_as_dot4), whichever rows share its chunk, so a
+                // neuron's gate is the same float in every kernel (sp_ffn_screened_f32 lists other chunks).
+                float v = (T == 1 ? sp::dot_as_dot4(gi, x, d) : sp::dot(gi, x + t * d, d)) + (b_in ? b_in[j] : 0.0f);
                 gs[n_live][t] = activate(act, v, threshold, cut);
                 any |= gs[n_live][t] != 0.0f;
             }
@@ -334,6 +336,61 @@ int sp_ffn_moe_f32(const float* x, int64_t T, int64_t d,
     };
     ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, T > 1 ? experts : nullptr, E, size,
              act, threshold, cut, y, threads);
+    return 0;
+}
+
+// The exact activation-sparse FFN for one token with a screened gate (FATReLU / ReLU, act 0, optionally
+// with kUpReLU): the gate's 16-bit high halves (hi [dff, d] uint16, bfloat16 by truncation) are streamed
+// for every neuron, and err[j] (decode.py's truncation_screen) bounds |fp32 gate - screened gate| per unit
+// of ||x||_2. A neuron whose screened upper bound is below `threshold` cannot be active; the others (the
+// candidates) get the fp32 gate row, bit for bit as sp_ffn_decode_f32 computes it, then the up and down
+// rows where active: the same neurons, the same floats, only the order of the final sums differs. Bytes:
+// half the gate, the candidates' fp32 gate rows, the active neurons' two rows. *n_candidates (if not null)
+// receives the number of candidates. Returns 1 for another activation.
+int sp_ffn_screened_f32(const float* x, int64_t d, const float* w_in, const uint16_t* hi, const float* err,
+                        const float* b_in, const float* w_up, const float* b_up, const float* w_outT,
+                        const float* b_out, int64_t dff, int act, float threshold, float cut, float* y,
+                        int64_t* n_candidates, int threads) {
+    if ((act & ~kUpReLU) != RELU || d < 1 || dff < 0) return 1;
+    std::vector<float> xp(d);
+    sp::hi_order(x, d, xp.data());
+    double ss = 0.0;
+    for (int64_t i = 0; i < d; ++i) ss += (double)x[i] * (double)x[i];
+    const double xn = std::sqrt(ss) * (1.0 + 0x1p-40);
+    // 1. The screen, 64 rows per item: candidate flags.
+    std::vector<uint8_t> cand(dff);
+    constexpr int64_t kBlock = 64;
+    sp::Pool::get().run((dff + kBlock - 1) / kBlock, threads, [&](int64_t item, int) {
+        const int64_t r1 = std::min(dff, (item + 1) * kBlock);
+        auto flag = [&](int64_t j, float s) {
+            const double b = b_in ? (double)b_in[j] : 0.0, e = xn * (double)err[j];
+            // |gate - (s + b)| <= e plus the fp32 roundings of the bias additions: padded as for the LM head.
+            const double slack = e + (std::fabs((double)s) + 2.0 * std::fabs(b) + e) * 0x1p-20;
+            cand[j] = !((double)s + b + slack < (double)threshold);  // NaN: a candidate
+        };
+        int64_t r = item * kBlock;
+        for (; r + 4 <= r1; r += 4) {
+            const uint16_t* rows[4] = {hi + r * d, hi + (r + 1) * d, hi + (r + 2) * d, hi + (r + 3) * d};
+            float v[4];
+            sp::dot_hi4(rows, xp.data(), d, v);
+            for (int k = 0; k < 4; ++k) flag(r + k, v[k]);
+        }
+        for (; r < r1; ++r) flag(r, sp::dot_hi(hi + r * d, x, d));
+    });
+    // 2. The candidates in order, then the FFN over them (sp_ffn_predicted_f32's step 4, with no selection).
+    std::vector<int64_t> list;
+    list.reserve(dff);
+    for (int64_t j = 0; j < dff; ++j)
+        if (cand[j]) list.push_back(j);
+    const int64_t total = (int64_t)list.size();
+    if (n_candidates) *n_candidates = total;
+    auto neurons = [&](int64_t c, int64_t* js) {
+        int n = 0;
+        for (int64_t f = c * kChunk; f < std::min(total, c * kChunk + kChunk); ++f) js[n++] = list[f];
+        return n;
+    };
+    ffn_core(x, 1, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, nullptr, 0, 1, act, threshold, cut,
+             y, threads);
     return 0;
 }
 

@@ -5,8 +5,12 @@ process (``sparsify_core.bench.interleaved``); the ratio is ``dense time /
 our time``. Cases (fp32, the CPU threads torch uses):
 
 1. activation-sparse FFN, LLaMA-7B shape (d 4096, d_ff 11008), one token, at
-   30-95% activation sparsity (FATReLU threshold set to the exact quantile);
-   the bytes bound is ``1 / (1/3 + 2/3 (1 - s))``. Then with an activation
+   30-95% activation sparsity (FATReLU threshold set to the exact quantile),
+   reading the whole gate (``ours``, bytes bound ``1 / (1/3 + 2/3 (1 - s))``)
+   and with the screened gate (``screened``, ``ffn_screened``: the gate's
+   16-bit halves, then fp32 gate rows only for the candidates; bound
+   ``3 / (1/2 + c + 2 (1 - s))`` for a candidate fraction ``c``; the row's
+   bound is the larger of the two). Then with an activation
    predictor (rank 64, fitted as the ``predictor`` option does, on 512
    synthetic calibration inputs whose spectrum decays as 1/i: an assumed
    stand-in for anisotropic hidden states) at 90/95%: approximate, so its
@@ -66,6 +70,7 @@ def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11
     w_down_t = w_down.t().contiguous()
     x = torch.randn(1, d)
     g = F.linear(x, w_gate).flatten()
+    screen = K.truncation_screen(w_gate)  # for the screened gate ("screened"), 2 bytes per gate weight
     targets = {0.5: 0.95 / (1 / 3 + 2 / 3 * 0.5), 0.7: 0.95 / (1 / 3 + 2 / 3 * 0.3), 0.9: 2.8, 0.95: 3.4, 0.3: 1.0}
     rows = []
     for s in sparsities:
@@ -81,15 +86,28 @@ def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11
         def ours():
             return K.ffn_sparse(x, w_gate, None, w_up, None, w_down_t, None, act="relu", threshold=t)
 
+        counts: list[int] = []
+
+        def screened():
+            return K.ffn_screened(x, w_gate, None, w_up, None, w_down_t, None, t, screen=screen, counts=counts)
+
+        fns = {"dense": dense, "ours": ours} | ({"screened": screened} if screened() is not None else {})
         err = (dense() - ours()).abs().max().item()
-        m = interleaved({"dense": dense, "ours": ours}, repeats)
+        m = interleaved(fns, repeats)
         active = int((g >= t).sum())
         bound = 1 / (1 / 3 + 2 / 3 * (1 - s))
-        rows.append(Row(1, f"s={s:.0%}", m["dense"] * 1e3, {"ours": m["ours"] * 1e3},
-                        {"ours": m["dense"] / m["ours"]}, targets.get(s), bound,
-                        {"active": active, "max_abs_err": err, "kernels": kernels, "kernel_isa": isa or "torch",
-                         "dense_GBps": 3 * d * dff * 4 / m["dense"] / 1e9,
-                         "ours_GBps": 4 * d * (dff + 2 * active) / m["ours"] / 1e9}))
+        extra = {"active": active, "max_abs_err": err, "kernels": kernels, "kernel_isa": isa or "torch",
+                 "dense_GBps": 3 * d * dff * 4 / m["dense"] / 1e9,
+                 "ours_GBps": 4 * d * (dff + 2 * active) / m["ours"] / 1e9, "bound_exact_gate": bound}
+        if "screened" in m:  # half the gate streamed, the candidates' fp32 gate rows, the active rows
+            cand = counts[-1]
+            b_screen = 3 * dff / (dff / 2 + cand + 2 * active)
+            extra.update(candidates=cand, bound_screened=b_screen, screened_max_abs_err=(dense() - screened()).abs().max().item(),
+                         screened_GBps=4 * d * (dff / 2 + cand + 2 * active) / m["screened"] / 1e9,
+                         screen_memory_MB=2 * d * dff / 1e6)
+            bound = max(bound, b_screen)
+        rows.append(Row(1, f"s={s:.0%}", m["dense"] * 1e3, {k: v * 1e3 for k, v in m.items() if k != "dense"},
+                        {k: m["dense"] / v for k, v in m.items() if k != "dense"}, targets.get(s), bound, extra))
     if predictor_sparsities:
         rows += _predicted_rows(w_gate, w_up, w_down_t, predictor_sparsities, rank, recall, repeats)
     return rows

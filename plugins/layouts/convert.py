@@ -97,6 +97,10 @@ class ActivationSparseParams(Params):
     predictor: PredictorParams | None = Field(
         None, description="also fit an activation predictor per gated FFN (DejaVu/PowerInfer): skips the gate "
                           "rows of neurons predicted inactive; approximate")
+    gate_screen: bool = Field(False, description="one-token decoding of gated ReLU/FATReLU FFNs reads the gate's "
+                                                 "16-bit high halves and fp32 gate rows only where the screen cannot "
+                                                 "rule a neuron out: exact; pays at high sparsity on wide rows; costs "
+                                                 "half the gate's bytes of memory")
 
 
 class ActivationSparseFFNConvert(Method):
@@ -142,7 +146,8 @@ class ActivationSparseFFNConvert(Method):
             if b.kind == "gated":
                 if b.gate is not getattr(b.module, "gate_proj", None) or b.activation_owner is not b.module:
                     raise SparsifyError(f"{b.name}: gated FFN layout not supported for conversion")
-                _set_module(model, b.name, ActivationSparseFFN(b.gate, b.up, down, b.activation, params.strict))
+                _set_module(model, b.name, ActivationSparseFFN(b.gate, b.up, down, b.activation, params.strict,
+                                                                 gate_screen=params.gate_screen))
             else:
                 _set_module(model, down_path, down)
             done.append(b.name)

@@ -227,3 +227,51 @@ def test_kernels_are_deterministic_at_any_thread_count(T):
     x1 = torch.relu(torch.randn(T, dff))
     w_t, b = torch.randn(dff, 70), torch.randn(70)
     _same_bits_at_any_thread_count(lambda: K.sparse_input_linear(x1, w_t, b))
+
+
+# -- the screened gate (one token, ReLU/FATReLU) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("d,dff", [(1, 1), (17, 45), (48, 70), (100, 300), (300, 37)])
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("threshold,cut,up_relu", [(0.0, 0.0, False), (0.3, 0.0, False), (-0.2, 0.0, False),
+                                                   (0.0, 0.2, False), (0.1, 0.0, True)])
+def test_screened_ffn_matches_unscreened(d, dff, gated, bias, threshold, cut, up_relu):
+    if up_relu and not gated:
+        pytest.skip("dReLU needs an up projection")
+    w = weights(d, dff, gated, bias, seed=d + dff)
+    x = torch.randn(1, d)
+    screen = K.truncation_screen(w["w_in"])
+    counts = []
+    out = K.ffn_screened(x, threshold=threshold, cut=cut, screen=screen, counts=counts, up_relu=up_relu, **w)
+    same = K.ffn_sparse(x, act="relu", threshold=threshold, cut=cut, up_relu=up_relu, **w)
+    torch.testing.assert_close(out, same, atol=1e-5, rtol=1e-5)  # the same neurons; only the final sums' order
+    g = torch.nn.functional.linear(x, w["w_in"], w["b_in"])
+    assert int((g >= threshold).sum()) <= counts[0] <= dff  # every active neuron is a candidate
+
+
+def test_screened_ffn_never_reads_ruled_out_gate_rows():
+    # The fp32 gate rows of neurons the screen rules out (by a wide margin), and their up/down rows, are NaN
+    w = weights(256, 512, seed=3)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
+    screen = K.truncation_screen(w["w_in"])
+    g = torch.nn.functional.linear(x, w["w_in"]).flatten()
+    out_ref = K.ffn_screened(x, threshold=0.5, screen=screen, **w)
+    ruled_out = g < 0.5 - 10 * x.norm() * screen[1]
+    assert 0.3 < float(ruled_out.float().mean()) < 1
+    for name in ("w_in", "w_up", "w_down_t"):
+        w[name][ruled_out] = float("nan")
+    counts = []
+    out = K.ffn_screened(x, threshold=0.5, screen=screen, counts=counts, **w)
+    assert torch.isfinite(out).all() and counts[0] <= int((~ruled_out).sum())
+    torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
+
+
+def test_screened_ffn_declines_what_it_cannot_do():
+    w = weights(16, 32)
+    screen = K.truncation_screen(w["w_in"])
+    assert K.ffn_screened(torch.randn(2, 16), screen=screen, **w) is None  # one token only
+    assert K.ffn_screened(torch.randn(1, 16), screen=None, **w) is None
+    assert K.ffn_screened(torch.randn(1, 16, dtype=torch.float64), screen=screen, **w) is None
+    other = K.truncation_screen(torch.randn(32, 8))
+    assert K.ffn_screened(torch.randn(1, 16), screen=other, **w) is None  # a screen of another weight's shape
+    assert K.ffn_screened(torch.randn(1, 16), screen=screen, **w).shape == (1, 16)

@@ -372,3 +372,43 @@ def test_every_module_falls_back_once_or_fails_in_strict_mode(monkeypatch, why):
         assert len(msgs) == len(set(msgs)), (what, msgs)  # each reason once, not per call
         with torch.no_grad(), pytest.raises(SparsifyError, match="strict"):
             make(True)(inp)
+
+
+@pytest.mark.skipif(not ffn_kernels.cpu_kernel_available(), reason="no native kernels")
+def test_gate_screen_is_exact_follows_weight_changes_and_backs_off(monkeypatch):
+    from sparsify_plugins.activation.threshold import FATReLUModule
+    act = FATReLUModule(0.9)  # gates ~N(0, 0.58): ~6% active, few candidates
+    ffn, dense = _gated_ffn(d=64, dff=200, act=act)
+    ffn.gate_screen = True
+    used = []
+    real = ffn_kernels.ffn_screened
+    monkeypatch.setattr(ffn_kernels, "ffn_screened", lambda *a, **k: used.append(1) or real(*a, **k))
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, 1, 64)
+            torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+        assert len(used) == 3 and ffn._screen is not None and ffn._screen_skip == 0
+        ffn.gate_proj.weight.mul_(-1.0)  # in place: a stale screen would rule out the wrong neurons
+        x = torch.randn(1, 1, 64)
+        torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+        assert len(used) == 4
+        ffn(torch.randn(1, 2, 64))  # two tokens: never screened
+        assert len(used) == 4
+        act.threshold = 0.0  # ReLU: about half the neurons are candidates, more than SCREEN_MAX_CANDIDATES
+        torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+        assert len(used) == 5 and ffn._screen_skip == ffn.SCREEN_BACKOFF  # so the next calls skip it
+        torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+        assert len(used) == 5 and ffn._screen_skip == ffn.SCREEN_BACKOFF - 1
+
+
+def test_gate_screen_param_reaches_the_modules_and_their_rebuild(tmp_path):
+    from sparsify_plugins.layouts import ActivationSparseFFNConvert
+    model = _tiny("llama")
+    params = ActivationSparseFFNConvert.Params(gate_screen=True)
+    res = ActivationSparseFFNConvert().apply(_ctx(model, tmp_path), params)
+    ffns = [m for m in model.modules() if isinstance(m, M.ActivationSparseFFN)]
+    assert ffns and all(m.gate_screen for m in ffns)
+    rebuilt = _tiny("llama")
+    ActivationSparseFFNConvert().rebuild(_ctx(rebuilt, tmp_path), params, res)
+    assert all(m.gate_screen for m in rebuilt.modules() if isinstance(m, M.ActivationSparseFFN))
+    assert not ActivationSparseFFNConvert.Params().gate_screen
