@@ -1,0 +1,227 @@
+"""A/B of kernel source variants: each variant compiled side by side, the same calls timed through each, interleaved.
+
+For the claims in ``kernels/csrc`` comments ("measured: X -> Y"): copy the
+sources to a folder, change them (or pass ``-D`` flags to code that reads
+them), and compare against the tree as it is, in one process, so machine
+noise hits every variant alike. Each variant is a ``NAME=DIR[:FLAGS]``:
+``DIR`` holds the ``.cpp``/``.h`` files (empty: ``kernels/csrc``), ``FLAGS``
+extra compiler flags; it is built with ``native.flags_for(--isa)`` (the
+flags sparsify builds that variant with) into ``--build-dir`` and loaded
+instead of ``native.library()`` while its calls run. Dense torch is timed in
+the same rounds. Ratios are dense / variant; medians (``--stat min`` for
+compute-bound kernels, where the minimum is the steadier estimate).
+
+    python benchmarks/kernel_ab.py ffn   base= new=/tmp/csrc2 [--isa avx2] [--sparsity 0.5 0.9]
+    python benchmarks/kernel_ab.py moe   base= pf=:-DSP_PREFETCH=0
+    python benchmarks/kernel_ab.py bsr   base= new=/tmp/csrc2 --tokens 1 128 1024 --sparsity 0.5 0.9
+    python benchmarks/kernel_ab.py decode-ffn base= new=/tmp/csrc2
+
+Cases: ``ffn`` the activation-sparse FFN (4096 x 11008, one token, FATReLU
+at the quantile: ``sparsify bench`` case 1), ``moe`` the MoE FFN kernel
+(32-neuron experts, SiLU: case 2 without the router), ``bsr`` BSR Linear
+768 <-> 3072 with 16 x 16 tiles (case 3), ``decode-ffn`` 30 activation-sparse
+FFN layers of SmolLM2-135M's shape (576 x 1536) called in turn, as one
+decode step does. Prints the CPU, ISA, threads and one line per
+configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(isa: str, src: Path, flags: list[str], out_dir: Path) -> ctypes.CDLL:
+    """The shared library of ``src``'s sources with ``native.flags_for(isa)`` + ``flags`` (cached by content)."""
+    from sparsify_kernels import native
+
+    srcs = sorted(src.glob("*.cpp"))
+    if not srcs:
+        raise SystemExit(f"{src}: no .cpp files")
+    cmd = native.flags_for(isa) + flags
+    key = hashlib.sha256((" ".join(cmd) + "".join(p.read_text() for p in sorted(src.glob("*.*")))).encode())
+    out = out_dir / f"{key.hexdigest()[:16]}.so"
+    if not out.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp.so")
+        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        if cxx is None:
+            raise SystemExit("no C++ compiler found (set CXX, or install g++)")
+        r = subprocess.run([cxx, *cmd, *map(str, srcs), "-o", str(tmp)], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{src} {' '.join(flags)}: build failed:\n{r.stderr[-2000:]}")
+        tmp.replace(out)
+    return ctypes.CDLL(str(out))
+
+
+def parse_variant(spec: str) -> tuple[str, Path, list[str]]:
+    name, sep, rest = spec.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"variant {spec!r}: write NAME=DIR[:FLAGS]")
+    folder, _, flags = rest.partition(":")
+    return name, Path(folder) if folder else ROOT / "kernels" / "csrc", flags.split()
+
+
+def timed(variants: dict[str, ctypes.CDLL], fns: dict, rounds: int, stat) -> dict[tuple[str, str], float]:
+    """Seconds per (variant, function): every function under every variant once per round, in turn."""
+    from sparsify_kernels import native
+
+    current: dict = {}
+    real = native.library
+    native.library = lambda name=None: current["lib"]  # the kernels' wrappers ask native.library() each call
+    times: dict = {(v, f): [] for v in variants for f in fns}
+    try:
+        for r in range(rounds + 2):
+            for v, lib in variants.items():
+                current["lib"] = lib
+                for f, fn in fns.items():
+                    t = time.perf_counter()
+                    fn()
+                    if r >= 2:  # two warm-up rounds
+                        times[(v, f)].append(time.perf_counter() - t)
+    finally:
+        native.library = real
+    return {k: stat(x) for k, x in times.items()}
+
+
+def report(label: str, variants, m, dense_key="dense", fn="ours") -> None:
+    v0 = next(iter(variants))
+    cells = "  ".join(f"{v}: {m[(v, dense_key)] / m[(v, fn)]:.2f}x ({m[(v, fn)] * 1e3:.3f} ms)" for v in variants)
+    print(f"{label:28s} dense {m[(v0, dense_key)] * 1e3:8.3f} ms   {cells}", flush=True)
+
+
+def case_ffn(variants, args, stat):
+    from sparsify_kernels import ffn as K
+    d, dff = (256, 1024) if args.quick else (4096, 11008)
+    g = torch.Generator().manual_seed(0)
+    wg, wu = torch.randn(dff, d, generator=g) / d ** 0.5, torch.randn(dff, d, generator=g) / d ** 0.5
+    wd = torch.randn(d, dff, generator=g) / dff ** 0.5
+    wdt = wd.t().contiguous()
+    x = torch.randn(1, d, generator=g)
+    srt = F.linear(x, wg).flatten().sort().values
+    for s in args.sparsity:
+        k = min(max(int(round(s * dff)), 1), dff - 1)
+        t = float((srt[k - 1] + srt[k]) / 2)
+
+        def dense():
+            h = F.linear(x, wg)
+            return F.linear(h * (h >= t) * F.linear(x, wu), wd)
+        m = timed(variants, {"dense": dense, "ours": lambda: K.ffn_sparse(x, wg, None, wu, None, wdt, None,
+                                                                         act="relu", threshold=t)}, args.rounds, stat)
+        report(f"ffn s={s:.0%}", variants, m)
+
+
+def case_moe(variants, args, stat):
+    from sparsify_kernels import ffn as K
+    d, dff, size = (256, 1024, 32) if args.quick else (4096, 11008, 32)
+    g = torch.Generator().manual_seed(1)
+    wg, wu = torch.randn(dff, d, generator=g) / d ** 0.5, torch.randn(dff, d, generator=g) / d ** 0.5
+    wd = torch.randn(d, dff, generator=g) / dff ** 0.5
+    wdt = wd.t().contiguous()
+    x, E = torch.randn(1, d, generator=g), dff // size
+    for s in args.sparsity:
+        sel = torch.zeros(1, E, dtype=torch.bool)
+        sel[0, torch.randperm(E, generator=g)[: E - int(round(s * E))]] = True
+
+        def dense():
+            return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+        m = timed(variants, {"dense": dense, "ours": lambda: K.ffn_moe(x, wg, None, wu, None, wdt, None, act="silu",
+                                                                      experts=sel, expert_size=size)},
+                  args.rounds, stat)
+        report(f"moe skip={s:.0%}", variants, m)
+
+
+def case_bsr(variants, args, stat):
+    from sparsify_kernels import spmm
+    shapes = ((64, 32),) if args.quick else ((3072, 768), (768, 3072))
+    g = torch.Generator().manual_seed(0)
+    for out, n_in in shapes:
+        w = torch.randn(out, n_in, generator=g) / n_in ** 0.5
+        for s in args.sparsity:
+            tiles = w.abs().reshape(out // 16, 16, n_in // 16, 16).sum((1, 3))
+            keep = tiles > tiles.flatten().kthvalue(max(1, int(round(s * tiles.numel())))).values
+            ws = w * keep.repeat_interleave(16, 0).repeat_interleave(16, 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch: "Sparse BSR tensor support is in beta state"
+                b = ws.to_sparse_bsr((16, 16))
+            run = spmm.bsr_kernel(b.crow_indices(), b.col_indices(), b.values(), ws.shape)
+            for T in args.tokens:
+                x = torch.randn(T, n_in, generator=g)
+                m = timed(variants, {"dense": lambda: F.linear(x, ws), "ours": lambda: run(x)}, args.rounds, stat)
+                report(f"bsr {n_in}->{out} T={T} s={s:.0%}", variants, m)
+
+
+def case_decode_ffn(variants, args, stat):
+    from sparsify_kernels import ffn as K
+    d, dff, layers = (576, 1536, 4 if args.quick else 30)
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(dff, d, generator=g) / d ** 0.5, torch.randn(dff, d, generator=g) / d ** 0.5,
+           torch.randn(dff, d, generator=g) / dff ** 0.5) for _ in range(layers)]
+    x = torch.randn(1, d, generator=g)
+    for s in args.sparsity:
+        ts = []
+        for wg, _, _ in ws:
+            srt = F.linear(x, wg).flatten().sort().values
+            k = min(max(int(round(s * dff)), 1), dff - 1)
+            ts.append(float((srt[k - 1] + srt[k]) / 2))
+
+        def dense():
+            for (wg, wu, wdt), t in zip(ws, ts):
+                h = F.linear(x, wg)
+                F.linear(h * (h >= t) * F.linear(x, wu), wdt.T)
+
+        def ours():
+            for (wg, wu, wdt), t in zip(ws, ts):
+                K.ffn_sparse(x, wg, None, wu, None, wdt, None, act="relu", threshold=t)
+        m = timed(variants, {"dense": dense, "ours": ours}, args.rounds, stat)
+        report(f"decode-ffn x{layers} s={s:.0%}", variants, m)
+
+
+CASES = {"ffn": (case_ffn, [0.3, 0.5, 0.7, 0.9, 0.95]), "moe": (case_moe, [0.25, 0.5, 0.75]),
+         "bsr": (case_bsr, [0.5, 0.75, 0.9]), "decode-ffn": (case_decode_ffn, [0.86, 0.7])}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("case", choices=sorted(CASES))
+    p.add_argument("variants", nargs="+", help="NAME=DIR[:FLAGS] (DIR empty: kernels/csrc)")
+    p.add_argument("--isa", default=None, help="kernel variant to build (default: the widest this CPU runs)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=None)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 1024], help="bsr: token counts")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--stat", choices=["median", "min"], default="median")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--build-dir", type=Path, default=Path("/tmp/sparsify-kernel-ab"))
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
+    args = p.parse_args(argv)
+    from sparsify_core.bench import machine
+    from sparsify_kernels import native
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    isa = args.isa or native.isa()
+    fn, default_s = CASES[args.case]
+    args.sparsity = args.sparsity or default_s
+    variants = {name: build(isa, folder, flags, args.build_dir)
+                for name, folder, flags in map(parse_variant, args.variants)}
+    info = machine()
+    print(f"{info.get('cpu_model')} | kernels {isa} | {torch.get_num_threads()} threads | torch {torch.__version__} "
+          f"| {args.stat} of {args.rounds} rounds", flush=True)
+    torch.set_grad_enabled(False)
+    fn(variants, args, statistics.median if args.stat == "median" else min)
+
+
+if __name__ == "__main__":
+    main()

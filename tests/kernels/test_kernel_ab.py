@@ -1,0 +1,43 @@
+"""benchmarks/kernel_ab.py: every case runs end to end on tiny shapes, variants built from sources and flags."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from sparsify_kernels import native
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: native kernels unavailable")
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("kernel_ab", ROOT / "benchmarks" / "kernel_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ab")
+
+
+@pytest.mark.parametrize("case", ["ffn", "moe", "bsr", "decode-ffn"])
+def test_every_case_runs_with_two_variants(ab, build_dir, case, capsys):
+    ab.main([case, "base=", "noprefetch=:-DSP_PREFETCH=0", "--quick", "--rounds", "1", "--tokens", "1", "20",
+             "--build-dir", str(build_dir)])
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "base:" in ln]
+    assert lines and all("noprefetch:" in ln and "x (" in ln for ln in lines)
+    assert "threads" in out.splitlines()[0]
+    assert len(list(build_dir.glob("*.so"))) == 2  # one build per variant, reused across cases
+
+
+def test_bad_variants_fail_with_one_line(ab, build_dir, tmp_path):
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        ab.main(["ffn", "nameless", "--quick", "--build-dir", str(build_dir)])
+    with pytest.raises(SystemExit, match="no .cpp files"):
+        ab.main(["ffn", f"empty={tmp_path}", "--quick", "--build-dir", str(build_dir)])
