@@ -413,69 +413,77 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     Scratch xt_buf;
     float* xt = xt_buf.get((size_t)n_tiles * n_pad16 * TB);
     pack_tiles(X, T, n_in, n_pad16, xt, threads);
-    sp::Pool::get().run(n_tiles * R, threads, [&](int64_t item, int) {
-        const int64_t tile = item / R, rb = item % R;
-        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
-        const int64_t nh = (tb + 15) / 16;  // token vectors holding real tokens
-        const float* xtile = xt + tile * n_pad16 * TB;
-        // The first tile sets the outputs (no zero fill); a block row without tiles is zero.
-        thread_local std::vector<float> out;
-        if (out.size() < (size_t)(br * TB)) out.resize((size_t)(br * TB));
-        if (crow[rb] == crow[rb + 1]) std::fill(out.begin(), out.begin() + br * TB, 0.0f);
-        int64_t six_rows = 0;  // rows [0, six_rows) go six at a time: the most groups of 6 leaving a multiple of 4
-        for (int64_t k6 = br / 6; k6 >= 0; --k6)
-            if ((br - 6 * k6) % 4 == 0) {
-                six_rows = 6 * k6;
-                break;
-            }
-        for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
-            const float* xc = xtile + (int64_t)col[b] * bc * TB;
-            const bool first = b == crow[rb];
-            for (int64_t r0 = 0; r0 < br;) {
-                const float* tv = val + b * br * bc + r0 * bc;  // rows r0.. of this tile
-                float* o = out.data() + r0 * TB;
-                if (nh == 4) {
-                    // Six rows at a time while the rest stays a multiple of four, then four.
-                    if (r0 < six_rows) {
-                        bsr_rows64<6>(tv, bc, xc, o, first);
-                        r0 += 6;
-                    } else {
-                        bsr_rows64<4>(tv, bc, xc, o, first);
+    // Items of CH consecutive block rows of one token tile: a thread's output stores then run along each token's
+    // row of Y (one block row per item wrote 64 B into each of 64 rows 4-12 KB apart, and the write back was
+    // 40% of the time at 90% sparsity). Measured on the Xeon, 768 <-> 3072, 128 / 1024 tokens: +0-25%.
+    const int64_t CH = std::max<int64_t>(1, R / (8 * threads)), n_chunks = (R + CH - 1) / CH;
+    sp::Pool::get().run(n_tiles * n_chunks, threads, [&](int64_t item, int) {
+        const int64_t tile = item / n_chunks, chunk = item % n_chunks;
+        for (int64_t rb = chunk * CH; rb < std::min(R, chunk * CH + CH); ++rb) {
+            const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+            const int64_t nh = (tb + 15) / 16;  // token vectors holding real tokens
+            const float* xtile = xt + tile * n_pad16 * TB;
+            // The first tile sets the outputs (no zero fill); a block row without tiles is zero.
+            thread_local std::vector<float> out;
+            if (out.size() < (size_t)(br * TB)) out.resize((size_t)(br * TB));
+            if (crow[rb] == crow[rb + 1]) std::fill(out.begin(), out.begin() + br * TB, 0.0f);
+            int64_t six_rows = 0;  // rows [0, six_rows) go six at a time: the most groups of 6 leaving a multiple of 4
+            for (int64_t k6 = br / 6; k6 >= 0; --k6)
+                if ((br - 6 * k6) % 4 == 0) {
+                    six_rows = 6 * k6;
+                    break;
+                }
+            for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
+                const float* xc = xtile + (int64_t)col[b] * bc * TB;
+                const bool first = b == crow[rb];
+                for (int64_t r0 = 0; r0 < br;) {
+                    const float* tv = val + b * br * bc + r0 * bc;  // rows r0.. of this tile
+                    float* o = out.data() + r0 * TB;
+                    if (nh == 4) {
+                        // Six rows at a time while the rest stays a multiple of four, then four.
+                        if (r0 < six_rows) {
+                            bsr_rows64<6>(tv, bc, xc, o, first);
+                            r0 += 6;
+                        } else {
+                            bsr_rows64<4>(tv, bc, xc, o, first);
+                            r0 += 4;
+                        }
+                        continue;
+                    } else {  // the last, partial token tile: only the vectors holding tokens
+                        for (int64_t h = 0; h < nh; ++h) {
+                            __m512 c[4];
+                            for (int q = 0; q < 4; ++q)
+                                c[q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
+                            for (int64_t k = 0; k < bc; ++k) {
+                                const __m512 x0 = _mm512_loadu_ps(xc + k * TB + 16 * h);
+                                for (int q = 0; q < 4; ++q)
+                                    c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
+                            }
+                            for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + q * TB + 16 * h, c[q]);
+                        }
                         r0 += 4;
                     }
-                    continue;
-                } else {  // the last, partial token tile: only the vectors holding tokens
-                    for (int64_t h = 0; h < nh; ++h) {
-                        __m512 c[4];
-                        for (int q = 0; q < 4; ++q) c[q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
-                        for (int64_t k = 0; k < bc; ++k) {
-                            const __m512 x0 = _mm512_loadu_ps(xc + k * TB + 16 * h);
-                            for (int q = 0; q < 4; ++q) c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
-                        }
-                        for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + q * TB + 16 * h, c[q]);
-                    }
-                    r0 += 4;
                 }
             }
-        }
-        // Write back token-major: 16 rows x 16 tokens at a time through an in-register transpose (one
-        // float at a time cost as much as the tiles' multiply-adds at 90% sparsity).
-        const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
-        int64_t r = 0;
-        for (; r + 16 <= rows; r += 16) {
-            const __m512 bv = bias ? _mm512_loadu_ps(bias + o0 + r) : _mm512_setzero_ps();
-            for (int64_t h = 0; h < nh; ++h) {
-                __m512 v[16];
-                for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(out.data() + (r + i) * TB + 16 * h);
-                transpose16(v);
-                const int64_t nt = std::min<int64_t>(16, tb - 16 * h);
-                for (int64_t i = 0; i < nt; ++i)
-                    _mm512_storeu_ps(Y + (t0 + 16 * h + i) * n_out + o0 + r, _mm512_add_ps(v[i], bv));
+            // Write back token-major: 16 rows x 16 tokens at a time through an in-register transpose (one
+            // float at a time cost as much as the tiles' multiply-adds at 90% sparsity).
+            const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
+            int64_t r = 0;
+            for (; r + 16 <= rows; r += 16) {
+                const __m512 bv = bias ? _mm512_loadu_ps(bias + o0 + r) : _mm512_setzero_ps();
+                for (int64_t h = 0; h < nh; ++h) {
+                    __m512 v[16];
+                    for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(out.data() + (r + i) * TB + 16 * h);
+                    transpose16(v);
+                    const int64_t nt = std::min<int64_t>(16, tb - 16 * h);
+                    for (int64_t i = 0; i < nt; ++i)
+                        _mm512_storeu_ps(Y + (t0 + 16 * h + i) * n_out + o0 + r, _mm512_add_ps(v[i], bv));
+                }
             }
-        }
-        for (int64_t t = 0; r < rows && t < tb; ++t) {
-            float* yr = Y + (t0 + t) * n_out + o0;
-            for (int64_t q = r; q < rows; ++q) yr[q] = out[q * TB + t] + (bias ? bias[o0 + q] : 0.0f);
+            for (int64_t t = 0; r < rows && t < tb; ++t) {
+                float* yr = Y + (t0 + t) * n_out + o0;
+                for (int64_t q = r; q < rows; ++q) yr[q] = out[q * TB + t] + (bias ? bias[o0 + q] : 0.0f);
+            }
         }
     });
     return 0;
