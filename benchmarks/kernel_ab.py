@@ -206,11 +206,19 @@ def main(argv=None) -> None:
     p.add_argument("--build-dir", type=Path, default=Path("/tmp/sparsify-kernel-ab"))
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> None:
     from sparsify_core.bench import machine
     from sparsify_kernels import native
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     isa = args.isa or native.isa()
     fn, default_s = CASES[args.case]
     args.sparsity = args.sparsity or default_s
@@ -219,8 +227,8 @@ def main(argv=None) -> None:
     info = machine()
     print(f"{info.get('cpu_model')} | kernels {isa} | {torch.get_num_threads()} threads | torch {torch.__version__} "
           f"| {args.stat} of {args.rounds} rounds", flush=True)
-    torch.set_grad_enabled(False)
-    fn(variants, args, statistics.median if args.stat == "median" else min)
+    with torch.no_grad():  # not set_grad_enabled(False): main() is also called in-process (its tests)
+        fn(variants, args, statistics.median if args.stat == "median" else min)
 
 
 if __name__ == "__main__":

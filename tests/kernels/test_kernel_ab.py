@@ -41,3 +41,10 @@ def test_bad_variants_fail_with_one_line(ab, build_dir, tmp_path):
         ab.main(["ffn", "nameless", "--quick", "--build-dir", str(build_dir)])
     with pytest.raises(SystemExit, match="no .cpp files"):
         ab.main(["ffn", f"empty={tmp_path}", "--quick", "--build-dir", str(build_dir)])
+
+
+def test_main_leaves_the_process_as_it_found_it(ab, build_dir):
+    import torch
+    threads, grad, library = torch.get_num_threads(), torch.is_grad_enabled(), native.library
+    ab.main(["moe", "base=", "--quick", "--rounds", "1", "--threads", "1", "--build-dir", str(build_dir)])
+    assert torch.is_grad_enabled() == grad and native.library is library and torch.get_num_threads() == threads
