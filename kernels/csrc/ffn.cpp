@@ -215,6 +215,25 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
     sum_groups(acc.data(), n_groups, T * d, b_out, d, y);
 }
 
+// The indices j < n with f[j] set, in order.
+inline std::vector<int64_t> flagged(const uint8_t* f, int64_t n) {
+    std::vector<int64_t> list;
+    list.reserve(n);
+    for (int64_t j = 0; j < n; ++j)
+        if (f[j]) list.push_back(j);
+    return list;
+}
+
+// ffn_core's neurons(c, js) over a list of neuron indices: chunk c is entries [c kChunk, (c + 1) kChunk).
+inline auto listed(const std::vector<int64_t>& list) {
+    return [&list](int64_t c, int64_t* js) {
+        int n = 0;
+        for (int64_t f = c * kChunk; f < std::min<int64_t>((int64_t)list.size(), c * kChunk + kChunk); ++f)
+            js[n++] = list[f];
+        return n;
+    };
+}
+
 }  // namespace
 
 extern "C" {
@@ -288,19 +307,11 @@ int sp_ffn_predicted_f32(const float* x, int64_t T, int64_t d,
         }
     });
     // 3. The neurons some token needs, in order (a scan of dff bytes).
-    std::vector<int64_t> list;
-    list.reserve(dff);
-    for (int64_t j = 0; j < dff; ++j)
-        if (any[j]) list.push_back(j);
+    const std::vector<int64_t> list = flagged(any.data(), dff);
     const int64_t total = (int64_t)list.size();
     if (n_selected) *n_selected = total;
-    auto neurons = [&](int64_t c, int64_t* js) {
-        int n = 0;
-        for (int64_t f = c * kChunk; f < std::min(total, c * kChunk + kChunk); ++f) js[n++] = list[f];
-        return n;
-    };
     // 4. Only those neurons' gate rows (for the tokens that chose them), then the active ones' up and down rows.
-    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, sel.data(), dff, 1, act, threshold,
+    ffn_core(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, listed(list), sel.data(), dff, 1, act, threshold,
              cut, y, threads);
     return 0;
 }
@@ -378,19 +389,11 @@ int sp_ffn_screened_f32(const float* x, int64_t d, const float* w_in, const uint
         for (; r < r1; ++r) flag(r, sp::dot_hi(hi + r * d, x, d));
     });
     // 2. The candidates in order, then the FFN over them (sp_ffn_predicted_f32's step 4, with no selection).
-    std::vector<int64_t> list;
-    list.reserve(dff);
-    for (int64_t j = 0; j < dff; ++j)
-        if (cand[j]) list.push_back(j);
+    const std::vector<int64_t> list = flagged(cand.data(), dff);
     const int64_t total = (int64_t)list.size();
     if (n_candidates) *n_candidates = total;
-    auto neurons = [&](int64_t c, int64_t* js) {
-        int n = 0;
-        for (int64_t f = c * kChunk; f < std::min(total, c * kChunk + kChunk); ++f) js[n++] = list[f];
-        return n;
-    };
-    ffn_core(x, 1, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, neurons, nullptr, 0, 1, act, threshold, cut,
-             y, threads);
+    ffn_core(x, 1, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, listed(list), nullptr, 0, 1, act, threshold,
+             cut, y, threads);
     return 0;
 }
 
