@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
-import os
-import shutil
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -54,15 +51,9 @@ def build(isa: str, src: Path, flags: list[str], out_dir: Path) -> ctypes.CDLL:
     key = hashlib.sha256((" ".join(cmd) + "".join(p.read_text() for p in sorted(src.glob("*.*")))).encode())
     out = out_dir / f"{key.hexdigest()[:16]}.so"
     if not out.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp.so")
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-        if cxx is None:
-            raise SystemExit("no C++ compiler found (set CXX, or install g++)")
-        r = subprocess.run([cxx, *cmd, *map(str, srcs), "-o", str(tmp)], capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"{src} {' '.join(flags)}: build failed:\n{r.stderr[-2000:]}")
-        tmp.replace(out)
+        err = native.compile_sources(srcs, out, cmd)
+        if err is not None:
+            raise SystemExit(f"{src} {' '.join(flags)}: build failed: {err}")
     return ctypes.CDLL(str(out))
 
 

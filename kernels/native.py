@@ -108,7 +108,10 @@ def flags_for(name: str, openmp: bool = True) -> list[str]:
     return base + _ARCH[name]
 
 
-def _compile(srcs: list[Path], out: Path, flags: list[str]) -> str | None:
+def compile_sources(srcs: list[Path], out: Path, flags: list[str]) -> str | None:
+    """Compile ``srcs`` with ``flags`` into ``out`` (atomically); ``None``, or the compiler's last error line.
+
+    The compiler is ``$CXX``, else ``g++``, ``c++`` or ``clang++``."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         return "no C++ compiler found (set CXX, or install g++)"
@@ -150,7 +153,7 @@ def build(name: str) -> tuple[Path | None, str | None]:
             if out.exists():
                 return out, None
         for out, flags in builds:
-            err = _compile(srcs, out, flags)
+            err = compile_sources(srcs, out, flags)
             if err is None:
                 return out, None
     return None, err

@@ -413,6 +413,12 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     Scratch xt_buf;
     float* xt = xt_buf.get((size_t)n_tiles * n_pad16 * TB);
     pack_tiles(X, T, n_in, n_pad16, xt, threads);
+    int64_t six_rows = 0;  // rows [0, six_rows) go six at a time: the most groups of 6 leaving a multiple of 4
+    for (int64_t k6 = br / 6; k6 >= 0; --k6)
+        if ((br - 6 * k6) % 4 == 0) {
+            six_rows = 6 * k6;
+            break;
+        }
     // Items of CH consecutive block rows of one token tile: a thread's output stores then run along each token's
     // row of Y (one block row per item wrote 64 B into each of 64 rows 4-12 KB apart, and the write back was
     // 40% of the time at 90% sparsity). Measured on the Xeon, 768 <-> 3072, 128 / 1024 tokens: +0-25%.
@@ -427,12 +433,6 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
             thread_local std::vector<float> out;
             if (out.size() < (size_t)(br * TB)) out.resize((size_t)(br * TB));
             if (crow[rb] == crow[rb + 1]) std::fill(out.begin(), out.begin() + br * TB, 0.0f);
-            int64_t six_rows = 0;  // rows [0, six_rows) go six at a time: the most groups of 6 leaving a multiple of 4
-            for (int64_t k6 = br / 6; k6 >= 0; --k6)
-                if ((br - 6 * k6) % 4 == 0) {
-                    six_rows = 6 * k6;
-                    break;
-                }
             for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
                 const float* xc = xtile + (int64_t)col[b] * bc * TB;
                 const bool first = b == crow[rb];
