@@ -103,7 +103,8 @@ def case_activation_sparse(sparsities=(0.3, 0.5, 0.7, 0.9, 0.95), d=4096, dff=11
         if "screened" in m:  # half the gate streamed, the candidates' fp32 gate rows, the active rows
             cand = counts[-1]
             b_screen = 3 * dff / (dff / 2 + cand + 2 * active)
-            extra.update(candidates=cand, bound_screened=b_screen, screened_max_abs_err=(dense() - screened()).abs().max().item(),
+            extra.update(candidates=cand, bound_screened=b_screen,
+                         screened_max_abs_err=(dense() - screened()).abs().max().item(),
                          screened_GBps=4 * d * (dff / 2 + cand + 2 * active) / m["screened"] / 1e9,
                          screen_memory_MB=2 * d * dff / 1e6)
             bound = max(bound, b_screen)

@@ -67,7 +67,8 @@ def _experts(T, E, p, seed=0):
     return ex
 
 
-@pytest.mark.parametrize("d,dff,size,T", [(17, 45, 9, 1), (100, 390, 13, 1), (64, 256, 32, 3), (100, 39, 13, 16), (33, 130, 10, 7)])
+@pytest.mark.parametrize("d,dff,size,T", [(17, 45, 9, 1), (100, 390, 13, 1), (64, 256, 32, 3), (100, 39, 13, 16),
+                                           (33, 130, 10, 7)])
 @pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
 def test_moe_kernel_matches_reference_with_experts_per_token(d, dff, size, T, gated, bias, act):
