@@ -16,6 +16,13 @@ compute-bound kernels, where the minimum is the steadier estimate).
     python benchmarks/kernel_ab.py bsr   base= new=/tmp/csrc2 --tokens 1 128 1024 --sparsity 0.5 0.9
     python benchmarks/kernel_ab.py decode-ffn base= new=/tmp/csrc2
 
+With ``--isa avx2`` on an AVX-512 CPU, cap dense torch as ``sparsify bench
+--isa avx2`` does (``sparsify_core/dense_isa.py``), or the AVX2 kernels race
+AVX-512 GEMMs no AVX2 machine has; the first line prints dense torch's ISA:
+
+    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        python benchmarks/kernel_ab.py bsr base= new=/tmp/csrc2 --isa avx2
+
 Cases: ``ffn`` the activation-sparse FFN (4096 x 11008, one token, FATReLU
 at the quantile: ``sparsify bench`` case 1), ``moe`` the MoE FFN kernel
 (32-neuron experts, SiLU: case 2 without the router), ``bsr`` BSR Linear
@@ -216,8 +223,8 @@ def _run(args) -> None:
     variants = {name: build(isa, folder, flags, args.build_dir)
                 for name, folder, flags in map(parse_variant, args.variants)}
     info = machine()
-    print(f"{info.get('cpu_model')} | kernels {isa} | {torch.get_num_threads()} threads | torch {torch.__version__} "
-          f"| {args.stat} of {args.rounds} rounds", flush=True)
+    print(f"{info.get('cpu_model')} | kernels {isa} | dense torch {info['dense_isa']} | {torch.get_num_threads()} "
+          f"threads | torch {torch.__version__} | {args.stat} of {args.rounds} rounds", flush=True)
     with torch.no_grad():  # not set_grad_enabled(False): main() is also called in-process (its tests)
         fn(variants, args, statistics.median if args.stat == "median" else min)
 

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .dense_isa import DENSE_CAPABILITY, DENSE_ISA_ENV
 from .errors import SparsifyError
 from .metric import MetricInfo
 
@@ -194,13 +195,32 @@ def widest_isa(flags) -> str:
 
 
 def machine() -> dict:
-    """What the numbers depend on: CPU model, ISA, threads, torch, and the load right now."""
+    """What the numbers depend on: CPU model, ISA, threads, torch, and the load right now.
+
+    ``dense_isa`` is the ISA ATen dispatches dense CPU kernels to (``AVX512``, ``AVX2``, ``DEFAULT``);
+    ``dense_env`` the ``DENSE_ISA_ENV`` variables that were set (they cap MKL and oneDNN too)."""
     model, flags = _cpuinfo()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    names = {k for v in DENSE_ISA_ENV.values() for k in v}
     return {"cpu_model": model or platform.processor() or platform.machine() or None,
             "isa": widest_isa(flags), "isa_flags": [f for f in ISA_FLAGS if f in flags],
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "dense_isa": torch.backends.cpu.get_cpu_capability(),
+            "dense_env": {k: os.environ[k] for k in sorted(names) if k in os.environ},
             "load_average_1m": load}
+
+
+def check_dense_isa(name: str) -> None:
+    """Raise ``SparsifyError`` (one line) unless dense torch in this process runs ISA ``name``'s dense kernels.
+
+    ATen reads ``ATEN_CPU_CAPABILITY`` once, at its first dispatched op: ``DENSE_ISA_ENV`` must be in the
+    environment before that (``sparsify bench --isa`` sets it before importing torch)."""
+    want = DENSE_CAPABILITY.get(name)
+    got = torch.backends.cpu.get_cpu_capability()
+    if want is not None and got != want:
+        env = " ".join(f"{k}={v}" for k, v in DENSE_ISA_ENV[name].items())
+        raise SparsifyError(f"--isa {name}: dense torch already runs {got} kernels in this process; "
+                            f"start a fresh process with {env} set")
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -312,8 +332,15 @@ def read_result(path: str | os.PathLike) -> dict:
 
 
 def describe_machine(env: dict) -> str:
-    """One line: ``AMD EPYC, avx2, 2 threads, torch 2.13.0`` (what a ratio depends on)."""
-    return ", ".join(str(v) for v in (env.get("cpu_model") or "unknown CPU", env.get("isa"),
+    """One line: ``AMD EPYC, avx2, 2 threads, torch 2.13.0`` (what a ratio depends on).
+
+    Where the kernels or dense torch ran a narrower ISA than the CPU's widest (``--isa``), it says so:
+    ``Intel Xeon, avx2 (dense torch AVX2; CPU avx512), 2 threads, torch 2.13.0``."""
+    isa = str(env.get("isa"))
+    cpu_isa, dense = env.get("cpu_isa"), env.get("dense_isa")
+    if env.get("dense_env") or (cpu_isa and cpu_isa != isa):
+        isa += f" (dense torch {dense or '?'}; CPU {cpu_isa or '?'})"
+    return ", ".join(str(v) for v in (env.get("cpu_model") or "unknown CPU", isa,
                                       f"{env.get('threads')} threads", f"torch {env.get('torch')}"))
 
 

@@ -415,15 +415,35 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
                                                "a sparsify output folder with ReLU/FATReLU FFNs (e.g. from "
                                                "recipes/prosparse.yaml) [default: SmolLM2-135M with ReLU, untrained]"),
           compare: Optional[list[Path]] = typer.Option(None, "--compare", help="put results saved with --json side "
-                                                       "by side (repeat the option; runs nothing)")):
+                                                       "by side (repeat the option; runs nothing)"),
+          isa: Optional[str] = typer.Option(None, "--isa", help="run as a machine with this ISA would: our kernels' "
+                                            "build (avx512, avx2, portable; sets SPARSIFY_ISA) and dense torch capped "
+                                            "to it (ATen, MKL, oneDNN) [default: the CPU's widest for both]")):
     """Time sparse kernels against dense compute, interleaved in one process.
 
     The cases come from plugins (the ``sparsify_bench_cases`` hook); the
     harness is sparsify_core/bench.py. ``--compare A.json --compare B.json``
     shows saved results side by side (e.g. one build on two machines), each
-    with the CPU, ISA, threads and torch it ran with.
+    with the CPU, ISA, threads and torch it ran with. ``--isa avx2`` on an
+    AVX-512 CPU times the AVX2 kernels against AVX2 dense torch: the table an
+    AVX2 machine would give, up to its memory system.
     """
+    if isa is not None:
+        isa = isa.strip().lower()
+        choices = ("avx512", "avx2", "portable")  # the kernel builds (sparsify_kernels.native.ISAS)
+        if isa not in choices:
+            raise SparsifyError(f"--isa {isa}: choose one of {', '.join(choices)}")
+        if compare:
+            raise SparsifyError("--compare shows saved results and runs nothing: leave out --isa")
+        # Before torch is imported here: ATen reads its capability once, MKL and oneDNN at first use.
+        os.environ["SPARSIFY_ISA"] = isa
+        from .dense_isa import DENSE_ISA_ENV
+        for name in {k for v in DENSE_ISA_ENV.values() for k in v}:  # --isa avx512 lifts an inherited cap
+            os.environ.pop(name, None)
+        os.environ.update(DENSE_ISA_ENV[isa])
     from . import bench as _bench
+    if isa is not None:
+        _bench.check_dense_isa(isa)
 
     if compare:
         if case or json_path or record or model or quick or threads:
@@ -451,7 +471,8 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
                         model_dir=model, available=available)
     env = result["environment"]
     load = "" if env["load_average_1m"] is None else f", load {env['load_average_1m']:.1f}"
-    table = Table(title=f"sparsify bench: dense time / ours (medians, {env['threads']} threads, {env['isa']}{load})")
+    isa_text = env["isa"] + (f", dense torch {env['dense_isa']}" if env.get("dense_env") else "")
+    table = Table(title=f"sparsify bench: dense time / ours (medians, {env['threads']} threads, {isa_text}{load})")
     for col in ("case", "config", "dense ms", "ratios (dense / candidate)", "bound", "target"):
         table.add_column(col)
     for row in _bench.format_table(result):

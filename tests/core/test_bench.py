@@ -166,3 +166,49 @@ def test_compare_puts_saved_results_side_by_side(tmp_path):
         proc = sparsify_here("bench", *args)
         assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
             proc.stderr
+
+
+def test_dense_isa_is_recorded_and_a_capped_dense_side_is_described():
+    env = bench.run((97,), available={97: CASE})["environment"]
+    assert env["dense_isa"] == __import__("torch").backends.cpu.get_cpu_capability()
+    capped = dict(env, isa="avx2", cpu_isa="avx512", dense_isa="AVX2", dense_env={"ATEN_CPU_CAPABILITY": "avx2"})
+    assert "avx2 (dense torch AVX2; CPU avx512)" in bench.describe_machine(capped)
+    if not env["dense_env"] and "cpu_isa" not in env:
+        assert "dense torch" not in bench.describe_machine(env)
+
+
+def test_check_dense_isa_refuses_a_process_whose_torch_runs_another_isa():
+    got = __import__("torch").backends.cpu.get_cpu_capability()
+    for name, want in bench.DENSE_CAPABILITY.items():
+        if got == want:
+            bench.check_dense_isa(name)
+        else:
+            with pytest.raises(SparsifyError, match=f"--isa {name}: dense torch already runs {got}.*ATEN_CPU"):
+                bench.check_dense_isa(name)
+    bench.check_dense_isa("avx512")  # caps nothing
+
+
+@pytest.mark.skipif(not __import__("sparsify_kernels.ffn").ffn.cpu_kernel_available(),
+                    reason="no C++ compiler: native kernels unavailable")
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_cli_bench_isa_caps_dense_torch_and_forces_the_kernel_build(workdir, isa, monkeypatch):
+    """``--isa``: the kernels' build and dense torch's ISA both follow it, and the JSON says so."""
+    from sparsify_kernels import native
+    if isa not in native.supported_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # inherited caps give way to --isa's
+    proc = sparsify("bench", "--case", "3", "--quick", "--threads", "1", "--isa", isa, "--json", "b.json",
+                    cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    env = json.loads((workdir / "b.json").read_text())["environment"]
+    assert env["isa"] == isa and env["dense_isa"] == bench.DENSE_CAPABILITY[isa]
+    assert env["dense_env"] == bench.DENSE_ISA_ENV[isa]
+    assert f"{isa}, dense torch {bench.DENSE_CAPABILITY[isa]}" in proc.stdout.replace("\n", " ")
+
+
+def test_cli_bench_isa_refuses_unknown_names_and_compare(workdir, tmp_path):
+    for args, message in ((("--isa", "avx9"), "--isa avx9: choose one of avx512, avx2, portable"),
+                          (("--isa", "avx2", "--compare", tmp_path / "a.json"), "leave out --isa")):
+        proc = sparsify_here("bench", *args, cwd=workdir)
+        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
