@@ -145,46 +145,135 @@ struct Scratch {
     }
 };
 
+// Columns k0..k0+15 of token tile `tile` of X into dst [16][64] (transposed, zero-padded). Blocks of 16
+// columns x 64 tokens read whole cache lines of X and write a 4 KB block, both cache-friendly.
+inline void pack_block(const float* X, int64_t T, int64_t n_in, int64_t tile, int64_t k0, float* dst) {
+    const int64_t kn = std::max<int64_t>(0, std::min<int64_t>(16, n_in - k0));
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    // Full 16 x 16 blocks: 16 row loads, an in-register transpose, 16 stores
+    // (the scalar loop below does 256 loads and 256 strided stores).
+    if (kn == 16)
+        for (; t + 16 <= TB && tile * TB + t + 16 <= T; t += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(X + (tile * TB + t + i) * n_in + k0);
+            transpose16(r);
+            for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * TB + t, r[k]);
+        }
+#elif defined(__AVX2__)
+    if (kn == 16)  // two 8 x 8 blocks per 8 tokens, as above
+        for (; t + 8 <= TB && tile * TB + t + 8 <= T; t += 8)
+            for (int half = 0; half < 2; ++half) {
+                __m256 r[8];
+                for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(X + (tile * TB + t + i) * n_in + k0 + 8 * half);
+                transpose8(r);
+                for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + (8 * half + k) * TB + t, r[k]);
+            }
+#endif
+    for (; t < TB; ++t) {
+        const int64_t tt = tile * TB + t;
+        const float* src = X + tt * n_in + k0;
+        const int64_t kr = tt < T ? kn : 0;
+        for (int64_t k = 0; k < kr; ++k) dst[k * TB + t] = src[k];
+        for (int64_t k = kr; k < 16; ++k) dst[k * TB + t] = 0.0f;
+    }
+}
+
+// Pack X [T, n_in] into tiles of TB tokens, transposed and zero-padded: xt[tile][k][t] for k < n_pad.
 void pack_tiles(const float* X, int64_t T, int64_t n_in, int64_t n_pad, float* xt, int threads) {
     const int64_t n_tiles = (T + TB - 1) / TB;
     const int64_t n_kb = n_pad / 16;
     sp::Pool::get().run(n_tiles * n_kb, threads, [&](int64_t item, int) {
         const int64_t tile = item / n_kb, k0 = (item % n_kb) * 16;
-        float* dst = xt + tile * n_pad * TB + k0 * TB;
-        const int64_t kn = std::max<int64_t>(0, std::min<int64_t>(16, n_in - k0));
-        int64_t t = 0;
-#if defined(__AVX512F__)
-        // Full 16 x 16 blocks: 16 row loads, an in-register transpose, 16 stores
-        // (the scalar loop below does 256 loads and 256 strided stores).
-        if (kn == 16)
-            for (; t + 16 <= TB && tile * TB + t + 16 <= T; t += 16) {
-                __m512 r[16];
-                for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(X + (tile * TB + t + i) * n_in + k0);
-                transpose16(r);
-                for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * TB + t, r[k]);
-            }
-#elif defined(__AVX2__)
-        if (kn == 16)  // two 8 x 8 blocks per 8 tokens, as above
-            for (; t + 8 <= TB && tile * TB + t + 8 <= T; t += 8)
-                for (int half = 0; half < 2; ++half) {
-                    __m256 r[8];
-                    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(X + (tile * TB + t + i) * n_in + k0 + 8 * half);
-                    transpose8(r);
-                    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + (8 * half + k) * TB + t, r[k]);
-                }
-#endif
-        for (; t < TB; ++t) {
-            const int64_t tt = tile * TB + t;
-            const float* src = X + tt * n_in + k0;
-            if (tt < T) {
-                for (int64_t k = 0; k < kn; ++k) dst[k * TB + t] = src[k];
-                for (int64_t k = kn; k < 16; ++k) dst[k * TB + t] = 0.0f;
-            } else {
-                for (int64_t k = 0; k < 16; ++k) dst[k * TB + t] = 0.0f;
-            }
-        }
+        pack_block(X, T, n_in, tile, k0, xt + tile * n_pad * TB + k0 * TB);
     });
 }
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// Block row rb of a BSR weight (its tiles b0..b1-1: values val [nnzb, br, bc], block columns col) times one
+// packed token tile xtile [n_pad][64] holding tb real tokens, into out [br][64] (L1). The first tile sets
+// the outputs (no zero fill); a block row without tiles is zero. Register blocks: six rows while the rest
+// stays a multiple of four (rows [0, six_rows)), then four; AVX-512 64 tokens per block (bsr_rows64),
+// AVX2 16 (bsr_rows16).
+inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
+                          int64_t six_rows, const float* xtile, int64_t tb, float* out) {
+    if (b0 == b1) {
+        std::fill(out, out + br * TB, 0.0f);
+        return;
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+        const float* xc = xtile + (int64_t)col[b] * bc * TB;
+        const bool first = b == b0;
+        for (int64_t r0 = 0; r0 < br;) {
+            const float* tv = val + b * br * bc + r0 * bc;  // rows r0.. of this tile
+            float* o = out + r0 * TB;
+            const bool six = r0 < six_rows;
+#if defined(__AVX512F__)
+            if (tb == TB) {
+                if (six)
+                    bsr_rows64<6>(tv, bc, xc, o, first);
+                else
+                    bsr_rows64<4>(tv, bc, xc, o, first);
+                r0 += six ? 6 : 4;
+                continue;
+            }
+            // the last, partial token tile: four rows, only the vectors holding tokens
+            for (int64_t h = 0; h < (tb + 15) / 16; ++h) {
+                __m512 c[4];
+                for (int q = 0; q < 4; ++q) c[q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
+                for (int64_t k = 0; k < bc; ++k) {
+                    const __m512 x0 = _mm512_loadu_ps(xc + k * TB + 16 * h);
+                    for (int q = 0; q < 4; ++q) c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
+                }
+                for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + q * TB + 16 * h, c[q]);
+            }
+            r0 += 4;
+#else
+            for (int64_t g = 0; g < (tb + 15) / 16; ++g) {  // token groups holding real tokens (the pack zero-pads)
+                if (six)
+                    bsr_rows16<6>(tv, bc, xc + 16 * g, o + 16 * g, first);
+                else
+                    bsr_rows16<4>(tv, bc, xc + 16 * g, o + 16 * g, first);
+            }
+            r0 += six ? 6 : 4;
+#endif
+        }
+    }
+}
+
+// out [rows][64] (tb real tokens) plus bias (at the block row's first output, or null) into y, the block
+// row's first output of the tile's first token (row stride n_out): token-major through in-register
+// transposes of 16 x 16 (AVX-512) or 8 x 8 (AVX2) blocks (one float at a time cost as much as the tiles'
+// multiply-adds at 90% sparsity).
+inline void bsr_write_back(const float* out, int64_t rows, int64_t tb, const float* bias, float* y, int64_t n_out) {
+    int64_t r = 0;
+#if defined(__AVX512F__)
+    for (; r + 16 <= rows; r += 16) {
+        const __m512 bv = bias ? _mm512_loadu_ps(bias + r) : _mm512_setzero_ps();
+        for (int64_t h = 0; h < tb; h += 16) {
+            __m512 v[16];
+            for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(out + (r + i) * TB + h);
+            transpose16(v);
+            const int64_t nt = std::min<int64_t>(16, tb - h);
+            for (int64_t i = 0; i < nt; ++i) _mm512_storeu_ps(y + (h + i) * n_out + r, _mm512_add_ps(v[i], bv));
+        }
+    }
+#else
+    for (; r + 8 <= rows; r += 8) {
+        const __m256 bv = bias ? _mm256_loadu_ps(bias + r) : _mm256_setzero_ps();
+        for (int64_t h = 0; h < tb; h += 8) {
+            __m256 v[8];
+            for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(out + (r + i) * TB + h);
+            transpose8(v);
+            const int64_t nt = std::min<int64_t>(8, tb - h);
+            for (int64_t i = 0; i < nt; ++i) _mm256_storeu_ps(y + (h + i) * n_out + r, _mm256_add_ps(v[i], bv));
+        }
+    }
+#endif
+    for (int64_t t = 0; r < rows && t < tb; ++t)
+        for (int64_t q = r; q < rows; ++q) y[t * n_out + q] = out[q * TB + t] + (bias ? bias[q] : 0.0f);
+}
+#endif
 
 }  // namespace
 
@@ -443,170 +532,66 @@ int sp_nm_matvec_f32(const float* xpad, int64_t T, int64_t x_stride, int64_t n_o
 #endif
 }
 
-// Block-sparse weights (tiles of br x bc, br a multiple of 4), many tokens.
-// A work item is one token tile (64 tokens) x one block row; its [br, 64]
-// outputs live in an L1 buffer. Tiles outermost: each tile's bc x 64
-// activations (4 KB) come from L2 once per item and are reused from L1 by
-// every group of six (then four) rows, whose 6 x 64 outputs sit in 24 vector
-// registers for the tile's bc steps (per step: 4 activation vectors, 6
-// broadcasts, 24 multiply-adds; bsr_rows64). crow [R+1] (int64), col [nnzb]
-// (int32), val [nnzb, br, bc].
+// Block-sparse weights (tiles of br x bc, br a multiple of 4), many tokens (AVX-512 or AVX2).
+// Activations are packed transposed in tiles of 64 tokens; a block row's outputs for one token tile are
+// computed in an L1 buffer (bsr_block_row: each weight tile's bc x 64 activations, 4 KB, reused from L1 by
+// every register block of rows) and written back token-major (bsr_write_back). crow [R+1] (int64), col
+// [nnzb] (int32), val [nnzb, br, bc]. Two ways to share the work:
+// - own tiles (enough token tiles to keep every thread busy): an item is a whole token tile, which its
+//   thread packs into its own buffer (L2-resident, n_in x 64 floats) and runs through every block row. The
+//   shared pack wrote then re-read all of X's transposed copy through memory: 2.7 of 8.3 ms at 3072->768,
+//   1024 tokens, 90% sparse (avx2 build, Xeon).
+// - shared pack (few token tiles): all threads pack every tile first, then items are runs of CH = R /
+//   (8 threads) consecutive block rows of one tile, so a thread's stores run along each token's row of Y
+//   (one block row per item wrote 64 B into each of 64 rows 4-12 KB apart, and the write back was 40% of
+//   the time at 90% sparsity). Measured on the Xeon, 768 <-> 3072, 128 / 1024 tokens: +0-25%.
+// Keeping a row group's accumulators across all its tiles instead (each tile's activations read from L2
+// once per row group) and writing the outputs one float at a time ran at 0.91x dense torch (AVX-512, 768->3072
+// at 50%, 128 tokens). The AVX2 register blocks replaced 4 x 16 blocks, one block row per item, a zero fill
+// and a scalar write back: 0.91-3.12x -> 1.40-4.61x dense against AVX2-capped torch (768 <-> 3072 at 50 / 75
+// / 90%, 128 and 1024 tokens).
 int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
                       const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
                       int threads) {
-#if defined(__AVX512F__)
-    // Measured on a 2-core Xeon (Emerald Rapids), 768->3072 at 50%, 128 tokens: keeping a row group's
-    // accumulators across all its tiles instead (reading each tile's activations from L2 once per row
-    // group) and writing the outputs back one float at a time ran at 0.91x dense torch.
+#if defined(__AVX512F__) || defined(__AVX2__)
     if (br % 4 != 0) return 2;
     threads = std::max(1, threads);
     const int64_t R = (n_out + br - 1) / br;
     const int64_t n_pad = ((n_in + bc - 1) / bc) * bc + 16;
     const int64_t n_pad16 = (n_pad + 15) / 16 * 16;
     const int64_t n_tiles = (T + TB - 1) / TB;
-    Scratch xt_buf;
-    float* xt = xt_buf.get((size_t)n_tiles * n_pad16 * TB);
-    pack_tiles(X, T, n_in, n_pad16, xt, threads);
     int64_t six_rows = 0;  // rows [0, six_rows) go six at a time: the most groups of 6 leaving a multiple of 4
     for (int64_t k6 = br / 6; k6 >= 0; --k6)
         if ((br - 6 * k6) % 4 == 0) {
             six_rows = 6 * k6;
             break;
         }
-    // Items of CH consecutive block rows of one token tile: a thread's output stores then run along each token's
-    // row of Y (one block row per item wrote 64 B into each of 64 rows 4-12 KB apart, and the write back was
-    // 40% of the time at 90% sparsity). Measured on the Xeon, 768 <-> 3072, 128 / 1024 tokens: +0-25%.
-    const int64_t CH = std::max<int64_t>(1, R / (8 * threads)), n_chunks = (R + CH - 1) / CH;
-    sp::Pool::get().run(n_tiles * n_chunks, threads, [&](int64_t item, int) {
-        const int64_t tile = item / n_chunks, chunk = item % n_chunks;
-        for (int64_t rb = chunk * CH; rb < std::min(R, chunk * CH + CH); ++rb) {
-            const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
-            const int64_t nh = (tb + 15) / 16;  // token vectors holding real tokens
-            const float* xtile = xt + tile * n_pad16 * TB;
-            // The first tile sets the outputs (no zero fill); a block row without tiles is zero.
-            thread_local std::vector<float> out;
+    auto block_row = [&](int64_t rb, int64_t tile, const float* xtile, float* out) {
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0), o0 = rb * br;
+        bsr_block_row(val, col, crow[rb], crow[rb + 1], br, bc, six_rows, xtile, tb, out);
+        bsr_write_back(out, std::min(br, n_out - o0), tb, bias ? bias + o0 : nullptr, Y + t0 * n_out + o0, n_out);
+    };
+    const bool own_tiles = n_tiles >= 4 * threads || (T % TB == 0 && n_tiles % threads == 0);
+    if (own_tiles) {
+        sp::Pool::get().run(n_tiles, threads, [&](int64_t tile, int) {
+            thread_local std::vector<float> xbuf, out;
+            if (xbuf.size() < (size_t)(n_pad16 * TB)) xbuf.resize((size_t)(n_pad16 * TB));
             if (out.size() < (size_t)(br * TB)) out.resize((size_t)(br * TB));
-            if (crow[rb] == crow[rb + 1]) std::fill(out.begin(), out.begin() + br * TB, 0.0f);
-            for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
-                const float* xc = xtile + (int64_t)col[b] * bc * TB;
-                const bool first = b == crow[rb];
-                for (int64_t r0 = 0; r0 < br;) {
-                    const float* tv = val + b * br * bc + r0 * bc;  // rows r0.. of this tile
-                    float* o = out.data() + r0 * TB;
-                    if (nh == 4) {
-                        // Six rows at a time while the rest stays a multiple of four, then four.
-                        if (r0 < six_rows) {
-                            bsr_rows64<6>(tv, bc, xc, o, first);
-                            r0 += 6;
-                        } else {
-                            bsr_rows64<4>(tv, bc, xc, o, first);
-                            r0 += 4;
-                        }
-                        continue;
-                    } else {  // the last, partial token tile: only the vectors holding tokens
-                        for (int64_t h = 0; h < nh; ++h) {
-                            __m512 c[4];
-                            for (int q = 0; q < 4; ++q)
-                                c[q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
-                            for (int64_t k = 0; k < bc; ++k) {
-                                const __m512 x0 = _mm512_loadu_ps(xc + k * TB + 16 * h);
-                                for (int q = 0; q < 4; ++q)
-                                    c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
-                            }
-                            for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + q * TB + 16 * h, c[q]);
-                        }
-                        r0 += 4;
-                    }
-                }
-            }
-            // Write back token-major: 16 rows x 16 tokens at a time through an in-register transpose (one
-            // float at a time cost as much as the tiles' multiply-adds at 90% sparsity).
-            const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
-            int64_t r = 0;
-            for (; r + 16 <= rows; r += 16) {
-                const __m512 bv = bias ? _mm512_loadu_ps(bias + o0 + r) : _mm512_setzero_ps();
-                for (int64_t h = 0; h < nh; ++h) {
-                    __m512 v[16];
-                    for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(out.data() + (r + i) * TB + 16 * h);
-                    transpose16(v);
-                    const int64_t nt = std::min<int64_t>(16, tb - 16 * h);
-                    for (int64_t i = 0; i < nt; ++i)
-                        _mm512_storeu_ps(Y + (t0 + 16 * h + i) * n_out + o0 + r, _mm512_add_ps(v[i], bv));
-                }
-            }
-            for (int64_t t = 0; r < rows && t < tb; ++t) {
-                float* yr = Y + (t0 + t) * n_out + o0;
-                for (int64_t q = r; q < rows; ++q) yr[q] = out[q * TB + t] + (bias ? bias[o0 + q] : 0.0f);
-            }
-        }
-    });
-    return 0;
-#elif defined(__AVX2__)
-    // The AVX-512 kernel's structure with 16 ymm registers: six (then four) rows x 16 tokens per register
-    // block (bsr_rows16), runs of CH block rows per item, the first tile setting the outputs, transposed
-    // pack and write back (8 x 8). Replaced 4 x 16 blocks, one block row per item, a zero fill and a write
-    // back one float at a time: on the Xeon, avx2 build against AVX2-capped torch (kernel_ab bsr --isa avx2),
-    // 768 <-> 3072 at 50 / 75 / 90%, 128 and 1024 tokens: 0.91-3.12x -> 1.40-4.61x dense (+30-70%).
-    if (br % 4 != 0) return 2;
-    threads = std::max(1, threads);
-    const int64_t R = (n_out + br - 1) / br;
-    const int64_t n_pad = ((n_in + bc - 1) / bc) * bc + 16;
-    const int64_t n_pad16 = (n_pad + 15) / 16 * 16;
-    const int64_t n_tiles = (T + TB - 1) / TB;
+            for (int64_t k0 = 0; k0 < n_pad16; k0 += 16) pack_block(X, T, n_in, tile, k0, xbuf.data() + k0 * TB);
+            for (int64_t rb = 0; rb < R; ++rb) block_row(rb, tile, xbuf.data(), out.data());
+        });
+        return 0;
+    }
     Scratch xt_buf;
     float* xt = xt_buf.get((size_t)n_tiles * n_pad16 * TB);
     pack_tiles(X, T, n_in, n_pad16, xt, threads);
-    int64_t six_rows = 0;  // as in the AVX-512 kernel
-    for (int64_t k6 = br / 6; k6 >= 0; --k6)
-        if ((br - 6 * k6) % 4 == 0) {
-            six_rows = 6 * k6;
-            break;
-        }
     const int64_t CH = std::max<int64_t>(1, R / (8 * threads)), n_chunks = (R + CH - 1) / CH;
     sp::Pool::get().run(n_tiles * n_chunks, threads, [&](int64_t item, int) {
         const int64_t tile = item / n_chunks, chunk = item % n_chunks;
-        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
-        const int64_t ng = (tb + 15) / 16;  // token groups of 16 holding real tokens (the pack zero-pads)
-        const float* xtile = xt + tile * n_pad16 * TB;
         thread_local std::vector<float> out;
         if (out.size() < (size_t)(br * TB)) out.resize((size_t)(br * TB));
-        for (int64_t rb = chunk * CH; rb < std::min(R, chunk * CH + CH); ++rb) {
-            if (crow[rb] == crow[rb + 1]) std::fill(out.begin(), out.begin() + br * TB, 0.0f);
-            for (int64_t b = crow[rb]; b < crow[rb + 1]; ++b) {
-                const float* xc = xtile + (int64_t)col[b] * bc * TB;
-                const bool first = b == crow[rb];
-                for (int64_t r0 = 0; r0 < br;) {
-                    const float* tv = val + b * br * bc + r0 * bc;
-                    float* o = out.data() + r0 * TB;
-                    const bool six = r0 < six_rows;
-                    for (int64_t g = 0; g < ng; ++g) {
-                        if (six)
-                            bsr_rows16<6>(tv, bc, xc + 16 * g, o + 16 * g, first);
-                        else
-                            bsr_rows16<4>(tv, bc, xc + 16 * g, o + 16 * g, first);
-                    }
-                    r0 += six ? 6 : 4;
-                }
-            }
-            // Write back token-major, 8 rows x 8 tokens at a time through an in-register transpose.
-            const int64_t o0 = rb * br, rows = std::min(br, n_out - o0);
-            int64_t r = 0;
-            for (; r + 8 <= rows; r += 8) {
-                const __m256 bv = bias ? _mm256_loadu_ps(bias + o0 + r) : _mm256_setzero_ps();
-                for (int64_t h = 0; h < tb; h += 8) {
-                    __m256 v[8];
-                    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(out.data() + (r + i) * TB + h);
-                    transpose8(v);
-                    const int64_t nt = std::min<int64_t>(8, tb - h);
-                    for (int64_t i = 0; i < nt; ++i)
-                        _mm256_storeu_ps(Y + (t0 + h + i) * n_out + o0 + r, _mm256_add_ps(v[i], bv));
-                }
-            }
-            for (int64_t t = 0; r < rows && t < tb; ++t) {
-                float* yr = Y + (t0 + t) * n_out + o0;
-                for (int64_t q = r; q < rows; ++q) yr[q] = out[q * TB + t] + (bias ? bias[o0 + q] : 0.0f);
-            }
-        }
+        for (int64_t rb = chunk * CH; rb < std::min(R, chunk * CH + CH); ++rb)
+            block_row(rb, tile, xt + tile * n_pad16 * TB, out.data());
     });
     return 0;
 #else

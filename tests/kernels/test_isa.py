@@ -101,7 +101,9 @@ def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
     w = _weight(out, n_in, pattern, g)
     layout = BSR.from_dense(w, BSRParams(block=block))
     b = torch.randn(out, generator=g)
-    for T in (1, 3, 17, 70):  # 70: a full 64-token tile (every register block) and a partial one
+    # 70: a full 64-token tile (every register block) and a partial one (shared pack); 128 and 520: every
+    # thread packs its own tiles (the last one partial at 520)
+    for T in (1, 3, 17, 70, 128, 520):
         x = torch.randn(T, n_in, generator=g)
         y = spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b)
         if isa == "portable" or (T >= 16 and block[0] % 4):
