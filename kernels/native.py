@@ -131,6 +131,17 @@ def compile_sources(srcs: list[Path], out: Path, flags: list[str]) -> str | None
             os.unlink(tmp)
 
 
+def _source_bytes() -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")))
+
+
+@lru_cache(maxsize=1)
+def source_key() -> str:
+    """12 hex digits identifying the kernels' sources (every ``csrc`` file): measurements of one build
+    (``layout: auto``'s table) are not reused after the kernels change."""
+    return hashlib.sha256(_source_bytes()).hexdigest()[:12]
+
+
 def build(name: str) -> tuple[Path | None, str | None]:
     """Compile variant ``name`` into the cache if it is not there; ``(path, None)`` or ``(None, error)``.
 
@@ -141,7 +152,7 @@ def build(name: str) -> tuple[Path | None, str | None]:
         raise ISAError(f"unknown kernel ISA {name!r}: choose one of {', '.join(ISAS)}")
     srcs = sorted(CSRC.glob("*.cpp"))
     # The key covers every source and header, so editing one rebuilds.
-    text = b"".join(p.read_bytes() for p in srcs + sorted(CSRC.glob("*.h")))
+    text = _source_bytes()
     builds = []
     for openmp in (True, False):  # without OpenMP the kernels use their own pool (csrc/pool.h)
         flags = flags_for(name, openmp)

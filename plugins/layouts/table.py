@@ -38,10 +38,12 @@ def table_path() -> Path:
 
 
 def machine_key() -> str:
-    """What a measurement depends on: ``"<CPU model> | <kernel ISA path> | <threads> threads | torch <version>"``.
+    """What a measurement depends on: ``"<CPU model> | <kernel ISA path> | kernels <source key> | dense
+    <torch's CPU capability> | <threads> threads | torch <version>"``.
 
     The ISA path is the native kernel variant actually loaded
-    (``sparsify_kernels.native.loaded_isa``), ``torch`` where none loads.
+    (``sparsify_kernels.native.loaded_isa``), ``torch`` where none loads; the source key changes with the
+    kernels (``native.source_key``) and the capability with ``ATEN_CPU_CAPABILITY`` (``sparsify bench --isa``).
     Raises ``sparsify_kernels.native.ISAError`` for a ``SPARSIFY_ISA`` the CPU cannot run.
     """
     from sparsify_core.bench import machine
@@ -49,7 +51,8 @@ def machine_key() -> str:
 
     path = native.loaded_isa() or "torch"
     cpu = machine()["cpu_model"] or "unknown CPU"
-    return f"{cpu} | {path} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    return (f"{cpu} | {path} | kernels {native.source_key()} | dense {torch.backends.cpu.get_cpu_capability()} | "
+            f"{torch.get_num_threads()} threads | torch {torch.__version__}")
 
 
 def stored_density(layout: Layout) -> float:

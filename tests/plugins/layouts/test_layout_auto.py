@@ -48,7 +48,10 @@ def test_table_is_kept_per_machine_and_refuses_other_files(tmp_path):
 def test_machine_key_names_the_kernel_path(monkeypatch):
     from sparsify_kernels import native
     monkeypatch.setenv(native.ENV, "portable")
-    assert " | portable | " in TBL.machine_key()
+    key = TBL.machine_key()
+    assert " | portable | " in key and f" | kernels {native.source_key()} | " in key
+    assert f" | dense {torch.backends.cpu.get_cpu_capability()} | " in key  # dense torch's ISA: its side of a ratio
+    assert len(native.source_key()) == 12
 
 
 def _inject(monkeypatch, tmp_path, model, params: AutoLayoutParams, rate) -> TBL.LayoutTable:
