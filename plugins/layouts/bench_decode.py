@@ -226,6 +226,10 @@ def _llamacpp_rows(model, tok, ids, new_tokens: int, rounds: int, ours_fn, ours_
                      "gguf_MB": Path(path).stat().st_size / 1e6, "threads": threads}
             if name == "f32":  # same precision: llama.cpp must give the SiLU twin's tokens
                 extra["identical_tokens_to_silu_twin"] = runs[0][0] == ref
+            # the instruction sets llama.cpp was compiled for (`--isa` caps torch, not a compiled llama.cpp)
+            info = getattr(llama_cpp, "llama_print_system_info", lambda: b"")().decode(errors="replace")
+            extra["llama_cpp_features"] = [part.split("=")[0].split(":")[-1].strip() for part in info.split("|")
+                                           if part.strip().endswith("= 1")]
             rows.append(Row(4, f"decode B=1 vs llama.cpp {name}", ll_ms, {"ours": our_ms},
                             {"ours": ll_ms / our_ms}, 1.3 if name == "f32" else None, None, extra))
             del llm
@@ -336,6 +340,8 @@ def case_decode(new_tokens: int = 128, rounds: int = 5, model_dir: str | os.Path
                                                  for p, v in prof.profile.items()}
     label = " (MoE)" if moe else ""
     others = {k: v for k, v in ms.items() if k not in ("dense", "hf_generate")}
+    from sparsify_kernels import native
+    extra["kernel_isa"] = native.loaded_isa() or "torch"  # the kernel build the native step ran (bench --isa)
     rows = [Row(4, f"decode B=1, {new_tokens} tokens{label}", ms["dense"], others,
                 {k: ms["dense"] / v for k, v in others.items()}, 1.4, bound, extra),
             Row(4, f"decode B=1 vs HF generate dense{label}", ms["hf_generate"],

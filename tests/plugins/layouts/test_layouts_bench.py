@@ -52,6 +52,9 @@ def test_decode_case_runs_on_a_sparsify_output(workdir):
     assert row["extra"]["identical_tokens"] is True and row["extra"]["identical_tokens_to_hf_generate"] is True
     paths = row["extra"]["path"]
     native = paths["dense"].startswith("lean native")
+    from sparsify_kernels import native as kernels
+    # the kernel build the step ran is the record's ISA (so `bench --isa avx2` on an AVX-512 CPU records avx2)
+    assert row["extra"]["kernel_isa"] == (kernels.loaded_isa() or "torch") == result["environment"]["isa"]
     assert paths["ours"] == paths["dense"] and (native or paths["dense"].startswith("lean torch"))
     assert set(row["ratio"]) == ({"ours", "torch_step_dense", "torch_step_ours"} if native else {"ours"})
     if native:
@@ -166,8 +169,10 @@ def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
     from helpers import tiny_model
     from sparsify_plugins.layouts import bench_decode as D
 
+    info = b"CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | OPENMP = 1 | "
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=_FakeLlama,
-                                                                      llama_get_logits_ith=_fake_get_logits_ith))
+                                                                      llama_get_logits_ith=_fake_get_logits_ith,
+                                                                      llama_print_system_info=lambda: info))
     monkeypatch.setattr(D, "_llamacpp_probe", lambda path, threads: "")  # the child process has no fake
     model = tiny_model("llama").eval()
     for layer in model.model.layers:  # a ReLU model: llama.cpp's graph computes its SiLU twin
@@ -188,6 +193,7 @@ def test_llamacpp_rows_decode_the_gguf_sparsify_wrote(monkeypatch, one_thread):
     assert none == [] and why == "f32: llama.cpp column skipped: crashed"
     (row,) = rows
     assert row.extra["identical_tokens_to_silu_twin"] is True and row.target == 1.3
+    assert row.extra["llama_cpp_features"] == ["SSE3", "AVX2", "OPENMP"]  # what llama.cpp was compiled for
     assert row.ratio["ours"] == pytest.approx(row.dense_ms / row.ours_ms["ours"])
 
 
