@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .dense_isa import DENSE_CAPABILITY, DENSE_ISA_ENV
+from .dense_isa import DENSE_CAPABILITY, DENSE_ISA_ENV, _cpuinfo, widest_isa  # noqa: F401 (re-exported)
 from .errors import SparsifyError
 from .metric import MetricInfo
 
@@ -165,33 +165,6 @@ def cases() -> dict[int, BenchCase]:
 #: The vector instruction sets worth recording (x86 and Arm names as ``/proc/cpuinfo`` spells them).
 ISA_FLAGS = ("sse4_2", "avx", "fma", "f16c", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
              "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
-
-
-def _cpuinfo() -> tuple[str | None, frozenset[str]]:
-    """The CPU model name and its feature flags, from Linux ``/proc/cpuinfo`` (``None``/empty elsewhere)."""
-    model, flags = None, frozenset()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model is None:
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = frozenset(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def widest_isa(flags) -> str:
-    """The widest vector ISA of ``flags``: ``avx512``, ``avx2``, ``neon`` or ``generic``."""
-    if {"avx512f", "avx512bw", "avx512vl"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma"} <= set(flags):
-        return "avx2"
-    if "asimd" in flags:
-        return "neon"
-    return "generic"
 
 
 def machine() -> dict:

@@ -435,9 +435,12 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
             raise SparsifyError(f"--isa {isa}: choose one of {', '.join(choices)}")
         if compare:
             raise SparsifyError("--compare shows saved results and runs nothing: leave out --isa")
+        from .dense_isa import DENSE_ISA_ENV, _cpuinfo, runnable, widest_isa
+        if not runnable(isa):
+            raise SparsifyError(f"--isa {isa}: this CPU cannot run it (its widest vector ISA is "
+                                f"{widest_isa(_cpuinfo()[1])})")
         # Before torch is imported here: ATen reads its capability once, MKL and oneDNN at first use.
         os.environ["SPARSIFY_ISA"] = isa
-        from .dense_isa import DENSE_ISA_ENV
         for name in {k for v in DENSE_ISA_ENV.values() for k in v}:  # --isa avx512 lifts an inherited cap
             os.environ.pop(name, None)
         os.environ.update(DENSE_ISA_ENV[isa])

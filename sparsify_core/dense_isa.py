@@ -1,5 +1,10 @@
-"""The instruction set dense torch runs, for ``sparsify bench --isa`` (no torch import: set before torch loads)."""
+"""The CPU's vector ISA and the one dense torch runs, for ``sparsify bench --isa``.
+
+No torch import here: ``--isa`` must set the environment before torch loads.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 #: What ``sparsify bench --isa NAME`` sets before torch loads, so the *dense* side runs the instruction set
 #: a machine of that kind has, not only our kernels: ATen's own kernels (``ATEN_CPU_CAPABILITY``), MKL's
@@ -14,3 +19,38 @@ DENSE_ISA_ENV = {
 }
 #: torch.backends.cpu.get_cpu_capability() once ``DENSE_ISA_ENV[name]`` took effect
 DENSE_CAPABILITY = {"avx2": "AVX2", "portable": "DEFAULT"}
+
+
+def _cpuinfo() -> tuple[str | None, frozenset[str]]:
+    """The CPU model name and its feature flags, from Linux ``/proc/cpuinfo`` (``None``/empty elsewhere)."""
+    model, flags = None, frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model is None:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def widest_isa(flags) -> str:
+    """The widest vector ISA of ``flags``: ``avx512``, ``avx2``, ``neon`` or ``generic``."""
+    if {"avx512f", "avx512bw", "avx512vl"} <= set(flags):
+        return "avx512"
+    if {"avx2", "fma"} <= set(flags):
+        return "avx2"
+    if "asimd" in flags:
+        return "neon"
+    return "generic"
+
+
+def runnable(name: str, flags=None) -> bool:
+    """Whether this CPU (or one with ``flags``) runs ``--isa name``: ``portable`` anywhere, ``avx2`` where the
+    widest ISA is avx2 or avx512, ``avx512`` only there. Raises ``KeyError`` for other names."""
+    order = {"portable": 0, "avx2": 1, "avx512": 2}
+    widest = widest_isa(_cpuinfo()[1] if flags is None else flags)
+    return order[name] <= order.get(widest, 0)

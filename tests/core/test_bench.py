@@ -206,7 +206,24 @@ def test_cli_bench_isa_caps_dense_torch_and_forces_the_kernel_build(workdir, isa
     assert f"{isa}, dense torch {bench.DENSE_CAPABILITY[isa]}" in proc.stdout.replace("\n", " ")
 
 
-def test_cli_bench_isa_refuses_unknown_names_and_compare(workdir, tmp_path):
+def test_runnable_isas():
+    from sparsify_core.dense_isa import runnable
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}
+    assert all(runnable(n, avx512) for n in ("avx512", "avx2", "portable"))
+    assert runnable("avx2", {"avx2", "fma"}) and not runnable("avx512", {"avx2", "fma"})
+    assert runnable("portable", {"asimd"}) and not runnable("avx2", {"asimd"}) and not runnable("avx2", set())
+
+
+def test_cli_bench_isa_refuses_unknown_names_and_compare(workdir, tmp_path, monkeypatch):
+    import os
+
+    from sparsify_core import dense_isa
+    with monkeypatch.context() as m:  # an AVX2 CPU: refused before anything is set or loaded
+        m.setattr(dense_isa, "_cpuinfo", lambda: ("AVX2 CPU", frozenset({"avx2", "fma"})))
+        before = dict(os.environ)
+        proc = sparsify_here("bench", "--isa", "avx512", cwd=workdir)
+        assert proc.returncode == 1 and "--isa avx512: this CPU cannot run it (its widest vector ISA is avx2)" \
+            in proc.stderr and dict(os.environ) == before
     for args, message in ((("--isa", "avx9"), "--isa avx9: choose one of avx512, avx2, portable"),
                           (("--isa", "avx2", "--compare", tmp_path / "a.json"), "leave out --isa")):
         proc = sparsify_here("bench", *args, cwd=workdir)
