@@ -314,7 +314,7 @@ def describe_machine(env: dict) -> str:
     if env.get("dense_env") or (cpu_isa and cpu_isa != isa):
         isa += f" (dense torch {dense or '?'}; CPU {cpu_isa or '?'})"
     return ", ".join(str(v) for v in (env.get("cpu_model") or "unknown CPU", isa,
-                                      f"{env.get('threads')} threads", f"torch {env.get('torch')}"))
+                                      f"{env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}", f"torch {env.get('torch')}"))
 
 
 def compare_results(results: Sequence[dict]) -> list[list[str]]:

@@ -475,7 +475,7 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
     env = result["environment"]
     load = "" if env["load_average_1m"] is None else f", load {env['load_average_1m']:.1f}"
     isa_text = env["isa"] + (f", dense torch {env['dense_isa']}" if env.get("dense_env") else "")
-    table = Table(title=f"sparsify bench: dense time / ours (medians, {env['threads']} threads, {isa_text}{load})")
+    table = Table(title=f"sparsify bench: dense time / ours (medians, {env['threads']} thread{'' if env['threads'] == 1 else 's'}, {isa_text}{load})")
     for col in ("case", "config", "dense ms", "ratios (dense / candidate)", "bound", "target"):
         table.add_column(col)
     for row in _bench.format_table(result):

@@ -747,7 +747,7 @@ class MachineRecord:
         """One line: ``"<cpu model>, avx2, 4 threads"`` (and whether it was a smoke run)."""
         parts = [p for p in (self.cpu_model, self.isa) if p]
         if self.threads is not None:
-            parts.append(f"{self.threads} threads")
+            parts.append(f"{self.threads} thread{'' if self.threads == 1 else 's'}")
         return ", ".join(parts) + (" (quick: not a measurement)" if self.quick else "")
 
 

@@ -110,7 +110,7 @@ def test_record_stores_a_bench_record_with_its_machine_apart_from_recipe_runs(tm
         text = Console(width=200, record=True, file=open(tmp_path / "show.txt", "w"))
         show_run(rec, text)
         shown = text.export_text()
-        assert "n=200 ours speedup" in shown and f"{env['isa']}, 1 threads" in shown and "machine" in shown
+        assert "n=200 ours speedup" in shown and f"{env['isa']}, 1 thread" in shown and "machine" in shown
 
 
 def test_cli_bench_refuses_an_unknown_case(workdir):
@@ -125,13 +125,13 @@ def test_cli_bench_record_then_runs_and_show(workdir):
     proc = sparsify("bench", "--case", "1", "--quick", "--threads", "1", "--record", "--json", "b.json",
                     cwd=workdir)
     assert proc.returncode == 0, proc.stderr
-    assert "s=90%" in proc.stdout and "1 threads" in proc.stdout
+    assert "s=90%" in proc.stdout and "1 thread," in proc.stdout
     run_id = proc.stderr.split("recorded as ")[1].split(";")[0].strip()
     assert json.loads((workdir / "b.json").read_text())["rows"]
     # The record read back in this process: only the bench itself needed a process of its own (--threads).
     listed = sparsify_here("runs", cwd=workdir)
     assert listed.returncode == 0, listed.stderr
-    assert run_id in listed.stdout and "bench" in listed.stdout and "1 threads" in listed.stdout
+    assert run_id in listed.stdout and "bench" in listed.stdout and "1 thread" in listed.stdout
     shown = sparsify_here("show", run_id, cwd=workdir)
     assert shown.returncode == 0, shown.stderr
     assert "case 1" in shown.stdout and "speedup" in shown.stdout and "machine" in shown.stdout
