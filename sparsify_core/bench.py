@@ -248,7 +248,8 @@ def record(registry, result: dict, json_path: str | os.PathLike | None = None) -
     """Store a ``run`` result in the registry as a ``bench`` record; returns its id.
 
     The machine (CPU model, ISA flags, threads, torch, load before and after)
-    goes in the record's machine fields. One stage per case; each row becomes
+    goes in the record's machine fields; where dense torch was capped (``--isa``) the ISA field says so:
+    ``avx2 (dense torch AVX2)``. One stage per case; each row becomes
     metrics named ``"<config> <candidate> speedup"`` (dense time / candidate
     time) and ``"<config> dense ms"``, plus the numeric extras (recall,
     sparsity, bandwidth...) as ``"<config> <name>"``.
@@ -257,7 +258,10 @@ def record(registry, result: dict, json_path: str | os.PathLike | None = None) -
     run_id = registry.create_run(recipe_name="bench", recipe_hash=None, recipe_text=None, recipe_json=None,
                                  overrides=None, model=None, data=None, seed=None, output_dir=None, workdir=None,
                                  kind="bench")
-    registry.record_machine(run_id, cpu_model=env.get("cpu_model"), isa=env.get("isa"),
+    isa = env.get("isa")
+    if env.get("dense_env"):  # a capped dense side is part of what the ratios mean (`sparsify runs` shows it)
+        isa = f"{isa} (dense torch {env.get('dense_isa')})"
+    registry.record_machine(run_id, cpu_model=env.get("cpu_model"), isa=isa,
                             isa_flags=env.get("isa_flags"), threads=env.get("threads"), cpus=env.get("cpus"),
                             torch_version=env.get("torch"), load_before=env.get("load_average_1m"),
                             load_after=result.get("load_average_1m_after"), quick=bool(result.get("quick")))

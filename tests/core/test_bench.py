@@ -107,6 +107,9 @@ def test_record_stores_a_bench_record_with_its_machine_apart_from_recipe_runs(tm
         assert [r.id for r in reg.find_runs(kinds=["recipe"])] == [recipe_run]
         assert [r.id for r in reg.find_runs(kinds=["bench"])] == [run_id]
         assert reg.get_run(recipe_run).kind == "recipe" and reg.get_run(recipe_run).machine is None
+        capped = json.loads(json.dumps(result))  # as `bench --isa avx2` on an AVX-512 CPU records it
+        capped["environment"].update(isa="avx2", dense_isa="AVX2", dense_env={"ATEN_CPU_CAPABILITY": "avx2"})
+        assert reg.get_run(bench.record(reg, capped)).machine.isa == "avx2 (dense torch AVX2)"
         text = Console(width=200, record=True, file=open(tmp_path / "show.txt", "w"))
         show_run(rec, text)
         shown = text.export_text()
