@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .dense_isa import DENSE_CAPABILITY, DENSE_ISA_ENV, _cpuinfo, widest_isa  # noqa: F401 (re-exported)
+from .dense_isa import (DENSE_CAPABILITY, DENSE_ENV_NAMES, DENSE_ISA_ENV, _cpuinfo,  # noqa: F401 (re-exported)
+                        threads_text, widest_isa)
 from .errors import SparsifyError
 from .metric import MetricInfo
 
@@ -174,12 +175,11 @@ def machine() -> dict:
     ``dense_env`` the ``DENSE_ISA_ENV`` variables that were set (they cap MKL and oneDNN too)."""
     model, flags = _cpuinfo()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    names = {k for v in DENSE_ISA_ENV.values() for k in v}
     return {"cpu_model": model or platform.processor() or platform.machine() or None,
             "isa": widest_isa(flags), "isa_flags": [f for f in ISA_FLAGS if f in flags],
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "dense_isa": torch.backends.cpu.get_cpu_capability(),
-            "dense_env": {k: os.environ[k] for k in sorted(names) if k in os.environ},
+            "dense_env": {k: os.environ[k] for k in DENSE_ENV_NAMES if k in os.environ},
             "load_average_1m": load}
 
 
@@ -318,7 +318,7 @@ def describe_machine(env: dict) -> str:
     if env.get("dense_env") or (cpu_isa and cpu_isa != isa):
         isa += f" (dense torch {dense or '?'}; CPU {cpu_isa or '?'})"
     return ", ".join(str(v) for v in (env.get("cpu_model") or "unknown CPU", isa,
-                                      f"{env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}", f"torch {env.get('torch')}"))
+                                      threads_text(env.get("threads")), f"torch {env.get('torch')}"))
 
 
 def compare_results(results: Sequence[dict]) -> list[list[str]]:

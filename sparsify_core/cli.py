@@ -429,19 +429,18 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
     AVX2 machine would give, up to its memory system.
     """
     if isa is not None:
+        from .dense_isa import DENSE_ENV_NAMES, DENSE_ISA_ENV, _cpuinfo, runnable, widest_isa
         isa = isa.strip().lower()
-        choices = ("avx512", "avx2", "portable")  # the kernel builds (sparsify_kernels.native.ISAS)
-        if isa not in choices:
-            raise SparsifyError(f"--isa {isa}: choose one of {', '.join(choices)}")
+        if isa not in DENSE_ISA_ENV:  # one entry per kernel build (sparsify_kernels.native.ISAS)
+            raise SparsifyError(f"--isa {isa}: choose one of {', '.join(DENSE_ISA_ENV)}")
         if compare:
             raise SparsifyError("--compare shows saved results and runs nothing: leave out --isa")
-        from .dense_isa import DENSE_ISA_ENV, _cpuinfo, runnable, widest_isa
         if not runnable(isa):
             raise SparsifyError(f"--isa {isa}: this CPU cannot run it (its widest vector ISA is "
                                 f"{widest_isa(_cpuinfo()[1])})")
         # Before torch is imported here: ATen reads its capability once, MKL and oneDNN at first use.
         os.environ["SPARSIFY_ISA"] = isa
-        for name in {k for v in DENSE_ISA_ENV.values() for k in v}:  # --isa avx512 lifts an inherited cap
+        for name in DENSE_ENV_NAMES:  # --isa avx512 lifts an inherited cap
             os.environ.pop(name, None)
         os.environ.update(DENSE_ISA_ENV[isa])
     from . import bench as _bench
@@ -475,7 +474,8 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
     env = result["environment"]
     load = "" if env["load_average_1m"] is None else f", load {env['load_average_1m']:.1f}"
     isa_text = env["isa"] + (f", dense torch {env['dense_isa']}" if env.get("dense_env") else "")
-    table = Table(title=f"sparsify bench: dense time / ours (medians, {env['threads']} thread{'' if env['threads'] == 1 else 's'}, {isa_text}{load})")
+    table = Table(title=f"sparsify bench: dense time / ours (medians, {_bench.threads_text(env['threads'])}, "
+                        f"{isa_text}{load})")
     for col in ("case", "config", "dense ms", "ratios (dense / candidate)", "bound", "target"):
         table.add_column(col)
     for row in _bench.format_table(result):

@@ -1,4 +1,5 @@
-"""The CPU's vector ISA and the one dense torch runs, for ``sparsify bench --isa``.
+"""The CPU's vector ISA and the one dense torch runs, for ``sparsify bench --isa``, and how a machine's
+thread count reads in its descriptions.
 
 No torch import here: ``--isa`` must set the environment before torch loads.
 """
@@ -17,6 +18,8 @@ DENSE_ISA_ENV = {
     "portable": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
                  "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
+#: every variable some ``DENSE_ISA_ENV`` entry sets
+DENSE_ENV_NAMES = tuple(sorted({k for v in DENSE_ISA_ENV.values() for k in v}))
 #: torch.backends.cpu.get_cpu_capability() once ``DENSE_ISA_ENV[name]`` took effect
 DENSE_CAPABILITY = {"avx2": "AVX2", "portable": "DEFAULT"}
 
@@ -54,3 +57,8 @@ def runnable(name: str, flags=None) -> bool:
     order = {"portable": 0, "avx2": 1, "avx512": 2}
     widest = widest_isa(_cpuinfo()[1] if flags is None else flags)
     return order[name] <= order.get(widest, 0)
+
+
+def threads_text(n) -> str:
+    """``"1 thread"``, ``"2 threads"``: a thread count as the bench table, ``--compare`` and ``sparsify runs`` show it."""
+    return f"{n} thread{'' if n == 1 else 's'}"

@@ -66,6 +66,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.schema import CreateColumn
 
+from .dense_isa import threads_text
 from .errors import SparsifyError
 from .metric import MetricInfo
 
@@ -747,7 +748,7 @@ class MachineRecord:
         """One line: ``"<cpu model>, avx2, 4 threads"`` (and whether it was a smoke run)."""
         parts = [p for p in (self.cpu_model, self.isa) if p]
         if self.threads is not None:
-            parts.append(f"{self.threads} thread{'' if self.threads == 1 else 's'}")
+            parts.append(threads_text(self.threads))
         return ", ".join(parts) + (" (quick: not a measurement)" if self.quick else "")
 
 
