@@ -121,8 +121,10 @@ static inline void dot4(const float* const a[4], const float* __restrict b, int6
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
 #if SP_PREFETCH
+        // Both cache lines of each row's next 32 floats (one line per 32 floats, as before, left half of every
+        // row to the hardware prefetcher: case-1 FFN gate 1.34 -> 1.47x dense at 50%, AVX2 vs AVX2 torch, Xeon).
         if (Far && (i & 31) == 0)
-            for (int k = 0; k < 4; ++k) __builtin_prefetch(a[k] + i + SP_PREFETCH, 0, 3);
+            for (int k = 0; k < 4; ++k) SP_DOT4_PREFETCH(a[k] + i + SP_PREFETCH);
 #endif
         const __m256 b0 = _mm256_loadu_ps(b + i), b1 = _mm256_loadu_ps(b + i + 8);
         for (int k = 0; k < 4; ++k) {
