@@ -13,6 +13,7 @@ compute-bound kernels, where the minimum is the steadier estimate).
 
     python benchmarks/kernel_ab.py ffn   base= new=/tmp/csrc2 [--isa avx2] [--sparsity 0.5 0.9]
     python benchmarks/kernel_ab.py moe   base= pf=:-DSP_PREFETCH=0
+    python benchmarks/kernel_ab.py predicted base= new=/tmp/csrc2 --sparsity 0.9
     python benchmarks/kernel_ab.py bsr   base= new=/tmp/csrc2 --tokens 1 128 1024 --sparsity 0.5 0.9
     python benchmarks/kernel_ab.py decode-ffn base= new=/tmp/csrc2
 
@@ -24,7 +25,9 @@ AVX-512 GEMMs no AVX2 machine has; the first line prints dense torch's ISA:
         python benchmarks/kernel_ab.py bsr base= new=/tmp/csrc2 --isa avx2
 
 Cases: ``ffn`` the activation-sparse FFN (4096 x 11008, one token, FATReLU
-at the quantile: ``sparsify bench`` case 1), ``moe`` the MoE FFN kernel
+at the quantile: ``sparsify bench`` case 1), ``screened`` the same with the
+16-bit gate screen, ``predicted`` with a rank-64 activation predictor (case
+1's predictor rows, caches flushed before every call), ``moe`` the MoE FFN kernel
 (32-neuron experts, SiLU: case 2 without the router), ``bsr`` BSR Linear
 768 <-> 3072 with 16 x 16 tiles (case 3), ``decode-ffn`` 30 activation-sparse
 FFN layers of SmolLM2-135M's shape (576 x 1536) called in turn, as one
@@ -72,8 +75,10 @@ def parse_variant(spec: str) -> tuple[str, Path, list[str]]:
     return name, Path(folder) if folder else ROOT / "kernels" / "csrc", flags.split()
 
 
-def timed(variants: dict[str, ctypes.CDLL], fns: dict, rounds: int, stat) -> dict[tuple[str, str], float]:
-    """Seconds per (variant, function): every function under every variant once per round, in turn."""
+def timed(variants: dict[str, ctypes.CDLL], fns: dict, rounds: int, stat, before=None) -> dict[tuple[str, str], float]:
+    """Seconds per (variant, function): every function under every variant once per round, in turn.
+
+    ``before`` runs untimed before every call (``sparsify_core.bench.flush_caches``: cold weights)."""
     from sparsify_kernels import native
 
     current: dict = {}
@@ -85,6 +90,8 @@ def timed(variants: dict[str, ctypes.CDLL], fns: dict, rounds: int, stat) -> dic
             for v, lib in variants.items():
                 current["lib"] = lib
                 for f, fn in fns.items():
+                    if before is not None:
+                        before()
                     t = time.perf_counter()
                     fn()
                     if r >= 2:  # two warm-up rounds
@@ -100,17 +107,21 @@ def report(label: str, variants, m, dense_key="dense", fn="ours") -> None:
     print(f"{label:28s} dense {m[(v0, dense_key)] * 1e3:8.3f} ms   {cells}", flush=True)
 
 
-def case_ffn(variants, args, stat):
-    from sparsify_kernels import ffn as K
+def _ffn_case_weights(args):
     d, dff = (256, 1024) if args.quick else (4096, 11008)
     g = torch.Generator().manual_seed(0)
     wg, wu = torch.randn(dff, d, generator=g) / d ** 0.5, torch.randn(dff, d, generator=g) / d ** 0.5
     wd = torch.randn(d, dff, generator=g) / dff ** 0.5
-    wdt = wd.t().contiguous()
-    x = torch.randn(1, d, generator=g)
+    return wg, wu, wd, wd.t().contiguous(), g
+
+
+def case_ffn(variants, args, stat):
+    from sparsify_kernels import ffn as K
+    wg, wu, wd, wdt, g = _ffn_case_weights(args)
+    x = torch.randn(1, wg.shape[1], generator=g)
     srt = F.linear(x, wg).flatten().sort().values
     for s in args.sparsity:
-        k = min(max(int(round(s * dff)), 1), dff - 1)
+        k = min(max(int(round(s * len(srt))), 1), len(srt) - 1)
         t = float((srt[k - 1] + srt[k]) / 2)
 
         def dense():
@@ -119,6 +130,50 @@ def case_ffn(variants, args, stat):
         m = timed(variants, {"dense": dense, "ours": lambda: K.ffn_sparse(x, wg, None, wu, None, wdt, None,
                                                                          act="relu", threshold=t)}, args.rounds, stat)
         report(f"ffn s={s:.0%}", variants, m)
+
+
+def case_screened(variants, args, stat):
+    from sparsify_kernels import ffn as K
+    wg, wu, wd, wdt, g = _ffn_case_weights(args)
+    x = torch.randn(1, wg.shape[1], generator=g)
+    screen = K.truncation_screen(wg)
+    srt = F.linear(x, wg).flatten().sort().values
+    for s in args.sparsity:
+        k = min(max(int(round(s * len(srt))), 1), len(srt) - 1)
+        t = float((srt[k - 1] + srt[k]) / 2)
+
+        def dense():
+            h = F.linear(x, wg)
+            return F.linear(h * (h >= t) * F.linear(x, wu), wd)
+        m = timed(variants, {"dense": dense, "ours": lambda: K.ffn_screened(x, wg, None, wu, None, wdt, None, t,
+                                                                           screen=screen)}, args.rounds, stat)
+        report(f"screened s={s:.0%}", variants, m)
+
+
+def case_predicted(variants, args, stat):
+    """As ``sparsify bench`` case 1's predictor rows: rank 64, recall 0.99 on held-out inputs, cold weights."""
+    from sparsify_core.bench import flush_caches
+    from sparsify_kernels import ffn as K
+    from sparsify_plugins.layouts import predictor as P
+    wg, wu, wd, wdt, _ = _ffn_case_weights(args)
+    d, g = wg.shape[1], torch.Generator().manual_seed(2)  # the bench's inputs
+    spectrum = 1.0 / torch.arange(1, d + 1, dtype=torch.float32)
+    x_fit, x_held, x = (torch.randn(n, d, generator=g) * spectrum * d ** 0.5 for n in (512, 256, 1))
+    pre_fit, h_held = F.linear(x_fit, wg), F.linear(x_held, wg)
+    for s in args.sparsity:
+        t = float(pre_fit.flatten().kthvalue(int(round(s * pre_fit.numel()))).values)
+        pred = P.fit_lowrank(x_fit, wg, None, 16 if args.quick else 64, offset=t)
+        pred.threshold = P.threshold_for_recall(pred.logits(x_held), h_held >= t, 0.99)
+
+        def dense():
+            h = F.linear(x, wg)
+            return F.linear(h * (h >= t) * F.linear(x, wu), wd)
+
+        def ours():
+            return K.ffn_predicted(x, wg, None, wu, None, wdt, None, act="relu", threshold=t, p_in=pred.p_in,
+                                   p_out=pred.p_out, p_bias=pred.p_bias, p_threshold=pred.threshold)
+        m = timed(variants, {"dense": dense, "ours": ours}, args.rounds, stat, before=flush_caches)
+        report(f"predicted s={s:.0%}", variants, m)
 
 
 def case_moe(variants, args, stat):
@@ -187,7 +242,8 @@ def case_decode_ffn(variants, args, stat):
         report(f"decode-ffn x{layers} s={s:.0%}", variants, m)
 
 
-CASES = {"ffn": (case_ffn, [0.3, 0.5, 0.7, 0.9, 0.95]), "moe": (case_moe, [0.25, 0.5, 0.75]),
+CASES = {"ffn": (case_ffn, [0.3, 0.5, 0.7, 0.9, 0.95]), "screened": (case_screened, [0.7, 0.9, 0.95]),
+         "predicted": (case_predicted, [0.9, 0.95]), "moe": (case_moe, [0.25, 0.5, 0.75]),
          "bsr": (case_bsr, [0.5, 0.75, 0.9]), "decode-ffn": (case_decode_ffn, [0.86, 0.7])}
 
 

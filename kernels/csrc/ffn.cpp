@@ -126,7 +126,10 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
                 }
                 if (!all) break;
                 float v[4];
-                sp::dot4(rows, x, d, v);
+                if (js[q + 3] - js[q] == 3)  // consecutive rows: the prefetch past a row's end is the next row's
+                    sp::dot4(rows, x, d, v);
+                else  // listed rows (predicted, screened candidates): prefetch only inside each row
+                    sp::dot4<true, false>(rows, x, d, v);
                 for (int k = 0; k < 4; ++k) {
                     const int64_t j = js[q + k];
                     gs[n_live][0] = activate(act, v[k] + (b_in ? b_in[j] : 0.0f), threshold, cut);
