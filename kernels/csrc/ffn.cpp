@@ -353,6 +353,35 @@ int sp_ffn_moe_f32(const float* x, int64_t T, int64_t d,
     return 0;
 }
 
+// sp_ffn_moe_f32 with LTE's threshold routing decided here from the router's logits [T, E] (x W_r^T + b_r,
+// computed by the caller), so that the decode step is one call after the router's GEMV: expert e is selected
+// for token t where logit >= hi, not where logit <= lo. [lo, hi] brackets logit(tau) widely enough that fp32
+// sigmoid(logit) > tau (the module's rule, as torch computes it) agrees outside it (kernels/ffn.py
+// _logit_bracket). Returns 3, computing nothing, when a logit lies inside the bracket or is NaN: the caller
+// then selects with torch and calls sp_ffn_moe_f32. Why: on the Xeon each torch op after a model-sized
+// weight stream costs ~0.1 ms (its code and data evicted); sigmoid, compare and the selection's dtype and
+// layout conversions were ~0.3 ms of case 2's 5.5 ms at 75% skipped.
+int sp_ffn_moe_threshold_f32(const float* x, int64_t T, int64_t d,
+                             const float* w_in, const float* b_in,
+                             const float* w_up, const float* b_up,
+                             const float* w_outT, const float* b_out,
+                             const float* logits, double lo, double hi, int64_t E, int64_t size,
+                             int act, float threshold, float cut, float* y, int64_t* n_listed, int threads) {
+    if (T < 1 || T > kMaxTokens || E < 1 || size < 1) return 1;
+    std::vector<uint8_t> sel((size_t)(T * E));
+    for (int64_t i = 0; i < T * E; ++i) {
+        const double z = logits[i];
+        if (z >= hi)
+            sel[i] = 1;
+        else if (z <= lo)
+            sel[i] = 0;
+        else
+            return 3;  // inside the bracket, or NaN
+    }
+    return sp_ffn_moe_f32(x, T, d, w_in, b_in, w_up, b_up, w_outT, b_out, sel.data(), E, size, act, threshold, cut,
+                          y, n_listed, threads);
+}
+
 // The exact activation-sparse FFN for one token with a screened gate (FATReLU / ReLU, act 0, optionally
 // with kUpReLU): the gate's 16-bit high halves (hi [dff, d] uint16, bfloat16 by truncation) are streamed
 // for every neuron, and err[j] (decode.py's truncation_screen) bounds |fp32 gate - screened gate| per unit

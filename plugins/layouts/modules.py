@@ -39,7 +39,7 @@ from sparsify_core.errors import SparsifyError
 from sparsify_core.ffn import input_threshold, zero_small_inputs
 from sparsify_core.layout import find_layout
 from sparsify_kernels import ffn as ffn_kernels
-from sparsify_plugins.moeify.modules import RoutedFFN, Router
+from sparsify_plugins.moeify.modules import LTERouter, RoutedFFN, Router
 
 _warned: set[str] = set()
 
@@ -62,6 +62,13 @@ def fallback(what: str, why: str, strict: bool) -> None:
 
 def _inference(x: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _module_hooks(*modules: nn.Module) -> bool:
+    """True when calling these modules would run a forward hook: their own or a global one."""
+    from torch.nn.modules import module as M
+    return bool(M._global_forward_hooks or M._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def _triton_ok(x: torch.Tensor) -> bool:
@@ -539,6 +546,45 @@ class MoEFFN(RoutedFFN):
         module = cls(routed.kind, parts, routed.names, routed.part("act"), routed.router, routed.expert_size,
                      routed.routing, routed.top_k, routed.tau, routed.dropout, strict)
         return module.train(routed.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._threshold_decode(x)
+        if y is None:
+            return super().forward(x)
+        return self.dropout(y) if self.dropout is not None else y
+
+    def _threshold_decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """LTE threshold routing when decoding on the CPU: the router's GEMV, then one kernel call; else ``None``.
+
+        The same function as ``RoutedFFN.forward``: the router's logits from
+        the same ``F.linear`` its ``nn.Linear`` runs, experts where torch's
+        ``sigmoid(logits) > tau`` (the kernel decides every logit outside a
+        ~1e-4 bracket around ``logit(tau)``, ``ffn_kernels.logit_bracket``;
+        inside it torch's sigmoid does). Fewer torch operations per step
+        than scores, selection and the kernel apart (``ffn_moe_threshold``).
+        ``None`` (the general path) with selection or forward hooks (on this
+        module, its router, its projections, or global ones), another
+        routing, router or path, on other devices, or when training.
+        """
+        router = self.router
+        if (self.routing != "threshold" or self.path != "gather" or x.device.type != "cpu"
+                or type(router) is not LTERouter or type(router.proj) is not nn.Linear or self._selection_hooks
+                or not _inference(x) or self._hooked() or _module_hooks(router, router.proj)):
+            return None
+        act, up, down, gate = self.part("act"), self.part("up"), self.part("down"), self.part("gate")
+        spec = activation_spec(act)
+        if spec is None:
+            return None
+        logits = F.linear(x, router.proj.weight, router.proj.bias)  # what the router's nn.Linear computes
+        first = gate if gate is not None else up  # the rows the activation is applied to
+        y = ffn_kernels.ffn_moe_threshold(x, logits, self.tau, first.weight, first.bias,
+                                          up.weight if gate is not None else None,
+                                          up.bias if gate is not None else None, down.weight, down.bias,
+                                          act=spec[0], threshold=spec[1], cut=spec[2], expert_size=self.expert_size,
+                                          up_relu=gate is not None and getattr(up, "output_relu", False))
+        if y is None:  # a logit the kernel cannot decide, or a shape it does not take: torch selects
+            y = self._gather(x, torch.sigmoid(logits) > self.tau)
+        return y
 
     def _gather(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """The selected experts only: the kernels when decoding, else ``RoutedFFN``'s torch gather."""

@@ -256,12 +256,17 @@ def test_moe_ffn_convert_matches_routed_model_and_rebuilds(monkeypatch, tmp_path
     assert result.metrics["blocks_converted"] == 2
     assert all(type(m).__name__ == "MoEFFN" and m.routing == routing for m in model.modules() if hasattr(m, "router"))
     calls = []
-    kernel = ffn_kernels.ffn_moe
-    monkeypatch.setattr(ffn_kernels, "ffn_moe", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    for name in ("ffn_moe", "ffn_moe_threshold"):  # top_k: selection, then the kernel; threshold: one kernel call
+        def counted(*a, kernel=getattr(ffn_kernels, name), name=name, **k):
+            y = kernel(*a, **k)
+            calls.extend([name] if y is not None else [])
+            return y
+        monkeypatch.setattr(ffn_kernels, name, counted)
     for ids in (torch.randint(0, 200, (1, 1)), torch.randint(0, 200, (2, 5)), torch.randint(0, 200, (1, 40))):
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, routed(ids).logits, atol=1e-4, rtol=1e-4)
-    assert len(calls) == 2 * 2  # 1 and 2x5 tokens through the kernel in both layers; 40 through torch gather
+    # 1 and 2x5 tokens through the kernel in both layers; 40 through torch gather
+    assert calls == 2 * 2 * ["ffn_moe_threshold" if routing == "threshold" else "ffn_moe"]
     rebuilt = _moeify_tiny(arch, routing, seed=1)  # other experts, routing dense: the rebuild restores the recorded
     for m in rebuilt.modules():
         if isinstance(m, RoutedFFN):
