@@ -563,28 +563,36 @@ class MoEFFN(RoutedFFN):
         inside it torch's sigmoid does). Fewer torch operations per step
         than scores, selection and the kernel apart (``ffn_moe_threshold``).
         ``None`` (the general path) with selection or forward hooks (on this
-        module, its router, its projections, or global ones), another
-        routing, router or path, on other devices, or when training.
+        module's router or projections, or global ones), another routing,
+        router or path, on other devices, or while autograd records ``x``.
         """
         router = self.router
         if (self.routing != "threshold" or self.path != "gather" or x.device.type != "cpu"
                 or type(router) is not LTERouter or type(router.proj) is not nn.Linear or self._selection_hooks
                 or not _inference(x) or self._hooked() or _module_hooks(router, router.proj)):
             return None
+        args = self._kernel_args()
+        if args is None:
+            return None
+        logits = F.linear(x, router.proj.weight, router.proj.bias)  # what the router's nn.Linear computes
+        y = ffn_kernels.ffn_moe_threshold(x, logits, self.tau, **args)
+        if y is None:  # a logit the kernel cannot decide, or a shape it does not take: torch selects
+            y = self._gather(x, torch.sigmoid(logits) > self.tau)
+        return y
+
+    def _kernel_args(self) -> dict | None:
+        """The MoE kernels' weight and activation arguments (``None``: an activation they do not know)."""
         act, up, down, gate = self.part("act"), self.part("up"), self.part("down"), self.part("gate")
         spec = activation_spec(act)
         if spec is None:
             return None
-        logits = F.linear(x, router.proj.weight, router.proj.bias)  # what the router's nn.Linear computes
         first = gate if gate is not None else up  # the rows the activation is applied to
-        y = ffn_kernels.ffn_moe_threshold(x, logits, self.tau, first.weight, first.bias,
-                                          up.weight if gate is not None else None,
-                                          up.bias if gate is not None else None, down.weight, down.bias,
-                                          act=spec[0], threshold=spec[1], cut=spec[2], expert_size=self.expert_size,
-                                          up_relu=gate is not None and getattr(up, "output_relu", False))
-        if y is None:  # a logit the kernel cannot decide, or a shape it does not take: torch selects
-            y = self._gather(x, torch.sigmoid(logits) > self.tau)
-        return y
+        args = dict(w_in=first.weight, b_in=first.bias, w_up=up.weight if gate is not None else None,
+                    b_up=up.bias if gate is not None else None, w_down_t=down.weight, b_down=down.bias,
+                    act=spec[0], threshold=spec[1], cut=spec[2], expert_size=self.expert_size)
+        if gate is not None and getattr(up, "output_relu", False):  # dReLU
+            args.update(up_relu=True)
+        return args
 
     def _gather(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """The selected experts only: the kernels when decoding, else ``RoutedFFN``'s torch gather."""
@@ -595,18 +603,12 @@ class MoEFFN(RoutedFFN):
         return super()._gather(x, selected)
 
     def _kernel(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor | None:
-        act, up, down, gate = self.part("act"), self.part("up"), self.part("down"), self.part("gate")
-        spec = activation_spec(act)
-        if spec is None:
-            fallback("MoE FFN", f"for the activation {type(act).__name__}", self.strict)
+        args = self._kernel_args()
+        if args is None:
+            fallback("MoE FFN", f"for the activation {type(self.part('act')).__name__}", self.strict)
             return None
-        first = gate if gate is not None else up  # the rows the activation is applied to
-        args = dict(w_in=first.weight, b_in=first.bias, w_up=up.weight if gate is not None else None,
-                    b_up=up.bias if gate is not None else None, w_down_t=down.weight, b_down=down.bias,
-                    act=spec[0], threshold=spec[1], cut=spec[2], experts=selected, expert_size=self.expert_size)
-        up_relu = gate is not None and getattr(up, "output_relu", False)  # dReLU
-        if up_relu:
-            args.update(up_relu=True)
+        args.update(experts=selected)
+        up_relu = args.get("up_relu", False)
         if x.device.type == "cpu":
             y = ffn_kernels.ffn_moe(x, **args)
             if y is None:

@@ -52,7 +52,9 @@ def test_nm_few_token_kernel(n, m, out, n_in, T):
 
 @pytest.mark.parametrize("block", [(4, 4), (16, 16), (8, 5), (32, 8)])
 @pytest.mark.parametrize("out,n_in,T", [(16, 32, 16), (37, 50, 70), (64, 200, 130), (37, 50, 1), (70, 90, 5),
-                                        (100, 64, 200), (600, 48, 70)])  # the last: runs of several block rows
+                                        (100, 64, 200), (600, 48, 70),  # the last: runs of several block rows
+                                        # around spmm.BSR_MANY_TOKENS: per-token kernel below, a partial tile above
+                                        (70, 90, 7), (70, 90, 8), (37, 300, 12), (64, 200, 15)])
 def test_bsr_kernels(block, out, n_in, T):
     from sparsify_plugins.layouts import BSR
     from sparsify_plugins.layouts.weight import BSRParams
