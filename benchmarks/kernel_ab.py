@@ -29,7 +29,8 @@ at the quantile: ``sparsify bench`` case 1), ``screened`` the same with the
 16-bit gate screen, ``predicted`` with a rank-64 activation predictor (case
 1's predictor rows, caches flushed before every call), ``moe`` the MoE FFN kernel
 (32-neuron experts, SiLU: case 2 without the router), ``bsr`` BSR Linear
-768 <-> 3072 with 16 x 16 tiles (case 3), ``decode-ffn`` 30 activation-sparse
+768 <-> 3072 with 16 x 16 tiles (case 3), ``csr`` and ``nm`` case 3's other
+layouts (``--tokens`` as for ``bsr``), ``decode-ffn`` 30 activation-sparse
 FFN layers of SmolLM2-135M's shape (576 x 1536) called in turn, as one
 decode step does. Prints the CPU, ISA, threads and one line per
 configuration.
@@ -216,6 +217,41 @@ def case_bsr(variants, args, stat):
                 report(f"bsr {n_in}->{out} T={T} s={s:.0%}", variants, m)
 
 
+def _sparse_weights(args, layout):
+    """(name, weight with ``layout``'s structure, params) for 768 <-> 3072 at each sparsity: case 3's weights."""
+    from sparsify_plugins.layouts.bench import _structured
+    shapes = ((64, 32),) if args.quick else ((3072, 768), (768, 3072))
+    g = torch.Generator().manual_seed(0)
+    for out, n_in in shapes:
+        w = torch.randn(out, n_in, generator=g) / n_in ** 0.5
+        for s in args.sparsity:
+            ws, params = _structured(w, layout, s)
+            yield f"{n_in}->{out}", s, ws, params
+
+
+def case_csr(variants, args, stat):
+    """Panel CSR (``spmm.panel_kernel``) on unstructured sparsity: case 3's ``csr``."""
+    from sparsify_kernels import spmm
+    for name, s, ws, _ in _sparse_weights(args, "csr"):
+        run = spmm.panel_kernel(spmm.pack(ws))
+        for T in args.tokens:
+            x = torch.randn(T, ws.shape[1])
+            m = timed(variants, {"dense": lambda: F.linear(x, ws), "ours": lambda: run(x)}, args.rounds, stat)
+            report(f"csr {name} T={T} s={s:.0%}", variants, m)
+
+
+def case_nm(variants, args, stat):
+    """n:m (2:4 / 1:4 / 1:10 at 50 / 75 / 90%): the permute kernel below 16 tokens (AVX-512), else panel CSR."""
+    from sparsify_core.plugin_manager import catalog
+    from sparsify_plugins.layouts.modules import SparseLinear
+    for name, s, ws, params in _sparse_weights(args, "nm"):
+        mod = SparseLinear(catalog().layouts["nm"].from_dense(ws, params))
+        for T in args.tokens:
+            x = torch.randn(T, ws.shape[1])
+            m = timed(variants, {"dense": lambda: F.linear(x, ws), "ours": lambda: mod(x)}, args.rounds, stat)
+            report(f"nm {name} T={T} s={s:.0%}", variants, m)
+
+
 def case_decode_ffn(variants, args, stat):
     from sparsify_kernels import ffn as K
     d, dff, layers = (576, 1536, 4 if args.quick else 30)
@@ -244,7 +280,8 @@ def case_decode_ffn(variants, args, stat):
 
 CASES = {"ffn": (case_ffn, [0.3, 0.5, 0.7, 0.9, 0.95]), "screened": (case_screened, [0.7, 0.9, 0.95]),
          "predicted": (case_predicted, [0.9, 0.95]), "moe": (case_moe, [0.25, 0.5, 0.75]),
-         "bsr": (case_bsr, [0.5, 0.75, 0.9]), "decode-ffn": (case_decode_ffn, [0.86, 0.7])}
+         "bsr": (case_bsr, [0.5, 0.75, 0.9]), "csr": (case_csr, [0.5, 0.75, 0.9]), "nm": (case_nm, [0.5, 0.75, 0.9]),
+         "decode-ffn": (case_decode_ffn, [0.86, 0.7])}
 
 
 def main(argv=None) -> None:

@@ -55,7 +55,12 @@ def _nm_kernel(layout, val, idx, device):
         val, idx = val.to(device), idx.to(device)
         return lambda x, bias: triton_kernels.nm_matmul(x, val, idx, p.n, p.m, layout.shape[1], bias)
     nm = spmm.pack_nm(val, idx, p.n, p.m, layout.shape)
-    few = spmm.nm_kernel(nm) if nm else None  # declines 16+ tokens
+    if nm is None or nm.window > spmm.NM_KERNEL_MAX_WINDOW:
+        return _panel_kernel(layout.to_dense())
+    permute, (lo, hi), n_in = spmm.nm_kernel(nm), spmm.NM_KERNEL_TOKENS, layout.shape[1]
+
+    def few(x, bias):  # the token counts where the permute kernel is the faster one; else panel CSR
+        return permute(x, bias) if lo <= x.numel() // n_in < hi else None
     return _panel_kernel(layout.to_dense(), few)
 
 

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.skipif(not spmm.cpu_kernel_available(), reason="no C++
 
 
 @pytest.mark.parametrize("out,n_in", [(1, 1), (33, 129), (64, 256), (7, 300)])
-@pytest.mark.parametrize("T", [1, 3, 16, 64, 65, 130])
+@pytest.mark.parametrize("T", [1, 3, 7, 12, 16, 64, 65, 130])  # 7 and 12: each ISA's switch to 64-token tiles
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
 def test_spmm_matches_reference(out, n_in, T, density):
     g = torch.Generator().manual_seed(out * 1000 + n_in + T)
@@ -123,3 +123,30 @@ def test_bound_kernels_decline_what_they_cannot_compute():
         with torch.no_grad():
             assert run(x.requires_grad_()) is not None, name
         x = x.detach()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 10), (4, 8)])
+@pytest.mark.parametrize("T", [1, 2, 5, 15, 16, 40])
+def test_nm_layout_takes_the_permute_kernel_only_where_it_pays(monkeypatch, n, m, T):
+    """n:m layouts: the permute kernel for 2-15 tokens and windows up to 64 inputs, panel CSR elsewhere."""
+    from sparsify_plugins.layouts import NM
+    from sparsify_plugins.layouts import formats as F
+    from sparsify_plugins.layouts.modules import SparseLinear
+    from sparsify_plugins.layouts.weight import NMParams
+    calls = []
+    real = spmm.nm_kernel
+
+    def spy(packed):
+        run = real(packed)
+        return lambda x, bias=None: calls.append(x.numel()) or run(x, bias)
+    monkeypatch.setattr(spmm, "nm_kernel", spy)
+    g = torch.Generator().manual_seed(n * 10 + m + T)
+    w = torch.randn(24, 80, generator=g)
+    w = w * F.nm_mask(w, n, m)
+    lin = SparseLinear(NM.from_dense(w, NMParams(n=n, m=m)), torch.randn(24, generator=g))
+    x = torch.randn(T, 80, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), x @ w.T + lin.bias, atol=1e-4, rtol=1e-4)
+    lo, hi = spmm.NM_KERNEL_TOKENS
+    pays = lo <= T < hi and 16 * m // n <= spmm.NM_KERNEL_MAX_WINDOW
+    assert bool(calls) == pays
