@@ -76,11 +76,23 @@ def parse_variant(spec: str) -> tuple[str, Path, list[str]]:
     return name, Path(folder) if folder else ROOT / "kernels" / "csrc", flags.split()
 
 
+_EVICT: list = []  # [scratch tensor] when --evict is set
+
+
 def timed(variants: dict[str, ctypes.CDLL], fns: dict, rounds: int, stat, before=None) -> dict[tuple[str, str], float]:
     """Seconds per (variant, function): every function under every variant once per round, in turn.
 
-    ``before`` runs untimed before every call (``sparsify_core.bench.flush_caches``: cold weights)."""
+    ``before`` runs untimed before every call (``sparsify_core.bench.flush_caches``: cold weights); with
+    ``--evict MB`` a stream through MB of scratch runs too."""
     from sparsify_kernels import native
+
+    if _EVICT:
+        first = before
+
+        def before():
+            _EVICT[0].add_(1.0)
+            if first is not None:
+                first()
 
     current: dict = {}
     real = native.library
@@ -296,6 +308,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--build-dir", type=Path, default=Path("/tmp/sparsify-kernel-ab"))
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
+    p.add_argument("--evict", type=int, default=0, metavar="MB",
+                   help="stream MB of scratch before every call (e.g. 8: the weights leave L2 but stay in a "
+                        "large L3, as between the candidates of `sparsify bench` case 3)")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
@@ -304,6 +319,7 @@ def main(argv=None) -> None:
         _run(args)
     finally:
         torch.set_num_threads(threads)
+        _EVICT.clear()
 
 
 def _run(args) -> None:
@@ -315,9 +331,11 @@ def _run(args) -> None:
     args.sparsity = args.sparsity or default_s
     variants = {name: build(isa, folder, flags, args.build_dir)
                 for name, folder, flags in map(parse_variant, args.variants)}
+    _EVICT[:] = [torch.zeros(args.evict << 18)] if args.evict else []
     info = machine()
     print(f"{info.get('cpu_model')} | kernels {isa} | dense torch {info['dense_isa']} | {torch.get_num_threads()} "
-          f"threads | torch {torch.__version__} | {args.stat} of {args.rounds} rounds", flush=True)
+          f"threads | torch {torch.__version__} | {args.stat} of {args.rounds} rounds"
+          + (f" | {args.evict} MB streamed before each call" if args.evict else ""), flush=True)
     with torch.no_grad():  # not set_grad_enabled(False): main() is also called in-process (its tests)
         fn(variants, args, statistics.median if args.stat == "median" else min)
 

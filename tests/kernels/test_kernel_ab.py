@@ -43,6 +43,13 @@ def test_bad_variants_fail_with_one_line(ab, build_dir, tmp_path):
         ab.main(["ffn", f"empty={tmp_path}", "--quick", "--build-dir", str(build_dir)])
 
 
+def test_evict_streams_scratch_before_every_call(ab, build_dir, capsys):
+    ab.main(["bsr", "base=", "--quick", "--rounds", "1", "--tokens", "1", "--evict", "1", "--build-dir", str(build_dir)])
+    out = capsys.readouterr().out
+    assert "1 MB streamed before each call" in out.splitlines()[0] and "base:" in out
+    assert ab._EVICT == []  # the scratch is released with the run
+
+
 def test_main_leaves_the_process_as_it_found_it(ab, build_dir):
     import torch
     threads, grad, library = torch.get_num_threads(), torch.is_grad_enabled(), native.library
