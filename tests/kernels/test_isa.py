@@ -128,3 +128,27 @@ def test_ffn_odd_shapes(isa, d, dff, T, live):
     args = dict(w_in=w_in, b_in=None, w_up=w_up, b_up=None, w_down_t=w_down_t, b_down=torch.randn(d, generator=g))
     ref = K.ffn_reference(x, act="relu", threshold=t, **args)
     torch.testing.assert_close(K.ffn_sparse(x, act="relu", threshold=t, **args), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_library_follows_the_environment_at_every_call(monkeypatch):
+    """library() caches by SPARSIFY_NO_NATIVE and SPARSIFY_ISA, read (fast) at every call, set either way."""
+    import os
+    monkeypatch.delenv("SPARSIFY_NO_NATIVE", raising=False)
+    monkeypatch.delenv(native.ENV, raising=False)
+    first = native.library()
+    assert first is not None
+    monkeypatch.setenv("SPARSIFY_NO_NATIVE", "1")
+    assert native.library() is None
+    monkeypatch.setenv("SPARSIFY_NO_NATIVE", "0")
+    assert native.library() is first
+    monkeypatch.delenv("SPARSIFY_NO_NATIVE")
+    for variant in native.supported_isas():
+        os.environ[native.ENV] = variant  # plain assignment, as a user's script would
+        try:
+            assert native.loaded_isa() == variant and native.library() is native.library(variant)
+        finally:
+            del os.environ[native.ENV]
+    assert native.library() is first
+    monkeypatch.setattr(native, "_ENV_DATA", None)  # no os.environ dict to read: os.environ.get
+    monkeypatch.setenv("SPARSIFY_NO_NATIVE", "1")
+    assert native.library() is None

@@ -99,3 +99,4 @@ print("ok")
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     calls = log.read_text().splitlines()
     assert len(calls) == 2 and "-fopenmp" in calls[0] and "-fopenmp" not in calls[1], calls
+
