@@ -255,9 +255,9 @@ def bsr_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape, 
     ``BSR_MANY_TOKENS`` (8) tokens or more (``br`` a multiple of 4): the
     tokens packed in tiles of 64, several rows of a tile sharing every
     activation load. Fewer tokens (or another ``br`` below 16 tokens): tile
-    rows stream into one accumulator per row, once per token. ``None`` where the kernels do not apply (other dtype or device, the
-    portable build: these kernels need AVX2+FMA or AVX-512). Repeated calls:
-    ``bsr_kernel``.
+    rows stream into one accumulator per row, once per token. ``None`` where
+    the kernels do not apply (other dtype or device, the portable build:
+    these kernels need AVX2+FMA or AVX-512). Repeated calls: ``bsr_kernel``.
     """
     run = bsr_kernel(crow, col, val, shape)
     return None if run is None else run(x, None if bias is None else bias.contiguous())
