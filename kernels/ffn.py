@@ -167,13 +167,15 @@ def cpu_kernel_available() -> bool:
     return _lib() is not None
 
 
+def _decodes(x: torch.Tensor, T: int, act: str) -> bool:
+    """What the CPU FFN kernels take: 1..MAX_TOKENS tokens, a known activation, no autograd graph to keep."""
+    return 1 <= T <= MAX_TOKENS and act in ACTIVATIONS and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def _tokens(x: torch.Tensor, d: int, act: str) -> torch.Tensor | None:
-    """``x`` as contiguous ``[T, d]`` tokens when the CPU FFN kernels take it: 1..MAX_TOKENS tokens, a known
-    activation, no autograd graph to keep; else ``None``."""
+    """``x`` as contiguous ``[T, d]`` tokens when the CPU FFN kernels take it (``_decodes``); else ``None``."""
     x2 = x.reshape(-1, d)
-    if not 1 <= x2.shape[0] <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
-        return None
-    return x2.contiguous()
+    return x2.contiguous() if _decodes(x, x2.shape[0], act) else None
 
 
 def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0,
@@ -396,9 +398,7 @@ def ffn_moe_threshold(x, logits, tau: float, w_in, b_in, w_up, b_up, w_down_t, b
     if E * expert_size != w_in.shape[0] or x.shape[-1] != d or logits.numel() != T * E:
         raise ValueError(f"logits {tuple(logits.shape)} x expert size {expert_size} do not cover {w_in.shape[0]} "
                          f"neurons for x {tuple(x.shape)}")
-    if not 1 <= T <= MAX_TOKENS or act not in ACTIVATIONS or torch.is_grad_enabled() and x.requires_grad:
-        return None
-    if not _ok(x, logits, w_in, b_in, w_up, b_up, w_down_t, b_down):
+    if not _decodes(x, T, act) or not _ok(x, logits, w_in, b_in, w_up, b_up, w_down_t, b_down):
         return None
     bracket = logit_bracket(float(tau))
     lib = _lib()

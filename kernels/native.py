@@ -214,10 +214,9 @@ _ENV_DATA = getattr(os.environ, "_data", None)
 if not isinstance(_ENV_DATA, dict):
     _ENV_DATA = None
 _encode = getattr(os.environ, "encodekey", None)
-try:
-    _NO_NATIVE_KEY, _ISA_KEY = _encode("SPARSIFY_NO_NATIVE"), _encode(ENV)
-except TypeError:
+if not callable(_encode):
     _ENV_DATA = None
+_NO_NATIVE_KEY, _ISA_KEY = (_encode("SPARSIFY_NO_NATIVE"), _encode(ENV)) if _ENV_DATA is not None else (None, None)
 
 
 def loaded_isa(name: str | None = None) -> str | None:

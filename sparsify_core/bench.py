@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .dense_isa import (DENSE_CAPABILITY, DENSE_ENV_NAMES, DENSE_ISA_ENV, _cpuinfo,  # noqa: F401 (re-exported)
+from .dense_isa import (DENSE_CAPABILITY, DENSE_ENV_NAMES, DENSE_ISA_ENV, cpu_info,  # noqa: F401 (re-exported)
                         threads_text, widest_isa)
 from .errors import SparsifyError
 from .metric import MetricInfo
@@ -173,7 +173,7 @@ def machine() -> dict:
 
     ``dense_isa`` is the ISA ATen dispatches dense CPU kernels to (``AVX512``, ``AVX2``, ``DEFAULT``);
     ``dense_env`` the ``DENSE_ISA_ENV`` variables that were set (they cap MKL and oneDNN too)."""
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu_model": model or platform.processor() or platform.machine() or None,
             "isa": widest_isa(flags), "isa_flags": [f for f in ISA_FLAGS if f in flags],

@@ -429,7 +429,7 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
     AVX2 machine would give, up to its memory system.
     """
     if isa is not None:
-        from .dense_isa import DENSE_ENV_NAMES, DENSE_ISA_ENV, _cpuinfo, runnable, widest_isa
+        from .dense_isa import DENSE_ENV_NAMES, DENSE_ISA_ENV, cpu_isa, runnable
         isa = isa.strip().lower()
         if isa not in DENSE_ISA_ENV:  # one entry per kernel build (sparsify_kernels.native.ISAS)
             raise SparsifyError(f"--isa {isa}: choose one of {', '.join(DENSE_ISA_ENV)}")
@@ -437,7 +437,7 @@ def bench(case: Optional[list[int]] = typer.Option(None, "--case", help="cases t
             raise SparsifyError("--compare shows saved results and runs nothing: leave out --isa")
         if not runnable(isa):
             raise SparsifyError(f"--isa {isa}: this CPU cannot run it (its widest vector ISA is "
-                                f"{widest_isa(_cpuinfo()[1])})")
+                                f"{cpu_isa()})")
         # Before torch is imported here: ATen reads its capability once, MKL and oneDNN at first use.
         os.environ["SPARSIFY_ISA"] = isa
         for name in DENSE_ENV_NAMES:  # --isa avx512 lifts an inherited cap

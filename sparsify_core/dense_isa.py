@@ -24,7 +24,7 @@ DENSE_ENV_NAMES = tuple(sorted({k for v in DENSE_ISA_ENV.values() for k in v}))
 DENSE_CAPABILITY = {"avx2": "AVX2", "portable": "DEFAULT"}
 
 
-def _cpuinfo() -> tuple[str | None, frozenset[str]]:
+def cpu_info() -> tuple[str | None, frozenset[str]]:
     """The CPU model name and its feature flags, from Linux ``/proc/cpuinfo`` (``None``/empty elsewhere)."""
     model, flags = None, frozenset()
     try:
@@ -51,11 +51,16 @@ def widest_isa(flags) -> str:
     return "generic"
 
 
+def cpu_isa() -> str:
+    """This CPU's widest vector ISA (``widest_isa`` of its flags)."""
+    return widest_isa(cpu_info()[1])
+
+
 def runnable(name: str, flags=None) -> bool:
     """Whether this CPU (or one with ``flags``) runs ``--isa name``: ``portable`` anywhere, ``avx2`` where the
     widest ISA is avx2 or avx512, ``avx512`` only there. Raises ``KeyError`` for other names."""
     order = {"portable": 0, "avx2": 1, "avx512": 2}
-    widest = widest_isa(_cpuinfo()[1] if flags is None else flags)
+    widest = cpu_isa() if flags is None else widest_isa(flags)
     return order[name] <= order.get(widest, 0)
 
 

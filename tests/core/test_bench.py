@@ -73,9 +73,9 @@ def test_the_recorded_isa_is_the_kernel_path_the_rows_report():
         return [bench.Row(96, "x", 1.0, {"ours": 1.0}, {"ours": 1.0}, extra={"kernel_isa": "portable"})]
 
     env = bench.run((96,), available={96: bench.BenchCase(96, "isa", "", rows)})["environment"]
-    assert env["isa"] == "portable" and env["cpu_isa"] == bench.widest_isa(bench._cpuinfo()[1])
+    assert env["isa"] == "portable" and env["cpu_isa"] == bench.widest_isa(bench.cpu_info()[1])
     env = bench.run((97,), available={97: CASE})["environment"]  # no kernel path reported: the CPU's widest
-    assert env["isa"] == bench.widest_isa(bench._cpuinfo()[1]) and "cpu_isa" not in env
+    assert env["isa"] == bench.widest_isa(bench.cpu_info()[1]) and "cpu_isa" not in env
 
 
 def test_widest_isa():
@@ -222,7 +222,7 @@ def test_cli_bench_isa_refuses_unknown_names_and_compare(workdir, tmp_path, monk
 
     from sparsify_core import dense_isa
     with monkeypatch.context() as m:  # an AVX2 CPU: refused before anything is set or loaded
-        m.setattr(dense_isa, "_cpuinfo", lambda: ("AVX2 CPU", frozenset({"avx2", "fma"})))
+        m.setattr(dense_isa, "cpu_info", lambda: ("AVX2 CPU", frozenset({"avx2", "fma"})))
         before = dict(os.environ)
         proc = sparsify_here("bench", "--isa", "avx512", cwd=workdir)
         assert proc.returncode == 1 and "--isa avx512: this CPU cannot run it (its widest vector ISA is avx2)" \
