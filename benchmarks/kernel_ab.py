@@ -26,8 +26,9 @@ AVX-512 GEMMs no AVX2 machine has; the first line prints dense torch's ISA:
 
 Cases: ``ffn`` the activation-sparse FFN (4096 x 11008, one token, FATReLU
 at the quantile: ``sparsify bench`` case 1), ``screened`` the same with the
-16-bit gate screen, ``predicted`` with a rank-64 activation predictor (case
-1's predictor rows, caches flushed before every call), ``moe`` the MoE FFN kernel
+16-bit gate screen, ``planes`` with the gate in 16-bit planes, ``predicted``
+with a rank-64 activation predictor (case 1's predictor rows, caches flushed
+before every call), ``moe`` the MoE FFN kernel
 (32-neuron experts, SiLU: case 2 without the router), ``bsr`` BSR Linear
 768 <-> 3072 with 16 x 16 tiles (case 3), ``csr`` and ``nm`` case 3's other
 layouts (``--tokens`` as for ``bsr``), ``decode-ffn`` 30 activation-sparse
@@ -161,6 +162,17 @@ def case_screened(variants, args, stat):
     _activation_sparse(variants, args, stat, "screened", screened)
 
 
+def case_planes(variants, args, stat):
+    from sparsify_kernels import ffn as K
+    planes = {}
+
+    def in_planes(x, wg, wu, wdt, t):
+        if id(wg) not in planes:  # the gate's 16-bit planes, made once (first, untimed warm-up call)
+            planes[id(wg)] = K.gate_planes(wg)
+        return K.ffn_planes(x, None, wu, None, wdt, None, t, planes=planes[id(wg)])
+    _activation_sparse(variants, args, stat, "planes", in_planes)
+
+
 def case_predicted(variants, args, stat):
     """As ``sparsify bench`` case 1's predictor rows: rank 64, recall 0.99 on held-out inputs, cold weights."""
     from sparsify_core.bench import flush_caches
@@ -289,6 +301,7 @@ def case_decode_ffn(variants, args, stat):
 
 
 CASES = {"ffn": (case_ffn, [0.3, 0.5, 0.7, 0.9, 0.95]), "screened": (case_screened, [0.7, 0.9, 0.95]),
+         "planes": (case_planes, [0.3, 0.5, 0.7, 0.9]),
          "predicted": (case_predicted, [0.9, 0.95]), "moe": (case_moe, [0.25, 0.5, 0.75]),
          "bsr": (case_bsr, [0.5, 0.75, 0.9]), "csr": (case_csr, [0.5, 0.75, 0.9]), "nm": (case_nm, [0.5, 0.75, 0.9]),
          "decode-ffn": (case_decode_ffn, [0.86, 0.7])}

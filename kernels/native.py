@@ -102,7 +102,12 @@ def flags_for(name: str, openmp: bool = True) -> list[str]:
     threads (``csrc/pool.h`` says why); ``build`` retries without it where
     the compiler lacks OpenMP.
     """
-    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread"] + (["-fopenmp"] if openmp else [])
+    # -ffp-contract=off: a scalar a * b + c is two roundings wherever it appears. GCC's default (fast) fuses it
+    # into an FMA where the code's shape allows, so the same source line gave different bits in different
+    # kernels (AVX2 dot4's scalar tail vs dot_as_dot4's: a neuron's gate differed in its last bit between
+    # kernels that promise the same floats). The vector FMAs are intrinsics, unaffected.
+    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-pthread"] \
+        + (["-fopenmp"] if openmp else [])
     if not _X86:
         return base + (["-mcpu=native"] if platform.machine() in ("aarch64", "arm64") else [])
     return base + _ARCH[name]

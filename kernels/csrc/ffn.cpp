@@ -12,6 +12,7 @@
 // activation predictor (a rank-r map from x to neuron logits, a few MB), only
 // the predicted neurons' gate rows are read as well.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -91,6 +92,44 @@ inline void prefetch_rows(const float* w_up, const float* w_outT, int64_t j, int
     }
 }
 
+// Phase 2 for one token: the up rows of the live neurons (four at a time, dot4: four row streams in flight)
+// scale their gate values g[q * g_stride], then the down rows of the non-zero ones are added into my (axpy4:
+// four rows, the output loaded and stored once per four).
+inline void active_rows_one_token(const float* x, int64_t d, const float* w_up, const float* b_up, const float* w_outT,
+                                  bool up_relu, float* g, int64_t g_stride, const int64_t* live, int n_live,
+                                  float* my) {
+    int q = 0;
+    if (w_up) {
+        for (; q + 4 <= n_live; q += 4) {
+            const float* rows[4];
+            for (int k = 0; k < 4; ++k) rows[k] = w_up + live[q + k] * d;
+            float u[4];
+            sp::dot4<false>(rows, x, d, u);
+            for (int k = 0; k < 4; ++k) {
+                const float v = u[k] + (b_up ? b_up[live[q + k]] : 0.0f);
+                g[(q + k) * g_stride] *= up_relu && v < 0.0f ? 0.0f : v;
+            }
+        }
+        for (; q < n_live; ++q) {
+            const float v = sp::dot<false>(w_up + live[q] * d, x, d) + (b_up ? b_up[live[q]] : 0.0f);
+            g[q * g_stride] *= up_relu && v < 0.0f ? 0.0f : v;
+        }
+    }
+    const float* rows[4];
+    float coef[4];
+    int m = 0;
+    for (int q = 0; q < n_live; ++q) {
+        if (g[q * g_stride] == 0.0f) continue;
+        rows[m] = w_outT + live[q] * d;
+        coef[m] = g[q * g_stride];
+        if (++m == 4) {
+            sp::axpy4(my, coef, rows, d);
+            m = 0;
+        }
+    }
+    for (int k = 0; k < m; ++k) sp::axpy<false>(my, coef[k], rows[k], d);
+}
+
 template <class Neurons>
 void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const float* b_in, const float* w_up,
               const float* b_up, const float* w_outT, const float* b_out, int64_t total, Neurons neurons,
@@ -164,38 +203,7 @@ void ffn_core(const float* x, int64_t T, int64_t d, const float* w_in, const flo
         last_live = n_live;
         // Phase 2: the active neurons' up and down rows (prefetched since phase 1 found them).
         if (T == 1) {
-            // One token: four active neurons at a time, up rows by dot4 and down rows by axpy4 (four row
-            // streams in flight, the output loaded and stored once per four rows).
-            int q = 0;
-            if (w_up) {
-                for (; q + 4 <= n_live; q += 4) {
-                    const float* rows[4];
-                    for (int k = 0; k < 4; ++k) rows[k] = w_up + live[q + k] * d;
-                    float u[4];
-                    sp::dot4<false>(rows, x, d, u);
-                    for (int k = 0; k < 4; ++k) {
-                        const float v = u[k] + (b_up ? b_up[live[q + k]] : 0.0f);
-                        gs[q + k][0] *= up_relu && v < 0.0f ? 0.0f : v;
-                    }
-                }
-                for (; q < n_live; ++q) {
-                    const float v = sp::dot<false>(w_up + live[q] * d, x, d) + (b_up ? b_up[live[q]] : 0.0f);
-                    gs[q][0] *= up_relu && v < 0.0f ? 0.0f : v;
-                }
-            }
-            const float* rows[4];
-            float coef[4];
-            int m = 0;
-            for (int q = 0; q < n_live; ++q) {
-                if (gs[q][0] == 0.0f) continue;
-                rows[m] = w_outT + live[q] * d;
-                coef[m] = gs[q][0];
-                if (++m == 4) {
-                    sp::axpy4(my, coef, rows, d);
-                    m = 0;
-                }
-            }
-            for (int k = 0; k < m; ++k) sp::axpy<false>(my, coef[k], rows[k], d);
+            active_rows_one_token(x, d, w_up, b_up, w_outT, up_relu, &gs[0][0], kMaxTokens, live, n_live, my);
             return;
         }
         for (int q = 0; q < n_live; ++q) {
@@ -235,6 +243,21 @@ inline auto listed(const std::vector<int64_t>& list) {
             js[n++] = list[f];
         return n;
     };
+}
+
+// ||x||_2 for the screen's bound, computed in double and padded up (its own rounding).
+inline double norm_bound(const float* x, int64_t d) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < d; ++i) ss += (double)x[i] * (double)x[i];
+    return std::sqrt(ss) * (1.0 + 0x1p-40);
+}
+
+// Whether a neuron whose screened gate is s (bias b, bound e = ||x|| err[j]) cannot reach the threshold:
+// |gate - (s + b)| <= e plus the fp32 roundings of the bias additions, padded as for the LM head. NaN: never
+// ruled out.
+inline bool ruled_out(float s, float b, double e, float threshold) {
+    const double slack = e + (std::fabs((double)s) + 2.0 * std::fabs((double)b) + e) * 0x1p-20;
+    return (double)s + (double)b + slack < (double)threshold;
 }
 
 }  // namespace
@@ -397,20 +420,13 @@ int sp_ffn_screened_f32(const float* x, int64_t d, const float* w_in, const uint
     if ((act & ~kUpReLU) != RELU || d < 1 || dff < 0) return 1;
     std::vector<float> xp(d);
     sp::hi_order(x, d, xp.data());
-    double ss = 0.0;
-    for (int64_t i = 0; i < d; ++i) ss += (double)x[i] * (double)x[i];
-    const double xn = std::sqrt(ss) * (1.0 + 0x1p-40);
+    const double xn = norm_bound(x, d);
     // 1. The screen, 64 rows per item: candidate flags.
     std::vector<uint8_t> cand(dff);
     constexpr int64_t kBlock = 64;
     sp::Pool::get().run((dff + kBlock - 1) / kBlock, threads, [&](int64_t item, int) {
         const int64_t r1 = std::min(dff, (item + 1) * kBlock);
-        auto flag = [&](int64_t j, float s) {
-            const double b = b_in ? (double)b_in[j] : 0.0, e = xn * (double)err[j];
-            // |gate - (s + b)| <= e plus the fp32 roundings of the bias additions: padded as for the LM head.
-            const double slack = e + (std::fabs((double)s) + 2.0 * std::fabs(b) + e) * 0x1p-20;
-            cand[j] = !((double)s + b + slack < (double)threshold);  // NaN: a candidate
-        };
+        auto flag = [&](int64_t j, float s) { cand[j] = !ruled_out(s, b_in ? b_in[j] : 0.0f, xn * (double)err[j], threshold); };
         int64_t r = item * kBlock;
         for (; r + 4 <= r1; r += 4) {
             const uint16_t* rows[4] = {hi + r * d, hi + (r + 1) * d, hi + (r + 2) * d, hi + (r + 3) * d};
@@ -426,6 +442,82 @@ int sp_ffn_screened_f32(const float* x, int64_t d, const float* w_in, const uint
     if (n_candidates) *n_candidates = total;
     ffn_core(x, 1, d, w_in, b_in, w_up, b_up, w_outT, b_out, total, listed(list), nullptr, 0, 1, act, threshold,
              cut, y, threads);
+    return 0;
+}
+
+
+// The same FFN with the gate stored as two 16-bit planes, hi and lo [dff, d] (the upper and lower halves of
+// every fp32 weight; hi is the truncation screen, err[j] its bound as for sp_ffn_screened_f32), screened and
+// computed chunk by chunk: the chunk's hi rows are streamed through the screen, the neurons it cannot rule out
+// (the candidates) get their exact fp32 gate from hi (just read: in cache) and lo (read for them only), bit
+// for bit dot4's, then the active neurons' up and down rows. Gate bytes: 2 per weight plus 2 per candidate's
+// weight (sp_ffn_screened_f32: 2 per weight plus 4 per candidate's, its fp32 row, after a separate pass over
+// hi; sp_ffn_decode_f32: 4 per weight). The chunks, groups and sums are sp_ffn_decode_f32's over [0, dff): the
+// output is bit for bit that kernel's. *n_candidates (if not null) receives the number of candidates.
+// Returns 1 for another activation.
+int sp_ffn_planes_f32(const float* x, int64_t d, const uint16_t* hi, const uint16_t* lo, const float* err,
+                      const float* b_in, const float* w_up, const float* b_up, const float* w_outT,
+                      const float* b_out, int64_t dff, int act, float threshold, float cut, float* y,
+                      int64_t* n_candidates, int threads) {
+    if ((act & ~kUpReLU) != RELU || d < 1 || dff < 0) return 1;
+    const bool up_relu = (act & kUpReLU) != 0;
+    std::vector<float> xp(d);
+    sp::hi_order(x, d, xp.data());
+    const double xn = norm_bound(x, d);
+    const int64_t n_chunks = (dff + kChunk - 1) / kChunk;
+    const int64_t n_groups = std::max<int64_t>(1, std::min<int64_t>(n_chunks, kGroups));
+    const int n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n_groups));
+    std::vector<float> acc((size_t)n_groups * d, 0.0f);
+    std::atomic<int64_t> n_cand{0};
+    run_groups(n_chunks, n_groups, n_threads, d, acc.data(), [&](int64_t c, float* my, int& last_live) {
+        const int64_t j0 = c * kChunk, n = std::min(kChunk, dff - j0);
+        // 1. The screen over the chunk's hi rows (consecutive: dot_hi4's far prefetch runs into the next chunk).
+        int64_t cand[kChunk];
+        int nc = 0;
+        auto screen = [&](int64_t j, float s) {
+            if (!ruled_out(s, b_in ? b_in[j] : 0.0f, xn * (double)err[j], threshold)) cand[nc++] = j;
+        };
+        int64_t q = 0;
+        for (; q + 4 <= n; q += 4) {
+            const uint16_t* rows[4] = {hi + (j0 + q) * d, hi + (j0 + q + 1) * d, hi + (j0 + q + 2) * d,
+                                       hi + (j0 + q + 3) * d};
+            float v[4];
+            sp::dot_hi4(rows, xp.data(), d, v);
+            for (int k = 0; k < 4; ++k) screen(j0 + q + k, v[k]);
+        }
+        for (; q < n; ++q) screen(j0 + q, sp::dot_hi(hi + (j0 + q) * d, x, d));
+        // 2. The candidates' exact gates, four at a time (a short last group repeats its last row).
+        float gs[kChunk];
+        int64_t live[kChunk];
+        int n_live = 0;
+        const bool pf = last_live < 4;  // as ffn_core: prefetch the active rows where they are few
+        for (int p = 0; p < nc; p += 4) {
+            const uint16_t* h4[4];
+            const uint16_t* l4[4];
+            for (int k = 0; k < 4; ++k) {
+                const int64_t j = cand[std::min(p + k, nc - 1)];
+                h4[k] = hi + j * d;
+                l4[k] = lo + j * d;
+            }
+            float v[4];
+            sp::dot4_planes(h4, l4, x, d, v);
+            for (int k = 0; k < 4 && p + k < nc; ++k) {
+                const int64_t j = cand[p + k];
+                const float g = activate(RELU, v[k] + (b_in ? b_in[j] : 0.0f), threshold, cut);
+                if (g != 0.0f) {
+                    if (pf) prefetch_rows(w_up, w_outT, j, d);
+                    gs[n_live] = g;
+                    live[n_live++] = j;
+                }
+            }
+        }
+        last_live = n_live;
+        n_cand += nc;
+        // 3. The active neurons' up and down rows.
+        active_rows_one_token(x, d, w_up, b_up, w_outT, up_relu, gs, 1, live, n_live, my);
+    });
+    sum_groups(acc.data(), n_groups, d, b_out, d, y);
+    if (n_candidates) *n_candidates = n_cand;
     return 0;
 }
 

@@ -336,6 +336,100 @@ static inline float dot_as_dot4(const float* __restrict a, const float* __restri
 #endif
 }
 
+// The fp32 weights whose upper 16 bits are h[0..n) and lower 16 bits l[0..n) (a row stored as two 16-bit
+// planes), times b, for four rows: dot4's accumulators and order, so r[k] is bit for bit dot4 of the fp32 rows.
+// The lo planes are rows in a data-dependent order: prefetched ahead inside each row only.
+static inline void dot4_planes(const uint16_t* const h[4], const uint16_t* const l[4], const float* __restrict b,
+                               int64_t n, float r[4]) {
+#if defined(__AVX512F__)
+    auto w16 = [](const uint16_t* hp, const uint16_t* lp) {
+        const __m512i hv = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)hp));
+        const __m512i lv = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)lp));
+        return _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(hv, 16), lv));
+    };
+    __m512 s[8];
+    for (int k = 0; k < 8; ++k) s[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+#if SP_PREFETCH
+        if (i + 2 * SP_PREFETCH < n)
+            for (int k = 0; k < 4; ++k) __builtin_prefetch(l[k] + i + 2 * SP_PREFETCH, 0, 3);
+#endif
+        const __m512 b0 = _mm512_loadu_ps(b + i), b1 = _mm512_loadu_ps(b + i + 16);
+        for (int k = 0; k < 4; ++k) {
+            s[k] = _mm512_fmadd_ps(w16(h[k] + i, l[k] + i), b0, s[k]);
+            s[4 + k] = _mm512_fmadd_ps(w16(h[k] + i + 16, l[k] + i + 16), b1, s[4 + k]);
+        }
+    }
+    if (i + 16 <= n) {
+        const __m512 b0 = _mm512_loadu_ps(b + i);
+        for (int k = 0; k < 4; ++k) s[k] = _mm512_fmadd_ps(w16(h[k] + i, l[k] + i), b0, s[k]);
+        i += 16;
+    }
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 b1 = _mm512_maskz_loadu_ps(m, b + i);
+        for (int k = 0; k < 4; ++k) {
+            const __m512i hv = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, h[k] + i));
+            const __m512i lv = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, l[k] + i));
+            s[4 + k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(hv, 16), lv)), b1, s[4 + k]);
+        }
+    }
+    for (int k = 0; k < 4; ++k) r[k] = _mm512_reduce_add_ps(_mm512_add_ps(s[k], s[4 + k]));
+#elif defined(__AVX2__)
+    auto w8 = [](const uint16_t* hp, const uint16_t* lp) {
+        const __m256i hv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)hp));
+        const __m256i lv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)lp));
+        return _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(hv, 16), lv));
+    };
+    __m256 s[8];
+    for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+#if SP_PREFETCH
+        if ((i & 31) == 0 && i + 2 * SP_PREFETCH < n)
+            for (int k = 0; k < 4; ++k) __builtin_prefetch(l[k] + i + 2 * SP_PREFETCH, 0, 3);
+#endif
+        const __m256 b0 = _mm256_loadu_ps(b + i), b1 = _mm256_loadu_ps(b + i + 8);
+        for (int k = 0; k < 4; ++k) {
+            s[k] = _mm256_fmadd_ps(w8(h[k] + i, l[k] + i), b0, s[k]);
+            s[4 + k] = _mm256_fmadd_ps(w8(h[k] + i + 8, l[k] + i + 8), b1, s[4 + k]);
+        }
+    }
+    for (int k = 0; k < 4; ++k) {
+        __m256 t = _mm256_add_ps(s[k], s[4 + k]);
+        __m128 hh = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        hh = _mm_add_ps(hh, _mm_movehl_ps(hh, hh));
+        hh = _mm_add_ss(hh, _mm_movehdup_ps(hh));
+        float v = _mm_cvtss_f32(hh);
+        for (int64_t j = i; j < n; ++j) {
+            const uint32_t u = ((uint32_t)h[k][j] << 16) | l[k][j];
+            float w;
+            std::memcpy(&w, &u, sizeof w);
+            v += w * b[j];
+        }
+        r[k] = v;
+    }
+#else
+    // portable: dot()'s eight partial sums over the reassembled weights
+    for (int k = 0; k < 4; ++k) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        auto w = [&](int64_t j) {
+            const uint32_t u = ((uint32_t)h[k][j] << 16) | l[k][j];
+            float f;
+            std::memcpy(&f, &u, sizeof f);
+            return f;
+        };
+        for (; i + 8 <= n; i += 8)
+            for (int q = 0; q < 8; ++q) acc[q] += w(i + q) * b[i + q];
+        float v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; i < n; ++i) v += w(i) * b[i];
+        r[k] = v;
+    }
+#endif
+}
+
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // AVX2 helpers: the first n (0..8) lanes set, and a horizontal sum.
 static inline __m256i mask8(int64_t n) {

@@ -98,9 +98,10 @@ class ActivationSparseParams(Params):
         None, description="also fit an activation predictor per gated FFN (DejaVu/PowerInfer): skips the gate "
                           "rows of neurons predicted inactive; approximate")
     gate_screen: bool = Field(False, description="one-token decoding of gated ReLU/FATReLU FFNs reads the gate's "
-                                                 "16-bit high halves and fp32 gate rows only where the screen cannot "
-                                                 "rule a neuron out: exact; pays at high sparsity on wide rows; costs "
-                                                 "half the gate's bytes of memory")
+                                                 "16-bit upper halves and the rest of a gate row only where the "
+                                                 "screen cannot rule its neuron out: exact; pays from about 50% "
+                                                 "activation sparsity on wide rows; costs the gate's bytes again "
+                                                 "in memory")
 
 
 class ActivationSparseFFNConvert(Method):

@@ -265,6 +265,78 @@ def test_screened_ffn_never_reads_ruled_out_gate_rows():
     torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
 
 
+# -- the gate in 16-bit planes (one token, ReLU/FATReLU) ------------------------------------------------------------
+
+@pytest.mark.parametrize("d,dff", [(1, 1), (17, 45), (48, 70), (100, 300), (300, 37), (40, 1000)])
+@pytest.mark.parametrize("gated,bias,up_relu", [(True, False, False), (False, True, False), (True, True, False),
+                                                (True, False, True), (True, True, True)])  # dReLU needs W_up
+@pytest.mark.parametrize("threshold,cut", [(0.0, 0.0), (0.3, 0.0), (-0.2, 0.0), (0.0, 0.2), (9.0, 0.0)])
+def test_planes_ffn_is_the_unscreened_kernel_bit_for_bit(d, dff, gated, bias, threshold, cut, up_relu):
+    # d covers dot4_planes' 32- and 16-wide steps and every tail (AVX-512 masked, AVX2 scalar); dff chunks of 16
+    # with short last chunks and candidate groups of 1-3; thresholds from every neuron a candidate to none.
+    w = weights(d, dff, gated, bias, seed=d + dff)
+    x = torch.randn(1, d)
+    planes = K.gate_planes(w["w_in"])
+    hi, lo, err = planes
+    assert torch.equal(torch.stack([lo, hi], -1).view(torch.float32).reshape(dff, d), w["w_in"])
+    counts = []
+    args = {k: v for k, v in w.items() if k != "w_in"}
+    out = K.ffn_planes(x, threshold=threshold, cut=cut, planes=planes, counts=counts, up_relu=up_relu, **args)
+    same = K.ffn_sparse(x, act="relu", threshold=threshold, cut=cut, up_relu=up_relu, **w)
+    assert torch.equal(out, same)  # the same gates, neurons, chunks and sums
+    torch.testing.assert_close(out, K.ffn_reference(x, act="relu", threshold=threshold, cut=cut, up_relu=up_relu,
+                                                    **w), atol=1e-4, rtol=1e-4)
+    g = torch.nn.functional.linear(x, w["w_in"], w["b_in"])
+    assert int((g >= threshold).sum()) <= counts[0] <= dff  # every active neuron is a candidate
+
+
+def test_planes_ffn_never_reads_what_the_screen_rules_out():
+    # Lower halves and up/down rows of neurons the screen rules out (by a wide margin) are NaN; a gate weight
+    # that is not finite makes its neuron a candidate (err = inf) and the kernel computes it as ffn_sparse does.
+    w = weights(256, 512, seed=3)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
+    w["w_in"][7, 5] = float("inf")
+    hi, lo, err = K.gate_planes(w["w_in"])
+    assert torch.isinf(err[7])
+    g = torch.nn.functional.linear(x, w["w_in"]).flatten()
+    ruled_out = g < 0.5 - 10 * x.norm() * err
+    assert 0.3 < float(ruled_out.float().mean()) < 1 and not ruled_out[7]
+    args = {k: v for k, v in w.items() if k != "w_in"}
+    ref = K.ffn_planes(x, threshold=0.5, planes=(hi, lo, err), **args)
+    assert torch.equal(ref, K.ffn_sparse(x, act="relu", threshold=0.5, **w))
+    lo = lo.clone()
+    lo[ruled_out] = -1  # 0xffff: with any upper half, a NaN or a different weight
+    for name in ("w_up", "w_down_t"):
+        args[name] = args[name].clone()
+        args[name][ruled_out] = float("nan")
+    counts = []
+    out = K.ffn_planes(x, threshold=0.5, planes=(hi, lo, err), counts=counts, **args)
+    assert torch.equal(out, ref) and counts[0] <= int((~ruled_out).sum())
+
+
+def test_planes_ffn_same_bits_at_any_thread_count():
+    w = weights(96, 2000, gated=True, bias=True)
+    x = torch.randn(1, 96)
+    planes = K.gate_planes(w["w_in"])
+    args = {k: v for k, v in w.items() if k != "w_in"}
+    _same_bits_at_any_thread_count(lambda: K.ffn_planes(x, planes=planes, **args))
+
+
+def test_planes_ffn_declines_what_it_cannot_do():
+    w = weights(16, 32, bias=True)
+    planes = K.gate_planes(w["w_in"])
+    args = {k: v for k, v in w.items() if k != "w_in"}
+    x = torch.randn(1, 16)
+    assert K.ffn_planes(x, planes=planes, **args).shape == (1, 16)
+    assert K.ffn_planes(torch.randn(2, 16), planes=planes, **args) is None  # one token only
+    assert K.ffn_planes(x, planes=None, **args) is None
+    assert K.ffn_planes(x.double(), planes=planes, **args) is None
+    assert K.ffn_planes(x, planes=K.gate_planes(torch.randn(32, 8)), **args) is None  # another weight's shape
+    assert K.ffn_planes(x, planes=(planes[0], planes[1][:16], planes[2]), **args) is None
+    assert K.ffn_planes(x, planes=planes, **{**args, "b_in": args["b_in"][:5]}) is None
+    assert K.ffn_planes(x, planes=planes, **{**args, "b_down": torch.zeros(17)}) is None
+
+
 def test_screened_ffn_declines_what_it_cannot_do():
     w = weights(16, 32)
     screen = K.truncation_screen(w["w_in"])

@@ -386,24 +386,36 @@ def test_gate_screen_is_exact_follows_weight_changes_and_backs_off(monkeypatch):
     ffn, dense = _gated_ffn(d=64, dff=200, act=act)
     ffn.gate_screen = True
     used = []
-    real = ffn_kernels.ffn_screened
-    monkeypatch.setattr(ffn_kernels, "ffn_screened", lambda *a, **k: used.append(1) or real(*a, **k))
+    for name in ("ffn_screened", "ffn_planes"):
+        real = getattr(ffn_kernels, name)
+        monkeypatch.setattr(ffn_kernels, name, lambda *a, _n=name, _r=real, **k: used.append(_n) or _r(*a, **k))
     with torch.no_grad():
         for _ in range(3):
             x = torch.randn(1, 1, 64)
             torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
-        assert len(used) == 3 and ffn._screen is not None and ffn._screen_skip == 0
+        # the first call in planes; it finds few candidates, so the next ones take the two-pass kernel
+        assert used == ["ffn_planes", "ffn_screened", "ffn_screened"] and ffn._screen is not None
+        assert ffn._screen_skip == 0 and ffn._screen_frac <= ffn.SCREEN_TWO_PASS
         ffn.gate_proj.weight.mul_(-1.0)  # in place: a stale screen would rule out the wrong neurons
         x = torch.randn(1, 1, 64)
         torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
         assert len(used) == 4
         ffn(torch.randn(1, 2, 64))  # two tokens: never screened
         assert len(used) == 4
-        act.threshold = 0.0  # ReLU: about half the neurons are candidates, more than SCREEN_MAX_CANDIDATES
+        act.threshold = 0.3  # ~30% active: candidates between SCREEN_TWO_PASS and SCREEN_MAX_CANDIDATES
+        for _ in range(2):
+            torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
+        assert used[-1] == "ffn_planes" and ffn.SCREEN_TWO_PASS < ffn._screen_frac <= ffn.SCREEN_MAX_CANDIDATES
+        with monkeypatch.context() as mp:  # the planes are ffn_sparse bit for bit
+            mp.setattr(ffn, "gate_screen", False)
+            plain = ffn(x)
+        assert torch.equal(ffn(x), plain) and used[-1] == "ffn_planes"
+        act.threshold = -1.0  # nearly every neuron a candidate, more than SCREEN_MAX_CANDIDATES
         torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
-        assert len(used) == 5 and ffn._screen_skip == ffn.SCREEN_BACKOFF  # so the next calls skip it
+        n = len(used)
+        assert ffn._screen_skip == ffn.SCREEN_BACKOFF  # so the next calls skip it
         torch.testing.assert_close(ffn(x), dense(x), atol=1e-5, rtol=1e-5)
-        assert len(used) == 5 and ffn._screen_skip == ffn.SCREEN_BACKOFF - 1
+        assert len(used) == n and ffn._screen_skip == ffn.SCREEN_BACKOFF - 1
 
 
 def test_gate_screen_param_reaches_the_modules_and_their_rebuild(tmp_path):
