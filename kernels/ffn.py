@@ -21,6 +21,12 @@ compute (``logits >= p_threshold``, see ``predict``); the others count as
 inactive without their gate being computed. ``ffn_reference(select=...)``
 defines the result, ``ffn_predicted`` is the CPU kernel.
 
+For one token and a ReLU/FATReLU gate, a screen of the gate's 16-bit upper
+halves (``truncation_screen``) bounds every gate; only the neurons it cannot
+rule out need the rest of their gate row: ``ffn_screened`` reads their fp32
+rows, ``ffn_planes`` their lower halves from the gate stored as two 16-bit
+planes (``gate_planes``). Both are exact.
+
 A mixture of experts (MoEfication, LTE) routes each token to its own set of
 experts (boolean ``experts [..., E]``, any number per token), expert ``e``
 being neurons ``[e*size, (e+1)*size)``: ``ffn_moe`` is the CPU kernel, and

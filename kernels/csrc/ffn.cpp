@@ -10,7 +10,8 @@
 // matrix (or only the listed neurons' gate rows, for experts) plus the
 // active neurons' two rows: the bytes bound of activation sparsity. With an
 // activation predictor (a rank-r map from x to neuron logits, a few MB), only
-// the predicted neurons' gate rows are read as well.
+// the predicted neurons' gate rows are read as well. One token with a ReLU/FATReLU gate: a 16-bit screen
+// of the gate rules neurons out first (sp_ffn_screened_f32; sp_ffn_planes_f32 with the gate in two planes).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
