@@ -171,6 +171,14 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def _shapes_ok(dff: int, d: int, w_in, b_in, w_up, b_up, w_down_t, b_down) -> bool:
+    """The FFN's tensors have the shapes the C kernels index them by: ``w_in``/``w_up``/``w_down_t`` ``[dff, d]``,
+    ``b_in``/``b_up`` ``[dff]``, ``b_down`` ``[d]`` (``None``: absent). A mismatched one would be read out of bounds."""
+    return ((w_in is None or w_in.shape == (dff, d)) and (w_up is None or w_up.shape == (dff, d))
+            and w_down_t.shape == (dff, d) and (b_in is None or b_in.shape == (dff,))
+            and (b_up is None or b_up.shape == (dff,)) and (b_down is None or b_down.shape == (d,)))
+
+
 def cpu_kernel_available() -> bool:
     """True when the compiled CPU kernels load here."""
     return _lib() is not None
@@ -192,22 +200,29 @@ def ffn_sparse(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshol
     """The FFN computing only non-zero activations (and only ``ranges``), or ``None`` if the CPU kernel cannot.
 
     ``x`` is ``[..., d]`` with at most ``MAX_TOKENS`` tokens, float32, on the
-    CPU; the weights must be float32 and contiguous.
+    CPU; the weights must be float32 and contiguous, of matching shapes
+    (``None`` otherwise). ``ValueError`` for ``ranges`` outside the neurons.
     """
     d = w_in.shape[1]
     x2 = _tokens(x, d, act)
     if x2 is None:
         return None
     T = x2.shape[0]
-    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down):
+    dff = w_in.shape[0]
+    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down) or not _shapes_ok(dff, d, w_in, b_in, w_up, b_up,
+                                                                             w_down_t, b_down):
         return None
     lib = _lib()
     if lib is None:
         return None
     if ranges is None:
-        ranges_ptr, n_ranges = _all_neurons(w_in.shape[0]), 1
+        ranges_ptr, n_ranges = _all_neurons(dff), 1
     else:
-        ranges = ranges.to(torch.int64).contiguous()
+        ranges = ranges.to(torch.int64).reshape(-1, 2).contiguous()
+        if ranges.numel() and not (int(ranges.min()) >= 0 and int(ranges.max()) <= dff
+                                   and bool((ranges[:, 0] <= ranges[:, 1]).all())):
+            raise ValueError(f"ranges must be half-open [start, end) within the {dff} neurons; got "
+                             f"{ranges.tolist()}")
         ranges_ptr, n_ranges = ranges.data_ptr(), ranges.numel() // 2
     y = torch.empty(T, d, dtype=torch.float32)
     rc = lib.sp_ffn_decode_f32(x2.data_ptr(), T, d, w_in.data_ptr(), _ptr(b_in), _ptr(w_up), _ptr(b_up),
@@ -232,7 +247,11 @@ def ffn_predicted(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", thres
     if x2 is None:
         return None
     T = x2.shape[0]
-    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, p_in, p_out, p_bias):
+    dff = w_in.shape[0]
+    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, p_in, p_out, p_bias) \
+            or not _shapes_ok(dff, d, w_in, b_in, w_up, b_up, w_down_t, b_down) or p_in.dim() != 2 \
+            or p_in.shape[1] != d or p_out.shape != (dff, p_in.shape[0]) \
+            or (p_bias is not None and p_bias.shape != (dff,)):
         return None
     lib = _lib()
     if lib is None:
@@ -302,17 +321,27 @@ def ffn_screened(x, w_in, b_in, w_up, b_up, w_down_t, b_down, threshold=0.0, cut
     x2 = _tokens(x, d, "relu")
     hi, err = screen
     if x2 is None or not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down, err) or hi.dtype != torch.int16 \
-            or not hi.is_contiguous() or hi.shape != w_in.shape or err.shape != (w_in.shape[0],):
+            or not hi.is_contiguous() or hi.shape != w_in.shape or err.shape != (w_in.shape[0],) \
+            or not _shapes_ok(w_in.shape[0], d, w_in, b_in, w_up, b_up, w_down_t, b_down):
         return None
+    return _one_token_screened("sp_ffn_screened_f32", x, x2, (w_in, hi, err), b_in, w_up, b_up, w_down_t, b_down,
+                               threshold, cut, counts, up_relu)
+
+
+def _one_token_screened(kernel: str, x, x2, gate, b_in, w_up, b_up, w_down_t, b_down, threshold, cut, counts,
+                        up_relu) -> torch.Tensor | None:
+    """Call a screened one-token kernel (``kernel``: its C name; ``gate``: its three gate tensors) on checked
+    arguments; the candidates' count goes to ``counts``."""
     lib = _lib()
     if lib is None:
         return None
+    d = x2.shape[1]
     y = torch.empty(1, d, dtype=torch.float32)
     n_cand = ctypes.c_int64(0)
-    rc = lib.sp_ffn_screened_f32(x2.data_ptr(), d, w_in.data_ptr(), hi.data_ptr(), err.data_ptr(), _ptr(b_in),
-                                 _ptr(w_up), _ptr(b_up), w_down_t.data_ptr(), _ptr(b_down), w_in.shape[0],
-                                 _code("relu", up_relu), float(threshold), float(cut), y.data_ptr(),
-                                 ctypes.addressof(n_cand), native.threads())
+    rc = getattr(lib, kernel)(x2.data_ptr(), d, *(t.data_ptr() for t in gate), _ptr(b_in), _ptr(w_up), _ptr(b_up),
+                              w_down_t.data_ptr(), _ptr(b_down), w_down_t.shape[0], _code("relu", up_relu),
+                              float(threshold), float(cut), y.data_ptr(), ctypes.addressof(n_cand),
+                              native.threads())
     if rc != 0:
         return None
     if counts is not None:
@@ -367,25 +396,11 @@ def ffn_planes(x, b_in, w_up, b_up, w_down_t, b_down, threshold=0.0, cut=0.0, *,
     x2 = _tokens(x, d, "relu")
     if x2 is None or not _ok(x2, b_in, w_up, b_up, w_down_t, b_down, err) or hi.dtype != torch.int16 \
             or lo.dtype != torch.int16 or not (hi.is_contiguous() and lo.is_contiguous()) or hi.dim() != 2 \
-            or lo.shape != hi.shape or w_down_t.shape != hi.shape or err.shape != (hi.shape[0],) \
-            or (w_up is not None and w_up.shape != hi.shape) \
-            or any(b is not None and b.shape != (n,) for b, n in ((b_in, hi.shape[0]), (b_up, hi.shape[0]),
-                                                               (b_down, d))):
+            or lo.shape != hi.shape or err.shape != (hi.shape[0],) \
+            or not _shapes_ok(hi.shape[0], d, None, b_in, w_up, b_up, w_down_t, b_down):
         return None
-    lib = _lib()
-    if lib is None:
-        return None
-    y = torch.empty(1, d, dtype=torch.float32)
-    n_cand = ctypes.c_int64(0)
-    rc = lib.sp_ffn_planes_f32(x2.data_ptr(), d, hi.data_ptr(), lo.data_ptr(), err.data_ptr(), _ptr(b_in),
-                               _ptr(w_up), _ptr(b_up), w_down_t.data_ptr(), _ptr(b_down), hi.shape[0],
-                               _code("relu", up_relu), float(threshold), float(cut), y.data_ptr(),
-                               ctypes.addressof(n_cand), native.threads())
-    if rc != 0:
-        return None
-    if counts is not None:
-        counts.append(int(n_cand.value))
-    return y.reshape(x.shape)
+    return _one_token_screened("sp_ffn_planes_f32", x, x2, (hi, lo, err), b_in, w_up, b_up, w_down_t, b_down,
+                               threshold, cut, counts, up_relu)
 
 
 def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0.0, cut=0.0, *,
@@ -407,7 +422,8 @@ def ffn_moe(x, w_in, b_in, w_up, b_up, w_down_t, b_down, act="relu", threshold=0
     if E * expert_size != w_in.shape[0] or experts.numel() != T * E or not experts.is_cpu:
         raise ValueError(f"experts {tuple(experts.shape)} x size {expert_size} do not cover {w_in.shape[0]} neurons "
                          f"for {T} tokens")
-    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down):
+    if not _ok(x2, w_in, b_in, w_up, b_up, w_down_t, b_down) \
+            or not _shapes_ok(w_in.shape[0], d, w_in, b_in, w_up, b_up, w_down_t, b_down):
         return None
     lib = _lib()
     if lib is None:
@@ -475,7 +491,8 @@ def ffn_moe_threshold(x, logits, tau: float, w_in, b_in, w_up, b_up, w_down_t, b
     if E * expert_size != w_in.shape[0] or x.shape[-1] != d or logits.numel() != T * E:
         raise ValueError(f"logits {tuple(logits.shape)} x expert size {expert_size} do not cover {w_in.shape[0]} "
                          f"neurons for x {tuple(x.shape)}")
-    if not _decodes(x, T, act) or not _ok(x, logits, w_in, b_in, w_up, b_up, w_down_t, b_down):
+    if not _decodes(x, T, act) or not _ok(x, logits, w_in, b_in, w_up, b_up, w_down_t, b_down) \
+            or not _shapes_ok(w_in.shape[0], d, w_in, b_in, w_up, b_up, w_down_t, b_down):
         return None
     bracket = logit_bracket(float(tau))
     lib = _lib()
@@ -503,7 +520,7 @@ def sparse_input_linear(x1, w_t, b=None) -> torch.Tensor | None:
     if not 1 <= T <= MAX_TOKENS or torch.is_grad_enabled() and x1.requires_grad:
         return None
     x2 = x2.contiguous()
-    if not _ok(x2, w_t, b):
+    if not _ok(x2, w_t, b) or (b is not None and b.shape != (n_out,)):
         return None
     lib = _lib()
     if lib is None:

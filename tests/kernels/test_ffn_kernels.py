@@ -346,3 +346,62 @@ def test_screened_ffn_declines_what_it_cannot_do():
     other = K.truncation_screen(torch.randn(32, 8))
     assert K.ffn_screened(torch.randn(1, 16), screen=other, **w) is None  # a screen of another weight's shape
     assert K.ffn_screened(torch.randn(1, 16), screen=screen, **w).shape == (1, 16)
+
+
+# -- arguments the C kernels would index out of bounds -------------------------------------------------------------
+
+def _ffn_calls(w, x):
+    """Every FFN kernel wrapper on the weights ``w`` (one token ``x``), as name -> call."""
+    d, dff = w["w_in"].shape[1], w["w_in"].shape[0]
+    rest = {k: v for k, v in w.items() if k != "w_in"}
+    g = torch.Generator().manual_seed(5)
+    p_in, p_out = torch.randn(4, d, generator=g), torch.randn(dff, 4, generator=g)
+    try:
+        screen, planes = K.truncation_screen(w["w_in"]), K.gate_planes(w["w_in"])
+    except RuntimeError:  # a mis-shaped w_in (not [dff, d] rows of the others' width) has no sensible screen
+        screen = planes = None
+    return {
+        "sparse": lambda: K.ffn_sparse(x, **w),
+        "predicted": lambda: K.ffn_predicted(x, **w, p_in=p_in, p_out=p_out, p_threshold=-1e9),
+        "screened": lambda: K.ffn_screened(x, **w, screen=screen),
+        "planes": lambda: K.ffn_planes(x, **rest, planes=planes),
+        "moe": lambda: K.ffn_moe(x, **w, experts=torch.ones(1, dff // 8, dtype=torch.bool), expert_size=8),
+        "moe_threshold": lambda: K.ffn_moe_threshold(x, torch.ones(1, dff // 8), 0.5, **w, expert_size=8),
+    }
+
+
+@pytest.mark.parametrize("name", ["b_in", "w_up", "b_up", "w_down_t", "b_down"])
+@pytest.mark.parametrize("kernel", ["sparse", "predicted", "screened", "planes", "moe", "moe_threshold"])
+def test_ffn_kernels_decline_mis_shaped_weights(kernel, name):
+    d, dff = 24, 64
+    w = weights(d, dff, bias=True)
+    x = torch.randn(1, d)
+    assert _ffn_calls(w, x)[kernel]() is not None  # well-shaped: the kernel runs
+    t = w[name]
+    w[name] = t[: t.shape[0] // 2].contiguous()  # too few rows (or a bias too short): read past its end
+    assert _ffn_calls(w, x)[kernel]() is None
+    if t.dim() == 2:
+        w[name] = torch.randn(dff, d + 8)  # rows of another width
+        assert _ffn_calls(w, x)[kernel]() is None
+
+
+def test_predictor_and_input_linear_decline_mis_shaped_tensors():
+    d, dff = 24, 64
+    w = weights(d, dff, bias=True)
+    x = torch.randn(1, d)
+    p_in, p_out = torch.randn(4, d), torch.randn(dff, 4)
+    assert K.ffn_predicted(x, **w, p_in=p_in, p_out=p_out) is not None
+    for bad in (dict(p_in=torch.randn(4, d + 1), p_out=p_out), dict(p_in=p_in, p_out=torch.randn(dff - 1, 4)),
+                dict(p_in=p_in, p_out=torch.randn(dff, 5)), dict(p_in=p_in, p_out=p_out, p_bias=torch.zeros(3))):
+        assert K.ffn_predicted(x, **w, **bad) is None
+    x1, w_t = torch.relu(torch.randn(2, 30)), torch.randn(30, 10)
+    assert K.sparse_input_linear(x1, w_t, torch.zeros(10)) is not None
+    assert K.sparse_input_linear(x1, w_t, torch.zeros(9)) is None
+
+
+@pytest.mark.parametrize("ranges", [[[0, 65]], [[-1, 4]], [[10, 5]], [[0, 8], [60, 70]]])
+def test_ffn_sparse_rejects_ranges_outside_the_neurons(ranges):
+    w = weights(24, 64)
+    with pytest.raises(ValueError, match="ranges"):
+        K.ffn_sparse(torch.randn(1, 24), **w, ranges=torch.tensor(ranges))
+    assert K.ffn_sparse(torch.randn(1, 24), **w, ranges=torch.tensor([[0, 64]])) is not None
