@@ -10,8 +10,9 @@
 // matrix (or only the listed neurons' gate rows, for experts) plus the
 // active neurons' two rows: the bytes bound of activation sparsity. With an
 // activation predictor (a rank-r map from x to neuron logits, a few MB), only
-// the predicted neurons' gate rows are read as well. One token with a ReLU/FATReLU gate: a 16-bit screen
-// of the gate rules neurons out first (sp_ffn_screened_f32; sp_ffn_planes_f32 with the gate in two planes).
+// the predicted neurons' gate rows are read as well. One token with a
+// ReLU/FATReLU gate: a 16-bit screen of the gate rules neurons out first
+// (sp_ffn_screened_f32; sp_ffn_planes_f32 with the gate in two planes).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -427,7 +428,9 @@ int sp_ffn_screened_f32(const float* x, int64_t d, const float* w_in, const uint
     constexpr int64_t kBlock = 64;
     sp::Pool::get().run((dff + kBlock - 1) / kBlock, threads, [&](int64_t item, int) {
         const int64_t r1 = std::min(dff, (item + 1) * kBlock);
-        auto flag = [&](int64_t j, float s) { cand[j] = !ruled_out(s, b_in ? b_in[j] : 0.0f, xn * (double)err[j], threshold); };
+        auto flag = [&](int64_t j, float s) {
+            cand[j] = !ruled_out(s, b_in ? b_in[j] : 0.0f, xn * (double)err[j], threshold);  // NaN: a candidate
+        };
         int64_t r = item * kBlock;
         for (; r + 4 <= r1; r += 4) {
             const uint16_t* rows[4] = {hi + r * d, hi + (r + 1) * d, hi + (r + 2) * d, hi + (r + 3) * d};
@@ -445,7 +448,6 @@ int sp_ffn_screened_f32(const float* x, int64_t d, const float* w_in, const uint
              cut, y, threads);
     return 0;
 }
-
 
 // The same FFN with the gate stored as two 16-bit planes, hi and lo [dff, d] (the upper and lower halves of
 // every fp32 weight; hi is the truncation screen, err[j] its bound as for sp_ffn_screened_f32), screened and

@@ -372,7 +372,8 @@ static inline void dot4_planes(const uint16_t* const h[4], const uint16_t* const
         for (int k = 0; k < 4; ++k) {
             const __m512i hv = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, h[k] + i));
             const __m512i lv = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, l[k] + i));
-            s[4 + k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(hv, 16), lv)), b1, s[4 + k]);
+            const __m512 w = _mm512_castsi512_ps(_mm512_or_si512(_mm512_slli_epi32(hv, 16), lv));
+            s[4 + k] = _mm512_fmadd_ps(w, b1, s[4 + k]);
         }
     }
     for (int k = 0; k < 4; ++k) r[k] = _mm512_reduce_add_ps(_mm512_add_ps(s[k], s[4 + k]));
