@@ -401,13 +401,15 @@ class ActivationSparseFFN(nn.Module):
     after their upper halves (``ffn_planes``: 2 bytes per gate weight plus 2
     per candidate's, bit for bit ``ffn_sparse``); at or below it, one pass
     over the upper halves, then the candidates' fp32 rows (``ffn_screened``,
-    which streams faster where candidates are few). Measured on a 2-core Xeon,
-    4096 x 11008, dense / ours at 30 / 50 / 70 / 90% sparsity: 1.16 / 1.37 /
-    1.73 / 2.18x reading the whole gate, 1.16 / 1.43 / 1.95 / 3.01x in planes,
-    1.03 / 1.35 / 1.90 / 3.27x screened. It costs the gate's bytes again in
-    memory (built on first use, rebuilt when the gate weight changes); where a
-    call finds more than ``SCREEN_MAX_CANDIDATES`` of the neurons to be
-    candidates, the next ``SCREEN_BACKOFF`` calls read the whole gate.
+    which streams faster where candidates are few). Measured on a 2-core Xeon
+    (``sparsify bench --case 1``, AVX-512), 4096 x 11008, dense / ours at 30 /
+    50 / 70 / 90% sparsity (78 / 60 / 39 / 15% candidates): 1.22 / 1.40 /
+    1.70 / 2.26x reading the whole gate, 1.21 / 1.46 / 1.88 / 2.98x in
+    planes, 1.07 / 1.32 / 1.82 / 3.10x screened. It costs the gate's bytes
+    again in memory (built on first use, rebuilt when the gate weight
+    changes); where a call finds more than ``SCREEN_MAX_CANDIDATES`` of the
+    neurons to be candidates, the next ``SCREEN_BACKOFF`` calls read the whole
+    gate.
     """
 
     SCREEN_MAX_CANDIDATES = 0.7  #: above this candidate fraction the planes read as much as the fp32 gate
