@@ -25,7 +25,7 @@ def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ab")
 
 
-@pytest.mark.parametrize("case", ["ffn", "screened", "predicted", "moe", "bsr", "csr", "nm", "decode-ffn"])
+@pytest.mark.parametrize("case", ["ffn", "screened", "planes", "predicted", "moe", "bsr", "csr", "nm", "decode-ffn"])
 def test_every_case_runs_with_two_variants(ab, build_dir, case, capsys):
     ab.main([case, "base=", "noprefetch=:-DSP_PREFETCH=0", "--quick", "--rounds", "1", "--tokens", "1", "20",
              "--build-dir", str(build_dir)])
