@@ -376,13 +376,13 @@ def ffn_planes(x, b_in, w_up, b_up, w_down_t, b_down, threshold=0.0, cut=0.0, *,
     active neurons' up and down rows are read (``csrc/ffn.cpp``,
     ``sp_ffn_planes_f32``). Gate bytes: 2 per weight plus 2 per candidate's
     weight, where ``ffn_screened`` reads 2 plus 4 (its fp32 rows, after a
-    separate pass over the upper halves) and ``ffn_sparse`` 4: it pays from
-    about 30% sparsity; at 90% and above ``ffn_screened``'s single pass over
-    the upper halves streams faster (measured on a 2-core Xeon, AVX-512,
-    4096 x 11008, ``sparsify bench --case 1``: 1.21 / 1.46 / 1.88 / 2.98x
-    dense at 30 / 50 / 70 / 90%, against 1.22 / 1.40 / 1.70 / 2.26x for
-    ``ffn_sparse`` and 1.07 / 1.32 / 1.82 / 3.10x for ``ffn_screened``).
-    The result is ``ffn_sparse``'s bit for bit
+    separate pass over the upper halves) and ``ffn_sparse`` 4. About even
+    with ``ffn_sparse`` at 30-50% sparsity, ahead at 70%; at 90% and above
+    ``ffn_screened``'s single pass over the upper halves streams faster
+    (measured on a 2-core Xeon, AVX-512, 4096 x 11008, ``sparsify bench
+    --case 1``: 1.21 / 1.46 / 1.88 / 2.98x dense at 30 / 50 / 70 / 90%,
+    against 1.22 / 1.40 / 1.70 / 2.26x for ``ffn_sparse`` and 1.07 / 1.32 /
+    1.82 / 3.10x for ``ffn_screened``). The result is ``ffn_sparse``'s bit for bit
     (the same gates, neurons, chunks and sums). ``x`` is ``[..., d]`` holding
     one token; ``None`` where the kernel cannot (more tokens, other dtype or
     device, planes of another shape). With ``counts`` (a list), the number
