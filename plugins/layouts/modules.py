@@ -452,9 +452,7 @@ class ActivationSparseFFN(nn.Module):
         if planes is None:
             return None
         counts: list[int] = []
-        rest = dict(b_in=args["b_in"], w_up=args["w_up"], b_up=args["b_up"], w_down_t=args["w_down_t"],
-                    b_down=args["b_down"], threshold=args["threshold"], cut=args["cut"], counts=counts,
-                    up_relu=args.get("up_relu", False))
+        rest = {k: v for k, v in args.items() if k not in ("w_in", "act")} | {"counts": counts}  # act is relu
         if self._screen_frac <= self.SCREEN_TWO_PASS:
             y = ffn_kernels.ffn_screened(x, w, screen=(planes[0], planes[2]), **rest)
         else:
