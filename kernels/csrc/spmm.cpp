@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include <unistd.h>
 #include "pool.h"
 #include "vec.h"
 
@@ -79,7 +80,8 @@ inline void transpose8(__m256 r[8]) {
 // RW rows x 16 tokens of one BSR tile (AVX2 many-token kernel): 2 RW accumulators, 2 activation vectors and a
 // broadcast per step, BLIS's Haswell sgemm shape (6 x 16 fills 15 of the 16 ymm registers). tv: the tile's
 // first row (row stride bc); xc: the tile's packed activations [bc][64] at this token group; o: the rows'
-// outputs (row stride 64, L1) at this token group.
+// outputs (row stride 64, L1) at this token group. One tile per call: a loop over several tiles inside (the
+// AVX-512 kernel's grouping) ran 5-17% slower (Xeon, avx2 build, 768 <-> 3072, 128 / 1024 tokens).
 template <int RW>
 inline void bsr_rows16(const float* tv, int64_t bc, const float* xc, float* o, bool first) {
     __m256 c[RW][2];
@@ -102,28 +104,35 @@ inline void bsr_rows16(const float* tv, int64_t bc, const float* xc, float* o, b
 #endif
 
 #if defined(__AVX512F__)
-// RW rows x 64 tokens of one BSR tile (many-token kernel): the RW x 4 outputs in registers for the tile's
-// bc steps, each step 4 activation vectors, RW broadcasts, 4 RW multiply-adds. tv: the tile's first row
-// (row stride bc); xc: the tile's packed activations [bc][64]; o: the rows' outputs [RW][64] (L1).
+// RW rows x 64 tokens of nb consecutive tiles of one BSR block row (many-token kernel): the RW x 4
+// outputs in registers across the tiles' bc steps each, each step 4 activation vectors, RW broadcasts,
+// 4 RW multiply-adds. val, col: the weight's tiles [nnzb, br, bc] and block columns; b: the first tile;
+// r0: the first row inside the tiles; xtile: the packed token tile [n_pad][64]; o: the rows' outputs
+// [RW][64] (L1), set (first) or added to.
 // Measured on a 2-core Xeon (Emerald Rapids), in L1: four rows 73-99 GFLOP/s, six 94-102, eight rows
 // x 48 tokens 96-117, twelve x 32 54-60: broadcasts cost more than vector loads here.
 template <int RW>
-inline void bsr_rows64(const float* tv, int64_t bc, const float* xc, float* o, bool first) {
+inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t nb, int64_t br, int64_t bc,
+                       int64_t r0, const float* xtile, float* o, bool first) {
     __m512 c[RW][4];
 #pragma GCC unroll 8
     for (int q = 0; q < RW; ++q)
         for (int h = 0; h < 4; ++h) c[q][h] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
-    for (int64_t k = 0; k < bc; ++k) {
-        const float* xp = xc + k * TB;
-        const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16), x2 = _mm512_loadu_ps(xp + 32),
-                     x3 = _mm512_loadu_ps(xp + 48);
+    for (int64_t j = b; j < b + nb; ++j) {
+        const float* tv = val + j * br * bc + r0 * bc;
+        const float* xc = xtile + (int64_t)col[j] * bc * TB;
+        for (int64_t k = 0; k < bc; ++k) {
+            const float* xp = xc + k * TB;
+            const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16), x2 = _mm512_loadu_ps(xp + 32),
+                         x3 = _mm512_loadu_ps(xp + 48);
 #pragma GCC unroll 8
-        for (int q = 0; q < RW; ++q) {
-            const __m512 v = _mm512_set1_ps(tv[q * bc + k]);
-            c[q][0] = _mm512_fmadd_ps(v, x0, c[q][0]);
-            c[q][1] = _mm512_fmadd_ps(v, x1, c[q][1]);
-            c[q][2] = _mm512_fmadd_ps(v, x2, c[q][2]);
-            c[q][3] = _mm512_fmadd_ps(v, x3, c[q][3]);
+            for (int q = 0; q < RW; ++q) {
+                const __m512 v = _mm512_set1_ps(tv[q * bc + k]);
+                c[q][0] = _mm512_fmadd_ps(v, x0, c[q][0]);
+                c[q][1] = _mm512_fmadd_ps(v, x1, c[q][1]);
+                c[q][2] = _mm512_fmadd_ps(v, x2, c[q][2]);
+                c[q][3] = _mm512_fmadd_ps(v, x3, c[q][3]);
+            }
         }
     }
 #pragma GCC unroll 8
@@ -195,30 +204,50 @@ void pack_tiles(const float* X, int64_t T, int64_t n_in, int64_t n_pad, float* x
 }
 
 #if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+// Tiles of a block row each register block runs through at once (bsr_block_row, AVX-512): as many as keep
+// their activations (bc x 64 floats each) in two thirds of the L1 data cache (sysconf's size, 32 KB when it
+// does not say), the rest left to the weights and the outputs. Measured on the Xeon (48 KB L1d: 8 tiles of
+// 16 x 16) against one tile at a time, 768 <-> 3072 at 50 / 75 / 90%, 128 and 1024 tokens, one process:
+// +4-9% in 10 of 12 configurations (1024 tokens at 50%: 1.52 -> 1.66x dense), 16 tiles (64 KB of
+// activations) lost most of it. g_tile_group overrides it (tests, A/B).
+int g_tile_group = 0;
+inline int64_t bsr_tile_group(int64_t bc) {
+    if (g_tile_group > 0) return g_tile_group;
+    static const int64_t l1d = [] {
+        const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        return v > 0 ? (int64_t)v : (int64_t)32 << 10;
+    }();
+    return std::max<int64_t>(1, l1d * 2 / 3 / (bc * TB * (int64_t)sizeof(float)));
+}
+#endif
+
 // Block row rb of a BSR weight (its tiles b0..b1-1: values val [nnzb, br, bc], block columns col) times one
 // packed token tile xtile [n_pad][64] holding tb real tokens, into out [br][64] (L1). The first tile sets
 // the outputs (no zero fill); a block row without tiles is zero. Register blocks: six rows while the rest
 // stays a multiple of four (rows [0, six_rows)), then four; AVX-512 64 tokens per block (bsr_rows64),
-// AVX2 16 (bsr_rows16).
+// AVX2 16 (bsr_rows16). AVX-512: each register block runs over bsr_tile_group tiles at a time with its
+// accumulators in registers (loaded and stored once per group instead of once per tile); the group's
+// activations (group x bc x 64 floats) stay in L1 for the block's other register blocks.
 inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
                           int64_t six_rows, const float* xtile, int64_t tb, float* out) {
     if (b0 == b1) {
         std::fill(out, out + br * TB, 0.0f);
         return;
     }
-    for (int64_t b = b0; b < b1; ++b) {
-        const float* xc = xtile + (int64_t)col[b] * bc * TB;
+#if defined(__AVX512F__)
+    const int64_t group = bsr_tile_group(bc);
+    for (int64_t b = b0; b < b1; b += group) {
+        const int64_t nb = std::min(group, b1 - b);
         const bool first = b == b0;
         for (int64_t r0 = 0; r0 < br;) {
-            const float* tv = val + b * br * bc + r0 * bc;  // rows r0.. of this tile
             float* o = out + r0 * TB;
-            const bool six = r0 < six_rows;
-#if defined(__AVX512F__)
             if (tb == TB) {
+                const bool six = r0 < six_rows;
                 if (six)
-                    bsr_rows64<6>(tv, bc, xc, o, first);
+                    bsr_rows64<6>(val, col, b, nb, br, bc, r0, xtile, o, first);
                 else
-                    bsr_rows64<4>(tv, bc, xc, o, first);
+                    bsr_rows64<4>(val, col, b, nb, br, bc, r0, xtile, o, first);
                 r0 += six ? 6 : 4;
                 continue;
             }
@@ -226,14 +255,27 @@ inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int6
             for (int64_t h = 0; h < (tb + 15) / 16; ++h) {
                 __m512 c[4];
                 for (int q = 0; q < 4; ++q) c[q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
-                for (int64_t k = 0; k < bc; ++k) {
-                    const __m512 x0 = _mm512_loadu_ps(xc + k * TB + 16 * h);
-                    for (int q = 0; q < 4; ++q) c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
+                for (int64_t j = b; j < b + nb; ++j) {
+                    const float* tv = val + j * br * bc + r0 * bc;
+                    const float* xc = xtile + (int64_t)col[j] * bc * TB + 16 * h;
+                    for (int64_t k = 0; k < bc; ++k) {
+                        const __m512 x0 = _mm512_loadu_ps(xc + k * TB);
+                        for (int q = 0; q < 4; ++q) c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
+                    }
                 }
                 for (int q = 0; q < 4; ++q) _mm512_storeu_ps(o + q * TB + 16 * h, c[q]);
             }
             r0 += 4;
+        }
+    }
 #else
+    for (int64_t b = b0; b < b1; ++b) {
+        const float* xc = xtile + (int64_t)col[b] * bc * TB;
+        const bool first = b == b0;
+        for (int64_t r0 = 0; r0 < br;) {
+            const float* tv = val + b * br * bc + r0 * bc;  // rows r0.. of this tile
+            float* o = out + r0 * TB;
+            const bool six = r0 < six_rows;
             for (int64_t g = 0; g < (tb + 15) / 16; ++g) {  // token groups holding real tokens (the pack zero-pads)
                 if (six)
                     bsr_rows16<6>(tv, bc, xc + 16 * g, o + 16 * g, first);
@@ -241,9 +283,9 @@ inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int6
                     bsr_rows16<4>(tv, bc, xc + 16 * g, o + 16 * g, first);
             }
             r0 += six ? 6 : 4;
-#endif
         }
     }
+#endif
 }
 
 // out [rows][64] (tb real tokens; rows: one or more block rows) plus bias (at the first row's output, or null)
@@ -627,6 +669,20 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
     (void)bias; (void)Y; (void)threads;
     return 2;  // needs AVX2 or AVX-512: callers use the panel kernel
+#endif
+}
+
+// The tiles per register-block pass of sp_bsr_matmul_f32's AVX-512 kernel (0: from the L1 data cache's size,
+// the default; the AVX2 kernel takes one tile at a time); returns the previous setting. For tests and A/Bs: every group size gives the same sums in the same order
+// per tile, only grouped differently.
+int sp_bsr_set_tile_group(int group) {
+#if defined(__AVX512F__)
+    const int prev = g_tile_group;
+    g_tile_group = std::max(0, group);
+    return prev;
+#else
+    (void)group;
+    return 0;
 #endif
 }
 

@@ -114,6 +114,32 @@ def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
         torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block", [(16, 16), (8, 8), (4, 12)])
+@pytest.mark.parametrize("T", [64, 70, 200])
+def test_bsr_tile_groups_give_the_same_bits(isa, block, T):
+    """Each register block runs over several tiles of a block row at once (as many as the L1 holds): every group
+    size, the automatic one included, the short last group and a partial token tile, gives the same floats."""
+    if isa == "portable":
+        pytest.skip("the many-token BSR kernel needs AVX2 or AVX-512")
+    from sparsify_plugins.layouts import BSR
+    from sparsify_plugins.layouts.weight import BSRParams
+    g = torch.Generator().manual_seed(T + block[1])
+    w = _weight(40, 300, "sparse", g)  # up to 25-75 tiles per block row
+    layout = BSR.from_dense(w, BSRParams(block=block))
+    x, b = torch.randn(T, 300, generator=g), torch.randn(40, generator=g)
+    lib = native.library()
+    ys = []
+    for group in (1, 2, 3, 7, 0):
+        prev = lib.sp_bsr_set_tile_group(group)
+        try:
+            ys.append(spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b))
+        finally:
+            lib.sp_bsr_set_tile_group(prev)
+    torch.testing.assert_close(ys[0], spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+    for y in ys[1:]:
+        assert torch.equal(y, ys[0])
+
+
 @pytest.mark.parametrize("d,dff", [(1, 1), (13, 37), (67, 130)])
 @pytest.mark.parametrize("T", [1, 3, 16])
 @pytest.mark.parametrize("live", [0.0, 0.3, 1.0])
