@@ -15,6 +15,7 @@ compute-bound kernels, where the minimum is the steadier estimate).
     python benchmarks/kernel_ab.py moe   base= pf=:-DSP_PREFETCH=0
     python benchmarks/kernel_ab.py predicted base= new=/tmp/csrc2 --sparsity 0.9
     python benchmarks/kernel_ab.py bsr   base= new=/tmp/csrc2 --tokens 1 128 1024 --sparsity 0.5 0.9
+    python benchmarks/kernel_ab.py bsr   base= new=/tmp/csrc2 --shapes 4096x11008 --tokens 256 1024
     python benchmarks/kernel_ab.py decode-ffn base= new=/tmp/csrc2
 
 With ``--isa avx2`` on an AVX-512 CPU, cap dense torch as ``sparsify bench
@@ -31,7 +32,7 @@ with a rank-64 activation predictor (case 1's predictor rows, caches flushed
 before every call), ``moe`` the MoE FFN kernel
 (32-neuron experts, SiLU: case 2 without the router), ``bsr`` BSR Linear
 768 <-> 3072 with 16 x 16 tiles (case 3), ``csr`` and ``nm`` case 3's other
-layouts (``--tokens`` as for ``bsr``), ``decode-ffn`` 30 activation-sparse
+layouts (``--tokens`` and ``--shapes`` as for ``bsr``), ``decode-ffn`` 30 activation-sparse
 FFN layers of SmolLM2-135M's shape (576 x 1536) called in turn, as one
 decode step does. Prints the CPU, ISA, threads and one line per
 configuration.
@@ -221,9 +222,8 @@ def case_moe(variants, args, stat):
 
 def case_bsr(variants, args, stat):
     from sparsify_kernels import spmm
-    shapes = ((64, 32),) if args.quick else ((3072, 768), (768, 3072))
     g = torch.Generator().manual_seed(0)
-    for out, n_in in shapes:
+    for out, n_in in _shapes(args):
         w = torch.randn(out, n_in, generator=g) / n_in ** 0.5
         for s in args.sparsity:
             tiles = w.abs().reshape(out // 16, 16, n_in // 16, 16).sum((1, 3))
@@ -239,12 +239,24 @@ def case_bsr(variants, args, stat):
                 report(f"bsr {n_in}->{out} T={T} s={s:.0%}", variants, m)
 
 
+def _shapes(args) -> list[tuple[int, int]]:
+    """The (out, in) weight shapes of the bsr / csr / nm cases: ``--shapes``, else case 3's 768 <-> 3072."""
+    if not args.shapes:
+        return [(64, 32)] if args.quick else [(3072, 768), (768, 3072)]
+    try:
+        shapes = [tuple(int(v) for v in spec.lower().split("x")) for spec in args.shapes]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(sh) != 2 or min(sh) < 16 or sh[0] % 16 or sh[1] % 16 for sh in shapes):
+        raise SystemExit(f"--shapes {' '.join(args.shapes)}: write OUTxIN, both multiples of 16 (e.g. 4096x11008)")
+    return shapes
+
+
 def _sparse_weights(args, layout):
-    """(name, weight with ``layout``'s structure, params) for 768 <-> 3072 at each sparsity: case 3's weights."""
+    """(name, weight with ``layout``'s structure, params) for each shape at each sparsity: case 3's weights."""
     from sparsify_plugins.layouts.bench import _structured
-    shapes = ((64, 32),) if args.quick else ((3072, 768), (768, 3072))
     g = torch.Generator().manual_seed(0)
-    for out, n_in in shapes:
+    for out, n_in in _shapes(args):
         w = torch.randn(out, n_in, generator=g) / n_in ** 0.5
         for s in args.sparsity:
             ws, params = _structured(w, layout, s)
@@ -314,6 +326,8 @@ def main(argv=None) -> None:
     p.add_argument("--isa", default=None, help="kernel variant to build (default: the widest this CPU runs)")
     p.add_argument("--sparsity", type=float, nargs="+", default=None)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 1024], help="bsr: token counts")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="OUTxIN",
+                   help="bsr / csr / nm: weight shapes, multiples of 16 (default 3072x768 768x3072, case 3's)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--stat", choices=["median", "min"], default="median")
     p.add_argument("--threads", type=int, default=None)

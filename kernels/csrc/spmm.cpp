@@ -107,20 +107,20 @@ inline void bsr_rows16(const float* tv, int64_t bc, const float* xc, float* o, b
 // RW rows x 64 tokens of nb consecutive tiles of one BSR block row (many-token kernel): the RW x 4
 // outputs in registers across the tiles' bc steps each, each step 4 activation vectors, RW broadcasts,
 // 4 RW multiply-adds. val, col: the weight's tiles [nnzb, br, bc] and block columns; b: the first tile;
-// r0: the first row inside the tiles; xtile: the packed token tile [n_pad][64]; o: the rows' outputs
-// [RW][64] (L1), set (first) or added to.
+// r0: the first row inside the tiles; xtile: the packed token tile [columns][64] from block column c0;
+// o: the rows' outputs [RW][64] (L1), set (first) or added to.
 // Measured on a 2-core Xeon (Emerald Rapids), in L1: four rows 73-99 GFLOP/s, six 94-102, eight rows
 // x 48 tokens 96-117, twelve x 32 54-60: broadcasts cost more than vector loads here.
 template <int RW>
 inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t nb, int64_t br, int64_t bc,
-                       int64_t r0, const float* xtile, float* o, bool first) {
+                       int64_t r0, const float* xtile, int64_t c0, float* o, bool first) {
     __m512 c[RW][4];
 #pragma GCC unroll 8
     for (int q = 0; q < RW; ++q)
         for (int h = 0; h < 4; ++h) c[q][h] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
     for (int64_t j = b; j < b + nb; ++j) {
         const float* tv = val + j * br * bc + r0 * bc;
-        const float* xc = xtile + (int64_t)col[j] * bc * TB;
+        const float* xc = xtile + ((int64_t)col[j] - c0) * bc * TB;
         for (int64_t k = 0; k < bc; ++k) {
             const float* xp = xc + k * TB;
             const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16), x2 = _mm512_loadu_ps(xp + 32),
@@ -222,15 +222,28 @@ inline int64_t bsr_tile_group(int64_t bc) {
 }
 #endif
 
+// Block columns per chunk of sp_bsr_matmul_f32's own-tile path: as many as fill half the L2 cache (sysconf's
+// size, 512 KB when it does not say) with one token tile's packed activations, a multiple of 16 (chunks
+// start on pack_block's 16-column blocks). g_k_chunk overrides it (tests, A/B).
+int64_t g_k_chunk = 0;
+inline int64_t bsr_k_chunk(int64_t bc) {
+    if (g_k_chunk > 0) return std::max<int64_t>(16, g_k_chunk / 16 * 16);
+    static const int64_t l2 = [] {
+        const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        return v > 0 ? (int64_t)v : (int64_t)512 << 10;
+    }();
+    return std::max<int64_t>(16, l2 / 2 / (bc * TB * (int64_t)sizeof(float)) / 16 * 16);
+}
+
 // Block row rb of a BSR weight (its tiles b0..b1-1: values val [nnzb, br, bc], block columns col) times one
-// packed token tile xtile [n_pad][64] holding tb real tokens, into out [br][64] (L1). The first tile sets
+// packed token tile xtile [columns][64] (from block column c0) holding tb real tokens, into out [br][64] (L1). The first tile sets
 // the outputs (no zero fill); a block row without tiles is zero. Register blocks: six rows while the rest
 // stays a multiple of four (rows [0, six_rows)), then four; AVX-512 64 tokens per block (bsr_rows64),
 // AVX2 16 (bsr_rows16). AVX-512: each register block runs over bsr_tile_group tiles at a time with its
 // accumulators in registers (loaded and stored once per group instead of once per tile); the group's
 // activations (group x bc x 64 floats) stay in L1 for the block's other register blocks.
 inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
-                          int64_t six_rows, const float* xtile, int64_t tb, float* out) {
+                          int64_t six_rows, const float* xtile, int64_t c0, int64_t tb, float* out) {
     if (b0 == b1) {
         std::fill(out, out + br * TB, 0.0f);
         return;
@@ -245,9 +258,9 @@ inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int6
             if (tb == TB) {
                 const bool six = r0 < six_rows;
                 if (six)
-                    bsr_rows64<6>(val, col, b, nb, br, bc, r0, xtile, o, first);
+                    bsr_rows64<6>(val, col, b, nb, br, bc, r0, xtile, c0, o, first);
                 else
-                    bsr_rows64<4>(val, col, b, nb, br, bc, r0, xtile, o, first);
+                    bsr_rows64<4>(val, col, b, nb, br, bc, r0, xtile, c0, o, first);
                 r0 += six ? 6 : 4;
                 continue;
             }
@@ -257,7 +270,7 @@ inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int6
                 for (int q = 0; q < 4; ++q) c[q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + q * TB + 16 * h);
                 for (int64_t j = b; j < b + nb; ++j) {
                     const float* tv = val + j * br * bc + r0 * bc;
-                    const float* xc = xtile + (int64_t)col[j] * bc * TB + 16 * h;
+                    const float* xc = xtile + ((int64_t)col[j] - c0) * bc * TB + 16 * h;
                     for (int64_t k = 0; k < bc; ++k) {
                         const __m512 x0 = _mm512_loadu_ps(xc + k * TB);
                         for (int q = 0; q < 4; ++q) c[q] = _mm512_fmadd_ps(_mm512_set1_ps(tv[q * bc + k]), x0, c[q]);
@@ -270,7 +283,7 @@ inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int6
     }
 #else
     for (int64_t b = b0; b < b1; ++b) {
-        const float* xc = xtile + (int64_t)col[b] * bc * TB;
+        const float* xc = xtile + ((int64_t)col[b] - c0) * bc * TB;
         const bool first = b == b0;
         for (int64_t r0 = 0; r0 < br;) {
             const float* tv = val + b * br * bc + r0 * bc;  // rows r0.. of this tile
@@ -289,10 +302,11 @@ inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int6
 }
 
 // out [rows][64] (tb real tokens; rows: one or more block rows) plus bias (at the first row's output, or null)
-// into y, the first row's output of the tile's first token (row stride n_out): token-major through in-register
-// transposes of 16 x 16 (AVX-512) or 8 x 8 (AVX2) blocks (one float at a time cost as much as the tiles'
-// multiply-adds at 90% sparsity).
-inline void bsr_write_back(const float* out, int64_t rows, int64_t tb, const float* bias, float* y, int64_t n_out) {
+// into y, the first row's output of the tile's first token (row stride n_out), or added to y's values (add):
+// token-major through in-register transposes of 16 x 16 (AVX-512) or 8 x 8 (AVX2) blocks (one float at a
+// time cost as much as the tiles' multiply-adds at 90% sparsity).
+inline void bsr_write_back(const float* out, int64_t rows, int64_t tb, const float* bias, float* y, int64_t n_out,
+                           bool add = false) {
     int64_t r = 0;
 #if defined(__AVX512F__)
     for (; r + 16 <= rows; r += 16) {
@@ -302,7 +316,10 @@ inline void bsr_write_back(const float* out, int64_t rows, int64_t tb, const flo
             for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(out + (r + i) * TB + h);
             transpose16(v);
             const int64_t nt = std::min<int64_t>(16, tb - h);
-            for (int64_t i = 0; i < nt; ++i) _mm512_storeu_ps(y + (h + i) * n_out + r, _mm512_add_ps(v[i], bv));
+            for (int64_t i = 0; i < nt; ++i) {
+                float* p = y + (h + i) * n_out + r;
+                _mm512_storeu_ps(p, _mm512_add_ps(v[i], add ? _mm512_loadu_ps(p) : bv));
+            }
         }
     }
 #else
@@ -313,12 +330,16 @@ inline void bsr_write_back(const float* out, int64_t rows, int64_t tb, const flo
             for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(out + (r + i) * TB + h);
             transpose8(v);
             const int64_t nt = std::min<int64_t>(8, tb - h);
-            for (int64_t i = 0; i < nt; ++i) _mm256_storeu_ps(y + (h + i) * n_out + r, _mm256_add_ps(v[i], bv));
+            for (int64_t i = 0; i < nt; ++i) {
+                float* p = y + (h + i) * n_out + r;
+                _mm256_storeu_ps(p, _mm256_add_ps(v[i], add ? _mm256_loadu_ps(p) : bv));
+            }
         }
     }
 #endif
     for (int64_t t = 0; r < rows && t < tb; ++t)
-        for (int64_t q = r; q < rows; ++q) y[t * n_out + q] = out[q * TB + t] + (bias ? bias[q] : 0.0f);
+        for (int64_t q = r; q < rows; ++q)
+            y[t * n_out + q] = out[q * TB + t] + (add ? y[t * n_out + q] : bias ? bias[q] : 0.0f);
 }
 #endif
 
@@ -596,9 +617,9 @@ int sp_nm_matvec_f32(const float* xpad, int64_t T, int64_t x_stride, int64_t n_o
 // every register block of rows) and written back token-major (bsr_write_back). crow [R+1] (int64), col
 // [nnzb] (int32), val [nnzb, br, bc]. Two ways to share the work:
 // - own tiles (enough token tiles to keep every thread busy): an item is a whole token tile, which its
-//   thread packs into its own buffer (L2-resident, n_in x 64 floats) and runs through every block row. The
-//   shared pack wrote then re-read all of X's transposed copy through memory: 2.7 of 8.3 ms at 3072->768,
-//   1024 tokens, 90% sparse (avx2 build, Xeon).
+//   thread packs into its own buffer (L2-resident, n_in x 64 floats; wider inputs a chunk of block columns
+//   at a time, bsr_k_chunk) and runs through every block row. The shared pack wrote then re-read all of X's
+//   transposed copy through memory: 2.7 of 8.3 ms at 3072->768, 1024 tokens, 90% sparse (avx2 build, Xeon).
 // - shared pack (few token tiles): all threads pack every tile first, then items are runs of CH = R /
 //   (8 threads) consecutive block rows of one tile, so a thread's stores run along each token's row of Y
 //   (one block row per item wrote 64 B into each of 64 rows 4-12 KB apart, and the write back was 40% of
@@ -633,22 +654,61 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     // all six, +2-11%); the others within 6%.
     constexpr int64_t kWriteGroup = 64 << 10;
     const int64_t RG = std::max<int64_t>(1, kWriteGroup / (br * TB * (int64_t)sizeof(float)));
-    auto block_rows = [&](int64_t rb0, int64_t rb1, int64_t tile, const float* xtile, float* out) {
+    // Block rows rb0..rb1-1 of one token tile, their tiles [first(rb), last(rb)) (block columns from c0,
+    // packed in xtile), into Y (add: onto Y's values).
+    auto block_rows = [&](int64_t rb0, int64_t rb1, int64_t tile, const float* xtile, int64_t c0, float* out,
+                          const int64_t* first, const int64_t* last, bool add) {
         const int64_t t0 = tile * TB, tb = std::min(TB, T - t0), o0 = rb0 * br;
         for (int64_t rb = rb0; rb < rb1; ++rb)
-            bsr_block_row(val, col, crow[rb], crow[rb + 1], br, bc, six_rows, xtile, tb, out + (rb - rb0) * br * TB);
+            bsr_block_row(val, col, first[rb], last[rb], br, bc, six_rows, xtile, c0, tb, out + (rb - rb0) * br * TB);
         bsr_write_back(out, std::min(n_out, rb1 * br) - o0, tb, bias ? bias + o0 : nullptr, Y + t0 * n_out + o0,
-                       n_out);
+                       n_out, add);
     };
     const bool own_tiles = n_tiles >= 4 * threads || (T % TB == 0 && n_tiles % threads == 0);
     if (own_tiles) {
+        // Inputs wider than half the L2 cache's worth of one token tile (11008 x 64 floats is 2.8 MB) go in
+        // chunks of kc block columns: each chunk packed and run through every block row (the outputs of later
+        // chunks added to Y), so a tile's activations come from L2, not from L3 or memory. Needs each block
+        // row's columns ascending (the BSR layouts store them so); otherwise one chunk.
+        const int64_t C = (n_in + bc - 1) / bc;
+        int64_t kc = bsr_k_chunk(bc);
+        std::vector<int64_t> starts;  // [chunk][R + 1]: the first tile of block row rb at or past the chunk
+        if (kc < C) {
+            for (int64_t rb = 0; rb < R && kc < C; ++rb)
+                for (int64_t b = crow[rb] + 1; b < crow[rb + 1]; ++b)
+                    if (col[b] <= col[b - 1]) {
+                        kc = C;
+                        break;
+                    }
+        }
+        const int64_t n_kc = kc < C ? (C + kc - 1) / kc : 1;
+        if (n_kc > 1) {
+            starts.resize((size_t)((n_kc + 1) * R));
+            for (int64_t rb = 0; rb < R; ++rb) {
+                int64_t b = crow[rb];
+                for (int64_t j = 0; j < n_kc; ++j) {
+                    while (b < crow[rb + 1] && col[b] < j * kc) ++b;
+                    starts[(size_t)(j * R + rb)] = b;
+                }
+                starts[(size_t)(n_kc * R + rb)] = crow[rb + 1];
+            }
+        }
+        // one chunk: the packed width as before; chunks: kc x bc columns (a multiple of 16) plus a spare 16
+        const int64_t x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
         sp::Pool::get().run(n_tiles, threads, [&](int64_t tile, int) {
             thread_local std::vector<float> xbuf, out;
-            if (xbuf.size() < (size_t)(n_pad16 * TB)) xbuf.resize((size_t)(n_pad16 * TB));
+            if (xbuf.size() < (size_t)(x_cols * TB)) xbuf.resize((size_t)(x_cols * TB));
             if (out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
-            for (int64_t k0 = 0; k0 < n_pad16; k0 += 16)
-                pack_block(X, T, n_in, tile, k0, xbuf.data() + k0 * TB, false);
-            for (int64_t rb = 0; rb < R; rb += RG) block_rows(rb, std::min(R, rb + RG), tile, xbuf.data(), out.data());
+            for (int64_t j = 0; j < n_kc; ++j) {
+                const int64_t k_lo = n_kc > 1 ? j * kc * bc : 0;
+                const int64_t k_hi = n_kc > 1 ? std::min(n_pad16, k_lo + kc * bc) : n_pad16;
+                for (int64_t k0 = k_lo; k0 < k_hi; k0 += 16)
+                    pack_block(X, T, n_in, tile, k0, xbuf.data() + (k0 - k_lo) * TB, false);
+                const int64_t* first = n_kc > 1 ? starts.data() + j * R : crow;
+                const int64_t* last = n_kc > 1 ? starts.data() + (j + 1) * R : crow + 1;
+                for (int64_t rb = 0; rb < R; rb += RG)
+                    block_rows(rb, std::min(R, rb + RG), tile, xbuf.data(), k_lo / bc, out.data(), first, last, j > 0);
+            }
         });
         return 0;
     }
@@ -662,7 +722,8 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         if (out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
         const int64_t r_end = std::min(R, chunk * CH + CH);
         for (int64_t rb = chunk * CH; rb < r_end; rb += RG)
-            block_rows(rb, std::min(r_end, rb + RG), tile, xt + tile * n_pad16 * TB, out.data());
+            block_rows(rb, std::min(r_end, rb + RG), tile, xt + tile * n_pad16 * TB, 0, out.data(), crow, crow + 1,
+                       false);
     });
     return 0;
 #else
@@ -672,9 +733,22 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
 #endif
 }
 
+// Block columns per chunk of sp_bsr_matmul_f32's own-tile path (0: from the L2 cache's size, the default;
+// rounded down to a multiple of 16); returns the previous setting. For tests and A/Bs.
+int sp_bsr_set_k_chunk(int block_columns) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    const int prev = (int)g_k_chunk;
+    g_k_chunk = std::max(0, block_columns);
+    return prev;
+#else
+    (void)block_columns;
+    return 0;
+#endif
+}
+
 // The tiles per register-block pass of sp_bsr_matmul_f32's AVX-512 kernel (0: from the L1 data cache's size,
-// the default; the AVX2 kernel takes one tile at a time); returns the previous setting. For tests and A/Bs: every group size gives the same sums in the same order
-// per tile, only grouped differently.
+// the default; the AVX2 kernel takes one tile at a time); returns the previous setting. For tests and A/Bs:
+// every group size gives the same sums in the same order, only grouped differently.
 int sp_bsr_set_tile_group(int group) {
 #if defined(__AVX512F__)
     const int prev = g_tile_group;

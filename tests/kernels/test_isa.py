@@ -114,6 +114,16 @@ def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
         torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
 
 
+def _bsr_with(setter, value, layout, x, b):
+    """``bsr_matmul`` with a kernel setting (``sp_bsr_set_tile_group`` / ``sp_bsr_set_k_chunk``) at ``value``."""
+    lib = native.library()
+    prev = getattr(lib, setter)(value)
+    try:
+        return spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b)
+    finally:
+        getattr(lib, setter)(prev)
+
+
 @pytest.mark.parametrize("block", [(16, 16), (8, 8), (4, 12)])
 @pytest.mark.parametrize("T", [64, 70, 200])
 def test_bsr_tile_groups_give_the_same_bits(isa, block, T):
@@ -127,17 +137,38 @@ def test_bsr_tile_groups_give_the_same_bits(isa, block, T):
     w = _weight(40, 300, "sparse", g)  # up to 25-75 tiles per block row
     layout = BSR.from_dense(w, BSRParams(block=block))
     x, b = torch.randn(T, 300, generator=g), torch.randn(40, generator=g)
-    lib = native.library()
-    ys = []
-    for group in (1, 2, 3, 7, 0):
-        prev = lib.sp_bsr_set_tile_group(group)
-        try:
-            ys.append(spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b))
-        finally:
-            lib.sp_bsr_set_tile_group(prev)
+    ys = [_bsr_with("sp_bsr_set_tile_group", group, layout, x, b) for group in (1, 2, 3, 7, 0)]
     torch.testing.assert_close(ys[0], spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
     for y in ys[1:]:
         assert torch.equal(y, ys[0])
+
+
+@pytest.mark.parametrize("block", [(16, 16), (8, 8), (4, 12)])
+@pytest.mark.parametrize("T", [70, 128, 520])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_bsr_input_chunks(isa, block, T, shuffled):
+    """Wide inputs go in chunks of block columns (half the L2's worth of a token tile): chunks of 16 and 32
+    block columns (two to five chunks here, the last short, block rows with no tile in a chunk) against the
+    torch reference, at token counts on both work-sharing paths; a block row's columns out of order (a
+    hand-built layout) fall back to one chunk, still right."""
+    if isa == "portable":
+        pytest.skip("the many-token BSR kernel needs AVX2 or AVX-512")
+    from sparsify_plugins.layouts import BSR
+    from sparsify_plugins.layouts.weight import BSRParams
+    g = torch.Generator().manual_seed(T + block[1] + shuffled)
+    w = _weight(40, 600, "sparse", g)
+    w[:, 200:400] = 0  # a run of empty block columns: block rows with no tile in a chunk
+    layout = BSR.from_dense(w, BSRParams(block=block))
+    if shuffled:  # reverse each block row's tiles: the same weight, columns descending
+        val, col = layout.val.clone(), layout.col.clone()
+        for rb in range(len(layout.crow) - 1):
+            lo, hi = int(layout.crow[rb]), int(layout.crow[rb + 1])
+            val[lo:hi], col[lo:hi] = layout.val[lo:hi].flip(0), layout.col[lo:hi].flip(0)
+        layout = BSR(layout.shape, layout.params, crow=layout.crow, col=col, val=val)
+    x, b = torch.randn(T, 600, generator=g), torch.randn(40, generator=g)
+    ref = spmm.reference(w, x, b)
+    for chunk in (16, 32, 0):
+        torch.testing.assert_close(_bsr_with("sp_bsr_set_k_chunk", chunk, layout, x, b), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("d,dff", [(1, 1), (13, 37), (67, 130)])

@@ -43,6 +43,16 @@ def test_bad_variants_fail_with_one_line(ab, build_dir, tmp_path):
         ab.main(["ffn", f"empty={tmp_path}", "--quick", "--build-dir", str(build_dir)])
 
 
+def test_shapes_pick_the_weights(ab, build_dir, capsys):
+    ab.main(["bsr", "base=", "--shapes", "32x48", "16X16", "--rounds", "1", "--tokens", "20", "--build-dir",
+             str(build_dir)])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "base:" in ln]
+    assert [ln.split()[1] for ln in lines[::3]] == ["48->32", "16->16"]  # three sparsities each
+    for bad in (["32x48x2"], ["32x40"], ["tall"]):
+        with pytest.raises(SystemExit, match="OUTxIN, both multiples of 16"):
+            ab.main(["csr", "base=", "--shapes", *bad, "--build-dir", str(build_dir)])
+
+
 def test_evict_streams_scratch_before_every_call(ab, build_dir, capsys):
     ab.main(["bsr", "base=", "--quick", "--rounds", "1", "--tokens", "1", "--evict", "1", "--build-dir", str(build_dir)])
     out = capsys.readouterr().out
