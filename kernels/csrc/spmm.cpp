@@ -15,6 +15,7 @@
 // registers and picked for each 16 non-zeros with permutes; n:m weights have their own few-token
 // kernel (sp_nm_matvec_f32) that selects activations with in-register permutes.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -615,15 +616,17 @@ int sp_nm_matvec_f32(const float* xpad, int64_t T, int64_t x_stride, int64_t n_o
 // Activations are packed transposed in tiles of 64 tokens; a block row's outputs for one token tile are
 // computed in an L1 buffer (bsr_block_row: each weight tile's bc x 64 activations, 4 KB, reused from L1 by
 // every register block of rows) and written back token-major (bsr_write_back). crow [R+1] (int64), col
-// [nnzb] (int32), val [nnzb, br, bc]. Two ways to share the work:
-// - own tiles (enough token tiles to keep every thread busy): an item is a whole token tile, which its
-//   thread packs into its own buffer (L2-resident, n_in x 64 floats; wider inputs a chunk of block columns
-//   at a time, bsr_k_chunk) and runs through every block row. The shared pack wrote then re-read all of X's
-//   transposed copy through memory: 2.7 of 8.3 ms at 3072->768, 1024 tokens, 90% sparse (avx2 build, Xeon).
-// - shared pack (few token tiles): all threads pack every tile first, then items are runs of CH = R /
-//   (8 threads) consecutive block rows of one tile, so a thread's stores run along each token's row of Y
-//   (one block row per item wrote 64 B into each of 64 rows 4-12 KB apart, and the write back was 40% of
-//   the time at 90% sparsity). Measured on the Xeon, 768 <-> 3072, 128 / 1024 tokens: +0-25%.
+// [nnzb] (int32), val [nnzb, br, bc]. Work items: with enough token tiles to keep every thread busy (four
+// per thread, or an even split of full tiles), a whole token tile, which its thread packs into its own
+// buffer (L2-resident, n_in x 64 floats; wider inputs a chunk of block columns at a time, bsr_k_chunk) and
+// runs through every block row; fewer tiles are cut into parts of consecutive block rows (about four items
+// per thread in all), each thread packing a tile for itself unless its last item left it packed.
+// Measured on the Xeon: a shared pack of every tile followed by runs of R / (8 threads) block rows (the
+// previous few-tile path) read the other core's packed activations from L3: own packs were faster in 49 of
+// 56 configurations (768 <-> 3072 and 11008->4096, 16-320 tokens, 50 / 90%, both builds; 3072->768, 200
+// tokens, 90%: 2.90 -> 4.65x dense avx512, 4.64 -> 6.66x avx2), the rest within 7%. The own tiles replaced
+// a shared pack that wrote then re-read all of X's transposed copy through memory: 2.7 of 8.3 ms at
+// 3072->768, 1024 tokens, 90% sparse (avx2 build).
 // Keeping a row group's accumulators across all its tiles instead (each tile's activations read from L2
 // once per row group) and writing the outputs one float at a time ran at 0.91x dense torch (AVX-512, 768->3072
 // at 50%, 128 tokens). The AVX2 register blocks replaced 4 x 16 blocks, one block row per item, a zero fill
@@ -665,65 +668,62 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
                        n_out, add);
     };
     const bool own_tiles = n_tiles >= 4 * threads || (T % TB == 0 && n_tiles % threads == 0);
-    if (own_tiles) {
-        // Inputs wider than half the L2 cache's worth of one token tile (11008 x 64 floats is 2.8 MB) go in
-        // chunks of kc block columns: each chunk packed and run through every block row (the outputs of later
-        // chunks added to Y), so a tile's activations come from L2, not from L3 or memory. Needs each block
-        // row's columns ascending (the BSR layouts store them so); otherwise one chunk.
-        const int64_t C = (n_in + bc - 1) / bc;
-        int64_t kc = bsr_k_chunk(bc);
-        std::vector<int64_t> starts;  // [chunk][R + 1]: the first tile of block row rb at or past the chunk
-        if (kc < C) {
-            for (int64_t rb = 0; rb < R && kc < C; ++rb)
-                for (int64_t b = crow[rb] + 1; b < crow[rb + 1]; ++b)
-                    if (col[b] <= col[b - 1]) {
-                        kc = C;
-                        break;
-                    }
-        }
-        const int64_t n_kc = kc < C ? (C + kc - 1) / kc : 1;
-        if (n_kc > 1) {
-            starts.resize((size_t)((n_kc + 1) * R));
-            for (int64_t rb = 0; rb < R; ++rb) {
-                int64_t b = crow[rb];
-                for (int64_t j = 0; j < n_kc; ++j) {
-                    while (b < crow[rb + 1] && col[b] < j * kc) ++b;
-                    starts[(size_t)(j * R + rb)] = b;
+    // Inputs wider than half the L2 cache's worth of one token tile (11008 x 64 floats is 2.8 MB) go in
+    // chunks of kc block columns: each chunk packed and run through every block row (the outputs of later
+    // chunks added to Y), so a tile's activations come from L2, not from L3 or memory. Needs each block
+    // row's columns ascending (the BSR layouts store them so); otherwise one chunk.
+    const int64_t C = (n_in + bc - 1) / bc;
+    int64_t kc = bsr_k_chunk(bc);
+    std::vector<int64_t> starts;  // [chunk][R + 1]: the first tile of block row rb at or past the chunk
+    if (kc < C) {
+        for (int64_t rb = 0; rb < R && kc < C; ++rb)
+            for (int64_t b = crow[rb] + 1; b < crow[rb + 1]; ++b)
+                if (col[b] <= col[b - 1]) {
+                    kc = C;
+                    break;
                 }
-                starts[(size_t)(n_kc * R + rb)] = crow[rb + 1];
-            }
-        }
-        // one chunk: the packed width as before; chunks: kc x bc columns (a multiple of 16) plus a spare 16
-        const int64_t x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
-        sp::Pool::get().run(n_tiles, threads, [&](int64_t tile, int) {
-            thread_local std::vector<float> xbuf, out;
-            if (xbuf.size() < (size_t)(x_cols * TB)) xbuf.resize((size_t)(x_cols * TB));
-            if (out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
+    }
+    const int64_t n_kc = kc < C ? (C + kc - 1) / kc : 1;
+    if (n_kc > 1) {
+        starts.resize((size_t)((n_kc + 1) * R));
+        for (int64_t rb = 0; rb < R; ++rb) {
+            int64_t b = crow[rb];
             for (int64_t j = 0; j < n_kc; ++j) {
-                const int64_t k_lo = n_kc > 1 ? j * kc * bc : 0;
-                const int64_t k_hi = n_kc > 1 ? std::min(n_pad16, k_lo + kc * bc) : n_pad16;
+                while (b < crow[rb + 1] && col[b] < j * kc) ++b;
+                starts[(size_t)(j * R + rb)] = b;
+            }
+            starts[(size_t)(n_kc * R + rb)] = crow[rb + 1];
+        }
+    }
+    // one chunk: the packed width as before; chunks: kc x bc columns (a multiple of 16) plus a spare 16
+    const int64_t x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
+    // Too few token tiles to give every thread whole ones: each tile's block rows in n_parts parts, a
+    // thread packing the tile (chunk) for itself unless it holds it already from its last item.
+    const int64_t n_parts = own_tiles ? 1 : std::min(R, (4 * threads + n_tiles - 1) / n_tiles);
+    static std::atomic<uint64_t> calls{0};
+    const uint64_t call = ++calls;
+    sp::Pool::get().run(n_tiles * n_parts, threads, [&](int64_t item, int) {
+        const int64_t tile = item / n_parts, part = item % n_parts;
+        const int64_t r_lo = part * R / n_parts, r_hi = (part + 1) * R / n_parts;
+        thread_local std::vector<float> xbuf, out;
+        thread_local uint64_t held_call = 0;
+        thread_local int64_t held_tile = -1, held_chunk = -1;
+        if (xbuf.size() < (size_t)(x_cols * TB)) xbuf.resize((size_t)(x_cols * TB));
+        if (out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
+        for (int64_t j = 0; j < n_kc; ++j) {
+            const int64_t k_lo = n_kc > 1 ? j * kc * bc : 0;
+            const int64_t k_hi = n_kc > 1 ? std::min(n_pad16, k_lo + kc * bc) : n_pad16;
+            if (held_call != call || held_tile != tile || held_chunk != j) {
                 for (int64_t k0 = k_lo; k0 < k_hi; k0 += 16)
                     pack_block(X, T, n_in, tile, k0, xbuf.data() + (k0 - k_lo) * TB, false);
-                const int64_t* first = n_kc > 1 ? starts.data() + j * R : crow;
-                const int64_t* last = n_kc > 1 ? starts.data() + (j + 1) * R : crow + 1;
-                for (int64_t rb = 0; rb < R; rb += RG)
-                    block_rows(rb, std::min(R, rb + RG), tile, xbuf.data(), k_lo / bc, out.data(), first, last, j > 0);
+                held_call = call, held_tile = tile, held_chunk = j;
             }
-        });
-        return 0;
-    }
-    Scratch xt_buf;
-    float* xt = xt_buf.get((size_t)n_tiles * n_pad16 * TB);
-    pack_tiles(X, T, n_in, n_pad16, xt, threads, false);
-    const int64_t CH = std::max<int64_t>(1, R / (8 * threads)), n_chunks = (R + CH - 1) / CH;
-    sp::Pool::get().run(n_tiles * n_chunks, threads, [&](int64_t item, int) {
-        const int64_t tile = item / n_chunks, chunk = item % n_chunks;
-        thread_local std::vector<float> out;
-        if (out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
-        const int64_t r_end = std::min(R, chunk * CH + CH);
-        for (int64_t rb = chunk * CH; rb < r_end; rb += RG)
-            block_rows(rb, std::min(r_end, rb + RG), tile, xt + tile * n_pad16 * TB, 0, out.data(), crow, crow + 1,
-                       false);
+            const int64_t* first = n_kc > 1 ? starts.data() + j * R : crow;
+            const int64_t* last = n_kc > 1 ? starts.data() + (j + 1) * R : crow + 1;
+            for (int64_t rb = r_lo; rb < r_hi; rb += RG)
+                block_rows(rb, std::min(r_hi, rb + RG), tile, xbuf.data(), k_lo / bc, out.data(), first, last,
+                           j > 0);
+        }
     });
     return 0;
 #else

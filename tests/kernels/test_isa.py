@@ -103,8 +103,8 @@ def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
     w = _weight(out, n_in, pattern, g)
     layout = BSR.from_dense(w, BSRParams(block=block))
     b = torch.randn(out, generator=g)
-    # 70: a full 64-token tile (every register block) and a partial one (shared pack); 128 and 520: every
-    # thread packs its own tiles (the last one partial at 520)
+    # 17 and 70: too few token tiles for whole ones per thread (each tile's block rows in parts, 70: a full
+    # tile and a partial one); 128 and 520: whole tiles per thread (the last one partial at 520)
     for T in (1, 3, 17, 70, 128, 520):
         x = torch.randn(T, n_in, generator=g)
         y = spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b)
@@ -112,6 +112,24 @@ def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
             assert y is None  # declined: the layout's kernel uses panel CSR instead
             continue
         torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [17, 70, 128])
+def test_bsr_calls_never_reuse_another_calls_packed_tile(isa, T):
+    """A thread keeps the token tile it packed for its next item of the same call: the next call (other
+    activations, same shapes and addresses reused) packs again."""
+    if isa == "portable":
+        pytest.skip("the many-token BSR kernel needs AVX2 or AVX-512")
+    from sparsify_plugins.layouts import BSR
+    from sparsify_plugins.layouts.weight import BSRParams
+    g = torch.Generator().manual_seed(T)
+    w = _weight(64, 96, "sparse", g)
+    layout = BSR.from_dense(w, BSRParams(block=(16, 16)))
+    x = torch.randn(T, 96, generator=g)
+    for step in range(3):
+        x.copy_(torch.randn(T, 96, generator=g))  # the same buffer, new values
+        y = spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x)
+        torch.testing.assert_close(y, spmm.reference(w, x), atol=1e-4, rtol=1e-4)
 
 
 def _bsr_with(setter, value, layout, x, b):
