@@ -82,7 +82,8 @@ _EVICT: list = []  # [scratch tensor] when --evict is set
 
 
 def timed(variants: dict[str, ctypes.CDLL], fns: dict, rounds: int, stat, before=None) -> dict[tuple[str, str], float]:
-    """Seconds per (variant, function): every function under every variant once per round, in turn.
+    """Seconds per (variant, function): every function under every variant once per round, in turn (the
+    variants' order rotating from round to round).
 
     ``before`` runs untimed before every call (``sparsify_core.bench.flush_caches``: cold weights); with
     ``--evict MB`` a stream through MB of scratch runs too."""
@@ -100,9 +101,12 @@ def timed(variants: dict[str, ctypes.CDLL], fns: dict, rounds: int, stat, before
     real = native.library
     native.library = lambda name=None: current["lib"]  # the kernels' wrappers ask native.library() each call
     times: dict = {(v, f): [] for v in variants for f in fns}
+    names = list(variants)
     try:
         for r in range(rounds + 2):
-            for v, lib in variants.items():
+            # rotating order: in a fixed one, two copies of the same build measured 5-10% apart by position
+            for v in names[r % len(names):] + names[:r % len(names)]:
+                lib = variants[v]
                 current["lib"] = lib
                 for f, fn in fns.items():
                     if before is not None:

@@ -6,14 +6,13 @@
 // offset inside the panel, fp32 value). Indices cost one byte per non-zero
 // and a panel of activations stays in L1 while every row streams its values.
 //
-// Many tokens: each tile of 64 tokens is packed transposed once (all threads
-// share the work); work items of 64 rows x one tile are taken dynamically and,
-// panel by panel
-// (128 x 64 floats = 32 KB of activations, L1-resident), two rows at a time,
-// broadcasts each non-zero and multiplies it into 2 x 4 vector accumulators
-// (vectorised along tokens). Few tokens: the panel's activations are held in
-// registers and picked for each 16 non-zeros with permutes; n:m weights have their own few-token
-// kernel (sp_nm_matvec_f32) that selects activations with in-register permutes.
+// Many tokens: each tile of 64 tokens is packed transposed by the thread that
+// works on it; a block of 128 rows, panel by panel (128 x 64 floats = 32 KB of
+// activations, L1-resident), two rows at a time, broadcasts each non-zero and
+// multiplies it into 2 x 4 vector accumulators (vectorised along tokens). Few
+// tokens: the panel's activations are held in registers and picked for each 16
+// non-zeros with permutes; n:m weights have their own few-token kernel
+// (sp_nm_matvec_f32) that selects activations with in-register permutes.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -28,9 +27,6 @@ namespace {
 constexpr int64_t KP = 128;  // panel width (uint8 offsets)
 constexpr int64_t TB = 64;   // token tile
 
-// Pack X [T, n_in] into tiles of TB tokens, transposed and zero-padded:
-// xt[tile][k][t] for k < n_pad. Blocks of 16 columns x 64 tokens read whole
-// cache lines of X and write a 4 KB block, both cache-friendly.
 #if defined(__AVX512F__)
 // In-register transpose of a 16 x 16 block: r[i][c] -> r[c][i].
 inline void transpose16(__m512 r[16]) {
@@ -142,20 +138,6 @@ inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t 
 }
 #endif
 
-// The caller thread's scratch for packed activations, kept between calls: pack_tiles writes every float
-// the kernels read of it, so a fresh zero-filled vector per call only added a memset and page faults (3 MB
-// for 1024 x 768).
-// Buffers above 64 MB are not kept.
-struct Scratch {
-    std::vector<float> tmp;
-    float* get(size_t n) {
-        thread_local std::vector<float> kept;
-        std::vector<float>& v = n <= ((size_t)16 << 20) ? kept : tmp;
-        if (v.size() < n) v.resize(n);
-        return v.data();
-    }
-};
-
 // Columns k0..k0+15 of token tile `tile` of X into dst [16][64] (transposed, zero-padded). Blocks of 16
 // columns x 64 tokens read whole cache lines of X and write a 4 KB block, both cache-friendly. With
 // `whole` false, a partial last tile is packed only to its tokens rounded up to 16 (what the BSR kernel
@@ -194,16 +176,6 @@ inline void pack_block(const float* X, int64_t T, int64_t n_in, int64_t tile, in
     }
 }
 
-// Pack X [T, n_in] into tiles of TB tokens, transposed and zero-padded: xt[tile][k][t] for k < n_pad.
-void pack_tiles(const float* X, int64_t T, int64_t n_in, int64_t n_pad, float* xt, int threads, bool whole = true) {
-    const int64_t n_tiles = (T + TB - 1) / TB;
-    const int64_t n_kb = n_pad / 16;
-    sp::Pool::get().run(n_tiles * n_kb, threads, [&](int64_t item, int) {
-        const int64_t tile = item / n_kb, k0 = (item % n_kb) * 16;
-        pack_block(X, T, n_in, tile, k0, xt + tile * n_pad * TB + k0 * TB, whole);
-    });
-}
-
 #if defined(__AVX512F__) || defined(__AVX2__)
 #if defined(__AVX512F__)
 // Tiles of a block row each register block runs through at once (bsr_block_row, AVX-512): as many as keep
@@ -223,17 +195,27 @@ inline int64_t bsr_tile_group(int64_t bc) {
 }
 #endif
 
-// Block columns per chunk of sp_bsr_matmul_f32's own-tile path: as many as fill half the L2 cache (sysconf's
-// size, 512 KB when it does not say) with one token tile's packed activations, a multiple of 16 (chunks
-// start on pack_block's 16-column blocks). g_k_chunk overrides it (tests, A/B).
-int64_t g_k_chunk = 0;
-inline int64_t bsr_k_chunk(int64_t bc) {
-    if (g_k_chunk > 0) return std::max<int64_t>(16, g_k_chunk / 16 * 16);
+// The packed activations of one token tile the many-token kernels keep per thread: half the L2 cache
+// (sysconf's size, 512 KB when it does not say). Wider inputs go in chunks of columns.
+inline int64_t tile_budget_bytes() {
     static const int64_t l2 = [] {
         const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
         return v > 0 ? (int64_t)v : (int64_t)512 << 10;
     }();
-    return std::max<int64_t>(16, l2 / 2 / (bc * TB * (int64_t)sizeof(float)) / 16 * 16);
+    return l2 / 2;
+}
+// g_k_chunk overrides the chunk (tests, A/B): block columns for BSR, panels for panel CSR.
+int64_t g_k_chunk = 0;
+// Block columns per chunk of sp_bsr_matmul_f32: the budget's worth, a multiple of 16 (chunks start on
+// pack_block's 16-column blocks).
+inline int64_t bsr_k_chunk(int64_t bc) {
+    if (g_k_chunk > 0) return std::max<int64_t>(16, g_k_chunk / 16 * 16);
+    return std::max<int64_t>(16, tile_budget_bytes() / (bc * TB * (int64_t)sizeof(float)) / 16 * 16);
+}
+// Panels (KP columns) per chunk of sp_pcsr_matmul_f32's many-token path: the budget's worth.
+inline int64_t pcsr_panel_chunk() {
+    if (g_k_chunk > 0) return g_k_chunk;
+    return std::max<int64_t>(1, tile_budget_bytes() / (KP * TB * (int64_t)sizeof(float)));
 }
 
 // Block row rb of a BSR weight (its tiles b0..b1-1: values val [nnzb, br, bc], block columns col) times one
@@ -465,29 +447,59 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
         });
         return 0;
     }
-    // Many tokens. First every token tile is packed transposed (all threads
-    // share the work); then (tile, block of rows) items are taken
-    // dynamically, so a thread the OS preempts holds up little.
-    const int64_t n_pad = n_panels * KP;
+    // Many tokens: as sp_bsr_matmul_f32 shares them. With enough token tiles each thread packs whole tiles
+    // into its own buffer (transposed, [panel columns][64]) and runs them through every block of RB rows;
+    // fewer tiles are cut into parts of row blocks, a thread packing a tile for itself unless its last item
+    // left it packed. Inputs wider than half the L2's worth of a tile go a chunk of panels at a time (the
+    // outputs of later chunks added to Y). Each row block's outputs collect in an L1 buffer [RB][64] written
+    // back token-major through bsr_write_back's transposes. Measured on the Xeon (avx512, `kernel_ab csr`,
+    // 200 and 1024 tokens, 50 / 90%, three runs) against a shared pack of every tile (items of one tile x RB
+    // rows) and a write back one float at a time: 3072->768 faster in every run (1024 tokens at 90%: 1.61-2.06x
+    // -> 2.52-3.52x dense), 768->3072 from 10% slower to 25% faster (the old kernel's times there moved by
+    // 1.8x from run to run).
     const int64_t n_tiles = (T + TB - 1) / TB;
-    Scratch xt_buf;
-    float* xt = xt_buf.get((size_t)n_tiles * n_pad * TB);
-    pack_tiles(X, T, n_in, n_pad, xt, threads);
-#ifndef SP_RB
-#define SP_RB 128
-#endif
-    constexpr int64_t RB = SP_RB;  // rows per work item
+    constexpr int64_t RB = 128;  // rows per block
+    // Row blocks written back together: each token's row of Y gets 256 contiguous floats per write (the
+    // BSR kernel's 64 KB write groups); against one row block per write, 3072->768 at 200 / 1024 tokens
+    // 0.77 / 0.93x -> 0.81 / 1.22x dense at 50%, 2.09 / 2.95x -> 2.40 / 3.52x at 90% (avx512, one run's
+    // minimums), 768->3072 within noise; four row blocks measured slower.
+    constexpr int64_t WG_RB = 2;
     const int64_t n_rb = (n_out + RB - 1) / RB;
-    std::vector<float> acc_all((size_t)threads * RB * TB);
-    sp::Pool::get().run(n_tiles * n_rb, threads, [&](int64_t item, int slot) {
-            float* acc = acc_all.data() + (size_t)slot * RB * TB;  // [RB, TB]: the item's outputs
-            const int64_t tile = item / n_rb, lo = (item % n_rb) * RB;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    const int64_t pk = pcsr_panel_chunk();  // panels per chunk
+#else
+    const int64_t pk = n_panels;
+#endif
+    const int64_t n_pc = (n_panels + pk - 1) / pk;
+    const bool own_tiles = n_tiles >= 4 * threads || (T % TB == 0 && n_tiles % threads == 0);
+    const int64_t n_parts = own_tiles ? 1 : std::min(n_rb, (4 * threads + n_tiles - 1) / n_tiles);
+    static std::atomic<uint64_t> calls{0};
+    const uint64_t call = ++calls;
+    sp::Pool::get().run(n_tiles * n_parts, threads, [&](int64_t item, int) {
+      const int64_t tile = item / n_parts, part = item % n_parts;
+      const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+      thread_local std::vector<float> xbuf, acc_buf;
+      thread_local uint64_t held_call = 0;
+      thread_local int64_t held_tile = -1, held_chunk = -1;
+      const int64_t x_cols = std::min(n_panels, pk) * KP;
+      if (xbuf.size() < (size_t)(x_cols * TB)) xbuf.resize((size_t)(x_cols * TB));
+      if (acc_buf.size() < (size_t)(WG_RB * RB * TB)) acc_buf.resize((size_t)(WG_RB * RB * TB));
+      for (int64_t j = 0; j < n_pc; ++j) {
+        const int64_t p_lo = j * pk, p_hi = std::min(n_panels, p_lo + pk);
+        if (held_call != call || held_tile != tile || held_chunk != j) {
+            for (int64_t k0 = p_lo * KP; k0 < p_hi * KP; k0 += 16)
+                pack_block(X, T, n_in, tile, k0, xbuf.data() + (k0 - p_lo * KP) * TB);
+            held_call = call, held_tile = tile, held_chunk = j;
+        }
+        const int64_t rb_lo = part * n_rb / n_parts, rb_hi = (part + 1) * n_rb / n_parts;
+        for (int64_t rbi = rb_lo; rbi < rb_hi; ++rbi) {
+            const int64_t lo = rbi * RB;
             const int64_t rows = std::min(RB, n_out - lo);
-            const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+            float* acc = acc_buf.data() + (rbi - rb_lo) % WG_RB * RB * TB;  // [RB, TB]: the row block's outputs
             for (int64_t r = 0; r < rows; ++r)
-                for (int64_t t = 0; t < TB; ++t) acc[r * TB + t] = bias ? bias[lo + r] : 0.0f;
-            for (int64_t p = 0; p < n_panels; ++p) {
-                const float* xp = xt + tile * n_pad * TB + p * KP * TB;
+                for (int64_t t = 0; t < TB; ++t) acc[r * TB + t] = bias && j == 0 ? bias[lo + r] : 0.0f;
+            for (int64_t p = p_lo; p < p_hi; ++p) {
+                const float* xp = xbuf.data() + (p - p_lo) * KP * TB;
                 const int64_t* rp = rowptr + p * (n_out + 1);
                 int64_t r = 0;
 #if defined(__AVX512F__)
@@ -557,8 +569,17 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
                         sp::axpy(a, val[i], xp + (int64_t)off[i] * TB, TB);
                 }
             }
-            for (int64_t t = 0; t < tb; ++t)  // write the item back token-major
+#if defined(__AVX512F__) || defined(__AVX2__)
+            if ((rbi - rb_lo) % WG_RB == WG_RB - 1 || rbi == rb_hi - 1) {
+                const int64_t g_lo = (rbi - (rbi - rb_lo) % WG_RB) * RB;
+                bsr_write_back(acc_buf.data(), lo + rows - g_lo, tb, nullptr, Y + t0 * n_out + g_lo, n_out, j > 0);
+            }
+#else
+            for (int64_t t = 0; t < tb; ++t)  // write the row block back token-major
                 for (int64_t r = 0; r < rows; ++r) Y[(t0 + t) * n_out + lo + r] = acc[r * TB + t];
+#endif
+        }
+      }
     });
     return 0;
 }
@@ -733,8 +754,9 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
 #endif
 }
 
-// Block columns per chunk of sp_bsr_matmul_f32's own-tile path (0: from the L2 cache's size, the default;
-// rounded down to a multiple of 16); returns the previous setting. For tests and A/Bs.
+// Columns per chunk of the many-token kernels, sp_bsr_matmul_f32 in block columns (rounded down to a multiple
+// of 16), sp_pcsr_matmul_f32 in panels of 128 (0: half the L2 cache's worth, the default); returns the
+// previous setting. For tests and A/Bs.
 int sp_bsr_set_k_chunk(int block_columns) {
 #if defined(__AVX512F__) || defined(__AVX2__)
     const int prev = (int)g_k_chunk;

@@ -189,6 +189,27 @@ def test_bsr_input_chunks(isa, block, T, shuffled):
         torch.testing.assert_close(_bsr_with("sp_bsr_set_k_chunk", chunk, layout, x, b), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("T", [17, 70, 128, 520])
+def test_panel_csr_input_chunks_and_parts(isa, T):
+    """Panel CSR with many tokens: inputs in chunks of 1 and 2 panels (and the default, one chunk here), token
+    tiles whole per thread or cut into parts of row blocks, several calls on one buffer: the torch reference."""
+    g = torch.Generator().manual_seed(T)
+    w = _weight(300, 600, "sparse", g)  # 5 panels, 3 blocks of 128 rows (the last short)
+    w[:, 256:384] = 0  # a panel with no non-zeros
+    packed = spmm.pack(w)
+    b = torch.randn(300, generator=g)
+    x = torch.empty(T, 600)
+    lib = native.library()
+    for chunk in (1, 2, 0):
+        prev = lib.sp_bsr_set_k_chunk(chunk) if isa != "portable" else 0
+        try:
+            x.copy_(torch.randn(T, 600, generator=g))
+            torch.testing.assert_close(spmm.matmul(packed, x, b), spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+        finally:
+            if isa != "portable":
+                lib.sp_bsr_set_k_chunk(prev)
+
+
 @pytest.mark.parametrize("d,dff", [(1, 1), (13, 37), (67, 130)])
 @pytest.mark.parametrize("T", [1, 3, 16])
 @pytest.mark.parametrize("live", [0.0, 0.3, 1.0])
