@@ -757,13 +757,13 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
 // Columns per chunk of the many-token kernels, sp_bsr_matmul_f32 in block columns (rounded down to a multiple
 // of 16), sp_pcsr_matmul_f32 in panels of 128 (0: half the L2 cache's worth, the default); returns the
 // previous setting. For tests and A/Bs.
-int sp_bsr_set_k_chunk(int block_columns) {
+int sp_set_input_chunk(int columns) {
 #if defined(__AVX512F__) || defined(__AVX2__)
     const int prev = (int)g_k_chunk;
-    g_k_chunk = std::max(0, block_columns);
+    g_k_chunk = std::max(0, columns);
     return prev;
 #else
-    (void)block_columns;
+    (void)columns;
     return 0;
 #endif
 }

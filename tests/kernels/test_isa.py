@@ -133,7 +133,7 @@ def test_bsr_calls_never_reuse_another_calls_packed_tile(isa, T):
 
 
 def _bsr_with(setter, value, layout, x, b):
-    """``bsr_matmul`` with a kernel setting (``sp_bsr_set_tile_group`` / ``sp_bsr_set_k_chunk``) at ``value``."""
+    """``bsr_matmul`` with a kernel setting (``sp_bsr_set_tile_group`` / ``sp_set_input_chunk``) at ``value``."""
     lib = native.library()
     prev = getattr(lib, setter)(value)
     try:
@@ -186,7 +186,7 @@ def test_bsr_input_chunks(isa, block, T, shuffled):
     x, b = torch.randn(T, 600, generator=g), torch.randn(40, generator=g)
     ref = spmm.reference(w, x, b)
     for chunk in (16, 32, 0):
-        torch.testing.assert_close(_bsr_with("sp_bsr_set_k_chunk", chunk, layout, x, b), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_bsr_with("sp_set_input_chunk", chunk, layout, x, b), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("T", [17, 70, 128, 520])
@@ -201,13 +201,13 @@ def test_panel_csr_input_chunks_and_parts(isa, T):
     x = torch.empty(T, 600)
     lib = native.library()
     for chunk in (1, 2, 0):
-        prev = lib.sp_bsr_set_k_chunk(chunk) if isa != "portable" else 0
+        prev = lib.sp_set_input_chunk(chunk) if isa != "portable" else 0
         try:
             x.copy_(torch.randn(T, 600, generator=g))
             torch.testing.assert_close(spmm.matmul(packed, x, b), spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
         finally:
             if isa != "portable":
-                lib.sp_bsr_set_k_chunk(prev)
+                lib.sp_set_input_chunk(prev)
 
 
 @pytest.mark.parametrize("d,dff", [(1, 1), (13, 37), (67, 130)])
