@@ -219,12 +219,12 @@ inline int64_t pcsr_panel_chunk() {
 }
 
 // Block row rb of a BSR weight (its tiles b0..b1-1: values val [nnzb, br, bc], block columns col) times one
-// packed token tile xtile [columns][64] (from block column c0) holding tb real tokens, into out [br][64] (L1). The first tile sets
-// the outputs (no zero fill); a block row without tiles is zero. Register blocks: six rows while the rest
-// stays a multiple of four (rows [0, six_rows)), then four; AVX-512 64 tokens per block (bsr_rows64),
-// AVX2 16 (bsr_rows16). AVX-512: each register block runs over bsr_tile_group tiles at a time with its
-// accumulators in registers (loaded and stored once per group instead of once per tile); the group's
-// activations (group x bc x 64 floats) stay in L1 for the block's other register blocks.
+// packed token tile xtile [columns][64] (from block column c0) holding tb real tokens, into out [br][64]
+// (L1). The first tile sets the outputs (no zero fill); a block row without tiles is zero. Register blocks:
+// six rows while the rest stays a multiple of four (rows [0, six_rows)), then four; AVX-512 64 tokens per
+// block (bsr_rows64), AVX2 16 (bsr_rows16). AVX-512: each register block runs over bsr_tile_group tiles at
+// a time with its accumulators in registers (loaded and stored once per group instead of once per tile);
+// the group's activations (group x bc x 64 floats) stay in L1 for the block's other register blocks.
 inline void bsr_block_row(const float* val, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
                           int64_t six_rows, const float* xtile, int64_t c0, int64_t tb, float* out) {
     if (b0 == b1) {
