@@ -33,15 +33,23 @@ def _cpu_ok(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float32 and spmm.cpu_kernel_available()
 
 
-def _panel_kernel(dense: torch.Tensor, first=None):
-    """The panel-CSR CPU kernel over ``dense``; ``first(x, bias)`` is tried before it (``None``: declined)."""
-    panel = spmm.panel_kernel(spmm.pack(dense))
+def _panel_kernel(dense, first=None, lazy: bool = False):
+    """The panel-CSR CPU kernel over ``dense()`` (a function returning the dense weight); ``first(x, bias)`` is
+    tried before it (``None``: declined). ``lazy``: the panel copy is packed on the first call ``first``
+    declines, not before (a BSR weight whose tiles serve every call never holds it: 5 bytes per non-zero,
+    more than the tiles' own 4 at 16 x 16); otherwise when the kernel is made (n:m's permute kernel declines
+    one token and 16 or more, so nearly every model packs it anyway)."""
     if first is None:
-        return panel
+        return spmm.panel_kernel(spmm.pack(dense()))
+    panel = [] if lazy else [spmm.panel_kernel(spmm.pack(dense()))]
 
     def run(x, bias):
         y = first(x, bias)
-        return y if y is not None else panel(x, bias)
+        if y is not None:
+            return y
+        if not panel:
+            panel.append(spmm.panel_kernel(spmm.pack(dense())))
+        return panel[0](x, bias)
     return run
 
 
@@ -56,12 +64,12 @@ def _nm_kernel(layout, val, idx, device):
         return lambda x, bias: triton_kernels.nm_matmul(x, val, idx, p.n, p.m, layout.shape[1], bias)
     nm = spmm.pack_nm(val, idx, p.n, p.m, layout.shape)
     if nm is None or nm.window > spmm.NM_KERNEL_MAX_WINDOW:
-        return _panel_kernel(layout.to_dense())
+        return _panel_kernel(layout.to_dense)
     permute, (lo, hi), n_in = spmm.nm_kernel(nm), spmm.NM_KERNEL_TOKENS, layout.shape[1]
 
     def few(x, bias):  # the token counts where the permute kernel is the faster one; else panel CSR
         return permute(x, bias) if lo <= x.numel() // n_in < hi else None
-    return _panel_kernel(layout.to_dense(), few)
+    return _panel_kernel(layout.to_dense, few)
 
 
 class CSR(StoredLayout):
@@ -83,7 +91,7 @@ class CSR(StoredLayout):
 
     def kernel(self, device, dtype):
         """Panel CSR on the CPU (float32)."""
-        return _panel_kernel(self.to_dense()) if _cpu_ok(device, dtype) else None
+        return _panel_kernel(self.to_dense) if _cpu_ok(device, dtype) else None
 
 
 class BSRParams(Params):
@@ -122,7 +130,7 @@ class BSR(StoredLayout):
         tiles = None
         if self.val.dtype == torch.float32:
             tiles = spmm.bsr_kernel(self.crow, self.col, self.val, self.shape)
-        return _panel_kernel(self.to_dense(), tiles)
+        return _panel_kernel(self.to_dense, tiles, lazy=tiles is not None)
 
 
 class NMParams(Params):

@@ -186,6 +186,28 @@ def test_builtin_cuda_kernels_match_the_layout_reference(name, dtype):
     torch.testing.assert_close(run(x, b).to(dtype), (layout.matmul(x.cpu()) + b.cpu()).cuda(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("block,packs", [((16, 16), 0), ((3, 5), 1)])
+def test_bsr_kernel_packs_its_panel_fallback_only_when_a_call_needs_it(monkeypatch, block, packs):
+    """The BSR tile kernels serve every token count for fp32 tiles with a multiple of 4 rows: the panel-CSR
+    copy (5 bytes per non-zero) is never packed; other tiles decline 16+ tokens and pack it once, then."""
+    from sparsify_kernels import spmm
+
+    probe = BSR.from_dense(torch.ones(16, 16))
+    if not spmm.cpu_kernel_available() or spmm.bsr_matmul(probe.crow, probe.col, probe.val, probe.shape,
+                                                          torch.randn(20, 16)) is None:
+        pytest.skip("no native BSR kernels here (the portable build)")
+    calls = []
+    real = spmm.pack
+    monkeypatch.setattr(spmm, "pack", lambda w: calls.append(w.shape) or real(w))
+    w = sparse((40, 60), 0.3)
+    run = BSR.from_dense(w, BSRParams(block=block)).kernel(torch.device("cpu"), torch.float32)
+    assert calls == []
+    for T in (1, 3, 20, 70, 20):
+        x = torch.randn(T, 60)
+        torch.testing.assert_close(run(x, None), x @ w.T, atol=1e-4, rtol=1e-4)
+    assert len(calls) == packs
+
+
 def test_sparse_linear_computes_with_the_layout_kernel(monkeypatch):
     """``SparseLinear`` calls its layout's kernel once built (cached per device and dtype), and forgets it on load."""
     from sparsify_kernels import spmm
