@@ -138,6 +138,31 @@ inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t 
 }
 #endif
 
+// Work items of the many-token kernels: whole token tiles (1 part each) when every thread gets whole ones
+// (four tiles per thread, or an even split of full tiles), else each tile's `blocks` row blocks cut into parts,
+// about four items per thread in all.
+inline int64_t tile_parts(int64_t T, int64_t n_tiles, int64_t blocks, int threads) {
+    if (n_tiles >= 4 * threads || (T % TB == 0 && n_tiles % threads == 0)) return 1;
+    return std::min(blocks, (4 * threads + n_tiles - 1) / n_tiles);
+}
+
+// Which token tile (and input chunk) a thread's pack buffer holds, and for which call (next_call(): one id
+// per kernel call): a thread packs only when its item needs another one.
+struct HeldPack {
+    uint64_t call = 0;
+    int64_t tile = -1, chunk = -1;
+    // True when the buffer must be packed for (call c, tile t, chunk j); records it as packed.
+    bool repack(uint64_t c, int64_t t, int64_t j) {
+        if (call == c && tile == t && chunk == j) return false;
+        call = c, tile = t, chunk = j;
+        return true;
+    }
+};
+inline uint64_t next_call() {
+    static std::atomic<uint64_t> calls{0};
+    return ++calls;
+}
+
 // Columns k0..k0+15 of token tile `tile` of X into dst [16][64] (transposed, zero-padded). Blocks of 16
 // columns x 64 tokens read whole cache lines of X and write a 4 KB block, both cache-friendly. With
 // `whole` false, a partial last tile is packed only to its tokens rounded up to 16 (what the BSR kernel
@@ -471,26 +496,21 @@ int sp_pcsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out,
     const int64_t pk = n_panels;
 #endif
     const int64_t n_pc = (n_panels + pk - 1) / pk;
-    const bool own_tiles = n_tiles >= 4 * threads || (T % TB == 0 && n_tiles % threads == 0);
-    const int64_t n_parts = own_tiles ? 1 : std::min(n_rb, (4 * threads + n_tiles - 1) / n_tiles);
-    static std::atomic<uint64_t> calls{0};
-    const uint64_t call = ++calls;
+    const int64_t n_parts = tile_parts(T, n_tiles, n_rb, threads);
+    const uint64_t call = next_call();
     sp::Pool::get().run(n_tiles * n_parts, threads, [&](int64_t item, int) {
       const int64_t tile = item / n_parts, part = item % n_parts;
       const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
       thread_local std::vector<float> xbuf, acc_buf;
-      thread_local uint64_t held_call = 0;
-      thread_local int64_t held_tile = -1, held_chunk = -1;
+      thread_local HeldPack held;
       const int64_t x_cols = std::min(n_panels, pk) * KP;
       if (xbuf.size() < (size_t)(x_cols * TB)) xbuf.resize((size_t)(x_cols * TB));
       if (acc_buf.size() < (size_t)(WG_RB * RB * TB)) acc_buf.resize((size_t)(WG_RB * RB * TB));
       for (int64_t j = 0; j < n_pc; ++j) {
         const int64_t p_lo = j * pk, p_hi = std::min(n_panels, p_lo + pk);
-        if (held_call != call || held_tile != tile || held_chunk != j) {
+        if (held.repack(call, tile, j))
             for (int64_t k0 = p_lo * KP; k0 < p_hi * KP; k0 += 16)
                 pack_block(X, T, n_in, tile, k0, xbuf.data() + (k0 - p_lo * KP) * TB);
-            held_call = call, held_tile = tile, held_chunk = j;
-        }
         const int64_t rb_lo = part * n_rb / n_parts, rb_hi = (part + 1) * n_rb / n_parts;
         for (int64_t rbi = rb_lo; rbi < rb_hi; ++rbi) {
             const int64_t lo = rbi * RB;
@@ -688,7 +708,6 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         bsr_write_back(out, std::min(n_out, rb1 * br) - o0, tb, bias ? bias + o0 : nullptr, Y + t0 * n_out + o0,
                        n_out, add);
     };
-    const bool own_tiles = n_tiles >= 4 * threads || (T % TB == 0 && n_tiles % threads == 0);
     // Inputs wider than half the L2 cache's worth of one token tile (11008 x 64 floats is 2.8 MB) go in
     // chunks of kc block columns: each chunk packed and run through every block row (the outputs of later
     // chunks added to Y), so a tile's activations come from L2, not from L3 or memory. Needs each block
@@ -718,27 +737,23 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     }
     // one chunk: the packed width as before; chunks: kc x bc columns (a multiple of 16) plus a spare 16
     const int64_t x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
-    // Too few token tiles to give every thread whole ones: each tile's block rows in n_parts parts, a
-    // thread packing the tile (chunk) for itself unless it holds it already from its last item.
-    const int64_t n_parts = own_tiles ? 1 : std::min(R, (4 * threads + n_tiles - 1) / n_tiles);
-    static std::atomic<uint64_t> calls{0};
-    const uint64_t call = ++calls;
+    // Whole token tiles per thread, or each tile's block rows in parts (tile_parts), a thread packing the
+    // tile (chunk) for itself unless it holds it already from its last item.
+    const int64_t n_parts = tile_parts(T, n_tiles, R, threads);
+    const uint64_t call = next_call();
     sp::Pool::get().run(n_tiles * n_parts, threads, [&](int64_t item, int) {
         const int64_t tile = item / n_parts, part = item % n_parts;
         const int64_t r_lo = part * R / n_parts, r_hi = (part + 1) * R / n_parts;
         thread_local std::vector<float> xbuf, out;
-        thread_local uint64_t held_call = 0;
-        thread_local int64_t held_tile = -1, held_chunk = -1;
+        thread_local HeldPack held;
         if (xbuf.size() < (size_t)(x_cols * TB)) xbuf.resize((size_t)(x_cols * TB));
         if (out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
         for (int64_t j = 0; j < n_kc; ++j) {
             const int64_t k_lo = n_kc > 1 ? j * kc * bc : 0;
             const int64_t k_hi = n_kc > 1 ? std::min(n_pad16, k_lo + kc * bc) : n_pad16;
-            if (held_call != call || held_tile != tile || held_chunk != j) {
+            if (held.repack(call, tile, j))
                 for (int64_t k0 = k_lo; k0 < k_hi; k0 += 16)
                     pack_block(X, T, n_in, tile, k0, xbuf.data() + (k0 - k_lo) * TB, false);
-                held_call = call, held_tile = tile, held_chunk = j;
-            }
             const int64_t* first = n_kc > 1 ? starts.data() + j * R : crow;
             const int64_t* last = n_kc > 1 ? starts.data() + (j + 1) * R : crow + 1;
             for (int64_t rb = r_lo; rb < r_hi; rb += RG)
