@@ -31,7 +31,8 @@ at the quantile: ``sparsify bench`` case 1), ``screened`` the same with the
 with a rank-64 activation predictor (case 1's predictor rows, caches flushed
 before every call), ``moe`` the MoE FFN kernel
 (32-neuron experts, SiLU: case 2 without the router), ``bsr`` BSR Linear
-768 <-> 3072 with 16 x 16 tiles (case 3), ``csr`` and ``nm`` case 3's other
+768 <-> 3072 with 16 x 16 tiles (case 3; ``--tiles rows|columns`` their
+memory order, default as the layout holds them), ``csr`` and ``nm`` case 3's other
 layouts (``--tokens`` and ``--shapes`` as for ``bsr``), ``decode-ffn`` 30 activation-sparse
 FFN layers of SmolLM2-135M's shape (576 x 1536) called in turn, as one
 decode step does. Prints the CPU, ISA, threads and one line per
@@ -236,7 +237,10 @@ def case_bsr(variants, args, stat):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch: "Sparse BSR tensor support is in beta state"
                 b = ws.to_sparse_bsr((16, 16))
-            run = spmm.bsr_kernel(b.crow_indices(), b.col_indices(), b.values(), ws.shape)
+            val = b.values().clone()
+            if args.tiles == "columns" or (args.tiles == "auto" and spmm.bsr_tiles_by_columns()):
+                spmm.tiles_by_columns(val)  # a variant without the column kernels runs a row-major copy
+            run = spmm.bsr_kernel(b.crow_indices(), b.col_indices(), val, ws.shape)
             for T in args.tokens:
                 x = torch.randn(T, n_in, generator=g)
                 m = timed(variants, {"dense": lambda: F.linear(x, ws), "ours": lambda: run(x)}, args.rounds, stat)
@@ -332,6 +336,8 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 1024], help="bsr: token counts")
     p.add_argument("--shapes", nargs="+", default=None, metavar="OUTxIN",
                    help="bsr / csr / nm: weight shapes, multiples of 16 (default 3072x768 768x3072, case 3's)")
+    p.add_argument("--tiles", choices=["auto", "rows", "columns"], default="auto",
+                   help="bsr: the tiles' memory order (auto: as the BSR layout holds them with this tree's kernels)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--stat", choices=["median", "min"], default="median")
     p.add_argument("--threads", type=int, default=None)

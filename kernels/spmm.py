@@ -78,6 +78,10 @@ def _lib():
         lib.sp_bsr_matmul_f32.restype = ctypes.c_int
         lib.sp_bsr_matvec_f32.argtypes = lib.sp_bsr_matmul_f32.argtypes
         lib.sp_bsr_matvec_f32.restype = ctypes.c_int
+        if hasattr(lib, "sp_bsrt_matmul_f32"):  # libraries built from older sources (kernel A/Bs) lack them
+            for name in ("sp_bsrt_matmul_f32", "sp_bsrt_matvec_f32"):
+                getattr(lib, name).argtypes = lib.sp_bsr_matmul_f32.argtypes
+                getattr(lib, name).restype = ctypes.c_int
         lib._spmm_typed = True
     return lib
 
@@ -215,36 +219,86 @@ def nm_matmul(packed: PackedNM, x: torch.Tensor, bias: torch.Tensor | None = Non
 BSR_MANY_TOKENS = 8
 
 
+def bsr_tiles_by_columns() -> bool:
+    """True where the loaded kernels want BSR tiles column-major in memory (AVX-512 builds).
+
+    There each 16-row slice of a tile's column is one vector: the many-token
+    kernel keeps outputs along the vector lanes and stores them straight into
+    ``Y`` (no transposing write back), the few-token one loads each weight
+    vector once for all tokens. ``is_by_columns`` tells a tensor's order;
+    ``tiles_by_columns`` re-lays one in place."""
+    lib = _lib()
+    return lib is not None and hasattr(lib, "sp_bsr_tile_columns") and bool(lib.sp_bsr_tile_columns())
+
+
+def is_by_columns(val: torch.Tensor) -> bool:
+    """``val [nnzb, br, bc]`` holds each tile column-major (strides ``(br*bc, 1, br)``), not row-major."""
+    return val.dim() == 3 and not val.is_contiguous() and val.transpose(1, 2).is_contiguous()
+
+
+def tiles_by_columns(val: torch.Tensor) -> bool:
+    """Re-lay ``val [nnzb, br, bc]`` in place so that each tile is stored column-major.
+
+    The tensor keeps its shape, dtype and values (every reader sees the same
+    tiles; safetensors writers take ``.contiguous()``, row-major as before);
+    only its memory changes, so modules holding it as a buffer hold the new
+    order with no second copy. Returns whether ``val`` is column-major now
+    (``False``: empty, or a tensor that cannot be changed in place, e.g. an
+    inference-mode tensor outside inference mode; it stays row-major)."""
+    if is_by_columns(val):
+        return True
+    if val.dim() != 3 or val.numel() == 0 or val.shape[1] == 1 or val.shape[2] == 1:
+        return False  # one row or one column per tile: both orders are the same memory
+    if val.is_inference() and not torch.is_inference_mode_enabled():
+        return False  # torch refuses in-place changes there (after changing the strides: ask first)
+    br, bc = val.shape[1:]
+    by_cols = val.detach().transpose(1, 2).contiguous()
+    with torch.no_grad():
+        val.set_(by_cols.untyped_storage(), 0, val.shape, (br * bc, 1, br))
+    return True
+
+
 def bsr_kernel(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape):
     """``run(x, bias)``: ``bsr_matmul`` over these tiles with the per-weight work (index dtypes, addresses)
-    done once; ``None`` when the tiles are not float32."""
+    done once; ``None`` when the tiles are not float32. Tiles stored column-major (``is_by_columns``) run the
+    column-major kernels where the loaded library has them (AVX-512), else a row-major copy made on the
+    first call that needs it."""
     out, n_in = shape
     br, bc = val.shape[1:]
     if val.dtype != torch.float32:
         return None
     crow = crow.to(torch.int64).contiguous()
     col = col.to(torch.int32).contiguous()
-    val = val.contiguous()
-    ptrs = (crow.data_ptr(), col.data_ptr(), val.data_ptr())
+    by_cols = is_by_columns(val)
+    tiles = val.transpose(1, 2) if by_cols else val.contiguous()  # by columns: [nnzb, bc, br], no copy
+    rows_copy: list = []  # column-major tiles on a library without the column kernels: row-major, once
 
     def run(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
         b = _bias_ptr(bias, out)
         if b is False or not _takes(x, n_in):
             return None
         T = x.numel() // n_in
-        many = T >= BSR_MANY_TOKENS and br % 4 == 0
-        if T == 0 or (T >= 16 and br % 4):
-            return None
         lib = _lib()
-        if lib is None:
+        if T == 0 or lib is None:
             return None
+        cols = by_cols and hasattr(lib, "sp_bsrt_matmul_f32") and bool(lib.sp_bsr_tile_columns())
+        many = T >= BSR_MANY_TOKENS and (cols or br % 4 == 0)
+        if T >= 16 and not cols and br % 4:
+            return None
+        if cols:
+            fn, ptr = (lib.sp_bsrt_matmul_f32 if many else lib.sp_bsrt_matvec_f32), tiles.data_ptr()
+        else:
+            if by_cols and not rows_copy:
+                rows_copy.append(val.contiguous())
+            fn = lib.sp_bsr_matmul_f32 if many else lib.sp_bsr_matvec_f32
+            ptr = (rows_copy[0] if by_cols else tiles).data_ptr()
         x2 = x if x.is_contiguous() else x.contiguous()
         y = torch.empty(T, out, dtype=torch.float32)
-        fn = lib.sp_bsr_matmul_f32 if many else lib.sp_bsr_matvec_f32
-        if fn(x2.data_ptr(), T, n_in, out, br, bc, *ptrs, b, y.data_ptr(), native.threads()) != 0:
+        if fn(x2.data_ptr(), T, n_in, out, br, bc, crow.data_ptr(), col.data_ptr(), ptr, b, y.data_ptr(),
+              native.threads()) != 0:
             return None
         return y if x.dim() == 2 else y.view(x.shape[:-1] + (out,))
-    run.storage = (crow, col, val)  # the addresses above stay valid while run lives
+    run.storage = (crow, col, tiles, rows_copy)  # the addresses above stay valid while run lives
     return run
 
 
@@ -252,12 +306,14 @@ def bsr_matmul(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape, 
                bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x @ W.T + b`` from BSR storage (tiles ``[nnzb, br, bc]``), straight from the tiles.
 
-    ``BSR_MANY_TOKENS`` (8) tokens or more (``br`` a multiple of 4): the
-    tokens packed in tiles of 64, several rows of a tile sharing every
-    activation load. Fewer tokens (or another ``br`` below 16 tokens): tile
-    rows stream into one accumulator per row, once per token. ``None`` where
-    the kernels do not apply (other dtype or device, the portable build:
-    these kernels need AVX2+FMA or AVX-512). Repeated calls: ``bsr_kernel``.
+    ``BSR_MANY_TOKENS`` (8) tokens or more (``br`` a multiple of 4, or any
+    ``br`` with column-major tiles): the tokens packed in tiles of 64, each
+    activation or weight load shared by several multiply-adds. Fewer tokens (or another
+    ``br`` below 16 tokens): the tiles streamed once per token (row-major) or
+    once per 8 tokens (column-major). ``val`` either order (``is_by_columns``).
+    ``None`` where the kernels do not apply (other dtype or device, the
+    portable build: these kernels need AVX2+FMA or AVX-512). Repeated calls:
+    ``bsr_kernel``.
     """
     run = bsr_kernel(crow, col, val, shape)
     return None if run is None else run(x, None if bias is None else bias.contiguous())

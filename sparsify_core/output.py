@@ -72,7 +72,7 @@ def write_checkpoint(workdir: Path, model: torch.nn.Module, masks: MaskSet, comp
     """Write ``<workdir>/checkpoint`` atomically (temp folder, then rename)."""
     final = Path(workdir) / "checkpoint"
     tmp = tmp_for(final)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)  # e.g. BSR tiles held by columns
     if len(masks):
         save_file(masks.state_dict(), tmp / "masks.safetensors")
     entries = _save_results(tmp / "stages", results)

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include <unistd.h>
 #include "pool.h"
@@ -138,6 +139,101 @@ inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t 
 }
 #endif
 
+#if defined(__AVX512F__)
+// Column-major BSR tiles (AVX-512 many-token kernel): up to 16 rows r0.. of one block row (rm: the rows
+// that exist) for TT tokens, outputs along the vector lanes, tokens broadcast from the packed tile, the
+// accumulators stored straight into Y (row stride n_out) with no L1 buffer and no transpose. wt: tiles
+// [nnzb, bc, br] (a tile's column k is br contiguous floats); tiles b0..b1-1 of the block row; xt: the
+// packed token tile [columns][64] (from block column c0) at the first of these tokens; acc_in: the outputs
+// start from Y's values (a later chunk of tiles), else from the bias (null: zero); nt: real tokens (<= TT;
+// the pack zero-pads the rest, which are computed and not stored). Per column step one weight vector and TT
+// broadcast multiply-adds; the next tile's activations are prefetched a line per step.
+// Measured on the Xeon (avx512, `kernel_ab bsr`, 768 <-> 3072, 128 / 1024 tokens, 50 / 75 / 90%) against the
+// row-major kernel (bsr_rows64: rows broadcast, tokens along the lanes, outputs through an L1 buffer and
+// bsr_write_back's transposes): 1024 tokens 768->3072 1.37 / 2.75 / 5.31x -> 1.58 / 3.09-3.14 / 6.00-6.26x
+// dense, 3072->768 1.53 / 2.79 / 5.76x -> 1.53-1.56 / 2.91-3.01 / 6.02-6.10x; 128 tokens 768->3072 +6-12%,
+// 3072->768 50% +7-10%, 75 / 90% 4-9% slower. Without the prefetch 3072->768 lost 5-15% at 50%. 16 tokens
+// per call ran 5-10% slower than 24 (16 + 1 vector loads per 16 multiply-adds), 28 and 31 no faster than 24.
+// The AVX2 build keeps row-major tiles: the same scheme there (6 tokens x 2 vectors of 8 rows) measured
+// 3072->768 at 50% 1.71 / 1.93x -> 1.50 / 1.54x dense in two runs.
+template <int TT>
+inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
+                      int64_t r0, __mmask16 rm, const float* xt, int64_t c0, const float* bias, float* y,
+                      int64_t n_out, int64_t nt, bool acc_in) {
+    __m512 c[TT];
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(rm, bias) : _mm512_setzero_ps();
+#pragma GCC unroll 32
+    for (int t = 0; t < TT; ++t)
+        c[t] = !acc_in ? bv : t < nt ? _mm512_maskz_loadu_ps(rm, y + t * n_out) : _mm512_setzero_ps();
+    for (int64_t j = b0; j < b1; ++j) {
+        const float* w = wt + j * br * bc + r0;
+        const float* xc = xt + ((int64_t)col[j] - c0) * bc * TB;
+        const float* xn = xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * bc * TB;
+        for (int64_t k = 0; k < bc; ++k) {
+            const __m512 wv = _mm512_maskz_loadu_ps(rm, w + k * br);
+            const float* xk = xc + k * TB;
+            _mm_prefetch((const char*)(xn + k * TB), _MM_HINT_T0);
+            if (TT > 16) _mm_prefetch((const char*)(xn + k * TB + 16), _MM_HINT_T0);
+#pragma GCC unroll 32
+            for (int t = 0; t < TT; ++t) c[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xk[t]), c[t]);
+        }
+    }
+#pragma GCC unroll 32
+    for (int t = 0; t < TT; ++t)
+        if (t < nt) _mm512_mask_storeu_ps(y + t * n_out, rm, c[t]);
+}
+
+int g_tile_group = 0;  // sp_bsr_set_tile_group: tiles per pass of bsr_rows64 and bsrt_rows (0: automatic)
+
+// Tiles per pass of bsrt_rows (g_tile_group overrides it: tests, A/B): as many 16-row tile slices (16 x bc floats) as fill a third of the L1 data
+// cache (16 of 16 x 16 on the Xeon's 48 KB), kept there for the token groups after the first. Measured
+// (768 <-> 3072, 128 / 1024 tokens): 8 and 16 tiles within noise of each other, 32 3-8% slower.
+inline int64_t bsrt_tile_chunk(int64_t bc) {
+    if (g_tile_group > 0) return g_tile_group;
+    static const int64_t l1d = [] {
+        const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        return v > 0 ? (int64_t)v : (int64_t)32 << 10;
+    }();
+    return std::max<int64_t>(1, l1d / 3 / (16 * bc * (int64_t)sizeof(float)));
+}
+
+// NT tokens (x: the first one's activations, row stride n_in) times up to 16 rows r0.. (rm) of column-major
+// tiles b0..b1-1 of one block row, into y (row stride n_out), plus the bias (null: none): each weight vector
+// loaded once for all NT tokens, P partial sums per token (independent chains for few tokens), no
+// horizontal sums.
+template <int NT>
+inline void bsrt_vec(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
+                     int64_t r0, __mmask16 rm, const float* x, int64_t n_in, const float* bias, float* y,
+                     int64_t n_out) {
+    constexpr int P = NT >= 4 ? 1 : NT >= 2 ? 2 : 4;
+    __m512 c[NT][P];
+    for (int t = 0; t < NT; ++t)
+        for (int p = 0; p < P; ++p) c[t][p] = _mm512_setzero_ps();
+    for (int64_t j = b0; j < b1; ++j) {
+        const int64_t k0 = (int64_t)col[j] * bc, kn = std::min(bc, n_in - k0);  // the last block column: partial
+        const float* w = wt + j * br * bc + r0;
+        int64_t k = 0;
+        for (; k + P <= kn; k += P)
+#pragma GCC unroll 4
+            for (int p = 0; p < P; ++p) {
+                const __m512 wv = _mm512_maskz_loadu_ps(rm, w + (k + p) * br);
+#pragma GCC unroll 8
+                for (int t = 0; t < NT; ++t) c[t][p] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * n_in + k0 + k + p]), c[t][p]);
+            }
+        for (; k < kn; ++k) {
+            const __m512 wv = _mm512_maskz_loadu_ps(rm, w + k * br);
+            for (int t = 0; t < NT; ++t) c[t][0] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * n_in + k0 + k]), c[t][0]);
+        }
+    }
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(rm, bias) : _mm512_setzero_ps();
+    for (int t = 0; t < NT; ++t) {
+        __m512 s = bv;
+        for (int p = 0; p < P; ++p) s = _mm512_add_ps(s, c[t][p]);
+        _mm512_mask_storeu_ps(y + t * n_out, rm, s);
+    }
+}
+#endif
+
 // Work items of the many-token kernels: whole token tiles (1 part each) when every thread gets whole ones
 // (four tiles per thread, or an even split of full tiles), else each tile's `blocks` row blocks cut into parts,
 // about four items per thread in all.
@@ -209,7 +305,6 @@ inline void pack_block(const float* X, int64_t T, int64_t n_in, int64_t tile, in
 // 16 x 16) against one tile at a time, 768 <-> 3072 at 50 / 75 / 90%, 128 and 1024 tokens, one process:
 // +4-9% in 10 of 12 configurations (1024 tokens at 50%: 1.52 -> 1.66x dense), 16 tiles (64 KB of
 // activations) lost most of it. g_tile_group overrides it (tests, A/B).
-int g_tile_group = 0;
 inline int64_t bsr_tile_group(int64_t bc) {
     if (g_tile_group > 0) return g_tile_group;
     static const int64_t l1d = [] {
@@ -673,11 +768,16 @@ int sp_nm_matvec_f32(const float* xpad, int64_t T, int64_t x_stride, int64_t n_o
 // at 50%, 128 tokens). The AVX2 register blocks replaced 4 x 16 blocks, one block row per item, a zero fill
 // and a scalar write back: 0.91-3.12x -> 1.40-4.61x dense against AVX2-capped torch (768 <-> 3072 at 50 / 75
 // / 90%, 128 and 1024 tokens).
-int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
-                      const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
-                      int threads) {
+// cols: val holds column-major tiles [nnzb, bc, br] (AVX-512 only: bsrt_rows), any br; else row-major tiles
+// [nnzb, br, bc], br a multiple of 4.
+static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
+                           const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
+                           int threads, bool cols) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-    if (br % 4 != 0) return 2;
+#if !defined(__AVX512F__)
+    if (cols) return 2;
+#endif
+    if (!cols && br % 4 != 0) return 2;
     threads = std::max(1, threads);
     const int64_t R = (n_out + br - 1) / br;
     const int64_t n_pad = ((n_in + bc - 1) / bc) * bc + 16;
@@ -708,6 +808,42 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         bsr_write_back(out, std::min(n_out, rb1 * br) - o0, tb, bias ? bias + o0 : nullptr, Y + t0 * n_out + o0,
                        n_out, add);
     };
+#if defined(__AVX512F__)
+    // Column-major tiles: each 16-row slice of a block row, a chunk of its tiles at a time, straight into Y
+    // for the tile's tokens 24 at a time (the rest 16, 8 or 4 at a time): 64 = 24 + 24 + 16.
+    const int64_t tchunk = bsrt_tile_chunk(bc);
+    auto block_rows_cols = [&](int64_t rb0, int64_t rb1, int64_t tile, const float* xtile, int64_t c0,
+                               const int64_t* first, const int64_t* last, bool add) {
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        for (int64_t rb = rb0; rb < rb1; ++rb) {
+            const int64_t f = first[rb], l = last[rb];
+            if (f == l && add) continue;  // no tile in this chunk: Y already holds the row's sums
+            for (int64_t r0 = 0; r0 < br && rb * br + r0 < n_out; r0 += 16) {
+                const int64_t nr = std::min<int64_t>({16, br - r0, n_out - rb * br - r0});
+                const __mmask16 rm = (__mmask16)((1u << nr) - 1u);
+                float* y = Y + t0 * n_out + rb * br + r0;
+                for (int64_t g0 = f; g0 < l || g0 == f; g0 += tchunk) {
+                    const int64_t g1 = std::min(l, g0 + tchunk);
+                    const bool acc_in = add || g0 > f;
+                    const float* bb = bias && !acc_in ? bias + rb * br + r0 : nullptr;
+                    int64_t h = 0;
+                    auto run = [&](auto tt) {
+                        constexpr int K = decltype(tt)::value;
+                        bsrt_rows<K>(val, col, g0, g1, br, bc, r0, rm, xtile + h, c0, bb, y + h * n_out, n_out,
+                                     std::min<int64_t>(K, tb - h), acc_in);
+                        h += K;
+                    };
+                    while (h + 24 <= tb) run(std::integral_constant<int, 24>{});
+                    while (h + 16 <= tb) run(std::integral_constant<int, 16>{});
+                    if (tb - h > 8) run(std::integral_constant<int, 16>{});
+                    else if (tb - h > 4) run(std::integral_constant<int, 8>{});
+                    else if (tb - h > 0) run(std::integral_constant<int, 4>{});
+                    if (g1 == l) break;
+                }
+            }
+        }
+    };
+#endif
     // Inputs wider than half the L2 cache's worth of one token tile (11008 x 64 floats is 2.8 MB) go in
     // chunks of kc block columns: each chunk packed and run through every block row (the outputs of later
     // chunks added to Y), so a tile's activations come from L2, not from L3 or memory. Needs each block
@@ -747,7 +883,7 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
         thread_local std::vector<float> xbuf, out;
         thread_local HeldPack held;
         if (xbuf.size() < (size_t)(x_cols * TB)) xbuf.resize((size_t)(x_cols * TB));
-        if (out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
+        if (!cols && out.size() < (size_t)(RG * br * TB)) out.resize((size_t)(RG * br * TB));
         for (int64_t j = 0; j < n_kc; ++j) {
             const int64_t k_lo = n_kc > 1 ? j * kc * bc : 0;
             const int64_t k_hi = n_kc > 1 ? std::min(n_pad16, k_lo + kc * bc) : n_pad16;
@@ -756,16 +892,84 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
                     pack_block(X, T, n_in, tile, k0, xbuf.data() + (k0 - k_lo) * TB, false);
             const int64_t* first = n_kc > 1 ? starts.data() + j * R : crow;
             const int64_t* last = n_kc > 1 ? starts.data() + (j + 1) * R : crow + 1;
-            for (int64_t rb = r_lo; rb < r_hi; rb += RG)
+            for (int64_t rb = r_lo; rb < r_hi; rb += RG) {
+#if defined(__AVX512F__)
+                if (cols) {
+                    block_rows_cols(rb, std::min(r_hi, rb + RG), tile, xbuf.data(), k_lo / bc, first, last, j > 0);
+                    continue;
+                }
+#endif
                 block_rows(rb, std::min(r_hi, rb + RG), tile, xbuf.data(), k_lo / bc, out.data(), first, last,
                            j > 0);
+            }
         }
     });
     return 0;
 #else
     (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
-    (void)bias; (void)Y; (void)threads;
+    (void)bias; (void)Y; (void)threads; (void)cols;
     return 2;  // needs AVX2 or AVX-512: callers use the panel kernel
+#endif
+}
+
+int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
+                      const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
+                      int threads) {
+    return bsr_many_tokens(X, T, n_in, n_out, br, bc, crow, col, val, bias, Y, threads, false);
+}
+
+// sp_bsr_matmul_f32 over column-major tiles val [nnzb, bc, br] (any br): AVX-512 builds; 2 elsewhere.
+int sp_bsrt_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
+                       const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
+                       int threads) {
+    return bsr_many_tokens(X, T, n_in, n_out, br, bc, crow, col, val, bias, Y, threads, true);
+}
+
+// Few tokens over column-major tiles val [nnzb, bc, br] (AVX-512 builds; 2 elsewhere): items of consecutive
+// block rows as sp_bsr_matvec_f32; each 16-row slice of a block row runs its tiles once for up to 8 tokens.
+int sp_bsrt_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
+                       const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
+                       int threads) {
+#if defined(__AVX512F__)
+    const int64_t R = (n_out + br - 1) / br;
+    const int64_t CH = std::max<int64_t>(1, R / (8 * std::max(1, threads)));
+    sp::Pool::get().run((R + CH - 1) / CH, std::max(1, threads), [&](int64_t item, int) {
+        for (int64_t rb = item * CH; rb < std::min(R, (item + 1) * CH); ++rb)
+            for (int64_t r0 = 0; r0 < br && rb * br + r0 < n_out; r0 += 16) {
+                const int64_t o = rb * br + r0, nr = std::min<int64_t>({16, br - r0, n_out - o});
+                const __mmask16 rm = (__mmask16)((1u << nr) - 1u);
+                const float* bb = bias ? bias + o : nullptr;
+                for (int64_t t = 0; t < T; t += 8) {
+                    const float* x = X + t * n_in;
+                    float* y = Y + t * n_out + o;
+                    const int64_t b0 = crow[rb], b1 = crow[rb + 1];
+                    switch (std::min<int64_t>(8, T - t)) {
+                        case 1: bsrt_vec<1>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                        case 2: bsrt_vec<2>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                        case 3: bsrt_vec<3>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                        case 4: bsrt_vec<4>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                        case 5: bsrt_vec<5>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                        case 6: bsrt_vec<6>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                        case 7: bsrt_vec<7>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                        default: bsrt_vec<8>(val, col, b0, b1, br, bc, r0, rm, x, n_in, bb, y, n_out); break;
+                    }
+                }
+            }
+    });
+    return 0;
+#else
+    (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
+    (void)bias; (void)Y; (void)threads;
+    return 2;
+#endif
+}
+
+// 1 where this build has the column-major tile kernels (sp_bsrt_*: AVX-512), else 0.
+int sp_bsr_tile_columns() {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
 #endif
 }
 
@@ -783,9 +987,10 @@ int sp_set_input_chunk(int columns) {
 #endif
 }
 
-// The tiles per register-block pass of sp_bsr_matmul_f32's AVX-512 kernel (0: from the L1 data cache's size,
-// the default; the AVX2 kernel takes one tile at a time); returns the previous setting. For tests and A/Bs:
-// every group size gives the same sums in the same order, only grouped differently.
+// The tiles per register-block pass of sp_bsr_matmul_f32's AVX-512 kernel, and per pass of sp_bsrt_matmul_f32
+// (0: from the L1 data cache's size, the default; the AVX2 kernel takes one tile at a time); returns the
+// previous setting. For tests and A/Bs: every group size gives the same sums in the same order, only grouped
+// differently.
 int sp_bsr_set_tile_group(int group) {
 #if defined(__AVX512F__)
     const int prev = g_tile_group;

@@ -50,6 +50,7 @@ def _panel_kernel(dense, first=None, lazy: bool = False):
         if not panel:
             panel.append(spmm.panel_kernel(spmm.pack(dense())))
         return panel[0](x, bias)
+    run.first = first  # the kernel tried first (tests look at what it holds)
     return run
 
 
@@ -124,11 +125,17 @@ class BSR(StoredLayout):
         return F.bsr_matmul(self.crow, self.col, self.val, self.shape, x)
 
     def kernel(self, device, dtype):
-        """The BSR tile kernels straight from float32 tiles, else panel CSR (CPU, float32)."""
+        """The BSR tile kernels straight from float32 tiles, else panel CSR (CPU, float32).
+
+        Where the loaded kernels want tiles column-major (``spmm.bsr_tiles_by_columns``: AVX-512), ``val`` is
+        re-laid in place first (``spmm.tiles_by_columns``): same shape and values, each tile's columns
+        contiguous in memory, so the module holding it keeps one copy; files still get row-major tiles."""
         if not _cpu_ok(device, dtype):
             return None
         tiles = None
         if self.val.dtype == torch.float32:
+            if spmm.bsr_tiles_by_columns():
+                spmm.tiles_by_columns(self.val)
             tiles = spmm.bsr_kernel(self.crow, self.col, self.val, self.shape)
         return _panel_kernel(self.to_dense, tiles, lazy=tiles is not None)
 

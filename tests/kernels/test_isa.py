@@ -91,12 +91,30 @@ def test_panel_csr_odd_shapes(isa, out, n_in, pattern):
         torch.testing.assert_close(spmm.matmul(packed, x), spmm.reference(w, x), atol=1e-4, rtol=1e-4)
 
 
+def _tiles(layout, order):
+    """The layout's tiles in ``order``: ``rows`` as stored, ``columns`` re-laid column-major (a copy)."""
+    if order == "rows":
+        return layout.val
+    val = layout.val.clone()
+    spmm.tiles_by_columns(val)
+    return val
+
+
+def _declines(isa, val, T, br):
+    """Whether ``bsr_matmul`` leaves this call to panel CSR: the portable build always; row-major tiles
+    whose height is not a multiple of 4 from 16 tokens on (column-major ones too where the build has no column
+    kernels: they run a row-major copy; no tiles, or tiles of one row or column, stay row-major)."""
+    cols = spmm.is_by_columns(val) and isa == "avx512"
+    return isa == "portable" or (T >= 16 and br % 4 != 0 and not cols)
+
+
 # (300, 40): more block rows than one write back takes (16 of 16 rows, 32 of 8), the last group short and its
 # last block row partial
 @pytest.mark.parametrize("out,n_in", SHAPES + [(300, 40)])
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("block", [(16, 16), (8, 8), (3, 5)])
-def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
+@pytest.mark.parametrize("block", [(16, 16), (8, 8), (3, 5), (20, 7)])
+@pytest.mark.parametrize("order", ["rows", "columns"])
+def test_bsr_odd_shapes(isa, out, n_in, pattern, block, order):
     from sparsify_plugins.layouts import BSR
     from sparsify_plugins.layouts.weight import BSRParams
     g = torch.Generator().manual_seed(out * 11 + n_in + block[0])
@@ -105,17 +123,19 @@ def test_bsr_odd_shapes(isa, out, n_in, pattern, block):
     b = torch.randn(out, generator=g)
     # 17 and 70: too few token tiles for whole ones per thread (each tile's block rows in parts, 70: a full
     # tile and a partial one); 128 and 520: whole tiles per thread (the last one partial at 520)
-    for T in (1, 3, 17, 70, 128, 520):
+    val = _tiles(layout, order)
+    for T in (1, 3, 8, 17, 70, 128, 520):
         x = torch.randn(T, n_in, generator=g)
-        y = spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b)
-        if isa == "portable" or (T >= 16 and block[0] % 4):
+        y = spmm.bsr_matmul(layout.crow, layout.col, val, layout.shape, x, b)
+        if _declines(isa, val, T, block[0]):
             assert y is None  # declined: the layout's kernel uses panel CSR instead
             continue
         torch.testing.assert_close(y, spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("T", [17, 70, 128])
-def test_bsr_calls_never_reuse_another_calls_packed_tile(isa, T):
+@pytest.mark.parametrize("order", ["rows", "columns"])
+def test_bsr_calls_never_reuse_another_calls_packed_tile(isa, T, order):
     """A thread keeps the token tile it packed for its next item of the same call: the next call (other
     activations, same shapes and addresses reused) packs again."""
     if isa == "portable":
@@ -125,28 +145,30 @@ def test_bsr_calls_never_reuse_another_calls_packed_tile(isa, T):
     g = torch.Generator().manual_seed(T)
     w = _weight(64, 96, "sparse", g)
     layout = BSR.from_dense(w, BSRParams(block=(16, 16)))
-    x = torch.randn(T, 96, generator=g)
+    x, val = torch.randn(T, 96, generator=g), _tiles(layout, order)
     for step in range(3):
         x.copy_(torch.randn(T, 96, generator=g))  # the same buffer, new values
-        y = spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x)
+        y = spmm.bsr_matmul(layout.crow, layout.col, val, layout.shape, x)
         torch.testing.assert_close(y, spmm.reference(w, x), atol=1e-4, rtol=1e-4)
 
 
-def _bsr_with(setter, value, layout, x, b):
+def _bsr_with(setter, value, layout, x, b, val=None):
     """``bsr_matmul`` with a kernel setting (``sp_bsr_set_tile_group`` / ``sp_set_input_chunk``) at ``value``."""
     lib = native.library()
     prev = getattr(lib, setter)(value)
     try:
-        return spmm.bsr_matmul(layout.crow, layout.col, layout.val, layout.shape, x, b)
+        return spmm.bsr_matmul(layout.crow, layout.col, layout.val if val is None else val, layout.shape, x, b)
     finally:
         getattr(lib, setter)(prev)
 
 
 @pytest.mark.parametrize("block", [(16, 16), (8, 8), (4, 12)])
 @pytest.mark.parametrize("T", [64, 70, 200])
-def test_bsr_tile_groups_give_the_same_bits(isa, block, T):
-    """Each register block runs over several tiles of a block row at once (as many as the L1 holds): every group
-    size, the automatic one included, the short last group and a partial token tile, gives the same floats."""
+@pytest.mark.parametrize("order", ["rows", "columns"])
+def test_bsr_tile_groups_give_the_same_bits(isa, block, T, order):
+    """Each register block runs over several tiles of a block row at once (as many as the L1 holds; column-major
+    tiles: a chunk of tiles per pass, the sums carried in Y between chunks): every group size, the automatic one
+    included, the short last group and a partial token tile, gives the same floats."""
     if isa == "portable":
         pytest.skip("the many-token BSR kernel needs AVX2 or AVX-512")
     from sparsify_plugins.layouts import BSR
@@ -155,7 +177,8 @@ def test_bsr_tile_groups_give_the_same_bits(isa, block, T):
     w = _weight(40, 300, "sparse", g)  # up to 25-75 tiles per block row
     layout = BSR.from_dense(w, BSRParams(block=block))
     x, b = torch.randn(T, 300, generator=g), torch.randn(40, generator=g)
-    ys = [_bsr_with("sp_bsr_set_tile_group", group, layout, x, b) for group in (1, 2, 3, 7, 0)]
+    val = _tiles(layout, order)
+    ys = [_bsr_with("sp_bsr_set_tile_group", group, layout, x, b, val) for group in (1, 2, 3, 7, 0)]
     torch.testing.assert_close(ys[0], spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
     for y in ys[1:]:
         assert torch.equal(y, ys[0])
@@ -164,7 +187,8 @@ def test_bsr_tile_groups_give_the_same_bits(isa, block, T):
 @pytest.mark.parametrize("block", [(16, 16), (8, 8), (4, 12)])
 @pytest.mark.parametrize("T", [70, 128, 520])
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_bsr_input_chunks(isa, block, T, shuffled):
+@pytest.mark.parametrize("order", ["rows", "columns"])
+def test_bsr_input_chunks(isa, block, T, shuffled, order):
     """Wide inputs go in chunks of block columns (half the L2's worth of a token tile): chunks of 16 and 32
     block columns (two to five chunks here, the last short, block rows with no tile in a chunk) against the
     torch reference, at token counts on both work-sharing paths; a block row's columns out of order (a
@@ -185,8 +209,10 @@ def test_bsr_input_chunks(isa, block, T, shuffled):
         layout = BSR(layout.shape, layout.params, crow=layout.crow, col=col, val=val)
     x, b = torch.randn(T, 600, generator=g), torch.randn(40, generator=g)
     ref = spmm.reference(w, x, b)
+    val = _tiles(layout, order)
     for chunk in (16, 32, 0):
-        torch.testing.assert_close(_bsr_with("sp_set_input_chunk", chunk, layout, x, b), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_bsr_with("sp_set_input_chunk", chunk, layout, x, b, val), ref, atol=1e-4,
+                                   rtol=1e-4)
 
 
 @pytest.mark.parametrize("T", [17, 70, 128, 520])

@@ -186,10 +186,11 @@ def test_builtin_cuda_kernels_match_the_layout_reference(name, dtype):
     torch.testing.assert_close(run(x, b).to(dtype), (layout.matmul(x.cpu()) + b.cpu()).cuda(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("block,packs", [((16, 16), 0), ((3, 5), 1)])
-def test_bsr_kernel_packs_its_panel_fallback_only_when_a_call_needs_it(monkeypatch, block, packs):
-    """The BSR tile kernels serve every token count for fp32 tiles with a multiple of 4 rows: the panel-CSR
-    copy (5 bytes per non-zero) is never packed; other tiles decline 16+ tokens and pack it once, then."""
+@pytest.mark.parametrize("block", [(16, 16), (3, 5)])
+def test_bsr_kernel_packs_its_panel_fallback_only_when_a_call_needs_it(monkeypatch, isa, block):
+    """The BSR tile kernels serve every token count for fp32 tiles with a multiple of 4 rows, and for any tiles
+    held column-major (AVX-512): the panel-CSR copy (5 bytes per non-zero) is never packed; row-major tiles of
+    other heights decline 16+ tokens and pack it once, then."""
     from sparsify_kernels import spmm
 
     probe = BSR.from_dense(torch.ones(16, 16))
@@ -202,6 +203,7 @@ def test_bsr_kernel_packs_its_panel_fallback_only_when_a_call_needs_it(monkeypat
     w = sparse((40, 60), 0.3)
     run = BSR.from_dense(w, BSRParams(block=block)).kernel(torch.device("cpu"), torch.float32)
     assert calls == []
+    packs = 0 if block[0] % 4 == 0 or spmm.bsr_tiles_by_columns() else 1
     for T in (1, 3, 20, 70, 20):
         x = torch.randn(T, 60)
         torch.testing.assert_close(run(x, None), x @ w.T, atol=1e-4, rtol=1e-4)
@@ -230,6 +232,60 @@ def test_sparse_linear_computes_with_the_layout_kernel(monkeypatch):
         lin.load_state_dict(SparseLinear(CSR.from_dense(w2), lin.bias.detach()).state_dict())
         torch.testing.assert_close(lin(x), x @ w2.T + lin.bias, atol=1e-5, rtol=1e-5)
     assert len(built) == 2
+
+
+@pytest.mark.parametrize("block", [(16, 16), (3, 5)])
+def test_bsr_module_holds_its_tiles_by_columns_in_place(isa, tmp_path, block):
+    """Where the kernels want column-major tiles (AVX-512), building the kernel re-lays the module's own ``val``
+    buffer in place: one copy of the tiles (the kernel computes from the buffer's memory), the same values and
+    shape for every reader, row-major safetensors files (``save_file`` and the stage checkpoint), which load
+    back into a module whose kernel re-lays them again; the AVX2 and portable builds leave them row-major."""
+    from safetensors.torch import load_file, save_file
+
+    from sparsify_core.masks import MaskSet
+    from sparsify_core.output import write_checkpoint
+    from sparsify_kernels import spmm
+    from sparsify_plugins.layouts.modules import SparseLinear
+
+    w = sparse((40, 60), 0.3)
+    lin = SparseLinear(BSR.from_dense(w, BSRParams(block=block)), torch.randn(40))
+    rows_ptr = lin.val.data_ptr()
+    x = torch.randn(70, 60)
+    with torch.no_grad():
+        for T in (1, 5, 70):
+            torch.testing.assert_close(lin(x[:T]), x[:T] @ w.T + lin.bias, atol=1e-4, rtol=1e-4)
+    by_cols = spmm.bsr_tiles_by_columns()
+    assert spmm.is_by_columns(lin.val) == by_cols and (lin.val.data_ptr() != rows_ptr) == by_cols
+    assert lin.val.shape == (len(lin.col), *block) and torch.equal(lin.dense_weight(), w)
+    if by_cols:
+        run = lin.kernel(x).first
+        assert run.storage[2].data_ptr() == lin.val.data_ptr() and run.storage[3] == []  # no second copy
+    save_file({k: v.contiguous() for k, v in lin.state_dict().items()}, tmp_path / "lin.safetensors")
+    loaded = load_file(tmp_path / "lin.safetensors")
+    assert loaded["val"].is_contiguous() and torch.equal(loaded["val"], lin.val)
+    write_checkpoint(tmp_path, torch.nn.Sequential(lin), MaskSet(), 1, {})
+    back = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert torch.equal(back["0.val"], lin.val)
+    twin = SparseLinear.empty("bsr", lin.layout_params, (40, 60), lin.storage_spec(), True, torch.float32)
+    twin.load_state_dict(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), x @ w.T + lin.bias, atol=1e-4, rtol=1e-4)
+    assert spmm.is_by_columns(twin.val) == by_cols
+
+
+def test_tiles_by_columns_keeps_values_and_declines_what_it_cannot_change():
+    from sparsify_kernels import spmm
+
+    val = torch.randn(5, 3, 4)
+    ref = val.clone()
+    assert not spmm.is_by_columns(val) and spmm.tiles_by_columns(val) and spmm.is_by_columns(val)
+    assert torch.equal(val, ref) and val.stride() == (12, 1, 3)
+    assert spmm.tiles_by_columns(val)  # already: unchanged
+    for one in (torch.randn(5, 1, 4), torch.randn(5, 3, 1), torch.randn(0, 3, 4)):
+        assert not spmm.tiles_by_columns(one) and one.is_contiguous()
+    with torch.inference_mode():
+        frozen = torch.randn(5, 3, 4)
+    assert not spmm.tiles_by_columns(frozen) and frozen.is_contiguous()  # stays row-major, still right
 
 
 def test_sparse_linear_copies_pack_their_own_kernels():
