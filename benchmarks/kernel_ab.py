@@ -238,7 +238,7 @@ def case_bsr(variants, args, stat):
                 warnings.simplefilter("ignore")  # torch: "Sparse BSR tensor support is in beta state"
                 b = ws.to_sparse_bsr((16, 16))
             val = b.values().clone()
-            if args.tiles == "columns" or (args.tiles == "auto" and spmm.bsr_tiles_by_columns()):
+            if args.tiles == "columns" or (args.tiles == "auto" and spmm.bsr_tiles_by_columns(16)):
                 spmm.tiles_by_columns(val)  # a variant without the column kernels runs a row-major copy
             run = spmm.bsr_kernel(b.crow_indices(), b.col_indices(), val, ws.shape)
             for T in args.tokens:

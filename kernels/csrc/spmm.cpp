@@ -154,7 +154,9 @@ inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t 
 // dense, 3072->768 1.53 / 2.79 / 5.76x -> 1.53-1.56 / 2.91-3.01 / 6.02-6.10x; 128 tokens 768->3072 +6-12%,
 // 3072->768 50% +7-10%, 75 / 90% 4-9% slower. Without the prefetch 3072->768 lost 5-15% at 50%. 16 tokens
 // per call ran 5-10% slower than 24 (16 + 1 vector loads per 16 multiply-adds), 28 and 31 no faster than 24.
-// The AVX2 build keeps row-major tiles: the same scheme there (6 tokens x 2 vectors of 8 rows) measured
+// Tiles of fewer than 16 rows leave lanes empty (8 x 8, 1024 tokens: 0.77x dense against the row-major
+// kernel's 1.31x), so the layout holds only multiples of 16 rows by columns (spmm.bsr_tiles_by_columns);
+// any br computes right. The AVX2 build keeps row-major tiles: the same scheme there (6 tokens x 2 vectors of 8 rows) measured
 // 3072->768 at 50% 1.71 / 1.93x -> 1.50 / 1.54x dense in two runs.
 template <int TT>
 inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,

@@ -127,14 +127,15 @@ class BSR(StoredLayout):
     def kernel(self, device, dtype):
         """The BSR tile kernels straight from float32 tiles, else panel CSR (CPU, float32).
 
-        Where the loaded kernels want tiles column-major (``spmm.bsr_tiles_by_columns``: AVX-512), ``val`` is
+        Where the loaded kernels want tiles column-major (``spmm.bsr_tiles_by_columns``: AVX-512, tiles of a
+        multiple of 16 rows), ``val`` is
         re-laid in place first (``spmm.tiles_by_columns``): same shape and values, each tile's columns
         contiguous in memory, so the module holding it keeps one copy; files still get row-major tiles."""
         if not _cpu_ok(device, dtype):
             return None
         tiles = None
         if self.val.dtype == torch.float32:
-            if spmm.bsr_tiles_by_columns():
+            if spmm.bsr_tiles_by_columns(self.val.shape[1]):
                 spmm.tiles_by_columns(self.val)
             tiles = spmm.bsr_kernel(self.crow, self.col, self.val, self.shape)
         return _panel_kernel(self.to_dense, tiles, lazy=tiles is not None)

@@ -188,8 +188,8 @@ def test_builtin_cuda_kernels_match_the_layout_reference(name, dtype):
 
 @pytest.mark.parametrize("block", [(16, 16), (3, 5)])
 def test_bsr_kernel_packs_its_panel_fallback_only_when_a_call_needs_it(monkeypatch, isa, block):
-    """The BSR tile kernels serve every token count for fp32 tiles with a multiple of 4 rows, and for any tiles
-    held column-major (AVX-512): the panel-CSR copy (5 bytes per non-zero) is never packed; row-major tiles of
+    """The BSR tile kernels serve every token count for fp32 tiles with a multiple of 4 rows (row-major, or
+    column-major on AVX-512): the panel-CSR copy (5 bytes per non-zero) is never packed; row-major tiles of
     other heights decline 16+ tokens and pack it once, then."""
     from sparsify_kernels import spmm
 
@@ -203,7 +203,7 @@ def test_bsr_kernel_packs_its_panel_fallback_only_when_a_call_needs_it(monkeypat
     w = sparse((40, 60), 0.3)
     run = BSR.from_dense(w, BSRParams(block=block)).kernel(torch.device("cpu"), torch.float32)
     assert calls == []
-    packs = 0 if block[0] % 4 == 0 or spmm.bsr_tiles_by_columns() else 1
+    packs = 0 if block[0] % 4 == 0 or spmm.bsr_tiles_by_columns(block[0]) else 1
     for T in (1, 3, 20, 70, 20):
         x = torch.randn(T, 60)
         torch.testing.assert_close(run(x, None), x @ w.T, atol=1e-4, rtol=1e-4)
@@ -234,9 +234,10 @@ def test_sparse_linear_computes_with_the_layout_kernel(monkeypatch):
     assert len(built) == 2
 
 
-@pytest.mark.parametrize("block", [(16, 16), (3, 5)])
+@pytest.mark.parametrize("block", [(16, 16), (32, 8), (3, 5)])
 def test_bsr_module_holds_its_tiles_by_columns_in_place(isa, tmp_path, block):
-    """Where the kernels want column-major tiles (AVX-512), building the kernel re-lays the module's own ``val``
+    """Where the kernels want column-major tiles (AVX-512, 16 x 16; 3 x 5 stays row-major), building the kernel
+    re-lays the module's own ``val``
     buffer in place: one copy of the tiles (the kernel computes from the buffer's memory), the same values and
     shape for every reader, row-major safetensors files (``save_file`` and the stage checkpoint), which load
     back into a module whose kernel re-lays them again; the AVX2 and portable builds leave them row-major."""
@@ -254,7 +255,7 @@ def test_bsr_module_holds_its_tiles_by_columns_in_place(isa, tmp_path, block):
     with torch.no_grad():
         for T in (1, 5, 70):
             torch.testing.assert_close(lin(x[:T]), x[:T] @ w.T + lin.bias, atol=1e-4, rtol=1e-4)
-    by_cols = spmm.bsr_tiles_by_columns()
+    by_cols = spmm.bsr_tiles_by_columns(block[0])
     assert spmm.is_by_columns(lin.val) == by_cols and (lin.val.data_ptr() != rows_ptr) == by_cols
     assert lin.val.shape == (len(lin.col), *block) and torch.equal(lin.dense_weight(), w)
     if by_cols:
