@@ -220,19 +220,22 @@ BSR_MANY_TOKENS = 8
 
 
 def bsr_tiles_by_columns(br: int) -> bool:
-    """True where the loaded kernels want BSR tiles of ``br`` rows column-major in memory: AVX-512 builds,
-    ``br`` a multiple of 16.
+    """True where the loaded kernels want BSR tiles of ``br`` rows column-major in memory: the AVX-512 and
+    AVX2 builds, tiles of 16 rows (the default 16 x 16).
 
-    There each 16-row slice of a tile's column is one vector: the many-token
-    kernel keeps outputs along the vector lanes and stores them straight into
-    ``Y`` (no transposing write back), the few-token one loads each weight
-    vector once for all tokens. Shorter tiles would leave lanes empty: on the
-    Xeon, 8 x 8 tiles with 1024 tokens ran at 0.77x dense by columns against
-    1.31x by rows (4 x 4: 0.41x vs 1.37x), so they stay row-major (the
-    column kernels compute them right all the same). ``is_by_columns`` tells
-    a tensor's order; ``tiles_by_columns`` re-lays one in place."""
+    There a tile's column is one vector (two on AVX2): the many-token kernel
+    keeps outputs along the vector lanes and stores them straight into ``Y``
+    (no transposing write back), the few-token one loads each weight vector
+    once for all tokens. Measured on the Xeon against row-major tiles, 768 <->
+    3072 (details in ``kernels/csrc/spmm.cpp``): 4 tokens 1.6-3.7x ->
+    2.7-11x dense, 1 token +5-70%, 1024 tokens at 90% +5-25%, at 50% within
+    a few percent either way. Shorter tiles leave lanes empty (8 x 8 with 1024
+    tokens: 0.77x dense by columns, 1.31x by rows); 32-row tiles by columns
+    lost at one token (1.57x -> 1.36x, AVX-512), so both stay row-major (the
+    column kernels compute any height right all the same). ``is_by_columns``
+    tells a tensor's order; ``tiles_by_columns`` re-lays one in place."""
     lib = _lib()
-    return (br % 16 == 0 and lib is not None and hasattr(lib, "sp_bsr_tile_columns")
+    return (br == 16 and lib is not None and hasattr(lib, "sp_bsr_tile_columns")
             and bool(lib.sp_bsr_tile_columns()))
 
 
@@ -266,8 +269,8 @@ def tiles_by_columns(val: torch.Tensor) -> bool:
 def bsr_kernel(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape):
     """``run(x, bias)``: ``bsr_matmul`` over these tiles with the per-weight work (index dtypes, addresses)
     done once; ``None`` when the tiles are not float32. Tiles stored column-major (``is_by_columns``) run the
-    column-major kernels where the loaded library has them (AVX-512), else a row-major copy made on the
-    first call that needs it."""
+    column-major kernels where the loaded library has them (AVX-512, AVX2), else (the portable build, a
+    library from older sources) a row-major copy made on the first call that needs it."""
     out, n_in = shape
     br, bc = val.shape[1:]
     if val.dtype != torch.float32:

@@ -102,9 +102,9 @@ def _tiles(layout, order):
 
 def _declines(isa, val, T, br):
     """Whether ``bsr_matmul`` leaves this call to panel CSR: the portable build always; row-major tiles
-    whose height is not a multiple of 4 from 16 tokens on (column-major ones too where the build has no column
-    kernels: they run a row-major copy; no tiles, or tiles of one row or column, stay row-major)."""
-    cols = spmm.is_by_columns(val) and isa == "avx512"
+    whose height is not a multiple of 4 from 16 tokens on (no tiles, or tiles of one row or column, stay
+    row-major); the column kernels (AVX-512 and AVX2) take any height."""
+    cols = spmm.is_by_columns(val) and isa != "portable"
     return isa == "portable" or (T >= 16 and br % 4 != 0 and not cols)
 
 
