@@ -142,9 +142,10 @@ inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t 
 #if defined(__AVX512F__) || defined(__AVX2__)
 int g_tile_group = 0;  // sp_bsr_set_tile_group: tiles per pass of bsr_rows64 and bsrt_rows (0: automatic)
 
-// Tiles per pass of bsrt_rows (g_tile_group overrides it: tests, A/B): as many 16-row tile slices (16 x bc floats) as fill a third of the L1 data
-// cache (16 of 16 x 16 on the Xeon's 48 KB), kept there for the token groups after the first. Measured
-// (768 <-> 3072, 128 / 1024 tokens): 8 and 16 tiles within noise of each other, 32 3-8% slower.
+// Tiles per pass of bsrt_rows (g_tile_group overrides it: tests, A/B): as many 16-row tile slices (16 x bc
+// floats) as fill a third of the L1 data cache (16 of 16 x 16 on the Xeon's 48 KB), kept there for the token
+// groups after the first. Measured (768 <-> 3072, 128 / 1024 tokens): AVX-512 8 and 16 tiles within noise of
+// each other, 32 3-8% slower; AVX2 16 tiles the fastest of 2 / 4 / 8 / 16 at 50% (2: 10-17% slower).
 inline int64_t bsrt_tile_chunk(int64_t bc) {
     if (g_tile_group > 0) return g_tile_group;
     static const int64_t l1d = [] {
@@ -171,6 +172,8 @@ inline int64_t bsrt_tile_chunk(int64_t bc) {
 // dense, 3072->768 1.53 / 2.79 / 5.76x -> 1.53-1.56 / 2.91-3.01 / 6.02-6.10x; 128 tokens 768->3072 +6-12%,
 // 3072->768 50% +7-10%, 75 / 90% 4-9% slower. Without the prefetch 3072->768 lost 5-15% at 50%. 16 tokens
 // per call ran 5-10% slower than 24 (16 + 1 vector loads per 16 multiply-adds), 28 and 31 no faster than 24.
+// In L1 this loop runs at ~138 GFLOP/s per core against ~156 for bsr_rows64's (one broadcast load per
+// multiply-add against ten loads per 24): the orientation trades some arithmetic rate for the write back.
 // Tiles of fewer than 16 rows leave lanes empty (8 x 8, 1024 tokens: 0.77x dense against the row-major
 // kernel's 1.31x) and 32-row ones lost at one token, so the layout holds 16-row tiles by columns
 // (spmm.bsr_tiles_by_columns); any br computes right. AVX2 (bsrt_rows below, 6 tokens x 2 vectors), same
@@ -1038,10 +1041,21 @@ int sp_bsr_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     return bsr_many_tokens(X, T, n_in, n_out, br, bc, crow, col, val, bias, Y, threads, false);
 }
 
+int sp_bsrt_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
+                       const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
+                       int threads);
+
 // sp_bsr_matmul_f32 over column-major tiles val [nnzb, bc, br] (any br): AVX-512 and AVX2 builds; 2 elsewhere.
+// AVX2 below 16 tokens hands the call to sp_bsrt_matvec_f32, which measured ahead there (Xeon, avx2 build,
+// 16 x 16 tiles: 3072->768 at 8-15 tokens 2.10-2.51x -> 2.38-2.78x dense at 50%, 6.60-8.21x -> 9.79-10.89x at
+// 90%; 768->3072 within 10% either way); on AVX-512 this kernel leads from 8 tokens at 768->3072 (2.87-3.08x
+// -> 3.52-4.45x at 50%) and the matvec at 3072->768 (at 90%: 9.81-11.64x against 6.42-9.39x), so 8 stays.
 int sp_bsrt_matmul_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
                        const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
                        int threads) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if (T < 16) return sp_bsrt_matvec_f32(X, T, n_in, n_out, br, bc, crow, col, val, bias, Y, threads);
+#endif
     return bsr_many_tokens(X, T, n_in, n_out, br, bc, crow, col, val, bias, Y, threads, true);
 }
 
