@@ -227,7 +227,8 @@ inline void bsrt_vec(const float* wt, const int32_t* col, int64_t b0, int64_t b1
             for (int p = 0; p < P; ++p) {
                 const __m512 wv = _mm512_maskz_loadu_ps(rm, w + (k + p) * br);
 #pragma GCC unroll 8
-                for (int t = 0; t < NT; ++t) c[t][p] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * n_in + k0 + k + p]), c[t][p]);
+                for (int t = 0; t < NT; ++t)
+                    c[t][p] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * n_in + k0 + k + p]), c[t][p]);
             }
         for (; k < kn; ++k) {
             const __m512 wv = _mm512_maskz_loadu_ps(rm, w + k * br);
