@@ -78,7 +78,10 @@ def _lib():
         lib.sp_bsr_matmul_f32.restype = ctypes.c_int
         lib.sp_bsr_matvec_f32.argtypes = lib.sp_bsr_matmul_f32.argtypes
         lib.sp_bsr_matvec_f32.restype = ctypes.c_int
-        if hasattr(lib, "sp_bsrt_matmul_f32"):  # libraries built from older sources (kernel A/Bs) lack them
+        # the column-major BSR kernels (libraries built from older sources, in kernel A/Bs, lack them), asked
+        # once here rather than on every call
+        lib._bsr_columns = hasattr(lib, "sp_bsrt_matmul_f32") and bool(lib.sp_bsr_tile_columns())
+        if lib._bsr_columns:
             for name in ("sp_bsrt_matmul_f32", "sp_bsrt_matvec_f32"):
                 getattr(lib, name).argtypes = lib.sp_bsr_matmul_f32.argtypes
                 getattr(lib, name).restype = ctypes.c_int
@@ -235,8 +238,7 @@ def bsr_tiles_by_columns(br: int) -> bool:
     column kernels compute any height right all the same). ``is_by_columns``
     tells a tensor's order; ``tiles_by_columns`` re-lays one in place."""
     lib = _lib()
-    return (br == 16 and lib is not None and hasattr(lib, "sp_bsr_tile_columns")
-            and bool(lib.sp_bsr_tile_columns()))
+    return br == 16 and lib is not None and lib._bsr_columns
 
 
 def is_by_columns(val: torch.Tensor) -> bool:
@@ -289,7 +291,7 @@ def bsr_kernel(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape):
         lib = _lib()
         if T == 0 or lib is None:
             return None
-        cols = by_cols and hasattr(lib, "sp_bsrt_matmul_f32") and bool(lib.sp_bsr_tile_columns())
+        cols = by_cols and lib._bsr_columns
         many = T >= BSR_MANY_TOKENS and (cols or br % 4 == 0)
         if T >= 16 and not cols and br % 4:
             return None

@@ -140,6 +140,15 @@ inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t 
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
+// The L1 data cache's size (sysconf's, 32 KB when it does not say), read once.
+inline int64_t l1d_bytes() {
+    static const int64_t l1d = [] {
+        const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        return v > 0 ? (int64_t)v : (int64_t)32 << 10;
+    }();
+    return l1d;
+}
+
 int g_tile_group = 0;  // sp_bsr_set_tile_group: tiles per pass of bsr_rows64 and bsrt_rows (0: automatic)
 
 // Tiles per pass of bsrt_rows (g_tile_group overrides it: tests, A/B): as many 16-row tile slices (16 x bc
@@ -148,11 +157,7 @@ int g_tile_group = 0;  // sp_bsr_set_tile_group: tiles per pass of bsr_rows64 an
 // each other, 32 3-8% slower; AVX2 16 tiles the fastest of 2 / 4 / 8 / 16 at 50% (2: 10-17% slower).
 inline int64_t bsrt_tile_chunk(int64_t bc) {
     if (g_tile_group > 0) return g_tile_group;
-    static const int64_t l1d = [] {
-        const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-        return v > 0 ? (int64_t)v : (int64_t)32 << 10;
-    }();
-    return std::max<int64_t>(1, l1d / 3 / (16 * bc * (int64_t)sizeof(float)));
+    return std::max<int64_t>(1, l1d_bytes() / 3 / (16 * bc * (int64_t)sizeof(float)));
 }
 
 #endif
@@ -422,11 +427,7 @@ inline void pack_block(const float* X, int64_t T, int64_t n_in, int64_t tile, in
 // activations) lost most of it. g_tile_group overrides it (tests, A/B).
 inline int64_t bsr_tile_group(int64_t bc) {
     if (g_tile_group > 0) return g_tile_group;
-    static const int64_t l1d = [] {
-        const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-        return v > 0 ? (int64_t)v : (int64_t)32 << 10;
-    }();
-    return std::max<int64_t>(1, l1d * 2 / 3 / (bc * TB * (int64_t)sizeof(float)));
+    return std::max<int64_t>(1, l1d_bytes() * 2 / 3 / (bc * TB * (int64_t)sizeof(float)));
 }
 #endif
 
