@@ -139,6 +139,15 @@ inline void bsr_rows64(const float* val, const int32_t* col, int64_t b, int64_t 
 }
 #endif
 
+// The L2 cache's size (sysconf's, 512 KB when it does not say), read once.
+inline int64_t l2_bytes() {
+    static const int64_t l2 = [] {
+        const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        return v > 0 ? (int64_t)v : (int64_t)512 << 10;
+    }();
+    return l2;
+}
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 // The L1 data cache's size (sysconf's, 32 KB when it does not say), read once.
 inline int64_t l1d_bytes() {
@@ -150,6 +159,7 @@ inline int64_t l1d_bytes() {
 }
 
 int g_tile_group = 0;  // sp_bsr_set_tile_group: tiles per pass of bsr_rows64 and bsrt_rows (0: automatic)
+int g_output_prefetch = -1;  // sp_bsr_set_output_prefetch: bsrt_rows' output prefetch (-1: automatic)
 
 // Tiles per pass of bsrt_rows (g_tile_group overrides it: tests, A/B): as many 16-row tile slices (16 x bc
 // floats) as fill a third of the L1 data cache (16 of 16 x 16 on the Xeon's 48 KB), kept there for the token
@@ -170,7 +180,8 @@ inline int64_t bsrt_tile_chunk(int64_t bc) {
 // packed token tile [columns][64] (from block column c0) at the first of these tokens; acc_in: the outputs
 // start from Y's values (a later chunk of tiles), else from the bias (null: zero); nt: real tokens (<= TT;
 // the pack zero-pads the rest, which are computed and not stored). Per column step one weight vector and TT
-// broadcast multiply-adds; the next tile's activations are prefetched a line per step.
+// broadcast multiply-adds; the next tile's activations are prefetched a line per step, w_ahead: the weights
+// of the tile two ahead too, y_ahead: the output lines (for writing).
 // Measured on the Xeon (avx512, `kernel_ab bsr`, 768 <-> 3072, 128 / 1024 tokens, 50 / 75 / 90%) against the
 // row-major kernel (bsr_rows64: rows broadcast, tokens along the lanes, outputs through an L1 buffer and
 // bsr_write_back's transposes): 1024 tokens 768->3072 1.37 / 2.75 / 5.31x -> 1.58 / 3.09-3.14 / 6.00-6.26x
@@ -184,24 +195,39 @@ inline int64_t bsrt_tile_chunk(int64_t bc) {
 // (spmm.bsr_tiles_by_columns); any br computes right. AVX2 (bsrt_rows below, 6 tokens x 2 vectors), same
 // comparison with AVX2-capped torch, chunks of 16 tiles: 50% within -3 / +4% (1.65-1.78x rows, 1.63-1.73x
 // columns at 1024 tokens), 90% +1-17% (1024 tokens 768->3072 5.99 -> 6.82x).
+// Where the time beyond the L1 rate went (AVX-512, 768->3072, 1024 tokens, 75%, variants in one process): every
+// tile's weights from the same address -11%, activations -16%, no output stores -15%. Prefetching the tile two
+// ahead in the first token group and, for outputs larger than L2, the output lines for writing (one per column
+// step, so their reads for ownership overlap the multiply-adds; non-temporal stores instead gained as much at
+// 75 / 90% but lost 5-13% at 50% and leave the next layer's input out of every cache): 30 rounds, 768->3072 /
+// 3072->768, 50 / 75 / 90%: 16 tokens 2.37 / 3.85 / 6.08x -> 2.63 / 4.24 / 6.41x and 2.58 / 3.18 / 6.24x ->
+// 3.06 / 4.02 / 6.72x, 1024 tokens 1.50 / 2.77 / 6.15x -> 1.60 / 3.04 / 6.92x and 1.48 / 2.83 / 5.79x -> 1.62 /
+// 2.98 / 6.31x; 128 tokens within -1 / +7%.
 template <int TT>
 inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
                       int64_t r0, __mmask16 rm, const float* xt, int64_t c0, const float* bias, float* y,
-                      int64_t n_out, int64_t nt, bool acc_in) {
+                      int64_t n_out, int64_t nt, bool acc_in, bool w_ahead, bool y_ahead) {
     __m512 c[TT];
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(rm, bias) : _mm512_setzero_ps();
 #pragma GCC unroll 32
     for (int t = 0; t < TT; ++t)
         c[t] = !acc_in ? bv : t < nt ? _mm512_maskz_loadu_ps(rm, y + t * n_out) : _mm512_setzero_ps();
+    int64_t step = 0;
     for (int64_t j = b0; j < b1; ++j) {
         const float* w = wt + j * br * bc + r0;
         const float* xc = xt + ((int64_t)col[j] - c0) * bc * TB;
         const float* xn = xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * bc * TB;
-        for (int64_t k = 0; k < bc; ++k) {
+        for (int64_t k = 0; k < bc; ++k, ++step) {
             const __m512 wv = _mm512_maskz_loadu_ps(rm, w + k * br);
             const float* xk = xc + k * TB;
             _mm_prefetch((const char*)(xn + k * TB), _MM_HINT_T0);
             if (TT > 16) _mm_prefetch((const char*)(xn + k * TB + 16), _MM_HINT_T0);
+            // The tile two ahead, a line per step (past the block row's last tile: the next block row's,
+            // stored after it): the first token group reads the chunk from L2 / L3, the later ones from L1.
+            if (w_ahead) _mm_prefetch((const char*)(w + 2 * br * bc + k * br), _MM_HINT_T0);
+            // The output lines this call stores, one per step, for writing: their reads for ownership
+            // overlap the multiply-adds instead of queueing behind the last one.
+            if (y_ahead && step < nt) asm volatile("prefetchw (%0)" ::"r"(y + step * n_out));
 #pragma GCC unroll 32
             for (int t = 0; t < TT; ++t) c[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xk[t]), c[t]);
         }
@@ -431,15 +457,9 @@ inline int64_t bsr_tile_group(int64_t bc) {
 }
 #endif
 
-// The packed activations of one token tile the many-token kernels keep per thread: half the L2 cache
-// (sysconf's size, 512 KB when it does not say). Wider inputs go in chunks of columns.
-inline int64_t tile_budget_bytes() {
-    static const int64_t l2 = [] {
-        const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-        return v > 0 ? (int64_t)v : (int64_t)512 << 10;
-    }();
-    return l2 / 2;
-}
+// The packed activations of one token tile the many-token kernels keep per thread: half the L2 cache.
+// Wider inputs go in chunks of columns.
+inline int64_t tile_budget_bytes() { return l2_bytes() / 2; }
 // g_k_chunk overrides the chunk (tests, A/B): block columns for BSR, panels for panel CSR.
 int64_t g_k_chunk = 0;
 // Block columns per chunk of sp_bsr_matmul_f32: the budget's worth, a multiple of 16 (chunks start on
@@ -925,6 +945,13 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
     // for the tile's tokens 24 at a time (AVX-512; the rest 16, 8 or 4 at a time: 64 = 24 + 24 + 16) or 6 at
     // a time (AVX2: 64 = 10 x 6 + 4).
     const int64_t tchunk = bsrt_tile_chunk(bc);
+#if defined(__AVX512F__)
+    // Outputs larger than the L2 cache: the lines each call stores come from L3 or memory, and bsrt_rows
+    // prefetches them for writing while it computes (the AVX2 kernel's calls, 6 tokens, ran 2-10% slower
+    // with these prefetches and the weight prefetch: measured on the Xeon with `kernel_ab bsr --isa avx2`).
+    const bool y_ahead = g_output_prefetch >= 0 ? g_output_prefetch > 0
+                                                : T * n_out * (int64_t)sizeof(float) > l2_bytes();
+#endif
     auto block_rows_cols = [&](int64_t rb0, int64_t rb1, int64_t tile, const float* xtile, int64_t c0,
                                const int64_t* first, const int64_t* last, bool add) {
         const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
@@ -944,7 +971,7 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
                         const int64_t nt = std::min<int64_t>(K, tb - h);
 #if defined(__AVX512F__)
                         bsrt_rows<K>(val, col, g0, g1, br, bc, r0, (__mmask16)((1u << nr) - 1u), xtile + h, c0, bb,
-                                     y + h * n_out, n_out, nt, acc_in);
+                                     y + h * n_out, n_out, nt, acc_in, h == 0, y_ahead);
 #else
                         if (nr == 16)
                             bsrt_rows<K, true>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
@@ -1167,6 +1194,20 @@ int sp_bsr_set_tile_group(int group) {
 #else
     (void)group;
     return 0;
+#endif
+}
+
+// Whether the AVX-512 column-tile kernel prefetches the output lines it stores (1), not (0), or only where
+// the output is larger than the L2 cache (-1, the default); returns the previous setting. For tests and A/Bs:
+// a prefetch changes no result.
+int sp_bsr_set_output_prefetch(int mode) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    const int prev = g_output_prefetch;
+    g_output_prefetch = mode < 0 ? -1 : mode > 0;
+    return prev;
+#else
+    (void)mode;
+    return -1;
 #endif
 }
 

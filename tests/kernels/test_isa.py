@@ -153,7 +153,8 @@ def test_bsr_calls_never_reuse_another_calls_packed_tile(isa, T, order):
 
 
 def _bsr_with(setter, value, layout, x, b, val=None):
-    """``bsr_matmul`` with a kernel setting (``sp_bsr_set_tile_group`` / ``sp_set_input_chunk``) at ``value``."""
+    """``bsr_matmul`` with a kernel setting (``sp_bsr_set_tile_group``, ``sp_set_input_chunk``,
+    ``sp_bsr_set_output_prefetch``) at ``value``."""
     lib = native.library()
     prev = getattr(lib, setter)(value)
     try:
@@ -179,6 +180,27 @@ def test_bsr_tile_groups_give_the_same_bits(isa, block, T, order):
     x, b = torch.randn(T, 300, generator=g), torch.randn(40, generator=g)
     val = _tiles(layout, order)
     ys = [_bsr_with("sp_bsr_set_tile_group", group, layout, x, b, val) for group in (1, 2, 3, 7, 0)]
+    torch.testing.assert_close(ys[0], spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
+    for y in ys[1:]:
+        assert torch.equal(y, ys[0])
+
+
+@pytest.mark.parametrize("T", [17, 70, 128, 520])
+@pytest.mark.parametrize("out", [40, 300, 1100])
+def test_bsr_output_prefetch_changes_no_result(isa, T, out):
+    """The column-tile kernel prefetches the output lines it stores where the output outgrows the L2 cache
+    (1100 x 520 floats is 2.3 MB): forced on, off and automatic give the same bits, the torch reference's sums,
+    partial last block rows and token tiles included."""
+    if isa == "portable":
+        pytest.skip("the many-token BSR kernel needs AVX2 or AVX-512")
+    from sparsify_plugins.layouts import BSR
+    from sparsify_plugins.layouts.weight import BSRParams
+    g = torch.Generator().manual_seed(T + out)
+    w = _weight(out, 200, "sparse", g)
+    layout = BSR.from_dense(w, BSRParams(block=(16, 16)))
+    x, b = torch.randn(T, 200, generator=g), torch.randn(out, generator=g)
+    val = _tiles(layout, "columns")
+    ys = [_bsr_with("sp_bsr_set_output_prefetch", mode, layout, x, b, val) for mode in (0, 1, -1)]
     torch.testing.assert_close(ys[0], spmm.reference(w, x, b), atol=1e-4, rtol=1e-4)
     for y in ys[1:]:
         assert torch.equal(y, ys[0])
