@@ -177,7 +177,8 @@ inline int64_t bsrt_tile_chunk(int64_t bc) {
 // that exist) for TT tokens, outputs along the vector lanes, tokens broadcast from the packed tile, the
 // accumulators stored straight into Y (row stride n_out) with no L1 buffer and no transpose. wt: tiles
 // [nnzb, bc, br] (a tile's column k is br contiguous floats); tiles b0..b1-1 of the block row; xt: the
-// packed token tile [columns][64] (from block column c0) at the first of these tokens; acc_in: the outputs
+// packed activations of these tokens' group [columns][xs] (pack_block_groups: xs = 24 or 16, from block
+// column c0), at the first of these tokens; acc_in: the outputs
 // start from Y's values (a later chunk of tiles), else from the bias (null: zero); nt: real tokens (<= TT;
 // the pack zero-pads the rest, which are computed and not stored). Per column step one weight vector and TT
 // broadcast multiply-adds; the next tile's activations are prefetched a line per step, w_ahead: the weights
@@ -202,11 +203,15 @@ inline int64_t bsrt_tile_chunk(int64_t bc) {
 // 75 / 90% but lost 5-13% at 50% and leave the next layer's input out of every cache): 30 rounds, 768->3072 /
 // 3072->768, 50 / 75 / 90%: 16 tokens 2.37 / 3.85 / 6.08x -> 2.63 / 4.24 / 6.41x and 2.58 / 3.18 / 6.24x ->
 // 3.06 / 4.02 / 6.72x, 1024 tokens 1.50 / 2.77 / 6.15x -> 1.60 / 3.04 / 6.92x and 1.48 / 2.83 / 5.79x -> 1.62 /
-// 2.98 / 6.31x; 128 tokens within -1 / +7%.
+// 2.98 / 6.31x; 128 tokens within -1 / +7%. The activations by token groups (pack_block_groups) instead of
+// [column][64] (where a call's 24 tokens of a column took two lines of four, the 16 columns of a tile 4 KB
+// apart): 16 / 128 / 1024 tokens faster in 16 of 18 configurations (1024 tokens at 50%: 1.77 -> 1.90x and 1.76
+// -> 1.90x dense, 75%: 3.42 -> 3.68x and 3.26 -> 3.43x), a second run 10 of 12 (1024 tokens at 50%: 1.62 ->
+// 1.65x, 1.51 -> 1.59x).
 template <int TT>
 inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
                       int64_t r0, __mmask16 rm, const float* xt, int64_t c0, const float* bias, float* y,
-                      int64_t n_out, int64_t nt, bool acc_in, bool w_ahead, bool y_ahead) {
+                      int64_t n_out, int64_t nt, bool acc_in, bool w_ahead, bool y_ahead, int64_t xs) {
     __m512 c[TT];
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(rm, bias) : _mm512_setzero_ps();
 #pragma GCC unroll 32
@@ -215,13 +220,13 @@ inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b
     int64_t step = 0;
     for (int64_t j = b0; j < b1; ++j) {
         const float* w = wt + j * br * bc + r0;
-        const float* xc = xt + ((int64_t)col[j] - c0) * bc * TB;
-        const float* xn = xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * bc * TB;
+        const float* xc = xt + ((int64_t)col[j] - c0) * bc * xs;
+        const float* xn = xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * bc * xs;
         for (int64_t k = 0; k < bc; ++k, ++step) {
             const __m512 wv = _mm512_maskz_loadu_ps(rm, w + k * br);
-            const float* xk = xc + k * TB;
-            _mm_prefetch((const char*)(xn + k * TB), _MM_HINT_T0);
-            if (TT > 16) _mm_prefetch((const char*)(xn + k * TB + 16), _MM_HINT_T0);
+            const float* xk = xc + k * xs;
+            _mm_prefetch((const char*)(xn + k * xs), _MM_HINT_T0);
+            if (xs > 16) _mm_prefetch((const char*)(xn + k * xs + 16), _MM_HINT_T0);
             // The tile two ahead, a line per step (past the block row's last tile: the next block row's,
             // stored after it): the first token group reads the chunk from L2 / L3, the later ones from L1.
             if (w_ahead) _mm_prefetch((const char*)(w + 2 * br * bc + k * br), _MM_HINT_T0);
@@ -442,6 +447,49 @@ inline void pack_block(const float* X, int64_t T, int64_t n_in, int64_t tile, in
         for (int64_t k = kr; k < 16; ++k) dst[k * TB + t] = 0.0f;
     }
 }
+
+#if defined(__AVX512F__)
+// The column-tile kernel's token groups (bsrt_rows: 24 + 24 + 16 = 64 tokens): token t of a packed tile is
+// in group t / 24 (the last one from 48), at offset t - 24 x group.
+constexpr int64_t kGroupTokens[3] = {24, 24, 16};
+inline int64_t token_group(int64_t t) { return std::min<int64_t>(t / 24, 2); }
+
+// pack_block's columns k0..k0+15 of token tile `tile` (at column kb of a buffer of x_cols columns) laid out
+// by token groups instead of [column][64]: group g holds [x_cols][its tokens] from buf + 24 x g x x_cols,
+// so the 24 (16) activations a bsrt_rows call broadcasts per column are contiguous and one tile's are one
+// contiguous 1.5 KB (1 KB) run (measured: see bsrt_rows). `whole`: as for pack_block.
+inline void pack_block_groups(const float* X, int64_t T, int64_t n_in, int64_t tile, int64_t k0, int64_t kb,
+                              float* buf, int64_t x_cols, bool whole) {
+    const int64_t t_end = whole ? TB : std::min<int64_t>(TB, (T - tile * TB + 15) / 16 * 16);
+    const int64_t kn = std::max<int64_t>(0, std::min<int64_t>(16, n_in - k0));
+    auto at = [&](int64_t k, int64_t t) {  // where column kb + k, token t goes
+        const int64_t g = token_group(t);
+        return buf + 24 * g * x_cols + (kb + k) * kGroupTokens[g] + (t - 24 * g);
+    };
+    int64_t t = 0;
+    if (kn == 16)  // 16 x 16 blocks transposed in registers; the block at token 16 straddles groups 0 and 1
+        for (; t + 16 <= TB && tile * TB + t + 16 <= T; t += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(X + (tile * TB + t + i) * n_in + k0);
+            transpose16(r);
+            for (int k = 0; k < 16; ++k) {
+                if (t == 16) {
+                    _mm256_storeu_ps(at(k, 16), _mm512_castps512_ps256(r[k]));
+                    _mm256_storeu_ps(at(k, 24), _mm512_extractf32x8_ps(r[k], 1));
+                } else {
+                    _mm512_storeu_ps(at(k, t), r[k]);
+                }
+            }
+        }
+    for (; t < t_end; ++t) {
+        const int64_t tt = tile * TB + t;
+        const float* src = X + tt * n_in + k0;
+        const int64_t kr = tt < T ? kn : 0;
+        for (int64_t k = 0; k < kr; ++k) *at(k, t) = src[k];
+        for (int64_t k = kr; k < 16; ++k) *at(k, t) = 0.0f;
+    }
+}
+#endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #if defined(__AVX512F__)
@@ -945,6 +993,7 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
     // for the tile's tokens 24 at a time (AVX-512; the rest 16, 8 or 4 at a time: 64 = 24 + 24 + 16) or 6 at
     // a time (AVX2: 64 = 10 x 6 + 4).
     const int64_t tchunk = bsrt_tile_chunk(bc);
+    int64_t x_cols = 0;  // the pack's columns (below)
 #if defined(__AVX512F__)
     // Outputs larger than the L2 cache: the lines each call stores come from L3 or memory, and bsrt_rows
     // prefetches them for writing while it computes (the AVX2 kernel's calls, 6 tokens, ran 2-10% slower
@@ -970,8 +1019,10 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
                         constexpr int K = decltype(tt)::value;
                         const int64_t nt = std::min<int64_t>(K, tb - h);
 #if defined(__AVX512F__)
-                        bsrt_rows<K>(val, col, g0, g1, br, bc, r0, (__mmask16)((1u << nr) - 1u), xtile + h, c0, bb,
-                                     y + h * n_out, n_out, nt, acc_in, h == 0, y_ahead);
+                        const int64_t gi = token_group(h);  // a call's tokens never straddle two groups
+                        bsrt_rows<K>(val, col, g0, g1, br, bc, r0, (__mmask16)((1u << nr) - 1u),
+                                     xtile + 24 * gi * x_cols + (h - 24 * gi), c0, bb, y + h * n_out, n_out, nt,
+                                     acc_in, h == 0, y_ahead, kGroupTokens[gi]);
 #else
                         if (nr == 16)
                             bsrt_rows<K, true>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
@@ -1026,7 +1077,7 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
         }
     }
     // one chunk: the packed width as before; chunks: kc x bc columns (a multiple of 16) plus a spare 16
-    const int64_t x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
+    x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
     // Whole token tiles per thread, or each tile's block rows in parts (tile_parts), a thread packing the
     // tile (chunk) for itself unless it holds it already from its last item.
     const int64_t n_parts = tile_parts(T, n_tiles, R, threads);
@@ -1042,8 +1093,15 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
             const int64_t k_lo = n_kc > 1 ? j * kc * bc : 0;
             const int64_t k_hi = n_kc > 1 ? std::min(n_pad16, k_lo + kc * bc) : n_pad16;
             if (held.repack(call, tile, j))
-                for (int64_t k0 = k_lo; k0 < k_hi; k0 += 16)
+                for (int64_t k0 = k_lo; k0 < k_hi; k0 += 16) {
+#if defined(__AVX512F__)
+                    if (cols) {
+                        pack_block_groups(X, T, n_in, tile, k0, k0 - k_lo, xbuf.data(), x_cols, false);
+                        continue;
+                    }
+#endif
                     pack_block(X, T, n_in, tile, k0, xbuf.data() + (k0 - k_lo) * TB, false);
+                }
             const int64_t* first = n_kc > 1 ? starts.data() + j * R : crow;
             const int64_t* last = n_kc > 1 ? starts.data() + (j + 1) * R : crow + 1;
             for (int64_t rb = r_lo; rb < r_hi; rb += RG) {
