@@ -457,7 +457,10 @@ inline int64_t token_group(int64_t t) { return std::min<int64_t>(t / 24, 2); }
 // pack_block's columns k0..k0+15 of token tile `tile` (at column kb of a buffer of x_cols columns) laid out
 // by token groups instead of [column][64]: group g holds [x_cols][its tokens] from buf + 24 x g x x_cols,
 // so the 24 (16) activations a bsrt_rows call broadcasts per column are contiguous and one tile's are one
-// contiguous 1.5 KB (1 KB) run (measured: see bsrt_rows). `whole`: as for pack_block.
+// contiguous 1.5 KB (1 KB) run (measured: see bsrt_rows). `whole`: as for pack_block. The AVX2 kernel keeps
+// [column][64]: groups of its 6 tokens (10 x 6 + 4) measured within -6 / +10% of it (`kernel_ab bsr --isa
+// avx2`, 16 / 128 / 1024 tokens), and 25% slower when the next tile's 7 lines were prefetched in the first 7
+// column steps instead of one line per step.
 inline void pack_block_groups(const float* X, int64_t T, int64_t n_in, int64_t tile, int64_t k0, int64_t kb,
                               float* buf, int64_t x_cols, bool whole) {
     const int64_t t_end = whole ? TB : std::min<int64_t>(TB, (T - tile * TB + 15) / 16 * 16);
