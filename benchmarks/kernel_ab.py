@@ -15,6 +15,7 @@ compute-bound kernels, where the minimum is the steadier estimate).
     python benchmarks/kernel_ab.py moe   base= pf=:-DSP_PREFETCH=0
     python benchmarks/kernel_ab.py predicted base= new=/tmp/csrc2 --sparsity 0.9
     python benchmarks/kernel_ab.py bsr   base= new=/tmp/csrc2 --tokens 1 128 1024 --sparsity 0.5 0.9
+    python benchmarks/kernel_ab.py bsr   new= --sparsity 0 --tokens 1024     # every tile kept: rate vs dense
     python benchmarks/kernel_ab.py bsr   base= new=/tmp/csrc2 --shapes 4096x11008 --tokens 256 1024
     python benchmarks/kernel_ab.py decode-ffn base= new=/tmp/csrc2
 

@@ -239,11 +239,17 @@ def case_moe(skipped=(0.25, 0.5, 0.75), d=4096, dff=11008, expert=32, repeats=30
 # -- case 3: sparse Linear --------------------------------------------------------------
 
 def _structured(w: torch.Tensor, layout: str, s: float):
-    """A weight with the structure ``layout`` needs at sparsity ``s``, and the layout's params."""
+    """A weight with the structure ``layout`` needs at sparsity ``s``, and the layout's params.
+
+    ``s = 0`` (``csr`` and ``bsr``): every element / tile kept, the kernel's arithmetic rate against dense
+    torch's (``kernel_ab bsr --sparsity 0``).
+    """
     from sparsify_core.plugin_manager import catalog
 
     cls = catalog().layouts[layout]
     a = w.abs()
+    if s == 0 and layout in ("csr", "bsr"):
+        return w.clone(), (cls.Params(block=(16, 16)) if layout == "bsr" else cls.Params())
     if layout == "csr":
         k = int(round(s * w.numel()))
         thr = a.flatten().kthvalue(k).values

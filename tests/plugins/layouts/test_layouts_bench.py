@@ -218,3 +218,22 @@ def test_llamacpp_probe_turns_a_crash_into_a_skip_line(monkeypatch, tmp_path, co
         assert "pip install --force-reinstall" in why and "GGML_NATIVE=OFF" in why
     if "SIGILL" in expect:
         assert "AMX" in why
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.75, 0.9])
+def test_case_3_weights_have_the_asked_sparsity(layout, s):
+    """Case 3's weights (also ``kernel_ab``'s): the asked fraction of elements (csr) or 16 x 16 tiles (bsr)
+    zero, 0 keeping every one (the kernels' rate against dense)."""
+    import torch
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    ws, params = layout_bench._structured(w, layout, s)
+    if layout == "bsr":
+        assert params.block == (16, 16)
+        tiles = (ws.reshape(4, 16, 6, 16) != 0).any(3).any(1)
+        assert (tiles == 0).float().mean().item() == pytest.approx(s, abs=1 / 24)
+        # a kept tile is kept whole, a dropped one is dropped whole
+        assert torch.equal(ws != 0, tiles.repeat_interleave(16, 0).repeat_interleave(16, 1))
+    else:
+        assert (ws == 0).float().mean().item() == pytest.approx(s, abs=1 / w.numel())
+    assert torch.equal(ws[ws != 0], w[ws != 0])
