@@ -170,6 +170,12 @@ inline int64_t bsrt_tile_chunk(int64_t bc) {
     return std::max<int64_t>(1, l1d_bytes() / 3 / (16 * bc * (int64_t)sizeof(float)));
 }
 
+// Block rows per work item of the few-token BSR kernels (sp_bsr_matvec_f32, sp_bsrt_matvec_f32): runs of
+// consecutive block rows, so each thread streams long runs of contiguous tiles, which the hardware prefetchers
+// follow (an item per block row started a new stream every few KB). Xeon EMR, 768->3072, 1 token: 0.90 ->
+// 1.05x dense at 50%, 1.48 -> 1.95x at 90%.
+inline int64_t block_row_run(int64_t R, int threads) { return std::max<int64_t>(1, R / (8 * std::max(1, threads))); }
+
 #endif
 
 #if defined(__AVX512F__)
@@ -453,6 +459,13 @@ inline void pack_block(const float* X, int64_t T, int64_t n_in, int64_t tile, in
 // in group t / 24 (the last one from 48), at offset t - 24 x group.
 constexpr int64_t kGroupTokens[3] = {24, 24, 16};
 inline int64_t token_group(int64_t t) { return std::min<int64_t>(t / 24, 2); }
+// Token t of such a pack (buf, x_cols columns) in column 0 of its group; column k is k x kGroupTokens[group]
+// floats on.
+template <class F>
+inline F* group_token(F* buf, int64_t x_cols, int64_t t) {
+    const int64_t g = token_group(t);
+    return buf + 24 * g * x_cols + (t - 24 * g);
+}
 
 // pack_block's columns k0..k0+15 of token tile `tile` (at column kb of a buffer of x_cols columns) laid out
 // by token groups instead of [column][64]: group g holds [x_cols][its tokens] from buf + 24 x g x x_cols,
@@ -466,8 +479,7 @@ inline void pack_block_groups(const float* X, int64_t T, int64_t n_in, int64_t t
     const int64_t t_end = whole ? TB : std::min<int64_t>(TB, (T - tile * TB + 15) / 16 * 16);
     const int64_t kn = std::max<int64_t>(0, std::min<int64_t>(16, n_in - k0));
     auto at = [&](int64_t k, int64_t t) {  // where column kb + k, token t goes
-        const int64_t g = token_group(t);
-        return buf + 24 * g * x_cols + (kb + k) * kGroupTokens[g] + (t - 24 * g);
+        return group_token(buf, x_cols, t) + (kb + k) * kGroupTokens[token_group(t)];
     };
     int64_t t = 0;
     if (kn == 16)  // 16 x 16 blocks transposed in registers; the block at token 16 straddles groups 0 and 1
@@ -992,66 +1004,6 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
         bsr_write_back(out, std::min(n_out, rb1 * br) - o0, tb, bias ? bias + o0 : nullptr, Y + t0 * n_out + o0,
                        n_out, add);
     };
-    // Column-major tiles: each 16-row slice of a block row, a chunk of its tiles at a time, straight into Y
-    // for the tile's tokens 24 at a time (AVX-512; the rest 16, 8 or 4 at a time: 64 = 24 + 24 + 16) or 6 at
-    // a time (AVX2: 64 = 10 x 6 + 4).
-    const int64_t tchunk = bsrt_tile_chunk(bc);
-    int64_t x_cols = 0;  // the pack's columns (below)
-#if defined(__AVX512F__)
-    // Outputs larger than the L2 cache: the lines each call stores come from L3 or memory, and bsrt_rows
-    // prefetches them for writing while it computes (the AVX2 kernel's calls, 6 tokens, ran 2-10% slower
-    // with these prefetches and the weight prefetch: measured on the Xeon with `kernel_ab bsr --isa avx2`).
-    const bool y_ahead = g_output_prefetch >= 0 ? g_output_prefetch > 0
-                                                : T * n_out * (int64_t)sizeof(float) > l2_bytes();
-#endif
-    auto block_rows_cols = [&](int64_t rb0, int64_t rb1, int64_t tile, const float* xtile, int64_t c0,
-                               const int64_t* first, const int64_t* last, bool add) {
-        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
-        for (int64_t rb = rb0; rb < rb1; ++rb) {
-            const int64_t f = first[rb], l = last[rb];
-            if (f == l && add) continue;  // no tile in this chunk: Y already holds the row's sums
-            for (int64_t r0 = 0; r0 < br && rb * br + r0 < n_out; r0 += 16) {
-                const int64_t nr = std::min<int64_t>({16, br - r0, n_out - rb * br - r0});
-                float* y = Y + t0 * n_out + rb * br + r0;
-                for (int64_t g0 = f; g0 < l || g0 == f; g0 += tchunk) {
-                    const int64_t g1 = std::min(l, g0 + tchunk);
-                    const bool acc_in = add || g0 > f;
-                    const float* bb = bias && !acc_in ? bias + rb * br + r0 : nullptr;
-                    int64_t h = 0;
-                    auto run = [&](auto tt) {
-                        constexpr int K = decltype(tt)::value;
-                        const int64_t nt = std::min<int64_t>(K, tb - h);
-#if defined(__AVX512F__)
-                        const int64_t gi = token_group(h);  // a call's tokens never straddle two groups
-                        bsrt_rows<K>(val, col, g0, g1, br, bc, r0, (__mmask16)((1u << nr) - 1u),
-                                     xtile + 24 * gi * x_cols + (h - 24 * gi), c0, bb, y + h * n_out, n_out, nt,
-                                     acc_in, h == 0, y_ahead, kGroupTokens[gi]);
-#else
-                        if (nr == 16)
-                            bsrt_rows<K, true>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
-                                               n_out, nt, acc_in);
-                        else
-                            bsrt_rows<K, false>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
-                                                n_out, nt, acc_in);
-#endif
-                        h += K;
-                    };
-#if defined(__AVX512F__)
-                    while (h + 24 <= tb) run(std::integral_constant<int, 24>{});
-                    while (h + 16 <= tb) run(std::integral_constant<int, 16>{});
-                    if (tb - h > 8) run(std::integral_constant<int, 16>{});
-                    else if (tb - h > 4) run(std::integral_constant<int, 8>{});
-                    else if (tb - h > 0) run(std::integral_constant<int, 4>{});
-#else
-                    while (h + 6 <= tb) run(std::integral_constant<int, 6>{});
-                    if (tb - h > 4) run(std::integral_constant<int, 6>{});
-                    else if (tb - h > 0) run(std::integral_constant<int, 4>{});
-#endif
-                    if (g1 == l) break;
-                }
-            }
-        }
-    };
     // Inputs wider than half the L2 cache's worth of one token tile (11008 x 64 floats is 2.8 MB) go in
     // chunks of kc block columns: each chunk packed and run through every block row (the outputs of later
     // chunks added to Y), so a tile's activations come from L2, not from L3 or memory. Needs each block
@@ -1080,7 +1032,66 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
         }
     }
     // one chunk: the packed width as before; chunks: kc x bc columns (a multiple of 16) plus a spare 16
-    x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
+    const int64_t x_cols = n_kc > 1 ? kc * bc + 16 : n_pad16;
+    // Column-major tiles: each 16-row slice of a block row, a chunk of its tiles at a time, straight into Y
+    // for the tile's tokens 24 at a time (AVX-512; the rest 16, 8 or 4 at a time: 64 = 24 + 24 + 16) or 6 at
+    // a time (AVX2: 64 = 10 x 6 + 4).
+    const int64_t tchunk = bsrt_tile_chunk(bc);
+#if defined(__AVX512F__)
+    // Outputs larger than the L2 cache: the lines each call stores come from L3 or memory, and bsrt_rows
+    // prefetches them for writing while it computes (the AVX2 kernel's calls, 6 tokens, ran 2-10% slower
+    // with these prefetches and the weight prefetch: measured on the Xeon with `kernel_ab bsr --isa avx2`).
+    const bool y_ahead = g_output_prefetch >= 0 ? g_output_prefetch > 0
+                                                : T * n_out * (int64_t)sizeof(float) > l2_bytes();
+#endif
+    auto block_rows_cols = [&](int64_t rb0, int64_t rb1, int64_t tile, const float* xtile, int64_t c0,
+                               const int64_t* first, const int64_t* last, bool add) {
+        const int64_t t0 = tile * TB, tb = std::min(TB, T - t0);
+        for (int64_t rb = rb0; rb < rb1; ++rb) {
+            const int64_t f = first[rb], l = last[rb];
+            if (f == l && add) continue;  // no tile in this chunk: Y already holds the row's sums
+            for (int64_t r0 = 0; r0 < br && rb * br + r0 < n_out; r0 += 16) {
+                const int64_t nr = std::min<int64_t>({16, br - r0, n_out - rb * br - r0});
+                float* y = Y + t0 * n_out + rb * br + r0;
+                for (int64_t g0 = f; g0 < l || g0 == f; g0 += tchunk) {
+                    const int64_t g1 = std::min(l, g0 + tchunk);
+                    const bool acc_in = add || g0 > f;
+                    const float* bb = bias && !acc_in ? bias + rb * br + r0 : nullptr;
+                    int64_t h = 0;
+                    auto run = [&](auto tt) {
+                        constexpr int K = decltype(tt)::value;
+                        const int64_t nt = std::min<int64_t>(K, tb - h);
+#if defined(__AVX512F__)
+                        const int64_t gi = token_group(h);  // a call's tokens never straddle two groups
+                        bsrt_rows<K>(val, col, g0, g1, br, bc, r0, (__mmask16)((1u << nr) - 1u),
+                                     group_token(xtile, x_cols, h), c0, bb, y + h * n_out, n_out, nt, acc_in,
+                                     h == 0, y_ahead, kGroupTokens[gi]);
+#else
+                        if (nr == 16)
+                            bsrt_rows<K, true>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
+                                               n_out, nt, acc_in);
+                        else
+                            bsrt_rows<K, false>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
+                                                n_out, nt, acc_in);
+#endif
+                        h += K;
+                    };
+#if defined(__AVX512F__)
+                    while (h + 24 <= tb) run(std::integral_constant<int, 24>{});
+                    while (h + 16 <= tb) run(std::integral_constant<int, 16>{});
+                    if (tb - h > 8) run(std::integral_constant<int, 16>{});
+                    else if (tb - h > 4) run(std::integral_constant<int, 8>{});
+                    else if (tb - h > 0) run(std::integral_constant<int, 4>{});
+#else
+                    while (h + 6 <= tb) run(std::integral_constant<int, 6>{});
+                    if (tb - h > 4) run(std::integral_constant<int, 6>{});
+                    else if (tb - h > 0) run(std::integral_constant<int, 4>{});
+#endif
+                    if (g1 == l) break;
+                }
+            }
+        }
+    };
     // Whole token tiles per thread, or each tile's block rows in parts (tile_parts), a thread packing the
     // tile (chunk) for itself unless it holds it already from its last item.
     const int64_t n_parts = tile_parts(T, n_tiles, R, threads);
@@ -1159,7 +1170,7 @@ int sp_bsrt_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, i
                        int threads) {
 #if defined(__AVX512F__)
     const int64_t R = (n_out + br - 1) / br;
-    const int64_t CH = std::max<int64_t>(1, R / (8 * std::max(1, threads)));
+    const int64_t CH = block_row_run(R, threads);
     sp::Pool::get().run((R + CH - 1) / CH, std::max(1, threads), [&](int64_t item, int) {
         for (int64_t rb = item * CH; rb < std::min(R, (item + 1) * CH); ++rb)
             for (int64_t r0 = 0; r0 < br && rb * br + r0 < n_out; r0 += 16) {
@@ -1186,7 +1197,7 @@ int sp_bsrt_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, i
     return 0;
 #elif defined(__AVX2__)
     const int64_t R = (n_out + br - 1) / br;
-    const int64_t CH = std::max<int64_t>(1, R / (8 * std::max(1, threads)));
+    const int64_t CH = block_row_run(R, threads);
     sp::Pool::get().run((R + CH - 1) / CH, std::max(1, threads), [&](int64_t item, int) {
         for (int64_t rb = item * CH; rb < std::min(R, (item + 1) * CH); ++rb)
             for (int64_t r0 = 0; r0 < br && rb * br + r0 < n_out; r0 += 16) {
@@ -1280,12 +1291,9 @@ int sp_bsr_set_output_prefetch(int mode) {
 int sp_bsr_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, int64_t br, int64_t bc,
                       const int64_t* crow, const int32_t* col, const float* val, const float* bias, float* Y,
                       int threads) {
-    // Items of CH consecutive block rows: each thread streams long runs of contiguous tiles, which the
-    // hardware prefetchers follow (an item per block row started a new stream every few KB). Xeon EMR,
-    // 768->3072, 1 token: 0.90 -> 1.05x dense at 50%, 1.48 -> 1.95x at 90%.
     const int64_t R = (n_out + br - 1) / br;
-    const int64_t CH = std::max<int64_t>(1, R / (8 * std::max(1, threads)));
 #if defined(__AVX512F__)
+    const int64_t CH = block_row_run(R, threads);
     sp::Pool::get().run((R + CH - 1) / CH, std::max(1, threads), [&](int64_t item, int) {
       for (int64_t rb = item * CH; rb < std::min(R, (item + 1) * CH); ++rb) {
         for (int64_t t = 0; t < T; ++t) {
@@ -1316,6 +1324,7 @@ int sp_bsr_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     });
     return 0;
 #elif defined(__AVX2__)
+    const int64_t CH = block_row_run(R, threads);
     if (br % 8 == 0 && br <= 64) {
         // Tiles streamed once, in storage order: per tile and 8 rows, 8 partial
         // vectors (tile row x activation segment) are reduced to one vector of 8
@@ -1413,7 +1422,7 @@ int sp_bsr_matvec_f32(const float* X, int64_t T, int64_t n_in, int64_t n_out, in
     return 0;
 #else
     (void)X; (void)T; (void)n_in; (void)n_out; (void)br; (void)bc; (void)crow; (void)col; (void)val;
-    (void)bias; (void)Y; (void)threads;
+    (void)bias; (void)Y; (void)threads; (void)R;
     return 2;  // needs AVX2 or AVX-512: callers use the panel kernel
 #endif
 }
