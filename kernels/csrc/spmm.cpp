@@ -214,38 +214,71 @@ inline int64_t block_row_run(int64_t R, int threads) { return std::max<int64_t>(
 // apart): 16 / 128 / 1024 tokens faster in 16 of 18 configurations (1024 tokens at 50%: 1.77 -> 1.90x and 1.76
 // -> 1.90x dense, 75%: 3.42 -> 3.68x and 3.26 -> 3.43x), a second run 10 of 12 (1024 tokens at 50%: 1.62 ->
 // 1.65x, 1.51 -> 1.59x).
-template <int TT>
+// BR, BC, XS: the tile's rows, columns and the pack's tokens per column where known when compiling (16, 16,
+// 24 / 16: the layout's tiles), 0 for the call's br / bc / xs; WA: w_ahead. Known, a tile's 16 column steps
+// unroll into 16 x TT multiply-adds with constant offsets and no branch, so the ports the multiply-adds issue
+// on run no loop counter, stride arithmetic or flag tests between them (the runtime loop ran ~20 such uops
+// per 24 multiply-adds, some on ports 0 and 5, and reloaded three strides from the stack). The prefetches are
+// asm statements: GCC hoisted the intrinsics' 40 prefetches of an unrolled tile into one burst at its start.
+// Measured on the Xeon (`kernel_ab bsr`, avx512, 15 rounds, one process, against the runtime loop): faster in
+// 22 of 24 configurations (768 <-> 3072, 16 / 128 / 1024 tokens, 0 / 50 / 75 / 90%); every tile kept at 1024
+// tokens 0.73 -> 0.86x and 0.88 -> 0.87x dense, 50% 1.48 -> 1.63x and 1.78 -> 1.98x, 75% 2.90 -> 3.21x and
+// 2.80 -> 3.12x; with the intrinsics' burst instead: 2.90x and 1.80x at 75% / 50%.
+template <int TT, int BR, int BC, int XS, bool WA>
 inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
                       int64_t r0, __mmask16 rm, const float* xt, int64_t c0, const float* bias, float* y,
-                      int64_t n_out, int64_t nt, bool acc_in, bool w_ahead, bool y_ahead, int64_t xs) {
+                      int64_t n_out, int64_t nt, bool acc_in, bool y_ahead, int64_t xs) {
+    const int64_t BRv = BR ? BR : br, BCv = BC ? BC : bc, XSv = XS ? XS : xs;
     __m512 c[TT];
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(rm, bias) : _mm512_setzero_ps();
 #pragma GCC unroll 32
     for (int t = 0; t < TT; ++t)
         c[t] = !acc_in ? bv : t < nt ? _mm512_maskz_loadu_ps(rm, y + t * n_out) : _mm512_setzero_ps();
-    int64_t step = 0;
+    // One column step: the weight vector, this step's share of the next tile's activation lines (the lines
+    // starting in its XS floats) and, WA, of the weight lines of the tile two ahead.
+    auto col_step = [&](const float* w, const float* xk, const char* xn, int64_t k) {
+        const __m512 wv = _mm512_maskz_loadu_ps(rm, w + k * BRv);
+        for (int64_t l = (k * XSv * 4 + 63) / 64; l < ((k + 1) * XSv * 4 + 63) / 64; ++l)
+            asm volatile("prefetcht0 %0" ::"m"(*(xn + 64 * l)));
+        // The tile two ahead, a line per step (past the block row's last tile: the next block row's, stored
+        // after it): the first token group reads the chunk from L2 / L3, the later ones from L1.
+        if (WA) asm volatile("prefetcht0 %0" ::"m"(*(const char*)(w + 2 * BRv * BCv + k * BRv)));
+#pragma GCC unroll 32
+        for (int t = 0; t < TT; ++t) c[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xk[t]), c[t]);
+    };
     for (int64_t j = b0; j < b1; ++j) {
-        const float* w = wt + j * br * bc + r0;
-        const float* xc = xt + ((int64_t)col[j] - c0) * bc * xs;
-        const float* xn = xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * bc * xs;
-        for (int64_t k = 0; k < bc; ++k, ++step) {
-            const __m512 wv = _mm512_maskz_loadu_ps(rm, w + k * br);
-            const float* xk = xc + k * xs;
-            _mm_prefetch((const char*)(xn + k * xs), _MM_HINT_T0);
-            if (xs > 16) _mm_prefetch((const char*)(xn + k * xs + 16), _MM_HINT_T0);
-            // The tile two ahead, a line per step (past the block row's last tile: the next block row's,
-            // stored after it): the first token group reads the chunk from L2 / L3, the later ones from L1.
-            if (w_ahead) _mm_prefetch((const char*)(w + 2 * br * bc + k * br), _MM_HINT_T0);
+        const float* w = wt + j * BRv * BCv + r0;
+        const float* xc = xt + ((int64_t)col[j] - c0) * BCv * XSv;
+        const char* xn = (const char*)(xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * BCv * XSv);
+        const int64_t s0 = (j - b0) * BCv;  // column steps before this tile
+        if (y_ahead && s0 < nt) {
             // The output lines this call stores, one per step, for writing: their reads for ownership
             // overlap the multiply-adds instead of queueing behind the last one.
-            if (y_ahead && step < nt) asm volatile("prefetchw (%0)" ::"r"(y + step * n_out));
-#pragma GCC unroll 32
-            for (int t = 0; t < TT; ++t) c[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xk[t]), c[t]);
+            for (int64_t k = 0; k < BCv; ++k) {
+                if (s0 + k < nt) asm volatile("prefetchw (%0)" ::"r"(y + (s0 + k) * n_out));
+                col_step(w, xc + k * XSv, xn, k);
+            }
+            continue;
         }
+#pragma GCC unroll 16
+        for (int64_t k = 0; k < BCv; ++k) col_step(w, xc + k * XSv, xn, k);
     }
 #pragma GCC unroll 32
     for (int t = 0; t < TT; ++t)
         if (t < nt) _mm512_mask_storeu_ps(y + t * n_out, rm, c[t]);
+}
+
+// bsrt_rows for the call's tile shape: compiled constants for the layout's 16 x 16 tiles.
+template <int TT>
+inline void bsrt_rows_any(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
+                          int64_t r0, __mmask16 rm, const float* xt, int64_t c0, const float* bias, float* y,
+                          int64_t n_out, int64_t nt, bool acc_in, bool w_ahead, bool y_ahead, int64_t xs) {
+#define SP_BSRT(BR_, BC_, XS_, WA_) \
+    bsrt_rows<TT, BR_, BC_, XS_, WA_>(wt, col, b0, b1, br, bc, r0, rm, xt, c0, bias, y, n_out, nt, acc_in, y_ahead, xs)
+    if (br == 16 && bc == 16 && xs == 24) w_ahead ? SP_BSRT(16, 16, 24, true) : SP_BSRT(16, 16, 24, false);
+    else if (br == 16 && bc == 16 && xs == 16) w_ahead ? SP_BSRT(16, 16, 16, true) : SP_BSRT(16, 16, 16, false);
+    else w_ahead ? SP_BSRT(0, 0, 0, true) : SP_BSRT(0, 0, 0, false);
+#undef SP_BSRT
 }
 
 // NT tokens (x: the first one's activations, row stride n_in) times up to 16 rows r0.. (rm) of column-major
@@ -309,10 +342,17 @@ inline void store16(float* p, int64_t nr, __m256 a, __m256 b) {
 
 // bsrt_rows for AVX2: up to 16 rows (nr; FULL: 16) x TT tokens in 2 TT accumulators, per column step two
 // weight vectors and TT broadcasts (6 tokens: 12 accumulators, BLIS's Haswell sgemm shape turned around).
-template <int TT, bool FULL>
+// BR, BC: the tile's rows and columns where known when compiling (16 x 16: the layout's tiles), 0 for the
+// call's br / bc. Known, four column steps unroll with constant offsets (as the AVX-512 kernel's 16; here all
+// 16 spilled accumulators, 16 ymm registers: 0.69 -> 0.54x dense with every tile kept), the prefetch an asm
+// statement (kept in its step). Measured (`kernel_ab bsr --isa avx2`, AVX2-capped torch, 25 rounds, against
+// the runtime loop), 1024 tokens, 768->3072 / 3072->768: 50% 1.63 -> 1.86x and 1.66 -> 1.85x, 75% 2.96 -> 3.31x
+// and 3.07 -> 3.47x dense; not unrolled 1.78 / 1.72 / 3.13 / 3.14x, two steps 1.69 / 1.76 / 3.28 / 3.45x.
+template <int TT, bool FULL, int BR, int BC>
 inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b1, int64_t br, int64_t bc,
                       int64_t r0, int64_t nr, const float* xt, int64_t c0, const float* bias, float* y,
                       int64_t n_out, int64_t nt, bool acc_in) {
+    const int64_t BRv = BR ? BR : br, BCv = BC ? BC : bc;
     __m256 c[TT][2];
     __m256 b0v = _mm256_setzero_ps(), b1v = _mm256_setzero_ps();
     if (bias) load16<FULL>(bias, nr, b0v, b1v);
@@ -325,14 +365,15 @@ inline void bsrt_rows(const float* wt, const int32_t* col, int64_t b0, int64_t b
         }
     }
     for (int64_t j = b0; j < b1; ++j) {
-        const float* w = wt + j * br * bc + r0;
-        const float* xc = xt + ((int64_t)col[j] - c0) * bc * TB;
-        const float* xn = xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * bc * TB;
-        for (int64_t k = 0; k < bc; ++k) {
+        const float* w = wt + j * BRv * BCv + r0;
+        const float* xc = xt + ((int64_t)col[j] - c0) * BCv * TB;
+        const float* xn = xt + ((int64_t)col[j + 1 < b1 ? j + 1 : j] - c0) * BCv * TB;
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < BCv; ++k) {
             __m256 w0, w1;
-            load16<FULL>(w + k * br, nr, w0, w1);
+            load16<FULL>(w + k * BRv, nr, w0, w1);
             const float* xk = xc + k * TB;
-            _mm_prefetch((const char*)(xn + k * TB), _MM_HINT_T0);
+            asm volatile("prefetcht0 %0" ::"m"(*(const char*)(xn + k * TB)));
 #pragma GCC unroll 8
             for (int t = 0; t < TT; ++t) {
                 const __m256 xb = _mm256_broadcast_ss(xk + t);
@@ -1063,16 +1104,19 @@ static int bsr_many_tokens(const float* X, int64_t T, int64_t n_in, int64_t n_ou
                         const int64_t nt = std::min<int64_t>(K, tb - h);
 #if defined(__AVX512F__)
                         const int64_t gi = token_group(h);  // a call's tokens never straddle two groups
-                        bsrt_rows<K>(val, col, g0, g1, br, bc, r0, (__mmask16)((1u << nr) - 1u),
+                        bsrt_rows_any<K>(val, col, g0, g1, br, bc, r0, (__mmask16)((1u << nr) - 1u),
                                      group_token(xtile, x_cols, h), c0, bb, y + h * n_out, n_out, nt, acc_in,
                                      h == 0, y_ahead, kGroupTokens[gi]);
 #else
-                        if (nr == 16)
-                            bsrt_rows<K, true>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
-                                               n_out, nt, acc_in);
+                        if (nr == 16 && br == 16 && bc == 16)
+                            bsrt_rows<K, true, 16, 16>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb,
+                                                       y + h * n_out, n_out, nt, acc_in);
+                        else if (nr == 16)
+                            bsrt_rows<K, true, 0, 0>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb,
+                                                     y + h * n_out, n_out, nt, acc_in);
                         else
-                            bsrt_rows<K, false>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb, y + h * n_out,
-                                                n_out, nt, acc_in);
+                            bsrt_rows<K, false, 0, 0>(val, col, g0, g1, br, bc, r0, nr, xtile + h, c0, bb,
+                                                      y + h * n_out, n_out, nt, acc_in);
 #endif
                         h += K;
                     };
