@@ -503,7 +503,7 @@ int sp_ffn_planes_f32(const float* x, int64_t d, const uint16_t* hi, const uint1
                 l4[k] = lo + j * d;
             }
             float v[4];
-            sp::dot4_planes(h4, l4, x, d, v);
+            sp::dot4_planes(h4, l4, x, xp.data(), d, v);
             for (int k = 0; k < 4 && p + k < nc; ++k) {
                 const int64_t j = cand[p + k];
                 const float g = activate(RELU, v[k] + (b_in ? b_in[j] : 0.0f), threshold, cut);

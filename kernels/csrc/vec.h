@@ -237,11 +237,17 @@ static inline float hi_float(uint16_t h) {
     return f;
 }
 
-// x reordered for dot_hi4 (bp, n floats): within each block of 16, entries 0-3, 8-11, 4-7, 12-15, the order
-// in which AVX2's 16-bit unpacks (lane-wise) widen a row's high halves into floats. Elsewhere a plain copy.
+// x reordered for dot_hi4 and dot4_planes (bp, n floats): the order in which the 16-bit unpacks (lane-wise,
+// zeros or a lower-half row under a row of upper halves) widen 16-bit halves into floats. AVX-512: within
+// each block of 32, entries 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15, 20-23, 28-31; AVX2: within each block
+// of 16, 0-3, 8-11, 4-7, 12-15. Elsewhere (and past the last whole block) a plain copy.
 static inline void hi_order(const float* __restrict b, int64_t n, float* __restrict bp) {
     int64_t i = 0;
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+    for (; i + 32 <= n; i += 32)
+        for (int q = 0; q < 4; ++q)
+            for (int k = 0; k < 4; ++k) bp[i + 4 * q + k] = b[i + 8 * q + k], bp[i + 16 + 4 * q + k] = b[i + 8 * q + 4 + k];
+#elif defined(__AVX2__)
     static const int src[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
     for (; i + 16 <= n; i += 16)
         for (int k = 0; k < 16; ++k) bp[i + k] = b[i + src[k]];
@@ -250,13 +256,35 @@ static inline void hi_order(const float* __restrict b, int64_t n, float* __restr
 }
 
 // r[k] = hi(a[k]) . b for four rows of high halves (uint16, see hi_float): half the bytes of the fp32 rows.
-// bp is b in hi_order. The summation order is free here (callers bound the rounding error), so the AVX2
-// code serves AVX-512 builds too; widening by unpacking zeros under each 16-bit half takes one instruction
-// per 8 weights (no shift), which keeps the pass memory-bound (in L3: 33 GB/s of halves per thread).
+// bp is b in hi_order. The summation order is free here (callers bound the rounding error): widening by
+// unpacking zeros under each 16-bit half takes one instruction per 16 weights on AVX-512 (8 on AVX2; no
+// shift), which keeps the pass memory-bound (AVX2 code, in L3: 33 GB/s of halves per thread). The AVX-512
+// steps (this build ran the AVX2 ones before) and dot4_planes' unpacks, measured on the Xeon (`kernel_ab
+// planes|screened`, one process, 15-20 rounds, 30 / 50 / 70 / 90%): planes 1.19 / 1.39 / 1.87 / 3.16x ->
+// 1.29 / 1.44 / 1.95 / 3.24x dense, screened 1.42 / 2.88x -> 1.46 / 2.97x at 50 / 90%; the AVX2 build's
+// planes (unpacks only, AVX2-capped torch) 1.23 / 1.40 / 1.75 / 3.13x -> 1.20 / 1.52 / 1.82 / 3.28x.
 static inline void dot_hi4(const uint16_t* const a[4], const float* __restrict bp, int64_t n, float r[4]) {
     int64_t i = 0;
     float tail[4] = {0, 0, 0, 0};
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+    // 32 halves per row per step: one 64-byte load, two unpacks, two multiply-adds (the AVX2 steps below
+    // take twice the instructions per byte).
+    __m512 s[8];
+    for (int k = 0; k < 8; ++k) s[k] = _mm512_setzero_ps();
+    const __m512i z = _mm512_setzero_si512();
+    for (; i + 32 <= n; i += 32) {
+#if SP_PREFETCH
+        for (int k = 0; k < 4; ++k) __builtin_prefetch(a[k] + i + 2 * SP_PREFETCH, 0, 3);  // 4 KB ahead
+#endif
+        const __m512 b0 = _mm512_loadu_ps(bp + i), b1 = _mm512_loadu_ps(bp + i + 16);
+        for (int k = 0; k < 4; ++k) {
+            const __m512i h = _mm512_loadu_si512((const void*)(a[k] + i));
+            s[k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(z, h)), b0, s[k]);
+            s[4 + k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(z, h)), b1, s[4 + k]);
+        }
+    }
+    for (int k = 0; k < 4; ++k) tail[k] = _mm512_reduce_add_ps(_mm512_add_ps(s[k], s[4 + k]));
+#elif defined(__AVX2__)
     __m256 s[8];
     for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
     const __m256i z = _mm256_setzero_si256();
@@ -339,8 +367,12 @@ static inline float dot_as_dot4(const float* __restrict a, const float* __restri
 // The fp32 weights whose upper 16 bits are h[0..n) and lower 16 bits l[0..n) (a row stored as two 16-bit
 // planes), times b, for four rows: dot4's accumulators and order, so r[k] is bit for bit dot4 of the fp32 rows.
 // The lo planes are rows in a data-dependent order: prefetched ahead inside each row only.
+// bp: b in hi_order. The unpacks of a lower-half row under an upper-half row give the weights in hi_order
+// (AVX-512: one instruction per 16 weights, against two widenings, a shift and an or), each accumulator
+// lane summing the same weights in the same order as dot4's lane: the lanes are put back in dot4's places
+// once, after the loop, so the bits are dot4's.
 static inline void dot4_planes(const uint16_t* const h[4], const uint16_t* const l[4], const float* __restrict b,
-                               int64_t n, float r[4]) {
+                               const float* __restrict bp, int64_t n, float r[4]) {
 #if defined(__AVX512F__)
     auto w16 = [](const uint16_t* hp, const uint16_t* lp) {
         const __m512i hv = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)hp));
@@ -355,11 +387,22 @@ static inline void dot4_planes(const uint16_t* const h[4], const uint16_t* const
         if (i + 2 * SP_PREFETCH < n)
             for (int k = 0; k < 4; ++k) __builtin_prefetch(l[k] + i + 2 * SP_PREFETCH, 0, 3);
 #endif
-        const __m512 b0 = _mm512_loadu_ps(b + i), b1 = _mm512_loadu_ps(b + i + 16);
+        const __m512 b0 = _mm512_loadu_ps(bp + i), b1 = _mm512_loadu_ps(bp + i + 16);
         for (int k = 0; k < 4; ++k) {
-            s[k] = _mm512_fmadd_ps(w16(h[k] + i, l[k] + i), b0, s[k]);
-            s[4 + k] = _mm512_fmadd_ps(w16(h[k] + i + 16, l[k] + i + 16), b1, s[4 + k]);
+            const __m512i hv = _mm512_loadu_si512((const void*)(h[k] + i));
+            const __m512i lv = _mm512_loadu_si512((const void*)(l[k] + i));
+            s[k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(lv, hv)), b0, s[k]);
+            s[4 + k] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(lv, hv)), b1, s[4 + k]);
         }
+    }
+    // s[k] holds weights 0-3, 8-11, 16-19, 24-27 of each block, s[4 + k] 4-7, 12-15, 20-23, 28-31: dot4's
+    // first accumulator takes 0-15, its second 16-31.
+    const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int k = 0; k < 4; ++k) {
+        const __m512 a = s[k], c = s[4 + k];
+        s[k] = _mm512_permutex2var_ps(a, lo_idx, c);
+        s[4 + k] = _mm512_permutex2var_ps(a, hi_idx, c);
     }
     if (i + 16 <= n) {
         const __m512 b0 = _mm512_loadu_ps(b + i);
@@ -378,11 +421,6 @@ static inline void dot4_planes(const uint16_t* const h[4], const uint16_t* const
     }
     for (int k = 0; k < 4; ++k) r[k] = _mm512_reduce_add_ps(_mm512_add_ps(s[k], s[4 + k]));
 #elif defined(__AVX2__)
-    auto w8 = [](const uint16_t* hp, const uint16_t* lp) {
-        const __m256i hv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)hp));
-        const __m256i lv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)lp));
-        return _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(hv, 16), lv));
-    };
     __m256 s[8];
     for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
     int64_t i = 0;
@@ -391,11 +429,19 @@ static inline void dot4_planes(const uint16_t* const h[4], const uint16_t* const
         if ((i & 31) == 0 && i + 2 * SP_PREFETCH < n)
             for (int k = 0; k < 4; ++k) __builtin_prefetch(l[k] + i + 2 * SP_PREFETCH, 0, 3);
 #endif
-        const __m256 b0 = _mm256_loadu_ps(b + i), b1 = _mm256_loadu_ps(b + i + 8);
+        const __m256 b0 = _mm256_loadu_ps(bp + i), b1 = _mm256_loadu_ps(bp + i + 8);
         for (int k = 0; k < 4; ++k) {
-            s[k] = _mm256_fmadd_ps(w8(h[k] + i, l[k] + i), b0, s[k]);
-            s[4 + k] = _mm256_fmadd_ps(w8(h[k] + i + 8, l[k] + i + 8), b1, s[4 + k]);
+            const __m256i hv = _mm256_loadu_si256((const __m256i*)(h[k] + i));
+            const __m256i lv = _mm256_loadu_si256((const __m256i*)(l[k] + i));
+            s[k] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lv, hv)), b0, s[k]);
+            s[4 + k] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lv, hv)), b1, s[4 + k]);
         }
+    }
+    // s[k] holds weights 0-3, 8-11 of each block, s[4 + k] 4-7, 12-15: dot4's take 0-7 and 8-15
+    for (int k = 0; k < 4; ++k) {
+        const __m256 a = s[k], c = s[4 + k];
+        s[k] = _mm256_permute2f128_ps(a, c, 0x20);
+        s[4 + k] = _mm256_permute2f128_ps(a, c, 0x31);
     }
     for (int k = 0; k < 4; ++k) {
         __m256 t = _mm256_add_ps(s[k], s[4 + k]);
