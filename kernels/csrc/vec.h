@@ -246,7 +246,10 @@ static inline void hi_order(const float* __restrict b, int64_t n, float* __restr
 #if defined(__AVX512F__)
     for (; i + 32 <= n; i += 32)
         for (int q = 0; q < 4; ++q)
-            for (int k = 0; k < 4; ++k) bp[i + 4 * q + k] = b[i + 8 * q + k], bp[i + 16 + 4 * q + k] = b[i + 8 * q + 4 + k];
+            for (int k = 0; k < 4; ++k) {
+                bp[i + 4 * q + k] = b[i + 8 * q + k];            // unpacklo: words 0-3 of each 128-bit lane
+                bp[i + 16 + 4 * q + k] = b[i + 8 * q + 4 + k];   // unpackhi: words 4-7
+            }
 #elif defined(__AVX2__)
     static const int src[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
     for (; i + 16 <= n; i += 16)
